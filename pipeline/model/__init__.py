@@ -1,0 +1,1 @@
+"""MobileSAM networks, checkpoint loading and geometry."""

@@ -1,0 +1,110 @@
+"""Loading the official MobileSAM checkpoint (`mobile_sam.pt`) into this module tree.
+
+Every difference between the official key layout and ours lives in `checkpoint_filter_fn`.
+Loading is strict, goes through `torch.load(weights_only=True)` (a checkpoint that would run
+code is refused) and lands on the CPU first.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Official keys that this model has no use for: TinyViT's ImageNet classifier.
+_UNUSED_PREFIXES = ("image_encoder.head.", "image_encoder.norm_head.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be loaded; the message names the file and the problem."""
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official MobileSAM keys -> this package's module tree.
+
+    - the unused classifier (`image_encoder.head.*`, `image_encoder.norm_head.*`) is dropped;
+    - the official conv+BN pairs call the conv `c`, timm calls it `conv`;
+    - the official patch embedding is a Sequential (`seq.0`, `seq.2`), timm's has names;
+    - the official TinyViT puts each patch merging at the END of stage i (`layers.i.downsample`),
+      timm puts it at the START of stage i+1 (`stages.{i+1}.downsample`).
+    """
+    # Some tools save {"model": state_dict}; accept that wrapper, nothing more exotic.
+    for wrapper in ("model", "state_dict"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith(_UNUSED_PREFIXES):
+            continue
+        if key.startswith("image_encoder."):
+            key = key.replace("patch_embed.seq.0.", "patch_embed.conv1.")
+            key = key.replace("patch_embed.seq.2.", "patch_embed.conv2.")
+            key = re.sub(r"\.c\.(weight|bias)$", r".conv.\1", key)
+            key = re.sub(
+                r"^image_encoder\.layers\.(\d+)\.downsample\.",
+                lambda m: f"image_encoder.stages.{int(m.group(1)) + 1}.downsample.",
+                key,
+            )
+            key = re.sub(r"^image_encoder\.layers\.(\d+)\.", r"image_encoder.stages.\1.", key)
+        out[key] = value
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file onto the CPU, refusing anything that is not plain tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass the path of mobile_sam.pt "
+            "(or set SAMSTREAM_WEIGHTS)"
+        )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+            raise CheckpointError(
+                f"checkpoint {path} was refused: it holds Python objects that would run code "
+                f"when loaded, not plain tensors ({str(err).splitlines()[0]})"
+            ) from err
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {err}") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {first_line}") from err
+    if not isinstance(loaded, dict) or not loaded:
+        raise CheckpointError(
+            f"{path} holds a {type(loaded).__name__}, not a state dict of tensors"
+        )
+    return loaded
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load an official-layout checkpoint into `model`, strictly, with errors that name the key."""
+    path = Path(path)
+    state_dict = checkpoint_filter_fn(read_state_dict(path))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is missing {len(missing)} key(s), first: {missing[0]!r} "
+            "(is this a MobileSAM vit_t checkpoint?)"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} has {len(unexpected)} unexpected key(s), "
+            f"first: {unexpected[0]!r} (is this a MobileSAM vit_t checkpoint?)"
+        )
+    for key, target in expected.items():
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"checkpoint {path}: {key!r} is not a tensor")
+        if value.shape != target.shape:
+            raise CheckpointError(
+                f"checkpoint {path}: {key!r} has shape {tuple(value.shape)}, "
+                f"expected {tuple(target.shape)}"
+            )
+    model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,218 @@
+"""`SAM`: the MobileSAM API users know from Ultralytics, encode once and decode many.
+
+    from pipeline import SAM
+    model = SAM("mobile_sam.pt")
+    result = model.predict("zidane.jpg", bboxes=[439, 437, 524, 709])
+    result.masks  # (N, H, W) bool at the image's size
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.model.checkpoint import load_checkpoint
+from pipeline.model.sam import MobileSAM, build_mobile_sam
+from pipeline.model.transforms import resize_longest_side, scale_boxes, scale_coords
+from pipeline.model.weights import resolve_weights
+from pipeline.prompts import Prompts, parse_prompts
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Masks for one image. With multimask_output, three rows per prompt, prompt-major.
+
+    masks: NxHxW bool at the original size; scores: N predicted IoU; logits: Nxhxw low-res
+    mask logits (256x256 at a 1024 input).
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    logits: np.ndarray
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One encoded image: embedding 1xCxhxw, its original (H, W) and resized (h, w) sizes."""
+
+    embedding: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device, with a clear error when CUDA is asked for but absent."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} asked for, but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not one of {sorted(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_image(source: str | os.PathLike[str] | np.ndarray) -> np.ndarray:
+    """An image path or an HxWx3 uint8 RGB array -> HxWx3 uint8 RGB, C-contiguous."""
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
+            raise ValueError(
+                f"image arrays must be HxWx3 uint8 RGB, got {source.dtype} {source.shape}"
+            )
+        if source.shape[0] == 0 or source.shape[1] == 0:
+            raise ValueError(f"image array is empty: {source.shape}")
+        return np.ascontiguousarray(source)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path} is not a readable image: {err}") from err
+
+
+class SAM:
+    """MobileSAM for images: load the checkpoint, encode an image once, decode prompts in a batch.
+
+    weights: a path to `mobile_sam.pt` (official layout), or the bare name `mobile_sam.pt`
+    to use $SAMSTREAM_WEIGHTS, the cache, or a download. device: "cpu", "cuda", "cuda:1".
+    dtype: "float32" (exact), "bfloat16" or "float16" (autocast: faster, less exact).
+    image_size: the encoder's input side, 1024 as trained; 512 or 768 for speed.
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike[str] | None = "mobile_sam.pt",
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        image_size: int = 1024,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        if image_size <= 0 or image_size % 16:
+            raise ValueError(f"image_size must be a positive multiple of 16, got {image_size}")
+        self.weights_path = resolve_weights(weights)
+        model = build_mobile_sam(img_size=image_size)
+        load_checkpoint(model, self.weights_path)
+        # eval() also drops timm's cached attention biases, computed from the loaded weights.
+        self.model: MobileSAM = model.to(self.device).eval()
+        log.info("loaded %s on %s (%s)", self.weights_path, self.device, self.dtype)
+
+    @property
+    def image_size(self) -> int:
+        return self.model.img_size
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def encode_batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Encode same-sized HxWx3 uint8 RGB frames -> (BxCxhxw float embeddings, input size).
+
+        The resize happens on the host (PIL, as the reference does); the rest on the device.
+        """
+        if not images:
+            raise ValueError("encode_batch needs at least one image")
+        shape = images[0].shape
+        if any(img.shape != shape for img in images):
+            raise ValueError("encode_batch needs images of one size (frames of one stream)")
+        resized = np.stack([resize_longest_side(img, self.image_size) for img in images])
+        batch = torch.from_numpy(resized).to(self.device, non_blocking=True)
+        batch = batch.permute(0, 3, 1, 2)
+        with self._autocast():
+            embeddings = self.model.encode(batch)
+        return embeddings.float(), (resized.shape[1], resized.shape[2])
+
+    def set_image(self, source: str | os.PathLike[str] | np.ndarray) -> ImageEmbedding:
+        """Encode one image (path or array) for any number of later `decode` calls."""
+        image = load_image(source)
+        embeddings, input_size = self.encode_batch([image])
+        return ImageEmbedding(embeddings, (image.shape[0], image.shape[1]), input_size)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        image: ImageEmbedding,
+        prompts: Prompts,
+        *,
+        mask_inputs: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every prompt of one image through the mask decoder in one batched call.
+
+        Returns (logits NxMxHxW at the original size, scores NxM, low-res logits NxMxhxw),
+        float32, on the model's device; mask_inputs: Nx1xhxw low-res logits or None.
+        """
+        size, long_side = image.original_size, self.image_size
+        boxes = points = None
+        if prompts.boxes is not None:
+            boxes = torch.from_numpy(scale_boxes(prompts.boxes, size, long_side)).to(self.device)
+        if prompts.points is not None:
+            coords = torch.from_numpy(scale_coords(prompts.points, size, long_side))
+            labels = torch.from_numpy(prompts.labels)
+            points = (coords.to(self.device), labels.to(self.device))
+        with self._autocast():
+            low_res, scores = self.model.decode(
+                image.embedding,
+                points=points,
+                boxes=boxes,
+                mask_inputs=mask_inputs,
+                multimask_output=multimask_output,
+            )
+        low_res = low_res.float()
+        logits = self.model.upscale_masks(low_res, image.input_size, image.original_size)
+        return logits, scores.float(), low_res
+
+    def predict(
+        self,
+        source: str | os.PathLike[str] | np.ndarray,
+        bboxes: Any = None,
+        points: Any = None,
+        labels: Any = None,
+        multimask_output: bool = False,
+    ) -> Prediction:
+        """Segment the prompted objects of one image (see `pipeline.prompts` for nesting)."""
+        image = load_image(source)
+        # Validate before the (slow) encode so a bad prompt costs nothing.
+        prompts = parse_prompts((image.shape[0], image.shape[1]), bboxes, points, labels)
+        embedded = self.set_image(image)
+        logits, scores, low_res = self.decode(
+            embedded, prompts, multimask_output=multimask_output
+        )
+        masks = logits > self.model.mask_threshold
+        return Prediction(
+            masks=masks.flatten(0, 1).cpu().numpy(),
+            scores=scores.flatten().cpu().numpy(),
+            logits=low_res.flatten(0, 1).cpu().numpy(),
+        )

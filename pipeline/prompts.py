@@ -1,0 +1,134 @@
+"""Turning user prompts (Ultralytics nesting) into validated arrays, with errors that say which.
+
+Nesting, as Ultralytics' SAM does it:
+- bboxes: one box `[x1, y1, x2, y2]` or several `[[...], [...]]`; each box is one object.
+- points: `[x, y]` one point (one object); `[[x, y], [x, y]]` one object per point;
+  `[[[x, y], [x, y]]]` several points for one object. labels nest the same way
+  (1 foreground, 0 background); without labels every point is foreground.
+- a box and points together prompt one object (or N boxes with N point groups, pairwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Validated prompts in original-image pixels, one row per object.
+
+    boxes: Nx4 float32 or None; points: NxPx2 float32 or None; labels: NxP int32 or None.
+    """
+
+    boxes: np.ndarray | None
+    points: np.ndarray | None
+    labels: np.ndarray | None
+
+    @property
+    def num_objects(self) -> int:
+        if self.boxes is not None:
+            return len(self.boxes)
+        return 0 if self.points is None else len(self.points)
+
+
+def _as_float_array(value: Any, what: str) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be numbers, got {value!r}") from err
+
+
+def validate_box(box: Sequence[float], image_size: tuple[int, int], name: str = "box") -> None:
+    """Raise ValueError unless `box` is x1 < x2, y1 < y2, finite, and overlaps the image."""
+    h, w = image_size
+    values = _as_float_array(box, name)
+    if values.shape != (4,):
+        raise ValueError(f"{name} must be [x1, y1, x2, y2], got shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name} {values.tolist()} has a NaN or infinite coordinate")
+    x1, y1, x2, y2 = values
+    if x2 <= x1:
+        raise ValueError(f"{name} {values.tolist()}: x2 ({x2:g}) must be greater than x1 ({x1:g})")
+    if y2 <= y1:
+        raise ValueError(f"{name} {values.tolist()}: y2 ({y2:g}) must be greater than y1 ({y1:g})")
+    if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
+        raise ValueError(f"{name} {values.tolist()} lies outside the {w}x{h} image")
+
+
+def parse_prompts(
+    image_size: tuple[int, int],
+    bboxes: Any = None,
+    points: Any = None,
+    labels: Any = None,
+) -> Prompts:
+    """Normalise and validate prompts for an image of `image_size` (H, W)."""
+    h, w = image_size
+    boxes_arr: np.ndarray | None = None
+    points_arr: np.ndarray | None = None
+    labels_arr: np.ndarray | None = None
+
+    if bboxes is not None:
+        boxes_arr = _as_float_array(bboxes, "bboxes")
+        if boxes_arr.ndim == 1:
+            boxes_arr = boxes_arr[None]
+        if boxes_arr.ndim != 2 or boxes_arr.shape[1] != 4 or len(boxes_arr) == 0:
+            raise ValueError(
+                f"bboxes must be [x1, y1, x2, y2] or a list of them, got shape {boxes_arr.shape}"
+            )
+        for i, box in enumerate(boxes_arr):
+            validate_box(box, image_size, name=f"box {i}")
+
+    if points is not None:
+        points_arr = _as_float_array(points, "points")
+        if points_arr.ndim == 1:
+            points_arr = points_arr[None, None]
+        elif points_arr.ndim == 2:
+            points_arr = points_arr[:, None]
+        if points_arr.ndim != 3 or points_arr.shape[-1] != 2 or points_arr.size == 0:
+            raise ValueError(
+                "points must be [x, y], [[x, y], ...] or [[[x, y], ...]], "
+                f"got shape {np.shape(points)}"
+            )
+        if labels is None:
+            labels_arr = np.ones(points_arr.shape[:2], dtype=np.int32)
+        else:
+            raw = _as_float_array(labels, "labels")
+            if raw.size != points_arr.shape[0] * points_arr.shape[1]:
+                raise ValueError(
+                    f"labels ({raw.size}) do not match points "
+                    f"({points_arr.shape[0] * points_arr.shape[1]}): give one label per point"
+                )
+            if not np.isin(raw, (0, 1)).all():
+                raise ValueError(f"labels must be 1 (foreground) or 0 (background), got {raw}")
+            labels_arr = raw.reshape(points_arr.shape[:2]).astype(np.int32)
+        for i, obj in enumerate(points_arr):
+            for j, (x, y) in enumerate(obj):
+                name = f"point {j} of object {i}" if obj.shape[0] > 1 else f"point {i}"
+                if not (np.isfinite(x) and np.isfinite(y)):
+                    raise ValueError(f"{name} [{x}, {y}] has a NaN or infinite coordinate")
+                if not (0 <= x <= w and 0 <= y <= h):
+                    raise ValueError(f"{name} [{x:g}, {y:g}] lies outside the {w}x{h} image")
+    elif labels is not None:
+        raise ValueError("labels were given without points")
+
+    if boxes_arr is not None and points_arr is not None:
+        if len(boxes_arr) == 1 and len(points_arr) != 1:
+            # One box with loose points: all of them describe that one object.
+            points_arr = points_arr.reshape(1, -1, 2)
+            labels_arr = labels_arr.reshape(1, -1)
+        if len(points_arr) != len(boxes_arr):
+            raise ValueError(
+                f"{len(boxes_arr)} boxes and {len(points_arr)} point groups: give one box with "
+                "its points, or one point group per box"
+            )
+    if boxes_arr is None and points_arr is None:
+        raise ValueError("no prompt: give bboxes and/or points")
+    return Prompts(
+        boxes=None if boxes_arr is None else boxes_arr.astype(np.float32),
+        points=None if points_arr is None else points_arr.astype(np.float32),
+        labels=labels_arr,
+    )
