@@ -1,0 +1,796 @@
+"""Prompt tracker: one Kalman-filtered box per object, masks from an injected SAM decoder.
+
+Pure logic, no sockets and no torch: the tracker node feeds it frames and control commands,
+and the mask decoder (MobileSAM's prompt encoder + mask decoder on one frame's embedding) is
+passed in as a callable, so tests can script it.
+
+Per frame (``PromptTracker.step``):
+
+1. prompts whose start frame has come become tracks;
+2. every track's Kalman filter predicts its box (constant velocity, SORT-style state
+   ``[cx, cy, w, h, vcx, vcy, vw, vh]``, all in original-frame pixels and pixels per frame);
+3. ONE decoder call for all tracks: the predicted box, clipped to the frame, as box prompt,
+   plus the previous low-res mask logits as mask prompt when the last measurement was trusted;
+4. the measurement is the box of each returned mask. It is trusted when the decoder's
+   predicted IoU score is at least ``min_score`` and it agrees with the prediction
+   (box IoU >= ``min_agreement``); a trusted measurement updates the filter, an untrusted one
+   (occlusion, distractor, empty mask) makes the track coast on its prediction;
+5. a track that coasts for more than ``max_coast_frames`` frames, or whose prediction leaves
+   the frame, is reported once as LOST and dropped.
+
+Coordinates are ``(x1, y1, x2, y2)`` pixels of the original frame with exclusive ``x2``/``y2``
+(a mask whose True pixels span columns 3..7 has ``x1 = 3, x2 = 8``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Protocol
+
+import numpy as np
+from filterpy.kalman import KalmanFilter
+
+Box = tuple[float, float, float, float]
+
+MAX_TRACK_ID = 255
+"""Masks are written as 8-bit instance-id PNGs where 0 is background: ids are 1..255."""
+
+_MIN_SIZE = 1.0  # pixels; a box narrower than one pixel cannot prompt the decoder
+_INIT_POSITION_SCALE = 10.0  # a prompt box is this many measurement-noise stds uncertain
+_INIT_VELOCITY_STD = 50.0  # pixels per frame; unknown at creation, learnt from two measurements
+
+
+# --------------------------------------------------------------------------- box helpers
+
+
+def box_to_state(box: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``(x1, y1, x2, y2)`` -> ``[cx, cy, w, h]`` (float64, shape (4,))."""
+    x1, y1, x2, y2 = (float(v) for v in np.asarray(box, dtype=np.float64).reshape(4))
+    return np.array([(x1 + x2) / 2.0, (y1 + y2) / 2.0, x2 - x1, y2 - y1])
+
+
+def state_to_box(z: Sequence[float] | np.ndarray) -> Box:
+    """``[cx, cy, w, h, ...]`` (extra entries such as velocities are ignored) -> box."""
+    cx, cy, w, h = (float(v) for v in np.asarray(z, dtype=np.float64).reshape(-1)[:4])
+    return (cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two boxes; 0.0 when both are empty."""
+    ax1, ay1, ax2, ay2 = (float(v) for v in a)
+    bx1, by1, bx2, by2 = (float(v) for v in b)
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = (
+        max(0.0, ax2 - ax1) * max(0.0, ay2 - ay1)
+        + max(0.0, bx2 - bx1) * max(0.0, by2 - by1)
+        - inter
+    )
+    return inter / union if union > 0.0 else 0.0
+
+
+def mask_box(mask: np.ndarray) -> Box | None:
+    """Box of the True pixels of an (H, W) mask (exclusive x2/y2), None for an empty mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+
+
+def _as_box(values: Sequence[float]) -> Box:
+    x1, y1, x2, y2 = (float(v) for v in values)
+    return (x1, y1, x2, y2)
+
+
+def _inside(box: Box, frame_size: tuple[int, int]) -> bool:
+    """True when the box overlaps the frame with positive area."""
+    height, width = frame_size
+    return box[2] > 0 and box[3] > 0 and box[0] < width and box[1] < height
+
+
+def _clip(box: Box, frame_size: tuple[int, int]) -> Box:
+    height, width = frame_size
+    return (
+        min(max(box[0], 0.0), width),
+        min(max(box[1], 0.0), height),
+        min(max(box[2], 0.0), width),
+        min(max(box[3], 0.0), height),
+    )
+
+
+# --------------------------------------------------------------------------- settings
+
+
+class TrackState(str, Enum):
+    """Published track state; a string enum so it serialises as its value."""
+
+    TENTATIVE = "tentative"  # fewer than confirm_frames trusted measurements so far
+    TRACKED = "tracked"  # confirmed and measured this frame
+    COASTING = "coasting"  # no trustworthy measurement this frame: box is the prediction
+    LOST = "lost"  # reported once, then dropped
+
+
+@dataclass(frozen=True)
+class TrackerSettings:
+    """Gates and noise figures of the prompt tracker.
+
+    min_score: decoder's predicted IoU score (0..1) a measurement needs to be trusted.
+    min_agreement: box IoU (0..1) between the predicted box and the measured mask box
+        a measurement needs to be trusted (not checked on a track's first frame).
+    max_coast_frames: frames a track may go without a trusted measurement; one more makes
+        it LOST (0: lost at the first untrusted frame).
+    confirm_frames: trusted measurements that turn a TENTATIVE track TRACKED.
+    use_mask_prompt: pass the previous low-res mask logits to the decoder as mask prompt
+        when the track's last measurement was trusted.
+    process_noise: std of the unmodelled acceleration of box centre and size, in pixels per
+        frame squared (bigger: follows manoeuvres faster, smooths less).
+    measurement_noise: std of a mask box coordinate around the truth, in pixels.
+    """
+
+    min_score: float = 0.5
+    min_agreement: float = 0.3
+    max_coast_frames: int = 15
+    confirm_frames: int = 2
+    use_mask_prompt: bool = True
+    process_noise: float = 1.0
+    measurement_noise: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("min_score", "min_agreement"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    f"TrackerSettings.{name} must be a number in [0, 1], got {value!r}"
+                )
+        for name, low in (("max_coast_frames", 0), ("confirm_frames", 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ValueError(
+                    f"TrackerSettings.{name} must be an integer >= {low}, got {value!r}"
+                )
+        if not isinstance(self.use_mask_prompt, bool):
+            raise ValueError(
+                "TrackerSettings.use_mask_prompt must be true or false, "
+                f"got {self.use_mask_prompt!r}"
+            )
+        for name in ("process_noise", "measurement_noise"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(
+                    f"TrackerSettings.{name} must be a positive number of pixels, got {value!r}"
+                )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> bool:
+    return _is_int(value) or isinstance(value, (float, np.floating))
+
+
+# --------------------------------------------------------------------------- one track
+
+
+def _transition(dt: int, process_noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """Constant-velocity F and Q for a step of ``dt`` frames (frames may be dropped live).
+
+    Q is the discrete white-noise-acceleration model per coordinate, so the uncertainty of a
+    track grows with the time it coasts, not with the number of calls.
+    """
+    f = np.eye(8)
+    f[:4, 4:] = dt * np.eye(4)
+    var = process_noise**2
+    q = np.zeros((8, 8))
+    q[:4, :4] = np.eye(4) * var * dt**4 / 4.0
+    q[:4, 4:] = q[4:, :4] = np.eye(4) * var * dt**3 / 2.0
+    q[4:, 4:] = np.eye(4) * var * dt**2
+    return f, q
+
+
+def _keep_size_positive(x: np.ndarray) -> np.ndarray:
+    """Clamp w/h of a state column to _MIN_SIZE; a clamped size also stops shrinking."""
+    for size, rate in ((2, 6), (3, 7)):
+        if x[size, 0] < _MIN_SIZE:
+            x[size, 0] = _MIN_SIZE
+            x[rate, 0] = max(x[rate, 0], 0.0)
+    return x
+
+
+class Track:
+    """One object: a Kalman filter over its box plus the bookkeeping the tracker publishes.
+
+    ``kf`` state: ``[cx, cy, w, h, vcx, vcy, vw, vh]`` (pixels, pixels/frame), measurement
+    ``[cx, cy, w, h]``.
+    """
+
+    def __init__(self, track_id: int, box: Box, *, settings: TrackerSettings | None = None) -> None:
+        self.track_id = track_id
+        self.state = TrackState.TENTATIVE
+        self.frames_since_update = 0
+        self.hits = 0
+        self.last_score = 0.0
+        self.last_innovation = 0.0
+        self.last_mask_logits: np.ndarray | None = None
+        self._settings = settings if settings is not None else TrackerSettings()
+        self.kf = KalmanFilter(dim_x=8, dim_z=4)
+        self.kf.F, self.kf.Q = _transition(1, self._settings.process_noise)
+        self.kf.H = np.hstack([np.eye(4), np.zeros((4, 4))])
+        self.kf.R = np.eye(4) * self._settings.measurement_noise**2
+        self.reset(box)
+
+    @property
+    def predicted_box(self) -> Box:
+        """Box of the filter's current state (after ``predict()``, the prediction)."""
+        return state_to_box(self.kf.x)
+
+    def reset(self, box: Box) -> None:
+        """Restart the filter at ``box`` with unknown velocity (used by corrections)."""
+        r = self._settings.measurement_noise
+        self.kf.x = _keep_size_positive(np.concatenate([box_to_state(box), np.zeros(4)])[:, None])
+        self.kf.P = np.diag([(_INIT_POSITION_SCALE * r) ** 2] * 4 + [_INIT_VELOCITY_STD**2] * 4)
+        self.last_mask_logits = None  # they describe the old position
+
+    def peek(self, dt: int = 1) -> Box:
+        """The box ``predict(dt)`` would return, without changing the filter."""
+        f, _ = _transition(dt, self._settings.process_noise)
+        return state_to_box(_keep_size_positive(f @ self.kf.x))
+
+    def predict(self, dt: int = 1) -> Box:
+        """Advance the filter by ``dt`` frames; returns the predicted box."""
+        f, q = _transition(dt, self._settings.process_noise)
+        self.kf.predict(F=f, Q=q)
+        self.kf.x = _keep_size_positive(self.kf.x)
+        return self.predicted_box
+
+    def innovation(self, box: Box) -> float:
+        """Mahalanobis distance of a measured box from the current state (no update)."""
+        y = box_to_state(box)[:, None] - self.kf.H @ self.kf.x
+        s = self.kf.H @ self.kf.P @ self.kf.H.T + self.kf.R
+        return math.sqrt(max(0.0, float((y.T @ np.linalg.solve(s, y)).item())))
+
+    def update(self, box: Box) -> None:
+        """Fuse a trusted measured box."""
+        self.last_innovation = self.innovation(box)
+        self.kf.update(box_to_state(box)[:, None])
+        self.kf.x = _keep_size_positive(self.kf.x)
+        self.hits += 1
+        self.frames_since_update = 0
+
+
+# --------------------------------------------------------------------------- decoder protocol
+
+
+@dataclass
+class DecodedMasks:
+    """One decoder call's answer, rows in the order of the prompts.
+
+    masks: (N, H, W) bool at original frame size.
+    scores: (N,) predicted IoU scores.
+    low_res_logits: (N, h, w) float32 low-res mask logits (SAM: 256x256), fed back as mask
+        prompt on the next frame.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+
+class MaskDecoderFn(Protocol):
+    """Decodes all tracks' prompts of one frame in one batch (on that frame's embedding)."""
+
+    def __call__(
+        self,
+        boxes: np.ndarray,
+        mask_logits: list[np.ndarray | None],
+        points: list[tuple[np.ndarray, np.ndarray] | None] | None = None,
+    ) -> DecodedMasks:
+        """Decode N prompts.
+
+        boxes: (N, 4) float32 ``x1, y1, x2, y2`` in original-frame pixels; a row is NaN for a
+            points-only prompt.
+        mask_logits: N entries, each the track's previous (h, w) low-res logits or None.
+        points: None when no prompt has points, else N entries, each None or
+            ``(coords (K, 2) float32 x/y pixels, labels (K,) int32 1=foreground 0=background)``.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class TrackOutput:
+    """What the tracker publishes for one track and one frame.
+
+    box: the measured box when the measurement was trusted, else the prediction clipped to
+        the frame (a track that left the frame reports its unclipped prediction).
+    score: the decoder's predicted IoU score this frame (0.0 when not decoded).
+    innovation: Mahalanobis distance of the latest measured box from the prediction
+        (kept from the previous frame when this frame's mask was empty).
+    mask: (H, W) bool. A COASTING track still publishes the decoder's mask for its predicted
+        box (the state says not to trust it); a LOST track publishes an empty mask once and
+        is then dropped.
+    """
+
+    track_id: int
+    box: Box
+    score: float
+    state: TrackState
+    frames_since_update: int
+    innovation: float
+    mask: np.ndarray = field(repr=False, compare=False)
+
+
+# --------------------------------------------------------------------------- the tracker
+
+
+@dataclass
+class _Prompt:
+    """A validated prompt waiting for its start frame."""
+
+    box: Box | None  # as given; clipped at activation
+    points: np.ndarray | None  # (K, 2) float32
+    labels: np.ndarray | None  # (K,) int32
+    frame: int | None  # None: the next step
+
+
+@dataclass
+class _Slot:
+    """One row of this frame's decoder batch."""
+
+    track_id: int
+    track: Track | None  # None: a prompt becoming a track this frame
+    prompt: _Prompt | None
+    box: Box | None  # prompt box (clipped); None for points-only
+    first: bool  # no prediction to agree with: trust by score only
+    dt: int
+
+
+class PromptTracker:
+    """Follows prompted objects from frame to frame.
+
+    Commands (``add``, ``update_box``, ``remove``) validate everything before changing
+    anything: a bad one raises ValueError naming the problem and leaves every track as it
+    was. ``step`` changes nothing when the decoder raises or returns malformed output, so a
+    caller may retry the frame.
+    """
+
+    def __init__(
+        self,
+        decode: MaskDecoderFn,
+        *,
+        frame_size: tuple[int, int] | None = None,
+        settings: TrackerSettings | None = None,
+    ) -> None:
+        """``frame_size`` is (H, W); None when known only at the first frame (then call
+        ``set_frame_size`` before the first ``step`` that activates a prompt)."""
+        if settings is not None and not isinstance(settings, TrackerSettings):
+            raise TypeError(f"settings must be a TrackerSettings, got {type(settings).__name__}")
+        self._decode = decode
+        self._settings = settings if settings is not None else TrackerSettings()
+        self._frame_size = None if frame_size is None else _check_frame_size(frame_size)
+        self._tracks: dict[int, Track] = {}
+        self._pending: dict[int, _Prompt] = {}
+        self._restarted: set[int] = set()  # corrected by update_box: next frame is a first frame
+        self._last_frame: dict[int, int] = {}  # per track, for the prediction's time step
+        self._current_frame: int | None = None
+        self._next_id = 1
+
+    @property
+    def settings(self) -> TrackerSettings:
+        return self._settings
+
+    @property
+    def frame_size(self) -> tuple[int, int] | None:
+        return self._frame_size
+
+    @property
+    def tracks(self) -> Mapping[int, Track]:
+        """Active tracks by id (read-only view; pending prompts are not tracks yet)."""
+        return MappingProxyType(self._tracks)
+
+    def set_frame_size(self, frame_size: tuple[int, int]) -> None:
+        """Set (H, W). Running tracks keep their pixel coordinates (clipped when used)."""
+        self._frame_size = _check_frame_size(frame_size)
+
+    # ------------------------------------------------------------------ commands
+
+    def add(
+        self,
+        box: Sequence[float] | np.ndarray | None = None,
+        points: Sequence[Sequence[float]] | np.ndarray | None = None,
+        labels: Sequence[int] | np.ndarray | None = None,
+        *,
+        track_id: int | None = None,
+        frame: int | None = None,
+    ) -> int:
+        """Queue a new object; returns its track id.
+
+        box: ``(x1, y1, x2, y2)`` pixels; partly outside the frame is clipped.
+        points/labels: (K, 2) x/y pixels and K labels (1 foreground, 0 background), used with
+            the box on the first frame only (the object moves away from them afterwards). A
+            points-only prompt starts the filter from its first mask's box.
+        track_id: a specific id (1..255) not in use; default: the next never-used id.
+        frame: first frame index to apply it at; default the next ``step``.
+        """
+        if box is None and points is None:
+            raise ValueError("prompt needs a box or points, got neither")
+        checked_box = None if box is None else _check_box(box, "box", self._frame_size)
+        checked_points, checked_labels = (None, None)
+        if points is not None or labels is not None:
+            checked_points, checked_labels = _check_points(points, labels, self._frame_size)
+            if checked_box is None and not np.any(checked_labels == 1):
+                raise ValueError("points-only prompt needs at least one foreground point (label 1)")
+        if frame is not None and (not _is_int(frame) or frame < 0):
+            raise ValueError(f"frame must be a frame index >= 0, got {frame!r}")
+        if track_id is None:
+            if self._next_id > MAX_TRACK_ID:
+                raise ValueError(
+                    f"track id limit reached: ids 1..{MAX_TRACK_ID} (8-bit mask PNGs) are used up"
+                )
+            new_id = self._next_id
+        else:
+            if not _is_int(track_id) or not 1 <= track_id <= MAX_TRACK_ID:
+                raise ValueError(
+                    f"track_id must be an integer in 1..{MAX_TRACK_ID}, got {track_id!r}"
+                )
+            if track_id in self._tracks or track_id in self._pending:
+                raise ValueError(f"track_id {track_id} is already in use")
+            new_id = int(track_id)
+        self._pending[new_id] = _Prompt(
+            checked_box, checked_points, checked_labels, None if frame is None else int(frame)
+        )
+        self._next_id = max(self._next_id, new_id + 1)
+        return new_id
+
+    def update_box(self, track_id: int, box: Sequence[float] | np.ndarray) -> None:
+        """Correct an object's box: the filter restarts there (same id, hits and state)."""
+        self._check_known(track_id)
+        checked = _check_box(box, "box", self._frame_size)
+        if track_id in self._pending:
+            self._pending[track_id].box = checked
+            return
+        track = self._tracks[track_id]
+        track.reset(checked)
+        self._restarted.add(track_id)
+
+    def remove(self, track_id: int) -> None:
+        """Forget a track or pending prompt; it is not reported again."""
+        self._check_known(track_id)
+        self._pending.pop(track_id, None)
+        self._tracks.pop(track_id, None)
+        self._restarted.discard(track_id)
+        self._last_frame.pop(track_id, None)
+
+    # ------------------------------------------------------------------ the frame
+
+    def step(self, frame_index: int) -> list[TrackOutput]:
+        """Track every object into frame ``frame_index``; outputs sorted by track id.
+
+        Frame indices must increase; gaps (frames dropped in live mode) are predicted over.
+        """
+        if not _is_int(frame_index) or frame_index < 0:
+            raise ValueError(f"frame_index must be an integer >= 0, got {frame_index!r}")
+        if self._current_frame is not None and frame_index <= self._current_frame:
+            raise ValueError(
+                f"frame_index must increase: got {frame_index} after {self._current_frame}"
+            )
+        due = {
+            tid: p for tid, p in self._pending.items() if p.frame is None or p.frame <= frame_index
+        }
+        if (due or self._tracks) and self._frame_size is None:
+            raise RuntimeError("frame size is unknown: call set_frame_size((H, W)) before step()")
+        size = self._frame_size
+
+        # Phase 1: build the batch without touching any track, so a failing decoder leaves
+        # the tracker as it was.
+        slots: list[_Slot] = []
+        rejected: list[TrackOutput] = []  # leave the frame / prompt outside the frame
+        for tid, track in self._tracks.items():
+            dt = frame_index - self._last_frame[tid]
+            if tid in self._restarted:
+                slots.append(_Slot(tid, track, None, _clip(track.predicted_box, size), True, dt))
+                continue
+            predicted = track.peek(dt)
+            if not _inside(predicted, size):
+                rejected.append(
+                    self._lost_output(
+                        tid, predicted, track.last_innovation, track.frames_since_update + dt
+                    )
+                )
+                continue
+            slots.append(_Slot(tid, track, None, _clip(predicted, size), False, dt))
+        for tid, prompt in due.items():
+            # The frame check was deferred when the prompt came before the frame size.
+            box_ok = prompt.box is None or _inside(prompt.box, size)
+            points_ok = prompt.points is None or _points_inside(prompt.points, size)
+            if not (box_ok and points_ok):
+                shown = prompt.box if prompt.box is not None else _points_box(prompt)
+                rejected.append(self._lost_output(tid, shown, 0.0, 0))
+                continue
+            box = None if prompt.box is None else _clip(prompt.box, size)
+            slots.append(_Slot(tid, None, prompt, box, True, 0))
+
+        decoded = self._decode_batch(slots) if slots else None
+
+        # Phase 2: commit.
+        self._current_frame = frame_index
+        outputs = list(rejected)
+        for out in rejected:
+            self._drop(out.track_id)
+        for row, slot in enumerate(slots):
+            assert decoded is not None  # slots is non-empty here
+            outputs.append(
+                self._commit(
+                    slot,
+                    decoded.masks[row],
+                    float(decoded.scores[row]),
+                    decoded.low_res_logits[row],
+                    frame_index,
+                )
+            )
+        outputs.sort(key=lambda out: out.track_id)
+        return outputs
+
+    def _decode_batch(self, slots: list[_Slot]) -> DecodedMasks:
+        boxes = np.array(
+            [s.box if s.box is not None else (np.nan,) * 4 for s in slots], dtype=np.float32
+        ).reshape(len(slots), 4)
+        logits: list[np.ndarray | None] = [
+            s.track.last_mask_logits
+            if s.track is not None and not s.first and self._settings.use_mask_prompt
+            else None
+            for s in slots
+        ]
+        points: list[tuple[np.ndarray, np.ndarray] | None] | None = None
+        if any(s.prompt is not None and s.prompt.points is not None for s in slots):
+            points = [
+                (s.prompt.points, s.prompt.labels)
+                if s.prompt is not None
+                and s.prompt.points is not None
+                and s.prompt.labels is not None
+                else None
+                for s in slots
+            ]
+        decoded = self._decode(boxes, logits, points=points)
+        _check_decoded(decoded, len(slots), self._frame_size)
+        return decoded
+
+    def _commit(
+        self, slot: _Slot, mask: np.ndarray, score: float, logits: np.ndarray, frame_index: int
+    ) -> TrackOutput:
+        settings, size = self._settings, self._frame_size
+        assert size is not None  # checked by step()
+        measured = mask_box(mask)
+        track = slot.track
+        if track is None:
+            start = slot.box if slot.box is not None else measured
+            if start is None:  # points-only prompt and nothing segmented: nothing to follow
+                assert slot.prompt is not None
+                self._pending.pop(slot.track_id, None)
+                return self._lost_output(slot.track_id, _points_box(slot.prompt), 0.0, 1, score)
+            track = Track(slot.track_id, start, settings=settings)
+            self._tracks[slot.track_id] = track
+            self._pending.pop(slot.track_id, None)
+        elif not slot.first:
+            track.predict(slot.dt)
+        self._restarted.discard(slot.track_id)
+        self._last_frame[slot.track_id] = frame_index
+        predicted = _clip(track.predicted_box, size)
+
+        trusted = (
+            measured is not None
+            and score >= settings.min_score
+            and (slot.first or box_iou(predicted, measured) >= settings.min_agreement)
+        )
+        track.last_score = score
+        if trusted:
+            assert measured is not None
+            track.update(measured)
+            track.last_mask_logits = np.array(logits, dtype=np.float32, copy=True)
+            track.state = (
+                TrackState.TRACKED
+                if track.hits >= settings.confirm_frames
+                else TrackState.TENTATIVE
+            )
+            reported = measured
+        else:
+            if measured is not None:
+                track.last_innovation = track.innovation(measured)
+            track.last_mask_logits = None  # only a trusted mask is a good prompt
+            track.frames_since_update += max(slot.dt, 1)
+            track.state = (
+                TrackState.LOST
+                if track.frames_since_update > settings.max_coast_frames
+                else TrackState.COASTING
+            )
+            reported = predicted
+        if track.state is TrackState.LOST:
+            self._drop(slot.track_id)
+            mask = np.zeros(size, dtype=bool)
+        return TrackOutput(
+            track_id=slot.track_id,
+            box=_as_box(reported),
+            score=score,
+            state=track.state,
+            frames_since_update=track.frames_since_update,
+            innovation=track.last_innovation,
+            mask=mask,
+        )
+
+    def _lost_output(
+        self,
+        track_id: int,
+        box: Box,
+        innovation: float,
+        frames_since_update: int,
+        score: float = 0.0,
+    ) -> TrackOutput:
+        assert self._frame_size is not None  # checked by step()
+        return TrackOutput(
+            track_id=track_id,
+            box=_as_box(box),
+            score=score,
+            state=TrackState.LOST,
+            frames_since_update=frames_since_update,
+            innovation=innovation,
+            mask=np.zeros(self._frame_size, dtype=bool),
+        )
+
+    def _drop(self, track_id: int) -> None:
+        self._tracks.pop(track_id, None)
+        self._pending.pop(track_id, None)
+        self._restarted.discard(track_id)
+        self._last_frame.pop(track_id, None)
+
+    def _check_known(self, track_id: int) -> None:
+        known = _is_int(track_id) and (track_id in self._tracks or track_id in self._pending)
+        if not known:
+            raise ValueError(f"unknown track id {track_id!r}")
+
+    def list(self) -> builtins.list[dict[str, object]]:
+        """Tracks and pending prompts as plain data (JSON-ready), sorted by id.
+
+        Keys: id, state, box (None for a pending points-only prompt), score,
+        frames_since_update, pending (True until the start frame), start_frame.
+        """
+        rows: builtins.list[dict[str, object]] = []
+        for tid, track in self._tracks.items():
+            rows.append(
+                {
+                    "id": tid,
+                    "state": track.state.value,
+                    "box": [float(v) for v in track.predicted_box],
+                    "score": track.last_score,
+                    "frames_since_update": track.frames_since_update,
+                    "pending": False,
+                    "start_frame": None,
+                }
+            )
+        for tid, prompt in self._pending.items():
+            rows.append(
+                {
+                    "id": tid,
+                    "state": TrackState.TENTATIVE.value,
+                    "box": None if prompt.box is None else [float(v) for v in prompt.box],
+                    "score": 0.0,
+                    "frames_since_update": 0,
+                    "pending": True,
+                    "start_frame": prompt.frame,
+                }
+            )
+        return sorted(rows, key=lambda row: row["id"])  # type: ignore[arg-type, return-value]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_frame_size(frame_size: object) -> tuple[int, int]:
+    if (
+        not isinstance(frame_size, (tuple, builtins.list))
+        or len(frame_size) != 2
+        or not all(_is_int(v) and v > 0 for v in frame_size)
+    ):
+        raise ValueError(f"frame_size must be (H, W) positive integers, got {frame_size!r}")
+    return (int(frame_size[0]), int(frame_size[1]))
+
+
+def _numeric(value: object, name: str) -> np.ndarray:
+    """Array of a user-given number list; rejects strings, bools and ragged input."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numbers, got {value!r}") from None
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be numbers, got {value!r}")
+    return array.astype(np.float64)
+
+
+def _check_box(box: object, name: str, frame_size: tuple[int, int] | None) -> Box:
+    values = _numeric(box, name)
+    if values.shape != (4,):
+        raise ValueError(f"{name} must be 4 numbers (x1, y1, x2, y2), got {box!r}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} has a NaN or infinite coordinate: {box!r}")
+    x1, y1, x2, y2 = (float(v) for v in values)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"{name} has zero area (needs x2 > x1 and y2 > y1): {box!r}")
+    checked = (x1, y1, x2, y2)
+    if frame_size is not None and not _inside(checked, frame_size):
+        height, width = frame_size
+        raise ValueError(f"{name} {box!r} lies entirely outside the {width}x{height} frame")
+    return checked  # clipped when used, so a later set_frame_size still sees the original
+
+
+def _check_points(
+    points: object, labels: object, frame_size: tuple[int, int] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    if points is None or labels is None:
+        raise ValueError("points and labels must be given together")
+    coords = _numeric(points, "points")
+    if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] == 0:
+        raise ValueError(f"points must have shape (K, 2) with K >= 1, got shape {coords.shape}")
+    if not np.all(np.isfinite(coords)):
+        raise ValueError("points have a NaN or infinite coordinate")
+    marks = _numeric(labels, "labels")
+    if marks.ndim != 1 or marks.shape[0] != coords.shape[0]:
+        raise ValueError(
+            f"labels must have one entry per point: {coords.shape[0]} points, "
+            f"labels of shape {marks.shape}"
+        )
+    if not np.all((marks == 0) | (marks == 1)):
+        raise ValueError(f"labels must be 0 (background) or 1 (foreground), got {labels!r}")
+    if frame_size is not None and not _points_inside(coords, frame_size):
+        height, width = frame_size
+        raise ValueError(f"points lie outside the {width}x{height} frame")
+    return coords.astype(np.float32), marks.astype(np.int32)
+
+
+def _points_inside(points: np.ndarray, frame_size: tuple[int, int]) -> bool:
+    height, width = frame_size
+    return bool(
+        np.all((points[:, 0] >= 0) & (points[:, 0] < width))
+        and np.all((points[:, 1] >= 0) & (points[:, 1] < height))
+    )
+
+
+def _points_box(prompt: _Prompt) -> Box:
+    """Box around a prompt's foreground points, reported when it could not start."""
+    assert prompt.points is not None and prompt.labels is not None
+    fg = prompt.points[prompt.labels == 1]
+    return (
+        float(fg[:, 0].min()),
+        float(fg[:, 1].min()),
+        float(fg[:, 0].max() + 1),
+        float(fg[:, 1].max() + 1),
+    )
+
+
+def _check_decoded(decoded: DecodedMasks, count: int, frame_size: tuple[int, int] | None) -> None:
+    """The decoder is ours, so a bad answer is a bug: RuntimeError, tracks untouched."""
+    masks = getattr(decoded, "masks", None)
+    scores = getattr(decoded, "scores", None)
+    logits = getattr(decoded, "low_res_logits", None)
+    expected = (count, *frame_size) if frame_size is not None else None
+    problems = []
+    if not isinstance(masks, np.ndarray) or masks.dtype != np.bool_ or masks.shape != expected:
+        problems.append(f"masks must be bool {expected}, got {_describe(masks)}")
+    if (
+        not isinstance(scores, np.ndarray)
+        or scores.shape != (count,)
+        or not np.all(np.isfinite(scores))
+    ):
+        problems.append(f"scores must be {count} finite numbers, got {_describe(scores)}")
+    if not isinstance(logits, np.ndarray) or logits.ndim != 3 or logits.shape[0] != count:
+        problems.append(f"low_res_logits must be ({count}, h, w), got {_describe(logits)}")
+    if problems:
+        raise RuntimeError("mask decoder returned a malformed batch: " + "; ".join(problems))
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} {value.shape}"
+    return type(value).__name__

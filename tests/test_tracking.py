@@ -1,0 +1,456 @@
+"""Prompt tracker logic with a scripted stand-in for MobileSAM's mask decoder (no torch)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from pipeline.tracking import (
+    MAX_TRACK_ID,
+    DecodedMasks,
+    PromptTracker,
+    TrackerSettings,
+    TrackOutput,
+    TrackState,
+    box_iou,
+    box_to_state,
+    mask_box,
+    state_to_box,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+SIZE = (240, 320)  # H, W
+VELOCITY = (3, 2)  # pixels per frame
+
+
+def moving_box(frame: int, start=(20, 30, 60, 90), velocity=VELOCITY) -> tuple[int, ...]:
+    vx, vy = velocity
+    x1, y1, x2, y2 = start
+    return (x1 + vx * frame, y1 + vy * frame, x2 + vx * frame, y2 + vy * frame)
+
+
+@dataclass
+class Call:
+    boxes: np.ndarray
+    mask_logits: list
+    points: list | None
+
+
+class SceneDecoder:
+    """Segments the scene rectangle a prompt covers best, with the score set for it.
+
+    ``objects`` maps a name to ``(box, score)`` and is rewritten by the test each frame. A box
+    prompt selects the object with the highest IoU (none overlapping: empty mask, score 0); a
+    points-only prompt (NaN box row) selects the object under its first foreground point.
+    Low-res logits are filled with ``100 * call number + row`` so tests can tell which mask
+    prompt came back.
+    """
+
+    def __init__(self, size=SIZE):
+        self.size = size
+        self.objects: dict[str, tuple[tuple[int, ...], float]] = {}
+        self.calls: list[Call] = []
+        self.fault: str | None = None  # "raise" or "malformed", to test failure handling
+
+    def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:
+        if self.fault == "raise":
+            raise RuntimeError("CUDA out of memory")
+        self.calls.append(Call(boxes.copy(), list(mask_logits), points))
+        n = len(boxes)
+        masks = np.zeros((n, *self.size), dtype=bool)
+        scores = np.zeros(n)
+        logits = np.zeros((n, 16, 16), dtype=np.float32)
+        for row, box in enumerate(boxes):
+            target = self._pick(box, None if points is None else points[row])
+            if target is not None:
+                (x1, y1, x2, y2), scores[row] = target
+                masks[row, max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)] = True
+            logits[row] = 100 * len(self.calls) + row
+        if self.fault == "malformed":
+            masks = masks[:, :10]
+        return DecodedMasks(masks=masks, scores=scores, low_res_logits=logits)
+
+    def _pick(self, box, points):
+        if np.all(np.isnan(box)):
+            coords, labels = points
+            x, y = coords[labels == 1][0]
+            for obj, score in self.objects.values():
+                if obj[0] <= x < obj[2] and obj[1] <= y < obj[3]:
+                    return obj, score
+            return None
+        best = max(self.objects.values(), key=lambda o: box_iou(box, o[0]), default=None)
+        return best if best is not None and box_iou(box, best[0]) > 0 else None
+
+
+def make(settings: TrackerSettings | None = None) -> tuple[PromptTracker, SceneDecoder]:
+    decoder = SceneDecoder()
+    return PromptTracker(decoder, frame_size=SIZE, settings=settings), decoder
+
+
+def by_id(outputs: list[TrackOutput]) -> dict[int, TrackOutput]:
+    return {out.track_id: out for out in outputs}
+
+
+def close(a, b, tol: float) -> bool:
+    return all(abs(float(x) - float(y)) <= tol for x, y in zip(a, b, strict=True))
+
+
+# --------------------------------------------------------------------------- helpers, settings
+
+
+def test_box_helpers():
+    box = (10.0, 20.0, 50.0, 80.0)
+    assert np.allclose(box_to_state(box), [30, 50, 40, 60])
+    assert state_to_box(box_to_state(box)) == box
+    assert box_iou(box, box) == 1.0
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+    assert box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    mask = np.zeros((20, 20), dtype=bool)
+    assert mask_box(mask) is None
+    mask[4:9, 3:8] = True
+    assert mask_box(mask) == (3.0, 4.0, 8.0, 9.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("min_score", 1.5),
+        ("min_agreement", -0.1),
+        ("max_coast_frames", -1),
+        ("max_coast_frames", 2.5),
+        ("confirm_frames", 0),
+        ("use_mask_prompt", 1),
+        ("process_noise", 0.0),
+        ("measurement_noise", math.nan),
+    ],
+)
+def test_settings_reject_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"TrackerSettings.{field}"):
+        TrackerSettings(**{field: value})
+
+
+# --------------------------------------------------------------------------- following
+
+
+def test_follows_constant_velocity_and_learns_it():
+    tracker, decoder = make()
+    tid = tracker.add(box=(18, 27, 63, 92))  # a rough user box around the object
+    assert tid == 1
+    for frame in range(30):
+        decoder.objects = {"a": (moving_box(frame), 0.9)}
+        (out,) = tracker.step(frame)
+        assert out.track_id == tid
+        assert out.state is (TrackState.TENTATIVE if frame == 0 else TrackState.TRACKED)
+        assert close(out.box, moving_box(frame), 1.0)
+        assert out.mask.shape == SIZE and out.mask.any()
+        assert math.isfinite(out.innovation)
+        if frame >= 3:  # the prompt is the prediction: it already moves with the object
+            assert close(decoder.calls[-1].boxes[0], moving_box(frame), 2.0)
+    velocity = tracker.tracks[tid].kf.x[4:8, 0]
+    assert np.allclose(velocity, [*VELOCITY, 0, 0], atol=0.1)
+    assert tracker.list() == [
+        {
+            "id": tid,
+            "state": "tracked",
+            "box": pytest.approx(list(moving_box(29)), abs=1.0),
+            "score": 0.9,
+            "frames_since_update": 0,
+            "pending": False,
+            "start_frame": None,
+        }
+    ]
+
+
+def test_occlusion_coasts_on_learnt_velocity_and_recovers():
+    tracker, decoder = make()
+    tid = tracker.add(box=moving_box(0))
+    occluded = range(10, 15)
+    for frame in range(25):
+        decoder.objects = {"a": (moving_box(frame), 0.1 if frame in occluded else 0.9)}
+        out = by_id(tracker.step(frame))[tid]
+        if frame in occluded:
+            assert out.state is TrackState.COASTING
+            assert out.frames_since_update == frame - occluded.start + 1
+            assert out.mask.any()  # coasting still publishes the decoder's mask
+            assert close(out.box, moving_box(frame), 2.0)  # the prediction keeps moving
+        elif frame >= 1:
+            assert out.state is TrackState.TRACKED and out.frames_since_update == 0
+            assert close(out.box, moving_box(frame), 1.0)
+
+
+def test_lost_after_max_coast_frames_then_dropped():
+    tracker, decoder = make(TrackerSettings(max_coast_frames=3))
+    tid = tracker.add(box=moving_box(0))
+    for frame in range(5):
+        decoder.objects = {"a": (moving_box(frame), 0.9)}
+        tracker.step(frame)
+    decoder.objects = {}  # the object vanishes: empty masks
+    states = [by_id(tracker.step(frame))[tid] for frame in range(5, 9)]
+    assert [o.state for o in states] == [TrackState.COASTING] * 3 + [TrackState.LOST]
+    assert [o.frames_since_update for o in states] == [1, 2, 3, 4]
+    assert not states[-1].mask.any()
+    calls = len(decoder.calls)
+    assert tracker.step(9) == []
+    assert len(decoder.calls) == calls  # no tracks: no decode
+    assert tracker.list() == []
+
+
+def test_track_leaving_the_frame_is_lost():
+    tracker, decoder = make()
+    tid = tracker.add(box=(200, 100, 240, 140))
+    for frame in range(20):
+        box = moving_box(frame, start=(200, 100, 240, 140), velocity=(12, 0))
+        decoder.objects = {"a": (box, 0.9)}
+        out = by_id(tracker.step(frame)).get(tid)
+        if out is None or out.state is TrackState.LOST:
+            break
+    assert out is not None and out.state is TrackState.LOST
+    assert out.box[0] >= SIZE[1]  # its prediction has left the frame
+    assert out.frames_since_update < tracker.settings.max_coast_frames
+    assert tid not in tracker.tracks
+
+
+def test_two_objects_batched_in_one_decode_per_step():
+    tracker, decoder = make()
+    start_b, velocity_b = (250, 150, 290, 200), (-2, -1)
+    a = tracker.add(box=moving_box(0))
+    b = tracker.add(box=start_b)
+    for frame in range(15):
+        decoder.objects = {
+            "a": (moving_box(frame), 0.9),
+            "b": (moving_box(frame, start_b, velocity_b), 0.8),
+        }
+        outputs = tracker.step(frame)
+        assert len(decoder.calls) == frame + 1  # exactly one call per step
+        assert decoder.calls[-1].boxes.shape == (2, 4)
+        assert decoder.calls[-1].boxes.dtype == np.float32
+        assert [o.track_id for o in outputs] == [a, b]
+        assert close(outputs[0].box, moving_box(frame), 1.0)
+        assert close(outputs[1].box, moving_box(frame, start_b, velocity_b), 1.0)
+    assert np.allclose(tracker.tracks[b].kf.x[4:6, 0], velocity_b, atol=0.1)
+
+
+def test_dropped_frames_are_predicted_over():
+    tracker, decoder = make()
+    tid = tracker.add(box=moving_box(0))
+    for frame in [0, 1, 2, 3, 4, 7, 10, 15, 16]:
+        decoder.objects = {"a": (moving_box(frame), 0.9)}
+        out = by_id(tracker.step(frame))[tid]
+        assert out.state is not TrackState.COASTING
+        if frame >= 4:
+            assert close(decoder.calls[-1].boxes[0], moving_box(frame), 2.0)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_prompt_added_mid_stream_appears_exactly_at_its_frame():
+    tracker, decoder = make()
+    late = tracker.add(box=moving_box(5), frame=5)
+    for frame in range(5):
+        assert tracker.step(frame) == []
+    assert decoder.calls == []
+    early = tracker.add(box=moving_box(5, start=(200, 150, 240, 200)), frame=4)
+    assert tracker.list()[0]["pending"] and tracker.list()[0]["start_frame"] == 5
+    for frame in range(5, 8):
+        decoder.objects = {
+            "a": (moving_box(frame), 0.9),
+            "b": (moving_box(frame, start=(200, 150, 240, 200)), 0.9),
+        }
+        assert [o.track_id for o in tracker.step(frame)] == [late, early]
+
+
+def test_points_only_prompt_starts_from_its_mask():
+    tracker, decoder = make()
+    tid = tracker.add(points=[[40, 60], [5, 5]], labels=[1, 0], frame=2)
+    assert tracker.list()[0]["box"] is None
+    for frame in range(2):
+        assert tracker.step(frame) == []
+    decoder.objects = {"a": (moving_box(2), 0.9)}
+    (out,) = tracker.step(2)
+    first = decoder.calls[0]
+    assert np.isnan(first.boxes[0]).all()
+    coords, labels = first.points[0]
+    assert coords.shape == (2, 2) and labels.tolist() == [1, 0]
+    assert out.track_id == tid and out.state is TrackState.TENTATIVE
+    assert out.box == moving_box(2)
+    decoder.objects = {"a": (moving_box(3), 0.9)}
+    (out,) = tracker.step(3)
+    assert decoder.calls[1].points is None  # points hold for the first frame only
+    assert close(decoder.calls[1].boxes[0], moving_box(2), 0.5)
+    assert out.state is TrackState.TRACKED and out.box == moving_box(3)
+
+
+def test_points_only_prompt_on_nothing_is_lost_once():
+    tracker, decoder = make()
+    tid = tracker.add(points=[[300, 200]], labels=[1])
+    decoder.objects = {"a": (moving_box(0), 0.9)}
+    (out,) = tracker.step(0)
+    assert out.track_id == tid and out.state is TrackState.LOST and not out.mask.any()
+    assert tracker.step(1) == []
+
+
+def test_update_box_moves_a_track():
+    tracker, decoder = make()
+    tid = tracker.add(box=moving_box(0))
+    for frame in range(5):
+        decoder.objects = {"a": (moving_box(frame), 0.9)}
+        tracker.step(frame)
+    jumped = (200, 120, 240, 180)  # e.g. a robot tells us it picked the object up
+    tracker.update_box(tid, jumped)
+    decoder.objects = {"a": (jumped, 0.9)}
+    (out,) = tracker.step(5)
+    assert decoder.calls[-1].mask_logits == [None]  # old logits describe the old place
+    assert close(decoder.calls[-1].boxes[0], jumped, 0.0)
+    assert out.track_id == tid and out.state is TrackState.TRACKED and out.box == jumped
+    decoder.objects = {"a": (jumped, 0.9)}
+    (out,) = tracker.step(6)
+    assert out.box == jumped and out.state is TrackState.TRACKED
+
+
+def test_mask_prompt_only_after_a_trusted_measurement():
+    tracker, decoder = make()
+    tracker.add(box=moving_box(0))
+    scores = [0.9, 0.9, 0.1, 0.9, 0.9]
+    for frame, score in enumerate(scores):
+        decoder.objects = {"a": (moving_box(frame), score)}
+        tracker.step(frame)
+    passed = [call.mask_logits[0] for call in decoder.calls]
+    assert passed[0] is None  # first frame: nothing yet
+    assert passed[1] is not None and np.all(passed[1] == 100)  # call 1, row 0
+    assert passed[2] is not None and np.all(passed[2] == 200)
+    assert passed[3] is None  # frame 2 was untrusted
+    assert passed[4] is not None and np.all(passed[4] == 400)
+
+    tracker, decoder = make(TrackerSettings(use_mask_prompt=False))
+    tracker.add(box=moving_box(0))
+    for frame in range(3):
+        decoder.objects = {"a": (moving_box(frame), 0.9)}
+        tracker.step(frame)
+    assert all(call.mask_logits == [None] for call in decoder.calls)
+
+
+def test_disagreeing_measurement_is_not_trusted():
+    tracker, decoder = make()
+    tid = tracker.add(box=moving_box(0))
+    for frame in range(5):
+        decoder.objects = {"a": (moving_box(frame), 0.9)}
+        tracker.step(frame)
+    # A confident mask that spills over a big neighbour: IoU with the prediction < 0.3.
+    x1, y1, _, _ = moving_box(5)
+    decoder.objects = {"a": ((x1, y1, x1 + 200, y1 + 140), 0.95)}
+    out = by_id(tracker.step(5))[tid]
+    assert out.state is TrackState.COASTING
+    assert close(out.box, moving_box(5), 2.0)
+
+
+def test_track_id_limit():
+    tracker, _ = make()
+    ids = [tracker.add(box=(0, 0, 10, 10)) for _ in range(MAX_TRACK_ID)]
+    assert ids == list(range(1, MAX_TRACK_ID + 1))
+    with pytest.raises(ValueError, match="track id limit"):
+        tracker.add(box=(0, 0, 10, 10))
+    tracker.remove(7)
+    with pytest.raises(ValueError, match="track id limit"):  # ids are never reused
+        tracker.add(box=(0, 0, 10, 10))
+    assert tracker.add(box=(0, 0, 10, 10), track_id=7) == 7  # unless asked for explicitly
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+OK_BOX = (100, 100, 140, 150)
+BAD_COMMANDS = [
+    (lambda t: t.add(), "box or points"),
+    (lambda t: t.add(box=(math.nan, 0, 10, 10)), "NaN or infinite"),
+    (lambda t: t.add(box=(0, 0, math.inf, 10)), "NaN or infinite"),
+    (lambda t: t.add(box=(10, 10, 10, 20)), "zero area"),
+    (lambda t: t.add(box=(20, 10, 10, 20)), "zero area"),
+    (lambda t: t.add(box=(1, 2, 3)), "4 numbers"),
+    (lambda t: t.add(box="abcd"), "box must be numbers"),
+    (lambda t: t.add(box=(400, 10, 500, 50)), "entirely outside the 320x240 frame"),
+    (lambda t: t.add(box=(-50, -50, 0, -1)), "entirely outside"),
+    (lambda t: t.add(points=[1, 2], labels=[1]), r"points must have shape \(K, 2\)"),
+    (lambda t: t.add(points=[[1, 2], [3, 4]], labels=[1]), "one entry per point"),
+    (lambda t: t.add(points=[[1, 2]], labels=[2]), r"0 \(background\) or 1"),
+    (lambda t: t.add(points=[[1, 2]]), "points and labels must be given together"),
+    (lambda t: t.add(points=[[1, 2]], labels=[0]), "foreground point"),
+    (lambda t: t.add(points=[[1000, 2]], labels=[1]), "points lie outside"),
+    (lambda t: t.add(box=OK_BOX, track_id=1), "track_id 1 is already in use"),
+    (lambda t: t.add(box=OK_BOX, track_id=256), r"track_id must be an integer in 1\.\.255"),
+    (lambda t: t.add(box=OK_BOX, frame=-1), "frame must be a frame index"),
+    (lambda t: t.update_box(99, OK_BOX), "unknown track id 99"),
+    (lambda t: t.update_box(1, (0, 0, math.nan, 5)), "NaN"),
+    (lambda t: t.update_box(1, (50, 50, 10, 60)), "zero area"),
+    (lambda t: t.remove(99), "unknown track id 99"),
+    (lambda t: t.step(2), "frame_index must increase"),
+]
+
+
+@pytest.mark.parametrize(("command", "message"), BAD_COMMANDS)
+def test_bad_commands_raise_and_leave_tracks_alone(command, message):
+    tracker, decoder = make()
+    start_b = (200, 150, 240, 200)
+    tracker.add(box=moving_box(0))
+    tracker.add(box=start_b)
+    tracker.add(box=OK_BOX, frame=50)  # a pending prompt must survive too
+
+    def scene(frame):
+        decoder.objects = {"a": (moving_box(frame), 0.9), "b": (start_b, 0.9)}
+
+    for frame in range(3):
+        scene(frame)
+        tracker.step(frame)
+    before = tracker.list()
+    filters = {tid: (t.kf.x.copy(), t.kf.P.copy()) for tid, t in tracker.tracks.items()}
+    with pytest.raises(ValueError, match=message):
+        command(tracker)
+    assert tracker.list() == before
+    for tid, (x, p) in filters.items():
+        assert np.array_equal(tracker.tracks[tid].kf.x, x)
+        assert np.array_equal(tracker.tracks[tid].kf.P, p)
+    scene(3)
+    assert [o.state for o in tracker.step(3)] == [TrackState.TRACKED] * 2
+    assert tracker.add(box=OK_BOX) == 4  # a rejected add used up no id
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [("raise", "CUDA out of memory"), ("malformed", "malformed batch: masks must be bool")],
+)
+def test_failing_decoder_changes_nothing_and_the_frame_can_be_retried(fault, message):
+    tracker, decoder = make()
+    tid = tracker.add(box=moving_box(0))
+    for frame in range(3):
+        decoder.objects = {"a": (moving_box(frame), 0.9)}
+        tracker.step(frame)
+    x, before = tracker.tracks[tid].kf.x.copy(), tracker.list()
+    decoder.objects = {"a": (moving_box(3), 0.9)}
+    decoder.fault = fault
+    with pytest.raises(RuntimeError, match=message):
+        tracker.step(3)
+    assert np.array_equal(tracker.tracks[tid].kf.x, x) and tracker.list() == before
+    decoder.fault = None
+    (out,) = tracker.step(3)
+    assert out.state is TrackState.TRACKED and out.box == moving_box(3)
+
+
+def test_frame_size_known_only_at_the_first_frame():
+    decoder = SceneDecoder()
+    tracker = PromptTracker(decoder)
+    good = tracker.add(box=moving_box(0))
+    outside = tracker.add(box=(1000, 1000, 1100, 1100))  # checked once the size is known
+    with pytest.raises(RuntimeError, match="set_frame_size"):
+        tracker.step(0)
+    tracker.set_frame_size(SIZE)
+    decoder.objects = {"a": (moving_box(0), 0.9)}
+    outputs = by_id(tracker.step(0))
+    assert outputs[good].state is TrackState.TENTATIVE
+    assert outputs[outside].state is TrackState.LOST and not outputs[outside].mask.any()
+    assert [row["id"] for row in tracker.list()] == [good]
+    with pytest.raises(ValueError, match="frame_size"):
+        tracker.set_frame_size((0, 320))
