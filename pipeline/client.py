@@ -1,0 +1,179 @@
+"""A consumer of the publisher's mask feed, for Python programs.
+
+    from pipeline.client import MaskSubscriber
+
+    with MaskSubscriber("tcp://127.0.0.1:5560", timeout_ms=5000) as sub:
+        for frame in sub:  # MaskFrame per frame, until the stream ends
+            for track, mask in zip(frame.tracks, frame.masks):
+                ...
+
+The feed is PUB/SUB: a subscriber that is too slow, or joins late, misses messages. Each
+MaskFrame says how many sequence numbers were missed right before it (``gap``) and how old
+it is (``latency_s``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+import zmq
+
+from pipeline.messages import EndOfStream, MaskMessage, Message, StatusMessage, TrackRecord
+from pipeline.transport import MessageReceiver, SocketOptions, open_socket
+
+log = logging.getLogger(__name__)
+
+# Mask messages queued here before the publisher starts dropping for this subscriber.
+# Small on purpose: HWMs count messages, and an old mask is worth little to a live consumer.
+RCVHWM = 16
+# Largest accepted message part: a 4K RGB frame is 25 MB; anything far beyond is not ours.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MaskFrame:
+    """The masks of one frame.
+
+    ``masks`` is N x H x W bool, mask i belonging to ``tracks[i]``; ``frame_size`` is
+    (H, W). ``time_seconds`` is pts * time_base (None without pts); ``capture_time`` the
+    wall clock when the frame was decoded. ``gap``: sequence numbers missed right before
+    this frame (0 normally). ``latency_s``: receipt time minus capture time.
+    """
+
+    stream_id: str
+    seq: int
+    frame_index: int
+    pts: int | None
+    time_seconds: float | None
+    capture_time: float
+    frame_size: tuple[int, int]
+    tracks: tuple[TrackRecord, ...]
+    masks: np.ndarray
+    gap: int
+    latency_s: float
+
+
+class MaskSubscriber:
+    """Subscribes to a mask feed and yields MaskFrame objects.
+
+    Iterating yields a MaskFrame per mask message, keeps the latest StatusMessage in
+    ``last_status``, ends at an EndOfStream (kept in ``last_end``), and raises TimeoutError
+    when ``timeout_ms`` passes without any message (None: wait forever). ``missed`` totals
+    the sequence numbers missed; ``rejected`` counts malformed messages.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout_ms: int | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.timeout_ms = timeout_ms
+        self.last_status: StatusMessage | None = None
+        self.last_end: EndOfStream | None = None
+        self.missed = 0
+        self._next_seq: dict[str, int] = {}
+        # A SUB socket sends only its subscription, so sndhwm hardly matters.
+        options = SocketOptions(sndhwm=1000, rcvhwm=RCVHWM, maxmsgsize=MAX_MESSAGE_BYTES)
+        ctx = context if context is not None else zmq.Context.instance()
+        self._socket = open_socket(ctx, zmq.SUB, endpoint, bind=False, options=options)
+        self._receiver = MessageReceiver(self._socket)
+
+    @property
+    def rejected(self) -> int:
+        """Malformed messages received and skipped."""
+        return self._receiver.rejected
+
+    def _to_frame(self, msg: MaskMessage, received: float) -> MaskFrame:
+        meta = msg.meta
+        expected = self._next_seq.get(meta.stream_id)
+        gap = 0
+        if expected is not None and meta.seq > expected:
+            gap = meta.seq - expected
+            self.missed += gap
+            log.warning(
+                "stream %s: missed %d message(s) before seq %d", meta.stream_id, gap, meta.seq
+            )
+        elif expected is not None and meta.seq < expected:
+            log.warning(
+                "stream %s: seq went back from %d to %d (publisher restarted?)",
+                meta.stream_id,
+                expected - 1,
+                meta.seq,
+            )
+        # The first message of a stream sets the baseline: joining late is not a gap.
+        self._next_seq[meta.stream_id] = meta.seq + 1
+        return MaskFrame(
+            stream_id=meta.stream_id,
+            seq=meta.seq,
+            frame_index=meta.frame_index,
+            pts=meta.pts,
+            time_seconds=meta.time_seconds,
+            capture_time=meta.capture_time,
+            frame_size=msg.frame_size,
+            tracks=msg.tracks,
+            masks=msg.masks,
+            gap=gap,
+            latency_s=received - meta.capture_time,
+        )
+
+    def _next_event(self, timeout_ms: int | None) -> MaskFrame | Message | None:
+        """The next message, a MaskMessage turned into a MaskFrame, with its bookkeeping
+        done; None when ``timeout_ms`` passes without any message."""
+        msg = self._receiver.recv(timeout_ms)
+        if isinstance(msg, MaskMessage):
+            return self._to_frame(msg, time.time())
+        if isinstance(msg, StatusMessage):
+            self.last_status = msg
+        elif isinstance(msg, EndOfStream):
+            self.last_end = msg
+            self._next_seq.pop(msg.stream_id, None)  # a restarted stream counts from 0 again
+        elif msg is not None:
+            log.warning("ignored a '%s' message on a mask feed", msg.kind)
+        return msg
+
+    def recv(self, timeout_ms: int | None) -> MaskFrame | None:
+        """The next MaskFrame, or None when none came within ``timeout_ms`` (None: wait
+        forever).
+
+        Unlike iteration, an EndOfStream does not stop it: it is recorded in ``last_end``
+        and the wait goes on, so a long-running consumer outlives streams.
+        """
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        while True:
+            remaining = None if deadline is None else max(0, deadline - time.monotonic())
+            event = self._next_event(None if remaining is None else int(remaining * 1000))
+            if event is None or isinstance(event, MaskFrame):
+                return event
+
+    def __iter__(self) -> Iterator[MaskFrame]:
+        while True:
+            # Any message, status included, proves the publisher alive and restarts the wait.
+            event = self._next_event(self.timeout_ms)
+            if event is None:
+                raise TimeoutError(f"no message from the mask feed in {self.timeout_ms} ms")
+            if isinstance(event, EndOfStream):
+                return
+            if isinstance(event, MaskFrame):
+                yield event
+
+    def close(self) -> None:
+        """Close the socket at once, discarding anything queued."""
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> MaskSubscriber:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,215 @@
+"""ZeroMQ sockets and message framing for the pipeline's nodes.
+
+Delivery semantics, by socket pair (ZeroMQ's, not ours):
+
+- PUSH/PULL is lossless: a PUSH socket whose peers' queues are full (high-water mark)
+  blocks in send, so a slow consumer back-pressures the producer. Offline jobs use it.
+- PUB/SUB drops: at a subscriber's high-water mark PUB silently discards that
+  subscriber's messages and never blocks. Subscribers that join late miss the first
+  messages. Consumers see loss as gaps in ``FrameMeta.seq``.
+
+High-water marks count messages, not bytes (1000 queued 2 MB mask messages are 2 GB), so
+``SocketOptions`` has no default for them: each socket states its own. Every option is set
+before bind/connect because ZeroMQ applies most of them only to connections made afterwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from pipeline.messages import EndOfStream, Message, MessageError, decode, encode
+
+log = logging.getLogger(__name__)
+
+_WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SocketOptions:
+    """Options set on every socket before it binds or connects.
+
+    ``linger_ms`` 0 drops unsent messages on close (ZeroMQ's default, infinite, can hang a
+    shutting-down process forever). ``sndhwm`` / ``rcvhwm``: queue limits in messages.
+    ``maxmsgsize``: largest accepted inbound message part in bytes (-1: no limit), for
+    sockets that face the network. ``sndtimeo_ms`` / ``rcvtimeo_ms``: -1 blocks forever.
+    """
+
+    linger_ms: int = 0
+    sndhwm: int
+    rcvhwm: int
+    maxmsgsize: int = -1
+    sndtimeo_ms: int = -1
+    rcvtimeo_ms: int = -1
+
+
+def _tcp_host_port(endpoint: str) -> tuple[str, str]:
+    host, sep, port = endpoint[len("tcp://") :].rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"bad tcp endpoint {endpoint!r}: expected tcp://host:port with port 1-65535"
+        )
+    return host, port
+
+
+def validate_endpoint(endpoint: str) -> str:
+    """Return ``endpoint`` if it is ``ipc://path``, ``inproc://name`` or
+    ``tcp://host:port``; raise ValueError naming it otherwise.
+
+    A wildcard host (``*``, ``0.0.0.0``, ``::``) is accepted because someone typed it, but
+    logs a warning: the feeds carry no authentication, so every host that can reach the
+    port can read frames and send prompts.
+    """
+    if endpoint.startswith("tcp://"):
+        host, port = _tcp_host_port(endpoint)
+        if host in _WILDCARD_HOSTS:
+            log.warning(
+                "endpoint %s listens on all interfaces: anyone who can reach port %s can read "
+                "this unauthenticated feed; prefer 127.0.0.1 or ipc://",
+                endpoint,
+                port,
+            )
+        return endpoint
+    for scheme in ("ipc://", "inproc://"):
+        if endpoint.startswith(scheme) and len(endpoint) > len(scheme):
+            return endpoint
+    raise ValueError(
+        f"bad endpoint {endpoint!r}: expected ipc://path, inproc://name or tcp://host:port"
+    )
+
+
+def _prepare_ipc_path(path: str) -> None:
+    """Create the parent folder and remove a socket file left by a dead process.
+
+    A socket file someone still listens on is not removed: ZeroMQ would unlink it and
+    silently take the address from the running node.
+    """
+    if path.startswith("@"):  # Linux abstract namespace: no file
+        return
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ValueError(f"ipc://{path}: the path exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"ipc://{path} is in use by a running process")
+
+
+def open_socket(
+    ctx: zmq.Context,
+    socket_type: int,
+    endpoint: str,
+    *,
+    bind: bool,
+    options: SocketOptions,
+    subscribe: bytes | None = None,
+) -> zmq.Socket:
+    """A socket of ``socket_type`` with ``options`` set, bound or connected to ``endpoint``.
+
+    ``subscribe`` is the topic prefix of a SUB socket (None: everything, b""); other socket
+    types take none.
+    """
+    validate_endpoint(endpoint)
+    if socket_type != zmq.SUB and subscribe is not None:
+        raise ValueError("subscribe is only for SUB sockets")
+    if not bind and endpoint.startswith("tcp://") and _tcp_host_port(endpoint)[0] == "*":
+        raise ValueError(f"cannot connect to {endpoint!r}: '*' is only for binding")
+    sock = ctx.socket(socket_type)
+    try:
+        sock.setsockopt(zmq.LINGER, options.linger_ms)
+        sock.setsockopt(zmq.SNDHWM, options.sndhwm)
+        sock.setsockopt(zmq.RCVHWM, options.rcvhwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, options.maxmsgsize)
+        sock.setsockopt(zmq.SNDTIMEO, options.sndtimeo_ms)
+        sock.setsockopt(zmq.RCVTIMEO, options.rcvtimeo_ms)
+        if socket_type == zmq.SUB:
+            sock.setsockopt(zmq.SUBSCRIBE, b"" if subscribe is None else subscribe)
+        if bind:
+            if endpoint.startswith("ipc://"):
+                _prepare_ipc_path(endpoint[len("ipc://") :])
+            sock.bind(endpoint)
+        else:
+            sock.connect(endpoint)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def send_message(sock: zmq.Socket, msg: Message, *, flags: int = 0) -> None:
+    """Send ``msg`` without copying its arrays (they must stay unchanged until sent)."""
+    sock.send_multipart(encode(msg), copy=False, flags=flags)
+
+
+class MessageReceiver:
+    """Receives and decodes messages from one socket, surviving malformed ones.
+
+    A malformed message is logged, counted in ``rejected`` and skipped, so one bad peer
+    cannot stop a node.
+    """
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.socket = sock
+        self.rejected = 0
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+
+    def _recv_nowait(self) -> Message | None:
+        """The next queued message, skipping malformed ones; None when the queue is empty."""
+        while True:
+            try:
+                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            try:
+                return decode(frames)
+            except MessageError as exc:
+                self.rejected += 1
+                log.warning("rejected a malformed message (%d so far): %s", self.rejected, exc)
+
+    def recv(self, timeout_ms: int | None) -> Message | None:
+        """The next well-formed message, or None after ``timeout_ms`` (None: wait forever)."""
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._poller.poll(None if remaining is None else remaining * 1000):
+                return None
+            msg = self._recv_nowait()
+            if msg is not None:
+                return msg
+            # Only malformed messages were queued: wait again for the rest of the time.
+
+    def recv_newest(self, timeout_ms: int | None) -> tuple[Message | None, int]:
+        """The newest queued message and how many older ones were dropped for it.
+
+        Waits up to ``timeout_ms`` for the first message, then drains the queue without
+        waiting ("newest frame wins" for live mode). Draining stops at an EndOfStream, which
+        is never dropped.
+        """
+        newest = self.recv(timeout_ms)
+        dropped = 0
+        while newest is not None and not isinstance(newest, EndOfStream):
+            msg = self._recv_nowait()
+            if msg is None:
+                break
+            newest = msg
+            dropped += 1
+        return newest, dropped

@@ -1,0 +1,447 @@
+"""Messages: wire round trips (in memory and over real sockets) and rejection of bad ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import zmq
+
+from pipeline.messages import (
+    SCHEMA_VERSION,
+    EmbeddingMessage,
+    EndOfStream,
+    FrameMessage,
+    FrameMeta,
+    MaskMessage,
+    Message,
+    MessageError,
+    PromptCommand,
+    PromptReply,
+    StatusMessage,
+    TrackRecord,
+    decode,
+    encode,
+)
+from pipeline.transport import send_message
+
+pytestmark = pytest.mark.timeout(30)
+
+RNG = np.random.default_rng(0)
+
+
+def meta(seq: int = 0, stream_id: str = "cam0") -> FrameMeta:
+    return FrameMeta(
+        stream_id=stream_id,
+        seq=seq,
+        frame_index=seq,
+        pts=seq * 3003,
+        time_base=(1, 30000),
+        capture_time=1_700_000_000.25,
+    )
+
+
+def image(h: int = 6, w: int = 10) -> np.ndarray:
+    return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def track(track_id: int) -> TrackRecord:
+    return TrackRecord(
+        track_id=track_id,
+        box=(1.0, 2.0, 5.5, 4.0),
+        score=0.9,
+        state="tracked",
+        frames_since_update=0,
+        innovation=0.125,
+    )
+
+
+def masks(n: int, h: int = 6, w: int = 10) -> np.ndarray:
+    return RNG.random((n, h, w)) > 0.5
+
+
+SAMPLES: dict[str, Message] = {
+    "frame": FrameMessage(meta=meta(), image=image()),
+    "embedding-float16-with-image": EmbeddingMessage(
+        meta=meta(1),
+        embedding=RNG.standard_normal((4, 3, 5)).astype(np.float16),
+        embedding_dtype="float16",
+        original_size=(6, 10),
+        input_size=(3, 5),
+        image=image(),
+        timings={"encode": 7.5},
+    ),
+    "embedding-bfloat16-as-uint16": EmbeddingMessage(
+        meta=meta(2),
+        embedding=RNG.integers(0, 2**16, (4, 3, 5), dtype=np.uint16),
+        embedding_dtype="bfloat16",
+        original_size=(6, 10),
+        input_size=(3, 5),
+    ),
+    "embedding-float32": EmbeddingMessage(
+        meta=meta(3),
+        embedding=RNG.standard_normal((2, 2, 2)).astype(np.float32),
+        embedding_dtype="float32",
+        original_size=(6, 10),
+        input_size=(3, 5),
+    ),
+    # 3 * 6 * 10 = 180 bits: not a multiple of 8, so the padding of the last byte is used.
+    "masks-with-image": MaskMessage(
+        meta=FrameMeta("cam1", 4, 4, None, (1, 1), 1.5),
+        frame_size=(6, 10),
+        tracks=(track(1), track(2), track(7)),
+        masks=masks(3),
+        image=image(),
+        timings={"decode": 2.0, "track": 0.5},
+    ),
+    "masks-empty": MaskMessage(
+        meta=meta(5), frame_size=(6, 10), tracks=(), masks=np.zeros((0, 6, 10), bool)
+    ),
+    "status": StatusMessage(
+        node="encoder",
+        state="degraded",
+        time=1_700_000_001.0,
+        counters={"frames": 10, "dropped": 2},
+        detail={"device": "cpu", "queue": [1, 2], "note": None},
+    ),
+    "end": EndOfStream(stream_id="cam0", frames=6, reason="eof"),
+}
+
+
+def assert_same(got: Message, want: Message) -> None:
+    assert type(got) is type(want)
+    for f in dataclasses.fields(want):
+        a, b = getattr(got, f.name), getattr(want, f.name)
+        if isinstance(b, np.ndarray):
+            assert isinstance(a, np.ndarray), f.name
+            assert a.dtype == b.dtype and a.shape == b.shape, f.name
+            np.testing.assert_array_equal(a, b, err_msg=f.name)
+        else:
+            assert a == b, f.name
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_round_trip_in_memory(name: str) -> None:
+    msg = SAMPLES[name]
+    assert_same(type(msg).from_frames(msg.to_frames()), msg)
+    assert_same(decode(encode(msg)), msg)
+    # What a socket hands over is bytes: the same must work from copies.
+    assert_same(decode([bytes(part) for part in encode(msg)]), msg)
+
+
+@pytest.fixture
+def push_pull():
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    push = ctx.socket(zmq.PUSH)
+    for sock in (pull, push):
+        sock.setsockopt(zmq.LINGER, 0)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    push.connect(f"tcp://127.0.0.1:{port}")
+    yield push, pull
+    ctx.destroy(linger=0)
+
+
+def test_round_trip_over_push_pull(push_pull) -> None:
+    push, pull = push_pull
+    for msg in SAMPLES.values():
+        send_message(push, msg)
+    for msg in SAMPLES.values():
+        assert pull.poll(5000), "message did not arrive"
+        assert_same(decode(pull.recv_multipart(copy=False)), msg)
+
+
+def test_non_contiguous_arrays_are_sent_correctly(push_pull) -> None:
+    push, pull = push_pull
+    wide = image(6, 20)
+    frame = FrameMessage(meta=meta(), image=wide[:, ::2])  # strided view
+    embedding = EmbeddingMessage(
+        meta=meta(),
+        embedding=np.asfortranarray(RNG.standard_normal((4, 3, 5)).astype(np.float16)),
+        embedding_dtype="float16",
+        original_size=(6, 10),
+        input_size=(3, 5),
+    )
+    mask_msg = MaskMessage(
+        meta=meta(),
+        frame_size=(6, 10),
+        tracks=(track(1),),
+        masks=masks(1, 10, 6).transpose(0, 2, 1),
+    )
+    for msg in (frame, embedding, mask_msg):
+        assert_same(decode(msg.to_frames()), msg)
+        send_message(push, msg)
+        assert pull.poll(5000)
+        assert_same(decode(pull.recv_multipart(copy=False)), msg)
+
+
+def test_contiguous_arrays_are_not_copied_on_send() -> None:
+    msg = SAMPLES["embedding-float16-with-image"]
+    _, embedding_part, image_part = msg.to_frames()
+    assert np.shares_memory(np.frombuffer(embedding_part, np.uint8), msg.embedding)
+    assert np.shares_memory(np.frombuffer(image_part, np.uint8), msg.image)
+
+
+def test_decoded_arrays_view_the_received_buffers() -> None:
+    parts = [bytes(p) for p in SAMPLES["frame"].to_frames()]
+    got = decode(parts)
+    assert np.shares_memory(got.image, np.frombuffer(parts[1], np.uint8))
+
+
+def test_wire_format_as_documented() -> None:
+    """What a non-Python consumer relies on: JSON header fields and packbits bit order."""
+    m = np.zeros((1, 3, 4), bool)
+    m[0, 0, 0] = True  # element 0 -> most significant bit of byte 0
+    m[0, 2, 3] = True  # element 11 -> bit 7 - 3 of byte 1
+    msg = MaskMessage(meta=meta(7), frame_size=(3, 4), tracks=(track(3),), masks=m)
+    parts = msg.to_frames()
+    assert len(parts) == 2
+    header = json.loads(bytes(parts[0]).decode("utf-8"))
+    assert header["kind"] == "masks" and header["v"] == SCHEMA_VERSION == 1
+    assert header["meta"] == {
+        "stream_id": "cam0",
+        "seq": 7,
+        "frame_index": 7,
+        "pts": 7 * 3003,
+        "time_base": [1, 30000],
+        "capture_time": 1_700_000_000.25,
+    }
+    assert header["frame_size"] == [3, 4]
+    assert header["tracks"][0]["track_id"] == 3 and header["tracks"][0]["box"] == [1, 2, 5.5, 4]
+    assert header["buffers"] == [
+        {"name": "masks", "dtype": "bool", "shape": [1, 3, 4], "encoding": "packbits"}
+    ]
+    assert bytes(parts[1]) == bytes([0b1000_0000, 0b0001_0000])
+
+    frame_header = json.loads(bytes(SAMPLES["frame"].to_frames()[0]))
+    assert frame_header["buffers"] == [{"name": "image", "dtype": "uint8", "shape": [6, 10, 3]}]
+
+
+def test_time_seconds() -> None:
+    assert meta(10).time_seconds == pytest.approx(10 * 3003 / 30000)
+    assert dataclasses.replace(meta(), pts=None).time_seconds is None
+
+
+def test_numpy_scalars_in_headers_are_sent_as_numbers() -> None:
+    rec = TrackRecord(
+        track_id=np.int64(4),
+        box=tuple(np.float32(v) for v in (0, 1, 2, 3)),
+        score=np.float32(0.5),
+        state="coasting",
+        frames_since_update=np.int32(2),
+        innovation=np.float64(1.0),
+    )
+    msg = MaskMessage(meta=meta(), frame_size=(2, 2), tracks=(rec,), masks=np.ones((1, 2, 2), bool))
+    got = decode(msg.to_frames())
+    assert got.tracks[0] == TrackRecord(4, (0.0, 1.0, 2.0, 3.0), 0.5, "coasting", 2, 1.0)
+
+
+# --------------------------------------------------------------------- malformed messages
+
+
+def with_header(parts: list, **changes) -> list:
+    header = json.loads(bytes(parts[0]))
+    for key, value in changes.items():
+        if value is None:
+            header.pop(key, None)
+        else:
+            header[key] = value
+    return [json.dumps(header).encode(), *parts[1:]]
+
+
+def frame_parts() -> list:
+    return [bytes(p) for p in SAMPLES["frame"].to_frames()]
+
+
+def mask_parts() -> list:
+    return [bytes(p) for p in SAMPLES["masks-with-image"].to_frames()]
+
+
+def with_meta(**changes) -> list:
+    parts = frame_parts()
+    header = json.loads(parts[0])
+    header["meta"].update(changes)
+    return [json.dumps(header).encode(), *parts[1:]]
+
+
+def with_buffer_spec(index: int, **changes) -> list:
+    parts = frame_parts() if index == 0 else mask_parts()
+    header = json.loads(parts[0])
+    header["buffers"][index].update(changes)
+    return [json.dumps(header).encode(), *parts[1:]]
+
+
+MALFORMED = {
+    "empty": ([], "empty message"),
+    "wrong version": (with_header(frame_parts(), v=2), "schema version 2 is not supported"),
+    "no version": (with_header(frame_parts(), v=None), "missing field 'v'"),
+    "unknown kind": (with_header(frame_parts(), kind="bogus"), "unknown message kind 'bogus'"),
+    "too few parts": (frame_parts()[:1], r"1 part\(s\) but its header lists 1 buffer"),
+    "too many parts": ([*frame_parts(), b"x"], r"3 part\(s\) but its header lists 1 buffer"),
+    "size mismatch": (
+        [frame_parts()[0], frame_parts()[1][:-1]],
+        r"179 bytes do not match uint8 \[6, 10, 3\] \(180 bytes\)",
+    ),
+    "packed size mismatch": (
+        [mask_parts()[0], mask_parts()[1] + b"\0", mask_parts()[2]],
+        "24 bytes do not match bool",
+    ),
+    "garbage json": ([b"{not json", b""], "not valid JSON"),
+    "not utf-8": ([b"\xff\xfe{}"], "not UTF-8"),
+    "header not a dict": ([b"[1, 2]"], "header must be a JSON object, got list"),
+    "NaN in header": ([b'{"kind": "end", "v": 1, "frames": NaN}'], "NaN"),
+    "missing field": (with_meta(seq=None), "missing field 'seq'"),
+    "wrong field type": (with_meta(seq="3"), "field 'seq' must be int, got str"),
+    "bool is not int": (with_meta(frame_index=True), "field 'frame_index' must be int"),
+    "bad time base": (with_meta(time_base=[1]), "time_base' must have 2 items"),
+    "zero time base": (with_meta(time_base=[1, 0]), "positive denominator"),
+    "unsupported dtype": (with_buffer_spec(0, dtype="float64"), "unsupported dtype 'float64'"),
+    "negative shape": (with_buffer_spec(0, shape=[-1, 10, 3]), "negative dimension"),
+    "wrong buffer name": (
+        with_buffer_spec(0, name="img"),
+        r"buffers must be one of \[\['image'\]\]",
+    ),
+    "unknown encoding": (with_buffer_spec(1, encoding="rle"), "unknown encoding 'rle'"),
+    "image not HxWx3": (
+        [
+            json.dumps(
+                {
+                    **json.loads(frame_parts()[0]),
+                    "buffers": [{"name": "image", "dtype": "uint8", "shape": [180]}],
+                }
+            ).encode(),
+            frame_parts()[1],
+        ],
+        "image must be HxWx3 uint8",
+    ),
+    "masks do not match tracks": (
+        with_header(mask_parts(), tracks=[]),
+        r"masks must be bool \(0, 6, 10\)",
+    ),
+    "bad track state": (
+        with_header(mask_parts(), tracks=[{**track(1).to_json(), "state": "gone"}] * 3),
+        "track state 'gone'",
+    ),
+    "status with buffers": (
+        [*SAMPLES["status"].to_frames(), b"extra"],
+        "'status' message must have 1 part",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_malformed_messages_are_rejected(name: str) -> None:
+    parts, match = MALFORMED[name]
+    with pytest.raises(MessageError, match=match):
+        decode(parts)
+
+
+def test_message_error_is_a_value_error() -> None:
+    assert issubclass(MessageError, ValueError)
+
+
+def test_from_frames_checks_the_kind() -> None:
+    with pytest.raises(MessageError, match="expected a 'frame' message, got kind 'masks'"):
+        FrameMessage.from_frames(SAMPLES["masks-empty"].to_frames())
+
+
+def test_constructors_reject_inconsistent_messages() -> None:
+    with pytest.raises(MessageError, match="float16 array for embedding_dtype 'float16'"):
+        EmbeddingMessage(meta(), np.zeros((2, 2, 2), np.uint16), "float16", (6, 10), (3, 5))
+    with pytest.raises(MessageError, match="embedding_dtype 'int8'"):
+        EmbeddingMessage(meta(), np.zeros((2, 2, 2), np.uint16), "int8", (6, 10), (3, 5))
+    with pytest.raises(MessageError, match="image is 6x10 but the size says"):
+        EmbeddingMessage(
+            meta(), np.zeros((2, 2, 2), np.float16), "float16", (5, 10), (3, 5), image=image()
+        )
+    with pytest.raises(MessageError, match="non-finite"):
+        dataclasses.replace(track(1), score=float("nan"))
+    with pytest.raises(MessageError, match="image must be HxWx3 uint8"):
+        FrameMessage(meta(), np.zeros((6, 10), np.uint8))
+    with pytest.raises(MessageError, match="cannot put a"):
+        StatusMessage("n", "running", 0.0, detail={"x": object()}).to_frames()
+    with pytest.raises(TypeError, match="not a pipeline message"):
+        encode("frame")
+
+
+# --------------------------------------------------------------------- prompt control
+
+COMMANDS = [
+    PromptCommand(op="add", box=(10.0, 20.0, 110.0, 220.5)),
+    PromptCommand(op="add", track_id=5, points=((1.0, 2.0), (3.5, 4.0)), labels=(1, 0), frame=120),
+    PromptCommand(op="update", track_id=5, box=(0.0, 0.0, 1.0, 1.0)),
+    PromptCommand(op="remove", track_id=5),
+    PromptCommand(op="list"),
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.op)
+def test_prompt_command_round_trip(command: PromptCommand) -> None:
+    assert PromptCommand.from_json(command.to_json()) == command
+
+
+def test_prompt_command_minimal_json() -> None:
+    got = PromptCommand.from_json('{"op": "add", "box": [1, 2, 3, 4]}')
+    assert got == PromptCommand(op="add", box=(1.0, 2.0, 3.0, 4.0))
+    assert isinstance(got.box[0], float)
+
+
+BAD_COMMANDS = {
+    "garbage": (b"add box", "not valid JSON"),
+    "not an object": (b'["add"]', "must be a JSON object, got list"),
+    "no op": (b'{"box": [1, 2, 3, 4]}', "missing field 'op'"),
+    "unknown op": (b'{"op": "delete", "track_id": 1}', "prompt op 'delete' is not one of"),
+    "unknown field": (b'{"op": "add", "bbox": [1, 2, 3, 4]}', r"unknown field\(s\) \['bbox'\]"),
+    "track id string": (b'{"op": "remove", "track_id": "1"}', "'track_id' must be int, got str"),
+    "track id bool": (b'{"op": "remove", "track_id": true}', "'track_id' must be int, got bool"),
+    "box of 3": (b'{"op": "add", "box": [1, 2, 3]}', "box must have 4 items"),
+    "box of strings": (b'{"op": "add", "box": ["1", 2, 3, 4]}', r"box\[0\] must be float"),
+    "box not a list": (b'{"op": "add", "box": "1,2,3,4"}', "box must be a list"),
+    "NaN box": (b'{"op": "add", "box": [NaN, 2, 3, 4]}', "NaN"),
+    "bad point": (b'{"op": "add", "points": [[1, 2, 3]]}', "point 0 must have 2 items"),
+    "labels mismatch": (
+        b'{"op": "add", "points": [[1, 2]], "labels": [1, 0]}',
+        "one label per point",
+    ),
+    "labels without points": (
+        b'{"op": "add", "box": [1, 2, 3, 4], "labels": [1]}',
+        "labels need points",
+    ),
+    "float label": (b'{"op": "add", "points": [[1, 2]], "labels": [1.0]}', "must be int"),
+    "remove without id": (b'{"op": "remove"}', "'remove' needs a track_id"),
+    "add without prompt": (b'{"op": "add", "track_id": 3}', "'add' needs a box or points"),
+    "frame float": (b'{"op": "list", "frame": 1.5}', "'frame' must be int"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_COMMANDS)
+def test_bad_prompt_commands_are_rejected(name: str) -> None:
+    data, match = BAD_COMMANDS[name]
+    with pytest.raises(MessageError, match=match):
+        PromptCommand.from_json(data)
+
+
+def test_prompt_reply_round_trip() -> None:
+    for reply in (
+        PromptReply(ok=True, track_id=3),
+        PromptReply(ok=False, error="box lies outside the 640x480 frame"),
+        PromptReply(ok=True, tracks=({"track_id": 1, "state": "tracked"},)),
+    ):
+        assert PromptReply.from_json(reply.to_json()) == reply
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "not valid JSON"),
+        (b'{"error": null}', "missing field 'ok'"),
+        (b'{"ok": "yes"}', "'ok' must be bool"),
+        (b'{"ok": true, "tracks": [1]}', "tracks must be objects"),
+        (b'{"ok": true, "extra": 1}', "unknown field"),
+    ],
+)
+def test_bad_prompt_replies_are_rejected(data: bytes, match: str) -> None:
+    with pytest.raises(MessageError, match=match):
+        PromptReply.from_json(data)
