@@ -1,0 +1,588 @@
+"""File outputs of the mask publisher: id PNGs, COCO-RLE JSON lines, MOT boxes, overlay video.
+
+Everything is written under a temporary name in the destination directory and moved into
+place with ``os.replace`` once complete, so a crash never leaves a half-written file under a
+final name (a reader either sees the whole file or none). Per-frame PNGs are moved into place
+one by one as each frame is written; the three whole-run files when the writer is closed.
+
+Layout under ``out_dir``:
+
+- ``masks/NNNNNN.png``: palette PNG (mode "P") per frame, 6-digit 0-based frame index; the
+  pixel value is the track id, 0 is background (the DAVIS convention, read by its tools).
+- ``masks.jsonl``: one JSON object per frame::
+
+      {"frame": 12, "seq": 12, "pts": 6144, "time": 0.48,
+       "tracks": [{"id": 1, "box": [x1, y1, x2, y2], "score": 0.93, "state": "tracked",
+                   "rle": {"size": [h, w], "counts": "..."}}]}
+
+  ``time`` is ``pts * time_base`` in seconds (null without pts); ``rle`` is COCO compressed
+  RLE (``pycocotools.mask.decode`` reads it after ``counts.encode()``).
+- ``tracks.txt``: MOT Challenge lines ``frame,id,bb_left,bb_top,bb_width,bb_height,conf,-1,-1,-1``
+  (frame 1-based), for tracks that are tentative, tracked or coasting; lost tracks are left out.
+- ``overlay.mp4``: H.264 (libx264, yuv420p) of the input with translucent masks, boxes and ids,
+  one output frame per input frame at the input's timestamps. yuv420p needs even sizes: an odd
+  width or height is padded by one pixel on the right or bottom, repeating the edge pixels.
+
+Frame sizes are ``(height, width)`` throughout, like numpy shapes and COCO's RLE ``size``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Protocol
+
+import av
+import cv2
+import numpy as np
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+__all__ = [
+    "MOT_STATES",
+    "PALETTE",
+    "MaskWriter",
+    "TrackLike",
+    "decode_rle",
+    "encode_rle",
+    "id_mask",
+    "mask_box",
+]
+
+# Track states whose boxes go into the MOT file: a lost track's box is a stale prediction.
+MOT_STATES = frozenset({"tentative", "tracked", "coasting"})
+
+OVERLAY_ALPHA = 0.5  # mask opacity in the overlay video
+
+
+class TrackLike(Protocol):
+    """What the writer reads from a track (duck-typed; the tracker's own class fits)."""
+
+    @property
+    def track_id(self) -> int: ...
+
+    @property
+    def box(self) -> Sequence[float] | None:
+        """``(x1, y1, x2, y2)`` in pixels, x2/y2 exclusive; None when the track has no box."""
+        ...
+
+    @property
+    def score(self) -> float: ...
+
+    @property
+    def state(self) -> Any:
+        """One of "tentative", "tracked", "coasting", "lost" (a str, or an Enum of them)."""
+        ...
+
+
+def _voc_palette() -> list[int]:
+    """The PASCAL VOC colour map that DAVIS uses: 0 black, then 255 distinct colours.
+
+    Each index's bits are spread over the high bits of R, G and B, so neighbouring ids get
+    very different colours and the mapping is one-to-one.
+    """
+    palette: list[int] = []
+    for index in range(256):
+        red = green = blue = 0
+        bits = index
+        for shift in range(7, -1, -1):
+            red |= (bits & 1) << shift
+            green |= ((bits >> 1) & 1) << shift
+            blue |= ((bits >> 2) & 1) << shift
+            bits >>= 3
+        palette += [red, green, blue]
+    return palette
+
+
+PALETTE: list[int] = _voc_palette()
+"""256 RGB colours as a flat list of 768 ints, for ``PIL.Image.putpalette``."""
+
+
+# -- mask encodings -------------------------------------------------------------------------
+
+
+def _as_bool_mask(mask: np.ndarray, ndim: int, what: str) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != ndim:
+        raise ValueError(f"{what} must have {ndim} dimensions, got shape {mask.shape}")
+    if mask.dtype != bool and not np.issubdtype(mask.dtype, np.integer):
+        # Floats are probabilities or logits: which threshold is right is the caller's call.
+        raise ValueError(f"{what} must be bool or integer (nonzero = inside), got {mask.dtype}")
+    return mask.astype(bool, copy=False)
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """COCO compressed RLE of an HxW mask: ``{"size": [h, w], "counts": str}``.
+
+    Nonzero pixels are inside. The counts are the column-major (Fortran order) runs that
+    COCO tools expect, as an ASCII string so the result is JSON-ready.
+    """
+    mask = _as_bool_mask(mask, 2, "mask")
+    rle = coco_mask.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode()}
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """The HxW bool mask of a COCO RLE (compressed string or bytes counts)."""
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode()
+    height, width = (int(v) for v in rle["size"])
+    decoded = coco_mask.decode({"size": [height, width], "counts": counts})
+    return np.ascontiguousarray(decoded, dtype=bool)
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """``(x1, y1, x2, y2)`` around the mask's pixels, x2/y2 exclusive; None if it is empty."""
+    mask = _as_bool_mask(mask, 2, "mask")
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+
+
+def id_mask(masks: np.ndarray, track_ids: Sequence[int], frame_size: tuple[int, int]) -> np.ndarray:
+    """Paint N masks into one HxW uint8 image whose pixel value is the track id (0: none).
+
+    Args:
+        masks: NxHxW bool (or integer, nonzero = inside), N may be 0.
+        track_ids: N ids in 1..255 (a PNG palette index; 0 is the background).
+        frame_size: ``(height, width)`` of the frame.
+
+    Where masks overlap, the later track wins.
+    """
+    height, width = frame_size
+    masks = _check_masks(masks, len(track_ids), frame_size)
+    for track_id in track_ids:
+        if not 1 <= int(track_id) <= 255:
+            raise ValueError(
+                f"track id {track_id} cannot be stored in an 8-bit id mask: ids must be 1..255"
+            )
+    painted = np.zeros((height, width), dtype=np.uint8)
+    for mask, track_id in zip(masks, track_ids, strict=True):
+        painted[mask] = int(track_id)
+    return painted
+
+
+def _check_masks(masks: np.ndarray, count: int, frame_size: tuple[int, int]) -> np.ndarray:
+    masks = _as_bool_mask(masks, 3, "masks")
+    if masks.shape[0] != count:
+        raise ValueError(f"got {masks.shape[0]} masks for {count} tracks")
+    if count and masks.shape[1:] != tuple(frame_size):
+        raise ValueError(
+            f"masks are {masks.shape[1]}x{masks.shape[2]} but frame_size is {tuple(frame_size)}; "
+            "frame_size is (height, width) and masks must be at the frame's size"
+        )
+    return masks
+
+
+# -- the writer -----------------------------------------------------------------------------
+
+
+def _state_name(state: Any) -> str:
+    return str(getattr(state, "value", state))
+
+
+def _finite_or_none(value: float) -> float | None:
+    # JSON has no NaN/Infinity; Python would write them anyway and break other readers.
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _colour(track_id: int) -> tuple[int, int, int]:
+    index = (int(track_id) - 1) % 255 + 1  # never 0 (black): ids above 255 wrap for display only
+    red, green, blue = PALETTE[3 * index : 3 * index + 3]
+    return red, green, blue
+
+
+class MaskWriter:
+    """Writes the file outputs of a run, frame by frame, in the order frames are given.
+
+    Usage::
+
+        with MaskWriter(out_dir, overlay_fps=Fraction(25)) as writer:
+            for ...:
+                writer.write(frame_index=..., seq=..., pts=..., time_base=..., frame_size=(h, w),
+                             tracks=tracks, masks=masks, image=rgb)
+        # on success the files are in place; on an exception nothing is left under final names
+
+    ``overlay_fps`` is only used to time overlay frames that have no pts (frame index /
+    fps); frames with pts keep their own timestamps.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        write_png: bool = True,
+        write_jsonl: bool = True,
+        write_mot: bool = True,
+        write_overlay: bool = True,
+        overlay_fps: Fraction | None = None,
+    ) -> None:
+        if overlay_fps is not None and overlay_fps <= 0:
+            raise ValueError(f"overlay_fps must be positive, got {overlay_fps}")
+        self.out_dir = Path(out_dir)
+        self.write_png = write_png
+        self.write_overlay = write_overlay
+        self.overlay_fps = Fraction(overlay_fps) if overlay_fps is not None else None
+        self.frames_written = 0
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        self._state = "open"  # -> "closed" | "aborted"
+        self._result: dict[str, Path] = {}
+        self._pngs: list[Path] = []
+        self._created_masks_dir = False
+        self._text: dict[str, tuple[Path, IO[str]]] = {}  # final name -> (temporary, file)
+        self._overlay: tuple[av.container.OutputContainer, av.VideoStream] | None = None
+        self._overlay_temp: Path | None = None
+        self._overlay_time_base: Fraction | None = None  # fixed by the first frame
+        self._overlay_size: tuple[int, int] | None = None  # (height, width) of the input
+        self._overlay_last_pts: int | None = None
+        try:
+            if write_jsonl:
+                self._text["masks.jsonl"] = self._open_text_temp("masks.jsonl")
+            if write_mot:
+                self._text["tracks.txt"] = self._open_text_temp("tracks.txt")
+        except BaseException:
+            self.abort()
+            raise
+
+    def _temp_path(self, directory: Path, final_name: str) -> tuple[int, Path]:
+        # Same directory as the final file, so os.replace is a rename, never a copy; hidden
+        # so tools globbing the output directory do not pick it up.
+        fd, name = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=directory)
+        return fd, Path(name)
+
+    def _open_text_temp(self, final_name: str) -> tuple[Path, IO[str]]:
+        fd, path = self._temp_path(self.out_dir, final_name)
+        return path, os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+
+    # -- per frame -----------------------------------------------------------------------------
+
+    def write(
+        self,
+        *,
+        frame_index: int,
+        seq: int,
+        pts: int | None,
+        time_base: tuple[int, int],
+        frame_size: tuple[int, int],
+        tracks: Sequence[TrackLike],
+        masks: np.ndarray,
+        image: np.ndarray | None,
+    ) -> None:
+        """Write one frame's outputs.
+
+        Args:
+            frame_index: 0-based index of the frame in the source (names the PNG).
+            seq: the message sequence number, recorded in the JSON line.
+            pts: presentation timestamp in ``time_base`` units, or None.
+            time_base: ``(numerator, denominator)`` of the pts unit in seconds.
+            frame_size: ``(height, width)``.
+            tracks: N tracks, in the order of ``masks``.
+            masks: NxHxW bool masks at the frame's size.
+            image: HxWx3 uint8 RGB frame; required when the overlay is written.
+
+        Everything is checked before anything is written, so a ValueError leaves the
+        outputs as they were.
+        """
+        if self._state != "open":
+            raise RuntimeError(f"MaskWriter is {self._state}; create a new one")
+        height, width = (int(v) for v in frame_size)
+        if frame_index < 0 or height <= 0 or width <= 0:
+            raise ValueError(f"bad frame_index {frame_index} or frame_size {frame_size}")
+        num, den = (int(v) for v in time_base)
+        if den <= 0 or num <= 0:
+            raise ValueError(f"time_base must be two positive ints (num, den), got {time_base}")
+        masks = _check_masks(masks, len(tracks), (height, width))
+        ids = [int(track.track_id) for track in tracks]
+        painted = id_mask(masks, ids, (height, width)) if self.write_png else None
+        overlay_timing = None
+        if self.write_overlay:
+            overlay_timing = self._overlay_timing(frame_index, pts, Fraction(num, den), image)
+            if image is not None and image.shape[:2] != (height, width):
+                raise ValueError(
+                    f"image is {image.shape[0]}x{image.shape[1]} but frame_size is "
+                    f"{(height, width)} (height, width)"
+                )
+
+        boxes = [_box_list(track) for track in tracks]
+        states = [_state_name(track.state) for track in tracks]
+        if "masks.jsonl" in self._text:
+            line = {
+                "frame": int(frame_index),
+                "seq": int(seq),
+                "pts": None if pts is None else int(pts),
+                "time": None if pts is None else float(Fraction(int(pts) * num, den)),
+                "tracks": [
+                    {
+                        "id": track_id,
+                        "box": box,
+                        "score": _finite_or_none(track.score),
+                        "state": state,
+                        "rle": encode_rle(mask),
+                    }
+                    for track, track_id, box, state, mask in zip(
+                        tracks, ids, boxes, states, masks, strict=True
+                    )
+                ],
+            }
+            self._text["masks.jsonl"][1].write(json.dumps(line, allow_nan=False) + "\n")
+        if "tracks.txt" in self._text:
+            lines = [
+                _mot_line(frame_index, track_id, box, track.score)
+                for track, track_id, box, state in zip(tracks, ids, boxes, states, strict=True)
+                if box is not None and state in MOT_STATES
+            ]
+            self._text["tracks.txt"][1].write("".join(lines))
+        if painted is not None:
+            self._write_png(frame_index, painted)
+        if overlay_timing is not None and image is not None:
+            self._write_overlay_frame(image, ids, boxes, states, masks, *overlay_timing)
+        self.frames_written += 1
+
+    def _write_png(self, frame_index: int, painted: np.ndarray) -> None:
+        masks_dir = self.out_dir / "masks"
+        if not masks_dir.exists():
+            masks_dir.mkdir()
+            self._created_masks_dir = True
+        final = masks_dir / f"{frame_index:06d}.png"
+        height, width = painted.shape
+        png = Image.frombytes("P", (width, height), np.ascontiguousarray(painted).tobytes())
+        png.putpalette(PALETTE)
+        fd, temp = self._temp_path(masks_dir, final.name)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                png.save(file, format="PNG")
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        self._pngs.append(final)
+
+    # -- overlay -------------------------------------------------------------------------------
+
+    def _overlay_timing(
+        self, frame_index: int, pts: int | None, time_base: Fraction, image: np.ndarray | None
+    ) -> tuple[int, Fraction]:
+        """The frame's overlay pts and the overlay's time base; raises on unusable input.
+
+        The first frame fixes the overlay's time base: the input's own when it has a pts (so
+        the pts are copied unchanged), else ``1 / overlay_fps``.
+        """
+        if image is None:
+            raise ValueError(
+                f"frame {frame_index}: the overlay video needs the frame's image; pass image= "
+                "or create the MaskWriter with write_overlay=False"
+            )
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be HxWx3 uint8 RGB, got {image.shape} {image.dtype}")
+        if self._overlay_size is not None and image.shape[:2] != self._overlay_size:
+            raise ValueError(
+                f"frame {frame_index} is {image.shape[0]}x{image.shape[1]} but the overlay video "
+                f"is {self._overlay_size[0]}x{self._overlay_size[1]}: its size cannot change"
+            )
+        if pts is None and self.overlay_fps is None:
+            raise ValueError(
+                f"frame {frame_index} has no pts: create the MaskWriter with overlay_fps= so "
+                "the overlay can time frames by their index"
+            )
+        if pts is not None:
+            seconds, own_time_base = int(pts) * time_base, time_base
+        else:
+            fps = self.overlay_fps or Fraction(1)  # not None: checked above
+            seconds, own_time_base = frame_index / fps, 1 / fps
+        stream_time_base = self._overlay_time_base or own_time_base
+        out_pts = round(seconds / stream_time_base)  # exact when the time bases are equal
+        if self._overlay_last_pts is not None and out_pts <= self._overlay_last_pts:
+            raise ValueError(
+                f"frame {frame_index}: overlay timestamps must increase, got pts {out_pts} after "
+                f"{self._overlay_last_pts} (in {stream_time_base} s units)"
+            )
+        return out_pts, stream_time_base
+
+    def _open_overlay(
+        self, height: int, width: int, time_base: Fraction
+    ) -> tuple[av.container.OutputContainer, av.VideoStream]:
+        fd, temp = self._temp_path(self.out_dir, "overlay.mp4")
+        os.close(fd)  # FFmpeg opens the path itself
+        self._overlay_temp = temp
+        # The mp4 muxer would otherwise pick its own timescale (e.g. 1/12800 for 1/25) and
+        # rescale every pts; with the input's denominator the timestamps survive exactly.
+        container = av.open(
+            str(temp),
+            mode="w",
+            format="mp4",
+            container_options={"video_track_timescale": str(time_base.denominator)},
+        )
+        stream = container.add_stream("libx264", options={"preset": "veryfast"})
+        stream.width, stream.height = width + width % 2, height + height % 2
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = time_base
+        stream.codec_context.time_base = time_base
+        self._overlay = (container, stream)
+        self._overlay_time_base = time_base
+        self._overlay_size = (height, width)
+        return self._overlay
+
+    def _write_overlay_frame(
+        self,
+        image: np.ndarray,
+        ids: Sequence[int],
+        boxes: Sequence[list[float] | None],
+        states: Sequence[str],
+        masks: np.ndarray,
+        out_pts: int,
+        time_base: Fraction,
+    ) -> None:
+        height, width = image.shape[:2]
+        container, stream = self._overlay or self._open_overlay(height, width, time_base)
+        canvas = _draw_overlay(image, ids, boxes, states, masks)
+        if height % 2 or width % 2:
+            canvas = np.pad(canvas, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+        frame = av.VideoFrame.from_ndarray(canvas, format="rgb24")
+        frame.pts = out_pts
+        frame.time_base = time_base
+        container.mux(stream.encode(frame))
+        self._overlay_last_pts = out_pts
+
+    # -- finishing -----------------------------------------------------------------------------
+
+    def close(self) -> dict[str, Path]:
+        """Finish every output and move it into place; return ``{kind: final path}``.
+
+        Kinds: "masks" (the PNG directory), "jsonl", "mot", "overlay"; the overlay and the
+        PNG directory only when at least one frame was written. Calling close again returns
+        the same dict.
+        """
+        if self._state == "aborted":
+            raise RuntimeError("MaskWriter was aborted; nothing was written")
+        if self._state == "closed":
+            return dict(self._result)
+        try:
+            # Finish everything that can fail first; the renames come last and are atomic.
+            for _, file in self._text.values():
+                file.close()
+            if self._overlay is not None:
+                container, stream = self._overlay
+                container.mux(stream.encode(None))  # flush the frames the encoder holds back
+                container.close()
+                self._overlay = None
+        except BaseException:
+            self.abort()
+            raise
+        kinds = {"masks.jsonl": "jsonl", "tracks.txt": "mot"}
+        for final_name, (temp, _) in self._text.items():
+            final = self.out_dir / final_name
+            os.replace(temp, final)
+            self._result[kinds[final_name]] = final
+        if self._overlay_temp is not None:
+            final = self.out_dir / "overlay.mp4"
+            os.replace(self._overlay_temp, final)
+            self._result["overlay"] = final
+        if self._pngs:
+            self._result["masks"] = self.out_dir / "masks"
+        self._state = "closed"
+        return dict(self._result)
+
+    def abort(self) -> None:
+        """Discard everything: temporaries and the PNGs this writer already moved into place.
+
+        Does nothing after close() (the outputs are complete) or a previous abort().
+        """
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        for temp, file in self._text.values():
+            file.close()
+            temp.unlink(missing_ok=True)
+        if self._overlay is not None:
+            try:
+                self._overlay[0].close()
+            except av.FFmpegError:
+                pass  # the file is deleted next; a failed trailer does not matter
+            self._overlay = None
+        if self._overlay_temp is not None:
+            self._overlay_temp.unlink(missing_ok=True)
+        for png in self._pngs:
+            png.unlink(missing_ok=True)
+        if self._created_masks_dir:
+            try:
+                (self.out_dir / "masks").rmdir()
+            except OSError:
+                pass  # files of someone else are in it: leave them
+
+    def __enter__(self) -> MaskWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _box_list(track: TrackLike) -> list[float] | None:
+    box = track.box
+    if box is None:
+        return None
+    values = [float(v) for v in box]
+    if len(values) != 4:
+        raise ValueError(f"track {track.track_id}: box must be (x1, y1, x2, y2), got {box!r}")
+    # A NaN/inf box carries no position; treat it as no box rather than write invalid JSON.
+    return values if all(map(math.isfinite, values)) else None
+
+
+def _mot_line(frame_index: int, track_id: int, box: Sequence[float], score: float) -> str:
+    x1, y1, x2, y2 = box
+    conf = float(score) if math.isfinite(float(score)) else -1.0
+    return (
+        f"{frame_index + 1},{track_id},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},"
+        f"{conf:.4f},-1,-1,-1\n"
+    )
+
+
+def _draw_overlay(
+    image: np.ndarray,
+    ids: Sequence[int],
+    boxes: Sequence[list[float] | None],
+    states: Sequence[str],
+    masks: np.ndarray,
+) -> np.ndarray:
+    """The RGB frame with translucent masks, and box + id for every track that is not lost."""
+    canvas = image.copy()
+    for track_id, mask in zip(ids, masks, strict=True):
+        colour = np.array(_colour(track_id), dtype=np.float32)
+        blended = canvas[mask] * (1 - OVERLAY_ALPHA) + colour * OVERLAY_ALPHA
+        canvas[mask] = blended.astype(np.uint8)
+    for track_id, box, state in zip(ids, boxes, states, strict=True):
+        if box is None or state == "lost":
+            continue
+        colour = _colour(track_id)
+        x1, y1, x2, y2 = (round(v) for v in box)
+        cv2.rectangle(canvas, (x1, y1), (x2 - 1, y2 - 1), colour, 2)
+        label = str(track_id) if state == "tracked" else f"{track_id} {state}"
+        cv2.putText(
+            canvas,
+            label,
+            (x1 + 2, max(y1 - 4, 12)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.45,
+            colour,
+            1,
+            cv2.LINE_AA,
+        )
+    return canvas

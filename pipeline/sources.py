@@ -1,0 +1,408 @@
+"""Where frames come from: video files, FFmpeg test sources, RTSP cameras and webcams, via PyAV.
+
+`parse_source` turns what a user typed into a `SourceSpec`; `VideoSource` opens it and yields
+`DecodedFrame`s in decode order with the container's pts and time base, so time is always
+``pts * time_base`` (variable frame rate safe), never derived from the frame index.
+
+Broken input is reported as `SourceError` with the source and the problem in the message.
+Damaged packets in the middle of a stream are skipped and counted rather than ending the
+stream, because one bad packet in an hour of camera footage should cost one frame, not the run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from types import TracebackType
+
+import av
+import numpy as np
+
+__all__ = ["DecodedFrame", "SourceError", "SourceSpec", "VideoSource", "parse_source"]
+
+SOURCE_KINDS = ("file", "lavfi", "rtsp", "webcam")
+
+# FFmpeg's built-in test pattern generators that may be named without the "lavfi:" prefix.
+_TESTSRC_RE = re.compile(r"^(testsrc2?)(?:[=:](.*))?$")
+_WEBCAM_RE = re.compile(r"^/dev/video\d+$")
+
+# Demuxer options every RTSP source gets unless the caller overrides them: UDP loses packets
+# (smeared frames) on any busy network and is blocked by most NATs, TCP does neither.
+RTSP_DEFAULT_OPTIONS = {"rtsp_transport": "tcp"}
+
+
+class SourceError(RuntimeError):
+    """A video source cannot be opened or read; the message names the source and the problem."""
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    """One decoded video frame.
+
+    Attributes:
+        image: HxWx3 uint8 RGB, C-contiguous.
+        index: 0-based position in decode order.
+        pts: presentation timestamp in ``time_base`` units, as the container gave it (None when
+            the container has none).
+        time_base: ``(numerator, denominator)`` of the pts unit in seconds.
+        capture_time: ``time.time()`` when the frame came out of the decoder.
+    """
+
+    image: np.ndarray
+    index: int
+    pts: int | None
+    time_base: tuple[int, int]
+    capture_time: float
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed source: what to hand to ``av.open``.
+
+    Attributes:
+        url: path, RTSP URL, device node, or (for kind "lavfi") a filter graph.
+        kind: "file", "lavfi", "rtsp" or "webcam".
+        options: FFmpeg demuxer options (``rtsp_transport``, ``video_size``, ...).
+        format: FFmpeg input format to force ("lavfi", "v4l2"), None to probe.
+    """
+
+    url: str
+    kind: str
+    options: dict[str, str] = field(default_factory=dict)
+    format: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"source kind {self.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+
+    @property
+    def display_name(self) -> str:
+        """The source as a user would write it, for messages."""
+        return f"lavfi:{self.url}" if self.kind == "lavfi" else self.url
+
+
+def parse_source(
+    source: str | os.PathLike[str], *, options: dict[str, str] | None = None
+) -> SourceSpec:
+    """Classify a user-supplied source string.
+
+    - ``lavfi:GRAPH`` (e.g. ``lavfi:testsrc2=size=320x240:rate=25``): an FFmpeg filter-graph
+      source. ``testsrc``/``testsrc2`` may also be written bare, with ``=`` or ``:`` after the
+      name (``testsrc2:size=320x240`` means ``testsrc2=size=320x240``).
+    - ``rtsp://...`` / ``rtsps://...``: an RTSP camera, with ``rtsp_transport=tcp`` unless
+      ``options`` says otherwise.
+    - ``/dev/videoN`` or a bare integer N: a V4L2 webcam (``/dev/videoN``).
+    - anything else: a file, which must exist.
+
+    ``options`` are FFmpeg demuxer options; they override the defaults of the kind.
+
+    Raises:
+        SourceError: empty source, empty filter graph, or a file that does not exist.
+    """
+    text = os.fspath(source).strip()
+    user_options = {str(k): str(v) for k, v in (options or {}).items()}
+    if not text:
+        raise SourceError("no video source given (empty string)")
+
+    if text.startswith("lavfi:"):
+        graph = text[len("lavfi:") :]
+        if not graph:
+            raise SourceError(f"video source {text!r} has an empty filter graph after 'lavfi:'")
+        return SourceSpec(url=graph, kind="lavfi", options=user_options, format="lavfi")
+    testsrc = _TESTSRC_RE.match(text)
+    if testsrc:
+        name, args = testsrc.groups()
+        graph = f"{name}={args}" if args else name
+        return SourceSpec(url=graph, kind="lavfi", options=user_options, format="lavfi")
+
+    if text.lower().startswith(("rtsp://", "rtsps://")):
+        return SourceSpec(
+            url=text, kind="rtsp", options={**RTSP_DEFAULT_OPTIONS, **user_options}, format=None
+        )
+
+    if text.isdigit():
+        text = f"/dev/video{int(text)}"
+    if _WEBCAM_RE.match(text):
+        return SourceSpec(url=text, kind="webcam", options=user_options, format="v4l2")
+
+    if not os.path.exists(text):
+        raise SourceError(f"video file {text!r} does not exist")
+    return SourceSpec(url=text, kind="file", options=user_options, format=None)
+
+
+class VideoSource:
+    """Decodes one source into `DecodedFrame`s, in order, with threaded decoding.
+
+    Usage::
+
+        with VideoSource(parse_source("clip.mp4")) as source:
+            for frame in source:
+                ...
+
+    A packet the decoder rejects (``av.InvalidDataError`` and other per-packet FFmpeg errors)
+    is skipped and counted in ``corrupt_packets``; ``max_consecutive_errors`` such packets in
+    a row raise `SourceError`, because by then the stream is garbage, not damaged.
+    The source is read once: iterating again continues reading, it does not rewind.
+    """
+
+    def __init__(
+        self,
+        spec: SourceSpec,
+        *,
+        max_frames: int | None = None,
+        max_consecutive_errors: int = 50,
+        open_timeout_s: float = 10.0,
+    ) -> None:
+        if max_frames is not None and max_frames < 0:
+            raise ValueError(f"max_frames must be >= 0 or None, got {max_frames}")
+        if max_consecutive_errors < 1:
+            raise ValueError(f"max_consecutive_errors must be >= 1, got {max_consecutive_errors}")
+        if open_timeout_s <= 0:
+            raise ValueError(f"open_timeout_s must be > 0, got {open_timeout_s}")
+        self.spec = spec
+        self.max_frames = max_frames
+        self.max_consecutive_errors = max_consecutive_errors
+        self.open_timeout_s = open_timeout_s
+        self.frames_decoded = 0
+        self.corrupt_packets = 0
+        self._container: av.container.InputContainer | None = None
+        self._stream: av.VideoStream | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the source and select its first video stream.
+
+        Raises:
+            SourceError: the source cannot be opened, is not a video FFmpeg can read, or has no
+                video stream.
+        """
+        if self._closed:
+            raise RuntimeError(f"video source {self.spec.display_name!r} is closed")
+        if self._container is not None:
+            return
+        name = self.spec.display_name
+        if self.spec.kind == "file":
+            _check_file(self.spec.url)
+        started = time.monotonic()
+        try:
+            # Only an open timeout here: a file or test source never stalls mid-read, and live
+            # read timeouts belong to the RTSP reader.
+            container = av.open(
+                self.spec.url,
+                mode="r",
+                format=self.spec.format,
+                container_options=dict(self.spec.options),
+                timeout=(self.open_timeout_s, None),
+            )
+        except (av.FFmpegError, OSError, ValueError) as error:
+            if time.monotonic() - started >= self.open_timeout_s:
+                # When the timeout interrupts it, FFmpeg reports whatever error the protocol
+                # was left with (RTSP says "invalid data"), so the clock is the reliable sign.
+                problem = f"no answer within the open timeout of {self.open_timeout_s:g} s"
+            else:
+                problem = _open_problem(self.spec, error)
+            raise SourceError(f"cannot open video source {name!r}: {problem}") from error
+
+        if not container.streams.video:
+            found = ", ".join(f"{s.type} stream" for s in container.streams) or "no streams at all"
+            container.close()
+            raise SourceError(f"video source {name!r} has no video stream (found: {found})")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame + slice threads: the decoder otherwise uses one core
+        self._container, self._stream = container, stream
+
+    def close(self) -> None:
+        """Release the container. Safe to call more than once."""
+        self._closed = True
+        container, self._container, self._stream = self._container, None, None
+        if container is not None:
+            container.close()
+
+    def __enter__(self) -> VideoSource:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- stream facts ------------------------------------------------------------------------
+
+    def _opened(self) -> tuple[av.container.InputContainer, av.VideoStream]:
+        if self._container is None or self._stream is None:
+            raise RuntimeError(f"video source {self.spec.display_name!r} is not open; call open()")
+        return self._container, self._stream
+
+    def _opened_stream(self) -> av.VideoStream:
+        return self._opened()[1]
+
+    @property
+    def width(self) -> int:
+        """Frame width in pixels (after open)."""
+        return self._opened_stream().codec_context.width
+
+    @property
+    def height(self) -> int:
+        """Frame height in pixels (after open)."""
+        return self._opened_stream().codec_context.height
+
+    @property
+    def average_rate(self) -> Fraction | None:
+        """The container's average frame rate, None if unknown. Use pts for time, not this."""
+        return self._opened_stream().average_rate
+
+    @property
+    def frame_count_hint(self) -> int | None:
+        """How many frames this source will probably yield, for progress bars; None if unknown.
+
+        The container's frame count when it stores one, else duration x average rate (an
+        estimate for variable frame rate), capped by ``max_frames``.
+        """
+        container, stream = self._opened()
+        hint: int | None = stream.frames or None
+        if hint is None and stream.average_rate:
+            seconds: Fraction | None = None
+            if stream.duration and stream.time_base:
+                seconds = stream.duration * stream.time_base
+            elif container.duration:
+                seconds = Fraction(container.duration, av.time_base)
+            if seconds:
+                hint = round(seconds * stream.average_rate) or None
+        if self.max_frames is not None:
+            hint = self.max_frames if hint is None else min(hint, self.max_frames)
+        return hint
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[DecodedFrame]:
+        self.open()
+        if self.max_frames is not None and self.frames_decoded >= self.max_frames:
+            return
+        consecutive_errors = 0
+        packets = self._demux()
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                return
+            except av.InvalidDataError as error:
+                # Damaged container data. PyAV's demux generator ends at an error, so resume
+                # reading with a new one: the demuxer continues after the bad bytes.
+                consecutive_errors = self._count_corrupt(error, consecutive_errors)
+                packets = self._demux()
+                continue
+            except av.FFmpegError as error:
+                raise SourceError(
+                    f"reading video source {self.spec.display_name!r} failed: {error}"
+                ) from error
+            try:
+                frames = self._decode(packet)
+            except av.FFmpegError as error:
+                consecutive_errors = self._count_corrupt(error, consecutive_errors)
+                continue
+            consecutive_errors = 0
+            for frame in frames:
+                yield self._to_decoded(frame)
+                if self.max_frames is not None and self.frames_decoded >= self.max_frames:
+                    return
+
+    def _demux(self) -> Iterator[av.Packet]:
+        """The video stream's packets, ending with the empty packet that flushes the decoder."""
+        container, stream = self._opened()
+        return container.demux(stream)
+
+    def _decode(self, packet: av.Packet) -> list[av.VideoFrame]:
+        """Decode one packet (a seam for tests that inject decoder errors)."""
+        return packet.decode()
+
+    def _count_corrupt(self, error: Exception, consecutive_errors: int) -> int:
+        """Count one corrupt packet; raise once too many came in a row."""
+        self.corrupt_packets += 1
+        consecutive_errors += 1
+        if consecutive_errors >= self.max_consecutive_errors:
+            raise SourceError(
+                f"video source {self.spec.display_name!r}: {consecutive_errors} corrupt packets "
+                f"in a row ({self.corrupt_packets} in total, {self.frames_decoded} frames "
+                f"decoded); giving up. Last error: {error}"
+            ) from error
+        return consecutive_errors
+
+    def _to_decoded(self, frame: av.VideoFrame) -> DecodedFrame:
+        image = np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
+        time_base = frame.time_base or self._opened_stream().time_base or Fraction(0, 1)
+        decoded = DecodedFrame(
+            image=image,
+            index=self.frames_decoded,
+            pts=frame.pts,
+            time_base=(time_base.numerator, time_base.denominator),
+            capture_time=time.time(),
+        )
+        self.frames_decoded += 1
+        return decoded
+
+
+def _check_file(path: str) -> None:
+    """Problems with a file that FFmpeg would only report as a bare errno."""
+    if not os.path.exists(path):
+        raise SourceError(f"cannot open video file {path!r}: it does not exist")
+    if os.path.isdir(path):
+        raise SourceError(f"cannot open video file {path!r}: it is a directory")
+    if os.path.getsize(path) == 0:
+        raise SourceError(f"cannot open video file {path!r}: the file is empty (0 bytes)")
+
+
+def _open_problem(spec: SourceSpec, error: Exception) -> str:
+    """A sentence saying why ``av.open`` failed, more useful than FFmpeg's errno text."""
+    if isinstance(error, av.InvalidDataError):
+        if spec.kind == "file" and _mp4_without_moov(spec.url):
+            return (
+                "MP4 'moov atom not found': the file is truncated or was never finalised "
+                "(its writer was stopped before closing it); re-record or re-copy it"
+            )
+        return f"not a video FFmpeg can read, or its header is corrupt ({error})"
+    if isinstance(error, av.error.FileNotFoundError):
+        return f"no such file or device ({error})"
+    if isinstance(error, av.error.PermissionError):
+        return f"permission denied ({error})"
+    return str(error)
+
+
+def _mp4_without_moov(path: str) -> bool:
+    """True when ``path`` starts like an MP4/MOV file but has no top-level 'moov' box.
+
+    That is the signature of a recording cut short: the sample tables ('moov') are written
+    last, so a truncated file has the media data but no index to it.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as file:
+            offset, first = 0, True
+            while offset + 8 <= size:
+                file.seek(offset)
+                box_size, box_type = struct.unpack(">I4s", file.read(8))
+                if first and box_type not in (b"ftyp", b"free", b"wide", b"mdat", b"skip"):
+                    return False  # not an ISO media file at all
+                first = False
+                if box_type == b"moov":
+                    return False
+                if box_size == 1:  # 64-bit size follows the type
+                    (box_size,) = struct.unpack(">Q", file.read(8))
+                elif box_size == 0:  # box runs to the end of the file
+                    break
+                if box_size < 8:
+                    break  # corrupt size; stop rather than loop
+                offset += box_size
+            return not first
+    except OSError:
+        return False
