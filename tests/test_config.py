@@ -1,0 +1,270 @@
+"""Run configuration: defaults, the shipped YAML, strict validation and --set overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import (
+    ConfigError,
+    EncoderConfig,
+    PromptConfig,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    validate_config,
+)
+
+OFFLINE_YAML = Path(__file__).parent.parent / "configs" / "offline.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_need_no_file() -> None:
+    assert load_config() == RunConfig()
+    assert load_config(None, []) == config_from_dict({})
+
+
+def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "# nothing set\n")) == RunConfig()
+
+
+def test_offline_yaml_is_the_defaults() -> None:
+    assert load_config(OFFLINE_YAML) == RunConfig()
+
+
+def test_offline_yaml_comments_every_key() -> None:
+    missing = [
+        f"{number}: {line}"
+        for number, line in enumerate(OFFLINE_YAML.read_text().splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#") and " # " not in line
+    ]
+    assert not missing, "keys without a comment:\n" + "\n".join(missing)
+
+
+def test_offline_yaml_lists_every_key() -> None:
+    # Written out in full so that it documents every key: compare key sets, not just values.
+    import yaml
+
+    data = yaml.safe_load(OFFLINE_YAML.read_text())
+    defaults = config_to_dict(RunConfig())
+    assert data.keys() == defaults.keys()
+    for section, values in defaults.items():
+        if isinstance(values, dict):
+            assert data[section].keys() == values.keys(), section
+
+
+def test_file_values_are_typed(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+decoder: {source: clip.mp4, max_frames: 10}
+encoder: {device: "cuda:1", dtype: bfloat16, image_size: 512, batch_size: 8}
+tracker:
+  min_score: 1        # an int where a float is expected is fine
+  prompts:
+    - box: [10, 20, 110, 220]
+    - points: [[5, 6], [7, 8]]
+      labels: [1, 0]
+      frame: 3
+publisher: {out: results, overlay: false}
+transport: {publish: "tcp://*:6000", frames: "inproc://frames"}
+""",
+    )
+    cfg = load_config(path)
+    assert cfg.decoder.max_frames == 10
+    assert cfg.encoder == EncoderConfig(
+        device="cuda:1", dtype="bfloat16", image_size=512, batch_size=8
+    )
+    assert cfg.tracker.min_score == 1.0 and isinstance(cfg.tracker.min_score, float)
+    assert cfg.tracker.prompts == (
+        PromptConfig(box=(10.0, 20.0, 110.0, 220.0)),
+        PromptConfig(points=((5.0, 6.0), (7.0, 8.0)), labels=(1, 0), frame=3),
+    )
+    assert cfg.publisher.out == "results" and cfg.publisher.overlay is False
+    assert cfg.transport.publish == "tcp://*:6000"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"encoders": {}}, "encoders"),
+        ({"encoder": {"batchsize": 2}}, "encoder.batchsize"),
+        ({"tracker": {"prompts": [{"box": [0, 0, 1, 1], "bbox": 1}]}}, "tracker.prompts[0].bbox"),
+    ],
+)
+def test_unknown_keys_are_rejected(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: unknown key \(valid keys: "):
+        config_from_dict(data)
+
+
+def test_unknown_key_error_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError, match="batch_size"):
+        config_from_dict({"encoder": {"batchsize": 2}})
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"encoder": {"batch_size": 1.5}}, "encoder.batch_size"),
+        ({"encoder": {"batch_size": "4"}}, "encoder.batch_size"),
+        ({"encoder": {"batch_size": True}}, "encoder.batch_size"),
+        ({"tracker": {"min_score": "high"}}, "tracker.min_score"),
+        ({"tracker": {"min_score": False}}, "tracker.min_score"),
+        ({"tracker": {"use_mask_prompt": 1}}, "tracker.use_mask_prompt"),
+        ({"tracker": {"use_mask_prompt": "yes"}}, "tracker.use_mask_prompt"),
+        ({"publisher": {"out": 3}}, "publisher.out"),
+        ({"decoder": {"max_frames": 2.0}}, "decoder.max_frames"),
+        ({"weights": None}, "weights"),
+        ({"encoder": [1, 2]}, "encoder"),
+        ({"tracker": {"prompts": {"box": [0, 0, 1, 1]}}}, "tracker.prompts"),
+        ({"tracker": {"prompts": [{"box": [0, 0, 1]}]}}, "tracker.prompts[0].box"),
+        ({"tracker": {"prompts": [{"box": [0, 0, "1", 1]}]}}, "tracker.prompts[0].box[2]"),
+        ({"tracker": {"prompts": [{"points": [[1, 2, 3]]}]}}, "tracker.prompts[0].points[0]"),
+    ],
+)
+def test_wrong_types_are_rejected(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^<config>: {re.escape(key)}: expected "):
+        config_from_dict(data)
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="top level: expected a mapping"):
+        load_config(write(tmp_path, "- encoder\n"))
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"encoder": {"dtype": "float64"}}, "encoder.dtype"),
+        ({"encoder": {"embedding_dtype": "int8"}}, "encoder.embedding_dtype"),
+        ({"encoder": {"image_size": 1000}}, "encoder.image_size"),
+        ({"encoder": {"image_size": 0}}, "encoder.image_size"),
+        ({"encoder": {"batch_size": 0}}, "encoder.batch_size"),
+        ({"encoder": {"device": "gpu"}}, "encoder.device"),
+        ({"tracker": {"min_score": 1.5}}, "tracker.min_score"),
+        ({"tracker": {"min_agreement": -0.1}}, "tracker.min_agreement"),
+        ({"tracker": {"min_agreement": float("nan")}}, "tracker.min_agreement"),
+        ({"tracker": {"max_coast_frames": -1}}, "tracker.max_coast_frames"),
+        ({"tracker": {"confirm_frames": 0}}, "tracker.confirm_frames"),
+        ({"publisher": {"status_interval_s": 0}}, "publisher.status_interval_s"),
+        ({"decoder": {"max_frames": 0}}, "decoder.max_frames"),
+        ({"transport": {"hwm": 0}}, "transport.hwm"),
+        ({"transport": {"frames": "udp://host:1"}}, "transport.frames"),
+        ({"transport": {"masks": "tcp://localhost"}}, "transport.masks"),
+        ({"transport": {"publish": "tcp://127.0.0.1:70000"}}, "transport.publish"),
+        ({"transport": {"publish": ""}}, "transport.publish"),
+        ({"tracker": {"prompts": [{"frame": 4}]}}, "tracker.prompts[0].box"),
+        ({"tracker": {"prompts": [{"box": [10, 10, 5, 20]}]}}, "tracker.prompts[0].box"),
+        ({"tracker": {"prompts": [{"box": [0, 0, float("inf"), 1]}]}}, "tracker.prompts[0].box"),
+        ({"tracker": {"prompts": [{"points": []}]}}, "tracker.prompts[0].points"),
+        (
+            {"tracker": {"prompts": [{"points": [[1, 2]], "labels": [1, 1]}]}},
+            "tracker.prompts[0].labels",
+        ),
+        (
+            {"tracker": {"prompts": [{"points": [[1, 2]], "labels": [2]}]}},
+            "tracker.prompts[0].labels",
+        ),
+        (
+            {"tracker": {"prompts": [{"box": [0, 0, 1, 1], "labels": [1]}]}},
+            "tracker.prompts[0].labels",
+        ),
+    ],
+)
+def test_bad_values_are_rejected(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^<config>: {re.escape(key)}: (must|a prompt|needs)"):
+        config_from_dict(data)
+
+
+def test_errors_name_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "encoder:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: encoder\.batch_size: must"):
+        load_config(path)
+
+
+def test_duplicate_yaml_keys_are_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, "encoder:\n  batch_size: 2\n  batch_size: 3\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}.*duplicate key 'batch_size'"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: config file not found"):
+        load_config(path)
+
+
+def test_yaml_syntax_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "encoder: {batch_size: 2\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: not valid YAML"):
+        load_config(path)
+
+
+def test_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "decoder: {max_frames: 5}\nencoder: {dtype: bfloat16}\n")
+    cfg = load_config(
+        path,
+        [
+            "encoder.batch_size=2",
+            "tracker.prompts=[{box: [1,2,30,40]}]",
+            "decoder.max_frames=null",
+            "publisher.png=false",
+            "decoder.stream_id=7",  # a str field takes the text, not the int 7
+            "transport={hwm: 16}",  # a whole section updates, keeping the other keys
+        ],
+    )
+    assert cfg.encoder.batch_size == 2 and cfg.encoder.dtype == "bfloat16"  # file value kept
+    assert cfg.tracker.prompts == (PromptConfig(box=(1.0, 2.0, 30.0, 40.0)),)
+    assert cfg.decoder.max_frames is None
+    assert cfg.publisher.png is False
+    assert cfg.decoder.stream_id == "7"
+    assert cfg.transport.hwm == 16 and cfg.transport.publish == RunConfig().transport.publish
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("encoder.batch_size", r"--set encoder\.batch_size: expected section\.key=value"),
+        ("=4", r"--set =4: expected section\.key=value"),
+        ("encoder.batchsize=2", r"encoder\.batchsize: unknown key \(valid keys: .*batch_size"),
+        ("encoders.batch_size=2", r"encoders: unknown key"),
+        ("encoder.batch_size.x=2", r"encoder\.batch_size\.x: unknown key"),
+        ("encoder.batch_size=2.5", r"encoder\.batch_size: expected an integer"),
+        ("encoder.batch_size=0", r"encoder\.batch_size: must be at least 1"),
+        ("encoder.batch_size=[1", r"encoder\.batch_size: value is not valid YAML"),
+        ("tracker.prompts=[{box: [1,2,3]}]", r"tracker\.prompts\[0\]\.box: expected"),
+    ],
+)
+def test_bad_overrides(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_dict_round_trip_through_json() -> None:
+    cfg = load_config(
+        overrides=[
+            "tracker.prompts=[{box: [1, 2, 30, 40]}, {points: [[3, 4]], labels: [0], frame: 2}]",
+            "publisher.out=out",
+            "encoder.device=cuda:0",
+        ]
+    )
+    data = json.loads(json.dumps(config_to_dict(cfg)))
+    assert data["tracker"]["prompts"][0]["box"] == [1.0, 2.0, 30.0, 40.0]
+    assert config_from_dict(data) == cfg
+    assert config_to_dict(config_from_dict(data)) == data
+
+
+def test_validate_config_checks_replaced_values() -> None:
+    cfg = dataclasses.replace(RunConfig(), encoder=EncoderConfig(image_size=100))
+    with pytest.raises(ConfigError, match=r"encoder\.image_size: must be a positive multiple"):
+        validate_config(cfg)
