@@ -1,0 +1,1 @@
+"""The four node kinds of a samstream graph: decoder, encoder, tracker, publisher."""

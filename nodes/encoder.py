@@ -1,0 +1,90 @@
+"""Encoder node: MobileSAM's image encoder, batching frames that are already waiting."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from pipeline.config import EncoderConfig
+from pipeline.messages import EmbeddingMessage, FrameMessage, Message
+from pipeline.predictor import SAM
+from pipeline.runtime import Node
+
+
+def embedding_to_wire(embedding: torch.Tensor, wire_dtype: str) -> np.ndarray:
+    """CxHxW float tensor -> numpy in the wire dtype (bfloat16 as its uint16 bit patterns)."""
+    if wire_dtype == "float16":
+        return embedding.to(torch.float16).cpu().numpy()
+    if wire_dtype == "bfloat16":
+        return embedding.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return embedding.to(torch.float32).cpu().numpy()
+
+
+def embedding_from_wire(array: np.ndarray, wire_dtype: str) -> torch.Tensor:
+    """Inverse of embedding_to_wire -> float32 tensor (shares no memory with the message)."""
+    if wire_dtype == "bfloat16":
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16).float()
+    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
+class EncoderNode(Node):
+    """FrameMessage -> EmbeddingMessage. Up to `batch_size` waiting frames go in one batch."""
+
+    name = "encoder"
+
+    def __init__(self, config: EncoderConfig, *, weights: str, carry_images: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.weights = weights
+        # The frame travels on only when a later node draws on it (the overlay video).
+        self.carry_images = carry_images
+        self.max_batch = config.batch_size
+        self.sam: SAM | None = None
+
+    def setup(self) -> None:
+        self.sam = SAM(
+            self.weights,
+            device=self.config.device,
+            dtype=self.config.dtype,
+            image_size=self.config.image_size,
+        )
+
+    def process_batch(self, msgs: list[Message]) -> list[Message]:
+        out: list[Message] = []
+        # Frames of one stream share a size; a size change (rare) starts a new batch.
+        group: list[FrameMessage] = []
+        for msg in msgs:
+            if not isinstance(msg, FrameMessage):
+                self.count("unexpected_messages")
+                continue
+            if group and msg.image.shape != group[0].image.shape:
+                out.extend(self._encode(group))
+                group = []
+            group.append(msg)
+        if group:
+            out.extend(self._encode(group))
+        return out
+
+    def _encode(self, frames: list[FrameMessage]) -> list[Message]:
+        if self.sam is None:
+            raise RuntimeError("EncoderNode.setup() must run before process()")
+        start = time.perf_counter()
+        embeddings, input_size = self.sam.encode_batch([f.image for f in frames])
+        wire = embedding_to_wire(embeddings, self.config.embedding_dtype)
+        per_frame_ms = (time.perf_counter() - start) * 1000 / len(frames)
+        self.count("frames", len(frames))
+        self.count("batches")
+        return [
+            EmbeddingMessage(
+                meta=f.meta,
+                embedding=wire[i],
+                embedding_dtype=self.config.embedding_dtype,
+                original_size=(f.image.shape[0], f.image.shape[1]),
+                input_size=input_size,
+                image=f.image if self.carry_images else None,
+                timings={"encoder": per_frame_ms},
+            )
+            for i, f in enumerate(frames)
+        ]

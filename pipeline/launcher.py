@@ -1,0 +1,307 @@
+"""Starting, wiring and supervising the four nodes of a run, and the summary at its end.
+
+`run_pipeline` starts every node as its own process (`samstream node NAME --config FILE`),
+or as threads of this process over inproc:// (tests, small machines), then watches the
+status messages every node sends: a node that fails or dies ends the run loudly, a signal
+ends it cleanly within seconds, and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+from tqdm import tqdm
+
+from pipeline.config import RunConfig, config_to_dict
+from pipeline.messages import StatusMessage
+from pipeline.runtime import Node, NodeEndpoints, NodeRunner, Shutdown
+from pipeline.transport import MessageReceiver, SocketOptions, open_socket
+
+NODE_NAMES = ("decoder", "encoder", "tracker", "publisher")
+STOP_GRACE_S = 2.0
+
+
+class RunFailed(RuntimeError):
+    """A node failed or died; the message names it and says why."""
+
+
+def resolve_endpoints(config: RunConfig, run_dir: Path, *, in_process: bool) -> RunConfig:
+    """Fill every endpoint left empty: ipc:// files in the run directory, or inproc://."""
+    tag = uuid.uuid4().hex[:8]
+    updates = {}
+    for name in ("frames", "embeddings", "masks", "control", "status"):
+        if not getattr(config.transport, name):
+            updates[name] = (
+                f"inproc://samstream-{tag}-{name}" if in_process else f"ipc://{run_dir / name}"
+            )
+    return dataclasses.replace(config, transport=dataclasses.replace(config.transport, **updates))
+
+
+def node_endpoints(name: str, config: RunConfig) -> NodeEndpoints:
+    t = config.transport
+    status = t.status or None
+    return {
+        "decoder": NodeEndpoints(output=t.frames, status=status),
+        "encoder": NodeEndpoints(input=t.frames, output=t.embeddings, status=status),
+        "tracker": NodeEndpoints(
+            input=t.embeddings, output=t.masks, control=t.control, status=status
+        ),
+        "publisher": NodeEndpoints(input=t.masks, publish=t.publish, status=status),
+    }[name]
+
+
+def build_node(name: str, config: RunConfig) -> Node:
+    """The node object; nothing heavy happens until its setup() runs."""
+    if name == "decoder":
+        from nodes.decoder import DecoderNode
+
+        return DecoderNode(config.decoder)
+    if name == "encoder":
+        from nodes.encoder import EncoderNode
+
+        overlay = bool(config.publisher.out) and config.publisher.overlay
+        return EncoderNode(config.encoder, weights=config.weights, carry_images=overlay)
+    if name == "tracker":
+        from nodes.tracker import TrackerNode
+
+        return TrackerNode(
+            config.tracker, weights=config.weights, image_size=config.encoder.image_size
+        )
+    if name == "publisher":
+        from nodes.publisher import PublisherNode
+
+        return PublisherNode(config.publisher)
+    raise ValueError(f"unknown node {name!r}: one of {', '.join(NODE_NAMES)}")
+
+
+def node_runner(
+    name: str,
+    config: RunConfig,
+    *,
+    context: zmq.Context | None = None,
+    stop: threading.Event | None = None,
+) -> NodeRunner:
+    return NodeRunner(
+        build_node(name, config),
+        node_endpoints(name, config),
+        context=context,
+        hwm=config.transport.hwm,
+        max_message_bytes=config.transport.max_message_bytes,
+        status_interval_s=config.publisher.status_interval_s,
+        stop=stop,
+    )
+
+
+@dataclass
+class RunSummary:
+    """What a run did: frame counts, throughput and per-stage milliseconds."""
+
+    frames_in: int
+    frames_out: int
+    wall_s: float
+    stages: dict[str, dict[str, Any]]
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> float:
+        return self.frames_out / self.wall_s if self.wall_s > 0 else 0.0
+
+    def format(self) -> str:
+        lines = [
+            f"frames in {self.frames_in}, out {self.frames_out}, {self.wall_s:.1f} s, "
+            f"{self.fps:.2f} frames/s",
+            f"{'stage':<10} {'messages':>8} {'median ms':>10} {'p95 ms':>8}",
+        ]
+        for name in NODE_NAMES:
+            s = self.stages.get(name, {})
+            if s.get("messages"):
+                lines.append(
+                    f"{name:<10} {s['messages']:>8} {s['ms_median']:>10.1f} {s['ms_p95']:>8.1f}"
+                )
+        lines.extend(f"{kind}: {path}" for kind, path in sorted(self.outputs.items()))
+        return "\n".join(lines)
+
+
+class _ProcessWorker:
+    def __init__(self, name: str, config_path: Path, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "node", name, "--config", str(config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def exit_code(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def describe_exit(self) -> str:
+        code = self.proc.poll()
+        if code is not None and code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit code {code}"
+
+    def log_tail(self, lines: int = 8) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace").strip().splitlines()
+        return "\n".join(text[-lines:])
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class _ThreadWorker:
+    def __init__(self, runner: NodeRunner) -> None:
+        self.name = runner.node.name
+        self.runner = runner
+        self.code: int | None = None
+        self.thread = threading.Thread(target=self._run, name=f"samstream-{self.name}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.code = self.runner.run()
+
+    def exit_code(self) -> int | None:
+        return None if self.thread.is_alive() else self.code
+
+    def stop(self) -> None:
+        self.runner.stop.set()
+
+    def kill(self) -> None:
+        self.runner.stop.set()
+        self.thread.join(timeout=STOP_GRACE_S * 2)
+
+    def describe_exit(self) -> str:
+        return f"exit code {self.code}"
+
+    def log_tail(self, lines: int = 8) -> str:
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+def run_pipeline(
+    config: RunConfig, *, in_process: bool = False, progress: bool = False
+) -> RunSummary:
+    """Run the graph to the end of its stream. Raises RunFailed when a node fails."""
+    run_dir = Path(tempfile.mkdtemp(prefix="samstream-"))
+    config = resolve_endpoints(config, run_dir, in_process=in_process)
+    context = zmq.Context() if in_process else zmq.Context.instance()
+    status_sock = open_socket(
+        context, zmq.PULL, config.transport.status, bind=True,
+        options=SocketOptions(linger_ms=0, sndhwm=1000, rcvhwm=1000),
+    )
+    statuses = MessageReceiver(status_sock)
+    workers: list[Any] = []
+    last: dict[str, StatusMessage] = {}
+    start = time.monotonic()
+    bar = None
+    try:
+        if in_process:
+            for name in reversed(NODE_NAMES):  # consumers first: their inputs are bound
+                workers.append(_ThreadWorker(node_runner(name, config, context=context,
+                                                         stop=threading.Event())))
+        else:
+            config_path = run_dir / "config.json"
+            config_path.write_text(json.dumps(config_to_dict(config)))
+            for name in NODE_NAMES:
+                workers.append(_ProcessWorker(name, config_path, run_dir / f"{name}.log"))
+        print(f"samstream: masks on {config.transport.publish}; prompts: samstream prompt "
+              f"list --endpoint {config.transport.control}", file=sys.stderr)
+        while True:
+            msg = statuses.recv(100)
+            while msg is not None:
+                if isinstance(msg, StatusMessage):
+                    last[msg.node] = msg
+                    if msg.state == "failed":
+                        raise RunFailed(f"node {msg.node} failed: {msg.detail.get('error')}")
+                msg = statuses.recv(0)
+            if progress:
+                bar = _update_progress(bar, last)
+            codes = {w.name: w.exit_code() for w in workers}
+            for w in workers:
+                code = codes[w.name]
+                state = last.get(w.name).state if w.name in last else "never reported"
+                if code is not None and (code != 0 or state not in ("done", "stopped")):
+                    tail = w.log_tail()
+                    raise RunFailed(
+                        f"node {w.name} died ({w.describe_exit()}, last state: {state})"
+                        + (f"\n{tail}" if tail else "")
+                    )
+            if all(code == 0 for code in codes.values()):
+                break
+    except (RunFailed, Shutdown, KeyboardInterrupt):
+        _stop_all(workers)
+        raise
+    finally:
+        _stop_all(workers)
+        for w in workers:
+            w.close()
+        if bar is not None:
+            bar.close()
+        status_sock.close(linger=0)
+        if in_process:
+            context.term()
+        _remove_run_dir(run_dir)
+    stages = {name: msg.detail.get("stats", {}) for name, msg in last.items()}
+    decoder, publisher = last.get("decoder"), last.get("publisher")
+    return RunSummary(
+        frames_in=decoder.counters.get("frames", 0) if decoder else 0,
+        frames_out=publisher.counters.get("frames", 0) if publisher else 0,
+        wall_s=time.monotonic() - start,
+        stages=stages,
+        outputs=publisher.detail.get("outputs", {}) if publisher else {},
+    )
+
+
+def _update_progress(bar: tqdm | None, last: dict[str, StatusMessage]) -> tqdm | None:
+    decoder, publisher = last.get("decoder"), last.get("publisher")
+    if bar is None and decoder is not None:
+        bar = tqdm(total=decoder.detail.get("frame_count_hint"), unit="frame",
+                   desc="samstream", file=sys.stderr)
+    if bar is not None and publisher is not None:
+        done = publisher.counters.get("frames", 0)
+        bar.update(done - bar.n)
+    return bar
+
+
+def _stop_all(workers: list[Any]) -> None:
+    """SIGTERM everyone, wait up to STOP_GRACE_S, then kill: nothing outlives the run."""
+    for w in workers:
+        w.stop()
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline and any(w.exit_code() is None for w in workers):
+        time.sleep(0.02)
+    for w in workers:
+        w.kill()
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    for path in run_dir.iterdir():
+        path.unlink(missing_ok=True)
+    os.rmdir(run_dir)

@@ -1,0 +1,338 @@
+"""The node runtime: sockets, the loop, status heartbeats and clean shutdown, for every node.
+
+A node is a class with declared ports and per-message methods that never touch a socket:
+
+- a *source* (the decoder) implements `produce()`, yielding messages;
+- every other node implements `process(msg) -> list[Message]` (or `process_batch` when it
+  gains from several waiting messages), `finish(end) -> list[Message]` at end of stream,
+  and, if it takes prompt commands, `handle_command(cmd) -> PromptReply`.
+
+`run_node` owns the rest. Between nodes: PUSH -> PULL (lossless: a full queue blocks the
+sender, nothing is dropped). Each node binds its input and connects its output, so nodes can
+start in any order. Every node PUSHes status messages to the launcher's status endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import zmq
+
+from pipeline.messages import (
+    EndOfStream,
+    Message,
+    MessageError,
+    PromptCommand,
+    PromptReply,
+    StatusMessage,
+    encode,
+)
+from pipeline.transport import MessageReceiver, SocketOptions, open_socket, send_message
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100  # how often a blocked loop looks at the stop flag
+# After a clean end every queued output message must reach the next node, however late that
+# node started (a decoder can finish a short clip before the encoder has imported torch):
+# linger forever. A node that never comes is the launcher's business: it stops the run.
+FLUSH_LINGER_MS = -1
+
+
+class Shutdown(Exception):
+    """Raised inside a node's process by SIGTERM/SIGINT: stop now, even mid-computation."""
+
+
+class Node:
+    """Base class. Subclasses set `name`, declare `has_input`/`has_output`, and implement
+    `produce` (sources) or `process` (the rest). Heavy set-up (models) goes in `setup`,
+    which runs in the node's own process, never at import or construction."""
+
+    name: ClassVar[str] = "node"
+    has_input: ClassVar[bool] = True
+    has_output: ClassVar[bool] = True
+    max_batch: int = 1
+
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = {}
+        self.detail: dict[str, Any] = {}
+        self.durations_ms: list[float] = []
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def setup(self) -> None:
+        """Load models, open files: runs once in the node's process before the loop."""
+
+    def produce(self) -> Iterator[Message]:
+        raise NotImplementedError(f"{self.name} is not a source")
+
+    def process(self, msg: Message) -> list[Message]:
+        raise NotImplementedError(f"{self.name} does not process messages")
+
+    def process_batch(self, msgs: list[Message]) -> list[Message]:
+        out: list[Message] = []
+        for msg in msgs:
+            out.extend(self.process(msg))
+        return out
+
+    def finish(self, end: EndOfStream) -> list[Message]:
+        """End of stream: flush and pass the end marker on."""
+        return [end]
+
+    def abort(self) -> None:
+        """Stopped or failed: drop partial work (no half-written outputs)."""
+
+    def handle_command(self, command: PromptCommand) -> PromptReply:
+        return PromptReply(ok=False, error=f"{self.name} takes no commands", track_id=None,
+                           tracks=())
+
+    def stats(self) -> dict[str, Any]:
+        """Per-message milliseconds: count, median, p95."""
+        d = self.durations_ms
+        if not d:
+            return {"messages": 0}
+        ordered = sorted(d)
+        p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+        return {"messages": len(d), "ms_median": statistics.median(d), "ms_p95": p95}
+
+
+@dataclass(frozen=True)
+class NodeEndpoints:
+    """Where one node's sockets go. input: bound PULL; output: connected PUSH; publish: bound
+    PUB for consumers (drops at its high-water mark, never blocks; status goes there too);
+    status: connected PUSH to the launcher; control: bound REP for prompt commands."""
+
+    input: str | None = None
+    output: str | None = None
+    publish: str | None = None
+    status: str | None = None
+    control: str | None = None
+
+
+@dataclass
+class _Sockets:
+    input: MessageReceiver | None = None
+    output: zmq.Socket | None = None
+    publish: zmq.Socket | None = None
+    status: zmq.Socket | None = None
+    control: zmq.Socket | None = None
+    all: list[zmq.Socket] = field(default_factory=list)
+
+
+def _open(
+    ctx: zmq.Context, endpoints: NodeEndpoints, hwm: int, max_message_bytes: int
+) -> _Sockets:
+    opts = SocketOptions(linger_ms=0, sndhwm=hwm, rcvhwm=hwm, maxmsgsize=max_message_bytes)
+    s = _Sockets()
+    if endpoints.input:
+        sock = open_socket(ctx, zmq.PULL, endpoints.input, bind=True, options=opts)
+        s.input = MessageReceiver(sock)
+        s.all.append(sock)
+    if endpoints.output:
+        s.output = open_socket(ctx, zmq.PUSH, endpoints.output, bind=False, options=opts)
+        s.all.append(s.output)
+    if endpoints.publish:
+        # Bounded memory per subscriber: a slow consumer loses messages (it sees the gap in
+        # sequence numbers), it never slows the pipeline or grows the publisher.
+        pub_opts = SocketOptions(linger_ms=0, sndhwm=max(hwm, 64), rcvhwm=1)
+        s.publish = open_socket(ctx, zmq.PUB, endpoints.publish, bind=True, options=pub_opts)
+        s.all.append(s.publish)
+    if endpoints.status:
+        # Status must never block a node: drop when the launcher is slow or gone.
+        status_opts = SocketOptions(linger_ms=0, sndhwm=1000, rcvhwm=1000)
+        s.status = open_socket(ctx, zmq.PUSH, endpoints.status, bind=False, options=status_opts)
+        s.all.append(s.status)
+    if endpoints.control:
+        s.control = open_socket(ctx, zmq.REP, endpoints.control, bind=True,
+                                options=SocketOptions(linger_ms=0, sndhwm=100, rcvhwm=100,
+                                                      maxmsgsize=1 << 20))
+        s.all.append(s.control)
+    return s
+
+
+class NodeRunner:
+    """Runs one node until its stream ends, it fails, or `stop` is set."""
+
+    def __init__(
+        self,
+        node: Node,
+        endpoints: NodeEndpoints,
+        *,
+        context: zmq.Context | None = None,
+        hwm: int = 8,
+        max_message_bytes: int = -1,
+        status_interval_s: float = 1.0,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.node = node
+        self.endpoints = endpoints
+        self.context = context or zmq.Context.instance()
+        self.hwm = hwm
+        self.max_message_bytes = max_message_bytes
+        self.status_interval_s = status_interval_s
+        self.stop = stop or threading.Event()
+        self._last_status = 0.0
+        self._sockets = _Sockets()
+
+    # -- status ---------------------------------------------------------------------------
+    def send_status(self, state: str, **detail: Any) -> None:
+        if self._sockets.status is None and self._sockets.publish is None:
+            return
+        self.node.detail.update(detail)
+        msg = StatusMessage(
+            node=self.node.name,
+            state=state,
+            time=time.time(),
+            counters=dict(self.node.counters),
+            detail={**self.node.detail, "stats": self.node.stats()},
+        )
+        for sock in (self._sockets.status, self._sockets.publish):
+            if sock is None:
+                continue
+            try:
+                send_message(sock, msg, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a slow reader; the next heartbeat carries the same figures
+        self._last_status = time.monotonic()
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self._last_status >= self.status_interval_s:
+            self.send_status("running")
+
+    # -- sending with back-pressure that still notices a stop -----------------------------
+    def _send(self, msg: Message) -> None:
+        if self._sockets.publish is not None:
+            try:
+                send_message(self._sockets.publish, msg, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.node.count("publish_dropped")
+        out = self._sockets.output
+        if out is None:
+            return
+        frames = None
+        while True:
+            if self.stop.is_set():
+                raise Shutdown
+            try:
+                if frames is None:
+                    frames = encode(msg)
+                out.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                # Lossless: the next node is busy; wait for room, heartbeating meanwhile.
+                out.poll(POLL_MS, zmq.POLLOUT)
+                self._heartbeat()
+
+    def _timed(self, fn: Any, *args: Any) -> list[Message]:
+        start = time.perf_counter()
+        result = fn(*args)
+        self.node.durations_ms.append((time.perf_counter() - start) * 1000)
+        return result
+
+    # -- the loops ------------------------------------------------------------------------
+    def _run_source(self) -> None:
+        for msg in self.node.produce():
+            self._send(msg)
+            self._heartbeat()
+            if self.stop.is_set():
+                raise Shutdown
+
+    def _serve_command(self) -> None:
+        ctl = self._sockets.control
+        raw = ctl.recv()
+        try:
+            reply = self.node.handle_command(PromptCommand.from_json(raw))
+        except MessageError as err:
+            self.node.count("bad_commands")
+            reply = PromptReply(ok=False, error=str(err), track_id=None, tracks=())
+        ctl.send(reply.to_json())
+
+    def _run_consumer(self) -> None:
+        poller = zmq.Poller()
+        receiver = self._sockets.input
+        poller.register(receiver.socket, zmq.POLLIN)
+        if self._sockets.control is not None:
+            poller.register(self._sockets.control, zmq.POLLIN)
+        while not self.stop.is_set():
+            ready = dict(poller.poll(POLL_MS))
+            self.node.counters["rejected_messages"] = receiver.rejected
+            if self._sockets.control is not None and ready.get(self._sockets.control):
+                self._serve_command()
+            if not ready.get(receiver.socket):
+                self._heartbeat()
+                continue
+            batch: list[Message] = []
+            end: EndOfStream | None = None
+            while len(batch) < self.node.max_batch:
+                msg = receiver.recv(0)
+                if msg is None:
+                    break
+                if isinstance(msg, EndOfStream):
+                    end = msg
+                    break
+                if isinstance(msg, StatusMessage):
+                    continue
+                batch.append(msg)
+            if batch:
+                for out in self._timed(self.node.process_batch, batch):
+                    self._send(out)
+            if end is not None:
+                for out in self.node.finish(end):
+                    self._send(out)
+                return
+            self._heartbeat()
+        raise Shutdown
+
+    def run(self) -> int:
+        """0 after a complete stream; 1 after a failure (reported in a status message)."""
+        clean = False
+        try:
+            self._sockets = _open(self.context, self.endpoints, self.hwm, self.max_message_bytes)
+            self.send_status("starting")
+            self.node.setup()
+            self.send_status("running")
+            if self.node.has_input:
+                self._run_consumer()
+            else:
+                self._run_source()
+            clean = True
+            self.send_status("done")
+            return 0
+        except Shutdown:
+            log.info("%s: stopping", self.node.name)
+            self.node.abort()
+            self.send_status("stopped")
+            return 0
+        except Exception as err:
+            log.exception("%s failed", self.node.name)
+            self.node.abort()
+            self.send_status("failed", error=f"{type(err).__name__}: {err}")
+            return 1
+        finally:
+            for sock in self._sockets.all:
+                # After a clean end the queued output must reach the next node; otherwise go.
+                linger = FLUSH_LINGER_MS if clean and sock is self._sockets.output else 0
+                if sock is self._sockets.status or sock is self._sockets.publish:
+                    linger = 1000 if clean else 200
+                sock.close(linger=linger)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM/SIGINT raise Shutdown in the main thread: a node stops within milliseconds,
+    even in the middle of an encode, instead of finishing a multi-second computation."""
+
+    def _handler(signum: int, frame: Any) -> None:
+        # Once is enough: a second signal must not interrupt the clean-up.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Shutdown(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
