@@ -193,6 +193,27 @@ def _prompt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="timings of every stage beside the official code's")
+    p.add_argument("--weights", default="mobile_sam.pt", help="mobile_sam.pt path")
+    p.add_argument("--source", default=None, help="video (default: a 1280x720 FFmpeg test source)")
+    p.add_argument("--frames", type=int, default=20, help="frames to run end to end")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--image-size", type=int, default=1024)
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import DEFAULT_SOURCE, format_results, run_bench
+
+    results = run_bench(weights=args.weights, source=args.source or DEFAULT_SOURCE,
+                        frames=args.frames, device=args.device, dtype=args.dtype,
+                        image_size=args.image_size)
+    print(format_results(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="samstream", description="Streaming video segmentation with MobileSAM."
@@ -203,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_node(sub)
     _add_prompt(sub)
+    _add_bench(sub)
     return parser
 
 

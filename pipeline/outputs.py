@@ -416,12 +416,14 @@ class MaskWriter:
         os.close(fd)  # FFmpeg opens the path itself
         self._overlay_temp = temp
         # The mp4 muxer would otherwise pick its own timescale (e.g. 1/12800 for 1/25) and
-        # rescale every pts; with the input's denominator the timestamps survive exactly.
+        # rescale every pts; a multiple of the input's denominator keeps timestamps exact. It
+        # must not be coarse: at 1/10 s the muxer's edit list cuts the last frame away.
+        timescale = time_base.denominator * -(-1000 // time_base.denominator)
         container = av.open(
             str(temp),
             mode="w",
             format="mp4",
-            container_options={"video_track_timescale": str(time_base.denominator)},
+            container_options={"video_track_timescale": str(timescale)},
         )
         stream = container.add_stream("libx264", options={"preset": "veryfast"})
         stream.width, stream.height = width + width % 2, height + height % 2

@@ -1,0 +1,248 @@
+"""The whole graph through `samstream run`: real processes, sockets, encoded video, files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from media import make_clip
+from PIL import Image
+
+from pipeline.client import MaskSubscriber
+from pipeline.config import load_config
+from pipeline.control import send_prompt
+from pipeline.launcher import run_pipeline
+from pipeline.messages import PromptCommand
+from pipeline.outputs import decode_rle
+
+VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
+FAST = ["--image-size", "256"]  # the full graph, at a size a 2-core CI machine runs quickly
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def input_pts(path: Path, limit: int | None = None) -> list[int | None]:
+    with av.open(str(path)) as container:
+        pts = [frame.pts for frame in container.decode(video=0)]
+    return pts[:limit] if limit else pts
+
+
+def input_seconds(path: Path, limit: int | None = None) -> list[float]:
+    with av.open(str(path)) as container:
+        times = [float(f.pts * f.time_base) for f in container.decode(video=0)]
+    return times[:limit] if limit else times
+
+
+def collect(sub: MaskSubscriber, sink: list) -> threading.Thread:
+    def run() -> None:
+        try:
+            sink.extend(sub)
+        except TimeoutError:
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def samstream(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def check_outputs(out: Path, pts: list[int | None], seconds: list[float]) -> list[dict]:
+    """Every frame accounted for in every output, each consistent with the others."""
+    lines = [json.loads(line) for line in (out / "masks.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in lines] == list(range(len(pts)))
+    assert [r["seq"] for r in lines] == list(range(len(pts)))
+    assert [r["pts"] for r in lines] == pts
+    pngs = sorted((out / "masks").glob("*.png"))
+    assert len(pngs) == len(pts)
+    for record, png in zip(lines, pngs, strict=True):
+        ids = np.asarray(Image.open(png))
+        assert Image.open(png).mode == "P"
+        for track in record["tracks"]:
+            # Later tracks paint over earlier ones; with one object the RLE is the PNG exactly.
+            if len(record["tracks"]) == 1:
+                assert np.array_equal(decode_rle(track["rle"]), ids == track["id"])
+    with av.open(str(out / "overlay.mp4")) as container:
+        overlay_times = [float(f.pts * f.time_base) for f in container.decode(video=0)]
+    assert overlay_times == pytest.approx(seconds, abs=1e-6)  # same frames, same timestamps
+    assert (out / "tracks.txt").exists()
+    return lines
+
+
+@pytest.mark.slow
+def test_run_on_encoded_clip(checkpoint: Path, tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", frames=20, size=(160, 120), fps=10)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    received: list = []
+    with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
+        thread = collect(sub, received)
+        proc = samstream("run", "configs/offline.yaml", "--source", str(clip),
+                         "--box", "10", "40", "50", "80", "--weights", str(checkpoint),
+                         "--out", str(tmp_path / "out"), *FAST,
+                         "--set", f"transport.publish={json.dumps(endpoint)}")
+        thread.join(timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "frames in 20, out 20" in proc.stdout
+    check_outputs(tmp_path / "out", input_pts(clip), input_seconds(clip))
+    assert [f.seq for f in received] == list(range(20)), "the subscriber saw every frame"
+    assert all(f.gap == 0 for f in received)
+    assert all(f.tracks and f.tracks[0].track_id == 1 for f in received[:1])
+    assert sub.last_end is not None and sub.last_end.frames == 20
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not VTEST.exists(), reason="opencv-doc's vtest.avi is not installed")
+def test_run_on_real_sample_video(checkpoint: Path, tmp_path: Path) -> None:
+    proc = samstream("run", "--source", str(VTEST), "--box", "300", "150", "360", "300",
+                     "--point", "500", "200", "--weights", str(checkpoint),
+                     "--out", str(tmp_path / "out"), "--max-frames", "12", *FAST,
+                     "--set", f'transport.publish="tcp://127.0.0.1:{free_port()}"')
+    assert proc.returncode == 0, proc.stderr
+    lines = check_outputs(tmp_path / "out", input_pts(VTEST, 12), input_seconds(VTEST, 12))
+    assert {t["id"] for t in lines[0]["tracks"]} == {1, 2}
+
+
+def test_bad_source_fails_fast_and_clearly(checkpoint: Path, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00garbage" * 100)
+    start = time.monotonic()
+    proc = samstream("run", "--source", str(junk), "--box", "1", "1", "9", "9",
+                     "--weights", str(checkpoint), "--out", str(tmp_path / "out"), *FAST,
+                     "--set", f'transport.publish="tcp://127.0.0.1:{free_port()}"')
+    assert proc.returncode != 0
+    assert "node decoder failed" in proc.stderr and "junk.mp4" in proc.stderr
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "out" / "masks.jsonl").exists()
+
+
+def test_bad_config_key_is_named(tmp_path: Path) -> None:
+    proc = samstream("run", "--source", "x.mp4", "--set", "encoder.batchsize=2")
+    assert proc.returncode == 2
+    assert "encoder.batchsize" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_long_run(checkpoint: Path, endpoint: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--source",
+         "lavfi:testsrc2=size=160x120:rate=10", "--box", "10", "10", "80", "80",
+         "--weights", str(checkpoint), *FAST, "--set", f"transport.publish={json.dumps(endpoint)}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_node_within_2s(checkpoint: Path) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
+        proc = _start_long_run(checkpoint, endpoint)
+        try:
+            assert sub.recv(120_000) is not None  # masks are flowing
+            children = _children(proc.pid)
+            assert len(children) == 4
+            proc.send_signal(signal.SIGTERM)
+            start = time.monotonic()
+            proc.wait(timeout=10)
+            elapsed = time.monotonic() - start
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert elapsed < 3.0, f"launcher took {elapsed:.1f} s to stop"
+    assert not [pid for pid in children if _alive(pid)], "orphaned node processes"
+
+
+@pytest.mark.slow
+def test_a_node_that_dies_fails_the_run_loudly(checkpoint: Path) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
+        proc = _start_long_run(checkpoint, endpoint)
+        try:
+            assert sub.recv(120_000) is not None
+            children = _children(proc.pid)
+            encoder = next(pid for pid in children
+                           if b"encoder" in Path(f"/proc/{pid}/cmdline").read_bytes())
+            os.kill(encoder, signal.SIGKILL)
+            _, stderr = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode != 0
+    assert "node encoder died (killed by SIGKILL" in stderr
+    assert not [pid for pid in children if _alive(pid)]
+
+
+def test_in_process_run_takes_prompts_at_run_time(checkpoint: Path, tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", frames=40, size=(160, 120), fps=10)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    control = f"tcp://127.0.0.1:{free_port()}"
+    config = load_config(None, [
+        f"decoder.source={json.dumps(str(clip))}", f"weights={json.dumps(str(checkpoint))}",
+        "encoder.image_size=256", "encoder.batch_size=1", "transport.hwm=1",
+        "tracker.prompts=[{box: [10, 40, 50, 80]}]",
+        f"transport.publish={json.dumps(endpoint)}", f"transport.control={json.dumps(control)}",
+    ])
+    received: list = []
+    replies: dict = {}
+    with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
+        def prompt_when_running() -> None:
+            first = sub.recv(120_000)
+            received.append(first)
+            replies["bad"] = send_prompt(control, PromptCommand(op="update", track_id=7,
+                                                                box=(1, 1, 5, 5)))
+            replies["add"] = send_prompt(control, PromptCommand(op="add", box=(90, 20, 150, 90)))
+            replies["list"] = send_prompt(control, PromptCommand(op="list"))
+            received.extend(sub)
+
+        thread = threading.Thread(target=prompt_when_running, daemon=True)
+        thread.start()
+        summary = run_pipeline(config, in_process=True)
+        thread.join(timeout=30)
+    assert summary.frames_in == summary.frames_out == 40
+    assert not replies["bad"].ok and "7" in replies["bad"].error
+    assert replies["add"].ok and replies["add"].track_id == 2
+    assert {t["id"] for t in replies["list"].tracks} == {1, 2}
+    seqs = [f.seq for f in received]
+    assert seqs == list(range(40))
+    with_two = [f.seq for f in received if {t.track_id for t in f.tracks} >= {1, 2}]
+    assert with_two, "the added object never appeared"
+    # From its first frame on, every later frame carries it (until it is lost).
+    first = with_two[0]
+    assert all(2 in {t.track_id for t in f.tracks} or f.tracks == () or
+               any(t.state == "lost" for t in f.tracks) for f in received[first:first + 3])
