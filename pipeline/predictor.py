@@ -148,7 +148,10 @@ class SAM:
         if any(img.shape != shape for img in images):
             raise ValueError("encode_batch needs images of one size (frames of one stream)")
         resized = np.stack([resize_longest_side(img, self.image_size) for img in images])
-        batch = torch.from_numpy(resized).to(self.device, non_blocking=True)
+        batch = torch.from_numpy(resized)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()  # lets the copy below overlap with queued GPU work
+        batch = batch.to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2)
         with self._autocast():
             embeddings = self.model.encode(batch)
