@@ -522,7 +522,8 @@ class PromptTracker:
         for out in rejected:
             self._drop(out.track_id)
         for row, slot in enumerate(slots):
-            assert decoded is not None  # slots is non-empty here
+            if decoded is None:  # cannot happen: slots is non-empty here
+                raise RuntimeError("prompt tracker invariant broken: decoded is None")
             outputs.append(
                 self._commit(
                     slot,
@@ -563,13 +564,15 @@ class PromptTracker:
         self, slot: _Slot, mask: np.ndarray, score: float, logits: np.ndarray, frame_index: int
     ) -> TrackOutput:
         settings, size = self._settings, self._frame_size
-        assert size is not None  # checked by step()
+        if size is None:  # cannot happen: checked by step()
+            raise RuntimeError("prompt tracker invariant broken: size is None")
         measured = mask_box(mask)
         track = slot.track
         if track is None:
             start = slot.box if slot.box is not None else measured
             if start is None:  # points-only prompt and nothing segmented: nothing to follow
-                assert slot.prompt is not None
+                if slot.prompt is None:  # cannot happen: invariant
+                    raise RuntimeError("prompt tracker invariant broken: slot.prompt is None")
                 self._pending.pop(slot.track_id, None)
                 return self._lost_output(slot.track_id, _points_box(slot.prompt), 0.0, 1, score)
             track = Track(slot.track_id, start, settings=settings)
@@ -588,7 +591,8 @@ class PromptTracker:
         )
         track.last_score = score
         if trusted:
-            assert measured is not None
+            if measured is None:  # cannot happen: invariant
+                raise RuntimeError("prompt tracker invariant broken: measured is None")
             track.update(measured)
             track.last_mask_logits = np.array(logits, dtype=np.float32, copy=True)
             track.state = (
@@ -629,7 +633,8 @@ class PromptTracker:
         frames_since_update: int,
         score: float = 0.0,
     ) -> TrackOutput:
-        assert self._frame_size is not None  # checked by step()
+        if self._frame_size is None:  # cannot happen: checked by step()
+            raise RuntimeError("prompt tracker invariant broken: self._frame_size is None")
         return TrackOutput(
             track_id=track_id,
             box=_as_box(box),

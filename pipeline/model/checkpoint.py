@@ -7,7 +7,7 @@ code is refused) and lands on the CPU first.
 
 from __future__ import annotations
 
-import pickle
+import pickle  # only for its UnpicklingError: torch.load(weights_only=True) raises it
 import re
 from pathlib import Path
 
