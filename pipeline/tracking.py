@@ -764,7 +764,8 @@ def _points_inside(points: np.ndarray, frame_size: tuple[int, int]) -> bool:
 
 def _points_box(prompt: _Prompt) -> Box:
     """Box around a prompt's foreground points, reported when it could not start."""
-    assert prompt.points is not None and prompt.labels is not None
+    if prompt.points is None or prompt.labels is None:  # only called for points prompts
+        raise RuntimeError("prompt tracker invariant broken: a points prompt has no points")
     fg = prompt.points[prompt.labels == 1]
     return (
         float(fg[:, 0].min()),
