@@ -1,57 +1,134 @@
-"""Decoder node: frames from a file, FFmpeg test source (and later RTSP / webcam) via PyAV."""
+"""Decoder node: frames from files, FFmpeg test sources, RTSP cameras and webcams via PyAV."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 from pipeline.config import DecoderConfig
+from pipeline.live_source import Backoff, LiveSource, SourceEvent
 from pipeline.messages import EndOfStream, FrameMessage, FrameMeta, Message
 from pipeline.runtime import Node
-from pipeline.sources import VideoSource, parse_source
+from pipeline.sources import DecodedFrame, SourceSpec, VideoSource, parse_source
+
+# Decoder status states for a live source's condition (consumers see them relayed).
+SOURCE_STATES = {"connected": "running", "stalled": "stalled", "lost": "lost",
+                 "reconnecting": "reconnecting"}
+
+
+def source_options(config: DecoderConfig) -> dict[str, str]:
+    """FFmpeg demuxer options the config asks for, by source kind."""
+    options = {"rtsp_transport": config.rtsp_transport}
+    if config.video_size:
+        options["video_size"] = config.video_size
+    if config.framerate:
+        options["framerate"] = f"{config.framerate:g}"
+    if config.pixel_format:
+        options["input_format"] = config.pixel_format
+    return options
+
+
+def spec_for(config: DecoderConfig) -> SourceSpec:
+    """The parsed source, with only the options that apply to its kind."""
+    spec = parse_source(config.source)
+    wanted = source_options(config)
+    keys = {"rtsp": ("rtsp_transport",), "webcam": ("video_size", "framerate", "input_format")}
+    extra = {k: wanted[k] for k in keys.get(spec.kind, ()) if k in wanted}
+    return parse_source(config.source, options={**spec.options, **extra})
 
 
 class DecoderNode(Node):
-    """Source node: one FrameMessage per decoded frame, then an EndOfStream with the count."""
+    """Source node: one FrameMessage per decoded frame, then an EndOfStream with the count.
+
+    Live mode: a camera is read as fast as it sends (the links downstream keep only the
+    newest frame) and reconnected when it drops or stalls; a file or test source is played
+    at its own frame rate, as a camera would deliver it.
+    """
 
     name = "decoder"
     has_input = False
 
-    def __init__(self, config: DecoderConfig) -> None:
+    def __init__(self, config: DecoderConfig, *, live: bool = False) -> None:
         super().__init__()
         self.config = config
-        self.source: VideoSource | None = None
+        self.live = live
+        self.source: VideoSource | LiveSource | None = None
 
     def setup(self) -> None:
         if not self.config.source:
             raise ValueError("decoder.source is empty: give --source VIDEO")
-        self.source = VideoSource(
-            parse_source(self.config.source),
-            max_frames=self.config.max_frames,
-            max_consecutive_errors=self.config.max_consecutive_errors,
-            open_timeout_s=self.config.open_timeout_s,
-        )
-        self.source.open()
-        rate = self.source.average_rate
+        spec = spec_for(self.config)
+        if spec.is_live:
+            live = LiveSource(
+                spec,
+                open_timeout_s=self.config.open_timeout_s,
+                read_timeout_s=self.config.read_timeout_s,
+                backoff=Backoff(self.config.reconnect_initial_s, self.config.reconnect_max_s),
+                give_up_after_s=self.config.give_up_after_s,
+                max_consecutive_errors=self.config.max_consecutive_errors,
+                on_event=self._on_source_event,
+            )
+            opened = live.open()
+            self.source = live
+        else:
+            opened = VideoSource(
+                spec,
+                max_frames=self.config.max_frames,
+                max_consecutive_errors=self.config.max_consecutive_errors,
+                open_timeout_s=self.config.open_timeout_s,
+            )
+            opened.open()
+            self.source = opened
+        rate = opened.average_rate
         self.detail.update(
-            source=self.source.spec.display_name,
-            width=self.source.width,
-            height=self.source.height,
+            source=spec.display_name,
+            kind=spec.kind,
+            width=opened.width,
+            height=opened.height,
             fps=float(rate) if rate else None,
-            frame_count_hint=self.source.frame_count_hint,
+            frame_count_hint=None if spec.is_live else opened.frame_count_hint,
         )
 
-    def produce(self) -> Iterator[Message]:
+    def _on_source_event(self, event: SourceEvent) -> None:
+        self.state = SOURCE_STATES[event.state]
+        self.detail["source_state"] = event.to_json()
+        if event.state == "reconnecting":
+            self.count("reconnect_attempts")
+        if event.state == "connected" and event.session > 0:
+            self.count("reconnects")
+        if event.state in ("stalled", "lost"):
+            self.count(f"source_{event.state}")
+        self.notify()
+
+    def _frames(self) -> Iterator[DecodedFrame | None]:
+        """Decoded frames (None: an idle tick), paced in real time for a file played live."""
         if self.source is None:
             raise RuntimeError("DecoderNode.setup() must run before produce()")
+        if isinstance(self.source, LiveSource) or not self.live:
+            yield from self.source
+            return
+        start: float | None = None
+        first_seconds = 0.0
+        for frame in self.source:
+            if frame.pts is not None and frame.time_base[1]:
+                seconds = frame.pts * frame.time_base[0] / frame.time_base[1]
+                if start is None:
+                    start, first_seconds = time.monotonic(), seconds
+                due = start + seconds - first_seconds
+                while (left := due - time.monotonic()) > 0:
+                    time.sleep(min(0.05, left))
+                    yield None
+            # Stamped now, as a camera would: capture-to-publish latency starts here.
+            yield _restamped(frame)
+
+    def produce(self) -> Iterator[Message | None]:
         seq = 0
-        frames = iter(self.source)
-        while True:
-            start = time.perf_counter()
-            decoded = next(frames, None)
+        for decoded in self._frames():
             if decoded is None:
-                break
-            self.durations_ms.append((time.perf_counter() - start) * 1000)
+                yield None
+                continue
+            self.durations_ms.append(decoded.decode_ms)
             meta = FrameMeta(
                 stream_id=self.config.stream_id,
                 seq=seq,
@@ -59,16 +136,27 @@ class DecoderNode(Node):
                 pts=decoded.pts,
                 time_base=decoded.time_base,
                 capture_time=decoded.capture_time,
+                session=decoded.session,
             )
-            yield FrameMessage(meta=meta, image=decoded.image)
+            yield FrameMessage(meta=meta, image=decoded.image,
+                               timings={"decode": decoded.decode_ms})
             seq += 1
             self.counters["frames"] = seq
-            self.counters["corrupt_packets"] = self.source.corrupt_packets
+            self.counters["corrupt_packets"] = self._corrupt_packets()
+            if self.config.max_frames is not None and seq >= self.config.max_frames:
+                break
         limit = self.config.max_frames
         reason = "max_frames" if limit is not None and seq >= limit else "eof"
-        self.source.close()
+        self.abort()
         yield EndOfStream(stream_id=self.config.stream_id, frames=seq, reason=reason)
+
+    def _corrupt_packets(self) -> int:
+        return self.source.corrupt_packets if self.source is not None else 0
 
     def abort(self) -> None:
         if self.source is not None:
             self.source.close()
+
+
+def _restamped(frame: DecodedFrame) -> DecodedFrame:
+    return replace(frame, capture_time=time.time())

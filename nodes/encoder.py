@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -11,6 +12,10 @@ from pipeline.config import EncoderConfig
 from pipeline.messages import EmbeddingMessage, FrameMessage, Message
 from pipeline.predictor import SAM
 from pipeline.runtime import Node
+
+# Test hook: extra milliseconds per batch, to play a slow encoder (live-mode tests check that
+# latency stays bounded when the encoder cannot keep up). Unset in normal runs.
+DELAY_ENV = "SAMSTREAM_TEST_ENCODER_DELAY_MS"
 
 
 def embedding_to_wire(embedding: torch.Tensor, wire_dtype: str) -> np.ndarray:
@@ -42,6 +47,7 @@ class EncoderNode(Node):
         self.carry_images = carry_images
         self.max_batch = config.batch_size
         self.sam: SAM | None = None
+        self.extra_delay_s = float(os.environ.get(DELAY_ENV, "0") or 0) / 1000
 
     def setup(self) -> None:
         self.sam = SAM(
@@ -73,6 +79,8 @@ class EncoderNode(Node):
         start = time.perf_counter()
         embeddings, input_size = self.sam.encode_batch([f.image for f in frames])
         wire = embedding_to_wire(embeddings, self.config.embedding_dtype)
+        if self.extra_delay_s:
+            time.sleep(self.extra_delay_s)
         per_frame_ms = (time.perf_counter() - start) * 1000 / len(frames)
         self.count("frames", len(frames))
         self.count("batches")
@@ -84,7 +92,7 @@ class EncoderNode(Node):
                 original_size=(f.image.shape[0], f.image.shape[1]),
                 input_size=input_size,
                 image=f.image if self.carry_images else None,
-                timings={"encoder": per_frame_ms},
+                timings={**f.timings, "encoder": per_frame_ms},
             )
             for i, f in enumerate(frames)
         ]

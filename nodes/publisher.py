@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from pipeline.config import PublisherConfig
+from pipeline.live import FrameTimings
 from pipeline.messages import EndOfStream, MaskMessage, Message
 from pipeline.outputs import MaskWriter
 from pipeline.runtime import Node
@@ -14,14 +16,18 @@ from pipeline.runtime import Node
 class PublisherNode(Node):
     """MaskMessage -> the PUB socket (without the frame image) and the file outputs.
 
-    The runtime publishes what `process` returns; the files are written here.
+    The runtime publishes what `process` returns; the files are written here. Each published
+    message carries the frame's stage times plus "publish" and "latency" (capture to
+    publish); the status holds them against the per-frame budget.
     """
 
     name = "publisher"
 
-    def __init__(self, config: PublisherConfig) -> None:
+    def __init__(self, config: PublisherConfig, *, budget_ms: float, live: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.live = live
+        self.timings = FrameTimings(budget_ms)
         self.writer: MaskWriter | None = None
 
     def setup(self) -> None:
@@ -38,6 +44,7 @@ class PublisherNode(Node):
         if not isinstance(msg, MaskMessage):
             self.count("unexpected_messages")
             return []
+        start = time.perf_counter()
         if self.writer is not None:
             self.writer.write(
                 frame_index=msg.meta.frame_index,
@@ -50,8 +57,22 @@ class PublisherNode(Node):
                 image=msg.image,
             )
         self.count("frames")
+        timings = {
+            **msg.timings,
+            "publish": (time.perf_counter() - start) * 1000,
+            "latency": (time.time() - msg.meta.capture_time) * 1000,
+        }
+        if self.timings.add(timings) > self.timings.budget_ms:
+            self.count("over_budget")
         # Consumers get masks and metadata; the frame itself stays here (megabytes each).
-        return [dataclasses.replace(msg, image=None)]
+        return [dataclasses.replace(msg, image=None, timings=timings)]
+
+    def before_status(self) -> None:
+        interval = self.timings.interval()
+        # Live: say so when frames went over budget since the last status.
+        self.state = "over_budget" if self.live and interval["over_budget"] else "running"
+        self.detail["interval"] = interval
+        self.detail["timings"] = self.timings.summary()
 
     def finish(self, end: EndOfStream) -> list[Message]:
         if self.writer is not None:

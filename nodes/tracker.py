@@ -21,7 +21,7 @@ from pipeline.messages import (
 from pipeline.predictor import SAM, ImageEmbedding
 from pipeline.prompts import Prompts
 from pipeline.runtime import Node
-from pipeline.tracking import DecodedMasks, PromptTracker, TrackerSettings
+from pipeline.tracking import DecodedMasks, PromptTracker, TrackerSettings, TrackOutput
 
 
 class SamMaskDecoder:
@@ -106,6 +106,8 @@ class TrackerNode(Node):
         self.image_size = image_size
         self.decoder: SamMaskDecoder | None = None
         self.tracker: PromptTracker | None = None
+        self._last_session: int | None = None
+        self._last_capture = 0.0
 
     def setup(self) -> None:
         sam = SAM(self.weights, device=self.config.device, image_size=self.image_size)
@@ -138,7 +140,7 @@ class TrackerNode(Node):
         )
         if self.tracker.frame_size is None:
             self.tracker.set_frame_size(msg.original_size)
-        outputs = self.tracker.step(msg.meta.frame_index)
+        outputs = [*self._after_outage(msg), *self.tracker.step(msg.meta.frame_index)]
         h, w = msg.original_size
         masks = np.stack([o.mask for o in outputs]) if outputs else np.zeros((0, h, w), bool)
         tracks = tuple(
@@ -164,6 +166,23 @@ class TrackerNode(Node):
                 timings={**msg.timings, "tracker": ms},
             )
         ]
+
+    def _after_outage(self, msg: EmbeddingMessage) -> list[TrackOutput]:
+        """A new source session means the camera was gone in between. After a short outage
+        the tracks carry on (the filter predicts one step, the next measurement decides);
+        after one longer than ``lost_after_gap_s`` every track is reported lost."""
+        meta = msg.meta
+        lost: list[TrackOutput] = []
+        if self._last_session is not None and meta.session != self._last_session:
+            gap_s = meta.capture_time - self._last_capture
+            if gap_s > self.config.lost_after_gap_s and self.tracker is not None:
+                lost = self.tracker.lose_all()
+                self.count("tracks_lost_to_outages", len(lost))
+            else:
+                self.count("outages_coasted")
+            self.detail["last_outage_s"] = round(gap_s, 3)
+        self._last_session, self._last_capture = meta.session, meta.capture_time
+        return lost
 
     def handle_command(self, command: PromptCommand) -> PromptReply:
         """Add / update / remove / list tracks; a bad command changes nothing."""

@@ -87,8 +87,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="a point on one object on the first frame (repeatable)")
     p.add_argument("--weights", help="mobile_sam.pt path")
     p.add_argument("--out", help="directory for masks/, masks.jsonl, tracks.txt, overlay.mp4")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (encoder and tracker)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 (encoder and tracker)")
     p.add_argument("--image-size", type=int, help="encoder input side (1024; 512 is faster)")
+    p.add_argument("--realtime", action="store_true",
+                   help="live mode for any source: play a file at its own frame rate, newest "
+                   "frame wins (cameras are live anyway)")
+    p.add_argument("--budget-ms", type=float,
+                   help="per-frame processing budget in live mode (default 12 on a GPU, "
+                   "400 on a CPU)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
     p.add_argument("--set", action="append", default=[], metavar="NODE.KEY=VALUE",
                    help="override any config key, e.g. --set encoder.batch_size=2")
@@ -114,6 +120,10 @@ def run_config_from_args(args: argparse.Namespace):
         overrides += [f"encoder.device={args.device}", f"tracker.device={args.device}"]
     if args.image_size is not None:
         overrides.append(f"encoder.image_size={args.image_size}")
+    if args.realtime:
+        overrides.append("live.mode=live")
+    if args.budget_ms is not None:
+        overrides.append(f"live.budget_ms={args.budget_ms}")
     prompts = [{"box": box} for box in args.box or []]
     prompts += [{"points": [point], "labels": [1]} for point in args.point or []]
     if prompts:
@@ -131,6 +141,9 @@ def _run(args: argparse.Namespace) -> int:
     install_signal_handlers()
     summary = run_pipeline(config, in_process=args.in_process, progress=sys.stderr.isatty())
     print(summary.format())
+    if summary.stopped_by:
+        print(f"samstream: stopped by {summary.stopped_by}", file=sys.stderr)
+        return 130 if summary.stopped_by == "SIGINT" else 143
     return 0
 
 

@@ -41,15 +41,25 @@ class DecoderConfig:
     max_consecutive_errors: int = 50  # decode errors in a row before giving up
     open_timeout_s: float = 10.0
     stream_id: str = "cam0"
+    # Live sources (RTSP, webcams): what counts as a stall, and how to come back from one.
+    read_timeout_s: float = 5.0  # no data for this long = stalled: reconnect
+    rtsp_transport: str = "tcp"  # tcp | udp
+    reconnect_initial_s: float = 0.5  # first wait before a reconnect; doubles each failure
+    reconnect_max_s: float = 2.0  # cap on the wait between reconnect attempts
+    give_up_after_s: float | None = None  # end the run after the source is gone this long
+    # Webcams (V4L2): what to ask the camera for; None = the driver's default.
+    video_size: str | None = None  # WxH, e.g. 1280x720
+    framerate: float | None = None  # frames per second
+    pixel_format: str | None = None  # V4L2 input format: mjpeg, yuyv422, h264, ...
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
     """The image encoder: one embedding per frame."""
 
-    device: str = "cpu"  # cpu | cuda | cuda:N
+    device: str = "auto"  # auto (cuda when there is a GPU) | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast)
-    image_size: int = 1024  # multiple of 16 (the encoder's total stride)
+    image_size: int | None = None  # multiple of 16; None: 1024, or 512 for live runs on a CPU
     batch_size: int = 4  # frames encoded together when several are waiting
     embedding_dtype: str = "float16"  # float16 | bfloat16 | float32 on the wire
 
@@ -68,13 +78,14 @@ class PromptConfig:
 class TrackerConfig:
     """The prompt tracker: Kalman-predicted box prompts, gated mask-decoder measurements."""
 
-    device: str = "cpu"
+    device: str = "auto"
     prompts: tuple[PromptConfig, ...] = ()
     min_score: float = 0.5  # predicted-IoU score below which a measurement is poor
     min_agreement: float = 0.3  # IoU of measured and predicted box below which it is poor
     max_coast_frames: int = 15  # poor frames in a row before a track is lost
     confirm_frames: int = 2  # good frames before a tentative track is tracked
     use_mask_prompt: bool = True  # feed the previous low-res mask back as a mask prompt
+    lost_after_gap_s: float = 5.0  # a live source gone longer than this: every track is lost
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,15 @@ class TransportConfig:
 
 
 @dataclass(frozen=True)
+class LiveConfig:
+    """Delivery mode. Live: newest frame wins at every hop (drops counted), files play at
+    their own frame rate, and each frame's processing time is held against a budget."""
+
+    mode: str = "auto"  # auto (live for rtsp:// and webcams, offline otherwise) | live | offline
+    budget_ms: float | None = None  # per-frame processing budget; None: 12 on a GPU, 400 on a CPU
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run: the weights and one section per node, plus the transport."""
 
@@ -114,6 +134,7 @@ class RunConfig:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     publisher: PublisherConfig = field(default_factory=PublisherConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    live: LiveConfig = field(default_factory=LiveConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +156,9 @@ def _choice(*options: str) -> _Check:
 _AT_LEAST_1 = _rule(lambda v: v >= 1, "at least 1")
 _POSITIVE = _rule(lambda v: v > 0, "greater than 0")  # also rejects NaN
 _UNIT = _rule(lambda v: 0 <= v <= 1, "between 0 and 1")
-_DEVICE = _rule(lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v) is not None, "cpu, cuda or cuda:N")
+_DEVICE = _rule(
+    lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"
+)
 
 
 def _is_endpoint(value: str) -> bool:
@@ -160,6 +183,16 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
         "max_consecutive_errors": _AT_LEAST_1,
         "open_timeout_s": _POSITIVE,
         "stream_id": _rule(bool, "a non-empty string"),
+        "read_timeout_s": _POSITIVE,
+        "rtsp_transport": _choice("tcp", "udp"),
+        "reconnect_initial_s": _POSITIVE,
+        "reconnect_max_s": _POSITIVE,
+        "give_up_after_s": _POSITIVE,
+        "video_size": _rule(lambda v: re.fullmatch(r"[1-9]\d*x[1-9]\d*", v) is not None,
+                            "WIDTHxHEIGHT, e.g. 1280x720"),
+        "framerate": _POSITIVE,
+        "pixel_format": _rule(lambda v: re.fullmatch(r"[a-z0-9_]+", v) is not None,
+                              "a V4L2 format name such as mjpeg or yuyv422"),
     },
     EncoderConfig: {
         "device": _DEVICE,
@@ -186,6 +219,11 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
         "min_agreement": _UNIT,
         "max_coast_frames": _rule(lambda v: v >= 0, "at least 0"),
         "confirm_frames": _AT_LEAST_1,
+        "lost_after_gap_s": _POSITIVE,
+    },
+    LiveConfig: {
+        "mode": _choice("auto", "live", "offline"),
+        "budget_ms": _POSITIVE,
     },
     PublisherConfig: {
         "out": _rule(bool, "a non-empty path or null"),
@@ -215,8 +253,17 @@ def _check_prompt(prompt: PromptConfig) -> tuple[str, str] | None:
     return None
 
 
+def _check_decoder(decoder: DecoderConfig) -> tuple[str, str] | None:
+    if decoder.reconnect_max_s < decoder.reconnect_initial_s:
+        return "reconnect_max_s", (
+            f"must be at least reconnect_initial_s ({decoder.reconnect_initial_s:g})"
+        )
+    return None
+
+
 _OBJECT_CHECKS: dict[type, Callable[[Any], tuple[str, str] | None]] = {
     PromptConfig: _check_prompt,
+    DecoderConfig: _check_decoder,
 }
 
 

@@ -8,7 +8,9 @@ ends it cleanly within seconds, and nothing is left running.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -26,9 +28,10 @@ import zmq
 from tqdm import tqdm
 
 from pipeline.config import RunConfig, config_to_dict
+from pipeline.live import resolve_run_config
 from pipeline.messages import StatusMessage
 from pipeline.runtime import Node, NodeEndpoints, NodeRunner, Shutdown
-from pipeline.transport import MessageReceiver, SocketOptions, open_socket
+from pipeline.transport import MessageReceiver, SocketOptions, open_socket, send_message
 
 NODE_NAMES = ("decoder", "encoder", "tracker", "publisher")
 STOP_GRACE_S = 2.0
@@ -63,12 +66,18 @@ def node_endpoints(name: str, config: RunConfig) -> NodeEndpoints:
     }[name]
 
 
+def is_live(config: RunConfig) -> bool:
+    """Live delivery (newest frame wins) for a resolved config."""
+    return config.live.mode == "live"
+
+
 def build_node(name: str, config: RunConfig) -> Node:
     """The node object; nothing heavy happens until its setup() runs."""
+    config = resolve_run_config(config)
     if name == "decoder":
         from nodes.decoder import DecoderNode
 
-        return DecoderNode(config.decoder)
+        return DecoderNode(config.decoder, live=is_live(config))
     if name == "encoder":
         from nodes.encoder import EncoderNode
 
@@ -83,7 +92,11 @@ def build_node(name: str, config: RunConfig) -> Node:
     if name == "publisher":
         from nodes.publisher import PublisherNode
 
-        return PublisherNode(config.publisher)
+        if config.live.budget_ms is None:  # resolve_run_config always sets it
+            raise RuntimeError("live.budget_ms was not resolved")
+        return PublisherNode(
+            config.publisher, budget_ms=config.live.budget_ms, live=is_live(config)
+        )
     raise ValueError(f"unknown node {name!r}: one of {', '.join(NODE_NAMES)}")
 
 
@@ -94,6 +107,7 @@ def node_runner(
     context: zmq.Context | None = None,
     stop: threading.Event | None = None,
 ) -> NodeRunner:
+    config = resolve_run_config(config)
     return NodeRunner(
         build_node(name, config),
         node_endpoints(name, config),
@@ -102,18 +116,25 @@ def node_runner(
         max_message_bytes=config.transport.max_message_bytes,
         status_interval_s=config.publisher.status_interval_s,
         stop=stop,
+        live=is_live(config),
     )
 
 
 @dataclass
 class RunSummary:
-    """What a run did: frame counts, throughput and per-stage milliseconds."""
+    """What a run did: frame counts, throughput, per-stage milliseconds and, per frame, the
+    stage times, latency and budget as the publisher measured them."""
 
     frames_in: int
     frames_out: int
     wall_s: float
     stages: dict[str, dict[str, Any]]
     outputs: dict[str, str] = field(default_factory=dict)
+    mode: str = "offline"
+    timings: dict[str, Any] = field(default_factory=dict)  # FrameTimings.summary()
+    dropped: dict[str, int] = field(default_factory=dict)  # frames lost before each node
+    reconnects: int = 0
+    stopped_by: str | None = None  # the signal that ended the run, None when it ran out
 
     @property
     def fps(self) -> float:
@@ -122,7 +143,8 @@ class RunSummary:
     def format(self) -> str:
         lines = [
             f"frames in {self.frames_in}, out {self.frames_out}, {self.wall_s:.1f} s, "
-            f"{self.fps:.2f} frames/s",
+            f"{self.fps:.2f} frames/s ({self.mode})"
+            + (f", stopped by {self.stopped_by}" if self.stopped_by else ""),
             f"{'stage':<10} {'messages':>8} {'median ms':>10} {'p95 ms':>8}",
         ]
         for name in NODE_NAMES:
@@ -131,8 +153,54 @@ class RunSummary:
                 lines.append(
                     f"{name:<10} {s['messages']:>8} {s['ms_median']:>10.1f} {s['ms_p95']:>8.1f}"
                 )
+        ms = self.timings.get("ms", {})
+        if ms.get("latency"):
+            lines.append(
+                f"per frame: processing median {ms['processing']['median']:.1f} ms, p95 "
+                f"{ms['processing']['p95']:.1f} ms; capture-to-publish latency median "
+                f"{ms['latency']['median']:.1f} ms, p95 {ms['latency']['p95']:.1f} ms"
+            )
+        share = self.timings.get("share_within_budget")
+        if share is not None:
+            lines.append(
+                f"budget {self.timings['budget_ms']:g} ms per frame: {100 * share:.1f}% of "
+                f"{self.timings['frames']} frames within it"
+            )
+        if self.mode == "live":
+            drops = ", ".join(f"before {node} {n}" for node, n in self.dropped.items())
+            lines.append(f"dropped (newest frame wins): {drops or 'none'}; "
+                         f"source reconnects: {self.reconnects}")
         lines.extend(f"{kind}: {path}" for kind, path in sorted(self.outputs.items()))
         return "\n".join(lines)
+
+
+def _dropped(last: dict[str, StatusMessage]) -> dict[str, int]:
+    """Frames each node's upstream sent that the node never processed (newest frame wins)."""
+    dropped = {}
+    for upstream, node in itertools.pairwise(NODE_NAMES):
+        if upstream in last and node in last:
+            sent = last[upstream].counters.get("frames", 0)
+            received = last[node].counters.get("frames_in", 0)
+            dropped[node] = max(0, sent - received)
+    return dropped
+
+
+def summarize(last: dict[str, StatusMessage], wall_s: float, mode: str,
+              stopped_by: str | None = None) -> RunSummary:
+    """The summary from each node's last status message."""
+    decoder, publisher = last.get("decoder"), last.get("publisher")
+    return RunSummary(
+        frames_in=decoder.counters.get("frames", 0) if decoder else 0,
+        frames_out=publisher.counters.get("frames", 0) if publisher else 0,
+        wall_s=wall_s,
+        stages={name: msg.detail.get("stats", {}) for name, msg in last.items()},
+        outputs=publisher.detail.get("outputs", {}) if publisher else {},
+        mode=mode,
+        timings=publisher.detail.get("timings", {}) if publisher else {},
+        dropped=_dropped(last),
+        reconnects=decoder.counters.get("reconnects", 0) if decoder else 0,
+        stopped_by=stopped_by,
+    )
 
 
 class _ProcessWorker:
@@ -208,19 +276,42 @@ class _ThreadWorker:
 def run_pipeline(
     config: RunConfig, *, in_process: bool = False, progress: bool = False
 ) -> RunSummary:
-    """Run the graph to the end of its stream. Raises RunFailed when a node fails."""
+    """Run the graph to the end of its stream, or until SIGTERM/SIGINT (then the summary
+    says ``stopped_by``). Raises RunFailed when a node fails."""
     run_dir = Path(tempfile.mkdtemp(prefix="samstream-"))
-    config = resolve_endpoints(config, run_dir, in_process=in_process)
+    config = resolve_run_config(resolve_endpoints(config, run_dir, in_process=in_process))
     context = zmq.Context() if in_process else zmq.Context.instance()
     status_sock = open_socket(
         context, zmq.PULL, config.transport.status, bind=True,
         options=SocketOptions(linger_ms=0, sndhwm=1000, rcvhwm=1000),
     )
     statuses = MessageReceiver(status_sock)
+    # Every node's status goes on to the publisher, which puts it on the PUB socket: the
+    # consumers of the masks see a camera reconnecting or a node failing.
+    relay = open_socket(
+        context, zmq.PUSH, config.transport.masks, bind=False,
+        options=SocketOptions(linger_ms=0, sndhwm=100, rcvhwm=100),
+    )
     workers: list[Any] = []
     last: dict[str, StatusMessage] = {}
     start = time.monotonic()
     bar = None
+    stopped_by: str | None = None
+
+    def collect(timeout_ms: int) -> None:
+        msg = statuses.recv(timeout_ms)
+        while msg is not None:
+            if isinstance(msg, StatusMessage):
+                last[msg.node] = msg
+                if msg.node != "publisher":
+                    try:
+                        send_message(relay, msg, flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # the publisher is busy or gone; the next status says the same
+                if msg.state == "failed":
+                    raise RunFailed(f"node {msg.node} failed: {msg.detail.get('error')}")
+            msg = statuses.recv(0)
+
     try:
         if in_process:
             for name in reversed(NODE_NAMES):  # consumers first: their inputs are bound
@@ -231,16 +322,11 @@ def run_pipeline(
             config_path.write_text(json.dumps(config_to_dict(config)))
             for name in NODE_NAMES:
                 workers.append(_ProcessWorker(name, config_path, run_dir / f"{name}.log"))
-        print(f"samstream: masks on {config.transport.publish}; prompts: samstream prompt "
-              f"list --endpoint {config.transport.control}", file=sys.stderr)
+        print(f"samstream: {config.live.mode} run, encoder on {config.encoder.device} at "
+              f"{config.encoder.image_size} px; masks on {config.transport.publish}; prompts: "
+              f"samstream prompt list --endpoint {config.transport.control}", file=sys.stderr)
         while True:
-            msg = statuses.recv(100)
-            while msg is not None:
-                if isinstance(msg, StatusMessage):
-                    last[msg.node] = msg
-                    if msg.state == "failed":
-                        raise RunFailed(f"node {msg.node} failed: {msg.detail.get('error')}")
-                msg = statuses.recv(0)
+            collect(100)
             if progress:
                 bar = _update_progress(bar, last)
             codes = {w.name: w.exit_code() for w in workers}
@@ -255,7 +341,13 @@ def run_pipeline(
                     )
             if all(code == 0 for code in codes.values()):
                 break
-    except (RunFailed, Shutdown, KeyboardInterrupt):
+    except (Shutdown, KeyboardInterrupt) as stop:
+        # The usual end of a live run: stop every node, then report what they did.
+        stopped_by = str(stop) or "SIGINT"
+        _stop_all(workers)
+        with contextlib.suppress(RunFailed):
+            collect(0)
+    except RunFailed:
         _stop_all(workers)
         raise
     finally:
@@ -264,19 +356,12 @@ def run_pipeline(
             w.close()
         if bar is not None:
             bar.close()
+        relay.close(linger=0)
         status_sock.close(linger=0)
         if in_process:
             context.term()
         _remove_run_dir(run_dir)
-    stages = {name: msg.detail.get("stats", {}) for name, msg in last.items()}
-    decoder, publisher = last.get("decoder"), last.get("publisher")
-    return RunSummary(
-        frames_in=decoder.counters.get("frames", 0) if decoder else 0,
-        frames_out=publisher.counters.get("frames", 0) if publisher else 0,
-        wall_s=time.monotonic() - start,
-        stages=stages,
-        outputs=publisher.detail.get("outputs", {}) if publisher else {},
-    )
+    return summarize(last, time.monotonic() - start, config.live.mode, stopped_by)
 
 
 def _update_progress(bar: tqdm | None, last: dict[str, StatusMessage]) -> tqdm | None:

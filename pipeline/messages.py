@@ -26,9 +26,15 @@ part is exactly ``ceil(prod(shape) / 8)`` bytes (0 bytes when the shape holds a 
 
 The fields beside ``kind``/``v``/``buffers``, per kind. ``meta`` is
 ``{"stream_id": str, "seq": int, "frame_index": int, "pts": int | null,
-"time_base": [num, den], "capture_time": float (Unix seconds)}``; seconds = pts * num / den.
+"time_base": [num, den], "capture_time": float (Unix seconds), "session": int}``; seconds =
+pts * num / den. ``session`` (optional, default 0) is the source's connection number: it grows
+by one at every reconnect of a live source.
 
-- ``"frame"``: ``meta``. Buffers: ``image`` uint8 ``[H, W, 3]`` RGB.
+``timings`` is ``{stage: milliseconds}`` for the stages a frame has been through so far:
+``"decode"``, ``"encoder"``, ``"tracker"``, ``"publish"``, and on the published masks
+``"latency"``: capture to publish, wall clock.
+
+- ``"frame"``: ``meta``, ``timings``. Buffers: ``image`` uint8 ``[H, W, 3]`` RGB.
 - ``"embedding"``: ``meta``, ``embedding_dtype`` ("float16" | "bfloat16" | "float32"),
   ``original_size`` [H, W], ``input_size`` [h, w] (after the longest-side resize, before
   padding), ``timings`` {stage: milliseconds}. Buffers: ``embedding`` ``[C, h', w']`` whose
@@ -323,9 +329,13 @@ class FrameMeta:
     pts: int | None
     time_base: tuple[int, int]  # (numerator, denominator)
     capture_time: float  # time.time() when the frame was decoded / captured
+    # The source's connection number: 0, then +1 at every reconnect of a live source. A
+    # change tells the tracker that the camera was gone for a while in between.
+    session: int = 0
 
     def __post_init__(self) -> None:
         _require(self.time_base[1] > 0, f"time_base {self.time_base} needs a positive denominator")
+        _require(self.session >= 0, f"session must be >= 0, got {self.session}")
 
     @property
     def time_seconds(self) -> float | None:
@@ -342,6 +352,7 @@ class FrameMeta:
             "pts": self.pts,
             "time_base": list(self.time_base),
             "capture_time": self.capture_time,
+            "session": self.session,
         }
 
     @classmethod
@@ -354,28 +365,35 @@ class FrameMeta:
             pts=_field(obj, "pts", int, "meta", optional=True),
             time_base=_pair(obj, "time_base", "meta"),
             capture_time=_field(obj, "capture_time", float, "meta"),
+            session=_field(obj, "session", int, "meta", optional=True) or 0,
         )
 
 
 @dataclass(frozen=True)
 class FrameMessage(_WireMessage):
-    """A decoded frame: ``image`` is HxWx3 uint8 RGB."""
+    """A decoded frame: ``image`` is HxWx3 uint8 RGB; ``timings``: stage -> milliseconds."""
 
     kind: ClassVar[str] = "frame"
 
     meta: FrameMeta
     image: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_image(self.image, None, "frame")
 
     def to_frames(self) -> list[bytes | memoryview]:
-        return _pack(self.kind, {"meta": self.meta.to_json()}, [_raw_buffer("image", self.image)])
+        fields = {"meta": self.meta.to_json(), "timings": self.timings}
+        return _pack(self.kind, fields, [_raw_buffer("image", self.image)])
 
     @classmethod
     def _from_header(cls, header: dict[str, Any], frames: Sequence[Part]) -> FrameMessage:
         arrays = _decode_buffers(header, frames, "image", None)
-        return cls(meta=FrameMeta.from_json(header), image=arrays["image"])
+        return cls(
+            meta=FrameMeta.from_json(header),
+            image=arrays["image"],
+            timings=_number_map(header, "timings", float, "header"),
+        )
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,20 @@ A node is a class with declared ports and per-message methods that never touch a
   gains from several waiting messages), `finish(end) -> list[Message]` at end of stream,
   and, if it takes prompt commands, `handle_command(cmd) -> PromptReply`.
 
-`run_node` owns the rest. Between nodes: PUSH -> PULL (lossless: a full queue blocks the
-sender, nothing is dropped). Each node binds its input and connects its output, so nodes can
-start in any order. Every node PUSHes status messages to the launcher's status endpoint.
+`NodeRunner` owns the rest. Between nodes, PUSH -> PULL in one of two modes:
+
+- lossless (offline): a full queue blocks the sender, nothing is dropped, and a node takes
+  up to ``max_batch`` waiting messages at once;
+- live: a thread of the receiving node drains its input as fast as messages come and keeps
+  only the newest frame (`NewestInbox`), so a slow node always works on the newest frame,
+  nothing queues up in between, and a send never blocks. Replaced frames are counted
+  (``dropped_newest_wins``); they also show as gaps in the sequence numbers a node
+  receives (``input_gaps``). End-of-stream and status messages are never dropped.
+
+Each node binds its input and connects its output, so nodes can start in any order. Every
+node PUSHes status messages to the launcher's status endpoint; a status message that
+arrives on a node's *input* (the launcher relays every node's status to the publisher) goes
+out on that node's PUB socket, so consumers see the health of the whole pipeline.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import signal
 import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -26,7 +38,10 @@ from typing import Any, ClassVar
 import zmq
 
 from pipeline.messages import (
+    EmbeddingMessage,
     EndOfStream,
+    FrameMessage,
+    MaskMessage,
     Message,
     MessageError,
     PromptCommand,
@@ -39,6 +54,8 @@ from pipeline.transport import MessageReceiver, SocketOptions, open_socket, send
 log = logging.getLogger(__name__)
 
 POLL_MS = 100  # how often a blocked loop looks at the stop flag
+LIVE_WAIT_S = 0.02  # live loop's wait for a frame: also how soon it answers a prompt command
+STATS_WINDOW = 100_000  # per-message times kept for statistics (the most recent)
 # After a clean end every queued output message must reach the next node, however late that
 # node started (a decoder can finish a short clip before the encoder has imported torch):
 # linger forever. A node that never comes is the launcher's business: it stops the run.
@@ -62,15 +79,30 @@ class Node:
     def __init__(self) -> None:
         self.counters: dict[str, int] = {}
         self.detail: dict[str, Any] = {}
-        self.durations_ms: list[float] = []
+        # Recent per-message times for the median/p95 in status and summary; bounded, since a
+        # live run can last for weeks.
+        self.durations_ms: deque[float] = deque(maxlen=STATS_WINDOW)
+        # What the heartbeat says ("running" unless the node knows better, e.g. a decoder
+        # whose camera is "reconnecting"); `notify` sends it at once instead of next beat.
+        self.state = "running"
+        self.status_due = False
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
 
+    def notify(self) -> None:
+        """Ask the runtime to send a status message now (a state change worth telling)."""
+        self.status_due = True
+
+    def before_status(self) -> None:
+        """Called before each status message: refresh ``state`` and ``detail``."""
+
     def setup(self) -> None:
         """Load models, open files: runs once in the node's process before the loop."""
 
-    def produce(self) -> Iterator[Message]:
+    def produce(self) -> Iterator[Message | None]:
+        """Messages to send; None is an idle tick (waiting for a camera, pacing a file) that
+        lets the runtime heartbeat and notice a stop."""
         raise NotImplementedError(f"{self.name} is not a source")
 
     def process(self, msg: Message) -> list[Message]:
@@ -103,6 +135,64 @@ class Node:
         return {"messages": len(d), "ms_median": statistics.median(d), "ms_p95": p95}
 
 
+class NewestInbox:
+    """Live input: a thread drains the input socket as fast as messages arrive and keeps
+    only the newest data message, dropping (and counting) the one it replaces.
+
+    ZeroMQ's own CONFLATE would do the dropping, but it cannot hold multipart messages and
+    it discards a queued message when its sender disconnects: the end-of-stream marker of a
+    node that has just finished would be lost. Here the end marker and status messages are
+    never dropped. The thread owns the socket until `close`, so nothing else may use it.
+    """
+
+    def __init__(self, receiver: MessageReceiver) -> None:
+        self._receiver = receiver
+        self._cond = threading.Condition()
+        self._newest: Message | None = None
+        self._end: EndOfStream | None = None
+        self._statuses: deque[StatusMessage] = deque(maxlen=100)
+        self._closing = threading.Event()
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._drain, name="samstream-inbox", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while not self._closing.is_set() and self._end is None:
+            msg = self._receiver.recv(POLL_MS)
+            if msg is None:
+                continue
+            with self._cond:
+                if isinstance(msg, EndOfStream):
+                    self._end = msg
+                elif isinstance(msg, StatusMessage):
+                    self._statuses.append(msg)
+                else:
+                    if self._newest is not None:
+                        self.dropped += 1
+                    self._newest = msg
+                self._cond.notify()
+
+    def take(
+        self, timeout_s: float
+    ) -> tuple[Message | None, EndOfStream | None, list[StatusMessage]]:
+        """(newest data message, end marker, statuses), waiting up to ``timeout_s`` for any.
+
+        The end marker comes only once no frame is left before it."""
+        with self._cond:
+            if self._newest is None and self._end is None and not self._statuses:
+                self._cond.wait(timeout_s)
+            newest, self._newest = self._newest, None
+            end = self._end if newest is None else None
+            statuses = list(self._statuses)
+            self._statuses.clear()
+        return newest, end, statuses
+
+    def close(self) -> None:
+        """Stop the thread (within POLL_MS); the socket is the caller's again."""
+        self._closing.set()
+        self._thread.join()
+
+
 @dataclass(frozen=True)
 class NodeEndpoints:
     """Where one node's sockets go. input: bound PULL; output: connected PUSH; publish: bound
@@ -129,7 +219,9 @@ class _Sockets:
 def _open(
     ctx: zmq.Context, endpoints: NodeEndpoints, hwm: int, max_message_bytes: int
 ) -> _Sockets:
-    opts = SocketOptions(linger_ms=0, sndhwm=hwm, rcvhwm=hwm, maxmsgsize=max_message_bytes)
+    opts = SocketOptions(
+        linger_ms=0, sndhwm=hwm, rcvhwm=hwm, maxmsgsize=max_message_bytes
+    )
     s = _Sockets()
     if endpoints.input:
         sock = open_socket(ctx, zmq.PULL, endpoints.input, bind=True, options=opts)
@@ -170,8 +262,13 @@ class NodeRunner:
         max_message_bytes: int = -1,
         status_interval_s: float = 1.0,
         stop: threading.Event | None = None,
+        live: bool = False,
     ) -> None:
+        """``live``: conflating links (newest message wins, never block) instead of lossless
+        ones; every node of a pipeline must agree."""
         self.node = node
+        self.live = live
+        self._last_seq: dict[str, int] = {}
         self.endpoints = endpoints
         self.context = context or zmq.Context.instance()
         self.hwm = hwm
@@ -182,13 +279,16 @@ class NodeRunner:
         self._sockets = _Sockets()
 
     # -- status ---------------------------------------------------------------------------
-    def send_status(self, state: str, **detail: Any) -> None:
+    def send_status(self, state: str | None = None, **detail: Any) -> None:
+        """Send a status message: ``state`` (None: the node's own ``state``) and detail."""
         if self._sockets.status is None and self._sockets.publish is None:
             return
+        self.node.before_status()
         self.node.detail.update(detail)
+        self.node.status_due = False
         msg = StatusMessage(
             node=self.node.name,
-            state=state,
+            state=state or self.node.state,
             time=time.time(),
             counters=dict(self.node.counters),
             detail={**self.node.detail, "stats": self.node.stats()},
@@ -203,8 +303,9 @@ class NodeRunner:
         self._last_status = time.monotonic()
 
     def _heartbeat(self) -> None:
-        if time.monotonic() - self._last_status >= self.status_interval_s:
-            self.send_status("running")
+        due = time.monotonic() - self._last_status >= self.status_interval_s
+        if due or self.node.status_due:
+            self.send_status()
 
     # -- sending with back-pressure that still notices a stop -----------------------------
     def _send(self, msg: Message) -> None:
@@ -215,6 +316,15 @@ class NodeRunner:
                 self.node.count("publish_dropped")
         out = self._sockets.output
         if out is None:
+            return
+        if self.live and not isinstance(msg, EndOfStream):
+            # The next node drains its input continuously, so this rarely finds the queue
+            # full (the node is still starting, or gone): then the frame is dropped, not
+            # waited for. The end of the stream always waits for room.
+            try:
+                send_message(out, msg, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.node.count("output_dropped")
             return
         frames = None
         while True:
@@ -230,16 +340,19 @@ class NodeRunner:
                 out.poll(POLL_MS, zmq.POLLOUT)
                 self._heartbeat()
 
-    def _timed(self, fn: Any, *args: Any) -> list[Message]:
+    def _timed_batch(self, batch: list[Message]) -> list[Message]:
         start = time.perf_counter()
-        result = fn(*args)
-        self.node.durations_ms.append((time.perf_counter() - start) * 1000)
+        result = self.node.process_batch(batch)
+        # Per message, so a batch of 4 counts as 4 messages at a quarter of the time each.
+        per_message = (time.perf_counter() - start) * 1000 / len(batch)
+        self.node.durations_ms.extend([per_message] * len(batch))
         return result
 
     # -- the loops ------------------------------------------------------------------------
     def _run_source(self) -> None:
         for msg in self.node.produce():
-            self._send(msg)
+            if msg is not None:
+                self._send(msg)
             self._heartbeat()
             if self.stop.is_set():
                 raise Shutdown
@@ -270,7 +383,8 @@ class NodeRunner:
                 continue
             batch: list[Message] = []
             end: EndOfStream | None = None
-            while len(batch) < self.node.max_batch:
+            max_batch = 1 if self.live else self.node.max_batch
+            while len(batch) < max_batch:
                 msg = receiver.recv(0)
                 if msg is None:
                     break
@@ -278,10 +392,12 @@ class NodeRunner:
                     end = msg
                     break
                 if isinstance(msg, StatusMessage):
+                    self._relay(msg)
                     continue
+                self._count_gap(msg)
                 batch.append(msg)
             if batch:
-                for out in self._timed(self.node.process_batch, batch):
+                for out in self._timed_batch(batch):
                     self._send(out)
             if end is not None:
                 for out in self.node.finish(end):
@@ -290,15 +406,74 @@ class NodeRunner:
             self._heartbeat()
         raise Shutdown
 
+    def _run_live_consumer(self, inbox: NewestInbox) -> None:
+        """Newest frame wins: process whatever frame is newest when the node is free."""
+        receiver = self._sockets.input
+        control = self._sockets.control
+        try:
+            while not self.stop.is_set():
+                if control is not None and control.poll(0, zmq.POLLIN):
+                    self._serve_command()
+                msg, end, statuses = inbox.take(LIVE_WAIT_S)
+                for status in statuses:
+                    self._relay(status)
+                self.node.counters["rejected_messages"] = receiver.rejected
+                self.node.counters["dropped_newest_wins"] = inbox.dropped
+                if msg is not None:
+                    self._count_gap(msg)
+                    for out in self._timed_batch([msg]):
+                        self._send(out)
+                if end is not None:
+                    for out in self.node.finish(end):
+                        self._send(out)
+                    return
+                self._heartbeat()
+            raise Shutdown
+        finally:
+            inbox.close()
+
+    def _relay(self, status: StatusMessage) -> None:
+        """Another node's status, relayed by the launcher: out to consumers on PUB."""
+        if self._sockets.publish is not None:
+            try:
+                send_message(self._sockets.publish, status, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def _count_gap(self, msg: Message) -> None:
+        """Count sequence numbers skipped before ``msg`` (frames dropped upstream)."""
+        if not isinstance(msg, FrameMessage | EmbeddingMessage | MaskMessage):
+            return
+        meta = msg.meta
+        last = self._last_seq.get(meta.stream_id)
+        if last is not None and meta.seq > last + 1:
+            self.node.count("input_gaps", meta.seq - last - 1)
+        self._last_seq[meta.stream_id] = meta.seq
+        self.node.count("frames_in")
+
     def run(self) -> int:
         """0 after a complete stream; 1 after a failure (reported in a status message)."""
         clean = False
         try:
-            self._sockets = _open(self.context, self.endpoints, self.hwm, self.max_message_bytes)
+            self._sockets = _open(
+                self.context, self.endpoints, self.hwm, self.max_message_bytes
+            )
             self.send_status("starting")
-            self.node.setup()
-            self.send_status("running")
-            if self.node.has_input:
+            # Live: drain the input already while the model loads, so the first frame
+            # processed is the newest, not the oldest of those queued meanwhile.
+            inbox = None
+            if self.node.has_input and self.live:
+                inbox = NewestInbox(self._sockets.input)
+            try:
+                self.node.setup()
+            except BaseException:
+                if inbox is not None:
+                    inbox.close()
+                raise
+            self.send_status()
+            if inbox is not None:
+                self._run_live_consumer(inbox)
+            elif self.node.has_input:
                 self._run_consumer()
             else:
                 self._run_source()

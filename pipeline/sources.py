@@ -11,10 +11,13 @@ stream, because one bad packet in an hour of camera footage should cost one fram
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import re
 import struct
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -23,7 +26,15 @@ from types import TracebackType
 import av
 import numpy as np
 
-__all__ = ["DecodedFrame", "SourceError", "SourceSpec", "VideoSource", "parse_source"]
+__all__ = [
+    "DecodedFrame",
+    "SourceError",
+    "SourceSpec",
+    "SourceStalled",
+    "VideoSource",
+    "parse_source",
+    "redact",
+]
 
 SOURCE_KINDS = ("file", "lavfi", "rtsp", "webcam")
 
@@ -34,10 +45,53 @@ _WEBCAM_RE = re.compile(r"^/dev/video\d+$")
 # Demuxer options every RTSP source gets unless the caller overrides them: UDP loses packets
 # (smeared frames) on any busy network and is blocked by most NATs, TCP does neither.
 RTSP_DEFAULT_OPTIONS = {"rtsp_transport": "tcp"}
+# Credentials for an RTSP URL that carries none, so passwords stay out of configs and shell
+# history. They are put into the URL handed to FFmpeg, never into anything printed.
+RTSP_USER_ENV = "SAMSTREAM_RTSP_USER"
+RTSP_PASSWORD_ENV = "SAMSTREAM_RTSP_PASSWORD"
 
 
 class SourceError(RuntimeError):
     """A video source cannot be opened or read; the message names the source and the problem."""
+
+
+class SourceStalled(SourceError):
+    """A live source sent nothing for the read timeout (connected, but silent)."""
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (and the URL's credentials) masked."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        text = text.replace(url, _redacted_url(url))
+        text = text.replace(parts.password, "***")
+        quoted = urllib.parse.quote(parts.password, safe="")
+        text = text.replace(quoted, "***")
+    return text
+
+
+def _redacted_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username or ''}:***@{host}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _with_env_credentials(url: str) -> str:
+    """``url`` with $SAMSTREAM_RTSP_USER / $SAMSTREAM_RTSP_PASSWORD when it has no user."""
+    parts = urllib.parse.urlsplit(url)
+    user = os.environ.get(RTSP_USER_ENV)
+    if parts.username or not user:
+        return url
+    userinfo = urllib.parse.quote(user, safe="")
+    password = os.environ.get(RTSP_PASSWORD_ENV)
+    if password:
+        userinfo += ":" + urllib.parse.quote(password, safe="")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
 
 
 @dataclass(frozen=True)
@@ -51,6 +105,8 @@ class DecodedFrame:
             the container has none).
         time_base: ``(numerator, denominator)`` of the pts unit in seconds.
         capture_time: ``time.time()`` when the frame came out of the decoder.
+        decode_ms: time spent decoding and converting this frame (not waiting for data).
+        session: the live source's connection number (0, +1 per reconnect).
     """
 
     image: np.ndarray
@@ -58,6 +114,8 @@ class DecodedFrame:
     pts: int | None
     time_base: tuple[int, int]
     capture_time: float
+    decode_ms: float = 0.0
+    session: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,13 +123,14 @@ class SourceSpec:
     """A parsed source: what to hand to ``av.open``.
 
     Attributes:
-        url: path, RTSP URL, device node, or (for kind "lavfi") a filter graph.
+        url: path, RTSP URL (credentials included: never print it, print ``display_name``),
+            device node, or (for kind "lavfi") a filter graph.
         kind: "file", "lavfi", "rtsp" or "webcam".
         options: FFmpeg demuxer options (``rtsp_transport``, ``video_size``, ...).
         format: FFmpeg input format to force ("lavfi", "v4l2"), None to probe.
     """
 
-    url: str
+    url: str = field(repr=False)
     kind: str
     options: dict[str, str] = field(default_factory=dict)
     format: str | None = None
@@ -82,8 +141,21 @@ class SourceSpec:
 
     @property
     def display_name(self) -> str:
-        """The source as a user would write it, for messages."""
-        return f"lavfi:{self.url}" if self.kind == "lavfi" else self.url
+        """The source as a user would write it, for messages, with any password masked."""
+        if self.kind == "lavfi":
+            return f"lavfi:{self.url}"
+        return _redacted_url(self.url) if self.kind == "rtsp" else self.url
+
+    @property
+    def is_live(self) -> bool:
+        """A camera (RTSP, webcam): it can stall or drop, and it does not wait for us."""
+        return self.kind in ("rtsp", "webcam")
+
+    def __repr__(self) -> str:
+        return (
+            f"SourceSpec(display_name={self.display_name!r}, kind={self.kind!r}, "
+            f"options={self.options!r}, format={self.format!r})"
+        )
 
 
 def parse_source(
@@ -95,7 +167,8 @@ def parse_source(
       source. ``testsrc``/``testsrc2`` may also be written bare, with ``=`` or ``:`` after the
       name (``testsrc2:size=320x240`` means ``testsrc2=size=320x240``).
     - ``rtsp://...`` / ``rtsps://...``: an RTSP camera, with ``rtsp_transport=tcp`` unless
-      ``options`` says otherwise.
+      ``options`` says otherwise. Without a user in the URL, ``$SAMSTREAM_RTSP_USER`` and
+      ``$SAMSTREAM_RTSP_PASSWORD`` supply the credentials.
     - ``/dev/videoN`` or a bare integer N: a V4L2 webcam (``/dev/videoN``).
     - anything else: a file, which must exist.
 
@@ -122,7 +195,10 @@ def parse_source(
 
     if text.lower().startswith(("rtsp://", "rtsps://")):
         return SourceSpec(
-            url=text, kind="rtsp", options={**RTSP_DEFAULT_OPTIONS, **user_options}, format=None
+            url=_with_env_credentials(text),
+            kind="rtsp",
+            options={**RTSP_DEFAULT_OPTIONS, **user_options},
+            format=None,
         )
 
     if text.isdigit():
@@ -157,14 +233,20 @@ class VideoSource:
         max_frames: int | None = None,
         max_consecutive_errors: int = 50,
         open_timeout_s: float = 10.0,
+        read_timeout_s: float | None = None,
     ) -> None:
+        """``read_timeout_s``: a live source that delivers no packet for this long raises
+        `SourceStalled` (None: wait forever, right for files)."""
         if max_frames is not None and max_frames < 0:
             raise ValueError(f"max_frames must be >= 0 or None, got {max_frames}")
         if max_consecutive_errors < 1:
             raise ValueError(f"max_consecutive_errors must be >= 1, got {max_consecutive_errors}")
         if open_timeout_s <= 0:
             raise ValueError(f"open_timeout_s must be > 0, got {open_timeout_s}")
+        if read_timeout_s is not None and read_timeout_s <= 0:
+            raise ValueError(f"read_timeout_s must be > 0 or None, got {read_timeout_s}")
         self.spec = spec
+        self.read_timeout_s = read_timeout_s
         self.max_frames = max_frames
         self.max_consecutive_errors = max_consecutive_errors
         self.open_timeout_s = open_timeout_s
@@ -190,24 +272,24 @@ class VideoSource:
         name = self.spec.display_name
         if self.spec.kind == "file":
             _check_file(self.spec.url)
+        if self.spec.kind == "webcam":
+            _check_device(self.spec.url)
         started = time.monotonic()
         try:
-            # Only an open timeout here: a file or test source never stalls mid-read, and live
-            # read timeouts belong to the RTSP reader.
             container = av.open(
                 self.spec.url,
                 mode="r",
                 format=self.spec.format,
                 container_options=dict(self.spec.options),
-                timeout=(self.open_timeout_s, None),
+                timeout=(self.open_timeout_s, self._ffmpeg_read_timeout()),
             )
         except (av.FFmpegError, OSError, ValueError) as error:
             if time.monotonic() - started >= self.open_timeout_s:
                 # When the timeout interrupts it, FFmpeg reports whatever error the protocol
                 # was left with (RTSP says "invalid data"), so the clock is the reliable sign.
                 problem = f"no answer within the open timeout of {self.open_timeout_s:g} s"
-            else:
-                problem = _open_problem(self.spec, error)
+                raise SourceStalled(f"cannot open video source {name!r}: {problem}") from error
+            problem = redact(_open_problem(self.spec, error), self.spec.url)
             raise SourceError(f"cannot open video source {name!r}: {problem}") from error
 
         if not container.streams.video:
@@ -217,6 +299,13 @@ class VideoSource:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame + slice threads: the decoder otherwise uses one core
         self._container, self._stream = container, stream
+
+    def _ffmpeg_read_timeout(self) -> float | None:
+        """The per-read timeout handed to FFmpeg: half of ours. When a read times out,
+        FFmpeg first flushes its parser (handing out one more packet) and raises only when
+        the next read times out too, so a stall surfaces after two timeouts (measured with
+        PyAV 18 / FFmpeg 8 over RTSP: 2.0 s for a 1 s timeout)."""
+        return None if self.read_timeout_s is None else self.read_timeout_s / 2
 
     def close(self) -> None:
         """Release the container. Safe to call more than once."""
@@ -291,21 +380,26 @@ class VideoSource:
             return
         consecutive_errors = 0
         packets = self._demux()
+        last_data = time.monotonic()
         while True:
             try:
                 packet = next(packets)
             except StopIteration:
                 return
-            except av.InvalidDataError as error:
+            except av.FFmpegError as error:
+                self._check_stall(error, last_data)
+                if not isinstance(error, av.InvalidDataError):
+                    raise SourceError(
+                        f"reading video source {self.spec.display_name!r} failed: "
+                        f"{redact(str(error), self.spec.url)}"
+                    ) from error
                 # Damaged container data. PyAV's demux generator ends at an error, so resume
                 # reading with a new one: the demuxer continues after the bad bytes.
                 consecutive_errors = self._count_corrupt(error, consecutive_errors)
                 packets = self._demux()
                 continue
-            except av.FFmpegError as error:
-                raise SourceError(
-                    f"reading video source {self.spec.display_name!r} failed: {error}"
-                ) from error
+            last_data = time.monotonic()
+            start = time.perf_counter()
             try:
                 frames = self._decode(packet)
             except av.FFmpegError as error:
@@ -313,9 +407,25 @@ class VideoSource:
                 continue
             consecutive_errors = 0
             for frame in frames:
-                yield self._to_decoded(frame)
+                yield self._to_decoded(frame, start)
                 if self.max_frames is not None and self.frames_decoded >= self.max_frames:
                     return
+                start = time.perf_counter()
+
+    def _check_stall(self, error: Exception, last_data: float) -> None:
+        """Raise SourceStalled when a read failed because the read timeout ran out.
+
+        FFmpeg reports an interrupted read as whatever error the protocol was left with, so,
+        as for the open, the clock since the last packet is the reliable sign."""
+        if self.read_timeout_s is None:
+            return
+        silent = time.monotonic() - last_data
+        # ExitError is FFmpeg's answer to the timeout's interrupt: nothing else raises it.
+        if isinstance(error, av.ExitError) or silent >= 0.9 * self.read_timeout_s:
+            raise SourceStalled(
+                f"video source {self.spec.display_name!r} stalled: no data for {silent:.1f} s "
+                f"(read timeout {self.read_timeout_s:g} s)"
+            ) from error
 
     def _demux(self) -> Iterator[av.Packet]:
         """The video stream's packets, ending with the empty packet that flushes the decoder."""
@@ -338,7 +448,7 @@ class VideoSource:
             ) from error
         return consecutive_errors
 
-    def _to_decoded(self, frame: av.VideoFrame) -> DecodedFrame:
+    def _to_decoded(self, frame: av.VideoFrame, decode_start: float) -> DecodedFrame:
         image = np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
         time_base = frame.time_base or self._opened_stream().time_base or Fraction(0, 1)
         decoded = DecodedFrame(
@@ -347,6 +457,7 @@ class VideoSource:
             pts=frame.pts,
             time_base=(time_base.numerator, time_base.denominator),
             capture_time=time.time(),
+            decode_ms=(time.perf_counter() - decode_start) * 1000,
         )
         self.frames_decoded += 1
         return decoded
@@ -362,8 +473,26 @@ def _check_file(path: str) -> None:
         raise SourceError(f"cannot open video file {path!r}: the file is empty (0 bytes)")
 
 
+def _check_device(path: str) -> None:
+    """A missing webcam, named with the devices that do exist (FFmpeg says only ENOENT)."""
+    if os.path.exists(path):
+        return
+    found = sorted(glob.glob("/dev/video*"))
+    have = ", ".join(found) if found else "none: no camera connected, or its driver not loaded"
+    raise SourceError(f"webcam {path!r} does not exist (video devices here: {have})")
+
+
 def _open_problem(spec: SourceSpec, error: Exception) -> str:
     """A sentence saying why ``av.open`` failed, more useful than FFmpeg's errno text."""
+    code = getattr(error, "errno", None)
+    if spec.kind == "webcam" and code == errno.EBUSY:
+        return f"the device is busy: another program is using it ({error})"
+    if spec.kind == "webcam" and code in (errno.EACCES, errno.EPERM):
+        return f"permission denied: add the user to the 'video' group ({error})"
+    if spec.kind == "webcam" and code in (errno.ENODEV, errno.ENXIO, errno.ENOTTY):
+        return f"not a working video capture device ({error})"
+    if spec.kind == "rtsp" and code == errno.ECONNREFUSED:
+        return f"connection refused: no RTSP server is listening there ({error})"
     if isinstance(error, av.InvalidDataError):
         if spec.kind == "file" and _mp4_without_moov(spec.url):
             return (

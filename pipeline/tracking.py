@@ -465,6 +465,21 @@ class PromptTracker:
         self._restarted.discard(track_id)
         self._last_frame.pop(track_id, None)
 
+    def lose_all(self) -> builtins.list[TrackOutput]:
+        """Mark every running track lost, e.g. after the camera was gone so long that the
+        filters' predictions mean nothing; returns their last outputs (state "lost", empty
+        masks). Pending prompts stay pending."""
+        if self._frame_size is None:
+            return []
+        outputs = [
+            self._lost_output(tid, track.predicted_box, track.last_innovation,
+                              track.frames_since_update, track.last_score)
+            for tid, track in sorted(self._tracks.items())
+        ]
+        for output in outputs:
+            self._drop(output.track_id)
+        return outputs
+
     # ------------------------------------------------------------------ the frame
 
     def step(self, frame_index: int) -> list[TrackOutput]:

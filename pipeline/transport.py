@@ -8,6 +8,11 @@ Delivery semantics, by socket pair (ZeroMQ's, not ours):
   subscriber's messages and never blocks. Subscribers that join late miss the first
   messages. Consumers see loss as gaps in ``FrameMeta.seq``.
 
+Live mode's "newest frame wins" is done by the receiving node (`pipeline.runtime`), not by
+ZeroMQ's CONFLATE: CONFLATE keeps one part of a multipart message, and it discards a queued
+message when the sender disconnects (measured with pyzmq 27 over ipc and tcp), which would
+lose the end-of-stream marker of a sender that has just finished.
+
 High-water marks count messages, not bytes (1000 queued 2 MB mask messages are 2 GB), so
 ``SocketOptions`` has no default for them: each socket states its own. Every option is set
 before bind/connect because ZeroMQ applies most of them only to connections made afterwards.

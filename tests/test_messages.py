@@ -207,6 +207,7 @@ def test_wire_format_as_documented() -> None:
         "pts": 7 * 3003,
         "time_base": [1, 30000],
         "capture_time": 1_700_000_000.25,
+        "session": 0,
     }
     assert header["frame_size"] == [3, 4]
     assert header["tracks"][0]["track_id"] == 3 and header["tracks"][0]["box"] == [1, 2, 5.5, 4]

@@ -1,0 +1,248 @@
+"""A camera that comes back: RTSP and webcam reading with stall detection and reconnects.
+
+A live source fails in two ways that a file never does: it *drops* (the server goes away,
+the cable is pulled: the read ends or errors) and it *stalls* (the connection stays up but no
+data comes: only the read timeout notices). Either way `LiveSource` closes the container,
+reports the state, and reconnects with capped exponential back-off until the source is back
+(or ``give_up_after_s`` has passed). While it waits it yields ``None`` ticks, so the node
+around it keeps sending heartbeats and notices a stop.
+
+The first open is not retried: a wrong URL or a missing device should fail the run at once
+with a clear error, not retry silently forever.
+
+Timestamps stay monotonic across reconnects: a new connection's pts restart (RTSP starts
+each session near 0), so each session after the first is rebased to continue from the
+previous one's last pts plus the wall-clock time the source was down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+from pipeline.sources import DecodedFrame, SourceError, SourceSpec, SourceStalled, VideoSource
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.1  # longest wait between ticks while the source is down
+
+
+@dataclass(frozen=True)
+class SourceEvent:
+    """A change in a live source's state, for status messages.
+
+    state: "connected", "stalled" (connected but silent past the read timeout), "lost" (the
+        stream ended or failed) or "reconnecting" (waiting to try again).
+    session: connection number (0 for the first connection, +1 per reconnect).
+    attempt: reconnect attempts so far in this outage (0 when connected).
+    next_try_in_s: seconds to the next attempt ("reconnecting" only).
+    down_s: seconds since the last frame before the outage (0 when connected).
+    error: what went wrong, credentials masked.
+    """
+
+    state: str
+    session: int
+    attempt: int = 0
+    next_try_in_s: float | None = None
+    down_s: float = 0.0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "session": self.session,
+            "attempt": self.attempt,
+            "next_try_in_s": self.next_try_in_s,
+            "down_s": round(self.down_s, 3),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Waits between reconnect attempts: ``initial_s``, doubling, capped at ``max_s``."""
+
+    initial_s: float = 0.5
+    max_s: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        """Wait before attempt ``attempt`` (1-based)."""
+        return min(self.max_s, self.initial_s * 2 ** (attempt - 1))
+
+
+class LiveSource:
+    """Reads a live source forever: yields DecodedFrame, or None while waiting to reconnect.
+
+    ``on_event`` is called at every state change. Raises SourceError when the first open
+    fails, or when the source has been gone for ``give_up_after_s``.
+    """
+
+    def __init__(
+        self,
+        spec: SourceSpec,
+        *,
+        open_timeout_s: float,
+        read_timeout_s: float,
+        backoff: Backoff,
+        give_up_after_s: float | None = None,
+        max_consecutive_errors: int = 50,
+        on_event: Callable[[SourceEvent], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.open_timeout_s = open_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.backoff = backoff
+        self.give_up_after_s = give_up_after_s
+        self.max_consecutive_errors = max_consecutive_errors
+        self.on_event = on_event or (lambda event: None)
+        self.session = 0
+        self.frames = 0
+        self._corrupt_closed = 0  # corrupt packets of connections already closed
+        self.reconnects = 0
+        self._source: VideoSource | None = None
+        self._closed = False
+        # pts bookkeeping for monotonic timestamps across sessions
+        self._time_base: Fraction | None = None
+        self._last_pts: int | None = None
+        self._session_first_pts: int | None = None
+        self._session_offset = 0
+
+    def _new_source(self) -> VideoSource:
+        return VideoSource(
+            self.spec,
+            max_consecutive_errors=self.max_consecutive_errors,
+            open_timeout_s=self.open_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+        )
+
+    def open(self) -> VideoSource:
+        """The first connection; its failure is the caller's error, not a reconnect."""
+        if self._source is None:
+            source = self._new_source()
+            source.open()
+            self._source = source
+            self.on_event(SourceEvent("connected", session=0))
+        return self._source
+
+    def close(self) -> None:
+        self._closed = True
+        self._close_source()
+
+    def _close_source(self) -> None:
+        source, self._source = self._source, None
+        if source is not None:
+            self._corrupt_closed += source.corrupt_packets
+            source.close()
+
+    @property
+    def corrupt_packets(self) -> int:
+        """Damaged packets skipped over all connections."""
+        current = self._source.corrupt_packets if self._source is not None else 0
+        return self._corrupt_closed + current
+
+    def __iter__(self) -> Iterator[DecodedFrame | None]:
+        self.open()
+        while not self._closed:
+            source = self._source
+            if source is None:
+                raise RuntimeError("live source lost its container")
+            last_frame = time.monotonic()
+            try:
+                for frame in source:
+                    last_frame = time.monotonic()
+                    yield self._stamp(frame)
+                error, state = "the stream ended (the server closed it)", "lost"
+            except SourceStalled as stall:
+                error, state = str(stall), "stalled"
+            except SourceError as failure:
+                error, state = str(failure), "lost"
+            if self._closed:
+                return
+            self._close_source()
+            log.warning("%s: %s", self.spec.display_name, error)
+            self.on_event(
+                SourceEvent(state, self.session, down_s=time.monotonic() - last_frame, error=error)
+            )
+            yield None
+            yield from self._reconnect(last_frame, error)
+
+    def _reconnect(self, down_since: float, error: str) -> Iterator[None]:
+        """Try again with back-off until a connection opens; ticks while waiting."""
+        attempt = 0
+        while not self._closed:
+            attempt += 1
+            delay = self.backoff.delay(attempt)
+            down_s = time.monotonic() - down_since
+            if self.give_up_after_s is not None and down_s + delay > self.give_up_after_s:
+                raise SourceError(
+                    f"video source {self.spec.display_name!r} has been gone for {down_s:.1f} s "
+                    f"(give_up_after_s {self.give_up_after_s:g}); last error: {error}"
+                )
+            self.on_event(
+                SourceEvent(
+                    "reconnecting",
+                    self.session,
+                    attempt=attempt,
+                    next_try_in_s=round(delay, 3),
+                    down_s=down_s,
+                    error=error,
+                )
+            )
+            deadline = time.monotonic() + delay
+            while (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(TICK_S, left))
+                yield None
+            source = self._new_source()
+            try:
+                source.open()
+            except SourceError as failure:
+                error = str(failure)
+                log.info("%s: reconnect attempt %d failed: %s", self.spec.display_name,
+                         attempt, error)
+                yield None
+                continue
+            self._source = source
+            self.session += 1
+            self.reconnects += 1
+            self._session_first_pts = None
+            down_s = time.monotonic() - down_since
+            self._session_offset = self._rebase_offset(down_s)
+            log.info("%s: reconnected after %.1f s (attempt %d)", self.spec.display_name,
+                     down_s, attempt)
+            self.on_event(SourceEvent("connected", self.session, attempt=attempt, down_s=down_s))
+            return
+
+    def _rebase_offset(self, down_s: float) -> int:
+        """pts of a new session's first frame: the last pts plus the time down."""
+        if self._last_pts is None or self._time_base is None:
+            return 0
+        return self._last_pts + max(1, round(Fraction(down_s) / self._time_base))
+
+    def _stamp(self, frame: DecodedFrame) -> DecodedFrame:
+        """Renumber across sessions: one index sequence, monotonic pts in one time base."""
+        time_base = Fraction(*frame.time_base) if frame.time_base[0] else None
+        if self._time_base is None and time_base:
+            self._time_base = time_base
+        pts = frame.pts
+        if pts is not None and self.session > 0 and time_base and self._time_base:
+            if self._session_first_pts is None:
+                self._session_first_pts = pts
+            elapsed = Fraction(pts - self._session_first_pts) * time_base
+            pts = self._session_offset + round(elapsed / self._time_base)
+        if pts is not None:
+            if self._last_pts is not None and pts <= self._last_pts:
+                pts = self._last_pts + 1  # a camera's clock stepped back: keep order
+            self._last_pts = pts
+        base = self._time_base
+        stamped = replace(
+            frame,
+            index=self.frames,
+            pts=pts,
+            time_base=(base.numerator, base.denominator) if base else frame.time_base,
+            session=self.session,
+        )
+        self.frames += 1
+        return stamped
