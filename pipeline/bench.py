@@ -5,11 +5,15 @@ the same run is not. Prints decode frames/s, encoder ms/frame at batch 1 and bat
 decoder ms for 1 and 8 objects, and end-to-end frames/s of `samstream run` next to a plain
 loop of the official SamPredictor (when `mobile_sam` is installed) and Ultralytics' SAM
 (when `ultralytics` is installed).
+
+Then a live run: the source played at its own frame rate in live mode for ``live_seconds``,
+with capture-to-publish latency (median, p95), the share of frames within the per-frame
+budget and the frames dropped by newest-frame-wins. Its peer figure is the official loop's
+time per frame: the latency a synchronous loop would give every frame it does not skip.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import socket
 import statistics
@@ -84,8 +88,38 @@ def _ultralytics_fps(frames: list[np.ndarray], box: list[float], weights: Path) 
     return len(frames) / (time.perf_counter() - start)
 
 
+def _free_publish_endpoint() -> str:
+    with socket.socket() as probe:  # a free loopback port: the bench must not clash with a run
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def _live_run(overrides: list[str], source: str, seconds: float) -> dict[str, float | None]:
+    """Latency and drops of `seconds` of the source played live."""
+    with VideoSource(parse_source(source)) as video:
+        rate = float(video.average_rate or 25)
+    config = load_config(None, [*overrides, "live.mode=live",
+                                f"decoder.max_frames={max(1, round(seconds * rate))}",
+                                f"transport.publish={json.dumps(_free_publish_endpoint())}"])
+    summary = run_pipeline(config)
+    ms = summary.timings.get("ms", {})
+    latency, processing = ms.get("latency") or {}, ms.get("processing") or {}
+    return {
+        "live_source_fps": rate,
+        "live_frames_in": summary.frames_in,
+        "live_frames_published": summary.frames_out,
+        "live_frames_dropped": sum(summary.dropped.values()),
+        "live_latency_ms_median": latency.get("median"),
+        "live_latency_ms_p95": latency.get("p95"),
+        "live_processing_ms_median": processing.get("median"),
+        "live_budget_ms": summary.timings.get("budget_ms"),
+        "live_share_within_budget": summary.timings.get("share_within_budget"),
+    }
+
+
 def run_bench(*, weights: str, source: str, frames: int, device: str, dtype: str,
-              image_size: int, repeats: int = 3) -> dict[str, float | None]:
+              image_size: int, repeats: int = 3,
+              live_seconds: float = 10.0) -> dict[str, float | None]:
     sam = SAM(weights, device=device, dtype=dtype, image_size=image_size)
     clip, decode_fps = _read_frames(source, frames)
     if not clip:
@@ -104,22 +138,23 @@ def run_bench(*, weights: str, source: str, frames: int, device: str, dtype: str
         results[f"mask_decoder_ms_{n}_objects"] = _timed_ms(
             lambda p=prompts: sam.decode(embedded, p), sam.device, repeats)
 
-    config = load_config(None, [
-        f"decoder.source={json.dumps(source)}", f"decoder.max_frames={frames}",
+    overrides = [
+        f"decoder.source={json.dumps(source)}",
         f"weights={json.dumps(str(sam.weights_path))}", f"encoder.device={device}",
         f"tracker.device={device}", f"encoder.dtype={dtype}", f"encoder.image_size={image_size}",
         f"tracker.prompts={json.dumps([{'box': box}])}",
-    ])
-    with socket.socket() as probe:  # a free loopback port: the bench must not clash with a run
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = dataclasses.replace(config, transport=dataclasses.replace(
-        config.transport, publish=f"tcp://127.0.0.1:{port}"))
+    ]
+    config = load_config(None, [*overrides, f"decoder.max_frames={frames}", "live.mode=offline",
+                                f"transport.publish={json.dumps(_free_publish_endpoint())}"])
     summary = run_pipeline(config)
     results["samstream_run_fps"] = summary.fps
     results["official_predictor_loop_fps"] = _official_loop_fps(
         sam.weights_path, clip, box, device)
     results["ultralytics_fps"] = _ultralytics_fps(clip, box, sam.weights_path)
+    if live_seconds > 0:
+        results.update(_live_run(overrides, source, live_seconds))
+        official = results["official_predictor_loop_fps"]
+        results["official_loop_ms_per_frame"] = 1000 / official if official else None
     return results
 
 
@@ -131,4 +166,8 @@ def format_results(results: dict[str, float | None]) -> str:
         if ours and theirs:
             lines.append(f"{'ratio samstream / ' + peer.removesuffix('_fps'):<34} "
                          f"{ours / theirs:10.2f}x")
+    latency, loop_ms = results.get("live_latency_ms_median"), results.get(
+        "official_loop_ms_per_frame")
+    if latency and loop_ms:
+        lines.append(f"{'ratio live latency / official loop':<34} {latency / loop_ms:10.2f}x")
     return "\n".join(lines)

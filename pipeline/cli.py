@@ -214,6 +214,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--live-seconds", type=float, default=10.0,
+                   help="seconds of the source played live for the latency figures (0: skip)")
     p.set_defaults(func=_bench)
 
 
@@ -222,7 +224,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     results = run_bench(weights=args.weights, source=args.source or DEFAULT_SOURCE,
                         frames=args.frames, device=args.device, dtype=args.dtype,
-                        image_size=args.image_size)
+                        image_size=args.image_size, live_seconds=args.live_seconds)
     print(format_results(results))
     return 0
 

@@ -42,7 +42,10 @@ class MaskFrame:
     ``masks`` is N x H x W bool, mask i belonging to ``tracks[i]``; ``frame_size`` is
     (H, W). ``time_seconds`` is pts * time_base (None without pts); ``capture_time`` the
     wall clock when the frame was decoded. ``gap``: sequence numbers missed right before
-    this frame (0 normally). ``latency_s``: receipt time minus capture time.
+    this frame (0 normally). ``latency_s``: receipt time minus capture time. ``timings``:
+    milliseconds per stage ("decode", "encoder", "tracker", "publish") and "latency"
+    (capture to publish), as the pipeline measured them. ``session``: the source's
+    connection number (it grows at every camera reconnect).
     """
 
     stream_id: str
@@ -56,14 +59,17 @@ class MaskFrame:
     masks: np.ndarray
     gap: int
     latency_s: float
+    timings: dict[str, float]
+    session: int = 0
 
 
 class MaskSubscriber:
     """Subscribes to a mask feed and yields MaskFrame objects.
 
     Iterating yields a MaskFrame per mask message, keeps the latest StatusMessage in
-    ``last_status``, ends at an EndOfStream (kept in ``last_end``), and raises TimeoutError
-    when ``timeout_ms`` passes without any message (None: wait forever). ``missed`` totals
+    ``last_status`` (and each node's latest in ``statuses``), ends at an EndOfStream (kept
+    in ``last_end``), and raises TimeoutError when ``timeout_ms`` passes without any
+    message (None: wait forever). ``missed`` totals
     the sequence numbers missed; ``rejected`` counts malformed messages.
     """
 
@@ -76,6 +82,9 @@ class MaskSubscriber:
     ) -> None:
         self.timeout_ms = timeout_ms
         self.last_status: StatusMessage | None = None
+        # The latest status of each node (the launcher relays them all to the publisher):
+        # e.g. statuses["decoder"].state is "reconnecting" while the camera is away.
+        self.statuses: dict[str, StatusMessage] = {}
         self.last_end: EndOfStream | None = None
         self.missed = 0
         self._next_seq: dict[str, int] = {}
@@ -121,6 +130,8 @@ class MaskSubscriber:
             masks=msg.masks,
             gap=gap,
             latency_s=received - meta.capture_time,
+            timings=dict(msg.timings),
+            session=meta.session,
         )
 
     def _next_event(self, timeout_ms: int | None) -> MaskFrame | Message | None:
@@ -131,12 +142,18 @@ class MaskSubscriber:
             return self._to_frame(msg, time.time())
         if isinstance(msg, StatusMessage):
             self.last_status = msg
+            self.statuses[msg.node] = msg
         elif isinstance(msg, EndOfStream):
             self.last_end = msg
             self._next_seq.pop(msg.stream_id, None)  # a restarted stream counts from 0 again
         elif msg is not None:
             log.warning("ignored a '%s' message on a mask feed", msg.kind)
         return msg
+
+    def recv_event(self, timeout_ms: int | None) -> MaskFrame | Message | None:
+        """The next message of any kind (MaskFrame, StatusMessage, EndOfStream), or None when
+        none came within ``timeout_ms``; for consumers that follow the pipeline's health."""
+        return self._next_event(timeout_ms)
 
     def recv(self, timeout_ms: int | None) -> MaskFrame | None:
         """The next MaskFrame, or None when none came within ``timeout_ms`` (None: wait

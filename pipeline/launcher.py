@@ -31,6 +31,7 @@ from pipeline.config import RunConfig, config_to_dict
 from pipeline.live import resolve_run_config
 from pipeline.messages import StatusMessage
 from pipeline.runtime import Node, NodeEndpoints, NodeRunner, Shutdown
+from pipeline.sources import SourceError, check_device, parse_source
 from pipeline.transport import MessageReceiver, SocketOptions, open_socket, send_message
 
 NODE_NAMES = ("decoder", "encoder", "tracker", "publisher")
@@ -64,6 +65,17 @@ def node_endpoints(name: str, config: RunConfig) -> NodeEndpoints:
         ),
         "publisher": NodeEndpoints(input=t.masks, publish=t.publish, status=status),
     }[name]
+
+
+def check_source(source: str) -> None:
+    """Fail fast on a source that cannot work, before four processes load models: a
+    missing file, a missing webcam device, an empty filter graph. Cameras that exist but
+    do not answer are the decoder's business (open timeout)."""
+    if not source:
+        raise SourceError("no video source given: use --source or decoder.source")
+    spec = parse_source(source)
+    if spec.kind == "webcam":
+        check_device(spec.url)
 
 
 def is_live(config: RunConfig) -> bool:
@@ -133,6 +145,7 @@ class RunSummary:
     mode: str = "offline"
     timings: dict[str, Any] = field(default_factory=dict)  # FrameTimings.summary()
     dropped: dict[str, int] = field(default_factory=dict)  # frames lost before each node
+    in_flight: int = 0  # frames a node had taken but not passed on when the run was stopped
     reconnects: int = 0
     stopped_by: str | None = None  # the signal that ended the run, None when it ran out
 
@@ -168,8 +181,8 @@ class RunSummary:
             )
         if self.mode == "live":
             drops = ", ".join(f"before {node} {n}" for node, n in self.dropped.items())
-            lines.append(f"dropped (newest frame wins): {drops or 'none'}; "
-                         f"source reconnects: {self.reconnects}")
+            lines.append(f"dropped (newest frame wins): {drops or 'none'}; in flight at "
+                         f"stop: {self.in_flight}; source reconnects: {self.reconnects}")
         lines.extend(f"{kind}: {path}" for kind, path in sorted(self.outputs.items()))
         return "\n".join(lines)
 
@@ -185,6 +198,15 @@ def _dropped(last: dict[str, StatusMessage]) -> dict[str, int]:
     return dropped
 
 
+def _in_flight(last: dict[str, StatusMessage]) -> int:
+    """Frames taken by a node but not passed on: only a stopped run has any."""
+    return sum(
+        max(0, msg.counters.get("frames_in", 0) - msg.counters.get("frames", 0))
+        for name, msg in last.items()
+        if name != "decoder"
+    )
+
+
 def summarize(last: dict[str, StatusMessage], wall_s: float, mode: str,
               stopped_by: str | None = None) -> RunSummary:
     """The summary from each node's last status message."""
@@ -198,6 +220,7 @@ def summarize(last: dict[str, StatusMessage], wall_s: float, mode: str,
         mode=mode,
         timings=publisher.detail.get("timings", {}) if publisher else {},
         dropped=_dropped(last),
+        in_flight=_in_flight(last),
         reconnects=decoder.counters.get("reconnects", 0) if decoder else 0,
         stopped_by=stopped_by,
     )
@@ -277,7 +300,9 @@ def run_pipeline(
     config: RunConfig, *, in_process: bool = False, progress: bool = False
 ) -> RunSummary:
     """Run the graph to the end of its stream, or until SIGTERM/SIGINT (then the summary
-    says ``stopped_by``). Raises RunFailed when a node fails."""
+    says ``stopped_by``). Raises RunFailed when a node fails, SourceError at once (before
+    any node starts) for a source that cannot exist: a missing file or webcam."""
+    check_source(config.decoder.source)
     run_dir = Path(tempfile.mkdtemp(prefix="samstream-"))
     config = resolve_run_config(resolve_endpoints(config, run_dir, in_process=in_process))
     context = zmq.Context() if in_process else zmq.Context.instance()

@@ -32,6 +32,7 @@ __all__ = [
     "SourceSpec",
     "SourceStalled",
     "VideoSource",
+    "check_device",
     "parse_source",
     "redact",
 ]
@@ -75,6 +76,8 @@ def _redacted_url(url: str) -> str:
     if not parts.password:
         return url
     host = parts.hostname or ""
+    if ":" in host:  # IPv6: keep the brackets the URL needs
+        host = f"[{host}]"
     if parts.port:
         host = f"{host}:{parts.port}"
     netloc = f"{parts.username or ''}:***@{host}"
@@ -273,7 +276,7 @@ class VideoSource:
         if self.spec.kind == "file":
             _check_file(self.spec.url)
         if self.spec.kind == "webcam":
-            _check_device(self.spec.url)
+            check_device(self.spec.url)
         started = time.monotonic()
         try:
             container = av.open(
@@ -444,7 +447,7 @@ class VideoSource:
             raise SourceError(
                 f"video source {self.spec.display_name!r}: {consecutive_errors} corrupt packets "
                 f"in a row ({self.corrupt_packets} in total, {self.frames_decoded} frames "
-                f"decoded); giving up. Last error: {error}"
+                f"decoded); giving up. Last error: {redact(str(error), self.spec.url)}"
             ) from error
         return consecutive_errors
 
@@ -473,7 +476,7 @@ def _check_file(path: str) -> None:
         raise SourceError(f"cannot open video file {path!r}: the file is empty (0 bytes)")
 
 
-def _check_device(path: str) -> None:
+def check_device(path: str) -> None:
     """A missing webcam, named with the devices that do exist (FFmpeg says only ENOENT)."""
     if os.path.exists(path):
         return
