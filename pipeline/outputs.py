@@ -44,6 +44,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from pipeline import tracking
+
 __all__ = [
     "MOT_STATES",
     "PALETTE",
@@ -140,12 +142,7 @@ def decode_rle(rle: dict) -> np.ndarray:
 
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     """``(x1, y1, x2, y2)`` around the mask's pixels, x2/y2 exclusive; None if it is empty."""
-    mask = _as_bool_mask(mask, 2, "mask")
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+    return tracking.mask_box(_as_bool_mask(mask, 2, "mask"))
 
 
 def id_mask(masks: np.ndarray, track_ids: Sequence[int], frame_size: tuple[int, int]) -> np.ndarray:
