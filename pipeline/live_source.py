@@ -7,8 +7,9 @@ reports the state, and reconnects with capped exponential back-off until the sou
 (or ``give_up_after_s`` has passed). While it waits it yields ``None`` ticks, so the node
 around it keeps sending heartbeats and notices a stop.
 
-The first open is not retried: a wrong URL or a missing device should fail the run at once
-with a clear error, not retry silently forever.
+The first open is not retried (except a few times when the server answers with an error,
+as a busy one does): a wrong URL or a missing device should fail the run at once with a
+clear error, not retry silently forever.
 
 Timestamps stay monotonic across reconnects: a new connection's pts restart (RTSP starts
 each session near 0), so each session after the first is rebased to continue from the
@@ -28,6 +29,7 @@ from pipeline.sources import DecodedFrame, SourceError, SourceSpec, SourceStalle
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1  # longest wait between ticks while the source is down
+FIRST_OPEN_ATTEMPTS = 3  # for a server that answers "not now" to the very first request
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         """Wait before attempt ``attempt`` (1-based)."""
-        return min(self.max_s, self.initial_s * 2 ** (attempt - 1))
+        # Exponent capped: 2 ** 1024 no longer converts to a float (an outage of ~35 min).
+        return min(self.max_s, self.initial_s * 2 ** min(attempt - 1, 1000))
 
 
 class LiveSource:
@@ -119,10 +122,23 @@ class LiveSource:
         )
 
     def open(self) -> VideoSource:
-        """The first connection; its failure is the caller's error, not a reconnect."""
-        if self._source is None:
+        """The first connection; its failure is the caller's error, not a reconnect.
+
+        Only a server that answered with an error (it may be busy: GStreamer's RTSP server
+        replies 503 while it prepares a stream under load) gets ``FIRST_OPEN_ATTEMPTS``
+        tries; a refused connection, a silent server or a missing device fail at once."""
+        attempt = 0
+        while self._source is None:
+            attempt += 1
             source = self._new_source()
-            source.open()
+            try:
+                source.open()
+            except SourceError as error:
+                if not error.busy or attempt >= FIRST_OPEN_ATTEMPTS:
+                    raise
+                log.info("%s: %s; trying again", self.spec.display_name, error)
+                time.sleep(self.backoff.delay(attempt))
+                continue
             self._source = source
             self.on_event(SourceEvent("connected", session=0))
         return self._source
@@ -176,11 +192,14 @@ class LiveSource:
             attempt += 1
             delay = self.backoff.delay(attempt)
             down_s = time.monotonic() - down_since
-            if self.give_up_after_s is not None and down_s + delay > self.give_up_after_s:
-                raise SourceError(
-                    f"video source {self.spec.display_name!r} has been gone for {down_s:.1f} s "
-                    f"(give_up_after_s {self.give_up_after_s:g}); last error: {error}"
-                )
+            if self.give_up_after_s is not None:
+                if down_s >= self.give_up_after_s:
+                    raise SourceError(
+                        f"video source {self.spec.display_name!r} has been gone for "
+                        f"{down_s:.1f} s (give_up_after_s {self.give_up_after_s:g}); "
+                        f"last error: {error}"
+                    )
+                delay = min(delay, self.give_up_after_s - down_s)  # a last try at the limit
             self.on_event(
                 SourceEvent(
                     "reconnecting",

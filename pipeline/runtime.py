@@ -15,7 +15,8 @@ A node is a class with declared ports and per-message methods that never touch a
   only the newest frame (`NewestInbox`), so a slow node always works on the newest frame,
   nothing queues up in between, and a send never blocks. Replaced frames are counted
   (``dropped_newest_wins``); they also show as gaps in the sequence numbers a node
-  receives (``input_gaps``). End-of-stream and status messages are never dropped.
+  receives (``input_gaps``). The end-of-stream marker is never dropped, nor the latest
+  status of any node.
 
 Each node binds its input and connects its output, so nodes can start in any order. Every
 node PUSHes status messages to the launcher's status endpoint; a status message that
@@ -137,12 +138,14 @@ class Node:
 
 class NewestInbox:
     """Live input: a thread drains the input socket as fast as messages arrive and keeps
-    only the newest data message, dropping (and counting) the one it replaces.
+    only the newest data message, dropping (and counting) the one it replaces, and the
+    newest status message of each node.
 
     ZeroMQ's own CONFLATE would do the dropping, but it cannot hold multipart messages and
     it discards a queued message when its sender disconnects: the end-of-stream marker of a
-    node that has just finished would be lost. Here the end marker and status messages are
-    never dropped. The thread owns the socket until `close`, so nothing else may use it.
+    node that has just finished would be lost. Here the end marker is never dropped, nor
+    the latest status of any node. The thread owns the socket until `close`, so nothing
+    else may use it.
     """
 
     def __init__(self, receiver: MessageReceiver) -> None:
@@ -150,7 +153,8 @@ class NewestInbox:
         self._cond = threading.Condition()
         self._newest: Message | None = None
         self._end: EndOfStream | None = None
-        self._statuses: deque[StatusMessage] = deque(maxlen=100)
+        # The latest status of each node: a newer one says all an older one did.
+        self._statuses: dict[str, StatusMessage] = {}
         self._closing = threading.Event()
         self.dropped = 0
         self._thread = threading.Thread(target=self._drain, name="samstream-inbox", daemon=True)
@@ -165,7 +169,8 @@ class NewestInbox:
                 if isinstance(msg, EndOfStream):
                     self._end = msg
                 elif isinstance(msg, StatusMessage):
-                    self._statuses.append(msg)
+                    self._statuses.pop(msg.node, None)  # re-insert: keep arrival order
+                    self._statuses[msg.node] = msg
                 else:
                     if self._newest is not None:
                         self.dropped += 1
@@ -183,7 +188,7 @@ class NewestInbox:
                 self._cond.wait(timeout_s)
             newest, self._newest = self._newest, None
             end = self._end if newest is None else None
-            statuses = list(self._statuses)
+            statuses = list(self._statuses.values())
             self._statuses.clear()
         return newest, end, statuses
 
@@ -308,12 +313,16 @@ class NodeRunner:
             self.send_status()
 
     # -- sending with back-pressure that still notices a stop -----------------------------
-    def _send(self, msg: Message) -> None:
+    def _publish(self, msg: Message) -> None:
+        """Out on the PUB socket, if this node has one; PUB drops rather than blocks."""
         if self._sockets.publish is not None:
             try:
                 send_message(self._sockets.publish, msg, flags=zmq.NOBLOCK)
             except zmq.Again:
                 self.node.count("publish_dropped")
+
+    def _send(self, msg: Message) -> None:
+        self._publish(msg)
         out = self._sockets.output
         if out is None:
             return
@@ -392,7 +401,7 @@ class NodeRunner:
                     end = msg
                     break
                 if isinstance(msg, StatusMessage):
-                    self._relay(msg)
+                    self._publish(msg)  # another node's status, relayed by the launcher
                     continue
                 self._count_gap(msg)
                 batch.append(msg)
@@ -416,7 +425,7 @@ class NodeRunner:
                     self._serve_command()
                 msg, end, statuses = inbox.take(LIVE_WAIT_S)
                 for status in statuses:
-                    self._relay(status)
+                    self._publish(status)  # another node's, relayed by the launcher
                 self.node.counters["rejected_messages"] = receiver.rejected
                 self.node.counters["dropped_newest_wins"] = inbox.dropped
                 if msg is not None:
@@ -432,13 +441,6 @@ class NodeRunner:
         finally:
             inbox.close()
 
-    def _relay(self, status: StatusMessage) -> None:
-        """Another node's status, relayed by the launcher: out to consumers on PUB."""
-        if self._sockets.publish is not None:
-            try:
-                send_message(self._sockets.publish, status, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                pass
 
     def _count_gap(self, msg: Message) -> None:
         """Count sequence numbers skipped before ``msg`` (frames dropped upstream)."""

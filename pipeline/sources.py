@@ -50,10 +50,33 @@ RTSP_DEFAULT_OPTIONS = {"rtsp_transport": "tcp"}
 # history. They are put into the URL handed to FFmpeg, never into anything printed.
 RTSP_USER_ENV = "SAMSTREAM_RTSP_USER"
 RTSP_PASSWORD_ENV = "SAMSTREAM_RTSP_PASSWORD"
+# An RTSP server's error replies, as FFmpeg reports them, and what to tell the user.
+_RTSP_REPLIES: tuple[tuple[type[Exception], str], ...] = (
+    (av.error.HTTPUnauthorizedError, "401 Unauthorized: wrong or missing credentials (in the "
+     f"URL, or ${RTSP_USER_ENV} / ${RTSP_PASSWORD_ENV})"),
+    (av.error.HTTPForbiddenError, "403 Forbidden: this user may not open this stream"),
+    (av.error.HTTPNotFoundError, "404 Not Found: the server has no stream at that path"),
+    (av.error.HTTPServerError, "the server answered with a 5XX error: busy or failing"),
+)
+
+
+def _server_busy(spec: SourceSpec, error: Exception) -> bool:
+    """An RTSP error reply that a retry may get past (5XX, or one FFmpeg has no code for)."""
+    if spec.kind != "rtsp":
+        return False
+    no_code = getattr(error, "errno", None) == errno.EPERM
+    return isinstance(error, av.error.HTTPServerError) or no_code
 
 
 class SourceError(RuntimeError):
-    """A video source cannot be opened or read; the message names the source and the problem."""
+    """A video source cannot be opened or read; the message names the source and the problem.
+
+    ``busy``: the source answered but refused for now (an RTSP server's error reply), so a
+    retry can work, unlike a refused connection or a missing device."""
+
+    def __init__(self, message: str, *, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
 
 
 class SourceStalled(SourceError):
@@ -291,9 +314,12 @@ class VideoSource:
                 # When the timeout interrupts it, FFmpeg reports whatever error the protocol
                 # was left with (RTSP says "invalid data"), so the clock is the reliable sign.
                 problem = f"no answer within the open timeout of {self.open_timeout_s:g} s"
-                raise SourceStalled(f"cannot open video source {name!r}: {problem}") from error
+                raise SourceStalled(f"cannot open video source {name!r}: {problem}") from None
             problem = redact(_open_problem(self.spec, error), self.spec.url)
-            raise SourceError(f"cannot open video source {name!r}: {problem}") from error
+            busy = _server_busy(self.spec, error)
+            # `from None` here and below: FFmpeg's exception text holds the URL, password
+            # included, and a logged traceback would print it; the message says the problem.
+            raise SourceError(f"cannot open video source {name!r}: {problem}", busy=busy) from None
 
         if not container.streams.video:
             found = ", ".join(f"{s.type} stream" for s in container.streams) or "no streams at all"
@@ -395,7 +421,7 @@ class VideoSource:
                     raise SourceError(
                         f"reading video source {self.spec.display_name!r} failed: "
                         f"{redact(str(error), self.spec.url)}"
-                    ) from error
+                    ) from None
                 # Damaged container data. PyAV's demux generator ends at an error, so resume
                 # reading with a new one: the demuxer continues after the bad bytes.
                 consecutive_errors = self._count_corrupt(error, consecutive_errors)
@@ -426,9 +452,9 @@ class VideoSource:
         # ExitError is FFmpeg's answer to the timeout's interrupt: nothing else raises it.
         if isinstance(error, av.ExitError) or silent >= 0.9 * self.read_timeout_s:
             raise SourceStalled(
-                f"video source {self.spec.display_name!r} stalled: no data for {silent:.1f} s "
-                f"(read timeout {self.read_timeout_s:g} s)"
-            ) from error
+                f"video source {self.spec.display_name!r} stalled: no data within the read "
+                f"timeout of {self.read_timeout_s:g} s"
+            ) from None
 
     def _demux(self) -> Iterator[av.Packet]:
         """The video stream's packets, ending with the empty packet that flushes the decoder."""
@@ -448,7 +474,7 @@ class VideoSource:
                 f"video source {self.spec.display_name!r}: {consecutive_errors} corrupt packets "
                 f"in a row ({self.corrupt_packets} in total, {self.frames_decoded} frames "
                 f"decoded); giving up. Last error: {redact(str(error), self.spec.url)}"
-            ) from error
+            ) from None
         return consecutive_errors
 
     def _to_decoded(self, frame: av.VideoFrame, decode_start: float) -> DecodedFrame:
@@ -496,6 +522,12 @@ def _open_problem(spec: SourceSpec, error: Exception) -> str:
         return f"not a working video capture device ({error})"
     if spec.kind == "rtsp" and code == errno.ECONNREFUSED:
         return f"connection refused: no RTSP server is listening there ({error})"
+    if spec.kind == "rtsp":
+        for kind, problem in _RTSP_REPLIES:
+            if isinstance(error, kind):
+                return f"{problem} ({error})"
+        if code == errno.EPERM:  # what FFmpeg makes of an error reply it has no code for
+            return f"the server refused the request (an RTSP error reply) ({error})"
     if isinstance(error, av.InvalidDataError):
         if spec.kind == "file" and _mp4_without_moov(spec.url):
             return (

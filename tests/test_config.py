@@ -268,3 +268,137 @@ def test_validate_config_checks_replaced_values() -> None:
     cfg = dataclasses.replace(RunConfig(), encoder=EncoderConfig(image_size=100))
     with pytest.raises(ConfigError, match=r"encoder\.image_size: must be a positive multiple"):
         validate_config(cfg)
+
+
+# -- live mode keys --------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+LIVE_YAMLS = [CONFIGS / "webcam.yaml", CONFIGS / "rtsp.yaml"]
+
+
+def test_live_keys_are_typed() -> None:
+    cfg = config_from_dict(
+        {
+            "decoder": {
+                "read_timeout_s": 2,
+                "rtsp_transport": "udp",
+                "reconnect_initial_s": 0.25,
+                "reconnect_max_s": 0.25,  # equal to the initial wait is fine
+                "give_up_after_s": 30,
+                "video_size": "1280x720",
+                "framerate": 30,
+                "pixel_format": "mjpeg",
+            },
+            "encoder": {"device": "auto", "image_size": None},
+            "tracker": {"device": "auto", "lost_after_gap_s": 2.5},
+            "live": {"mode": "live", "budget_ms": 50},
+        }
+    )
+    d = cfg.decoder
+    assert (d.read_timeout_s, d.rtsp_transport, d.reconnect_initial_s, d.reconnect_max_s) == (
+        2.0, "udp", 0.25, 0.25
+    )
+    assert isinstance(d.read_timeout_s, float) and isinstance(d.framerate, float)
+    assert (d.give_up_after_s, d.video_size, d.framerate, d.pixel_format) == (
+        30.0, "1280x720", 30.0, "mjpeg"
+    )
+    assert cfg.encoder.device == "auto" and cfg.encoder.image_size is None
+    assert cfg.tracker.device == "auto" and cfg.tracker.lost_after_gap_s == 2.5
+    assert cfg.live.mode == "live" and cfg.live.budget_ms == 50.0
+    for mode in ("auto", "offline"):
+        assert config_from_dict({"live": {"mode": mode}}).live.mode == mode
+    # The defaults: auto everything, keep retrying.
+    defaults = RunConfig()
+    assert defaults.live.mode == "auto" and defaults.live.budget_ms is None
+    assert defaults.encoder.device == defaults.tracker.device == "auto"
+    assert defaults.encoder.image_size is None and defaults.decoder.give_up_after_s is None
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"decoder": {"read_timeout_s": 0}}, "decoder.read_timeout_s"),
+        ({"decoder": {"rtsp_transport": "http"}}, "decoder.rtsp_transport"),
+        ({"decoder": {"reconnect_initial_s": 0}}, "decoder.reconnect_initial_s"),
+        ({"decoder": {"reconnect_max_s": -1}}, "decoder.reconnect_max_s"),
+        ({"decoder": {"reconnect_initial_s": 3, "reconnect_max_s": 2}}, "decoder.reconnect_max_s"),
+        ({"decoder": {"reconnect_initial_s": 3}}, "decoder.reconnect_max_s"),  # default max 2
+        ({"decoder": {"give_up_after_s": 0}}, "decoder.give_up_after_s"),
+        ({"decoder": {"video_size": "640"}}, "decoder.video_size"),
+        ({"decoder": {"video_size": "640x0"}}, "decoder.video_size"),
+        ({"decoder": {"video_size": "640X480"}}, "decoder.video_size"),
+        ({"decoder": {"framerate": 0}}, "decoder.framerate"),
+        ({"decoder": {"pixel_format": "yuyv 422"}}, "decoder.pixel_format"),
+        ({"tracker": {"lost_after_gap_s": 0}}, "tracker.lost_after_gap_s"),
+        ({"tracker": {"device": "gpu"}}, "tracker.device"),
+        ({"live": {"mode": "realtime"}}, "live.mode"),
+        ({"live": {"budget_ms": 0}}, "live.budget_ms"),
+        ({"live": {"budget_ms": float("nan")}}, "live.budget_ms"),
+        ({"encoder": {"device": "automatic"}}, "encoder.device"),
+    ],
+)
+def test_bad_live_values_are_rejected(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^<config>: {re.escape(key)}: must"):
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"decoder": {"read_timeout_s": None}}, "decoder.read_timeout_s"),
+        ({"decoder": {"video_size": [640, 480]}}, "decoder.video_size"),
+        ({"decoder": {"framerate": "30"}}, "decoder.framerate"),
+        ({"live": {"budget_ms": True}}, "live.budget_ms"),
+        ({"live": {"fast": True}}, "live.fast"),
+    ],
+)
+def test_wrong_live_types_are_rejected(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^<config>: {re.escape(key)}: (expected|unknown)"):
+        config_from_dict(data)
+
+
+def test_live_overrides() -> None:
+    cfg = load_config(overrides=["live.mode=live", "decoder.video_size=640x480",
+                                 "encoder.image_size=null", "decoder.give_up_after_s=60"])
+    assert cfg.live.mode == "live" and cfg.decoder.video_size == "640x480"
+    assert cfg.encoder.image_size is None and cfg.decoder.give_up_after_s == 60.0
+    with pytest.raises(ConfigError, match=r"--set decoder\.reconnect_max_s=0\.1: "
+                                          r"decoder\.reconnect_max_s: must be at least"):
+        load_config(overrides=["decoder.reconnect_max_s=0.1"])
+
+
+@pytest.mark.parametrize("path", LIVE_YAMLS, ids=lambda p: p.name)
+def test_live_yamls_comment_every_key(path: Path) -> None:
+    missing = [
+        f"{number}: {line}"
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#") and " # " not in line
+    ]
+    assert not missing, "keys without a comment:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("path", LIVE_YAMLS, ids=lambda p: p.name)
+def test_live_yamls_load_and_resolve_to_live(path: Path) -> None:
+    from pipeline.live import CPU_BUDGET_MS, CPU_LIVE_IMAGE_SIZE, resolve_run_config
+
+    cfg = load_config(path)
+    assert cfg.live.mode == "live"
+    assert cfg.encoder.image_size is None and cfg.live.budget_ms is None
+    assert cfg.encoder.device == cfg.tracker.device == "auto"
+    cpu = resolve_run_config(cfg, cuda_available=lambda: False)
+    assert cpu.live.mode == "live"
+    assert (cpu.encoder.device, cpu.tracker.device) == ("cpu", "cpu")
+    assert cpu.encoder.image_size == CPU_LIVE_IMAGE_SIZE and cpu.live.budget_ms == CPU_BUDGET_MS
+    gpu = resolve_run_config(cfg, cuda_available=lambda: True)
+    assert gpu.encoder.image_size == 1024 and gpu.encoder.device == "cuda"
+    validate_config(cpu)
+    # With live.mode auto, the camera source alone makes the run live.
+    source = "/dev/video0" if path.name == "webcam.yaml" else "rtsp://cam.local/stream"
+    auto = load_config(path, [f"decoder.source={source}", "live.mode=auto"])
+    assert resolve_run_config(auto, cuda_available=lambda: False).live.mode == "live"
+
+
+def test_webcam_yaml_asks_the_camera_for_its_format() -> None:
+    cfg = load_config(CONFIGS / "webcam.yaml")
+    assert cfg.decoder.source == "/dev/video0"
+    assert cfg.decoder.video_size == "640x480" and cfg.decoder.framerate == 30.0

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from nodes.tracker import TrackerNode
+from pipeline.config import TrackerConfig
+from pipeline.messages import EmbeddingMessage, FrameMeta
 from pipeline.tracking import (
     MAX_TRACK_ID,
     DecodedMasks,
@@ -454,3 +457,108 @@ def test_frame_size_known_only_at_the_first_frame():
     assert [row["id"] for row in tracker.list()] == [good]
     with pytest.raises(ValueError, match="frame_size"):
         tracker.set_frame_size((0, 320))
+
+
+# --------------------------------------------------------------------------- lose_all
+
+
+def test_lose_all_reports_running_tracks_lost_and_keeps_pending_prompts():
+    tracker, decoder = make()
+    a = tracker.add(box=moving_box(0))
+    b = tracker.add(box=(200, 150, 260, 210))
+    later = tracker.add(box=(100, 100, 140, 150), frame=50)  # pending until frame 50
+    still = {"a": (moving_box(0), 0.9), "b": ((200, 150, 260, 210), 0.9)}
+    for frame in range(4):
+        decoder.objects = {**still, "a": (moving_box(frame), 0.9)}
+        tracker.step(frame)
+    decoder.objects = {"a": (moving_box(4), 0.9), "b": ((200, 150, 260, 210), 0.2)}
+    assert by_id(tracker.step(4))[b].state is TrackState.COASTING
+    expected = {
+        tid: (tracker.tracks[tid].predicted_box, tracker.tracks[tid].frames_since_update,
+              tracker.tracks[tid].last_score, tracker.tracks[tid].last_innovation)
+        for tid in (a, b)
+    }
+    calls = len(decoder.calls)
+
+    lost = tracker.lose_all()
+
+    assert [out.track_id for out in lost] == [a, b]
+    for out in lost:
+        box, frames_since_update, score, innovation = expected[out.track_id]
+        assert out.state is TrackState.LOST
+        assert out.mask.shape == SIZE and out.mask.dtype == bool and not out.mask.any()
+        assert close(out.box, box, 1e-6)
+        assert out.frames_since_update == frames_since_update
+        assert out.score == score and out.innovation == innovation
+    assert by_id(lost)[b].frames_since_update == 1 and by_id(lost)[b].score == pytest.approx(0.2)
+    assert len(decoder.calls) == calls  # nothing decoded
+    assert dict(tracker.tracks) == {}
+    assert [(row["id"], row["pending"]) for row in tracker.list()] == [(later, True)]
+    assert tracker.lose_all() == []  # already gone: reported once
+    for tid in (a, b):
+        with pytest.raises(ValueError, match="unknown track id"):
+            tracker.update_box(tid, moving_box(5))
+
+    # The lost tracks are not decoded again; the pending prompt starts at its frame and new
+    # prompts get fresh ids.
+    decoder.objects = {"c": ((100, 100, 140, 150), 0.9)}
+    assert tracker.step(5) == []
+    assert len(decoder.calls) == calls
+    (out,) = tracker.step(50)
+    assert out.track_id == later and out.state is TrackState.TENTATIVE
+    assert tracker.add(box=moving_box(0)) == later + 1
+
+
+def test_lose_all_without_tracks():
+    tracker = PromptTracker(SceneDecoder())  # frame size unknown yet
+    pending = tracker.add(box=moving_box(0))
+    assert tracker.lose_all() == []
+    assert [row["id"] for row in tracker.list()] == [pending]
+    tracker, _ = make()
+    assert tracker.lose_all() == []
+
+
+def test_lose_all_forgets_a_corrected_track():
+    tracker, decoder = make()
+    tid = tracker.add(box=moving_box(0))
+    decoder.objects = {"a": (moving_box(0), 0.9)}
+    tracker.step(0)
+    tracker.update_box(tid, moving_box(3))  # restarts there at the next step
+    (out,) = tracker.lose_all()
+    assert out.track_id == tid and out.state is TrackState.LOST
+    assert close(out.box, moving_box(3), 1e-6)  # the corrected box, not the old one
+    calls = len(decoder.calls)
+    assert tracker.step(1) == []  # no stale restart left behind
+    assert len(decoder.calls) == calls
+
+
+def _embedding_message(frame: int, session: int, capture_time: float) -> EmbeddingMessage:
+    meta = FrameMeta("cam0", frame, frame, frame, (1, 25), capture_time, session=session)
+    return EmbeddingMessage(meta=meta, embedding=np.zeros((1, 2, 2), np.float16),
+                            embedding_dtype="float16", original_size=SIZE,
+                            input_size=SIZE)
+
+
+def test_tracker_node_coasts_through_a_short_outage_and_loses_tracks_after_a_long_one():
+    """A new source session (the camera reconnected): after a gap shorter than
+    lost_after_gap_s the tracks carry on; after a longer one every track is reported lost."""
+    node = TrackerNode(TrackerConfig(lost_after_gap_s=5.0), weights="unused.pt", image_size=256)
+    tracker, decoder = make()
+    node.tracker = tracker
+    tid = tracker.add(box=moving_box(0))
+    for frame in range(4):
+        decoder.objects = {"a": (moving_box(frame), 0.9)}
+        assert node._after_outage(_embedding_message(frame, 0, 100.0 + frame * 0.1)) == []
+        tracker.step(frame)
+    # Reconnected 2 s later: nothing is lost, the track is still followed.
+    assert node._after_outage(_embedding_message(4, 1, 102.3)) == []
+    decoder.objects = {"a": (moving_box(4), 0.9)}
+    assert by_id(tracker.step(4))[tid].state is TrackState.TRACKED
+    assert node.counters == {"outages_coasted": 1}
+    # Reconnected 8 s after the last frame: the track is reported lost and forgotten.
+    lost = node._after_outage(_embedding_message(5, 2, 110.3))
+    assert [(out.track_id, out.state) for out in lost] == [(tid, TrackState.LOST)]
+    assert not lost[0].mask.any()
+    assert dict(tracker.tracks) == {}
+    assert node.counters["tracks_lost_to_outages"] == 1
+    assert node.detail["last_outage_s"] == pytest.approx(8.0)
