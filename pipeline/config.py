@@ -61,6 +61,7 @@ class EncoderConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast)
     image_size: int | None = None  # multiple of 16; None: 1024, or 512 for live runs on a CPU
     batch_size: int = 4  # frames encoded together when several are waiting
+    threads: int | None = None  # torch threads of its process on a CPU; None: every core
     embedding_dtype: str = "float16"  # float16 | bfloat16 | float32 on the wire
 
 
@@ -86,6 +87,7 @@ class TrackerConfig:
     confirm_frames: int = 2  # good frames before a tentative track is tracked
     use_mask_prompt: bool = True  # feed the previous low-res mask back as a mask prompt
     lost_after_gap_s: float = 5.0  # a live source gone longer than this: every track is lost
+    threads: int | None = None  # torch threads of its process on a CPU; None: a quarter of cores
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
         "dtype": _choice("float32", "bfloat16", "float16"),
         "image_size": _rule(lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"),
         "batch_size": _AT_LEAST_1,
+        "threads": _AT_LEAST_1,
         "embedding_dtype": _choice("float16", "bfloat16", "float32"),
     },
     PromptConfig: {
@@ -220,6 +223,7 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
         "max_coast_frames": _rule(lambda v: v >= 0, "at least 0"),
         "confirm_frames": _AT_LEAST_1,
         "lost_after_gap_s": _POSITIVE,
+        "threads": _AT_LEAST_1,
     },
     LiveConfig: {
         "mode": _choice("auto", "live", "offline"),

@@ -54,7 +54,10 @@ class ImageEmbedding:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device, with a clear error when CUDA is asked for but absent."""
+    """A torch device ("auto": CUDA when there is a GPU), with a clear error when CUDA is
+    asked for but absent."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError as err:
@@ -103,7 +106,8 @@ class SAM:
     """MobileSAM for images: load the checkpoint, encode an image once, decode prompts in a batch.
 
     weights: a path to `mobile_sam.pt` (official layout), or the bare name `mobile_sam.pt`
-    to use $SAMSTREAM_WEIGHTS, the cache, or a download. device: "cpu", "cuda", "cuda:1".
+    to use $SAMSTREAM_WEIGHTS, the cache, or a download. device: "auto", "cpu", "cuda",
+    "cuda:1".
     dtype: "float32" (exact), "bfloat16" or "float16" (autocast: faster, less exact).
     image_size: the encoder's input side, 1024 as trained; 512 or 768 for speed.
     """

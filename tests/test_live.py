@@ -4,6 +4,7 @@ a live NodeRunner pair, all on the CPU with real ZeroMQ sockets (no models)."""
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,8 +22,10 @@ from pipeline.config import (
     LiveConfig,
     RunConfig,
     TrackerConfig,
+    load_config,
     validate_config,
 )
+from pipeline.launcher import node_environment
 from pipeline.live import (
     CPU_BUDGET_MS,
     CPU_LIVE_IMAGE_SIZE,
@@ -596,3 +599,15 @@ def test_live_middle_node_never_blocks_on_a_missing_consumer(ctx: zmq.Context) -
     assert frames_out == sorted(frames_out)
     dead_end.close(linger=0)
 
+
+
+def test_node_processes_get_a_torch_thread_budget() -> None:
+    cores = len(os.sched_getaffinity(0))
+    config = RunConfig()
+    assert node_environment("encoder", config)["OMP_NUM_THREADS"] == str(cores)
+    assert node_environment("tracker", config)["OMP_NUM_THREADS"] == str(max(1, cores // 4))
+    assert node_environment("decoder", config).get("OMP_NUM_THREADS") == os.environ.get(
+        "OMP_NUM_THREADS")
+    chosen = load_config(None, ["encoder.threads=3", "tracker.threads=2"])
+    assert node_environment("encoder", chosen)["OMP_NUM_THREADS"] == "3"
+    assert node_environment("tracker", chosen)["OMP_NUM_THREADS"] == "2"

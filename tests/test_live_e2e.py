@@ -157,6 +157,11 @@ def test_rtsp_masks_flow_and_survive_three_server_restarts(
         run.wait_until("first masks", lambda: len(run.frames) >= 5, STARTUP_S)
         children = _children(run.proc.pid)
         decoder = run.node_pid("decoder")
+        # Each node process runs with its torch thread budget (a quarter of the cores for
+        # the tracker, leaving the rest to the encoder).
+        tracker_env = Path(f"/proc/{run.node_pid('tracker')}/environ").read_bytes().split(b"\0")
+        cores = len(os.sched_getaffinity(0))
+        assert f"OMP_NUM_THREADS={max(1, cores // 4)}".encode() in tracker_env
         fds_before = fd_count(decoder)
         for session in range(3):
             # Stop the camera while connection `session` streams; it must be reported lost,
