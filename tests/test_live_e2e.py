@@ -50,7 +50,8 @@ class LiveRun:
     frame and every node status with the time it arrived (time.monotonic)."""
 
     def __init__(self, source: str, checkpoint: Path, *args: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, server: RtspServer | None = None) -> None:
+        self.server = server  # named in failure messages: is the camera still up?
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.cmd = [sys.executable, "-m", "pipeline.cli", "run", "--source", source,
                     "--box", "20", "20", "80", "80", "--weights", str(checkpoint),
@@ -92,7 +93,12 @@ class LiveRun:
                     return time.monotonic() - start
             if self.proc is not None and self.proc.poll() is not None:
                 self.finish()
-                pytest.fail(f"the run ended while waiting for {what}:\n{self.stderr[-3000:]}")
+                camera = ""
+                if self.server is not None and self.server.process is not None:
+                    code = self.server.process.poll()
+                    camera = f"\nRTSP server: {'running' if code is None else f'exited {code}'}"
+                pytest.fail(f"the run ended while waiting for {what}:\n{self.stderr[-3000:]}"
+                            + camera)
             time.sleep(0.02)
         pytest.fail(f"no {what} within {timeout_s} s")
 
@@ -153,7 +159,7 @@ def test_rtsp_masks_flow_and_survive_three_server_restarts(
 ) -> None:
     needs_rtsp()
     clip = make_clip(tmp_path / "clip.mp4", frames=50, size=(160, 120), fps=10)
-    with RtspServer(clip) as server, LiveRun(server.url, checkpoint) as run:
+    with RtspServer(clip) as server, LiveRun(server.url, checkpoint, server=server) as run:
         run.wait_until("first masks", lambda: len(run.frames) >= 5, STARTUP_S)
         children = _children(run.proc.pid)
         decoder = run.node_pid("decoder")
@@ -228,7 +234,8 @@ def test_slow_encoder_keeps_latency_bounded(checkpoint: Path, tmp_path: Path) ->
     needs_rtsp()
     clip = make_clip(tmp_path / "clip.mp4", frames=50, size=(160, 120), fps=10)
     slow = {"SAMSTREAM_TEST_ENCODER_DELAY_MS": "200"}  # 10 fps source, encoder < 5 fps
-    with RtspServer(clip) as server, LiveRun(server.url, checkpoint, env=slow) as run:
+    with RtspServer(clip) as server, LiveRun(server.url, checkpoint, env=slow,
+                                             server=server) as run:
         run.wait_until("first masks", lambda: len(run.frames) >= 3, STARTUP_S)
         start = time.monotonic()
         run.wait_until("20 s of masks", lambda: time.monotonic() - start >= 20, 30)
