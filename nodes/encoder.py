@@ -45,6 +45,8 @@ class EncoderNode(Node):
         self.weights = weights
         # The frame travels on only when a later node draws on it (the overlay video).
         self.carry_images = carry_images
+        if config.batch_size is None:
+            raise ValueError("encoder.batch_size must be resolved (pipeline.live) first")
         self.max_batch = config.batch_size
         self.sam: SAM | None = None
         self.extra_delay_s = float(os.environ.get(DELAY_ENV, "0") or 0) / 1000

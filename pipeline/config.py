@@ -60,7 +60,7 @@ class EncoderConfig:
     device: str = "auto"  # auto (cuda when there is a GPU) | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast)
     image_size: int | None = None  # multiple of 16; None: 1024, or 512 for live runs on a CPU
-    batch_size: int = 4  # frames encoded together when several are waiting
+    batch_size: int | None = None  # frames encoded together when several wait; None: 4 GPU, 1 CPU
     threads: int | None = None  # torch threads of its process on a CPU; None: every core
     embedding_dtype: str = "float16"  # float16 | bfloat16 | float32 on the wire
 

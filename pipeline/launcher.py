@@ -151,12 +151,24 @@ class RunSummary:
 
     @property
     def fps(self) -> float:
+        """Frames out per second of the whole run, model loading included."""
         return self.frames_out / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def steady_fps(self) -> float | None:
+        """Frames out per second from the first published frame to the last: the rate once
+        the models are loaded (None with fewer than 2 frames)."""
+        first, last = self.timings.get("first_time"), self.timings.get("last_time")
+        if self.frames_out < 2 or first is None or last is None or last <= first:
+            return None
+        return (self.frames_out - 1) / (last - first)
 
     def format(self) -> str:
         lines = [
             f"frames in {self.frames_in}, out {self.frames_out}, {self.wall_s:.1f} s, "
-            f"{self.fps:.2f} frames/s ({self.mode})"
+            f"{self.fps:.2f} frames/s"
+            + (f" ({self.steady_fps:.2f} after the first frame)" if self.steady_fps else "")
+            + f" ({self.mode})"
             + (f", stopped by {self.stopped_by}" if self.stopped_by else ""),
             f"{'stage':<10} {'messages':>8} {'median ms':>10} {'p95 ms':>8}",
         ]

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import statistics
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 GPU_BUDGET_MS = 12.0  # MobileSAM's promise on a GPU: 8 ms encoder + 4 ms decoder
 CPU_BUDGET_MS = 400.0  # a 512 encode (~230 ms here) + one object's masks on 2 cores
 CPU_LIVE_IMAGE_SIZE = 512  # 4x fewer pixels than 1024: about 5x faster on a CPU
+GPU_BATCH = 4  # frames encoded together on a GPU when several are waiting (offline)
 STAGES = ("decode", "encoder", "tracker", "publish")
 WINDOW = 100_000  # frames kept for the statistics (the most recent)
 
@@ -49,7 +51,7 @@ def resolve_run_config(
     config: RunConfig, *, cuda_available: Callable[[], bool] = _cuda_available
 ) -> RunConfig:
     """``config`` with every "auto" made concrete: live.mode, the devices, the encoder's
-    image size and the budget. Resolving a resolved config changes nothing."""
+    image size and batch size, and the budget. Resolving a resolved config changes nothing."""
     live = config.live
     mode = live.mode
     if mode == "auto":
@@ -65,6 +67,9 @@ def resolve_run_config(
     if encoder.image_size is None:
         size = CPU_LIVE_IMAGE_SIZE if mode == "live" and not on_gpu else 1024
         encoder = dataclasses.replace(encoder, image_size=size)
+    if encoder.batch_size is None:
+        # Batching feeds a GPU; on a CPU it measured slower per frame than one at a time.
+        encoder = dataclasses.replace(encoder, batch_size=GPU_BATCH if on_gpu else 1)
     budget = live.budget_ms
     if budget is None:
         budget = GPU_BUDGET_MS if on_gpu else CPU_BUDGET_MS
@@ -101,9 +106,14 @@ class FrameTimings:
         self._interval_frames = 0
         self._interval_over = 0
         self._interval_latency: list[float] = []
+        self.first_time: float | None = None  # wall clock of the first and last frame
+        self.last_time: float | None = None
 
     def add(self, timings: Mapping[str, float]) -> float:
         """Record one frame; returns its processing time (sum of its stage times)."""
+        now = time.time()
+        self.first_time = self.first_time or now
+        self.last_time = now
         processing = sum(timings.get(stage, 0.0) for stage in STAGES)
         for key, value in (*timings.items(), ("processing", processing)):
             self._stages.setdefault(key, deque(maxlen=WINDOW)).append(value)
@@ -140,5 +150,7 @@ class FrameTimings:
             "frames": self.frames,
             "within_budget": self.within_budget,
             "share_within_budget": None if share is None else round(share, 4),
+            "first_time": self.first_time,
+            "last_time": self.last_time,
             "ms": {key: percentiles(values) for key, values in self._stages.items()},
         }
