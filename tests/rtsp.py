@@ -107,8 +107,8 @@ def free_port() -> int:
 class RtspServer:
     """``rtsp://127.0.0.1:PORT/stream`` served by a GStreamer subprocess.
 
-    Give ``media`` (an H.264 mp4, e.g. from `media.make_clip`; looped forever unless
-    ``loop=False``) or ``testsrc`` (``"WxH@FPS"``, a live RTP/JPEG test pattern; sizes are
+    Give ``media`` (an H.264 mp4, e.g. from `media.make_clip`, served once: its length is how
+    long the camera streams) or ``testsrc`` (``"WxH@FPS"``, a live RTP/JPEG test pattern; sizes are
     multiples of 8). ``port=None`` lets the server pick a free port on the first start;
     `restart` always comes back on the port the server had, as a rebooted camera does.
     """
@@ -119,7 +119,6 @@ class RtspServer:
         port: int | None = None,
         testsrc: str | None = None,
         *,
-        loop: bool = True,
         path: str = "/stream",
     ) -> None:
         if (media is None) == (testsrc is None):
@@ -127,7 +126,6 @@ class RtspServer:
         self.media = media
         self.port = port
         self.testsrc = testsrc
-        self.loop = loop
         self.path = path
         self.process: subprocess.Popen[bytes] | None = None
         self.stderr = ""  # what the last stopped server wrote there, for assertion messages
@@ -144,7 +142,7 @@ class RtspServer:
         command += ["--path", self.path]
         if self.testsrc is not None:
             return [*command, "--testsrc", self.testsrc]
-        return [*command, "--media", str(self.media)] + (["--loop"] if self.loop else [])
+        return [*command, "--media", str(self.media)]
 
     def start(self, timeout_s: float = 10.0) -> RtspServer:
         """Start the server and return once it listens (its READY line), within ``timeout_s``.

@@ -38,6 +38,9 @@ LIVE_FAST = [
     "--set", "publisher.status_interval_s=0.5",
 ]
 STARTUP_S = 120  # four processes importing torch on a busy 2-core machine
+# The camera serves its clip once: 4 minutes at 10 fps outlasts every test, startup included,
+# so the clip's end never passes for a dropped connection.
+CAMERA_FRAMES = 2400
 
 
 def needs_rtsp() -> None:
@@ -158,7 +161,7 @@ def test_rtsp_masks_flow_and_survive_three_server_restarts(
     checkpoint: Path, tmp_path: Path
 ) -> None:
     needs_rtsp()
-    clip = make_clip(tmp_path / "clip.mp4", frames=50, size=(160, 120), fps=10)
+    clip = make_clip(tmp_path / "clip.mp4", frames=CAMERA_FRAMES, size=(160, 120), fps=10)
     with RtspServer(clip) as server, LiveRun(server.url, checkpoint, server=server) as run:
         run.wait_until("first masks", lambda: len(run.frames) >= 5, STARTUP_S)
         children = _children(run.proc.pid)
@@ -209,7 +212,7 @@ def test_rtsp_masks_flow_and_survive_three_server_restarts(
 
 def test_rtsp_stall_is_reported_and_the_stream_resumes(checkpoint: Path, tmp_path: Path) -> None:
     needs_rtsp()
-    clip = make_clip(tmp_path / "clip.mp4", frames=50, size=(160, 120), fps=10)
+    clip = make_clip(tmp_path / "clip.mp4", frames=CAMERA_FRAMES, size=(160, 120), fps=10)
     with RtspServer(clip) as server, FreezeProxy(("127.0.0.1", server.port)) as proxy:
         with LiveRun(proxy.url, checkpoint) as run:
             run.wait_until("first masks", lambda: len(run.frames) >= 3, STARTUP_S)
@@ -232,7 +235,7 @@ def test_slow_encoder_keeps_latency_bounded(checkpoint: Path, tmp_path: Path) ->
     """An encoder at under half the camera's rate for 20 s: latency does not grow, the
     frames it cannot take are dropped and counted, nothing queues up."""
     needs_rtsp()
-    clip = make_clip(tmp_path / "clip.mp4", frames=50, size=(160, 120), fps=10)
+    clip = make_clip(tmp_path / "clip.mp4", frames=CAMERA_FRAMES, size=(160, 120), fps=10)
     slow = {"SAMSTREAM_TEST_ENCODER_DELAY_MS": "200"}  # 10 fps source, encoder < 5 fps
     with RtspServer(clip) as server, LiveRun(server.url, checkpoint, env=slow,
                                              server=server) as run:

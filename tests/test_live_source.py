@@ -65,12 +65,13 @@ def open_fds() -> int:
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("live") / "clip.mp4"
-    return make_clip(path, frames=50, size=SIZE, fps=FPS)
+    # 60 s, served once: longer than any test streams, so the clip's end is never a "lost".
+    return make_clip(path, frames=60 * FPS, size=SIZE, fps=FPS)
 
 
 @pytest.fixture
 def server(clip: Path) -> Iterator[RtspServer]:
-    """A looping RTSP server of the clip, for this test alone (tests stop and restart it)."""
+    """An RTSP server of the clip, for this test alone (tests stop and restart it)."""
     needs_rtsp()
     with RtspServer(clip) as running:
         yield running
