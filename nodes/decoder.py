@@ -17,25 +17,21 @@ SOURCE_STATES = {"connected": "running", "stalled": "stalled", "lost": "lost",
                  "reconnecting": "reconnecting"}
 
 
-def source_options(config: DecoderConfig) -> dict[str, str]:
-    """FFmpeg demuxer options the config asks for, by source kind."""
-    options = {"rtsp_transport": config.rtsp_transport}
-    if config.video_size:
-        options["video_size"] = config.video_size
-    if config.framerate:
-        options["framerate"] = f"{config.framerate:g}"
-    if config.pixel_format:
-        options["input_format"] = config.pixel_format
-    return options
-
-
 def spec_for(config: DecoderConfig) -> SourceSpec:
-    """The parsed source, with only the options that apply to its kind."""
+    """The parsed source with the FFmpeg options the config asks for its kind."""
     spec = parse_source(config.source)
-    wanted = source_options(config)
-    keys = {"rtsp": ("rtsp_transport",), "webcam": ("video_size", "framerate", "input_format")}
-    extra = {k: wanted[k] for k in keys.get(spec.kind, ()) if k in wanted}
-    return parse_source(config.source, options={**spec.options, **extra})
+    if spec.kind == "rtsp":
+        options = {"rtsp_transport": config.rtsp_transport}
+    elif spec.kind == "webcam":
+        wanted = {
+            "video_size": config.video_size,
+            "framerate": None if config.framerate is None else f"{config.framerate:g}",
+            "input_format": config.pixel_format,  # V4L2's name for the pixel format
+        }
+        options = {key: value for key, value in wanted.items() if value is not None}
+    else:
+        return spec
+    return replace(spec, options={**spec.options, **options})
 
 
 class DecoderNode(Node):

@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 100  # how often a blocked loop looks at the stop flag
 LIVE_WAIT_S = 0.02  # live loop's wait for a frame: also how soon it answers a prompt command
-STATS_WINDOW = 100_000  # per-message times kept for statistics (the most recent)
+STATS_WINDOW = 10_000  # per-message times kept for statistics (the most recent; sorted at
+# every status message, so kept small enough to cost about a millisecond)
 # After a clean end every queued output message must reach the next node, however late that
 # node started (a decoder can finish a short clip before the encoder has imported torch):
 # linger forever. A node that never comes is the launcher's business: it stops the run.

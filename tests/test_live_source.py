@@ -495,25 +495,10 @@ def test_gives_up_after_the_source_stays_gone(server: RtspServer) -> None:
     finally:
         source.close()
     assert not isinstance(info.value, SourceStalled)
-    assert elapsed < give_up_s + 1.0
+    assert 0.9 * give_up_s <= elapsed < give_up_s + 1.0  # the whole give-up time, not less
     assert recorder.of("lost") and recorder.of("reconnecting")
     assert len(recorder.of("connected")) == 1  # only the first connection
 
-
-def test_give_up_waits_the_whole_give_up_time(server: RtspServer) -> None:
-    give_up_s = 1.0
-    recorder = Recorder()
-    source = recorder.source(server.url, give_up_after_s=give_up_s)
-    try:
-        recorder.pump(lambda: len(recorder.frames) >= 5, 10.0, "5 frames")
-        stopped = time.monotonic()
-        server.stop()
-        with pytest.raises(SourceError, match="has been gone"):
-            recorder.pump(lambda: False, give_up_s + 5.0, "give-up error")
-        elapsed = time.monotonic() - stopped
-    finally:
-        source.close()
-    assert elapsed >= 0.9 * give_up_s
 
 
 def test_decoder_config_becomes_the_options_of_each_source_kind(clip: Path) -> None:
