@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from pipeline.live import FrameTimings
 from pipeline.messages import EndOfStream, MaskMessage, Message
 from pipeline.outputs import MaskWriter
 from pipeline.runtime import Node
+
+log = logging.getLogger(__name__)
 
 
 class PublisherNode(Node):
@@ -84,3 +87,17 @@ class PublisherNode(Node):
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
+
+    def stopped(self) -> None:
+        """A live run ends with a signal as a rule: keep what it wrote. (An offline run
+        stopped half-way leaves nothing under the final names: it is a failed job.)"""
+        if not self.live or self.writer is None:
+            self.abort()
+            return
+        try:
+            written = self.writer.close()
+        except Exception:
+            log.exception("publisher: the outputs could not be finished; removing them")
+            self.abort()
+            return
+        self.detail["outputs"] = {kind: str(path) for kind, path in written.items()}

@@ -11,9 +11,9 @@ The first open is not retried (except a few times when the server answers with a
 as a busy one does): a wrong URL or a missing device should fail the run at once with a
 clear error, not retry silently forever.
 
-Timestamps stay monotonic across reconnects: a new connection's pts restart (RTSP starts
-each session near 0), so each session after the first is rebased to continue from the
-previous one's last pts plus the wall-clock time the source was down.
+Timestamps start at 0 and stay monotonic across reconnects: a new connection's pts restart
+(RTSP starts each session near 0), so each session is rebased to continue from the previous
+frame's pts plus the wall-clock time in between (the time the source was down).
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ class LiveSource:
         self._last_pts: int | None = None
         self._session_first_pts: int | None = None
         self._session_offset = 0
+        self._last_capture = 0.0
 
     def _new_source(self) -> VideoSource:
         return VideoSource(
@@ -226,35 +227,46 @@ class LiveSource:
             self._source = source
             self.session += 1
             self.reconnects += 1
-            self._session_first_pts = None
+            self._session_first_pts = None  # the next frame with pts starts the rebasing
             down_s = time.monotonic() - down_since
-            self._session_offset = self._rebase_offset(down_s)
             log.info("%s: reconnected after %.1f s (attempt %d)", self.spec.display_name,
                      down_s, attempt)
             self.on_event(SourceEvent("connected", self.session, attempt=attempt, down_s=down_s))
             return
 
-    def _rebase_offset(self, down_s: float) -> int:
-        """pts of a new session's first frame: the last pts plus the time down."""
-        if self._last_pts is None or self._time_base is None:
-            return 0
-        return self._last_pts + max(1, round(Fraction(down_s) / self._time_base))
+    def _ticks_since_last(self, capture_time: float) -> int:
+        """Wall-clock time since the previous frame, in time-base ticks (at least 1)."""
+        if self._time_base is None:
+            raise RuntimeError("live source has no time base yet")
+        gap = Fraction(max(0.0, capture_time - self._last_capture))
+        return max(1, round(gap / self._time_base))
 
     def _stamp(self, frame: DecodedFrame) -> DecodedFrame:
-        """Renumber across sessions: one index sequence, monotonic pts in one time base."""
-        time_base = Fraction(*frame.time_base) if frame.time_base[0] else None
+        """One index sequence and one monotonic timeline in one time base, over sessions.
+
+        Each session's pts are rebased to continue from the previous frame plus the wall
+        time between them, so an outage shows as a gap of its real length. A frame without
+        pts (FFmpeg gives the first frame of an RTSP session none) is placed by the wall
+        clock the same way."""
+        time_base = Fraction(*frame.time_base) if frame.time_base[0] > 0 else None
         if self._time_base is None and time_base:
             self._time_base = time_base
-        pts = frame.pts
-        if pts is not None and self.session > 0 and time_base and self._time_base:
-            if self._session_first_pts is None:
-                self._session_first_pts = pts
-            elapsed = Fraction(pts - self._session_first_pts) * time_base
-            pts = self._session_offset + round(elapsed / self._time_base)
-        if pts is not None:
+        pts = None
+        if self._time_base is not None:
+            # Where the wall clock puts this frame: right after the previous one.
+            by_clock = 0 if self._last_pts is None else (
+                self._last_pts + self._ticks_since_last(frame.capture_time))
+            if frame.pts is None or time_base is None:
+                pts = by_clock
+            else:
+                if self._session_first_pts is None:  # a session's first timestamped frame
+                    self._session_first_pts, self._session_offset = frame.pts, by_clock
+                elapsed = Fraction(frame.pts - self._session_first_pts) * time_base
+                pts = self._session_offset + round(elapsed / self._time_base)
             if self._last_pts is not None and pts <= self._last_pts:
-                pts = self._last_pts + 1  # a camera's clock stepped back: keep order
+                pts = self._last_pts + 1  # a camera's clock stepped back: keep the order
             self._last_pts = pts
+        self._last_capture = frame.capture_time
         base = self._time_base
         stamped = replace(
             frame,

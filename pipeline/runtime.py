@@ -123,6 +123,11 @@ class Node:
     def abort(self) -> None:
         """Stopped or failed: drop partial work (no half-written outputs)."""
 
+    def stopped(self) -> None:
+        """Stopped by a signal or a stop request: by default the same as `abort`. A node
+        whose work is complete at any frame (a live run's outputs) may keep it instead."""
+        self.abort()
+
     def handle_command(self, command: PromptCommand) -> PromptReply:
         return PromptReply(ok=False, error=f"{self.name} takes no commands", track_id=None,
                            tracks=())
@@ -485,7 +490,7 @@ class NodeRunner:
             return 0
         except Shutdown:
             log.info("%s: stopping", self.node.name)
-            self.node.abort()
+            self.node.stopped()
             self.send_status("stopped")
             return 0
         except Exception as err:

@@ -7,6 +7,7 @@ launcher relays from every node. Image size 256 keeps a 2-core CPU near the sour
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import av
 import pytest
 from media import make_clip
 from rtsp import GSTREAMER_RTSP_MISSING, FreezeProxy, RtspServer, gstreamer_rtsp_available
@@ -162,7 +164,9 @@ def test_rtsp_masks_flow_and_survive_three_server_restarts(
 ) -> None:
     needs_rtsp()
     clip = make_clip(tmp_path / "clip.mp4", frames=CAMERA_FRAMES, size=(160, 120), fps=10)
-    with RtspServer(clip) as server, LiveRun(server.url, checkpoint, server=server) as run:
+    out = tmp_path / "out"
+    with RtspServer(clip) as server, LiveRun(server.url, checkpoint, "--out", str(out),
+                                             server=server) as run:
         run.wait_until("first masks", lambda: len(run.frames) >= 5, STARTUP_S)
         children = _children(run.proc.pid)
         decoder = run.node_pid("decoder")
@@ -208,6 +212,15 @@ def test_rtsp_masks_flow_and_survive_three_server_restarts(
     assert frames_in == frames_out + sum(lost.values())
     assert frames_out >= len(frames)
     assert "source reconnects: 3" in run.stdout
+    # A live run ends with a signal; its outputs are finished, one entry per published frame.
+    lines = (out / "masks.jsonl").read_text().splitlines()
+    assert len(lines) == frames_out == len(list((out / "masks").glob("*.png")))
+    written = [json.loads(line)["seq"] for line in lines]
+    assert written == sorted(set(written))
+    assert {f.seq for f in frames} <= set(written)  # what the subscriber got is on disk too
+    with av.open(str(out / "overlay.mp4")) as overlay:
+        times = [float(f.pts * f.time_base) for f in overlay.decode(video=0)]
+    assert len(times) == frames_out and times == sorted(times)
 
 
 def test_rtsp_stall_is_reported_and_the_stream_resumes(checkpoint: Path, tmp_path: Path) -> None:
