@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from pipeline.config import DecoderConfig
-from pipeline.live_source import Backoff, LiveSource, SourceEvent
+from pipeline.live_source import TICK_S, Backoff, LiveSource, SourceEvent, ThreadedReader
 from pipeline.messages import EndOfStream, FrameMessage, FrameMeta, Message
 from pipeline.runtime import Node
 from pipeline.sources import DecodedFrame, SourceSpec, VideoSource, parse_source
@@ -50,6 +50,7 @@ class DecoderNode(Node):
         self.config = config
         self.live = live
         self.source: VideoSource | LiveSource | None = None
+        self.reader: ThreadedReader | None = None
 
     def setup(self) -> None:
         if not self.config.source:
@@ -101,7 +102,10 @@ class DecoderNode(Node):
         """Decoded frames (None: an idle tick), paced in real time for a file played live."""
         if self.source is None:
             raise RuntimeError("DecoderNode.setup() must run before produce()")
-        if isinstance(self.source, LiveSource) or not self.live:
+        if isinstance(self.source, LiveSource):
+            yield from self._camera_frames(self.source)
+            return
+        if not self.live:
             yield from self.source
             return
         start: float | None = None
@@ -117,6 +121,25 @@ class DecoderNode(Node):
                     yield None
             # Stamped now, as a camera would: capture-to-publish latency starts here.
             yield _restamped(frame)
+
+    def _camera_frames(self, source: LiveSource) -> Iterator[DecodedFrame | None]:
+        """A camera's frames, read in a thread of their own (see ThreadedReader)."""
+        self.reader = ThreadedReader(source)
+        while True:
+            item = self.reader.get(TICK_S)
+            if item is None:
+                yield None
+                continue
+            kind, payload = item
+            if kind == "frame" and isinstance(payload, DecodedFrame):
+                yield payload
+            elif kind == "event" and isinstance(payload, SourceEvent):
+                self._on_source_event(payload)
+                yield None
+            elif kind == "error" and isinstance(payload, Exception):
+                raise payload
+            else:
+                return
 
     def produce(self) -> Iterator[Message | None]:
         seq = 0
@@ -150,7 +173,9 @@ class DecoderNode(Node):
         return self.source.corrupt_packets if self.source is not None else 0
 
     def abort(self) -> None:
-        if self.source is not None:
+        if self.reader is not None:
+            self.reader.close()  # the reader thread closes the source after its read
+        elif self.source is not None:
             self.source.close()
 
 

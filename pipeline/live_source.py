@@ -19,6 +19,8 @@ frame's pts plus the wall-clock time in between (the time the source was down).
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -277,3 +279,62 @@ class LiveSource:
         )
         self.frames += 1
         return stamped
+
+
+class ThreadedReader:
+    """Reads a `LiveSource` in a thread of its own.
+
+    FFmpeg blocks in a read until data comes or the read timeout passes, and Python runs
+    signal handlers only between its own instructions: a decoder reading a stalled camera
+    in its main thread heard SIGTERM only seconds later (after 2.4 s the launcher killed
+    it). Here the main thread waits on a queue, in steps of at most ``timeout_s``, so it
+    stops at once; the reader thread closes the source when its read returns.
+
+    `get` returns ("frame", DecodedFrame), ("event", SourceEvent), ("error", exception) or
+    ("end", None), or None when nothing came within the timeout.
+    """
+
+    def __init__(self, source: LiveSource, capacity: int = 8) -> None:
+        self._source = source
+        self._queue: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=capacity)
+        self._closing = threading.Event()
+        source.on_event = lambda event: self._put(("event", event))
+        self._thread = threading.Thread(target=self._read, name="samstream-camera",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item: tuple[str, object]) -> None:
+        while not self._closing.is_set():
+            try:
+                self._queue.put(item, timeout=TICK_S)
+                return
+            except queue.Full:
+                continue
+
+    def _read(self) -> None:
+        try:
+            for frame in self._source:
+                if self._closing.is_set():
+                    return
+                if frame is not None:
+                    self._put(("frame", frame))
+            self._put(("end", None))
+        except Exception as error:  # the source gave up: the node fails with this error
+            self._put(("error", error))
+        finally:
+            self._source.close()  # here, never while this thread may be inside a read
+
+    def get(self, timeout_s: float) -> tuple[str, object] | None:
+        try:
+            return self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    @property
+    def running(self) -> bool:
+        """The reader thread is still going (once it ends, the source is closed)."""
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop reading; the thread closes the source once its current read returns."""
+        self._closing.set()

@@ -238,6 +238,19 @@ def test_rtsp_stall_is_reported_and_the_stream_resumes(checkpoint: Path, tmp_pat
             thawed = time.monotonic()
             proxy.thaw()
             run.wait_until("masks after the stall", lambda: run.masks_after(thawed) >= 1, 10.0)
+            # Stopped while the camera hangs (the decoder inside a blocking read): the
+            # decoder still goes at once, and nothing outlives the run.
+            children = _children(run.proc.pid)
+            decoder = run.node_pid("decoder")
+            proxy.freeze()
+            stop = time.monotonic()
+            run.proc.send_signal(signal.SIGTERM)
+            while _alive(decoder) and time.monotonic() - stop < 10:
+                time.sleep(0.01)
+            decoder_exit_s = time.monotonic() - stop
+            run.finish()
+    assert decoder_exit_s < 1.0, f"the decoder took {decoder_exit_s:.2f} s to stop"
+    assert not [pid for pid in children if _alive(pid)], "node processes outlived the run"
     print(f"stall reported {stalled_s:.2f} s after the freeze")
     detail = next(s.detail for t, s in run.statuses
                   if t >= frozen and s.node == "decoder" and s.state == "stalled")

@@ -30,7 +30,13 @@ from rtsp import (
 
 from nodes.decoder import spec_for
 from pipeline.config import DecoderConfig
-from pipeline.live_source import FIRST_OPEN_ATTEMPTS, Backoff, LiveSource, SourceEvent
+from pipeline.live_source import (
+    FIRST_OPEN_ATTEMPTS,
+    Backoff,
+    LiveSource,
+    SourceEvent,
+    ThreadedReader,
+)
 from pipeline.sources import (
     RTSP_PASSWORD_ENV,
     RTSP_USER_ENV,
@@ -513,3 +519,38 @@ def test_decoder_config_becomes_the_options_of_each_source_kind(clip: Path) -> N
                                     video_size="1280x720"))
     assert camera.options == {"rtsp_transport": "udp"}
     assert spec_for(DecoderConfig(source=str(clip), video_size="1280x720")).options == {}
+
+
+def test_threaded_reader_hands_over_frames_and_events_and_stops_at_once(
+    server: RtspServer,
+) -> None:
+    """The camera is read in a thread of its own: the caller waits at most its timeout for
+    anything (so it can act on a signal), and closing never waits for a blocked read."""
+    source = LiveSource(parse_source(server.url), open_timeout_s=OPEN_TIMEOUT_S,
+                        read_timeout_s=READ_TIMEOUT_S, backoff=BACKOFF)
+    source.open()
+    reader = ThreadedReader(source)
+    got: list[tuple[str, object]] = []
+
+    def collect_until(done: Callable[[], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, f"timed out; got {[k for k, _ in got]}"
+            started = time.monotonic()
+            item = reader.get(0.1)
+            assert time.monotonic() - started < 0.5  # never blocks past its timeout
+            if item is not None:
+                got.append(item)
+
+    collect_until(lambda: sum(kind == "frame" for kind, _ in got) >= 5, 10.0)
+    assert all(isinstance(p, DecodedFrame) for kind, p in got if kind == "frame")
+    server.stop()
+    collect_until(lambda: any(kind == "event" and p.state == "reconnecting"
+                              for kind, p in got), READ_TIMEOUT_S + 1.0)
+    states = [p.state for kind, p in got if kind == "event"]
+    assert states[:2] == ["lost", "reconnecting"]
+    reader.close()
+    deadline = time.monotonic() + 2.0
+    while reader.running:  # the thread ends by closing the source
+        assert time.monotonic() < deadline, "the reader thread did not stop"
+        time.sleep(0.01)
