@@ -15,8 +15,8 @@ A node is a class with declared ports and per-message methods that never touch a
   only the newest frame (`NewestInbox`), so a slow node always works on the newest frame,
   nothing queues up in between, and a send never blocks. Replaced frames are counted
   (``dropped_newest_wins``); they also show as gaps in the sequence numbers a node
-  receives (``input_gaps``). The end-of-stream marker is never dropped, nor the latest
-  status of any node.
+  receives (``input_gaps``). The end-of-stream marker and status messages are never
+  dropped.
 
 Each node binds its input and connects its output, so nodes can start in any order. Every
 node PUSHes status messages to the launcher's status endpoint; a status message that
@@ -55,6 +55,7 @@ from pipeline.transport import MessageReceiver, SocketOptions, open_socket, send
 log = logging.getLogger(__name__)
 
 POLL_MS = 100  # how often a blocked loop looks at the stop flag
+MAX_QUEUED_STATUSES = 1000  # a live node takes them every few ms; this bounds a flood only
 LIVE_WAIT_S = 0.02  # live loop's wait for a frame: also how soon it answers a prompt command
 STATS_WINDOW = 10_000  # per-message times kept for statistics (the most recent; sorted at
 # every status message, so kept small enough to cost about a millisecond)
@@ -144,13 +145,14 @@ class Node:
 
 class NewestInbox:
     """Live input: a thread drains the input socket as fast as messages arrive and keeps
-    only the newest data message, dropping (and counting) the one it replaces, and the
-    newest status message of each node.
+    only the newest data message, dropping (and counting) the one it replaces; status
+    messages are all kept, in order (up to MAX_QUEUED_STATUSES between two takes).
 
     ZeroMQ's own CONFLATE would do the dropping, but it cannot hold multipart messages and
     it discards a queued message when its sender disconnects: the end-of-stream marker of a
     node that has just finished would be lost. Here the end marker is never dropped, nor
-    the latest status of any node. The thread owns the socket until `close`, so nothing
+    a status message (a "stalled" followed at once by "reconnecting" was lost when only the
+    latest status of each node was kept). The thread owns the socket until `close`, so nothing
     else may use it.
     """
 
@@ -159,8 +161,9 @@ class NewestInbox:
         self._cond = threading.Condition()
         self._newest: Message | None = None
         self._end: EndOfStream | None = None
-        # The latest status of each node: a newer one says all an older one did.
-        self._statuses: dict[str, StatusMessage] = {}
+        # Every status, in order: a state that lasts a moment ("stalled", at once followed
+        # by "reconnecting") must still reach the consumers. Bounded only against a flood.
+        self._statuses: deque[StatusMessage] = deque(maxlen=MAX_QUEUED_STATUSES)
         self._closing = threading.Event()
         self.dropped = 0
         self._thread = threading.Thread(target=self._drain, name="samstream-inbox", daemon=True)
@@ -175,8 +178,7 @@ class NewestInbox:
                 if isinstance(msg, EndOfStream):
                     self._end = msg
                 elif isinstance(msg, StatusMessage):
-                    self._statuses.pop(msg.node, None)  # re-insert: keep arrival order
-                    self._statuses[msg.node] = msg
+                    self._statuses.append(msg)
                 else:
                     if self._newest is not None:
                         self.dropped += 1
@@ -194,7 +196,7 @@ class NewestInbox:
                 self._cond.wait(timeout_s)
             newest, self._newest = self._newest, None
             end = self._end if newest is None else None
-            statuses = list(self._statuses.values())
+            statuses = list(self._statuses)
             self._statuses.clear()
         return newest, end, statuses
 

@@ -370,10 +370,10 @@ def test_end_waits_for_the_frame_before_it(link, inbox: NewestInbox) -> None:
     assert inbox.take(1.0) == (None, end, [])
 
 
-def test_the_latest_status_of_every_node_is_kept(link, inbox: NewestInbox) -> None:
-    """Statuses of three nodes, interleaved with frames: each node's statuses come out in
-    order, ending with its latest, however they piled up; only older ones of the same node
-    may be skipped (the newer one says all they said)."""
+def test_statuses_are_never_dropped(link, inbox: NewestInbox) -> None:
+    """Statuses of three nodes, interleaved with frames, piled up while the consumer was
+    busy: every one comes out, in order (a "stalled" at once followed by "reconnecting"
+    must reach the consumers as well as the "reconnecting")."""
     push, _, _ = link
     nodes = ("decoder", "encoder", "tracker")
     sent_statuses = [status(n, nodes[n % 3]) for n in range(30)]
@@ -399,11 +399,7 @@ def test_the_latest_status_of_every_node_is_kept(link, inbox: NewestInbox) -> No
         if newest is not None:
             got_frames.append(newest.meta.seq)
     assert got_end == end
-    for node in nodes:
-        mine = [s.counters["n"] for s in got_statuses if s.node == node]
-        sent = [s.counters["n"] for s in sent_statuses if s.node == node]
-        assert mine == sorted(set(mine)) and set(mine) <= set(sent)
-        assert mine[-1] == sent[-1], f"the latest {node} status was lost"
+    assert got_statuses == sent_statuses
     assert got_frames[-1] == frames - 1
     assert got_frames == sorted(set(got_frames))
     assert len(got_frames) + inbox.dropped == frames
