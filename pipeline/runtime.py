@@ -413,15 +413,21 @@ class NodeRunner:
                     continue
                 self._count_gap(msg)
                 batch.append(msg)
-            if batch:
-                for out in self._timed_batch(batch):
-                    self._send(out)
-            if end is not None:
-                for out in self.node.finish(end):
-                    self._send(out)
+            if self._process(batch, end):
                 return
             self._heartbeat()
         raise Shutdown
+
+    def _process(self, batch: list[Message], end: EndOfStream | None) -> bool:
+        """Process and send on ``batch``, then, at the end of the stream, finish; True then."""
+        if batch:
+            for out in self._timed_batch(batch):
+                self._send(out)
+        if end is None:
+            return False
+        for out in self.node.finish(end):
+            self._send(out)
+        return True
 
     def _run_live_consumer(self, inbox: NewestInbox) -> None:
         """Newest frame wins: process whatever frame is newest when the node is free."""
@@ -438,11 +444,7 @@ class NodeRunner:
                 self.node.counters["dropped_newest_wins"] = inbox.dropped
                 if msg is not None:
                     self._count_gap(msg)
-                    for out in self._timed_batch([msg]):
-                        self._send(out)
-                if end is not None:
-                    for out in self.node.finish(end):
-                        self._send(out)
+                if self._process([] if msg is None else [msg], end):
                     return
                 self._heartbeat()
             raise Shutdown
