@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,16 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"this is not a checkpoint at all" * 10)
     with pytest.raises(CheckpointError, match=r"junk\.pt is not a PyTorch checkpoint"):
+        load_checkpoint(build_mobile_sam(), junk)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_random_bytes_are_not_a_checkpoint(tmp_path: Path, seed: int) -> None:
+    """Random bytes fail the weights-only unpickler too, but they would run nothing: the
+    message must say "not a checkpoint", not "would run code"."""
+    junk = tmp_path / "random.pt"
+    junk.write_bytes(np.random.default_rng(seed).bytes(4096))
+    with pytest.raises(CheckpointError, match=r"random\.pt is not a PyTorch checkpoint"):
         load_checkpoint(build_mobile_sam(), junk)
 
 

@@ -52,6 +52,18 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+def _unpickler_reason(text: str) -> str:
+    """The line of torch.load's error that says what was wrong (its first lines are a long
+    note about the weights_only default)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    marker = "WeightsUnpickler error:"
+    for i, line in enumerate(lines):
+        if marker in line:
+            rest = line.split(marker, 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[0] if lines else ""
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file onto the CPU, refusing anything that is not plain tensors."""
     path = Path(path)
@@ -63,13 +75,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a garbage file can fail the parser anywhere
-        if "Weights only load failed" in str(err):
+        # Only a pickle that names a global (a class or function to call) would run code;
+        # random bytes also fail the weights-only unpickler, but on a bad opcode.
+        text = str(err)
+        if "Weights only load failed" in text and "Unsupported global" in text:
             raise CheckpointError(
                 f"checkpoint {path} was refused: it holds Python objects that would run code "
-                f"when loaded, not plain tensors ({str(err).splitlines()[0]})"
+                f"when loaded, not plain tensors ({_unpickler_reason(text)})"
             ) from err
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {first_line}") from err
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (a torch.save file of tensors): "
+            f"{_unpickler_reason(text) or type(err).__name__}"
+        ) from err
     if not isinstance(loaded, dict) or not loaded:
         raise CheckpointError(
             f"{path} holds a {type(loaded).__name__}, not a state dict of tensors"
