@@ -40,15 +40,23 @@ class DecoderNode(Node):
     Live mode: a camera is read as fast as it sends (the links downstream keep only the
     newest frame) and reconnected when it drops or stalls; a file or test source is played
     at its own frame rate, as a camera would deliver it.
+
+    Each frame's ``pts`` is the source's repaired, strictly increasing timestamp, and its
+    ``source_pts`` the container's where the repair changed it. For a file or test source
+    ``detail["timestamps"]`` holds `VideoSource.timestamp_report` and
+    ``counters["timestamps_repaired"]`` its count of repaired frames.
     """
 
     name = "decoder"
     has_input = False
 
-    def __init__(self, config: DecoderConfig, *, live: bool = False) -> None:
+    def __init__(self, config: DecoderConfig, *, live: bool = False, start_frame: int = 0) -> None:
+        """``start_frame``: frames before it are decoded but not sent (a resumed run); frame
+        indices, sequence numbers and timestamps stay those of a run from the first frame."""
         super().__init__()
         self.config = config
         self.live = live
+        self.start_frame = start_frame
         self.source: VideoSource | LiveSource | None = None
         self.reader: ThreadedReader | None = None
 
@@ -142,10 +150,15 @@ class DecoderNode(Node):
                 return
 
     def produce(self) -> Iterator[Message | None]:
-        seq = 0
+        seq = self.start_frame
         for decoded in self._frames():
             if decoded is None:
                 yield None
+                continue
+            if decoded.index < self.start_frame:
+                # Decoded all the same: the timestamp repair must see every frame to give
+                # the same timeline as a run from the start.
+                self.count("frames_skipped")
                 continue
             self.durations_ms.append(decoded.decode_ms)
             meta = FrameMeta(
@@ -156,21 +169,33 @@ class DecoderNode(Node):
                 time_base=decoded.time_base,
                 capture_time=decoded.capture_time,
                 session=decoded.session,
+                source_pts=decoded.source_pts,
             )
             yield FrameMessage(meta=meta, image=decoded.image,
                                timings={"decode": decoded.decode_ms})
             seq += 1
-            self.counters["frames"] = seq
+            self.counters["frames"] = seq - self.start_frame
             self.counters["corrupt_packets"] = self._corrupt_packets()
+            self._note_timestamps()
             if self.config.max_frames is not None and seq >= self.config.max_frames:
                 break
         limit = self.config.max_frames
         reason = "max_frames" if limit is not None and seq >= limit else "eof"
+        self._note_timestamps()
         self.abort()
         yield EndOfStream(stream_id=self.config.stream_id, frames=seq, reason=reason)
 
     def _corrupt_packets(self) -> int:
         return self.source.corrupt_packets if self.source is not None else 0
+
+    def _note_timestamps(self) -> None:
+        """The source's timestamp repairs so far, for the run summary. Only a `VideoSource`
+        reports them: a camera's frames are restamped on its own clock by `LiveSource`."""
+        if not isinstance(self.source, VideoSource):
+            return
+        report = self.source.timestamp_report
+        self.counters["timestamps_repaired"] = report["repaired_frames"]
+        self.detail["timestamps"] = report
 
     def abort(self) -> None:
         if self.reader is not None:

@@ -321,7 +321,12 @@ class _WireMessage:
 
 @dataclass(frozen=True)
 class FrameMeta:
-    """Identity and timing of one video frame, carried by every per-frame message."""
+    """Identity and timing of one video frame, carried by every per-frame message.
+
+    ``pts`` is the decoder's repaired timestamp, strictly increasing within a stream;
+    ``source_pts`` is the container's pts where the repair changed it (None otherwise), so a
+    frame can still be found in the original file by the timestamp a player shows.
+    """
 
     stream_id: str
     seq: int  # 0, 1, 2, ... per stream: a gap means messages were lost
@@ -332,6 +337,7 @@ class FrameMeta:
     # The source's connection number: 0, then +1 at every reconnect of a live source. A
     # change tells the tracker that the camera was gone for a while in between.
     session: int = 0
+    source_pts: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.time_base[1] > 0, f"time_base {self.time_base} needs a positive denominator")
@@ -345,7 +351,7 @@ class FrameMeta:
         return self.pts * self.time_base[0] / self.time_base[1]
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        fields = {
             "stream_id": self.stream_id,
             "seq": self.seq,
             "frame_index": self.frame_index,
@@ -354,6 +360,9 @@ class FrameMeta:
             "capture_time": self.capture_time,
             "session": self.session,
         }
+        if self.source_pts is not None:  # only repaired frames carry it: headers stay small
+            fields["source_pts"] = self.source_pts
+        return fields
 
     @classmethod
     def from_json(cls, header: Mapping[str, Any]) -> FrameMeta:
@@ -366,6 +375,8 @@ class FrameMeta:
             time_base=_pair(obj, "time_base", "meta"),
             capture_time=_field(obj, "capture_time", float, "meta"),
             session=_field(obj, "session", int, "meta", optional=True) or 0,
+            # Optional: headers of senders from before the timestamp repair have none.
+            source_pts=_field(obj, "source_pts", int, "meta", optional=True),
         )
 
 

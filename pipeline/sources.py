@@ -1,8 +1,12 @@
 """Where frames come from: video files, FFmpeg test sources, RTSP cameras and webcams, via PyAV.
 
 `parse_source` turns what a user typed into a `SourceSpec`; `VideoSource` opens it and yields
-`DecodedFrame`s in decode order with the container's pts and time base, so time is always
+`DecodedFrame`s in decode order with their pts and time base, so time is always
 ``pts * time_base`` (variable frame rate safe), never derived from the frame index.
+
+The pts handed out are the container's where they are well-formed, and repaired where they are
+not (reordered, missing, jumping back: see pipeline/timestamps.py), so they always increase
+strictly; a repaired frame keeps the container's value in ``source_pts``.
 
 Broken input is reported as `SourceError` with the source and the problem in the message.
 Damaged packets in the middle of a stream are skipped and counted rather than ending the
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import glob
+import logging
+import math
 import os
 import re
 import struct
@@ -22,9 +28,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from types import TracebackType
+from typing import Any
 
 import av
 import numpy as np
+
+from pipeline.timestamps import RepairedTimestamp, TimestampRepairer
 
 __all__ = [
     "DecodedFrame",
@@ -37,7 +46,18 @@ __all__ = [
     "redact",
 ]
 
+log = logging.getLogger(__name__)
+
 SOURCE_KINDS = ("file", "lavfi", "rtsp", "webcam")
+
+# Frames a file's decoder runs ahead of what it hands out, so that the timestamp repair sees
+# the faults just ahead (Megamind.avi's first reordered pts shows one frame later). Frames
+# wait as decoded pictures, converted to RGB only when handed out, to keep the memory small.
+# Live sources wait for nothing: their latency matters more.
+TIMESTAMP_LOOKAHEAD = 8
+# A jump back of more than this is a restart of the timeline (concatenated files), not a
+# reordering glitch.
+DISCONTINUITY_S = 1
 
 # FFmpeg's built-in test pattern generators that may be named without the "lavfi:" prefix.
 _TESTSRC_RE = re.compile(r"^(testsrc2?)(?:[=:](.*))?$")
@@ -125,14 +145,18 @@ class DecodedFrame:
     """One decoded video frame.
 
     Attributes:
-        image: HxWx3 uint8 RGB, C-contiguous.
+        image: HxWx3 uint8 RGB, C-contiguous. Its size can change within a stream (a file
+            made of parts of different sizes).
         index: 0-based position in decode order.
-        pts: presentation timestamp in ``time_base`` units, as the container gave it (None when
-            the container has none).
+        pts: presentation timestamp in ``time_base`` units, strictly greater than the previous
+            frame's: the container's pts where they are well-formed, repaired where they are
+            reordered, missing or jump back (`VideoSource` always sets it).
         time_base: ``(numerator, denominator)`` of the pts unit in seconds.
-        capture_time: ``time.time()`` when the frame came out of the decoder.
+        capture_time: ``time.time()`` when the source handed the frame out.
         decode_ms: time spent decoding and converting this frame (not waiting for data).
         session: the live source's connection number (0, +1 per reconnect).
+        source_pts: the container's pts where the repair changed it (None: ``pts`` is the
+            container's own, or the container had none).
     """
 
     image: np.ndarray
@@ -142,6 +166,7 @@ class DecodedFrame:
     capture_time: float
     decode_ms: float = 0.0
     session: int = 0
+    source_pts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +275,11 @@ class VideoSource:
     is skipped and counted in ``corrupt_packets``; ``max_consecutive_errors`` such packets in
     a row raise `SourceError`, because by then the stream is garbage, not damaged.
     The source is read once: iterating again continues reading, it does not rewind.
+
+    Timestamps: every frame's ``pts`` is strictly greater than the previous one's. Where the
+    container's are reordered, missing or jump back they are repaired (`TimestampRepairer`;
+    a file is decoded `TIMESTAMP_LOOKAHEAD` frames ahead for it), the first repair is logged
+    once as a warning, and `timestamp_report` sums them up.
     """
 
     def __init__(
@@ -281,6 +311,8 @@ class VideoSource:
         self._container: av.container.InputContainer | None = None
         self._stream: av.VideoStream | None = None
         self._closed = False
+        self._repairer: TimestampRepairer[_PendingFrame] | None = None
+        self._repair_logged = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -328,6 +360,7 @@ class VideoSource:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame + slice threads: the decoder otherwise uses one core
         self._container, self._stream = container, stream
+        self._repairer = _repairer_for(stream, live=self.spec.is_live)
 
     def _ffmpeg_read_timeout(self) -> float | None:
         """The per-read timeout handed to FFmpeg: half of ours. When a read times out,
@@ -401,12 +434,54 @@ class VideoSource:
             hint = self.max_frames if hint is None else min(hint, self.max_frames)
         return hint
 
+    @property
+    def timestamp_report(self) -> dict[str, Any]:
+        """What the timestamp repair changed so far: ``{"repaired_frames": n, "first_frame":
+        index or None, "methods": {method: n}}`` with the methods of
+        `pipeline.timestamps.REPAIR_METHODS` that were used (none when no pts was changed)."""
+        if self._repairer is None:
+            return {"repaired_frames": 0, "first_frame": None, "methods": {}}
+        return self._repairer.report
+
     # -- decoding ----------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[DecodedFrame]:
         self.open()
-        if self.max_frames is not None and self.frames_decoded >= self.max_frames:
+        repairer = self._repairer
+        if repairer is None:
+            raise RuntimeError(f"video source {self.spec.display_name!r} has no timestamp state")
+        if self._budget_spent():
             return
+        try:
+            for pending in self._decoded_frames():
+                frame = pending.frame
+                decided = repairer.push(
+                    pending, pts=frame.pts, dts=frame.dts, duration=_frame_duration(frame)
+                )
+                for repaired in decided:  # one frame once the look-ahead is full
+                    yield self._to_decoded(repaired)
+                    if self._budget_spent():
+                        return
+        except SourceError:
+            # The frames decoded before the failure are good: hand them out, then fail
+            # (unless the budget ends first: without the look-ahead, no error would be seen).
+            yield from self._held_back(repairer)
+            if self._budget_spent():
+                return
+            raise
+        yield from self._held_back(repairer)
+
+    def _held_back(self, repairer: TimestampRepairer[_PendingFrame]) -> Iterator[DecodedFrame]:
+        """The look-ahead's frames at the end, one at a time: those not taken stay held."""
+        while repairer.pending and not self._budget_spent():
+            (repaired,) = repairer.flush(limit=1)
+            yield self._to_decoded(repaired)
+
+    def _budget_spent(self) -> bool:
+        return self.max_frames is not None and self.frames_decoded >= self.max_frames
+
+    def _decoded_frames(self) -> Iterator[_PendingFrame]:
+        """Every decoded picture, still in the decoder's format, until the stream ends."""
         consecutive_errors = 0
         packets = self._demux()
         last_data = time.monotonic()
@@ -435,11 +510,10 @@ class VideoSource:
                 consecutive_errors = self._count_corrupt(error, consecutive_errors)
                 continue
             consecutive_errors = 0
+            decode_ms = (time.perf_counter() - start) * 1000
             for frame in frames:
-                yield self._to_decoded(frame, start)
-                if self.max_frames is not None and self.frames_decoded >= self.max_frames:
-                    return
-                start = time.perf_counter()
+                yield _PendingFrame(frame=frame, decode_ms=decode_ms)
+                decode_ms = 0.0  # the packet's decoding is counted once, with its first frame
 
     def _check_stall(self, error: Exception, last_data: float) -> None:
         """Raise SourceStalled when a read failed because the read timeout ran out.
@@ -477,19 +551,62 @@ class VideoSource:
             ) from None
         return consecutive_errors
 
-    def _to_decoded(self, frame: av.VideoFrame, decode_start: float) -> DecodedFrame:
+    def _to_decoded(self, repaired: RepairedTimestamp[_PendingFrame]) -> DecodedFrame:
+        """The RGB frame with its repaired timestamp; logs the first repair of the source."""
+        start = time.perf_counter()
+        frame = repaired.item.frame
+        # Converted per frame with the frame's own size: a file's parts may differ in size.
         image = np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
         time_base = frame.time_base or self._opened_stream().time_base or Fraction(0, 1)
+        if repaired.repaired and not self._repair_logged:
+            # Once per source: a broken file has the same fault in thousands of frames.
+            self._repair_logged = True
+            log.warning(
+                "%s: timestamps repaired from frame %d: %s",
+                self.spec.display_name, self.frames_decoded, repaired.reason,
+            )
         decoded = DecodedFrame(
             image=image,
             index=self.frames_decoded,
-            pts=frame.pts,
+            pts=repaired.pts,
             time_base=(time_base.numerator, time_base.denominator),
             capture_time=time.time(),
-            decode_ms=(time.perf_counter() - decode_start) * 1000,
+            decode_ms=repaired.item.decode_ms + (time.perf_counter() - start) * 1000,
+            source_pts=repaired.source_pts if repaired.repaired else None,
         )
         self.frames_decoded += 1
         return decoded
+
+
+@dataclass(frozen=True)
+class _PendingFrame:
+    """A decoded picture waiting for its timestamp to be decided."""
+
+    frame: av.VideoFrame
+    decode_ms: float
+
+
+def _frame_duration(frame: av.VideoFrame) -> int | None:
+    """The frame's duration in pts ticks when the container gives one (PyAV >= 14)."""
+    duration = getattr(frame, "duration", None)
+    return duration if isinstance(duration, int) and duration > 0 else None
+
+
+def _repairer_for(stream: av.VideoStream, *, live: bool) -> TimestampRepairer[_PendingFrame]:
+    """A timestamp repairer in the stream's time base: a frame is one tick of the average
+    rate (at least one tick), a discontinuity a jump back of more than `DISCONTINUITY_S`."""
+    time_base = stream.time_base
+    rate = stream.average_rate or stream.guessed_rate
+    frame_duration = 1
+    if time_base and rate:
+        frame_duration = max(1, round(1 / (rate * time_base)))
+    # Without a time base there are no seconds: count about a second of frames instead.
+    ticks_per_second = math.ceil(1 / time_base) if time_base else 25 * frame_duration
+    return TimestampRepairer(
+        frame_duration=frame_duration,
+        discontinuity_ticks=max(1, DISCONTINUITY_S * ticks_per_second),
+        lookahead=0 if live else TIMESTAMP_LOOKAHEAD,
+    )
 
 
 def _check_file(path: str) -> None:

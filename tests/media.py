@@ -4,11 +4,18 @@
 textured, static background: easy enough for a tracker to follow, textured enough that an
 encoder has real work to do. `clip_box` gives the rectangle's ground-truth box for any frame,
 so tracker tests can compare against it.
+
+The other writers make the timestamp troubles of real-world files, each from the same frames:
+`make_pts_as_dts_mp4` (B-frames whose pts were written as their dts: reordered pts once
+decoded), `make_b_frame_avi` (B-frames in AVI, which stores no pts: the same once decoded),
+`make_concatenated_ts` (two MPEG-TS clips of different sizes appended byte by byte: the
+timestamps jump back and the size changes at the junction). A clip without any timestamps is
+`make_clip` with a ``.h264`` suffix: a raw H.264 elementary stream has neither pts nor dts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -92,4 +99,94 @@ def make_clip(
             frame.time_base = time_base
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
+    return path
+
+
+def _write_packets(
+    path: Path,
+    *,
+    frames: int,
+    size: tuple[int, int],
+    fps: int,
+    codec: str,
+    options: dict[str, str],
+    retime: Callable[[av.Packet], None] | None = None,
+) -> Path:
+    """Encode the synthetic clip with encoder ``options``; ``retime`` may rewrite each
+    packet's pts/dts before it is muxed, to make the broken timestamps some writers make."""
+    time_base = Fraction(1, fps)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps, options=options)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = time_base
+
+        def mux(packets: list[av.Packet]) -> None:
+            for packet in packets:
+                if retime is not None:
+                    retime(packet)
+                container.mux(packet)
+
+        for i in range(frames):
+            rgb = clip_frame(i, frames=frames, size=size)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = i, time_base
+            mux(stream.encode(frame))
+        mux(stream.encode(None))
+    return path
+
+
+def make_pts_as_dts_mp4(
+    path: Path | str, *, frames: int = 30, size: tuple[int, int] = (160, 120), fps: int = 25
+) -> Path:
+    """An H.264 MP4 with B-frames whose packets carry pts == dts (dts starting at 0), as
+    some muxers write them: decoded, the pts come out of order while the dts increase."""
+    first_dts: list[int] = []
+
+    def pts_from_dts(packet: av.Packet) -> None:
+        if packet.dts is None:
+            return
+        if not first_dts:
+            first_dts.append(packet.dts)
+        # From 0: the MP4 demuxer's edit list would drop frames with a negative pts.
+        packet.dts -= first_dts[0]
+        packet.pts = packet.dts
+
+    return _write_packets(
+        Path(path), frames=frames, size=size, fps=fps, codec="libx264",
+        options={"bf": "3"}, retime=pts_from_dts,
+    )
+
+
+def make_b_frame_avi(
+    path: Path | str, *, frames: int = 30, size: tuple[int, int] = (160, 120), fps: int = 25
+) -> Path:
+    """An AVI of H.264 with one B-frame between references. AVI stores no pts: the demuxer
+    numbers the packets in decode order, and the decoder's reordering hands those numbers
+    out of order (1, 3, 2, 5, 4, ...) while the dts increase, as in OpenCV's Megamind.avi.
+    (MPEG-4 part 2 B-frames, what Megamind.avi has, decode in order from an AVI that FFmpeg
+    wrote: only DivX's packed B-frames break them, and FFmpeg does not write those.)"""
+    return _write_packets(
+        Path(path), frames=frames, size=size, fps=fps, codec="libx264", options={"bf": "1"}
+    )
+
+
+def make_concatenated_ts(
+    path: Path | str,
+    *,
+    sizes: Sequence[tuple[int, int]] = ((160, 120), (128, 96)),
+    frames: int = 30,
+    fps: int = 15,
+) -> Path:
+    """Separately encoded MPEG-TS clips, one per size in ``sizes``, appended byte by byte
+    (``cat a.ts b.ts``). Every part starts at the same timestamp, so at each junction the
+    timestamps jump back by a part's length (2 s by default) and the frame size changes."""
+    path = Path(path)
+    data = bytearray()
+    for number, size in enumerate(sizes):
+        part = path.with_name(f"{path.stem}.part{number}.ts")
+        _write_packets(part, frames=frames, size=size, fps=fps, codec="libx264", options={})
+        data += part.read_bytes()
+        part.unlink()
+    path.write_bytes(bytes(data))
     return path
