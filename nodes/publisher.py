@@ -7,11 +7,12 @@ import logging
 import time
 from pathlib import Path
 
+from pipeline import resume
 from pipeline.config import PublisherConfig
 from pipeline.live import FrameTimings
 from pipeline.messages import EndOfStream, MaskMessage, Message
 from pipeline.outputs import MaskWriter
-from pipeline.runtime import Node
+from pipeline.runtime import Node, shutdown_deferred
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,20 @@ class PublisherNode(Node):
 
     name = "publisher"
 
-    def __init__(self, config: PublisherConfig, *, budget_ms: float, live: bool = False) -> None:
+    def __init__(
+        self,
+        config: PublisherConfig,
+        *,
+        budget_ms: float,
+        live: bool = False,
+        resume_frames: int = 0,
+    ) -> None:
+        """``resume_frames``: the outputs in ``config.out`` already hold this many complete
+        frames of an interrupted run; they are continued, and earlier frames are skipped."""
         super().__init__()
         self.config = config
         self.live = live
+        self.resume_frames = resume_frames
         self.timings = FrameTimings(budget_ms)
         self.writer: MaskWriter | None = None
 
@@ -41,24 +52,35 @@ class PublisherNode(Node):
                 write_jsonl=self.config.jsonl,
                 write_mot=self.config.mot,
                 write_overlay=self.config.overlay,
+                resume_frames=self.resume_frames,
             )
+        if self.resume_frames:
+            self.counters["frames_resumed"] = self.resume_frames
 
     def process(self, msg: Message) -> list[Message]:
         if not isinstance(msg, MaskMessage):
             self.count("unexpected_messages")
             return []
+        if msg.meta.frame_index < self.resume_frames:
+            # A resumed run whose tracker restarted before the frames already written: they
+            # were written (and published) by the interrupted run.
+            self.count("frames_skipped")
+            return []
         start = time.perf_counter()
         if self.writer is not None:
-            self.writer.write(
-                frame_index=msg.meta.frame_index,
-                seq=msg.meta.seq,
-                pts=msg.meta.pts,
-                time_base=msg.meta.time_base,
-                frame_size=msg.frame_size,
-                tracks=msg.tracks,
-                masks=msg.masks,
-                image=msg.image,
-            )
+            # One frame's files are written whole or not at all: a stop waits for them.
+            with shutdown_deferred():
+                self.writer.write(
+                    frame_index=msg.meta.frame_index,
+                    seq=msg.meta.seq,
+                    pts=msg.meta.pts,
+                    time_base=msg.meta.time_base,
+                    frame_size=msg.frame_size,
+                    tracks=msg.tracks,
+                    masks=msg.masks,
+                    image=msg.image,
+                    source_pts=msg.meta.source_pts,
+                )
         self.count("frames")
         timings = {
             **msg.timings,
@@ -77,27 +99,46 @@ class PublisherNode(Node):
         self.detail["interval"] = interval
         self.detail["timings"] = self.timings.summary()
 
-    def finish(self, end: EndOfStream) -> list[Message]:
+    def _finished_outputs(self) -> None:
         if self.writer is not None:
-            written = self.writer.close()
-            self.detail["outputs"] = {kind: str(path) for kind, path in written.items()}
+            self.detail["outputs"] = {
+                kind: str(path) for kind, path in self.writer.close().items()
+            }
+            self.detail["overlay_rescaled_frames"] = self.writer.overlay_rescaled_frames
+
+    def finish(self, end: EndOfStream) -> list[Message]:
+        self._finished_outputs()
+        if self.config.out:
+            resume.forget_run(self.config.out)
         self.detail["frames_expected"] = end.frames
         return [end]
 
     def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
+        """A failed run: nothing of it stays under a final name (a resumed run's earlier
+        frames stay as they were, and can still be resumed)."""
+        if self.writer is None:
+            return
+        self.writer.abort()
+        if self.live or not self.config.out:
+            return
+        if self.resume_frames:
+            resume.mark_interrupted(self.config.out, self.resume_frames)
+        else:
+            resume.forget_run(self.config.out)
 
     def stopped(self) -> None:
-        """A live run ends with a signal as a rule: keep what it wrote. (An offline run
-        stopped half-way leaves nothing under the final names: it is a failed job.)"""
-        if not self.live or self.writer is None:
-            self.abort()
+        """Stopped by a signal (Ctrl-C, SIGTERM): keep every frame that was written, as
+        complete files: a live run ends this way as a rule, and an offline run can be
+        continued from there with ``samstream run --resume``."""
+        if self.writer is None:
             return
         try:
-            written = self.writer.close()
+            self._finished_outputs()
         except Exception:
             log.exception("publisher: the outputs could not be finished; removing them")
             self.abort()
             return
-        self.detail["outputs"] = {kind: str(path) for kind, path in written.items()}
+        if not self.live:
+            frames = self.writer.frames_written
+            resume.mark_interrupted(self.config.out, frames)
+            self.detail["interrupted_at"] = frames

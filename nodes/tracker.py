@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from nodes.encoder import embedding_from_wire
+from pipeline import resume
 from pipeline.config import TrackerConfig
 from pipeline.messages import (
     EmbeddingMessage,
@@ -21,20 +24,40 @@ from pipeline.messages import (
 from pipeline.predictor import SAM, ImageEmbedding
 from pipeline.prompts import Prompts
 from pipeline.runtime import Node
-from pipeline.tracking import DecodedMasks, PromptTracker, TrackerSettings, TrackOutput
+from pipeline.tracking import (
+    ContestedPixels,
+    DecodedMasks,
+    PromptTracker,
+    TrackerSettings,
+    TrackOutput,
+)
 
+log = logging.getLogger(__name__)
+
+# Tracker states kept for --resume, one per frame: more than can be in flight between the
+# tracker and the publisher (their queues hold 2 x transport.hwm), so the state after the
+# publisher's last frame is among them. Small: a track's filter and its low-res logits.
+SNAPSHOTS_KEPT = 64
 
 class SamMaskDecoder:
     """The tracker's batched decoder: MobileSAM's prompt encoder + mask decoder on one frame.
 
     Rows that share a prompt kind go through the decoder together; in steady state every
     track is a box (+ previous mask) prompt, so a frame is one batched call.
+
+    exclusive: also report the contested pixels (two or more rows' full-resolution logits
+    above ``mask_threshold``, across all of the frame's decoder calls) with every row's logit
+    there, so the tracker can give each such pixel to one track (``tracking.exclusive_masks``);
+    False leaves the masks overlapping. The rows' own masks come back either way: the tracker
+    measures on them, and only it knows which tracks are lost or coasting by then.
     """
 
-    def __init__(self, sam: SAM) -> None:
+    def __init__(self, sam: SAM, *, exclusive: bool = True) -> None:
         self.sam = sam
+        self.exclusive = exclusive
         self.image: ImageEmbedding | None = None
 
+    @torch.inference_mode()
     def __call__(
         self,
         boxes: np.ndarray,
@@ -45,9 +68,19 @@ class SamMaskDecoder:
             raise RuntimeError("no frame embedding set")
         n = len(boxes)
         h, w = self.image.original_size
-        masks = np.zeros((n, h, w), dtype=bool)
+        if n == 0:
+            return DecodedMasks(
+                masks=np.zeros((0, h, w), dtype=bool),
+                scores=np.zeros(0, dtype=np.float32),
+                low_res_logits=np.zeros((0, 1, 1), dtype=np.float32),
+                contested=self._contested(None) if self.exclusive else None,
+            )
         scores = np.zeros(n, dtype=np.float32)
         low_res: np.ndarray | None = None
+        # Every row's full-resolution logits stay on the device until all calls are done:
+        # which pixels are contested is known only then, and only those logits leave it.
+        logits: torch.Tensor | None = None  # (N, H, W)
+
         def has_points(i: int) -> bool:
             return points is not None and points[i] is not None
 
@@ -56,15 +89,38 @@ class SamMaskDecoder:
         # A points prompt (a track's first frame only) has its own point count: decoded alone.
         batches = [plain, with_mask, *([i] for i in range(n) if has_points(i))]
         for rows in filter(None, batches):
-            logits, batch_scores, batch_low = self._decode(boxes, mask_logits, points, rows)
-            masks[rows] = (logits[:, 0] > self.sam.model.mask_threshold).cpu().numpy()
+            batch_logits, batch_scores, batch_low = self._decode(boxes, mask_logits, points, rows)
+            if logits is None:
+                logits = batch_logits.new_empty((n, h, w))
+            logits[rows] = batch_logits[:, 0]
             scores[rows] = batch_scores[:, 0].cpu().numpy()
             if low_res is None:
                 low_res = np.zeros((n, *batch_low.shape[-2:]), dtype=np.float32)
             low_res[rows] = batch_low[:, 0].cpu().numpy()
-        if low_res is None:
-            low_res = np.zeros((0, 1, 1), dtype=np.float32)
-        return DecodedMasks(masks=masks, scores=scores, low_res_logits=low_res)
+        if logits is None or low_res is None:  # cannot happen: every row is in one batch
+            raise RuntimeError("mask decoder invariant broken: a row was not decoded")
+        positive = logits > self.sam.model.mask_threshold
+        return DecodedMasks(
+            masks=positive.cpu().numpy(),
+            scores=scores,
+            low_res_logits=low_res,
+            contested=self._contested(logits, positive) if self.exclusive else None,
+        )
+
+    @staticmethod
+    def _contested(
+        logits: torch.Tensor | None, positive: torch.Tensor | None = None
+    ) -> ContestedPixels:
+        """Pixels two or more rows claim. logits, positive: (N, H, W); None: no rows."""
+        if logits is None or positive is None:
+            return ContestedPixels(
+                index=np.zeros(0, dtype=np.int64), logits=np.zeros((0, 0), dtype=np.float32)
+            )
+        index = torch.nonzero(positive.sum(dim=0).flatten() >= 2).squeeze(1)
+        return ContestedPixels(
+            index=index.cpu().numpy().astype(np.int64),
+            logits=logits.flatten(1)[:, index].float().cpu().numpy(),
+        )
 
     def _decode(
         self,
@@ -99,27 +155,51 @@ class TrackerNode(Node):
 
     name = "tracker"
 
-    def __init__(self, config: TrackerConfig, *, weights: str, image_size: int) -> None:
+    def __init__(
+        self,
+        config: TrackerConfig,
+        *,
+        weights: str,
+        image_size: int,
+        resume_dir: str | None = None,
+        resume_from: int | None = None,
+    ) -> None:
+        """``resume_dir``: an offline run's output directory, where the tracker's states
+        after its last frames are saved when it is stopped (for ``--resume``);
+        ``resume_from``: start from the state saved there after that frame, not afresh."""
         super().__init__()
         self.config = config
         self.weights = weights
         self.image_size = image_size
+        self.resume_dir = resume_dir
+        self.resume_from = resume_from
         self.decoder: SamMaskDecoder | None = None
         self.tracker: PromptTracker | None = None
         self._last_session: int | None = None
         self._last_capture = 0.0
+        # The states after the last frames (a frame is in flight to the publisher for a
+        # while: the one after its last written frame is among them).
+        self._snapshots: deque[tuple[int, resume.Snapshot]] = deque(maxlen=SNAPSHOTS_KEPT)
 
     def setup(self) -> None:
         sam = SAM(self.weights, device=self.config.device, image_size=self.image_size)
-        self.decoder = SamMaskDecoder(sam)
+        self.decoder = SamMaskDecoder(sam, exclusive=self.config.exclusive_masks)
         settings = TrackerSettings(
             min_score=self.config.min_score,
             min_agreement=self.config.min_agreement,
             max_coast_frames=self.config.max_coast_frames,
             confirm_frames=self.config.confirm_frames,
             use_mask_prompt=self.config.use_mask_prompt,
+            process_noise=self.config.process_noise,
+            measurement_noise=self.config.measurement_noise,
         )
         self.tracker = PromptTracker(self.decoder, frame_size=None, settings=settings)
+        if self.resume_from is not None and self.resume_dir is not None:
+            # The prompts are in the saved state, with what became of them.
+            self.tracker.restore(*resume.load_tracker_snapshot(self.resume_dir,
+                                                               self.resume_from))
+            self.detail["resumed_after_frame"] = self.resume_from
+            return
         for prompt in self.config.prompts:
             self.tracker.add(prompt.box, prompt.points, prompt.labels, frame=prompt.frame)
 
@@ -138,8 +218,14 @@ class TrackerNode(Node):
         self.decoder.image = ImageEmbedding(
             embedding[None].to(self.decoder.sam.device), msg.original_size, msg.input_size
         )
-        if self.tracker.frame_size is None:
-            self.tracker.set_frame_size(msg.original_size)
+        size = (int(msg.original_size[0]), int(msg.original_size[1]))
+        if self.tracker.frame_size != size:
+            # The first frame, or a mid-stream resolution change (concatenated files, a
+            # camera switching profile): the tracks are rescaled and carry on at the new size.
+            if self.tracker.frame_size is not None:
+                self.count("frame_size_changes")
+                self.detail["frame_size"] = list(size)
+            self.tracker.set_frame_size(size)
         outputs = [*self._after_outage(msg), *self.tracker.step(msg.meta.frame_index)]
         h, w = msg.original_size
         masks = np.stack([o.mask for o in outputs]) if outputs else np.zeros((0, h, w), bool)
@@ -155,6 +241,8 @@ class TrackerNode(Node):
             for o in outputs
         )
         self.count("frames")
+        if self.resume_dir is not None:
+            self._snapshots.append((msg.meta.frame_index, self.tracker.snapshot()))
         ms = (time.perf_counter() - start) * 1000
         return [
             MaskMessage(
@@ -166,6 +254,17 @@ class TrackerNode(Node):
                 timings={**msg.timings, "tracker": ms},
             )
         ]
+
+    def stopped(self) -> None:
+        """Stopped mid-run: save the recent states, so that --resume can continue exactly
+        where the outputs end (states only of whole frames: a step cut short by the signal
+        never made one)."""
+        if self.resume_dir is None or not self._snapshots:
+            return
+        try:
+            resume.save_tracker_snapshots(self.resume_dir, dict(self._snapshots))
+        except OSError:
+            log.exception("tracker: could not save its state; --resume will start it afresh")
 
     def _after_outage(self, msg: EmbeddingMessage) -> list[TrackOutput]:
         """A new source session means the camera was gone in between. After a short outage

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,9 +13,20 @@ from pathlib import Path
 log = logging.getLogger("samstream")
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it has one worth showing (not None, False or [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        if not shown or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
+        formatter_class=_HelpWithDefaults,
         help="segment objects in one image",
         description="Segment the objects given by boxes and/or points in one image. All "
         "--point prompts belong to one object (with the --box, if there is one box).",
@@ -30,8 +42,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="mobile_sam.pt path (default: $SAMSTREAM_WEIGHTS, cache, download)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--image-size", type=int, default=1024, help="encoder input side (1024)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="encoder precision (reduced ones via autocast)")
+    p.add_argument("--image-size", type=int, default=1024, help="encoder input side")
     p.add_argument("--multimask", action="store_true", help="three masks per object")
     p.set_defaults(func=_predict)
 
@@ -47,11 +60,8 @@ def _predict(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     points = labels = None
     if args.point:
-        labels = args.label or []
-        if len(labels) > len(args.point):
-            raise ValueError(f"{len(labels)} --label values for {len(args.point)} --point values")
-        labels = labels + [1] * (len(args.point) - len(labels))
-        points, labels = [args.point], [labels]  # all points describe one object
+        # All points describe one object.
+        points, labels = [args.point], [_point_labels(args.point, args.label)]
     if not args.box and not points:
         raise ValueError("give at least one --box or --point")
     model = SAM(args.weights, device=args.device, dtype=args.dtype, image_size=args.image_size)
@@ -75,31 +85,48 @@ def _predict(args: argparse.Namespace) -> int:
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
+        formatter_class=_HelpWithDefaults,
         help="segment a video: decoder, encoder, tracker and publisher nodes",
-        description="Run the whole graph on a source. Each --box and each --point is one "
-        "object to follow. Defaults come from CONFIG (YAML), then these options, then --set.",
+        description="Run the whole graph on a source. Each --box is one object to follow; "
+        "the --point values are one more (or the box's, with one box). Defaults come from "
+        "CONFIG (YAML; configs/offline.yaml documents every key), then these options, then "
+        "--set.",
     )
     p.add_argument("config", nargs="?", help="YAML config (e.g. configs/offline.yaml)")
-    p.add_argument("--source", help="video file, lavfi:testsrc2=..., rtsp://..., /dev/video0")
+    p.add_argument("--source", help="video file, lavfi:testsrc2=..., rtsp://..., /dev/video0 "
+                   "(default: decoder.source)")
     p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X1", "Y1", "X2", "Y2"),
                    help="box around one object on the first frame (repeatable)")
     p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"),
-                   help="a point on one object on the first frame (repeatable)")
-    p.add_argument("--weights", help="mobile_sam.pt path")
-    p.add_argument("--out", help="directory for masks/, masks.jsonl, tracks.txt, overlay.mp4")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 (encoder and tracker)")
-    p.add_argument("--image-size", type=int, help="encoder input side (1024; 512 is faster)")
+                   help="a point on the first frame (repeatable): all --point values describe "
+                   "one object, the same as the --box when there is exactly one box, as in "
+                   "samstream predict")
+    p.add_argument("--label", type=int, action="append", choices=(0, 1),
+                   help="label of each --point in order: 1 foreground (default), 0 background")
+    p.add_argument("--weights", help="mobile_sam.pt path (default: weights in the config, "
+                   "$SAMSTREAM_WEIGHTS, the cache, else a download)")
+    p.add_argument("--out", help="directory for masks/, masks.jsonl, tracks.txt, overlay.mp4 "
+                   "(default: none: publish on the feed only)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 for the encoder and the tracker "
+                   "(default: auto, the GPU when there is one)")
+    p.add_argument("--image-size", type=int, help="encoder input side, a multiple of 16; 512 "
+                   "is faster (default: 1024, or 512 in a live run on a CPU)")
     p.add_argument("--realtime", action="store_true",
                    help="live mode for any source: play a file at its own frame rate, newest "
                    "frame wins (cameras are live anyway)")
     p.add_argument("--budget-ms", type=float,
                    help="per-frame processing budget in live mode (default 12 on a GPU, "
                    "400 on a CPU)")
-    p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    p.add_argument("--max-frames", type=int,
+                   help="stop after this many frames (default: the whole source)")
     p.add_argument("--set", action="append", default=[], metavar="NODE.KEY=VALUE",
                    help="override any config key, e.g. --set encoder.batch_size=2")
     p.add_argument("--in-process", action="store_true",
                    help="run every node as a thread of this process (inproc://)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an offline run that was interrupted (Ctrl-C, SIGTERM) in "
+                   "--out, from its first missing frame; the same source, prompts and config "
+                   "are required")
     p.set_defaults(func=_run)
 
 
@@ -124,11 +151,50 @@ def run_config_from_args(args: argparse.Namespace):
         overrides.append("live.mode=live")
     if args.budget_ms is not None:
         overrides.append(f"live.budget_ms={args.budget_ms}")
-    prompts = [{"box": box} for box in args.box or []]
-    prompts += [{"points": [point], "labels": [1]} for point in args.point or []]
+    if args.resume:
+        overrides.append("resume.enabled=true")
+    prompts = run_prompts(args.box, args.point, args.label)
     if prompts:
         overrides.append(f"tracker.prompts={json.dumps(prompts)}")
     return load_config(args.config, [*overrides, *args.set])
+
+
+def _point_labels(points: list[list[float]] | None, labels: list[int] | None) -> list[int]:
+    """One label per point: the --label values in order, the rest foreground."""
+    points, labels = points or [], labels or []
+    if len(labels) > len(points):
+        raise ValueError(f"{len(labels)} --label values for {len(points)} --point values")
+    return labels + [1] * (len(points) - len(labels))
+
+
+def run_prompts(
+    boxes: list[list[float]] | None,
+    points: list[list[float]] | None,
+    labels: list[int] | None,
+) -> list[dict]:
+    """`samstream run`'s objects, as `predict` reads the same options: each --box is one
+    object; the --point values are one more object, or the box's when there is one box."""
+    from pipeline.prompts import validate_box
+
+    for i, box in enumerate(boxes or []):
+        # Predict's error for a box that is no box (the frame check comes before the run).
+        validate_box(box, (math.inf, math.inf), name=f"--box {i + 1}")
+    prompts: list[dict] = [{"box": box} for box in boxes or []]
+    if not points:
+        if labels:
+            raise ValueError("--label was given without --point")
+        return prompts
+    group = {"points": points, "labels": _point_labels(points, labels)}
+    if len(prompts) == 1:
+        prompts[0].update(group)
+    elif prompts:
+        raise ValueError(
+            f"{len(prompts)} --box values and --point values: points describe one object, so "
+            "give them with one box, or alone (add more objects with samstream prompt add)"
+        )
+    else:
+        prompts.append(group)
+    return prompts
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -136,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.runtime import install_signal_handlers
 
     config = run_config_from_args(args)
-    if not config.tracker.prompts:
+    if not config.tracker.prompts:  # an offline run refuses this (pipeline.preflight)
         log.warning("no --box or --point given: add objects with `samstream prompt add`")
     install_signal_handlers()
     summary = run_pipeline(config, in_process=args.in_process, progress=sys.stderr.isatty())
@@ -148,10 +214,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _add_node(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("node", help="run one node alone (e.g. on another host over tcp)")
-    p.add_argument("name", choices=("decoder", "encoder", "tracker", "publisher"))
+    p = sub.add_parser("node", formatter_class=_HelpWithDefaults,
+                       help="run one node alone (e.g. on another host over tcp)")
+    p.add_argument("name", choices=("decoder", "encoder", "tracker", "publisher"),
+                   help="which node to run")
     p.add_argument("--config", required=True, help="YAML or JSON config with explicit endpoints")
-    p.add_argument("--set", action="append", default=[], metavar="NODE.KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="NODE.KEY=VALUE",
+                   help="override any config key (repeatable)")
     p.set_defaults(func=_node)
 
 
@@ -171,13 +240,19 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _add_prompt(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prompt", help="add, correct, remove or list objects of a running tracker")
-    p.add_argument("op", choices=("add", "update", "remove", "list"))
+    p = sub.add_parser("prompt", formatter_class=_HelpWithDefaults,
+                       help="add, correct, remove or list objects of a running tracker")
+    p.add_argument("op", choices=("add", "update", "remove", "list"),
+                   help="add an object, correct one's box (also brings a lost one back), "
+                   "remove one, or list them")
     p.add_argument("--endpoint", required=True, help="the tracker's control endpoint")
     p.add_argument("--id", type=int, dest="track_id", help="track id (update, remove)")
-    p.add_argument("--box", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"))
-    p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"))
-    p.add_argument("--label", type=int, action="append", choices=(0, 1))
+    p.add_argument("--box", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"),
+                   help="the object's box in source-frame pixels (add, update)")
+    p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"),
+                   help="a point on the object (add; repeatable, all for one object)")
+    p.add_argument("--label", type=int, action="append", choices=(0, 1),
+                   help="label of each --point in order: 1 foreground (default), 0 background")
     p.add_argument("--frame", type=int, help="apply from this frame index (default: next)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
     p.set_defaults(func=_prompt)
@@ -207,13 +282,15 @@ def _prompt(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="timings of every stage beside the official code's")
+    p = sub.add_parser("bench", formatter_class=_HelpWithDefaults,
+                       help="timings of every stage beside the official code's")
     p.add_argument("--weights", default="mobile_sam.pt", help="mobile_sam.pt path")
     p.add_argument("--source", default=None, help="video (default: a 1280x720 FFmpeg test source)")
     p.add_argument("--frames", type=int, default=20, help="frames to run end to end")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="encoder precision (reduced ones via autocast)")
+    p.add_argument("--image-size", type=int, default=1024, help="encoder input side")
     p.add_argument("--live-seconds", type=float, default=10.0,
                    help="seconds of the source played live for the latency figures (0: skip)")
     p.set_defaults(func=_bench)

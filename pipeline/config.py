@@ -86,6 +86,9 @@ class TrackerConfig:
     max_coast_frames: int = 15  # poor frames in a row before a track is lost
     confirm_frames: int = 2  # good frames before a tentative track is tracked
     use_mask_prompt: bool = True  # feed the previous low-res mask back as a mask prompt
+    exclusive_masks: bool = True  # a pixel belongs to at most one track (highest logit wins)
+    process_noise: float = 1.0  # Kalman: std of unmodelled box acceleration, pixels/frame^2
+    measurement_noise: float = 2.0  # Kalman: std of a measured box coordinate, pixels
     lost_after_gap_s: float = 5.0  # a live source gone longer than this: every track is lost
     threads: int | None = None  # torch threads of its process on a CPU; None: a quarter of cores
 
@@ -111,7 +114,9 @@ class TransportConfig:
     masks: str = ""
     control: str = ""
     status: str = ""
-    publish: str = "tcp://127.0.0.1:5555"  # the PUB socket consumers subscribe to
+    # The PUB socket consumers subscribe to. "auto": tcp://127.0.0.1:5555, or the next free
+    # port when another run has it (the launcher prints the one it took).
+    publish: str = "auto"
     hwm: int = 8  # high-water mark (messages) of pipeline sockets
     linger_ms: int = 0
     max_message_bytes: int = 268435456  # MAXMSGSIZE on sockets facing the network
@@ -127,6 +132,18 @@ class LiveConfig:
 
 
 @dataclass(frozen=True)
+class ResumeConfig:
+    """Continuing an interrupted offline run in publisher.out (``samstream run --resume``).
+
+    Only ``enabled`` is for users; the launcher fills in the rest from the state the
+    interrupted run left in the output directory."""
+
+    enabled: bool = False  # continue the interrupted run in publisher.out (same source and config)
+    frames_done: int = 0  # frames complete in publisher.out: the publisher starts after them
+    tracker_frame: int | None = None  # frame of the tracker snapshot to start from; None: afresh
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run: the weights and one section per node, plus the transport."""
 
@@ -137,6 +154,7 @@ class RunConfig:
     publisher: PublisherConfig = field(default_factory=PublisherConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     live: LiveConfig = field(default_factory=LiveConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +176,7 @@ def _choice(*options: str) -> _Check:
 _AT_LEAST_1 = _rule(lambda v: v >= 1, "at least 1")
 _POSITIVE = _rule(lambda v: v > 0, "greater than 0")  # also rejects NaN
 _UNIT = _rule(lambda v: 0 <= v <= 1, "between 0 and 1")
+_FINITE_POSITIVE = _rule(lambda v: math.isfinite(v) and v > 0, "a finite number greater than 0")
 _DEVICE = _rule(
     lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"
 )
@@ -170,10 +189,6 @@ def _is_endpoint(value: str) -> bool:
         host, _, port = rest.rpartition(":")
         return bool(host) and port.isdigit() and 0 < int(port) < 65536
     return value == "" or (bool(sep) and scheme in ("ipc", "inproc") and bool(rest))
-
-
-def _both(first: _Check, second: _Check) -> _Check:
-    return lambda v: first(v) or second(v)
 
 
 _ENDPOINT = _rule(_is_endpoint, '"" or tcp://host:port (port 1-65535), ipc://path or inproc://name')
@@ -222,8 +237,14 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
         "min_agreement": _UNIT,
         "max_coast_frames": _rule(lambda v: v >= 0, "at least 0"),
         "confirm_frames": _AT_LEAST_1,
+        "process_noise": _FINITE_POSITIVE,
+        "measurement_noise": _FINITE_POSITIVE,
         "lost_after_gap_s": _POSITIVE,
         "threads": _AT_LEAST_1,
+    },
+    ResumeConfig: {
+        "frames_done": _rule(lambda v: v >= 0, "at least 0"),
+        "tracker_frame": _rule(lambda v: v >= 0, "at least 0"),
     },
     LiveConfig: {
         "mode": _choice("auto", "live", "offline"),
@@ -236,7 +257,8 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
     TransportConfig: {
         **dict.fromkeys(("frames", "embeddings", "masks", "control", "status"), _ENDPOINT),
         # Unlike the internal links, the PUB endpoint is never chosen by the launcher.
-        "publish": _both(_rule(bool, "a non-empty endpoint"), _ENDPOINT),
+        "publish": _rule(lambda v: v == "auto" or (v and _is_endpoint(v)),
+                         'auto, tcp://host:port (port 1-65535), ipc://path or inproc://name'),
         "hwm": _AT_LEAST_1,
         "linger_ms": _rule(lambda v: v >= -1, "at least -1 (-1 waits forever on close)"),
         "max_message_bytes": _rule(lambda v: v == -1 or v > 0, "positive, or -1 for no limit"),

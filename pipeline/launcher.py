@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,12 +28,16 @@ from typing import Any
 import zmq
 from tqdm import tqdm
 
+from pipeline import resume
 from pipeline.config import RunConfig, config_to_dict
 from pipeline.live import resolve_run_config
 from pipeline.messages import StatusMessage
+from pipeline.preflight import preflight
+from pipeline.resume import ResumeError
 from pipeline.runtime import Node, NodeEndpoints, NodeRunner, Shutdown
-from pipeline.sources import SourceError, check_device, parse_source
 from pipeline.transport import MessageReceiver, SocketOptions, open_socket, send_message
+
+log = logging.getLogger(__name__)
 
 NODE_NAMES = ("decoder", "encoder", "tracker", "publisher")
 STOP_GRACE_S = 2.0
@@ -67,15 +72,35 @@ def node_endpoints(name: str, config: RunConfig) -> NodeEndpoints:
     }[name]
 
 
-def check_source(source: str) -> None:
-    """Fail fast on a source that cannot work, before four processes load models: a
-    missing file, a missing webcam device, an empty filter graph. Cameras that exist but
-    do not answer are the decoder's business (open timeout)."""
-    if not source:
-        raise SourceError("no video source given: use --source or decoder.source")
-    spec = parse_source(source)
-    if spec.kind == "webcam":
-        check_device(spec.url)
+def _plan_outputs(config: RunConfig) -> RunConfig:
+    """An offline run with outputs records what it is (for --resume); a resume checks that
+    the interrupted run was the same job and says where to continue."""
+    out = config.publisher.out
+    wanted = config.resume.enabled
+    if is_live(config) or not out:
+        if wanted:
+            raise ResumeError(
+                "--resume continues an interrupted offline run: it needs --out DIR and a "
+                "file source (a live run keeps its outputs when stopped: nothing to resume)"
+            )
+        return config
+    identity = resume.run_identity(config, weights_path=config.weights)
+    if not wanted:
+        frames = resume.interrupted_frames(out)
+        if frames:
+            log.warning("%s holds an interrupted run (%d frames): starting over; add --resume "
+                        "to continue it instead", out, frames)
+        resume.begin_run(out, identity)
+        return config
+    point = resume.plan_resume(out, identity)
+    resume.begin_run(out, identity)
+    print(f"samstream: resuming {out} after frame {point.frames_done - 1}"
+          + ("" if point.tracker_frame == point.frames_done - 1 else
+             f" (the tracker restarts from frame "
+             f"{0 if point.tracker_frame is None else point.tracker_frame + 1})"),
+          file=sys.stderr)
+    return dataclasses.replace(config, resume=dataclasses.replace(
+        config.resume, frames_done=point.frames_done, tracker_frame=point.tracker_frame))
 
 
 def is_live(config: RunConfig) -> bool:
@@ -89,7 +114,9 @@ def build_node(name: str, config: RunConfig) -> Node:
     if name == "decoder":
         from nodes.decoder import DecoderNode
 
-        return DecoderNode(config.decoder, live=is_live(config))
+        after = config.resume.tracker_frame
+        return DecoderNode(config.decoder, live=is_live(config),
+                           start_frame=0 if after is None else after + 1)
     if name == "encoder":
         from nodes.encoder import EncoderNode
 
@@ -98,8 +125,11 @@ def build_node(name: str, config: RunConfig) -> Node:
     if name == "tracker":
         from nodes.tracker import TrackerNode
 
+        # Offline runs with outputs keep the tracker's recent states for --resume.
+        state_dir = None if is_live(config) or not config.publisher.out else config.publisher.out
         return TrackerNode(
-            config.tracker, weights=config.weights, image_size=config.encoder.image_size
+            config.tracker, weights=config.weights, image_size=config.encoder.image_size,
+            resume_dir=state_dir, resume_from=config.resume.tracker_frame,
         )
     if name == "publisher":
         from nodes.publisher import PublisherNode
@@ -107,7 +137,8 @@ def build_node(name: str, config: RunConfig) -> Node:
         if config.live.budget_ms is None:  # resolve_run_config always sets it
             raise RuntimeError("live.budget_ms was not resolved")
         return PublisherNode(
-            config.publisher, budget_ms=config.live.budget_ms, live=is_live(config)
+            config.publisher, budget_ms=config.live.budget_ms, live=is_live(config),
+            resume_frames=config.resume.frames_done,
         )
     raise ValueError(f"unknown node {name!r}: one of {', '.join(NODE_NAMES)}")
 
@@ -148,6 +179,9 @@ class RunSummary:
     in_flight: int = 0  # frames a node had taken but not passed on when the run was stopped
     reconnects: int = 0
     stopped_by: str | None = None  # the signal that ended the run, None when it ran out
+    interrupted_at: int | None = None  # offline run stopped: frames complete in its outputs
+    timestamps: dict[str, Any] = field(default_factory=dict)  # the decoder's repairs, if any
+    resumed_frames: int = 0  # frames an interrupted run had written before this one resumed
 
     @property
     def fps(self) -> float:
@@ -179,22 +213,40 @@ class RunSummary:
                     f"{name:<10} {s['messages']:>8} {s['ms_median']:>10.1f} {s['ms_p95']:>8.1f}"
                 )
         ms = self.timings.get("ms", {})
-        if ms.get("latency"):
-            lines.append(
-                f"per frame: processing median {ms['processing']['median']:.1f} ms, p95 "
-                f"{ms['processing']['p95']:.1f} ms; capture-to-publish latency median "
-                f"{ms['latency']['median']:.1f} ms, p95 {ms['latency']['p95']:.1f} ms"
-            )
-        share = self.timings.get("share_within_budget")
-        if share is not None:
-            lines.append(
-                f"budget {self.timings['budget_ms']:g} ms per frame: {100 * share:.1f}% of "
-                f"{self.timings['frames']} frames within it"
-            )
         if self.mode == "live":
+            # Budget and latency are live figures: an offline run is lossless and as fast
+            # as it goes, so its frames wait in queues by design.
+            if ms.get("latency"):
+                lines.append(
+                    f"per frame: processing median {ms['processing']['median']:.1f} ms, p95 "
+                    f"{ms['processing']['p95']:.1f} ms; capture-to-publish latency median "
+                    f"{ms['latency']['median']:.1f} ms, p95 {ms['latency']['p95']:.1f} ms"
+                )
+            share = self.timings.get("share_within_budget")
+            if share is not None:
+                lines.append(
+                    f"budget {self.timings['budget_ms']:g} ms per frame: {100 * share:.1f}% of "
+                    f"{self.timings['frames']} frames within it"
+                )
             drops = ", ".join(f"before {node} {n}" for node, n in self.dropped.items())
             lines.append(f"dropped (newest frame wins): {drops or 'none'}; in flight at "
                          f"stop: {self.in_flight}; source reconnects: {self.reconnects}")
+        if self.timestamps.get("repaired_frames"):
+            methods = ", ".join(f"{k} {v}" for k, v in self.timestamps.get("methods", {}).items()
+                                if v)
+            lines.append(
+                f"timestamps repaired on {self.timestamps['repaired_frames']} frames from frame "
+                f"{self.timestamps.get('first_frame')} ({methods}): the outputs' pts are the "
+                "repaired, increasing ones; masks.jsonl keeps the file's as source_pts"
+            )
+        if self.resumed_frames:
+            lines.append(f"resumed after the {self.resumed_frames} frames already written")
+        if self.interrupted_at is not None:
+            lines.append(
+                f"interrupted at frame {self.interrupted_at}: the outputs hold frames 0-"
+                f"{self.interrupted_at - 1}, complete; run the same command with --resume to "
+                "continue from there"
+            )
         lines.extend(f"{kind}: {path}" for kind, path in sorted(self.outputs.items()))
         return "\n".join(lines)
 
@@ -235,6 +287,9 @@ def summarize(last: dict[str, StatusMessage], wall_s: float, mode: str,
         in_flight=_in_flight(last),
         reconnects=decoder.counters.get("reconnects", 0) if decoder else 0,
         stopped_by=stopped_by,
+        interrupted_at=publisher.detail.get("interrupted_at") if publisher else None,
+        timestamps=decoder.detail.get("timestamps") or {} if decoder else {},
+        resumed_frames=publisher.counters.get("frames_resumed", 0) if publisher else 0,
     )
 
 
@@ -341,11 +396,15 @@ def run_pipeline(
     config: RunConfig, *, in_process: bool = False, progress: bool = False
 ) -> RunSummary:
     """Run the graph to the end of its stream, or until SIGTERM/SIGINT (then the summary
-    says ``stopped_by``). Raises RunFailed when a node fails, SourceError at once (before
-    any node starts) for a source that cannot exist: a missing file or webcam."""
-    check_source(config.decoder.source)
+    says ``stopped_by``, and an offline run's outputs hold every frame finished by then).
+    Raises RunFailed when a node fails; before any node starts, the errors of
+    `pipeline.preflight` (source, weights, devices, prompts, the feed's port) and ResumeError
+    for a ``resume.enabled`` run that cannot continue its output directory."""
+    config = resolve_run_config(config)
+    config = preflight(config, live=is_live(config))
+    config = _plan_outputs(config)
     run_dir = Path(tempfile.mkdtemp(prefix="samstream-"))
-    config = resolve_run_config(resolve_endpoints(config, run_dir, in_process=in_process))
+    config = resolve_endpoints(config, run_dir, in_process=in_process)
     context = zmq.Context() if in_process else zmq.Context.instance()
     status_sock = open_socket(
         context, zmq.PULL, config.transport.status, bind=True,
@@ -390,12 +449,18 @@ def run_pipeline(
                 workers.append(_ProcessWorker(name, config_path, run_dir / f"{name}.log",
                                               node_environment(name, config)))
         print(f"samstream: {config.live.mode} run, encoder on {config.encoder.device} at "
-              f"{config.encoder.image_size} px; masks on {config.transport.publish}; prompts: "
-              f"samstream prompt list --endpoint {config.transport.control}", file=sys.stderr)
+              f"{config.encoder.image_size} px; prompts: samstream prompt list --endpoint "
+              f"{config.transport.control}", file=sys.stderr)
+        feed_announced = False
         while True:
             collect(100)
+            publisher = last.get("publisher")
+            if not feed_announced and publisher is not None and "publish" in publisher.detail:
+                # Known once the publisher has bound it ("auto": the first free port).
+                print(f"samstream: masks on {publisher.detail['publish']}", file=sys.stderr)
+                feed_announced = True
             if progress:
-                bar = _update_progress(bar, last)
+                bar = _update_progress(bar, last, is_live(config))
             codes = {w.name: w.exit_code() for w in workers}
             for w in workers:
                 code = codes[w.name]
@@ -431,13 +496,21 @@ def run_pipeline(
     return summarize(last, time.monotonic() - start, config.live.mode, stopped_by)
 
 
-def _update_progress(bar: tqdm | None, last: dict[str, StatusMessage]) -> tqdm | None:
+def _update_progress(bar: tqdm | None, last: dict[str, StatusMessage],
+                     live: bool) -> tqdm | None:
+    """Frames published: out of the total where the container (or --max-frames) gives one,
+    so the bar has an ETA; a live run shows its latency and drops instead."""
     decoder, publisher = last.get("decoder"), last.get("publisher")
-    if bar is None and decoder is not None:
-        bar = tqdm(total=decoder.detail.get("frame_count_hint"), unit="frame",
-                   desc="samstream", file=sys.stderr)
+    if bar is None and decoder is not None and "frame_count_hint" in decoder.detail:
+        bar = tqdm(total=None if live else decoder.detail.get("frame_count_hint"),
+                   unit="frame", desc="samstream", file=sys.stderr, dynamic_ncols=True)
     if bar is not None and publisher is not None:
-        done = publisher.counters.get("frames", 0)
+        done = publisher.counters.get("frames", 0) + publisher.counters.get("frames_resumed", 0)
+        if live:
+            latency = (publisher.detail.get("interval") or {}).get("latency_ms") or {}
+            dropped = sum(_dropped(last).values())
+            bar.set_postfix_str(f"latency {latency.get('median', 0):.0f} ms, "
+                                f"dropped {dropped}", refresh=False)
         bar.update(done - bar.n)
     return bar
 

@@ -15,13 +15,18 @@ Layout under ``out_dir``:
        "tracks": [{"id": 1, "box": [x1, y1, x2, y2], "score": 0.93, "state": "tracked",
                    "rle": {"size": [h, w], "counts": "..."}}]}
 
-  ``time`` is ``pts * time_base`` in seconds (null without pts); ``rle`` is COCO compressed
-  RLE (``pycocotools.mask.decode`` reads it after ``counts.encode()``).
+  ``time`` is ``pts * time_base`` in seconds (null without pts); ``pts`` increases strictly
+  from frame to frame: where the decoder had to repair the file's timestamps (B-frames stored
+  with pts == dts, missing pts, a concatenation), it is the repaired value and the file's own
+  is kept as ``source_pts`` (present only on those frames). ``rle`` is COCO compressed RLE
+  (``pycocotools.mask.decode`` reads it after ``counts.encode()``).
 - ``tracks.txt``: MOT Challenge lines ``frame,id,bb_left,bb_top,bb_width,bb_height,conf,-1,-1,-1``
   (frame 1-based), for tracks that are tentative, tracked or coasting; lost tracks are left out.
 - ``overlay.mp4``: H.264 (libx264, yuv420p) of the input with translucent masks, boxes and ids,
-  one output frame per input frame at the input's timestamps. yuv420p needs even sizes: an odd
-  width or height is padded by one pixel on the right or bottom, repeating the edge pixels.
+  one output frame per input frame at the input's timestamps, at the first frame's size
+  (frames of another size, after a mid-stream resolution change, are scaled to it).
+  yuv420p needs even sizes: an odd width or height is padded by one pixel on the right or
+  bottom, repeating the edge pixels.
 
 Frame sizes are ``(height, width)`` throughout, like numpy shapes and COCO's RLE ``size``.
 """
@@ -33,6 +38,7 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -45,6 +51,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from pipeline import tracking
+from pipeline.drawing import PALETTE, draw_overlay
 
 __all__ = [
     "MOT_STATES",
@@ -59,9 +66,6 @@ __all__ = [
 
 # Track states whose boxes go into the MOT file: a lost track's box is a stale prediction.
 MOT_STATES = frozenset({"tentative", "tracked", "coasting"})
-
-OVERLAY_ALPHA = 0.5  # mask opacity in the overlay video
-
 
 class TrackLike(Protocol):
     """What the writer reads from a track (duck-typed; the tracker's own class fits)."""
@@ -81,29 +85,6 @@ class TrackLike(Protocol):
     def state(self) -> Any:
         """One of "tentative", "tracked", "coasting", "lost" (a str, or an Enum of them)."""
         ...
-
-
-def _voc_palette() -> list[int]:
-    """The PASCAL VOC colour map that DAVIS uses: 0 black, then 255 distinct colours.
-
-    Each index's bits are spread over the high bits of R, G and B, so neighbouring ids get
-    very different colours and the mapping is one-to-one.
-    """
-    palette: list[int] = []
-    for index in range(256):
-        red = green = blue = 0
-        bits = index
-        for shift in range(7, -1, -1):
-            red |= (bits & 1) << shift
-            green |= ((bits >> 1) & 1) << shift
-            blue |= ((bits >> 2) & 1) << shift
-            bits >>= 3
-        palette += [red, green, blue]
-    return palette
-
-
-PALETTE: list[int] = _voc_palette()
-"""256 RGB colours as a flat list of 768 ints, for ``PIL.Image.putpalette``."""
 
 
 # -- mask encodings -------------------------------------------------------------------------
@@ -193,10 +174,10 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _colour(track_id: int) -> tuple[int, int, int]:
-    index = (int(track_id) - 1) % 255 + 1  # never 0 (black): ids above 255 wrap for display only
-    red, green, blue = PALETTE[3 * index : 3 * index + 3]
-    return red, green, blue
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it back at once
+    os.umask(mask)
+    return mask
 
 
 class MaskWriter:
@@ -223,14 +204,24 @@ class MaskWriter:
         write_mot: bool = True,
         write_overlay: bool = True,
         overlay_fps: Fraction | None = None,
+        resume_frames: int = 0,
     ) -> None:
+        """``resume_frames``: continue the outputs of an interrupted run in ``out_dir``,
+        whose first ``resume_frames`` frames are complete there: their JSON lines, MOT lines
+        and overlay frames are carried into the new files, their PNGs stay; the next frame
+        written must be frame ``resume_frames``. Raises ValueError when those outputs are not
+        there as a complete prefix."""
         if overlay_fps is not None and overlay_fps <= 0:
             raise ValueError(f"overlay_fps must be positive, got {overlay_fps}")
+        if resume_frames < 0:
+            raise ValueError(f"resume_frames must be >= 0, got {resume_frames}")
         self.out_dir = Path(out_dir)
         self.write_png = write_png
         self.write_overlay = write_overlay
         self.overlay_fps = Fraction(overlay_fps) if overlay_fps is not None else None
         self.frames_written = 0
+        self.overlay_rescaled_frames = 0  # frames scaled to the overlay's (first) size
+        self.overlay_retimed_frames = 0  # frames moved one tick to keep timestamps increasing
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
         self._state = "open"  # -> "closed" | "aborted"
@@ -243,19 +234,33 @@ class MaskWriter:
         self._overlay_time_base: Fraction | None = None  # fixed by the first frame
         self._overlay_size: tuple[int, int] | None = None  # (height, width) of the input
         self._overlay_last_pts: int | None = None
+        self._overlay_prefix: Path | None = None  # an interrupted run's overlay, to carry on
+        self.first_frame = resume_frames  # the index the next write() must have
+        prefix = _check_prefix(
+            self.out_dir, resume_frames, png=write_png, jsonl=write_jsonl, mot=write_mot,
+            overlay=write_overlay,
+        )
         try:
             if write_jsonl:
                 self._text["masks.jsonl"] = self._open_text_temp("masks.jsonl")
+                self._text["masks.jsonl"][1].writelines(prefix.jsonl)
             if write_mot:
                 self._text["tracks.txt"] = self._open_text_temp("tracks.txt")
+                self._text["tracks.txt"][1].writelines(prefix.mot)
         except BaseException:
             self.abort()
             raise
+        if write_overlay and resume_frames:
+            self._overlay_prefix = self.out_dir / "overlay.mp4"
+        self.frames_written = resume_frames
 
     def _temp_path(self, directory: Path, final_name: str) -> tuple[int, Path]:
         # Same directory as the final file, so os.replace is a rename, never a copy; hidden
         # so tools globbing the output directory do not pick it up.
         fd, name = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=directory)
+        # mkstemp makes the file 0600; outputs get what any new file gets (0644 under the
+        # usual umask), so other users and tools can read them once they are in place.
+        os.fchmod(fd, 0o666 & ~_umask())
         return fd, Path(name)
 
     def _open_text_temp(self, final_name: str) -> tuple[Path, IO[str]]:
@@ -275,6 +280,7 @@ class MaskWriter:
         tracks: Sequence[TrackLike],
         masks: np.ndarray,
         image: np.ndarray | None,
+        source_pts: int | None = None,
     ) -> None:
         """Write one frame's outputs.
 
@@ -287,6 +293,8 @@ class MaskWriter:
             tracks: N tracks, in the order of ``masks``.
             masks: NxHxW bool masks at the frame's size.
             image: HxWx3 uint8 RGB frame; required when the overlay is written.
+            source_pts: the container's own pts when the decoder repaired it (``pts`` is the
+                repaired one), recorded in the JSON line; None when they are the same.
 
         Everything is checked before anything is written, so a ValueError leaves the
         outputs as they were.
@@ -296,6 +304,11 @@ class MaskWriter:
         height, width = (int(v) for v in frame_size)
         if frame_index < 0 or height <= 0 or width <= 0:
             raise ValueError(f"bad frame_index {frame_index} or frame_size {frame_size}")
+        if frame_index < self.first_frame:
+            raise ValueError(
+                f"frame {frame_index} is before frame {self.first_frame}, where these outputs "
+                "continue an interrupted run"
+            )
         num, den = (int(v) for v in time_base)
         if den <= 0 or num <= 0:
             raise ValueError(f"time_base must be two positive ints (num, den), got {time_base}")
@@ -319,6 +332,7 @@ class MaskWriter:
                 "seq": int(seq),
                 "pts": None if pts is None else int(pts),
                 "time": None if pts is None else float(Fraction(int(pts) * num, den)),
+                **({} if source_pts is None else {"source_pts": int(source_pts)}),
                 "tracks": [
                     {
                         "id": track_id,
@@ -382,11 +396,6 @@ class MaskWriter:
             )
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be HxWx3 uint8 RGB, got {image.shape} {image.dtype}")
-        if self._overlay_size is not None and image.shape[:2] != self._overlay_size:
-            raise ValueError(
-                f"frame {frame_index} is {image.shape[0]}x{image.shape[1]} but the overlay video "
-                f"is {self._overlay_size[0]}x{self._overlay_size[1]}: its size cannot change"
-            )
         if pts is None and self.overlay_fps is None:
             raise ValueError(
                 f"frame {frame_index} has no pts: create the MaskWriter with overlay_fps= so "
@@ -400,10 +409,11 @@ class MaskWriter:
         stream_time_base = self._overlay_time_base or own_time_base
         out_pts = round(seconds / stream_time_base)  # exact when the time bases are equal
         if self._overlay_last_pts is not None and out_pts <= self._overlay_last_pts:
-            raise ValueError(
-                f"frame {frame_index}: overlay timestamps must increase, got pts {out_pts} after "
-                f"{self._overlay_last_pts} (in {stream_time_base} s units)"
-            )
+            # The decoder hands out strictly increasing pts, but a frame of another time base
+            # can round onto its predecessor: one tick later keeps the video valid (a muxer
+            # refuses equal timestamps) and costs nothing a viewer could see.
+            out_pts = self._overlay_last_pts + 1
+            self.overlay_retimed_frames += 1
         return out_pts, stream_time_base
 
     def _open_overlay(
@@ -430,7 +440,36 @@ class MaskWriter:
         self._overlay = (container, stream)
         self._overlay_time_base = time_base
         self._overlay_size = (height, width)
+        if self._overlay_prefix is not None:
+            self._carry_overlay_prefix(container, stream, time_base)
         return self._overlay
+
+    def _carry_overlay_prefix(
+        self, container: av.container.OutputContainer, stream: av.VideoStream,
+        time_base: Fraction,
+    ) -> None:
+        """Re-encode the interrupted run's overlay frames at their own timestamps.
+
+        (Copying its packets would avoid a second generation of H.264 loss, but the mp4
+        muxer drops packets of another encoder's stream; a viewer's overlay can afford it.)"""
+        prefix, self._overlay_prefix = self._overlay_prefix, None
+        if prefix is None:
+            return
+        height, width = stream.height, stream.width
+        with av.open(str(prefix)) as old:
+            for frame in old.decode(video=0):
+                if frame.pts is None or frame.time_base is None:
+                    raise ValueError(f"{prefix}: a frame without a timestamp; cannot resume it")
+                out_pts = round(frame.pts * frame.time_base / time_base)
+                if self._overlay_last_pts is not None and out_pts <= self._overlay_last_pts:
+                    out_pts = self._overlay_last_pts + 1
+                if (frame.height, frame.width) != (height, width):
+                    frame = frame.reformat(width=width, height=height)
+                rgb = frame.to_ndarray(format="rgb24")
+                new = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                new.pts, new.time_base = out_pts, time_base
+                container.mux(stream.encode(new))
+                self._overlay_last_pts = out_pts
 
     def _write_overlay_frame(
         self,
@@ -442,9 +481,22 @@ class MaskWriter:
         out_pts: int,
         time_base: Fraction,
     ) -> None:
-        height, width = image.shape[:2]
-        container, stream = self._overlay or self._open_overlay(height, width, time_base)
-        canvas = _draw_overlay(image, ids, boxes, states, masks)
+        container, stream = self._overlay or self._open_overlay(*image.shape[:2], time_base)
+        canvas = draw_overlay(
+            image,
+            masks,
+            ids,
+            [None if state == "lost" else box for box, state in zip(boxes, states, strict=True)],
+            labels=[str(i) if state == "tracked" else f"{i} {state}"
+                    for i, state in zip(ids, states, strict=True)],
+        )
+        height, width = self._overlay_size or image.shape[:2]
+        if canvas.shape[:2] != (height, width):
+            # A mid-stream size change (concatenated files, a camera switching profile): the
+            # video keeps its first size, the frame is scaled to it (its masks and PNGs keep
+            # the frame's own size).
+            canvas = cv2.resize(canvas, (width, height), interpolation=cv2.INTER_AREA)
+            self.overlay_rescaled_frames += 1
         if height % 2 or width % 2:
             canvas = np.pad(canvas, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
         frame = av.VideoFrame.from_ndarray(canvas, format="rgb24")
@@ -487,7 +539,9 @@ class MaskWriter:
             final = self.out_dir / "overlay.mp4"
             os.replace(self._overlay_temp, final)
             self._result["overlay"] = final
-        if self._pngs:
+        elif self._overlay_prefix is not None:  # resumed, but no frame came after the prefix
+            self._result["overlay"] = self._overlay_prefix
+        if self._pngs or (self.write_png and self.first_frame):
             self._result["masks"] = self.out_dir / "masks"
         self._state = "closed"
         return dict(self._result)
@@ -554,34 +608,51 @@ def _mot_line(frame_index: int, track_id: int, box: Sequence[float], score: floa
     )
 
 
-def _draw_overlay(
-    image: np.ndarray,
-    ids: Sequence[int],
-    boxes: Sequence[list[float] | None],
-    states: Sequence[str],
-    masks: np.ndarray,
-) -> np.ndarray:
-    """The RGB frame with translucent masks, and box + id for every track that is not lost."""
-    canvas = image.copy()
-    for track_id, mask in zip(ids, masks, strict=True):
-        colour = np.array(_colour(track_id), dtype=np.float32)
-        blended = canvas[mask] * (1 - OVERLAY_ALPHA) + colour * OVERLAY_ALPHA
-        canvas[mask] = blended.astype(np.uint8)
-    for track_id, box, state in zip(ids, boxes, states, strict=True):
-        if box is None or state == "lost":
-            continue
-        colour = _colour(track_id)
-        x1, y1, x2, y2 = (round(v) for v in box)
-        cv2.rectangle(canvas, (x1, y1), (x2 - 1, y2 - 1), colour, 2)
-        label = str(track_id) if state == "tracked" else f"{track_id} {state}"
-        cv2.putText(
-            canvas,
-            label,
-            (x1 + 2, max(y1 - 4, 12)),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            0.45,
-            colour,
-            1,
-            cv2.LINE_AA,
-        )
-    return canvas
+@dataclass(frozen=True)
+class _Prefix:
+    """The complete first frames of an interrupted run's outputs."""
+
+    jsonl: list[str]
+    mot: list[str]
+
+
+def _check_prefix(
+    out_dir: Path, frames: int, *, png: bool, jsonl: bool, mot: bool, overlay: bool
+) -> _Prefix:
+    """The first ``frames`` frames of each output in ``out_dir``, checked to be all there."""
+    if frames == 0:
+        return _Prefix(jsonl=[], mot=[])
+    problem = f"cannot continue the outputs in {out_dir} from frame {frames}"
+    jsonl_lines: list[str] = []
+    if jsonl:
+        path = out_dir / "masks.jsonl"
+        if not path.is_file():
+            raise ValueError(f"{problem}: {path} is missing")
+        with open(path, encoding="utf-8") as file:
+            for line in file:
+                if len(jsonl_lines) == frames:
+                    break
+                record = json.loads(line)
+                if record.get("frame") != len(jsonl_lines):
+                    raise ValueError(
+                        f"{problem}: line {len(jsonl_lines) + 1} of {path} is frame "
+                        f"{record.get('frame')}, not {len(jsonl_lines)}"
+                    )
+                jsonl_lines.append(line)
+        if len(jsonl_lines) < frames:
+            raise ValueError(f"{problem}: {path} has only {len(jsonl_lines)} frames")
+    mot_lines: list[str] = []
+    if mot:
+        path = out_dir / "tracks.txt"
+        if not path.is_file():
+            raise ValueError(f"{problem}: {path} is missing")
+        with open(path, encoding="utf-8") as file:
+            # MOT frame numbers are 1-based: frames 0..frames-1 are lines 1..frames.
+            mot_lines = [line for line in file if int(line.split(",", 1)[0]) <= frames]
+    if png:
+        missing = [i for i in range(frames) if not (out_dir / "masks" / f"{i:06d}.png").is_file()]
+        if missing:
+            raise ValueError(f"{problem}: masks/{missing[0]:06d}.png is missing")
+    if overlay and not (out_dir / "overlay.mp4").is_file():
+        raise ValueError(f"{problem}: {out_dir / 'overlay.mp4'} is missing")
+    return _Prefix(jsonl=jsonl_lines, mot=mot_lines)

@@ -26,6 +26,7 @@ out on that node's PUB socket, so consumers see the health of the whole pipeline
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import statistics
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pipeline.messages import (
     EmbeddingMessage,
@@ -50,7 +52,13 @@ from pipeline.messages import (
     StatusMessage,
     encode,
 )
-from pipeline.transport import MessageReceiver, SocketOptions, open_socket, send_message
+from pipeline.transport import (
+    MessageReceiver,
+    SocketOptions,
+    bind_auto,
+    open_socket,
+    send_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +234,7 @@ class _Sockets:
     publish: zmq.Socket | None = None
     status: zmq.Socket | None = None
     control: zmq.Socket | None = None
+    publish_endpoint: str | None = None  # where `publish` is bound ("auto" made concrete)
     all: list[zmq.Socket] = field(default_factory=list)
 
 
@@ -247,7 +256,12 @@ def _open(
         # Bounded memory per subscriber: a slow consumer loses messages (it sees the gap in
         # sequence numbers), it never slows the pipeline or grows the publisher.
         pub_opts = SocketOptions(linger_ms=0, sndhwm=max(hwm, 64), rcvhwm=1)
-        s.publish = open_socket(ctx, zmq.PUB, endpoints.publish, bind=True, options=pub_opts)
+        if endpoints.publish == "auto":
+            s.publish, s.publish_endpoint = bind_auto(ctx, zmq.PUB, options=pub_opts)
+        else:
+            s.publish = open_socket(ctx, zmq.PUB, endpoints.publish, bind=True,
+                                    options=pub_opts)
+            s.publish_endpoint = endpoints.publish
         s.all.append(s.publish)
     if endpoints.status:
         # Status must never block a node: drop when the launcher is slow or gone.
@@ -290,6 +304,7 @@ class NodeRunner:
         self.stop = stop or threading.Event()
         self._last_status = 0.0
         self._sockets = _Sockets()
+        self._output_monitor: zmq.Socket | None = None
 
     # -- status ---------------------------------------------------------------------------
     def send_status(self, state: str | None = None, **detail: Any) -> None:
@@ -463,6 +478,33 @@ class NodeRunner:
         self._last_seq[meta.stream_id] = meta.seq
         self.node.count("frames_in")
 
+    def _hold_until_read(self) -> None:
+        """After the end of the stream, keep the connection to the next node open until that
+        node has closed its end (it has read everything, end marker included), or a stop.
+
+        ZeroMQ loses the last messages of a connection whose sender goes away while the
+        receiver's queue is full: the receiving engine drops what it has read but not yet
+        queued (seen over ipc: a 10-frame clip sent to an encoder still loading its model
+        arrived as 8 frames and no end marker, and the run waited forever). Only the
+        receiver can tell when it is done, and it does so by closing its socket.
+        """
+        monitor = self._output_monitor
+        if monitor is None:
+            return
+        for sock in (self._sockets.input, self._sockets.control):
+            if sock is not None:  # nothing more comes in: let the previous node go
+                raw = sock.socket if isinstance(sock, MessageReceiver) else sock
+                raw.close(linger=0)
+        try:
+            while not self.stop.is_set():
+                if not monitor.poll(POLL_MS):
+                    continue
+                event = recv_monitor_message(monitor)
+                if event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_MONITOR_STOPPED):
+                    return
+        except Shutdown:
+            return  # stopped while waiting: the stream was complete all the same
+
     def run(self) -> int:
         """0 after a complete stream; 1 after a failure (reported in a status message)."""
         clean = False
@@ -470,6 +512,13 @@ class NodeRunner:
             self._sockets = _open(
                 self.context, self.endpoints, self.hwm, self.max_message_bytes
             )
+            if self._sockets.publish_endpoint is not None:
+                self.node.detail["publish"] = self._sockets.publish_endpoint
+            output = self._sockets.output
+            if output is not None and not (self.endpoints.output or "").startswith("inproc://"):
+                # Watched from the start, so that a disconnection is never missed (inproc
+                # has no connection to lose, and reports none).
+                self._output_monitor = output.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             self.send_status("starting")
             # Live: drain the input already while the model loads, so the first frame
             # processed is the newest, not the oldest of those queued meanwhile.
@@ -491,6 +540,7 @@ class NodeRunner:
                 self._run_source()
             clean = True
             self.send_status("done")
+            self._hold_until_read()
             return 0
         except Shutdown:
             log.info("%s: stopping", self.node.name)
@@ -503,6 +553,10 @@ class NodeRunner:
             self.send_status("failed", error=f"{type(err).__name__}: {err}")
             return 1
         finally:
+            if self._output_monitor is not None:
+                self._sockets.output.disable_monitor()
+                self._output_monitor.close(linger=0)
+                self._output_monitor = None
             for sock in self._sockets.all:
                 # After a clean end the queued output must reach the next node; otherwise go.
                 linger = FLUSH_LINGER_MS if clean and sock is self._sockets.output else 0
@@ -511,14 +565,37 @@ class NodeRunner:
                 sock.close(linger=linger)
 
 
+_deferring = 0  # depth of `shutdown_deferred` blocks in the main thread
+_deferred_signal: str | None = None
+
+
+@contextlib.contextmanager
+def shutdown_deferred() -> Iterator[None]:
+    """A block that a signal must not cut in half (one frame's files: its JSON line, PNG
+    and overlay frame, all or none): SIGTERM/SIGINT inside it raise Shutdown right after."""
+    global _deferring, _deferred_signal
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if _deferring == 0 and _deferred_signal is not None:
+        name, _deferred_signal = _deferred_signal, None
+        raise Shutdown(name)
+
+
 def install_signal_handlers() -> None:
     """SIGTERM/SIGINT raise Shutdown in the main thread: a node stops within milliseconds,
     even in the middle of an encode, instead of finishing a multi-second computation."""
 
     def _handler(signum: int, frame: Any) -> None:
+        global _deferred_signal
         # Once is enough: a second signal must not interrupt the clean-up.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if _deferring:
+            _deferred_signal = signal.Signals(signum).name
+            return
         raise Shutdown(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, _handler)

@@ -11,12 +11,17 @@ Per frame (``PromptTracker.step``):
    ``[cx, cy, w, h, vcx, vcy, vw, vh]``, all in original-frame pixels and pixels per frame);
 3. ONE decoder call for all tracks: the predicted box, clipped to the frame, as box prompt,
    plus the previous low-res mask logits as mask prompt when the last measurement was trusted;
-4. the measurement is the box of each returned mask. It is trusted when the decoder's
-   predicted IoU score is at least ``min_score`` and it agrees with the prediction
-   (box IoU >= ``min_agreement``); a trusted measurement updates the filter, an untrusted one
-   (occlusion, distractor, empty mask) makes the track coast on its prediction;
+4. the measurement is the box of the connected components of each track's own mask that
+   agree with the prediction (``measure_box``: a stray fragment elsewhere in the frame does
+   not stretch it). It is trusted when the decoder's predicted IoU score is at least
+   ``min_score`` and it agrees with the prediction (box IoU >= ``min_agreement``); a trusted
+   measurement updates the filter, an untrusted one (occlusion, distractor, empty mask) makes
+   the track coast on its prediction;
 5. a track that coasts for more than ``max_coast_frames`` frames, or whose prediction leaves
-   the frame, is reported once as LOST and dropped.
+   the frame, is reported once as LOST and dropped;
+6. when the decoder reports contested pixels (pixels two or more masks claim, with their
+   logits), the published masks are made exclusive (``exclusive_masks``): each such pixel
+   goes to one track, so an instance-id PNG and per-track RLE masks say the same thing.
 
 Coordinates are ``(x1, y1, x2, y2)`` pixels of the original frame with exclusive ``x2``/``y2``
 (a mask whose True pixels span columns 3..7 has ``x1 = 3, x2 = 8``).
@@ -25,6 +30,7 @@ Coordinates are ``(x1, y1, x2, y2)`` pixels of the original frame with exclusive
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +38,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Protocol
 
+import cv2
 import numpy as np
 from filterpy.kalman import KalmanFilter
 
@@ -43,6 +50,11 @@ MAX_TRACK_ID = 255
 _MIN_SIZE = 1.0  # pixels; a box narrower than one pixel cannot prompt the decoder
 _INIT_POSITION_SCALE = 10.0  # a prompt box is this many measurement-noise stds uncertain
 _INIT_VELOCITY_STD = 50.0  # pixels per frame; unknown at creation, learnt from two measurements
+# measure_box labels components on the mask cropped to the reference box grown by this many
+# of its longer sides (plus _CROP_PAD pixels) on every side: far more than an object moves
+# between frames, and a kept component that reaches the crop's edge is redone on the frame.
+_CROP_MARGIN = 1.0
+_CROP_PAD = 16
 
 
 # --------------------------------------------------------------------------- box helpers
@@ -80,6 +92,96 @@ def mask_box(mask: np.ndarray) -> Box | None:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
     return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+
+
+def measure_box(mask: np.ndarray, reference: Sequence[float] | None) -> Box | None:
+    """Box of the parts of an (H, W) bool mask that agree with ``reference``; None if empty.
+
+    The parts are the mask's 8-connected components. Kept: every component with a pixel in
+    ``reference`` (a track's predicted box, or its prompt box on its first frame); when none
+    has one (or ``reference`` is None), the largest component. The box is the union of the
+    kept components' boxes, exclusive x2/y2, like ``mask_box`` (which measures every pixel).
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
+    height, width = mask.shape
+    if reference is None:
+        return _kept_components_box(mask, None, (0, 0))[0]
+    rx1, ry1, rx2, ry2 = (float(v) for v in reference)
+    # Pixels the reference box touches (pixel c spans [c, c + 1)), clipped to the frame.
+    ref = (
+        min(max(math.floor(rx1), 0), width),
+        min(max(math.floor(ry1), 0), height),
+        min(max(math.ceil(rx2), 0), width),
+        min(max(math.ceil(ry2), 0), height),
+    )
+    margin = _CROP_MARGIN * max(rx2 - rx1, ry2 - ry1) + _CROP_PAD
+    crop = (
+        max(math.floor(rx1 - margin), 0),
+        max(math.floor(ry1 - margin), 0),
+        min(math.ceil(rx2 + margin), width),
+        min(math.ceil(ry2 + margin), height),
+    )
+    if crop[2] > crop[0] and crop[3] > crop[1] and crop != (0, 0, width, height):
+        # Labelling is linear in the pixels it sees: on the crop it costs a fraction of the
+        # frame. The answer is exact unless a kept component reaches a cut edge of the crop
+        # (it may go on outside) or no component overlaps (the largest may be outside).
+        window = mask[crop[1] : crop[3], crop[0] : crop[2]]
+        local_ref = (ref[0] - crop[0], ref[1] - crop[1], ref[2] - crop[0], ref[3] - crop[1])
+        box, overlapped = _kept_components_box(window, local_ref, (crop[0], crop[1]))
+        if box is not None and overlapped:
+            cut = (crop[0] > 0, crop[1] > 0, crop[2] < width, crop[3] < height)
+            at_cut = (
+                (cut[0] and box[0] <= crop[0])
+                or (cut[1] and box[1] <= crop[1])
+                or (cut[2] and box[2] >= crop[2])
+                or (cut[3] and box[3] >= crop[3])
+            )
+            if not at_cut:
+                return box
+        elif box is None and not mask.any():
+            return None
+    return _kept_components_box(mask, ref, (0, 0))[0]
+
+
+def _kept_components_box(
+    mask: np.ndarray, ref: tuple[int, int, int, int] | None, offset: tuple[int, int]
+) -> tuple[Box | None, bool]:
+    """(box of the kept components shifted by ``offset`` (x, y), whether any overlapped
+    ``ref`` (pixel bounds x1, y1, x2, y2 in ``mask``)); (None, False) for an empty mask."""
+    # Labelling costs per pixel it sees: first cut the mask down to the box of its pixels
+    # (two cheap reductions), often a small part of the crop or frame.
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None, False
+    cols = np.flatnonzero(mask.any(axis=0))
+    top, left = int(rows[0]), int(cols[0])
+    tight = mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1]
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        tight.astype(np.uint8), connectivity=8
+    )
+    kept = np.zeros(0, dtype=np.int64)
+    if ref is not None:
+        x1, y1 = max(ref[0] - left, 0), max(ref[1] - top, 0)
+        x2, y2 = min(ref[2] - left, tight.shape[1]), min(ref[3] - top, tight.shape[0])
+        if x2 > x1 and y2 > y1:
+            seen = np.bincount(labels[y1:y2, x1:x2].ravel(), minlength=count)
+            kept = np.flatnonzero(seen[1:]) + 1  # label 0 is the background
+    overlapped = kept.size > 0
+    if not overlapped:
+        kept = np.array([1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))])
+    chosen = stats[kept]
+    x1s, y1s = chosen[:, cv2.CC_STAT_LEFT], chosen[:, cv2.CC_STAT_TOP]
+    x2s = x1s + chosen[:, cv2.CC_STAT_WIDTH]
+    y2s = y1s + chosen[:, cv2.CC_STAT_HEIGHT]
+    ox, oy = offset[0] + left, offset[1] + top
+    box = (
+        float(x1s.min() + ox),
+        float(y1s.min() + oy),
+        float(x2s.max() + ox),
+        float(y2s.max() + oy),
+    )
+    return box, overlapped
 
 
 def _as_box(values: Sequence[float]) -> Box:
@@ -262,23 +364,92 @@ class Track:
         self.hits += 1
         self.frames_since_update = 0
 
+    def rescale(self, sx: float, sy: float) -> None:
+        """Express the filter in a frame resized by ``sx`` (x) and ``sy`` (y).
+
+        The state is linear in pixels, so ``x' = S x`` and ``P' = S P S^T`` with
+        ``S = diag(sx, sy, sx, sy, sx, sy, sx, sy)``: positions, sizes, their rates and every
+        covariance between them stay consistent. R and Q stay: they are the noise of one
+        mask box coordinate and of the motion in pixels, whatever the resolution.
+        """
+        scale = np.diag([sx, sy, sx, sy] * 2)
+        self.kf.x = _keep_size_positive(scale @ self.kf.x)
+        self.kf.P = scale @ self.kf.P @ scale.T
+        # The low-res logits lie on the decoder's grid of the old frame (padded to a square);
+        # after a resize they would prompt a shifted mask. One box-only frame is cheap.
+        self.last_mask_logits = None
+
 
 # --------------------------------------------------------------------------- decoder protocol
+
+
+@dataclass
+class ContestedPixels:
+    """The pixels of one frame that two or more rows' masks claim, with every row's logit.
+
+    index: (P,) int64 flat (row-major) indices into the (H, W) frame.
+    logits: (N, P) float32 full-resolution mask logit of every row at those pixels.
+    """
+
+    index: np.ndarray
+    logits: np.ndarray
 
 
 @dataclass
 class DecodedMasks:
     """One decoder call's answer, rows in the order of the prompts.
 
-    masks: (N, H, W) bool at original frame size.
+    masks: (N, H, W) bool at original frame size, each row's own mask (its logits above the
+        threshold, whatever the other rows say).
     scores: (N,) predicted IoU scores.
     low_res_logits: (N, h, w) float32 low-res mask logits (SAM: 256x256), fed back as mask
         prompt on the next frame.
+    contested: None, or the pixels where two or more rows of ``masks`` are True: then the
+        tracker publishes exclusive masks (``exclusive_masks``); None keeps them overlapping.
     """
 
     masks: np.ndarray
     scores: np.ndarray
     low_res_logits: np.ndarray
+    contested: ContestedPixels | None = None
+
+
+def exclusive_masks(
+    masks: np.ndarray, contested: ContestedPixels, priority: Sequence[int]
+) -> builtins.list[np.ndarray]:
+    """Own masks -> masks in which no pixel belongs to two rows.
+
+    masks: (N, H, W) bool own masks; contested: where two or more of them are True.
+    priority: N classes, 0 first; a negative class takes no pixels (its row comes back
+        empty). A contested pixel goes to the row with the highest logit among the rows of
+        the best class that claim it (ties: the earlier row); an uncontested pixel stays with
+        the one row that claims it. So the union of the result is the union of the own masks
+        of the rows that take pixels.
+    Returns N (H, W) bool arrays; a row that loses nothing is ``masks[row]`` itself (a view).
+    """
+    count = masks.shape[0]
+    if len(priority) != count:
+        raise ValueError(f"priority needs one class per mask: {count} masks, {len(priority)}")
+    classes = np.asarray(priority, dtype=np.int64)
+    out = [masks[row] if classes[row] >= 0 else np.zeros_like(masks[row]) for row in range(count)]
+    index = contested.index
+    if index.size == 0 or count == 0:
+        return out
+    claims = masks.reshape(count, -1)[:, index] & (classes >= 0)[:, None]  # (N, P)
+    ranked = np.where(claims, classes[:, None], np.iinfo(np.int64).max)
+    eligible = claims & (ranked == ranked.min(axis=0, keepdims=True))
+    winner = np.where(eligible, contested.logits, -np.inf).argmax(axis=0)
+    taken = eligible.any(axis=0)
+    for row in range(count):
+        if classes[row] < 0 or not claims[row].any():
+            continue
+        mine = taken & (winner == row)
+        if np.array_equal(mine, claims[row]):
+            continue  # won every pixel it claims
+        own = masks[row].copy()
+        own.reshape(-1)[index] = mine
+        out[row] = own
+    return out
 
 
 class MaskDecoderFn(Protocol):
@@ -297,6 +468,7 @@ class MaskDecoderFn(Protocol):
         mask_logits: N entries, each the track's previous (h, w) low-res logits or None.
         points: None when no prompt has points, else N entries, each None or
             ``(coords (K, 2) float32 x/y pixels, labels (K,) int32 1=foreground 0=background)``.
+        Returns each row's own mask; with ``contested`` set when masks are to be exclusive.
         """
         ...
 
@@ -312,7 +484,8 @@ class TrackOutput:
         (kept from the previous frame when this frame's mask was empty).
     mask: (H, W) bool. A COASTING track still publishes the decoder's mask for its predicted
         box (the state says not to trust it); a LOST track publishes an empty mask once and
-        is then dropped.
+        is then dropped. With exclusive masks (the decoder reports contested pixels) no pixel
+        is in two tracks' masks of one frame.
     """
 
     track_id: int
@@ -375,6 +548,7 @@ class PromptTracker:
         self._tracks: dict[int, Track] = {}
         self._pending: dict[int, _Prompt] = {}
         self._restarted: set[int] = set()  # corrected by update_box: next frame is a first frame
+        self._lost: set[int] = set()  # reported lost and dropped: update_box brings one back
         self._last_frame: dict[int, int] = {}  # per track, for the prediction's time step
         self._current_frame: int | None = None
         self._next_id = 1
@@ -393,8 +567,25 @@ class PromptTracker:
         return MappingProxyType(self._tracks)
 
     def set_frame_size(self, frame_size: tuple[int, int]) -> None:
-        """Set (H, W). Running tracks keep their pixel coordinates (clipped when used)."""
-        self._frame_size = _check_frame_size(frame_size)
+        """Set (H, W), at the first frame or when the source changes resolution mid-stream.
+
+        A change rescales every track (its Kalman state and covariance, ``Track.rescale``)
+        and every pending prompt's box and points to the new size, as the same scene seen at
+        the new resolution: the next ``step`` predicts, prompts and measures in new pixels.
+        """
+        new = _check_frame_size(frame_size)
+        old, self._frame_size = self._frame_size, new
+        if old is None or old == new:
+            return
+        sx, sy = new[1] / old[1], new[0] / old[0]
+        for track in self._tracks.values():
+            track.rescale(sx, sy)
+        for prompt in self._pending.values():
+            if prompt.box is not None:
+                x1, y1, x2, y2 = prompt.box
+                prompt.box = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+            if prompt.points is not None:
+                prompt.points = (prompt.points * np.array([sx, sy])).astype(np.float32)
 
     # ------------------------------------------------------------------ commands
 
@@ -444,10 +635,17 @@ class PromptTracker:
             checked_box, checked_points, checked_labels, None if frame is None else int(frame)
         )
         self._next_id = max(self._next_id, new_id + 1)
+        self._lost.discard(new_id)
         return new_id
 
     def update_box(self, track_id: int, box: Sequence[float] | np.ndarray) -> None:
-        """Correct an object's box: the filter restarts there (same id, hits and state)."""
+        """Correct an object's box: the filter restarts there (same id, hits and state).
+        A track that was lost comes back under its id, as a new prompt at that box."""
+        if _is_int(track_id) and track_id in self._lost:
+            checked = _check_box(box, "box", self._frame_size)
+            self._lost.discard(track_id)
+            self._pending[int(track_id)] = _Prompt(checked, None, None, None)
+            return
         self._check_known(track_id)
         checked = _check_box(box, "box", self._frame_size)
         if track_id in self._pending:
@@ -459,6 +657,9 @@ class PromptTracker:
 
     def remove(self, track_id: int) -> None:
         """Forget a track or pending prompt; it is not reported again."""
+        if _is_int(track_id) and track_id in self._lost:
+            self._lost.discard(track_id)
+            return
         self._check_known(track_id)
         self._pending.pop(track_id, None)
         self._tracks.pop(track_id, None)
@@ -533,13 +734,13 @@ class PromptTracker:
 
         # Phase 2: commit.
         self._current_frame = frame_index
-        outputs = list(rejected)
         for out in rejected:
             self._drop(out.track_id)
+        committed: list[TrackOutput] = []
         for row, slot in enumerate(slots):
             if decoded is None:  # cannot happen: slots is non-empty here
                 raise RuntimeError("prompt tracker invariant broken: decoded is None")
-            outputs.append(
+            committed.append(
                 self._commit(
                     slot,
                     decoded.masks[row],
@@ -548,8 +749,38 @@ class PromptTracker:
                     frame_index,
                 )
             )
+        # Phase 3: exclusive masks, once every track's state is known. The measurements
+        # above used each track's own mask (see _commit), so this changes only what is
+        # published.
+        if decoded is not None and decoded.contested is not None:
+            committed = self._exclusive(committed, decoded)
+        outputs = [*rejected, *committed]
         outputs.sort(key=lambda out: out.track_id)
         return outputs
+
+    @staticmethod
+    def _exclusive(committed: list[TrackOutput], decoded: DecodedMasks) -> list[TrackOutput]:
+        """Publish exclusive masks; ``committed`` holds one output per decoded row.
+
+        Who competes for a contested pixel:
+        - a LOST track takes none: it publishes an empty mask, so a pixel it won would vanish
+          from every output although another track's mask covers it;
+        - a COASTING track takes only pixels no trusted track claims: its mask is the one the
+          tracker just judged untrustworthy, and during an occlusion it is usually a piece of
+          the occluder, which must not carve the occluder's own, trusted mask;
+        - trusted tracks (TRACKED / TENTATIVE this frame) compete by logit (SAM 2's rule).
+        """
+        if decoded.contested is None:  # cannot happen: checked by step()
+            raise RuntimeError("prompt tracker invariant broken: no contested pixels")
+        priority = [
+            -1 if out.state is TrackState.LOST else 1 if out.state is TrackState.COASTING else 0
+            for out in committed
+        ]
+        masks = exclusive_masks(decoded.masks, decoded.contested, priority)
+        return [
+            out if out.state is TrackState.LOST else dataclasses.replace(out, mask=mask)
+            for out, mask in zip(committed, masks, strict=True)
+        ]
 
     def _decode_batch(self, slots: list[_Slot]) -> DecodedMasks:
         boxes = np.array(
@@ -581,7 +812,20 @@ class PromptTracker:
         settings, size = self._settings, self._frame_size
         if size is None:  # cannot happen: checked by step()
             raise RuntimeError("prompt tracker invariant broken: size is None")
-        measured = mask_box(mask)
+        # The measurement is taken on the track's own mask, not on its exclusive share: a box
+        # cut down by a neighbour's mask shrinks the filter's size, the next prompt with it,
+        # and the next mask (a feedback loop that outlasts the overlap), and it would make a
+        # track's filter depend on which other tracks exist. SAM 2 likewise keeps overlapping
+        # masks for its memory and applies the non-overlap rule to its output only. Only the
+        # components that agree with the box prompt count (the prediction; on a first frame
+        # the prompt box, or the foreground points): a stray fragment does not move the box.
+        if slot.box is not None:
+            reference: Box | None = slot.box
+        elif slot.prompt is not None and slot.prompt.points is not None:
+            reference = _points_box(slot.prompt)
+        else:
+            reference = None
+        measured = measure_box(mask, reference)
         track = slot.track
         if track is None:
             start = slot.box if slot.box is not None else measured
@@ -661,6 +905,8 @@ class PromptTracker:
         )
 
     def _drop(self, track_id: int) -> None:
+        """Forget a track reported lost (``update_box`` can bring it back)."""
+        self._lost.add(track_id)
         self._tracks.pop(track_id, None)
         self._pending.pop(track_id, None)
         self._restarted.discard(track_id)
@@ -670,6 +916,96 @@ class PromptTracker:
         known = _is_int(track_id) and (track_id in self._tracks or track_id in self._pending)
         if not known:
             raise ValueError(f"unknown track id {track_id!r}")
+
+    # ------------------------------------------------------------------ saved state
+
+    def snapshot(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+        """Everything the next ``step`` depends on, as JSON-ready data and named arrays
+        (copies: later steps do not change them). ``restore`` on a tracker with the same
+        settings and decoder continues exactly as this one would."""
+        tracks = []
+        arrays: dict[str, np.ndarray] = {}
+        for tid, track in self._tracks.items():
+            tracks.append({
+                "id": tid, "state": track.state.value, "hits": track.hits,
+                "frames_since_update": track.frames_since_update,
+                "last_score": float(track.last_score),
+                "last_innovation": float(track.last_innovation),
+                "last_frame": self._last_frame.get(tid), "restarted": tid in self._restarted,
+                "has_logits": track.last_mask_logits is not None,
+            })
+            arrays[f"track{tid}.x"] = np.array(track.kf.x, dtype=np.float64)
+            arrays[f"track{tid}.P"] = np.array(track.kf.P, dtype=np.float64)
+            if track.last_mask_logits is not None:
+                # Kept as they are (float32): the next frame's mask prompt, bit for bit.
+                arrays[f"track{tid}.logits"] = track.last_mask_logits.copy()
+        pending = []
+        for tid, prompt in self._pending.items():
+            pending.append({"id": tid, "frame": prompt.frame,
+                            "box": None if prompt.box is None else [float(v) for v in prompt.box]})
+            if prompt.points is not None and prompt.labels is not None:
+                arrays[f"pending{tid}.points"] = prompt.points.copy()
+                arrays[f"pending{tid}.labels"] = prompt.labels.copy()
+        data: dict[str, object] = {
+            "frame_size": None if self._frame_size is None else list(self._frame_size),
+            "current_frame": self._current_frame,
+            "next_id": self._next_id,
+            "lost": sorted(self._lost),
+            "tracks": tracks,
+            "pending": pending,
+        }
+        return data, arrays
+
+    def restore(self, data: Mapping[str, object], arrays: Mapping[str, np.ndarray]) -> None:
+        """Replace every track and prompt with those of a ``snapshot``.
+
+        Raises ValueError when the snapshot is malformed (nothing is changed then)."""
+        try:
+            tracks: dict[int, Track] = {}
+            last_frame: dict[int, int] = {}
+            restarted: set[int] = set()
+            for row in data["tracks"]:  # type: ignore[attr-defined]
+                tid = int(row["id"])
+                track = Track(tid, (0.0, 0.0, 1.0, 1.0), settings=self._settings)
+                track.kf.x = np.array(arrays[f"track{tid}.x"], dtype=np.float64).reshape(8, 1)
+                track.kf.P = np.array(arrays[f"track{tid}.P"], dtype=np.float64).reshape(8, 8)
+                track.state = TrackState(row["state"])
+                track.hits = int(row["hits"])
+                track.frames_since_update = int(row["frames_since_update"])
+                track.last_score = float(row["last_score"])
+                track.last_innovation = float(row["last_innovation"])
+                if row["has_logits"]:
+                    track.last_mask_logits = np.array(arrays[f"track{tid}.logits"],
+                                                      dtype=np.float32)
+                if row["last_frame"] is not None:
+                    last_frame[tid] = int(row["last_frame"])
+                if row["restarted"]:
+                    restarted.add(tid)
+                tracks[tid] = track
+            pending: dict[int, _Prompt] = {}
+            for row in data["pending"]:  # type: ignore[attr-defined]
+                tid = int(row["id"])
+                points = arrays.get(f"pending{tid}.points")
+                labels = arrays.get(f"pending{tid}.labels")
+                pending[tid] = _Prompt(
+                    None if row["box"] is None else _as_box(row["box"]),
+                    None if points is None else np.array(points, dtype=np.float32),
+                    None if labels is None else np.array(labels, dtype=np.int32),
+                    None if row["frame"] is None else int(row["frame"]),
+                )
+            size = data["frame_size"]
+            frame_size = None if size is None else _check_frame_size(tuple(size))  # type: ignore[arg-type]
+            current = data["current_frame"]
+            next_id = int(data["next_id"])  # type: ignore[call-overload]
+            lost = {int(tid) for tid in data["lost"]}  # type: ignore[attr-defined]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not a prompt tracker snapshot: {err!r}") from None
+        self._tracks, self._pending = tracks, pending
+        self._last_frame, self._restarted = last_frame, restarted
+        self._frame_size = frame_size
+        self._current_frame = None if current is None else int(current)  # type: ignore[call-overload]
+        self._next_id = next_id
+        self._lost = lost
 
     def list(self) -> builtins.list[dict[str, object]]:
         """Tracks and pending prompts as plain data (JSON-ready), sorted by id.
@@ -795,6 +1131,7 @@ def _check_decoded(decoded: DecodedMasks, count: int, frame_size: tuple[int, int
     masks = getattr(decoded, "masks", None)
     scores = getattr(decoded, "scores", None)
     logits = getattr(decoded, "low_res_logits", None)
+    contested = getattr(decoded, "contested", None)
     expected = (count, *frame_size) if frame_size is not None else None
     problems = []
     if not isinstance(masks, np.ndarray) or masks.dtype != np.bool_ or masks.shape != expected:
@@ -807,8 +1144,28 @@ def _check_decoded(decoded: DecodedMasks, count: int, frame_size: tuple[int, int
         problems.append(f"scores must be {count} finite numbers, got {_describe(scores)}")
     if not isinstance(logits, np.ndarray) or logits.ndim != 3 or logits.shape[0] != count:
         problems.append(f"low_res_logits must be ({count}, h, w), got {_describe(logits)}")
+    if contested is not None:
+        problems.extend(_contested_problems(contested, count, frame_size))
     if problems:
         raise RuntimeError("mask decoder returned a malformed batch: " + "; ".join(problems))
+
+
+def _contested_problems(
+    contested: object, count: int, frame_size: tuple[int, int] | None
+) -> builtins.list[str]:
+    index = getattr(contested, "index", None)
+    logits = getattr(contested, "logits", None)
+    pixels = frame_size[0] * frame_size[1] if frame_size is not None else 0
+    if (
+        not isinstance(index, np.ndarray)
+        or index.ndim != 1
+        or index.dtype.kind not in "iu"
+        or (index.size > 0 and (int(index.min()) < 0 or int(index.max()) >= pixels))
+    ):
+        return [f"contested.index must be flat pixel indices < {pixels}, got {_describe(index)}"]
+    if not isinstance(logits, np.ndarray) or logits.shape != (count, index.size):
+        return [f"contested.logits must be ({count}, {index.size}), got {_describe(logits)}"]
+    return []
 
 
 def _describe(value: object) -> str:

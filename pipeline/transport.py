@@ -159,6 +159,28 @@ def open_socket(
     return sock
 
 
+AUTO_PUBLISH_HOST = "127.0.0.1"
+AUTO_PUBLISH_PORTS = range(5555, 5605)  # "auto": the first free one
+
+
+def bind_auto(
+    ctx: zmq.Context, socket_type: int, *, options: SocketOptions
+) -> tuple[zmq.Socket, str]:
+    """A socket bound to the first free tcp://127.0.0.1 port of AUTO_PUBLISH_PORTS, and its
+    endpoint. Binding is the only race-free test of a free port: two runs started together
+    both see a probe succeed, and then one of them fails to bind."""
+    for port in AUTO_PUBLISH_PORTS:
+        endpoint = f"tcp://{AUTO_PUBLISH_HOST}:{port}"
+        try:
+            return open_socket(ctx, socket_type, endpoint, bind=True, options=options), endpoint
+        except zmq.ZMQError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+    first, last = AUTO_PUBLISH_PORTS[0], AUTO_PUBLISH_PORTS[-1]
+    raise OSError(errno.EADDRINUSE, f"ports {first}..{last} of {AUTO_PUBLISH_HOST} are all in "
+                  "use: set transport.publish to a free endpoint")
+
+
 def send_message(sock: zmq.Socket, msg: Message, *, flags: int = 0) -> None:
     """Send ``msg`` without copying its arrays (they must stay unchanged until sent)."""
     sock.send_multipart(encode(msg), copy=False, flags=flags)

@@ -321,13 +321,50 @@ def test_overlay_needs_an_image_and_bad_frames_write_nothing(tmp_path: Path) -> 
         write_blank(writer, 0)
         with pytest.raises(ValueError, match="needs the frame's image"):
             write_blank(writer, 1, image=None)
-        with pytest.raises(ValueError, match="must increase"):
-            write_blank(writer, 1, pts=0)
         with pytest.raises(ValueError, match=r"\(height, width\)"):
             write_blank(writer, 1, frame_size=(32, 24))
         write_blank(writer, 1)
     assert len((tmp_path / "masks.jsonl").read_text().splitlines()) == 2
     assert sorted(os.listdir(tmp_path / "masks")) == ["000000.png", "000001.png"]
+
+
+def test_overlay_never_fails_on_a_repeated_timestamp(tmp_path: Path) -> None:
+    """The decoder repairs timestamps; should one still repeat, the overlay moves it one
+    tick on (a muxer refuses equal timestamps) instead of ending the run."""
+    with MaskWriter(tmp_path) as writer:
+        write_blank(writer, 0, pts=0)
+        write_blank(writer, 1, pts=0)
+        write_blank(writer, 2, pts=5)
+        assert writer.overlay_retimed_frames == 1
+    with av.open(str(tmp_path / "overlay.mp4")) as container:
+        stream = container.streams.video[0]
+        pts = [f.pts for f in container.decode(stream)]
+    assert len(pts) == 3 and pts == sorted(set(pts))
+
+
+def test_overlay_keeps_its_size_when_frames_change_size(tmp_path: Path) -> None:
+    with MaskWriter(tmp_path) as writer:
+        write_blank(writer, 0)
+        write_blank(writer, 1, frame_size=(48, 64), masks=np.ones((1, 48, 64), dtype=bool),
+                    image=np.zeros((48, 64, 3), dtype=np.uint8))
+        assert writer.overlay_rescaled_frames == 1
+    with av.open(str(tmp_path / "overlay.mp4")) as container:
+        sizes = [(f.height, f.width) for f in container.decode(video=0)]
+    first = np.asarray(Image.open(tmp_path / "masks" / "000000.png")).shape
+    assert sizes == [first, first]
+    assert np.asarray(Image.open(tmp_path / "masks" / "000001.png")).shape == (48, 64)
+
+
+def test_outputs_get_normal_permissions(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        with MaskWriter(tmp_path) as writer:
+            write_blank(writer, 0)
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "masks.jsonl", tmp_path / "tracks.txt", tmp_path / "overlay.mp4",
+                 tmp_path / "masks" / "000000.png"]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
 
 
 def test_frames_without_pts_use_overlay_fps(tmp_path: Path) -> None:
@@ -355,3 +392,60 @@ def test_enum_states_and_non_finite_values(tmp_path: Path) -> None:
     assert record["tracks"][0]["state"] == "tracked"
     assert record["tracks"][0]["box"] is None and record["tracks"][0]["score"] is None
     assert (tmp_path / "tracks.txt").read_text() == ""  # no box, no MOT line
+
+
+def _moving_frames(count: int) -> list[dict[str, object]]:
+    frames = []
+    for i in range(count):
+        masks = np.zeros((2, 24, 32), dtype=bool)
+        masks[0, 2:10, i : i + 6] = True
+        masks[1, 14:20, 20:30] = True
+        image = np.full((24, 32, 3), 10 * i, dtype=np.uint8)
+        tracks = [Track(1, (float(i), 2.0, float(i + 6), 10.0), 0.9, "tracked"),
+                  Track(2, (20.0, 14.0, 30.0, 20.0), 0.8, "coasting")]
+        frames.append({"frame_index": i, "seq": i, "pts": 2 * i, "time_base": (1, 50),
+                       "frame_size": (24, 32), "tracks": tracks, "masks": masks,
+                       "image": image})
+    return frames
+
+
+def test_resumed_outputs_equal_an_uninterrupted_run(tmp_path: Path) -> None:
+    frames = _moving_frames(10)
+    with MaskWriter(tmp_path / "full") as writer:
+        for frame in frames:
+            writer.write(**frame)  # type: ignore[arg-type]
+    # An interrupted run: frames 0..3 complete, then closed (as the publisher does on stop).
+    with MaskWriter(tmp_path / "resumed") as writer:
+        for frame in frames[:4]:
+            writer.write(**frame)  # type: ignore[arg-type]
+    with MaskWriter(tmp_path / "resumed", resume_frames=4) as writer:
+        with pytest.raises(ValueError, match="before frame 4"):
+            writer.write(**frames[3])  # type: ignore[arg-type]
+        for frame in frames[4:]:
+            writer.write(**frame)  # type: ignore[arg-type]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    for name in ("masks.jsonl", "tracks.txt"):
+        assert (resumed / name).read_bytes() == (full / name).read_bytes(), name
+    for i in range(10):
+        name = f"masks/{i:06d}.png"
+        assert (resumed / name).read_bytes() == (full / name).read_bytes(), name
+    timings = []
+    for out in (full, resumed):
+        with av.open(str(out / "overlay.mp4")) as container:
+            stream = container.streams.video[0]
+            timings.append([f.pts * stream.time_base for f in container.decode(stream)])
+    assert timings[0] == timings[1] == [Fraction(2 * i, 50) for i in range(10)]
+    assert not [p for p in os.listdir(resumed) if p.endswith(".tmp")]
+
+
+def test_resume_needs_a_complete_prefix(tmp_path: Path) -> None:
+    frames = _moving_frames(3)
+    with MaskWriter(tmp_path) as writer:
+        for frame in frames:
+            writer.write(**frame)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"masks\.jsonl has only 3 frames"):
+        MaskWriter(tmp_path, resume_frames=5)
+    (tmp_path / "masks" / "000001.png").unlink()
+    with pytest.raises(ValueError, match=r"masks/000001\.png is missing"):
+        MaskWriter(tmp_path, resume_frames=3)
+    assert (tmp_path / "masks.jsonl").read_text().count("\n") == 3  # nothing was changed

@@ -76,9 +76,8 @@ def check_outputs(out: Path, pts: list[int | None], seconds: list[float]) -> lis
         ids = np.asarray(Image.open(png))
         assert Image.open(png).mode == "P"
         for track in record["tracks"]:
-            # Later tracks paint over earlier ones; with one object the RLE is the PNG exactly.
-            if len(record["tracks"]) == 1:
-                assert np.array_equal(decode_rle(track["rle"]), ids == track["id"])
+            # Exclusive masks (the default): the PNG and the RLE are one segmentation.
+            assert np.array_equal(decode_rle(track["rle"]), ids == track["id"])
     with av.open(str(out / "overlay.mp4")) as container:
         overlay_times = [float(f.pts * f.time_base) for f in container.decode(video=0)]
     assert overlay_times == pytest.approx(seconds, abs=1e-6)  # same frames, same timestamps
@@ -110,8 +109,11 @@ def test_run_on_encoded_clip(checkpoint: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not VTEST.exists(), reason="opencv-doc's vtest.avi is not installed")
 def test_run_on_real_sample_video(checkpoint: Path, tmp_path: Path) -> None:
-    proc = samstream("run", "--source", str(VTEST), "--box", "300", "150", "360", "300",
-                     "--point", "500", "200", "--weights", str(checkpoint),
+    # One object by a box, one by a box with a background point (predict's nesting).
+    proc = samstream("run", "--source", str(VTEST), "--set",
+                     "tracker.prompts=[{box: [300, 150, 360, 300]}, "
+                     "{points: [[500, 200], [520, 260]], labels: [1, 0]}]",
+                     "--weights", str(checkpoint),
                      "--out", str(tmp_path / "out"), "--max-frames", "12", *FAST,
                      "--set", f'transport.publish="tcp://127.0.0.1:{free_port()}"')
     assert proc.returncode == 0, proc.stderr
@@ -126,8 +128,10 @@ def test_bad_source_fails_fast_and_clearly(checkpoint: Path, tmp_path: Path) -> 
     proc = samstream("run", "--source", str(junk), "--box", "1", "1", "9", "9",
                      "--weights", str(checkpoint), "--out", str(tmp_path / "out"), *FAST,
                      "--set", f'transport.publish="tcp://127.0.0.1:{free_port()}"')
-    assert proc.returncode != 0
-    assert "node decoder failed" in proc.stderr and "junk.mp4" in proc.stderr
+    assert proc.returncode == 2
+    # Found before any node starts: one line naming the file, no node's failure.
+    assert "cannot open video source" in proc.stderr and "junk.mp4" in proc.stderr
+    assert "node decoder" not in proc.stderr
     assert time.monotonic() - start < 60
     assert not (tmp_path / "out" / "masks.jsonl").exists()
 

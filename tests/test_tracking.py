@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
+from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
+import torch
 
 from nodes.tracker import TrackerNode
 from pipeline.config import TrackerConfig
-from pipeline.messages import EmbeddingMessage, FrameMeta
+from pipeline.messages import EmbeddingMessage, FrameMeta, MaskMessage
 from pipeline.tracking import (
     MAX_TRACK_ID,
+    ContestedPixels,
     DecodedMasks,
     PromptTracker,
     TrackerSettings,
@@ -20,7 +25,9 @@ from pipeline.tracking import (
     TrackState,
     box_iou,
     box_to_state,
+    exclusive_masks,
     mask_box,
+    measure_box,
     state_to_box,
 )
 
@@ -50,12 +57,14 @@ class SceneDecoder:
     prompt selects the object with the highest IoU (none overlapping: empty mask, score 0); a
     points-only prompt (NaN box row) selects the object under its first foreground point.
     Low-res logits are filled with ``100 * call number + row`` so tests can tell which mask
-    prompt came back.
+    prompt came back. Every non-empty mask also gets the ``fragments`` rectangles (stray
+    blobs elsewhere in the frame, as SAM sometimes adds).
     """
 
     def __init__(self, size=SIZE):
         self.size = size
         self.objects: dict[str, tuple[tuple[int, ...], float]] = {}
+        self.fragments: list[tuple[int, int, int, int]] = []
         self.calls: list[Call] = []
         self.fault: str | None = None  # "raise" or "malformed", to test failure handling
 
@@ -72,6 +81,8 @@ class SceneDecoder:
             if target is not None:
                 (x1, y1, x2, y2), scores[row] = target
                 masks[row, max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)] = True
+                for fx1, fy1, fx2, fy2 in self.fragments:
+                    masks[row, fy1:fy2, fx1:fx2] = True
             logits[row] = 100 * len(self.calls) + row
         if self.fault == "malformed":
             masks = masks[:, :10]
@@ -246,6 +257,185 @@ def test_dropped_frames_are_predicted_over():
         assert out.state is not TrackState.COASTING
         if frame >= 4:
             assert close(decoder.calls[-1].boxes[0], moving_box(frame), 2.0)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def components_oracle(mask: np.ndarray, reference) -> tuple[float, ...] | None:
+    """measure_box's rule on the whole frame, written out plainly."""
+    count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return None
+    x1, y1, x2, y2 = (max(v, 0) for v in reference)  # a negative stop would wrap around
+    inside = labels[math.floor(y1) : math.ceil(y2), math.floor(x1) : math.ceil(x2)]
+    kept = [k for k in np.unique(inside) if k > 0]
+    if not kept:
+        kept = [max(range(1, count), key=lambda k: int((labels == k).sum()))]
+    return mask_box(np.isin(labels, kept))
+
+
+def test_measure_box_keeps_the_components_that_meet_the_reference():
+    mask = np.zeros(SIZE, dtype=bool)
+    assert measure_box(mask, (10, 10, 50, 50)) is None
+    mask[20:60, 30:50] = True  # the object, in two parts split by an occluder
+    mask[20:60, 55:70] = True
+    mask[200:230, 280:310] = True  # a far fragment
+    assert mask_box(mask) == (30.0, 20.0, 310.0, 230.0)  # all pixels: blown up
+    assert measure_box(mask, (28, 18, 72, 62)) == (30.0, 20.0, 70.0, 60.0)
+    # No component meets the reference: the largest one.
+    assert measure_box(mask, (150, 100, 170, 120)) == (280.0, 200.0, 310.0, 230.0)
+    assert measure_box(mask, None) == (280.0, 200.0, 310.0, 230.0)
+    # A component reaching far beyond the crop around the reference is measured whole.
+    mask[:] = False
+    mask[100:110, 100:110] = True
+    mask[104:106, 110:300] = True
+    assert measure_box(mask, (100, 100, 110, 110)) == (100.0, 100.0, 300.0, 110.0)
+
+
+def test_measure_box_on_the_crop_equals_the_whole_frame():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        mask = np.zeros(SIZE, dtype=bool)
+        for _ in range(rng.integers(1, 6)):
+            x, y = rng.integers(0, 300), rng.integers(0, 220)
+            w, h = rng.integers(2, 80), rng.integers(2, 60)
+            mask[y : y + h, x : x + w] = True
+        x, y = rng.uniform(-20, 300), rng.uniform(-20, 220)
+        reference = (x, y, x + rng.uniform(5, 60), y + rng.uniform(5, 60))
+        assert measure_box(mask, reference) == components_oracle(mask, reference)
+
+
+def test_stray_fragments_do_not_move_the_measurement():
+    """The measurement is the box of the object's component, not of every mask pixel: with
+    the old all-pixels box the far fragment would make every measurement disagree with the
+    prediction (the track would coast and be lost), and stretch the first frame's box."""
+    tracker, decoder = make()
+    tid = tracker.add(box=moving_box(0))
+    fragment = (280, 200, 300, 220)
+    for frame in range(12):
+        decoder.objects = {"a": (moving_box(frame), 0.9)}
+        decoder.fragments = [fragment] if frame == 0 or frame >= 5 else []
+        out = by_id(tracker.step(frame))[tid]
+        assert out.state is (TrackState.TENTATIVE if frame == 0 else TrackState.TRACKED)
+        assert close(out.box, moving_box(frame), 1.0)
+        if decoder.fragments:
+            fx1, fy1, fx2, fy2 = fragment
+            assert out.mask[fy1:fy2, fx1:fx2].all()  # the published mask is the decoder's
+            prompt = decoder.calls[-1].boxes[0]  # the prediction (first frame: the prompt)
+            assert box_iou(mask_box(out.mask), prompt) < tracker.settings.min_agreement
+    assert close(tracker.tracks[tid].predicted_box, moving_box(11), 1.0)
+    assert np.allclose(tracker.tracks[tid].kf.x[4:8, 0], [*VELOCITY, 0, 0], atol=0.2)
+
+
+def test_points_only_prompt_measures_the_component_under_its_point():
+    tracker, decoder = make()
+    tid = tracker.add(points=[[40, 60]], labels=[1])
+    decoder.objects = {"a": (moving_box(0), 0.9)}
+    decoder.fragments = [(280, 200, 300, 220)]
+    (out,) = tracker.step(0)
+    assert out.track_id == tid and out.box == moving_box(0)
+
+
+# --------------------------------------------------------------------------- exclusive masks
+
+
+class ContestDecoder(SceneDecoder):
+    """SceneDecoder that reports contested pixels, like SamMaskDecoder(exclusive=True).
+
+    ``logits`` maps an object name to the logit of every pixel of its masks (-1 elsewhere).
+    """
+
+    def __init__(self, size=SIZE):
+        super().__init__(size)
+        self.logits: dict[str, float] = {}
+        self._names: list[str | None] = []
+
+    def _pick(self, box, points):
+        target = super()._pick(box, points)
+        names = [name for name, obj in self.objects.items() if obj == target]
+        self._names.append(names[0] if target is not None else None)
+        return target
+
+    def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:
+        self._names = []
+        decoded = super().__call__(boxes, mask_logits, points)
+        flat = decoded.masks.reshape(len(boxes), -1)
+        index = np.flatnonzero(flat.sum(axis=0) >= 2)
+        values = np.array([self.logits.get(name, 0.0) for name in self._names], np.float32)
+        logits = np.where(flat[:, index], values[:, None], np.float32(-1.0))
+        decoded.contested = ContestedPixels(index=index, logits=logits)
+        return decoded
+
+
+A_BOX, B_BOX = (20, 30, 60, 90), (50, 30, 100, 90)  # columns 50..59 are both
+
+
+def rect(box) -> np.ndarray:
+    mask = np.zeros(SIZE, dtype=bool)
+    x1, y1, x2, y2 = box
+    mask[y1:y2, x1:x2] = True
+    return mask
+
+
+def test_exclusive_masks_give_contested_pixels_to_the_highest_logit():
+    masks = np.stack([rect(A_BOX), rect(B_BOX), rect((0, 0, 10, 10))])
+    index = np.flatnonzero(masks.sum(axis=0).reshape(-1) >= 2)
+    logits = np.stack([np.full(index.size, 2.0), np.full(index.size, 5.0), np.zeros(index.size)])
+    contested = ContestedPixels(index=index, logits=logits)
+    a, b, c = exclusive_masks(masks, contested, [0, 0, 0])
+    assert np.array_equal(a, rect(A_BOX) & ~rect(B_BOX)) and np.array_equal(b, rect(B_BOX))
+    assert np.shares_memory(c, masks) and np.array_equal(c, masks[2])  # not copied
+    a, b, _ = exclusive_masks(masks, contested, [0, 1, 0])  # a better class beats a logit
+    assert np.array_equal(a, rect(A_BOX)) and np.array_equal(b, rect(B_BOX) & ~rect(A_BOX))
+    a, b, c = exclusive_masks(masks, contested, [0, -1, -1])  # a negative class takes nothing
+    assert np.array_equal(a, rect(A_BOX)) and not b.any() and not c.any()
+    with pytest.raises(ValueError, match="one class per mask"):
+        exclusive_masks(masks, contested, [0, 0])
+
+
+def test_exclusive_masks_measure_on_the_own_mask_and_favour_trusted_tracks():
+    """Published masks are exclusive; each track's box is measured on its own mask (A keeps
+    its full width although it loses the overlap to B); a coasting track takes no pixel a
+    trusted track claims, whatever its logit."""
+    decoder = ContestDecoder()
+    tracker = PromptTracker(decoder, frame_size=SIZE)
+    a, b = tracker.add(box=A_BOX), tracker.add(box=B_BOX)
+    decoder.logits = {"a": 2.0, "b": 5.0}
+    for frame in range(4):
+        decoder.objects = {"a": (A_BOX, 0.9), "b": (B_BOX, 0.9)}
+        out = by_id(tracker.step(frame))
+        assert not (out[a].mask & out[b].mask).any()
+        assert np.array_equal(out[a].mask, rect(A_BOX) & ~rect(B_BOX))
+        assert np.array_equal(out[b].mask, rect(B_BOX))
+        assert out[a].box == A_BOX and out[b].box == B_BOX  # not (20, 30, 50, 90)
+        assert out[a].state is out[b].state is (
+            TrackState.TENTATIVE if frame == 0 else TrackState.TRACKED
+        )
+    assert close(tracker.tracks[a].predicted_box, A_BOX, 0.5)
+
+    decoder.logits = {"a": 9.0, "b": 5.0}  # A now outbids B, but A is not trusted
+    decoder.objects = {"a": (A_BOX, 0.1), "b": (B_BOX, 0.9)}
+    out = by_id(tracker.step(4))
+    assert out[a].state is TrackState.COASTING and out[b].state is TrackState.TRACKED
+    assert np.array_equal(out[b].mask, rect(B_BOX))
+    assert np.array_equal(out[a].mask, rect(A_BOX) & ~rect(B_BOX))
+
+
+def test_a_lost_track_takes_no_pixels():
+    """A and B both untrusted; A is lost this frame with the higher logit: its share of the
+    overlap goes to B (coasting) instead of vanishing with A's empty mask."""
+    decoder = ContestDecoder()
+    tracker = PromptTracker(decoder, frame_size=SIZE, settings=TrackerSettings(max_coast_frames=1))
+    a, b = tracker.add(box=A_BOX), tracker.add(box=B_BOX)
+    decoder.logits = {"a": 9.0, "b": 5.0}
+    scores = [(0.9, 0.9), (0.9, 0.9), (0.1, 0.9), (0.1, 0.1)]
+    for frame, (score_a, score_b) in enumerate(scores):
+        decoder.objects = {"a": (A_BOX, score_a), "b": (B_BOX, score_b)}
+        out = by_id(tracker.step(frame))
+    assert out[a].state is TrackState.LOST and out[b].state is TrackState.COASTING
+    assert not out[a].mask.any()
+    assert np.array_equal(out[b].mask, rect(B_BOX))
 
 
 # --------------------------------------------------------------------------- prompts
@@ -459,6 +649,52 @@ def test_frame_size_known_only_at_the_first_frame():
         tracker.set_frame_size((0, 320))
 
 
+def scaled(box, sx: float, sy: float) -> tuple[int, ...]:
+    x1, y1, x2, y2 = box
+    return (round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy))
+
+
+def test_frame_size_change_rescales_tracks_and_pending_prompts():
+    tracker, decoder = make()
+    tid = tracker.add(box=moving_box(0))
+    later_box = tracker.add(box=(100, 100, 140, 150), frame=50)
+    later_points = tracker.add(points=[[150, 20], [5, 5]], labels=[1, 0], frame=50)
+    for frame in range(10):
+        decoder.objects = {"a": (moving_box(frame), 0.9)}
+        tracker.step(frame)
+    track = tracker.tracks[tid]
+    x, p = track.kf.x.copy(), track.kf.P.copy()
+
+    new_size, sx, sy = (360, 640), 2.0, 1.5  # another aspect ratio too
+    tracker.set_frame_size(new_size)
+    s = np.diag([sx, sy, sx, sy] * 2)
+    assert np.allclose(track.kf.x, s @ x)  # positions, sizes and velocities
+    assert np.allclose(track.kf.P, s @ p @ s.T)
+    assert track.last_mask_logits is None  # they lie on the old frame's grid
+    assert tracker.list()[1]["box"] == [200.0, 150.0, 280.0, 225.0]
+
+    decoder.size = new_size
+    for frame in [*range(10, 20), 50]:
+        decoder.objects = {
+            "a": (scaled(moving_box(frame), sx, sy), 0.9),
+            "b": ((200, 150, 280, 225), 0.9),
+            "c": ((280, 10, 320, 60), 0.9),
+        }
+        out = by_id(tracker.step(frame))
+        assert out[tid].state is TrackState.TRACKED
+        assert out[tid].mask.shape == new_size
+        assert close(out[tid].box, scaled(moving_box(frame), sx, sy), 1.5)
+        if frame == 10:
+            assert decoder.calls[-1].mask_logits == [None]
+            assert close(decoder.calls[-1].boxes[0], scaled(moving_box(frame), sx, sy), 3.0)
+    assert np.allclose(track.kf.x[4:6, 0], [VELOCITY[0] * sx, VELOCITY[1] * sy], atol=0.1)
+    call = decoder.calls[-1]
+    assert np.array_equal(call.boxes[1], [200, 150, 280, 225])
+    assert np.allclose(call.points[2][0], [[300, 30], [10, 7.5]])
+    assert out[later_box].box == (200, 150, 280, 225)
+    assert out[later_points].box == (280, 10, 320, 60)
+
+
 # --------------------------------------------------------------------------- lose_all
 
 
@@ -496,6 +732,8 @@ def test_lose_all_reports_running_tracks_lost_and_keeps_pending_prompts():
     assert [(row["id"], row["pending"]) for row in tracker.list()] == [(later, True)]
     assert tracker.lose_all() == []  # already gone: reported once
     for tid in (a, b):
+        # A lost track could come back with update_box; removed, it is forgotten.
+        tracker.remove(tid)
         with pytest.raises(ValueError, match="unknown track id"):
             tracker.update_box(tid, moving_box(5))
 
@@ -532,11 +770,13 @@ def test_lose_all_forgets_a_corrected_track():
     assert len(decoder.calls) == calls
 
 
-def _embedding_message(frame: int, session: int, capture_time: float) -> EmbeddingMessage:
+def _embedding_message(
+    frame: int, session: int, capture_time: float, size: tuple[int, int] = SIZE
+) -> EmbeddingMessage:
     meta = FrameMeta("cam0", frame, frame, frame, (1, 25), capture_time, session=session)
     return EmbeddingMessage(meta=meta, embedding=np.zeros((1, 2, 2), np.float16),
-                            embedding_dtype="float16", original_size=SIZE,
-                            input_size=SIZE)
+                            embedding_dtype="float16", original_size=size,
+                            input_size=size)
 
 
 def test_tracker_node_coasts_through_a_short_outage_and_loses_tracks_after_a_long_one():
@@ -562,3 +802,93 @@ def test_tracker_node_coasts_through_a_short_outage_and_loses_tracks_after_a_lon
     assert dict(tracker.tracks) == {}
     assert node.counters["tracks_lost_to_outages"] == 1
     assert node.detail["last_outage_s"] == pytest.approx(8.0)
+
+
+class NodeSceneDecoder(SceneDecoder):
+    """SceneDecoder in SamMaskDecoder's place in a TrackerNode: the frame size is that of
+    the embedding the node sets before each step."""
+
+    sam = SimpleNamespace(device=torch.device("cpu"))
+    image = None
+
+    def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:
+        self.size = tuple(self.image.original_size)
+        return super().__call__(boxes, mask_logits, points)
+
+
+def test_tracker_node_follows_a_mid_stream_resolution_change():
+    node = TrackerNode(TrackerConfig(), weights="unused.pt", image_size=32)  # 2x2 embedding
+    decoder = NodeSceneDecoder()
+    node.decoder, node.tracker = decoder, PromptTracker(decoder)
+    tid = node.tracker.add(box=moving_box(0))
+    for frame in range(12):
+        size, sx, sy = (SIZE, 1.0, 1.0) if frame < 6 else ((480, 640), 2.0, 2.0)
+        decoder.objects = {"a": (scaled(moving_box(frame), sx, sy), 0.9)}
+        (msg,) = node.process(_embedding_message(frame, 0, 100.0 + frame, size))
+        assert isinstance(msg, MaskMessage)
+        assert msg.frame_size == size and msg.masks.shape == (1, *size)
+        (record,) = msg.tracks
+        assert record.track_id == tid
+        assert record.state == ("tentative" if frame == 0 else "tracked")
+        assert close(record.box, scaled(moving_box(frame), sx, sy), 2.0)
+    assert node.tracker.frame_size == (480, 640)
+    assert node.counters["frame_size_changes"] == 1
+
+
+def test_snapshot_restore_continues_exactly():
+    """A tracker restored from a snapshot (through the files --resume uses) goes on exactly
+    as the one that made it: same boxes, states, scores, innovations and mask prompts."""
+    from pipeline import resume
+
+    def scene(frame: int) -> dict:
+        occluded = 0.1 if frame in range(9, 12) else 0.9
+        return {"a": (moving_box(frame), occluded), "b": ((60, 10, 90, 40), 0.8)}
+
+    original, decoder = make()
+    original.add(box=moving_box(0))
+    original.add(box=(60, 10, 90, 40))
+    original.add(box=(5, 5, 20, 20), frame=14)  # still pending at the snapshot
+    for frame in range(8):
+        decoder.objects = scene(frame)
+        original.step(frame)
+    with tempfile.TemporaryDirectory() as tmp:
+        resume.save_tracker_snapshots(tmp, {7: original.snapshot()})
+        data, arrays = resume.load_tracker_snapshot(tmp, 7)
+    restored, restored_decoder = make()
+    restored.restore(data, arrays)
+    for frame in range(8, 20):
+        decoder.objects = restored_decoder.objects = scene(frame)
+        expected, got = original.step(frame), restored.step(frame)
+        assert [(o.track_id, o.box, o.state, o.score, o.innovation, o.frames_since_update)
+                for o in got] == [
+            (o.track_id, o.box, o.state, o.score, o.innovation, o.frames_since_update)
+            for o in expected]
+        assert all(np.array_equal(a.mask, b.mask) for a, b in zip(got, expected, strict=True))
+        if frame == 8:  # the saved logits are the first frame's mask prompts, bit for bit
+            prompts = zip(restored_decoder.calls[-1].mask_logits,
+                          decoder.calls[-1].mask_logits, strict=True)
+            assert all((a is None and b is None) or np.array_equal(a, b) for a, b in prompts)
+            assert any(a is not None for a in restored_decoder.calls[-1].mask_logits)
+    assert {o.track_id for o in got} == {1, 2, 3}
+    with pytest.raises(ValueError, match="not a prompt tracker snapshot"):
+        restored.restore({"tracks": [{"id": 1}]}, {})
+
+
+def test_a_lost_track_comes_back_with_update_box():
+    tracker, decoder = make(TrackerSettings(max_coast_frames=1))
+    tid = tracker.add(box=moving_box(0))
+    decoder.objects = {"a": (moving_box(0), 0.9)}
+    tracker.step(0)
+    decoder.objects = {}  # gone: coasts, then lost
+    states = [by_id(tracker.step(frame))[tid].state for frame in (1, 2)]
+    assert states == [TrackState.COASTING, TrackState.LOST]
+    assert tid not in tracker.tracks
+    with pytest.raises(ValueError, match="unknown track id 9"):
+        tracker.update_box(9, moving_box(3))
+    tracker.update_box(tid, moving_box(3))  # the user points at it again
+    decoder.objects = {"a": (moving_box(3), 0.9)}
+    (out,) = tracker.step(3)
+    assert out.track_id == tid and out.state is TrackState.TENTATIVE
+    assert close(out.box, moving_box(3), 1.0)
+    with pytest.raises(ValueError, match="already in use"):
+        tracker.add(box=moving_box(3), track_id=tid)

@@ -1,0 +1,262 @@
+"""What an interrupted offline run leaves behind so that ``samstream run --resume`` can
+continue it, and the checks that a resume continues the same job.
+
+An offline run keeps a small state directory, ``.samstream/`` under its output directory:
+
+- ``run.json``: the run's identity (source file, weights, every setting that changes a mask)
+  and how it stands: ``running``, or ``interrupted`` with the number of frames complete
+  in the outputs. A run that finishes removes the directory: its outputs are complete.
+- ``tracker.npz``: the tracker's state after each of its last few frames (the Kalman
+  filters, the previous masks used as prompts), written when it is stopped. A resumed run
+  restarts the tracker from the state after the last complete frame, so its outputs are
+  the ones an uninterrupted run would have written; without that state the tracker starts
+  afresh at frame 0 and the publisher skips the frames it already has.
+
+Everything here is plain JSON and ``numpy.savez`` arrays (no pickle: the files may be edited
+or planted by anyone who can write the output directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import RunConfig, config_to_dict
+
+STATE_DIR = ".samstream"
+RUN_FILE = "run.json"
+TRACKER_FILE = "tracker.npz"
+STATE_VERSION = 1
+
+# Settings that change how a run goes but not what it writes: a resume may change them.
+_NOT_IDENTITY = {
+    "decoder": {"max_frames", "open_timeout_s", "read_timeout_s", "reconnect_initial_s",
+                "reconnect_max_s", "give_up_after_s"},
+    "encoder": {"threads", "batch_size"},
+    "tracker": {"threads"},
+    "publisher": {"status_interval_s", "out"},  # the directory may move
+}
+_NOT_IDENTITY_SECTIONS = {"transport", "resume", "live"}
+
+
+class ResumeError(ValueError):
+    """A resume that cannot continue this output directory; the message says why."""
+
+
+def state_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / STATE_DIR
+
+
+def _file_identity(path: str) -> dict[str, Any]:
+    """A file by content: size and SHA-256 of its first and last MiB (a whole-file hash of a
+    long video would take seconds at every start)."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        digest.update(file.read(1 << 20))
+        if size > 2 << 20:
+            file.seek(-(1 << 20), os.SEEK_END)
+            digest.update(file.read(1 << 20))
+    return {"size": size, "sha256_ends": digest.hexdigest()}
+
+
+def run_identity(config: RunConfig, *, weights_path: str | None = None) -> dict[str, Any]:
+    """What makes two runs the same job: the source, the weights and every setting that
+    changes a mask, as plain data (compared key by key at a resume)."""
+    data = config_to_dict(config)
+    identity: dict[str, Any] = {}
+    for section, values in data.items():
+        if section in _NOT_IDENTITY_SECTIONS:
+            continue
+        if isinstance(values, dict):
+            skip = _NOT_IDENTITY.get(section, set())
+            identity[section] = {k: v for k, v in values.items() if k not in skip}
+        else:
+            identity[section] = values
+    source = config.decoder.source
+    if source and os.path.isfile(source):
+        identity["source_file"] = _file_identity(source)
+    if weights_path and os.path.isfile(weights_path):
+        identity["weights_file"] = _file_identity(weights_path)
+        identity.pop("weights", None)  # the same file under another path is the same job
+    return json.loads(json.dumps(identity))  # tuples -> lists, as they come back from JSON
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            where = f"{path}.{key}" if path else key
+            if key not in old or key not in new:
+                found.append(where)
+            else:
+                found += _differences(old[key], new[key], where)
+        return found
+    return [] if old == new else [path]
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        json.dump(data, file, indent=1)
+    os.replace(temp, path)
+
+
+def _read_run(out_dir: Path) -> dict[str, Any] | None:
+    path = state_dir(out_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ResumeError(f"cannot resume: {path} is unreadable ({err})") from None
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        raise ResumeError(f"cannot resume: {path} is not a samstream {STATE_VERSION} run state")
+    return data
+
+
+def begin_run(out_dir: str | Path, identity: Mapping[str, Any]) -> None:
+    """Record that a (new or resumed) run writes into ``out_dir``."""
+    _write_json(state_dir(out_dir) / RUN_FILE,
+                {"version": STATE_VERSION, "state": "running", "identity": dict(identity)})
+
+
+def mark_interrupted(out_dir: str | Path, frames_done: int) -> None:
+    """The run stopped with its first ``frames_done`` frames complete in every output."""
+    path = state_dir(out_dir) / RUN_FILE
+    data = _read_run(Path(out_dir)) or {"version": STATE_VERSION, "identity": {}}
+    data.update(state="interrupted", frames_done=int(frames_done))
+    _write_json(path, data)
+
+
+def forget_run(out_dir: str | Path) -> None:
+    """Nothing is left to resume: the outputs are complete, or a failed run removed them."""
+    directory = state_dir(out_dir)
+    for name in (RUN_FILE, TRACKER_FILE):
+        (directory / name).unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:
+        pass  # someone else's files are in it: leave them
+
+
+def interrupted_frames(out_dir: str | Path) -> int | None:
+    """Frames complete in an interrupted run's outputs, None when it was not interrupted."""
+    data = _read_run(Path(out_dir))
+    if data is None or data.get("state") != "interrupted":
+        return None
+    return int(data.get("frames_done", 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run starts: the publisher after ``frames_done`` complete frames, the
+    tracker from its state after ``tracker_frame`` (None: afresh from frame 0)."""
+
+    frames_done: int
+    tracker_frame: int | None
+
+
+def plan_resume(out_dir: str | Path, identity: Mapping[str, Any]) -> ResumePoint:
+    """Check that ``out_dir`` holds an interrupted run of the same job; where to continue.
+
+    Raises ResumeError naming what differs (source, weights, a setting) or what is missing.
+    """
+    out_dir = Path(out_dir)
+    data = _read_run(out_dir)
+    if data is None:
+        raise ResumeError(
+            f"cannot resume: {out_dir} holds no interrupted run (no {STATE_DIR}/{RUN_FILE}; a "
+            "run that finished leaves none): run without --resume"
+        )
+    if data.get("state") != "interrupted":
+        raise ResumeError(
+            f"cannot resume: the run in {out_dir} did not stop cleanly (state "
+            f"{data.get('state')!r}: killed, or still running), so its outputs are not "
+            "complete; run again without --resume"
+        )
+    differs = _differences(data.get("identity", {}), dict(identity))
+    if differs:
+        shown = ", ".join(differs[:5]) + (" ..." if len(differs) > 5 else "")
+        raise ResumeError(
+            f"cannot resume the run in {out_dir}: it was made with a different {shown}; "
+            "resume with the same source, weights, prompts and settings, or run without --resume"
+        )
+    frames_done = int(data.get("frames_done", 0))
+    frames = saved_tracker_frames(out_dir)
+    usable = [f for f in frames if f < frames_done]
+    return ResumePoint(frames_done=frames_done, tracker_frame=max(usable) if usable else None)
+
+
+# -- tracker state ------------------------------------------------------------------------
+
+
+Snapshot = tuple[dict[str, Any], dict[str, np.ndarray]]
+"""A tracker's state after one frame: JSON-ready data and named arrays."""
+
+
+def save_tracker_snapshots(out_dir: str | Path, snapshots: Mapping[int, Snapshot]) -> Path:
+    """Write the tracker's states after the given frames (replacing earlier ones)."""
+    directory = state_dir(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    manifest: dict[str, Any] = {"version": STATE_VERSION, "frames": {}}
+    for frame, (data, named) in snapshots.items():
+        manifest["frames"][str(frame)] = {"data": data, "arrays": sorted(named)}
+        for name, array in named.items():
+            arrays[f"{frame}/{name}"] = np.ascontiguousarray(array)
+    arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
+    path = directory / TRACKER_FILE
+    fd, temp = tempfile.mkstemp(prefix=f".{TRACKER_FILE}.", suffix=".tmp", dir=directory)
+    with os.fdopen(fd, "wb") as file:
+        np.savez(file, **arrays)
+    os.replace(temp, path)
+    return path
+
+
+def _open_tracker_file(out_dir: str | Path) -> tuple[Any, dict[str, Any]] | None:
+    path = state_dir(out_dir) / TRACKER_FILE
+    if not path.is_file():
+        return None
+    try:
+        archive = np.load(path, allow_pickle=False)
+        manifest = json.loads(archive["manifest"].tobytes().decode())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # a damaged state costs the resume its shortcut, not its correctness
+    if not isinstance(manifest, dict) or manifest.get("version") != STATE_VERSION:
+        return None
+    return archive, manifest
+
+
+def saved_tracker_frames(out_dir: str | Path) -> list[int]:
+    """The frames after which a tracker state was saved in ``out_dir``."""
+    opened = _open_tracker_file(out_dir)
+    if opened is None:
+        return []
+    archive, manifest = opened
+    archive.close()
+    return sorted(int(frame) for frame in manifest.get("frames", {}))
+
+
+def load_tracker_snapshot(out_dir: str | Path, frame: int) -> Snapshot:
+    """The tracker's state saved after ``frame``; ResumeError when there is none."""
+    opened = _open_tracker_file(out_dir)
+    entry = None if opened is None else opened[1].get("frames", {}).get(str(frame))
+    if opened is None or entry is None:
+        raise ResumeError(f"no tracker state after frame {frame} in {state_dir(out_dir)}")
+    archive, _ = opened
+    try:
+        arrays = {name: archive[f"{frame}/{name}"] for name in entry["arrays"]}
+    finally:
+        archive.close()
+    return entry["data"], arrays
