@@ -11,7 +11,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 from media import make_b_frame_avi, make_clip, make_concatenated_ts, make_pts_as_dts_mp4
 from PIL import Image
+from test_pipeline_e2e import collect, free_port, samstream
 
 from pipeline.client import MaskSubscriber
 from pipeline.outputs import decode_rle
@@ -33,19 +33,6 @@ BOXES = [["--box", "10", "20", "70", "90"], ["--box", "40", "30", "110", "100"]]
 
 def _flat(groups: list[list[str]]) -> list[str]:
     return [arg for group in groups for arg in group]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def samstream(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args],
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def decoded_frames(path: Path, limit: int | None = None) -> int:
@@ -88,19 +75,11 @@ def check_one_segmentation(out: Path, frames: int, feed: list | None = None) -> 
 
 def _run_and_check(source: Path, checkpoint: Path, out: Path, *, max_frames: int | None = None,
                    boxes: list[list[str]] = BOXES) -> list[dict]:
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     feed: list = []
     limit = ["--max-frames", str(max_frames)] if max_frames else []
     with MaskSubscriber(endpoint, timeout_ms=240_000) as sub:
-
-        def collect() -> None:
-            try:
-                feed.extend(sub)
-            except TimeoutError:
-                pass
-
-        thread = threading.Thread(target=collect, daemon=True)
-        thread.start()
+        thread = collect(sub, feed)
         proc = samstream("run", "--source", str(source), *_flat(boxes), "--weights",
                          str(checkpoint), "--out", str(out), *FAST, *limit,
                          "--set", f"transport.publish={json.dumps(endpoint)}")
@@ -323,7 +302,7 @@ def test_preflight_errors(checkpoint: Path, small_clip: Path, tmp_path: Path) ->
 def test_a_taken_feed_port_is_named(checkpoint: Path, small_clip: Path) -> None:
     import zmq
 
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     holder = zmq.Context.instance().socket(zmq.PUB)
     holder.bind(endpoint)
     try:
