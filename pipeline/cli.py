@@ -228,11 +228,12 @@ def _node(args: argparse.Namespace) -> int:
     import zmq
 
     from pipeline.config import load_config
-    from pipeline.launcher import node_runner
+    from pipeline.launcher import die_with_launcher, node_runner
     from pipeline.runtime import install_signal_handlers
 
     config = load_config(args.config, args.set)
     install_signal_handlers()
+    die_with_launcher()
     code = node_runner(args.name, config).run()
     # Wait here, explicitly, until queued output has been delivered (sockets linger).
     zmq.Context.instance().term()

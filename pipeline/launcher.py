@@ -9,6 +9,7 @@ ends it cleanly within seconds, and nothing is left running.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -302,6 +303,26 @@ def cpu_threads(requested: int | None, share: float) -> int:
     return max(1, int((cores or 1) * share))
 
 
+LAUNCHER_PID_ENV = "SAMSTREAM_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher() -> None:
+    """In a node process the launcher started: be stopped (SIGTERM, a clean stop that keeps
+    the outputs) when the launcher dies, by any signal, SIGKILL included, so no node is left
+    finishing the job alone. Linux's parent-death signal; a no-op for a node started by hand.
+    """
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot ask to be stopped with the launcher: %s",
+                    os.strerror(ctypes.get_errno()))
+    if os.getppid() != int(launcher):  # it died before the request above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def node_environment(name: str, config: RunConfig) -> dict[str, str]:
     """The environment of a node process: its torch thread budget.
 
@@ -311,6 +332,7 @@ def node_environment(name: str, config: RunConfig) -> dict[str, str]:
     tracker's small per-frame work a quarter of them. (Threads of one process, the
     in-process mode, share one torch and are left alone.)"""
     env = dict(os.environ)
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
     threads = {
         "encoder": cpu_threads(config.encoder.threads, share=1.0),
         "tracker": cpu_threads(config.tracker.threads, share=0.25),

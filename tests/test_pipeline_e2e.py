@@ -193,6 +193,32 @@ def test_sigterm_stops_every_node_within_2s(checkpoint: Path) -> None:
 
 
 @pytest.mark.slow
+def test_no_node_outlives_a_killed_launcher(checkpoint: Path) -> None:
+    """SIGKILL gives the launcher no chance to stop anyone: the nodes must go by
+    themselves (Linux's parent-death signal), not finish the job alone."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
+        proc = _start_long_run(checkpoint, endpoint)
+        try:
+            assert sub.recv(120_000) is not None
+            children = _children(proc.pid)
+            assert len(children) == 4
+            proc.kill()
+            proc.wait(timeout=10)
+            killed = time.monotonic()
+            # The promise is 2 s; a loaded CI machine gets more before this fails.
+            while time.monotonic() - killed < 10 and any(_alive(p) for p in children):
+                time.sleep(0.05)
+            elapsed = time.monotonic() - killed
+        finally:
+            for pid in children:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+    print(f"nodes gone {elapsed:.2f} s after the launcher was killed")
+    assert not [pid for pid in children if _alive(pid)], "orphaned node processes"
+
+
+@pytest.mark.slow
 def test_a_node_that_dies_fails_the_run_loudly(checkpoint: Path) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
