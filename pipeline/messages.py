@@ -133,17 +133,32 @@ def _reject_constant(name: str) -> Any:
     raise MessageError(f"JSON holds {name}, which standard JSON does not allow")
 
 
+MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes per track: 1 MiB is ~thousands
+
+
 def _load_json(data: Part | str, what: str) -> Any:
     try:
         if isinstance(data, str):
             text = data
         else:
-            text = bytes(_byte_view(data, what)).decode("utf-8")
+            view = _byte_view(data, what)
+            # Checked before parsing: what a hostile peer sends costs no more than this.
+            _require(view.nbytes <= MAX_HEADER_BYTES,
+                     f"{what} is {view.nbytes} bytes, more than {MAX_HEADER_BYTES}")
+            text = bytes(view).decode("utf-8")
+        _require(len(text) <= MAX_HEADER_BYTES,
+                 f"{what} is {len(text)} characters, more than {MAX_HEADER_BYTES}")
         return json.loads(text, parse_constant=_reject_constant)
+    except MessageError:
+        raise
     except UnicodeDecodeError as exc:
         raise MessageError(f"{what} is not UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise MessageError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise MessageError(f"{what} is nested too deeply to be a samstream header") from None
+    except ValueError as exc:  # Python's limit on int digits ("[1" + "1" * 5000 + "]")
+        raise MessageError(f"{what}: {exc}") from None
 
 
 def _byte_view(part: Part, what: str) -> memoryview:

@@ -391,9 +391,13 @@ class NodeRunner:
 
     def _serve_command(self) -> None:
         ctl = self._sockets.control
-        raw = ctl.recv()
+        # All parts, so that a multipart request cannot leave the REP socket expecting a
+        # reply to a message it has not finished reading (the node died of that).
+        parts = ctl.recv_multipart()
         try:
-            reply = self.node.handle_command(PromptCommand.from_json(raw))
+            if len(parts) != 1:
+                raise MessageError(f"a prompt command is one message part, got {len(parts)}")
+            reply = self.node.handle_command(PromptCommand.from_json(parts[0]))
         except MessageError as err:
             self.node.count("bad_commands")
             reply = PromptReply(ok=False, error=str(err), track_id=None, tracks=())
