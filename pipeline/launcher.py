@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 
 NODE_NAMES = ("decoder", "encoder", "tracker", "publisher")
 STOP_GRACE_S = 2.0
+# A node that dies is started again, this many times within RESTART_WINDOW_S at most;
+# one more death in that window fails the run, with the history.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+# Live: nodes restarted alone, the others running on. The publisher holds the open output
+# files and the feed's subscribers, and a new decoder would start the stream (its frame
+# indices and sequence numbers) again: their deaths fail the run.
+LIVE_RESTARTABLE = ("encoder", "tracker")
 
 
 class RunFailed(RuntimeError):
@@ -183,6 +191,7 @@ class RunSummary:
     interrupted_at: int | None = None  # offline run stopped: frames complete in its outputs
     timestamps: dict[str, Any] = field(default_factory=dict)  # the decoder's repairs, if any
     resumed_frames: int = 0  # frames an interrupted run had written before this one resumed
+    restarts: str = ""  # the nodes that died and were restarted, when
 
     @property
     def fps(self) -> float:
@@ -242,6 +251,8 @@ class RunSummary:
             )
         if self.resumed_frames:
             lines.append(f"resumed after the {self.resumed_frames} frames already written")
+        if self.restarts:
+            lines.append(f"nodes restarted after dying: {self.restarts}")
         if self.interrupted_at is not None:
             lines.append(
                 f"interrupted at frame {self.interrupted_at}: the outputs hold frames 0-"
@@ -342,12 +353,30 @@ def node_environment(name: str, config: RunConfig) -> dict[str, str]:
     return env
 
 
+class _Restarts:
+    """Deaths of nodes and the restarts they got, bounded per sliding window."""
+
+    def __init__(self) -> None:
+        self.history: list[tuple[float, str, str]] = []  # (monotonic time, node, how)
+
+    def allow(self, node: str, how: str) -> bool:
+        """Record a death; True when a restart is within the budget."""
+        now = time.monotonic()
+        self.history.append((now, node, how))
+        recent = [t for t, _, _ in self.history if now - t <= RESTART_WINDOW_S]
+        return len(recent) <= MAX_RESTARTS
+
+    def describe(self) -> str:
+        start = self.history[0][0] if self.history else 0.0
+        return "; ".join(f"{t - start:.1f} s: {node} {how}" for t, node, how in self.history)
+
+
 class _ProcessWorker:
     def __init__(self, name: str, config_path: Path, log_path: Path,
                  env: dict[str, str]) -> None:
         self.name = name
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "ab")  # a restarted node's log follows its last one
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "node", name, "--config", str(config_path)],
             stdout=self._log,
@@ -441,9 +470,18 @@ def run_pipeline(
     )
     workers: list[Any] = []
     last: dict[str, StatusMessage] = {}
+    failures: dict[str, str] = {}  # node -> the error its "failed" status gave
+    restarts = _Restarts()
     start = time.monotonic()
     bar = None
     stopped_by: str | None = None
+    live = is_live(config)
+
+    def relay_status(msg: StatusMessage) -> None:
+        try:
+            send_message(relay, msg, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the publisher is busy or gone; the next status says the same
 
     def collect(timeout_ms: int) -> None:
         msg = statuses.recv(timeout_ms)
@@ -451,13 +489,60 @@ def run_pipeline(
             if isinstance(msg, StatusMessage):
                 last[msg.node] = msg
                 if msg.node != "publisher":
-                    try:
-                        send_message(relay, msg, flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass  # the publisher is busy or gone; the next status says the same
+                    relay_status(msg)
                 if msg.state == "failed":
-                    raise RunFailed(f"node {msg.node} failed: {msg.detail.get('error')}")
+                    # Its process exits next: the supervision below restarts it or fails.
+                    failures[msg.node] = str(msg.detail.get("error"))
             msg = statuses.recv(0)
+
+    def start_process(name: str, node_config: RunConfig) -> _ProcessWorker:
+        path = run_dir / f"config-{name}.json"
+        path.write_text(json.dumps(config_to_dict(node_config)))
+        return _ProcessWorker(name, path, run_dir / f"{name}.log",
+                              node_environment(name, node_config))
+
+    def restart(dead: Any, how: str) -> list[Any]:
+        """The workers after ``dead`` died: it restarted alone (live), every node
+        restarted from the outputs written so far (offline), or RunFailed."""
+        tail = dead.log_tail()
+        restartable = not in_process and (
+            dead.name in LIVE_RESTARTABLE if live else bool(config.publisher.out))
+        failure = f"node {dead.name} {how}" + (f"\n{tail}" if tail else "")
+        if not restartable:
+            raise RunFailed(failure)
+        if not restarts.allow(dead.name, how):
+            raise RunFailed(f"{failure}\n{len(restarts.history)} node deaths, more than "
+                            f"{MAX_RESTARTS} in {RESTART_WINDOW_S:g} s: {restarts.describe()}")
+        log.warning("node %s %s: restarting it", dead.name, how)
+        relay_status(StatusMessage(node=dead.name, state="degraded", time=time.time(),
+                                   detail={"restarting": True, "why": how,
+                                           "restarts": len(restarts.history)}))
+        failures.pop(dead.name, None)
+        if live:
+            # The others run on; the new node binds the same endpoints (ZeroMQ reconnects).
+            # A new tracker starts without tracks: its predecessor's are reported lost
+            # by this status, and consumers prompt again.
+            node_config = config
+            if dead.name == "tracker":
+                node_config = dataclasses.replace(
+                    config, tracker=dataclasses.replace(config.tracker, prompts=()))
+            dead.close()
+            return [start_process(dead.name, node_config) if w is dead else w
+                    for w in workers]
+        # Offline: stop the others as Ctrl-C would (the publisher keeps every frame it
+        # wrote, the tracker its state), then resume: the outputs come out as they would
+        # have without the death.
+        _stop_all(workers)
+        collect(200)
+        for w in workers:
+            w.close()
+        if resume.interrupted_frames(config.publisher.out) is None:
+            raise RunFailed(f"{failure}\n(the outputs could not be kept: no restart)")
+        resumed = dataclasses.replace(config, resume=dataclasses.replace(
+            config.resume, enabled=True))
+        resumed = _plan_outputs(resumed)
+        last.clear()
+        return [start_process(name, resumed) for name in NODE_NAMES]
 
     try:
         if in_process:
@@ -465,11 +550,7 @@ def run_pipeline(
                 workers.append(_ThreadWorker(node_runner(name, config, context=context,
                                                          stop=threading.Event())))
         else:
-            config_path = run_dir / "config.json"
-            config_path.write_text(json.dumps(config_to_dict(config)))
-            for name in NODE_NAMES:
-                workers.append(_ProcessWorker(name, config_path, run_dir / f"{name}.log",
-                                              node_environment(name, config)))
+            workers = [start_process(name, config) for name in NODE_NAMES]
         print(f"samstream: {config.live.mode} run, encoder on {config.encoder.device} at "
               f"{config.encoder.image_size} px; prompts: samstream prompt list --endpoint "
               f"{config.transport.control}", file=sys.stderr)
@@ -484,15 +565,17 @@ def run_pipeline(
             if progress:
                 bar = _update_progress(bar, last, is_live(config))
             codes = {w.name: w.exit_code() for w in workers}
+            dead = None
             for w in workers:
                 code = codes[w.name]
                 state = last.get(w.name).state if w.name in last else "never reported"
                 if code is not None and (code != 0 or state not in ("done", "stopped")):
-                    tail = w.log_tail()
-                    raise RunFailed(
-                        f"node {w.name} died ({w.describe_exit()}, last state: {state})"
-                        + (f"\n{tail}" if tail else "")
-                    )
+                    dead, how = w, (f"failed: {failures[w.name]}" if w.name in failures
+                                    else f"died ({w.describe_exit()}, last state: {state})")
+                    break
+            if dead is not None:
+                workers = restart(dead, how)
+                continue
             if all(code == 0 for code in codes.values()):
                 break
     except (Shutdown, KeyboardInterrupt) as stop:
@@ -515,7 +598,9 @@ def run_pipeline(
         if in_process:
             context.term()
         _remove_run_dir(run_dir)
-    return summarize(last, time.monotonic() - start, config.live.mode, stopped_by)
+    summary = summarize(last, time.monotonic() - start, config.live.mode, stopped_by)
+    summary.restarts = restarts.describe()
+    return summary
 
 
 def _update_progress(bar: tqdm | None, last: dict[str, StatusMessage],

@@ -1,0 +1,111 @@
+"""A node that dies is restarted: a live run carries on, an offline run resumes exactly."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from media import make_clip
+from test_pipeline_e2e import FAST, _alive, _children, free_port, samstream
+
+from pipeline.client import MaskSubscriber
+from pipeline.launcher import MAX_RESTARTS
+
+pytestmark = pytest.mark.slow
+
+
+def _node_pid(launcher: int, name: str) -> int:
+    for pid in _children(launcher):
+        try:
+            if f"node {name} ".encode() in Path(f"/proc/{pid}/cmdline").read_bytes().replace(
+                    b"\0", b" "):
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no {name} process under {launcher}")
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    kills = MAX_RESTARTS  # the most a minute allows; one more would fail the run
+    proc = _start(["run", "--source", "lavfi:testsrc2=size=160x120:rate=10", "--realtime",
+                   "--box", "10", "10", "80", "80", "--weights", str(checkpoint), *FAST,
+                   "--set", f"transport.publish={json.dumps(endpoint)}"])
+    resumed_after: list[float] = []
+    seqs: list[int] = []
+    degraded: list[str] = []
+    try:
+        with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
+            first = sub.recv(120_000)
+            assert first is not None
+            seqs.append(first.seq)
+            for _ in range(kills):
+                encoder = _node_pid(proc.pid, "encoder")
+                os.kill(encoder, signal.SIGKILL)
+                killed = time.monotonic()
+                while True:  # the next masks of a frame decoded after the kill
+                    event = sub.recv_event(60_000)
+                    assert event is not None, "no masks within 60 s of the kill"
+                    if hasattr(event, "seq"):
+                        seqs.append(event.seq)
+                        if event.capture_time > time.time() - (time.monotonic() - killed):
+                            break
+                    elif getattr(event, "state", None) == "degraded":
+                        degraded.append(event.node)
+                resumed_after.append(time.monotonic() - killed)
+            assert proc.poll() is None, "the run ended"
+        proc.send_signal(signal.SIGTERM)
+        stdout, _stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    print("masks again after each encoder kill (s):", [round(t, 2) for t in resumed_after])
+    assert len(resumed_after) == kills
+    assert all(b > a for a, b in itertools.pairwise(seqs)), "seq went backwards"
+    assert degraded.count("encoder") >= 1, "consumers were not told"
+    assert "nodes restarted after dying" in stdout, stdout
+
+
+def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path,
+                                                        tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", frames=40, size=(160, 120), fps=10)
+    common = ["--source", str(clip), "--box", "10", "40", "50", "80", "--weights",
+              str(checkpoint), *FAST]
+    full = samstream("run", *common, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    proc = _start(["run", *common, "--out", str(out)])
+    try:
+        for kill in range(3):
+            deadline = time.monotonic() + 240
+            # Wait for progress past the last kill, then kill the encoder again.
+            while len(list((out / "masks").glob("*.png"))) < 6 * (kill + 1):
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "no progress"
+                time.sleep(0.05)
+            encoder = _node_pid(proc.pid, "encoder")
+            os.kill(encoder, signal.SIGKILL)
+            while _alive(encoder):
+                time.sleep(0.05)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert stdout.count("encoder died") == 3, stdout
+    for name in ["masks.jsonl", "tracks.txt",
+                 *(f"masks/{p.name}" for p in (tmp_path / "full" / "masks").iterdir())]:
+        assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    assert not (out / ".samstream").exists()
