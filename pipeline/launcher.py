@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from pipeline.live import resolve_run_config
 from pipeline.messages import StatusMessage
 from pipeline.preflight import preflight
 from pipeline.resume import ResumeError
-from pipeline.runtime import Node, NodeEndpoints, NodeRunner, Shutdown
+from pipeline.runtime import STATUS_TOKEN_KEY, Node, NodeEndpoints, NodeRunner, Shutdown
 from pipeline.transport import MessageReceiver, SocketOptions, open_socket, send_message
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,10 @@ def node_runner(
     *,
     context: zmq.Context | None = None,
     stop: threading.Event | None = None,
+    status_token: str | None = None,
 ) -> NodeRunner:
+    """The runner of one node; ``status_token`` (default: the one the launcher put in the
+    environment) signs its status messages."""
     config = resolve_run_config(config)
     return NodeRunner(
         build_node(name, config),
@@ -169,6 +173,7 @@ def node_runner(
         status_interval_s=config.publisher.status_interval_s,
         stop=stop,
         live=is_live(config),
+        status_token=status_token or os.environ.get(RUN_TOKEN_ENV),
     )
 
 
@@ -315,6 +320,9 @@ def cpu_threads(requested: int | None, share: float) -> int:
 
 
 LAUNCHER_PID_ENV = "SAMSTREAM_LAUNCHER_PID"
+# A secret per run, handed to the nodes it starts: a status without it is not believed
+# (anyone who can reach the status endpoint could otherwise say a node "failed").
+RUN_TOKEN_ENV = "SAMSTREAM_RUN_TOKEN"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -334,8 +342,9 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def node_environment(name: str, config: RunConfig) -> dict[str, str]:
-    """The environment of a node process: its torch thread budget.
+def node_environment(name: str, config: RunConfig, token: str | None = None) -> dict[str, str]:
+    """The environment of a node process: its torch thread budget, the launcher's pid and the
+    run's status token.
 
     The nodes are processes on the same cores, and each torch would take every core: on 2
     cores an encoder and a tracker with 2 threads each made a live run's p95 latency about
@@ -344,6 +353,8 @@ def node_environment(name: str, config: RunConfig) -> dict[str, str]:
     in-process mode, share one torch and are left alone.)"""
     env = dict(os.environ)
     env[LAUNCHER_PID_ENV] = str(os.getpid())
+    if token is not None:
+        env[RUN_TOKEN_ENV] = token
     threads = {
         "encoder": cpu_threads(config.encoder.threads, share=1.0),
         "tracker": cpu_threads(config.tracker.threads, share=0.25),
@@ -471,6 +482,8 @@ def run_pipeline(
     workers: list[Any] = []
     last: dict[str, StatusMessage] = {}
     failures: dict[str, str] = {}  # node -> the error its "failed" status gave
+    token = secrets.token_hex(16)
+    forged = [0]  # status messages without the run's token
     restarts = _Restarts()
     start = time.monotonic()
     bar = None
@@ -487,6 +500,16 @@ def run_pipeline(
         msg = statuses.recv(timeout_ms)
         while msg is not None:
             if isinstance(msg, StatusMessage):
+                if msg.detail.get(STATUS_TOKEN_KEY) != token or msg.node not in NODE_NAMES:
+                    forged[0] += 1
+                    if forged[0] == 1:
+                        log.warning("ignoring a status message that no node of this run sent "
+                                    "(node %r, state %r): ignoring such messages from now on",
+                                    msg.node, msg.state)
+                    msg = statuses.recv(0)
+                    continue
+                msg = dataclasses.replace(msg, detail={
+                    k: v for k, v in msg.detail.items() if k != STATUS_TOKEN_KEY})
                 last[msg.node] = msg
                 if msg.node != "publisher":
                     relay_status(msg)
@@ -499,7 +522,7 @@ def run_pipeline(
         path = run_dir / f"config-{name}.json"
         path.write_text(json.dumps(config_to_dict(node_config)))
         return _ProcessWorker(name, path, run_dir / f"{name}.log",
-                              node_environment(name, node_config))
+                              node_environment(name, node_config, token))
 
     def restart(dead: Any, how: str) -> list[Any]:
         """The workers after ``dead`` died: it restarted alone (live), every node
@@ -548,7 +571,8 @@ def run_pipeline(
         if in_process:
             for name in reversed(NODE_NAMES):  # consumers first: their inputs are bound
                 workers.append(_ThreadWorker(node_runner(name, config, context=context,
-                                                         stop=threading.Event())))
+                                                         stop=threading.Event(),
+                                                         status_token=token)))
         else:
             workers = [start_process(name, config) for name in NODE_NAMES]
         print(f"samstream: {config.live.mode} run, encoder on {config.encoder.device} at "

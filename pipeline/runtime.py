@@ -27,6 +27,7 @@ out on that node's PUB socket, so consumers see the health of the whole pipeline
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import statistics
@@ -71,6 +72,10 @@ STATS_WINDOW = 10_000  # per-message times kept for statistics (the most recent;
 # node started (a decoder can finish a short clip before the encoder has imported torch):
 # linger forever. A node that never comes is the launcher's business: it stops the run.
 FLUSH_LINGER_MS = -1
+
+
+# The key of a status message's detail that carries the run's token to the launcher.
+STATUS_TOKEN_KEY = "run_token"
 
 
 class Shutdown(Exception):
@@ -290,9 +295,12 @@ class NodeRunner:
         status_interval_s: float = 1.0,
         stop: threading.Event | None = None,
         live: bool = False,
+        status_token: str | None = None,
     ) -> None:
         """``live``: conflating links (newest message wins, never block) instead of lossless
-        ones; every node of a pipeline must agree."""
+        ones; every node of a pipeline must agree. ``status_token``: the secret the
+        launcher handed out for this run, put in every status sent to it."""
+        self.status_token = status_token
         self.node = node
         self.live = live
         self._last_seq: dict[str, int] = {}
@@ -321,11 +329,17 @@ class NodeRunner:
             counters=dict(self.node.counters),
             detail={**self.node.detail, "stats": self.node.stats()},
         )
-        for sock in (self._sockets.status, self._sockets.publish):
+        # The launcher's copy carries the run's token (it believes no status without it);
+        # the feed's never does: subscribers must not learn it.
+        signed = msg
+        if self.status_token is not None:
+            signed = dataclasses.replace(msg, detail={**msg.detail,
+                                                      STATUS_TOKEN_KEY: self.status_token})
+        for sock, out in ((self._sockets.status, signed), (self._sockets.publish, msg)):
             if sock is None:
                 continue
             try:
-                send_message(sock, msg, flags=zmq.NOBLOCK)
+                send_message(sock, out, flags=zmq.NOBLOCK)
             except zmq.Again:
                 pass  # a slow reader; the next heartbeat carries the same figures
         self._last_status = time.monotonic()

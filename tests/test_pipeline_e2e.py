@@ -21,7 +21,7 @@ from PIL import Image
 from pipeline.client import MaskSubscriber
 from pipeline.config import load_config
 from pipeline.control import send_prompt
-from pipeline.launcher import run_pipeline
+from pipeline.launcher import STOP_GRACE_S, run_pipeline
 from pipeline.messages import PromptCommand
 from pipeline.outputs import decode_rle
 
@@ -183,12 +183,21 @@ def test_sigterm_stops_every_node_within_2s(checkpoint: Path) -> None:
             assert len(children) == 4
             proc.send_signal(signal.SIGTERM)
             start = time.monotonic()
-            proc.wait(timeout=10)
+            nodes_gone = None
+            while proc.poll() is None and time.monotonic() - start < 30:
+                if nodes_gone is None and not any(_alive(pid) for pid in children):
+                    nodes_gone = time.monotonic() - start
+                time.sleep(0.01)
             elapsed = time.monotonic() - start
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert elapsed < 3.0, f"launcher took {elapsed:.1f} s to stop"
+    print(f"SIGTERM: nodes gone after {nodes_gone} s, launcher after {elapsed:.2f} s")
+    # The promise: 2 s (measured 0.02-0.2 s). The launcher's own exit after the nodes' (an
+    # interpreter with torch loaded) measured 0.5 s here, several times that on a machine
+    # busy with other work.
+    assert nodes_gone is not None and nodes_gone < STOP_GRACE_S, nodes_gone
+    assert elapsed < STOP_GRACE_S + 4.0, f"launcher took {elapsed:.1f} s to stop"
     assert not [pid for pid in children if _alive(pid)], "orphaned node processes"
 
 

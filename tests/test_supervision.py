@@ -109,3 +109,48 @@ def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path,
                  *(f"masks/{p.name}" for p in (tmp_path / "full" / "masks").iterdir())]:
         assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
     assert not (out / ".samstream").exists()
+
+
+def test_forged_status_messages_are_not_believed(checkpoint: Path, tmp_path: Path) -> None:
+    """Anyone who can reach the status endpoint may send "node encoder failed": without the
+    run's token the launcher ignores it, and the feed never shows the token."""
+    import zmq
+
+    from pipeline.messages import StatusMessage
+    from pipeline.transport import send_message
+
+    clip = make_clip(tmp_path / "clip.mp4", frames=30, size=(160, 120), fps=10)
+    status = f"tcp://127.0.0.1:{free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = _start(["run", "--source", str(clip), "--box", "10", "40", "50", "80",
+                   "--weights", str(checkpoint), *FAST, "--set",
+                   f"transport.status={json.dumps(status)}", "--set",
+                   f"transport.publish={json.dumps(endpoint)}"])
+    ctx = zmq.Context()
+    forger = ctx.socket(zmq.PUSH)
+    forger.setsockopt(zmq.LINGER, 1000)
+    forger.connect(status)
+    statuses = []
+    try:
+        with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
+            assert sub.recv(120_000) is not None
+            for node in ("encoder", "publisher", "intruder"):
+                send_message(forger, StatusMessage(node=node, state="failed", time=time.time(),
+                                                   detail={"error": "forged",
+                                                           "run_token": "guess"}))
+            while (event := sub.recv_event(60_000)) is not None:
+                if hasattr(event, "state"):
+                    statuses.append(event)
+                if sub.last_end is not None:
+                    break
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        forger.close()
+        ctx.term()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "frames in 30, out 30" in stdout
+    assert "ignoring a status message that no node of this run sent" in stderr
+    assert statuses and all("run_token" not in s.detail for s in statuses)
+    assert not any(s.detail.get("error") == "forged" for s in statuses)
