@@ -52,12 +52,19 @@ class EncoderNode(Node):
         self.extra_delay_s = float(os.environ.get(DELAY_ENV, "0") or 0) / 1000
 
     def setup(self) -> None:
+        # The backend (and, for `auto`, a calibration on a machine's first run) is chosen
+        # here, in the node's own process, with its thread budget (encoder.threads or
+        # $OMP_NUM_THREADS from the launcher).
         self.sam = SAM(
             self.weights,
             device=self.config.device,
             dtype=self.config.dtype,
             image_size=self.config.image_size,
+            backend=self.config.backend,
+            threads=self.config.threads,
         )
+        # In every status message: which backend runs and why (the measured candidates).
+        self.detail["backend"] = self.sam.backend_report
 
     def process_batch(self, msgs: list[Message]) -> list[Message]:
         out: list[Message] = []

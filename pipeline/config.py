@@ -58,10 +58,15 @@ class EncoderConfig:
     """The image encoder: one embedding per frame."""
 
     device: str = "auto"  # auto (cuda when there is a GPU) | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast)
+    # auto: the fastest installed backend within tolerance of torch fp32 on this machine
+    # (measured once, cached: pipeline.backends); torch on a GPU.
+    backend: str = "auto"  # auto | torch | onnxruntime | openvino (CPU only)
+    # auto: the backend's measured best within tolerance (bf16 only where native) on a CPU,
+    # float32 on a GPU; a named one is used as it is (autocast for torch).
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     image_size: int | None = None  # multiple of 16; None: 1024, or 512 for live runs on a CPU
     batch_size: int | None = None  # frames encoded together when several wait; None: 4 GPU, 1 CPU
-    threads: int | None = None  # torch threads of its process on a CPU; None: every core
+    threads: int | None = None  # the backend's intra-op threads on a CPU; None: every core
     embedding_dtype: str = "float16"  # float16 | bfloat16 | float32 on the wire
 
 
@@ -213,7 +218,8 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
     },
     EncoderConfig: {
         "device": _DEVICE,
-        "dtype": _choice("float32", "bfloat16", "float16"),
+        "backend": _choice("auto", "torch", "onnxruntime", "openvino"),
+        "dtype": _choice("auto", "float32", "bfloat16", "float16"),
         "image_size": _rule(lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"),
         "batch_size": _AT_LEAST_1,
         "threads": _AT_LEAST_1,

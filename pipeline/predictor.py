@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.backends import EncoderBackend, build_encoder
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.model.sam import MobileSAM, build_mobile_sam
 from pipeline.model.transforms import resize_longest_side, scale_boxes, scale_coords
@@ -73,6 +74,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name (or itself); "auto" is float32 here, as for the decoder."""
+    if dtype == "auto":
+        return torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not one of {sorted(DTYPES)}")
@@ -108,8 +112,15 @@ class SAM:
     weights: a path to `mobile_sam.pt` (official layout), or the bare name `mobile_sam.pt`
     to use $SAMSTREAM_WEIGHTS, the cache, or a download. device: "auto", "cpu", "cuda",
     "cuda:1".
-    dtype: "float32" (exact), "bfloat16" or "float16" (autocast: faster, less exact).
+    dtype: "float32" (exact), "bfloat16" or "float16" (autocast: faster, less exact), for
+    the encoder and the decoder; "auto": the encoder's precision is the backend's choice
+    (see pipeline.backends), the decoder's float32.
     image_size: the encoder's input side, 1024 as trained; 512 or 768 for speed.
+    backend: how the image encoder runs: "torch" (this model), "onnxruntime", "openvino"
+    (the model exported to ONNX once and cached; CPU only), or "auto" (the fastest one
+    within tolerance on this machine, measured once and cached; torch on a GPU).
+    threads: the encoder's intra-op threads on a CPU (None: $OMP_NUM_THREADS, else every
+    core; torch's own pool is then left as it is).
     """
 
     def __init__(
@@ -119,6 +130,8 @@ class SAM:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         image_size: int = 1024,
+        backend: str = "torch",
+        threads: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
@@ -130,6 +143,17 @@ class SAM:
         # eval() also drops timm's cached attention biases, computed from the loaded weights.
         self.model: MobileSAM = model.to(self.device).eval()
         log.info("loaded %s on %s (%s)", self.weights_path, self.device, self.dtype)
+        encoder_dtype = dtype if isinstance(dtype, str) else str(self.dtype).removeprefix("torch.")
+        self.encoder: EncoderBackend = build_encoder(
+            model=self.model, weights_path=self.weights_path, backend=backend,
+            dtype=encoder_dtype, threads=threads,
+        )
+
+    @property
+    def backend_report(self) -> dict[str, Any]:
+        """Which encoder backend runs, at what precision and threads, and why (for `auto`:
+        the measured ms and parity error of every candidate)."""
+        return self.encoder.report
 
     @property
     def image_size(self) -> int:
@@ -144,7 +168,8 @@ class SAM:
     def encode_batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encode same-sized HxWx3 uint8 RGB frames -> (BxCxhxw float embeddings, input size).
 
-        The resize happens on the host (PIL, as the reference does); the rest on the device.
+        The resize happens on the host (PIL, as the reference does); the rest in the encoder
+        backend (for torch, normalisation and padding on the device).
         """
         if not images:
             raise ValueError("encode_batch needs at least one image")
@@ -152,14 +177,8 @@ class SAM:
         if any(img.shape != shape for img in images):
             raise ValueError("encode_batch needs images of one size (frames of one stream)")
         resized = np.stack([resize_longest_side(img, self.image_size) for img in images])
-        batch = torch.from_numpy(resized)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()  # lets the copy below overlap with queued GPU work
-        batch = batch.to(self.device, non_blocking=True)
-        batch = batch.permute(0, 3, 1, 2)
-        with self._autocast():
-            embeddings = self.model.encode(batch)
-        return embeddings.float(), (resized.shape[1], resized.shape[2])
+        embeddings = self.encoder.encode_images(resized)
+        return embeddings, (resized.shape[1], resized.shape[2])
 
     def set_image(self, source: str | os.PathLike[str] | np.ndarray) -> ImageEmbedding:
         """Encode one image (path or array) for any number of later `decode` calls."""
