@@ -15,6 +15,8 @@ time per frame: the latency a synchronous loop would give every frame it does no
 from __future__ import annotations
 
 import json
+import math
+import os
 import socket
 import statistics
 import time
@@ -48,6 +50,131 @@ def _timed_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return statistics.median(times)
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
+PER_OBJECT_COUNTS = (1, 8, 32, 50)
+
+
+def cpu_info() -> dict[str, object]:
+    """The CPU this runs on: model name, the vector extensions that decide which precision
+    and backend are fast (native bf16 or not), and the cores this process may use."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            for line in file:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass  # not Linux: the model name is all platform gives
+    if model == "unknown":
+        import platform
+
+        model = platform.processor() or platform.machine()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "cores": cores, "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def _grid_boxes(count: int, size: tuple[int, int]) -> list[list[float]]:
+    """``count`` boxes of typical object size (a tenth of the frame's width) on a grid over
+    the frame, overlapping their neighbours a little, as a crowded scene would."""
+    height, width = size
+    side = max(16.0, width / 10)
+    columns = max(1, math.ceil(math.sqrt(count * width / height)))
+    rows = math.ceil(count / columns)
+    step_x, step_y = width / columns, height / rows
+    boxes = []
+    for i in range(count):
+        cx, cy = (i % columns + 0.5) * step_x, (i // columns + 0.5) * step_y
+        boxes.append([max(0.0, cx - side / 2), max(0.0, cy - side / 2),
+                      min(width, cx + side / 2), min(height, cy + side / 2)])
+    return boxes
+
+
+def per_object_ms(weights: str, frame: np.ndarray, *, image_size: int, device: str,
+                  counts: tuple[int, ...] = PER_OBJECT_COUNTS,
+                  repeats: int = 3) -> dict[str, float]:
+    """Tracker and publisher milliseconds per frame with 1, 8, 32, 50 objects: the nodes'
+    own code on one encoded frame, all file outputs on (PNG, RLE, MOT, overlay)."""
+    import dataclasses
+    import tempfile
+
+    from nodes.encoder import EncoderNode
+    from nodes.publisher import PublisherNode
+    from nodes.tracker import TrackerNode
+    from pipeline.config import EncoderConfig, PromptConfig, PublisherConfig, TrackerConfig
+    from pipeline.messages import FrameMessage, FrameMeta
+
+    encoder = EncoderNode(EncoderConfig(device=device, image_size=image_size, batch_size=1),
+                          weights=weights, carry_images=True)
+    encoder.setup()
+    meta = FrameMeta(stream_id="bench", seq=0, frame_index=0, pts=0, time_base=(1, 25),
+                     capture_time=time.time())
+    (embedded,) = encoder.process_batch([FrameMessage(meta=meta, image=frame)])
+    results: dict[str, float] = {}
+    for count in counts:
+        prompts = tuple(PromptConfig(box=tuple(box))  # type: ignore[arg-type]
+                        for box in _grid_boxes(count, frame.shape[:2]))
+        tracker = TrackerNode(TrackerConfig(device=device, prompts=prompts), weights=weights,
+                              image_size=image_size)
+        tracker.setup()
+        with tempfile.TemporaryDirectory(prefix="samstream-bench-") as out:
+            publisher = PublisherNode(PublisherConfig(out=out), budget_ms=math.inf)
+            publisher.setup()
+            tracker_ms, publisher_ms = [], []
+            for index in range(repeats + 1):  # frame 0 starts the tracks: not timed
+                msg = dataclasses.replace(embedded, meta=dataclasses.replace(
+                    meta, seq=index, frame_index=index, pts=index))
+                start = time.perf_counter()
+                (masks,) = tracker.process(msg)
+                middle = time.perf_counter()
+                publisher.process(masks)
+                end = time.perf_counter()
+                if index:
+                    tracker_ms.append((middle - start) * 1000)
+                    publisher_ms.append((end - middle) * 1000)
+            publisher.abort()
+        results[f"tracker_ms_{count}_objects"] = statistics.median(tracker_ms)
+        results[f"publisher_ms_{count}_objects"] = statistics.median(publisher_ms)
+    return results
+
+
+ENCODER_VARIANTS = (("torch", "float32"), ("torch", "bfloat16"), ("onnxruntime", "float32"),
+                    ("openvino", "float32"), ("openvino", "bfloat16"))
+
+
+def encoder_table(weights: str, frame: np.ndarray, *, sizes: tuple[int, ...],
+                  repeats: int) -> dict[str, float | str | None]:
+    """Encoder ms per frame for every backend x precision x image size on this CPU, and the
+    choice ``encoder.backend: auto`` makes (its calibration, cached, as a run would see it).
+    bf16 is skipped where the CPU would emulate it (12x slower than fp32 measured)."""
+    from pipeline.backends import build_encoder, native_bf16, preprocess
+    from pipeline.model.transforms import resize_longest_side
+
+    results: dict[str, float | str | None] = {}
+    for size in sizes:
+        sam = SAM(weights, device="cpu", image_size=size, backend="torch", dtype="float32")
+        batch = preprocess(resize_longest_side(frame, size)[None], size)
+        for backend, precision in ENCODER_VARIANTS:
+            name = f"encoder_ms_{backend}_{precision}_{size}"
+            if precision == "bfloat16" and not native_bf16():
+                results[name] = "skipped: no native bf16 (emulated)"
+                continue
+            try:
+                encoder = build_encoder(model=sam.model, weights_path=sam.weights_path,
+                                        backend=backend, dtype=precision)
+            except (ImportError, ValueError, RuntimeError) as err:
+                results[name] = f"skipped: {str(err).splitlines()[0][:60]}"
+                continue
+            results[name] = _timed_ms(lambda e=encoder, b=batch: e.encode(b), torch.device("cpu"),
+                                      repeats)
+        auto = build_encoder(model=sam.model, weights_path=sam.weights_path, backend="auto",
+                             dtype="auto")
+        results[f"encoder_auto_choice_{size}"] = f"{auto.name}/{auto.precision}"
+    return results
+
+
 def _read_frames(source: str, count: int) -> tuple[list[np.ndarray], float]:
     with VideoSource(parse_source(source), max_frames=count) as video:
         start = time.perf_counter()
@@ -74,6 +201,22 @@ def _official_loop_fps(weights: Path, frames: list[np.ndarray], box: list[float]
         if xs.size:  # carry the box to the next frame, as a plain tracker would
             prompt = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
     return len(frames) / (time.perf_counter() - start)
+
+
+def official_encoder_ms(weights: Path, frame: np.ndarray, device: str,
+                        repeats: int) -> float | None:
+    """The official MobileSAM image encoder, fp32, on one frame (it runs at 1024 only):
+    the reference every encoder figure is a ratio to."""
+    try:
+        import mobile_sam
+    except ImportError:
+        return None
+    model = mobile_sam.sam_model_registry["vit_t"]()
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model = model.to(device).eval()
+    predictor = mobile_sam.SamPredictor(model)
+    with torch.inference_mode():
+        return _timed_ms(lambda: predictor.set_image(frame), torch.device(device), repeats)
 
 
 def _ultralytics_fps(frames: list[np.ndarray], box: list[float], weights: Path) -> float | None:
@@ -118,16 +261,28 @@ def _live_run(overrides: list[str], source: str, seconds: float) -> dict[str, fl
 
 
 def run_bench(*, weights: str, source: str, frames: int, device: str, dtype: str,
-              image_size: int, repeats: int = 3,
-              live_seconds: float = 10.0) -> dict[str, float | None]:
-    sam = SAM(weights, device=device, dtype=dtype, image_size=image_size)
+              image_size: int, repeats: int = 3, live_seconds: float = 10.0,
+              encoder_sizes: tuple[int, ...] = (1024, 512)) -> dict[str, float | str | None]:
+    sam = SAM(weights, device=device, dtype=dtype, image_size=image_size, backend="auto")
     clip, decode_fps = _read_frames(source, frames)
     if not clip:
         raise ValueError(f"{source} gave no frames")
     h, w = clip[0].shape[:2]
     box = [w * 0.3, h * 0.3, w * 0.6, h * 0.7]
     batch = min(4, len(clip))
-    results: dict[str, float | None] = {"decode_fps": decode_fps}
+    results: dict[str, float | str | None] = {**_cpu_line(), "decode_fps": decode_fps}
+    results["official_encoder_ms_1024"] = official_encoder_ms(sam.weights_path, clip[0], device,
+                                                              repeats)
+    if device == "cpu" and encoder_sizes:
+        table = encoder_table(str(sam.weights_path), clip[0], sizes=encoder_sizes,
+                              repeats=repeats)
+        results.update(table)
+        official = results["official_encoder_ms_1024"]
+        for name, value in list(table.items()):
+            if name.startswith("encoder_ms_") and isinstance(value, float) and official:
+                results[f"ratio official fp32 1024 / {name.removeprefix('encoder_ms_')}"] = (
+                    float(official) / value)
+    results["encoder_backend"] = "{backend}/{precision}".format(**sam.backend_report)
     results["encoder_ms_batch1"] = _timed_ms(lambda: sam.encode_batch(clip[:1]), sam.device,
                                              repeats)
     results[f"encoder_ms_per_frame_batch{batch}"] = _timed_ms(
@@ -137,6 +292,11 @@ def run_bench(*, weights: str, source: str, frames: int, device: str, dtype: str
         prompts = parse_prompts((h, w), bboxes=[box] * n)
         results[f"mask_decoder_ms_{n}_objects"] = _timed_ms(
             lambda p=prompts: sam.decode(embedded, p), sam.device, repeats)
+    results.update(per_object_ms(str(sam.weights_path), clip[0], image_size=image_size,
+                                 device=device, repeats=repeats))
+    for stage in ("tracker", "publisher"):
+        one, eight = results[f"{stage}_ms_1_objects"], results[f"{stage}_ms_8_objects"]
+        results[f"{stage}_8_vs_1_object"] = eight / one if one else None
 
     overrides = [
         f"decoder.source={json.dumps(source)}",
@@ -161,16 +321,28 @@ def run_bench(*, weights: str, source: str, frames: int, device: str, dtype: str
     return results
 
 
-def format_results(results: dict[str, float | None]) -> str:
-    lines = [f"{name:<34} {'-' if v is None else f'{v:10.2f}'}" for name, v in results.items()]
+def _cpu_line() -> dict[str, str]:
+    info = cpu_info()
+    flags = ", ".join(info["flags"]) or "none of " + ", ".join(CPU_FLAGS)  # type: ignore[arg-type]
+    return {"machine": f"{info['cpu']}, {info['cores']} cores; {flags}"}
+
+
+def _value(value: float | str | None) -> str:
+    if isinstance(value, str):
+        return value
+    return "-" if value is None else f"{value:10.2f}"
+
+
+def format_results(results: dict[str, float | str | None]) -> str:
+    lines = [f"{name:<48} {_value(v)}" for name, v in results.items()]
     ours = results["samstream_run_fps"]
     for peer in ("official_predictor_loop_fps", "ultralytics_fps"):
         theirs = results.get(peer)
         if ours and theirs:
-            lines.append(f"{'ratio samstream / ' + peer.removesuffix('_fps'):<34} "
+            lines.append(f"{'ratio samstream / ' + peer.removesuffix('_fps'):<48} "
                          f"{ours / theirs:10.2f}x")
     latency, loop_ms = results.get("live_latency_ms_median"), results.get(
         "official_loop_ms_per_frame")
     if latency and loop_ms:
-        lines.append(f"{'ratio live latency / official loop':<34} {latency / loop_ms:10.2f}x")
+        lines.append(f"{'ratio live latency / official loop':<48} {latency / loop_ms:10.2f}x")
     return "\n".join(lines)

@@ -295,9 +295,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", default=None, help="video (default: a 1280x720 FFmpeg test source)")
     p.add_argument("--frames", type=int, default=20, help="frames to run end to end")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="encoder precision (reduced ones via autocast)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="encoder precision of the runs (auto: the fastest measured within "
+                   "tolerance)")
     p.add_argument("--image-size", type=int, default=1024, help="encoder input side")
+    p.add_argument("--encoder-sizes", default="1024,512",
+                   help="image sizes of the encoder table (every backend x precision), "
+                   "comma-separated; empty: skip it")
     p.add_argument("--live-seconds", type=float, default=10.0,
                    help="seconds of the source played live for the latency figures (0: skip)")
     p.set_defaults(func=_bench)
@@ -308,7 +312,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     results = run_bench(weights=args.weights, source=args.source or DEFAULT_SOURCE,
                         frames=args.frames, device=args.device, dtype=args.dtype,
-                        image_size=args.image_size, live_seconds=args.live_seconds)
+                        image_size=args.image_size, live_seconds=args.live_seconds,
+                        encoder_sizes=tuple(int(v) for v in args.encoder_sizes.split(",") if v))
     print(format_results(results))
     return 0
 
