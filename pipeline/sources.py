@@ -56,8 +56,10 @@ SOURCE_KINDS = ("file", "lavfi", "rtsp", "webcam")
 # Live sources wait for nothing: their latency matters more.
 TIMESTAMP_LOOKAHEAD = 8
 # A jump back of more than this is a restart of the timeline (concatenated files), not a
-# reordering glitch.
+# reordering glitch: a second, or a few frames, whichever is less. (Nudged one tick at a
+# time, a short clip joined after a long one came out as frames a tick apart.)
 DISCONTINUITY_S = 1
+DISCONTINUITY_FRAMES = 4
 
 # FFmpeg's built-in test pattern generators that may be named without the "lavfi:" prefix.
 _TESTSRC_RE = re.compile(r"^(testsrc2?)(?:[=:](.*))?$")
@@ -594,7 +596,8 @@ def _frame_duration(frame: av.VideoFrame) -> int | None:
 
 def _repairer_for(stream: av.VideoStream, *, live: bool) -> TimestampRepairer[_PendingFrame]:
     """A timestamp repairer in the stream's time base: a frame is one tick of the average
-    rate (at least one tick), a discontinuity a jump back of more than `DISCONTINUITY_S`."""
+    rate (at least one tick), a discontinuity a jump back of more than `DISCONTINUITY_S` or
+    `DISCONTINUITY_FRAMES` frames, whichever is less."""
     time_base = stream.time_base
     rate = stream.average_rate or stream.guessed_rate
     frame_duration = 1
@@ -604,7 +607,8 @@ def _repairer_for(stream: av.VideoStream, *, live: bool) -> TimestampRepairer[_P
     ticks_per_second = math.ceil(1 / time_base) if time_base else 25 * frame_duration
     return TimestampRepairer(
         frame_duration=frame_duration,
-        discontinuity_ticks=max(1, DISCONTINUITY_S * ticks_per_second),
+        discontinuity_ticks=max(1, min(DISCONTINUITY_S * ticks_per_second,
+                                       DISCONTINUITY_FRAMES * frame_duration)),
         lookahead=0 if live else TIMESTAMP_LOOKAHEAD,
     )
 

@@ -137,6 +137,9 @@ def test_concatenated_stream_with_a_size_change(checkpoint: Path, tmp_path: Path
     records = _run_and_check(clip, checkpoint, tmp_path / "out")
     sizes = {tuple(t["rle"]["size"]) for r in records for t in r["tracks"]}
     assert sizes == {(120, 160), (96, 128)}, "masks at each frame's own size"
+    # The second clip keeps its frame spacing after the jump back (not squeezed a tick apart).
+    gaps = [b["pts"] - a["pts"] for a, b in itertools.pairwise(records)]
+    assert min(gaps) >= sorted(gaps)[len(gaps) // 2] / 2, gaps
 
 
 @pytest.mark.slow
