@@ -34,7 +34,7 @@ from pipeline import resume
 from pipeline.config import RunConfig, config_to_dict
 from pipeline.live import resolve_run_config
 from pipeline.messages import StatusMessage
-from pipeline.preflight import preflight
+from pipeline.preflight import check_source, preflight
 from pipeline.resume import ResumeError
 from pipeline.runtime import STATUS_TOKEN_KEY, Node, NodeEndpoints, NodeRunner, Shutdown
 from pipeline.transport import MessageReceiver, SocketOptions, open_socket, send_message
@@ -462,6 +462,7 @@ def run_pipeline(
     Raises RunFailed when a node fails; before any node starts, the errors of
     `pipeline.preflight` (source, weights, devices, prompts, the feed's port) and ResumeError
     for a ``resume.enabled`` run that cannot continue its output directory."""
+    check_source(config)  # before resolving "auto" imports torch: a second or more
     config = resolve_run_config(config)
     config = preflight(config, live=is_live(config))
     config = _plan_outputs(config)

@@ -104,21 +104,27 @@ def check_publish(endpoint: str) -> None:
         )
 
 
-def preflight(config: RunConfig, *, live: bool) -> RunConfig:
-    """Every check that needs no node; ``config`` with the weights' path made concrete.
-
-    Raises PreflightError, SourceError, FileNotFoundError or CheckpointError with the
-    problem and what to change."""
+def check_source(config: RunConfig) -> None:
+    """The source and the prompts on its first frame: the checks that need no torch, made
+    before anything imports it (a missing file or camera is reported in milliseconds)."""
     if not config.decoder.source:
         raise SourceError("no video source given: use --source or decoder.source")
+    size = first_frame_size(config.decoder.source, config.decoder.open_timeout_s)
+    if size is not None:
+        check_prompts(config.tracker.prompts, size)
+
+
+def preflight(config: RunConfig, *, live: bool) -> RunConfig:
+    """Every other check that needs no node (after `check_source`); ``config`` with the
+    weights' path made concrete.
+
+    Raises PreflightError, FileNotFoundError or CheckpointError with the problem and what
+    to change."""
     if not live and not config.tracker.prompts:
         raise PreflightError(
             "no object to follow: give --box X1 Y1 X2 Y2 or --point X Y (an offline run "
             "without a prompt would write empty masks for every frame)"
         )
-    size = first_frame_size(config.decoder.source, config.decoder.open_timeout_s)
-    if size is not None:
-        check_prompts(config.tracker.prompts, size)
     check_devices(config)
     check_publish(config.transport.publish)
     return dataclasses.replace(config, weights=check_weights(config.weights))
