@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -13,6 +14,7 @@ import torch
 from nodes.encoder import embedding_from_wire
 from pipeline import resume
 from pipeline.config import TrackerConfig
+from pipeline.masks import RegionMask, WindowBox
 from pipeline.messages import (
     EmbeddingMessage,
     MaskMessage,
@@ -21,6 +23,7 @@ from pipeline.messages import (
     PromptReply,
     TrackRecord,
 )
+from pipeline.model.transforms import scale_boxes, scale_coords
 from pipeline.predictor import SAM, ImageEmbedding
 from pipeline.prompts import Prompts
 from pipeline.runtime import Node
@@ -31,6 +34,7 @@ from pipeline.tracking import (
     TrackerSettings,
     TrackOutput,
 )
+from pipeline.upscale import EMPTY_BOX, Upscaler, matches_full_frame
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +49,27 @@ class SamMaskDecoder:
     Rows that share a prompt kind go through the decoder together; in steady state every
     track is a box (+ previous mask) prompt, so a frame is one batched call.
 
-    exclusive: also report the contested pixels (two or more rows' full-resolution logits
-    above ``mask_threshold``, across all of the frame's decoder calls) with every row's logit
-    there, so the tracker can give each such pixel to one track (``tracking.exclusive_masks``);
-    False leaves the masks overlapping. The rows' own masks come back either way: the tracker
-    measures on them, and only it knows which tracks are lost or coasting by then.
+    Each row's mask comes back as a RegionMask: its logits are upscaled only in the window
+    where they can be above the threshold (``pipeline.upscale``), the same float32 values as
+    ``SAM.decode``'s full-frame upscaling, so the masks are pixel for pixel the same. Whether
+    this machine's resize kernel gives windows exactly the full-frame values is checked once
+    per frame geometry; where it does not (another PyTorch build, a very small frame), or
+    with ``windowed=False``, the whole frame is upscaled and the windows cut from it.
+
+    exclusive: also report every row's full-resolution logits in its window (across all of
+    the frame's decoder calls), so the tracker can give each pixel two or more rows claim to
+    one track (``tracking.exclusive_masks``); False leaves the masks overlapping. The rows'
+    own masks come back either way: the tracker measures on them, and only it knows which
+    tracks are lost or coasting by then.
     """
 
-    def __init__(self, sam: SAM, *, exclusive: bool = True) -> None:
+    def __init__(self, sam: SAM, *, exclusive: bool = True, windowed: bool = True) -> None:
         self.sam = sam
         self.exclusive = exclusive
+        self.windowed = windowed
         self.image: ImageEmbedding | None = None
+        # Per (original size, input size): the window upscaler, or None for the full frame.
+        self._upscalers: dict[tuple[tuple[int, int], tuple[int, int]], Upscaler | None] = {}
 
     @torch.inference_mode()
     def __call__(
@@ -67,19 +81,16 @@ class SamMaskDecoder:
         if self.image is None:
             raise RuntimeError("no frame embedding set")
         n = len(boxes)
-        h, w = self.image.original_size
+        size = (int(self.image.original_size[0]), int(self.image.original_size[1]))
         if n == 0:
             return DecodedMasks(
-                masks=np.zeros((0, h, w), dtype=bool),
+                masks=(),
                 scores=np.zeros(0, dtype=np.float32),
                 low_res_logits=np.zeros((0, 1, 1), dtype=np.float32),
-                contested=self._contested(None) if self.exclusive else None,
+                contested=ContestedPixels(windows=()) if self.exclusive else None,
             )
         scores = np.zeros(n, dtype=np.float32)
-        low_res: np.ndarray | None = None
-        # Every row's full-resolution logits stay on the device until all calls are done:
-        # which pixels are contested is known only then, and only those logits leave it.
-        logits: torch.Tensor | None = None  # (N, H, W)
+        low_res: torch.Tensor | None = None  # (N, g, g) on the device
 
         def has_points(i: int) -> bool:
             return points is not None and points[i] is not None
@@ -89,38 +100,86 @@ class SamMaskDecoder:
         # A points prompt (a track's first frame only) has its own point count: decoded alone.
         batches = [plain, with_mask, *([i] for i in range(n) if has_points(i))]
         for rows in filter(None, batches):
-            batch_logits, batch_scores, batch_low = self._decode(boxes, mask_logits, points, rows)
-            if logits is None:
-                logits = batch_logits.new_empty((n, h, w))
-            logits[rows] = batch_logits[:, 0]
-            scores[rows] = batch_scores[:, 0].cpu().numpy()
+            batch_low, batch_scores = self._decode(boxes, mask_logits, points, rows)
             if low_res is None:
-                low_res = np.zeros((n, *batch_low.shape[-2:]), dtype=np.float32)
-            low_res[rows] = batch_low[:, 0].cpu().numpy()
-        if logits is None or low_res is None:  # cannot happen: every row is in one batch
+                low_res = batch_low.new_empty((n, *batch_low.shape[-2:]))
+            low_res[rows] = batch_low[:, 0]
+            scores[rows] = batch_scores[:, 0].cpu().numpy()
+        if low_res is None:  # cannot happen: every row is in one batch
             raise RuntimeError("mask decoder invariant broken: a row was not decoded")
-        positive = logits > self.sam.model.mask_threshold
+        low_host = low_res.cpu().numpy()
+        windows, logits = self._upscale(low_res, low_host, size)
+        threshold = self.sam.model.mask_threshold
+        masks = tuple(
+            RegionMask(size, box, window > threshold)
+            for box, window in zip(windows, logits, strict=True)
+        )
         return DecodedMasks(
-            masks=positive.cpu().numpy(),
+            masks=masks,
             scores=scores,
-            low_res_logits=low_res,
-            contested=self._contested(logits, positive) if self.exclusive else None,
+            low_res_logits=low_host,
+            contested=ContestedPixels(windows=logits) if self.exclusive else None,
         )
 
-    @staticmethod
-    def _contested(
-        logits: torch.Tensor | None, positive: torch.Tensor | None = None
-    ) -> ContestedPixels:
-        """Pixels two or more rows claim. logits, positive: (N, H, W); None: no rows."""
-        if logits is None or positive is None:
-            return ContestedPixels(
-                index=np.zeros(0, dtype=np.int64), logits=np.zeros((0, 0), dtype=np.float32)
-            )
-        index = torch.nonzero(positive.sum(dim=0).flatten() >= 2).squeeze(1)
-        return ContestedPixels(
-            index=index.cpu().numpy().astype(np.int64),
-            logits=logits.flatten(1)[:, index].float().cpu().numpy(),
-        )
+    def _upscale(
+        self, low_res: torch.Tensor, low_host: np.ndarray, size: tuple[int, int]
+    ) -> tuple[list[WindowBox], list[np.ndarray]]:
+        """Each row's window and its float32 logits there. low_res: (N, g, g) on the device,
+        low_host: the same on the host."""
+        if self.image is None:  # cannot happen: checked by __call__
+            raise RuntimeError("no frame embedding set")
+        model = self.sam.model
+        threshold = model.mask_threshold
+        upscaler = self.upscaler_for(low_res.shape[-1], size, self.image.input_size)
+        if upscaler is not None:
+            windows = upscaler.windows(low_host, threshold)
+            parts = [upscaler.window_logits(low_res[i], box) for i, box in enumerate(windows)]
+        else:
+            full = model.upscale_masks(low_res[:, None], self.image.input_size, size)[:, 0]
+            positive = full > threshold
+            rows_any = positive.any(dim=2).cpu().numpy()
+            cols_any = positive.any(dim=1).cpu().numpy()
+            windows = [_hit_box(r, c) for r, c in zip(rows_any, cols_any, strict=True)]
+            parts = [full[i, y1:y2, x1:x2] for i, (x1, y1, x2, y2) in enumerate(windows)]
+        # One copy off the device for all windows, not one per row.
+        flat = torch.cat([part.reshape(-1) for part in parts]).float().cpu().numpy()
+        logits, start = [], 0
+        for x1, y1, x2, y2 in windows:
+            stop = start + (x2 - x1) * (y2 - y1)
+            logits.append(flat[start:stop].reshape(y2 - y1, x2 - x1))
+            start = stop
+        return windows, logits
+
+    def upscaler_for(
+        self, low_size: int, size: tuple[int, int], input_size: tuple[int, int]
+    ) -> Upscaler | None:
+        """The window upscaler of this geometry, or None where windows would not give the
+        full-frame values here (checked once per geometry, on random logits)."""
+        if not self.windowed:
+            return None
+        key = (size, (int(input_size[0]), int(input_size[1])))
+        if key in self._upscalers:
+            return self._upscalers[key]
+        model, device = self.sam.model, self.sam.device
+        upscaler: Upscaler | None
+        try:
+            upscaler = Upscaler(low_size=low_size, padded_size=model.img_size,
+                                input_size=key[1], original_size=size)
+        except ValueError as err:
+            log.info("mask upscaling over the whole frame: %s", err)
+            upscaler = None
+        if upscaler is not None:
+            def full_frame(low: torch.Tensor) -> torch.Tensor:
+                return model.upscale_masks(low[None, None], key[1], size)[0, 0]
+
+            if not matches_full_frame(upscaler, full_frame, device, probe_windows(size)):
+                log.warning(
+                    "mask upscaling over the whole frame: this PyTorch's resize kernel gives "
+                    "windows of a %dx%d frame other values than the whole frame", *size[::-1]
+                )
+                upscaler = None
+        self._upscalers[key] = upscaler
+        return upscaler
 
     def _decode(
         self,
@@ -128,8 +187,9 @@ class SamMaskDecoder:
         mask_logits: Sequence[np.ndarray | None],
         points: Sequence[tuple[np.ndarray, np.ndarray] | None] | None,
         rows: list[int],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One decoder call for rows that share a prompt kind."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder call for rows that share a prompt kind: low-res logits (B, 1, g, g)
+        and scores (B, 1), float32 on the device."""
         box_rows = boxes[rows]
         use_boxes = not np.isnan(box_rows).any()
         point_arr = label_arr = None
@@ -147,7 +207,61 @@ class SamMaskDecoder:
             stacked = np.stack([mask_logits[i] for i in rows]).astype(np.float32)
             mask_inputs = torch.from_numpy(stacked).reshape(len(rows), 1, *stacked.shape[-2:])
             mask_inputs = mask_inputs.to(self.sam.device)
-        return self.sam.decode(self.image, prompts, mask_inputs=mask_inputs)
+        return self._network(prompts, mask_inputs)
+
+    def _network(
+        self, prompts: Prompts, mask_inputs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``SAM.decode`` up to its low-res logits: prompts mapped to the input frame, then
+        the prompt encoder and mask decoder (the full-frame upscaling is ours to do)."""
+        if self.image is None:  # cannot happen: checked by __call__
+            raise RuntimeError("no frame embedding set")
+        sam, image = self.sam, self.image
+        size, long_side = image.original_size, sam.image_size
+        boxes = points = None
+        if prompts.boxes is not None:
+            boxes = torch.from_numpy(scale_boxes(prompts.boxes, size, long_side)).to(sam.device)
+        if prompts.points is not None and prompts.labels is not None:
+            coords = torch.from_numpy(scale_coords(prompts.points, size, long_side))
+            labels = torch.from_numpy(prompts.labels)
+            points = (coords.to(sam.device), labels.to(sam.device))
+        autocast = (
+            contextlib.nullcontext()
+            if sam.dtype == torch.float32
+            else torch.autocast(sam.device.type, dtype=sam.dtype)
+        )
+        with autocast:
+            low_res, scores = sam.model.decode(
+                image.embedding, points=points, boxes=boxes, mask_inputs=mask_inputs,
+                multimask_output=False,
+            )
+        return low_res.float(), scores.float()
+
+
+def probe_windows(size: tuple[int, int]) -> list[WindowBox]:
+    """Windows of an (H, W) frame that the one-off upscaling check compares: the frame, its
+    corners and edges at 1-3 pixels, thin strips, and windows of many sizes and places."""
+    height, width = size
+    boxes: list[WindowBox] = [(0, 0, width, height)]
+    for k in (1, 2, 3):
+        kx, ky = min(k, width), min(k, height)
+        boxes += [(0, 0, kx, ky), (width - kx, 0, width, ky), (0, height - ky, kx, height),
+                  (width - kx, height - ky, width, height)]
+    boxes += [(0, height // 2, width, height // 2 + 1), (width // 2, 0, width // 2 + 1, height)]
+    rng = np.random.default_rng(0)
+    for _ in range(24):
+        x1, y1 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        x2, y2 = int(rng.integers(x1 + 1, width + 1)), int(rng.integers(y1 + 1, height + 1))
+        boxes.append((x1, y1, x2, y2))
+    return boxes
+
+
+def _hit_box(rows: np.ndarray, cols: np.ndarray) -> WindowBox:
+    """The box of a mask from which of its rows and columns hold a pixel."""
+    ys, xs = np.flatnonzero(rows), np.flatnonzero(cols)
+    if ys.size == 0:
+        return EMPTY_BOX
+    return (int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1)
 
 
 class TrackerNode(Node):
@@ -227,8 +341,8 @@ class TrackerNode(Node):
                 self.detail["frame_size"] = list(size)
             self.tracker.set_frame_size(size)
         outputs = [*self._after_outage(msg), *self.tracker.step(msg.meta.frame_index)]
-        h, w = msg.original_size
-        masks = np.stack([o.mask for o in outputs]) if outputs else np.zeros((0, h, w), bool)
+        # The smallest windows go out: every later stage works per pixel of them.
+        masks = tuple(o.mask.tight() for o in outputs)
         tracks = tuple(
             TrackRecord(
                 track_id=o.track_id,

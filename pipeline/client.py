@@ -4,8 +4,10 @@
 
     with MaskSubscriber("tcp://127.0.0.1:5560", timeout_ms=5000) as sub:
         for frame in sub:  # MaskFrame per frame, until the stream ends
-            for track, mask in zip(frame.tracks, frame.masks):
+            for track, mask in zip(frame.tracks, frame.masks):  # (H, W) bool each
                 ...
+            for track, region in zip(frame.tracks, frame.regions):  # the compact form
+                x1, y1, x2, y2 = region.box  # region.window: (y2 - y1, x2 - x1) bool
 
 The feed is PUB/SUB: a subscriber that is too slow, or joins late, misses messages. Each
 MaskFrame says how many sequence numbers were missed right before it (``gap``) and how old
@@ -18,11 +20,13 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from types import TracebackType
 
 import numpy as np
 import zmq
 
+from pipeline.masks import RegionMask, stack_dense
 from pipeline.messages import EndOfStream, MaskMessage, Message, StatusMessage, TrackRecord
 from pipeline.transport import MessageReceiver, SocketOptions, open_socket
 
@@ -40,7 +44,11 @@ class MaskFrame:
     """The masks of one frame.
 
     ``masks`` is N x H x W bool, mask i belonging to ``tracks[i]``; ``frame_size`` is
-    (H, W). ``time_seconds`` is pts * time_base (None without pts); ``capture_time`` the
+    (H, W). The feed carries each mask as the window of the frame that holds it:
+    ``regions`` are those N RegionMask (``box`` (x1, y1, x2, y2), ``window`` bool inside
+    it), and ``masks`` is built from them on first access (N frames of bools: a consumer
+    that only needs the objects' pixels can stay with ``regions``).
+    ``time_seconds`` is pts * time_base (None without pts); ``capture_time`` the
     wall clock when the frame was decoded. ``gap``: sequence numbers missed right before
     this frame (0 normally). ``latency_s``: receipt time minus capture time. ``timings``:
     milliseconds per stage ("decode", "encoder", "tracker", "publish") and "latency"
@@ -56,11 +64,16 @@ class MaskFrame:
     capture_time: float
     frame_size: tuple[int, int]
     tracks: tuple[TrackRecord, ...]
-    masks: np.ndarray
+    regions: tuple[RegionMask, ...]
     gap: int
     latency_s: float
     timings: dict[str, float]
     session: int = 0
+
+    @cached_property
+    def masks(self) -> np.ndarray:
+        """(N, H, W) bool, every track's mask over the whole frame (built once)."""
+        return stack_dense(self.regions, self.frame_size)
 
 
 class MaskSubscriber:
@@ -127,7 +140,7 @@ class MaskSubscriber:
             capture_time=meta.capture_time,
             frame_size=msg.frame_size,
             tracks=msg.tracks,
-            masks=msg.masks,
+            regions=msg.masks,
             gap=gap,
             latency_s=received - meta.capture_time,
             timings=dict(msg.timings),

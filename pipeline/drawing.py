@@ -7,10 +7,13 @@ uses), so an object has one colour in every output.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
+
+from pipeline.masks import RegionMask, as_region_masks
 
 OVERLAY_ALPHA = 0.5  # mask opacity
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -61,28 +64,58 @@ def _label(canvas: np.ndarray, text: str, x: int, y: int, color: tuple[int, int,
     cv2.putText(canvas, text, (x + 2, y), _FONT, scale, text_color, thickness, cv2.LINE_AA)
 
 
+@functools.lru_cache(maxsize=1024)
+def _tint_table(color: tuple[int, int, int], alpha: float) -> np.ndarray:
+    """(1, 256, 3) uint8: for each channel value, the value blended with ``color``.
+
+    A pixel's tint depends only on its value, per channel: the table holds the arithmetic
+    of blending each of the 256 values (float32 times ``1 - alpha`` plus the colour times
+    ``alpha``, truncated), so looking a pixel up gives the blend's very result.
+    """
+    values = np.arange(256, dtype=np.float32)[:, None]
+    table = (values * (1 - alpha) + np.array(color) * alpha).astype(np.uint8)
+    table = np.ascontiguousarray(table[None])
+    table.flags.writeable = False  # shared by every call with this colour
+    return table
+
+
 def draw_overlay(
     image: np.ndarray,
-    masks: np.ndarray,
+    masks: np.ndarray | Sequence[RegionMask],
     ids: Sequence[int],
     boxes: Sequence[Sequence[float] | None] | None = None,
     *,
     labels: Sequence[str | None] | None = None,
     alpha: float = OVERLAY_ALPHA,
 ) -> np.ndarray:
-    """A new HxWx3 uint8 RGB image: ``image`` with each of the NxHxW bool ``masks`` blended in
-    its id's colour and outlined; each box (``x1, y1, x2, y2``, exclusive ends; None: no box)
-    drawn with its label (default: the id; None: no label)."""
+    """A new HxWx3 uint8 RGB image: ``image`` with each mask (NxHxW bool, or N RegionMask)
+    blended in its id's colour and outlined; each box (``x1, y1, x2, y2``, exclusive ends;
+    None: no box) drawn with its label (default: the id; None: no label).
+
+    Each mask is drawn inside its window only (the pixels outside are not its), so the cost
+    follows the objects' areas; the pixels are those of drawing it over the whole frame.
+    """
     out = image.copy()
-    for i, track_id in enumerate(ids):
-        mask = masks[i]
-        if not mask.any():
+    regions = as_region_masks(masks, (image.shape[0], image.shape[1]))
+    for region, track_id in zip(regions, ids, strict=True):
+        window = region.window
+        if not window.any():
             continue
         color = track_color(track_id)
-        tinted = out[mask].astype(np.float32) * (1 - alpha) + np.array(color) * alpha
-        out[mask] = tinted.astype(np.uint8)
+        canvas = out[region.slices]  # a view: drawing into it draws into the frame
+        inside = window.view(np.uint8)
+        # The tint where the mask is, written into the frame through the view: OpenCV
+        # writes an output of the right size and type in place (else, copy it there).
+        tinted = cv2.copyTo(cv2.LUT(canvas, _tint_table(color, alpha)), inside, canvas)
+        if not np.may_share_memory(tinted, canvas):
+            canvas[...] = tinted
+        # findContours pads its input with a zero border, as the frame outside the window
+        # is: the contours of the window, moved by its offset, are the frame's.
         contours, _ = cv2.findContours(
-            mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+            inside,
+            cv2.RETR_EXTERNAL,
+            cv2.CHAIN_APPROX_SIMPLE,
+            offset=(region.box[0], region.box[1]),
         )
         cv2.drawContours(out, contours, -1, color, 1)
     for i, track_id in enumerate(ids):

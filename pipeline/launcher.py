@@ -590,6 +590,9 @@ def run_pipeline(
             if progress:
                 bar = _update_progress(bar, last, is_live(config))
             codes = {w.name: w.exit_code() for w in workers}
+            if any(code == 0 and last.get(name) is not None and last[name].state not in
+                   ("done", "stopped") for name, code in codes.items()):
+                collect(200)  # a clean exit can be seen before its last status arrives
             dead = None
             for w in workers:
                 code = codes[w.name]

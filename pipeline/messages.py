@@ -1,4 +1,4 @@
-"""Every message of the pipeline and its wire format (schema version 1).
+"""Every message of the pipeline and its wire format (schema version 2).
 
 Data messages (ZeroMQ multipart)
 --------------------------------
@@ -10,19 +10,12 @@ A message is one ZeroMQ multipart message of ``1 + n`` parts:
 Every header holds::
 
     "kind":    "frame" | "embedding" | "masks" | "status" | "end"
-    "v":       1                      (SCHEMA_VERSION; a reader rejects any other value)
+    "v":       2                      (SCHEMA_VERSION; a reader rejects any other value)
     "buffers": [{"name": str, "dtype": str, "shape": [int, ...]}, ...]   ([] when none)
 
-A buffer spec without ``"encoding"`` is a raw C-contiguous (row-major) array of
-``prod(shape)`` elements of ``dtype``, little-endian; dtype is one of ``uint8``,
-``uint16``, ``float16`` (IEEE half), ``float32``. Its part is exactly
-``prod(shape) * itemsize`` bytes.
-
-A buffer spec with ``"encoding": "packbits"`` (only the masks, dtype ``"bool"``) holds the
-``prod(shape)`` booleans of a row-major array, flattened, eight to a byte: element ``i`` is
-bit ``7 - (i % 8)`` of byte ``i // 8`` (the first element in the most significant bit, as
-``numpy.packbits(..., bitorder="big")``); unused low bits of the last byte are zero. Its
-part is exactly ``ceil(prod(shape) / 8)`` bytes (0 bytes when the shape holds a 0).
+A buffer is a raw C-contiguous (row-major) array of ``prod(shape)`` elements of ``dtype``,
+little-endian; dtype is one of ``uint8``, ``uint16``, ``float16`` (IEEE half), ``float32``.
+Its part is exactly ``prod(shape) * itemsize`` bytes.
 
 The fields beside ``kind``/``v``/``buffers``, per kind. ``meta`` is
 ``{"stream_id": str, "seq": int, "frame_index": int, "pts": int | null,
@@ -43,8 +36,17 @@ by one at every reconnect of a live source.
 - ``"masks"``: ``meta``, ``frame_size`` [H, W], ``timings``, ``tracks``: a list of
   ``{"track_id": int, "box": [x1, y1, x2, y2] (pixels), "score": float, "state":
   "tentative" | "tracked" | "coasting" | "lost", "frames_since_update": int,
-  "innovation": float}``. Buffers: ``masks`` bool ``[N, H, W]`` packbits, N = len(tracks)
-  (mask i belongs to tracks[i]; N may be 0), then optionally ``image`` uint8 ``[H, W, 3]``.
+  "innovation": float}``, and ``mask_windows``: one ``[x1, y1, x2, y2]`` per track (ints,
+  ``0 <= x1 <= x2 <= W``, ``0 <= y1 <= y2 <= H``, exclusive x2/y2): the window of the frame
+  outside which track i's (H, W) bool mask is False (x1 == x2 or y1 == y2: an empty mask).
+  Buffers: ``masks`` uint8 ``[B]``, then optionally ``image`` uint8 ``[H, W, 3]``. ``masks``
+  holds the windows one after another, in track order: window i's ``h * w`` pixels
+  (``h = y2 - y1``, ``w = x2 - x1``) row-major, eight to a byte, pixel ``k`` in bit
+  ``7 - (k % 8)`` of the window's byte ``k // 8`` (the first pixel in the most significant
+  bit, as ``numpy.packbits(window, bitorder="big")``); each window starts on a byte of its
+  own and the unused low bits of its last byte are zero. So ``B = sum(ceil(h * w / 8))``.
+  Pixel (x, y) of track i is set when ``x1 <= x < x2``, ``y1 <= y < y2`` and its bit
+  ``(y - y1) * w + (x - x1)`` is 1.
 - ``"status"``: ``node`` str, ``state`` str, ``time`` float (Unix seconds), ``counters``
   {str: int}, ``detail`` {str: any JSON}. No buffers.
 - ``"end"``: ``stream_id`` str, ``frames`` int, ``reason`` str ("eof", "max_frames",
@@ -52,6 +54,10 @@ by one at every reconnect of a live source.
 
 Readers ignore header fields they do not know. ``seq`` counts 0, 1, 2, ... per stream id, so
 a consumer detects loss by gaps.
+
+Versions: 2 sends each mask as its window (``mask_windows`` and the windows' bits), so a
+message grows with the objects' areas, not with the frame's; 1 sent ``masks`` as bool
+``[N, H, W]``, every track's whole frame of bits.
 
 Prompt control (REQ/REP, one part, UTF-8 JSON)
 ----------------------------------------------
@@ -61,7 +67,7 @@ null, "frame": int | null}``; only ``op`` is required. Reply (PromptReply): ``{"
 "error": str | null, "track_id": int | null, "tracks": [{...}, ...]}``.
 
 Arrays decoded here are read-only views over the received buffers (no copy), except the
-unpacked masks.
+unpacked mask windows.
 """
 
 from __future__ import annotations
@@ -74,7 +80,9 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+from pipeline.masks import RegionMask, as_region_masks, stack_dense
+
+SCHEMA_VERSION = 2
 
 TRACK_STATES = ("tentative", "tracked", "coasting", "lost")
 PROMPT_OPS = ("add", "update", "remove", "list")
@@ -222,11 +230,6 @@ def _raw_buffer(name: str, array: np.ndarray) -> tuple[dict[str, Any], memoryvie
     return spec, memoryview(array.reshape(-1).view(np.uint8))
 
 
-def _packbits_buffer(name: str, masks: np.ndarray) -> tuple[dict[str, Any], memoryview]:
-    spec = {"name": name, "dtype": "bool", "shape": list(masks.shape), "encoding": "packbits"}
-    return spec, memoryview(np.packbits(masks.reshape(-1), bitorder="big"))
-
-
 def _pack(kind: str, fields: dict[str, Any], buffers: list[tuple[dict[str, Any], memoryview]]):
     header = {"kind": kind, "v": SCHEMA_VERSION, **fields, "buffers": [s for s, _ in buffers]}
     return [_dump_json(header), *(view for _, view in buffers)]
@@ -254,22 +257,14 @@ def _decode_buffer(spec: Any, part: Part, index: int) -> tuple[str, np.ndarray]:
     shape = _numbers(spec.get("shape"), None, int, f"{where}: shape")
     _require(all(n >= 0 for n in shape), f"{where}: negative dimension in shape {list(shape)}")
     encoding = _field(spec, "encoding", str, where, optional=True)
+    _require(encoding is None, f"{where}: unknown encoding {encoding!r}")
+    _require(dtype in _RAW_DTYPES, f"{where}: unsupported dtype {dtype!r}")
     view = _byte_view(part, f"part {index + 1}")
-    count = math.prod(shape)
-    if encoding == "packbits":
-        _require(dtype == "bool", f"{where}: packbits needs dtype bool, got {dtype!r}")
-        expected = (count + 7) // 8
-    else:
-        _require(encoding is None, f"{where}: unknown encoding {encoding!r}")
-        _require(dtype in _RAW_DTYPES, f"{where}: unsupported dtype {dtype!r}")
-        expected = count * _RAW_DTYPES[dtype].itemsize
+    expected = math.prod(shape) * _RAW_DTYPES[dtype].itemsize
     _require(
         view.nbytes == expected,
         f"{where}: {view.nbytes} bytes do not match {dtype} {list(shape)} ({expected} bytes)",
     )
-    if encoding == "packbits":
-        bits = np.unpackbits(np.frombuffer(view, np.uint8), count=count, bitorder="big")
-        return name, bits.view(np.bool_).reshape(shape)
     return name, np.frombuffer(view, _RAW_DTYPES[dtype]).reshape(shape)
 
 
@@ -531,8 +526,10 @@ class TrackRecord:
 class MaskMessage(_WireMessage):
     """The tracker's result for one frame.
 
-    ``masks`` is N x H x W bool with N == len(tracks) (mask i belongs to tracks[i]; N may be
-    0) and (H, W) == ``frame_size``. On the wire the masks travel bit-packed (module docs).
+    ``masks``: N RegionMask of ``frame_size`` with N == len(tracks) (mask i belongs to
+    tracks[i]; N may be 0). An (N, H, W) bool array is accepted too and cut into tight
+    windows. On the wire each mask travels as its window and the window's bits (module
+    docs); ``dense_masks()`` gives the (N, H, W) array.
     """
 
     kind: ClassVar[str] = "masks"
@@ -540,28 +537,47 @@ class MaskMessage(_WireMessage):
     meta: FrameMeta
     frame_size: tuple[int, int]
     tracks: tuple[TrackRecord, ...]
-    masks: np.ndarray
+    masks: tuple[RegionMask, ...]
     image: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        expected = (len(self.tracks), *self.frame_size)
+        size = tuple(self.frame_size)
         _require(
-            self.masks.dtype == np.bool_ and self.masks.shape == expected,
-            f"masks must be bool {expected} (tracks x frame_size),"
-            f" got {self.masks.dtype} {self.masks.shape}",
+            len(size) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+                    for v in size),
+            f"frame_size must be [H, W] positive integers, got {list(size)}",
         )
+        frame_size = (int(size[0]), int(size[1]))
+        try:
+            masks = as_region_masks(self.masks, frame_size)
+        except ValueError as err:
+            raise MessageError(f"masks: {err}") from None
+        _require(
+            len(masks) == len(self.tracks),
+            f"{len(masks)} masks for {len(self.tracks)} tracks: one mask per track",
+        )
+        object.__setattr__(self, "frame_size", frame_size)
+        object.__setattr__(self, "masks", masks)
         if self.image is not None:
             _check_image(self.image, self.frame_size, "masks")
 
+    def dense_masks(self) -> np.ndarray:
+        """(N, H, W) bool: every track's mask over the whole frame."""
+        return stack_dense(self.masks, (self.frame_size[0], self.frame_size[1]))
+
     def to_frames(self) -> list[bytes | memoryview]:
-        buffers = [_packbits_buffer("masks", self.masks)]
+        packed = [np.packbits(m.window.reshape(-1), bitorder="big") for m in self.masks]
+        bits = np.concatenate(packed) if packed else np.zeros(0, dtype=np.uint8)
+        buffers = [_raw_buffer("masks", bits)]
         if self.image is not None:
             buffers.append(_raw_buffer("image", self.image))
         fields = {
             "meta": self.meta.to_json(),
             "frame_size": list(self.frame_size),
             "tracks": [track.to_json() for track in self.tracks],
+            "mask_windows": [list(m.box) for m in self.masks],
             "timings": self.timings,
         }
         return _pack(self.kind, fields, buffers)
@@ -570,14 +586,63 @@ class MaskMessage(_WireMessage):
     def _from_header(cls, header: dict[str, Any], frames: Sequence[Part]) -> MaskMessage:
         arrays = _decode_buffers(header, frames, "masks", "image")
         tracks = _field(header, "tracks", list, "header")
+        frame_size = _pair(header, "frame_size", "header")
+        _require(
+            all(v > 0 for v in frame_size),
+            f"header: frame_size must be positive, got {list(frame_size)}",
+        )
         return cls(
             meta=FrameMeta.from_json(header),
-            frame_size=_pair(header, "frame_size", "header"),
+            frame_size=frame_size,
             tracks=tuple(TrackRecord.from_json(t, f"track {i}") for i, t in enumerate(tracks)),
-            masks=arrays["masks"],
+            masks=_unpack_windows(header, arrays["masks"], frame_size, len(tracks)),
             image=arrays.get("image"),
             timings=_number_map(header, "timings", float, "header"),
         )
+
+
+def _unpack_windows(
+    header: dict[str, Any], bits: np.ndarray, frame_size: tuple[int, int], count: int
+) -> tuple[RegionMask, ...]:
+    """The RegionMasks of a masks message: ``mask_windows`` and the ``masks`` buffer."""
+    height, width = frame_size
+    windows = _field(header, "mask_windows", list, "header")
+    _require(
+        len(windows) == count,
+        f"header: {len(windows)} mask_windows for {count} tracks (one window per track)",
+    )
+    _require(
+        bits.dtype == np.uint8 and bits.ndim == 1,
+        f"buffer 'masks' must be uint8 [bytes], got {bits.dtype} {list(bits.shape)}",
+    )
+    boxes = []
+    for i, window in enumerate(windows):
+        x1, y1, x2, y2 = _numbers(window, 4, int, f"header: mask_windows[{i}]")
+        _require(
+            0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height,
+            f"header: mask_windows[{i}] {window} does not lie in the {width}x{height} frame",
+        )
+        boxes.append((x1, y1, x2, y2))
+    sizes = [(y2 - y1) * (x2 - x1) for x1, y1, x2, y2 in boxes]
+    expected = sum((size + 7) // 8 for size in sizes)
+    _require(
+        bits.size == expected,
+        f"buffer 'masks': {bits.size} bytes, but the mask_windows' bits take {expected}",
+    )
+    masks, start = [], 0
+    for i, (box, size) in enumerate(zip(boxes, sizes, strict=True)):
+        stop = start + (size + 7) // 8
+        chunk = bits[start:stop]
+        spare = -size % 8
+        _require(
+            spare == 0 or int(chunk[-1]) & ((1 << spare) - 1) == 0,
+            f"buffer 'masks': the unused bits after window {i} must be zero",
+        )
+        x1, y1, x2, y2 = box
+        window = np.unpackbits(chunk, count=size, bitorder="big").view(np.bool_)
+        masks.append(RegionMask(frame_size, box, window.reshape(y2 - y1, x2 - x1)))
+        start = stop
+    return tuple(masks)
 
 
 @dataclass(frozen=True)

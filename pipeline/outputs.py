@@ -52,6 +52,7 @@ from pycocotools import mask as coco_mask
 
 from pipeline import tracking
 from pipeline.drawing import PALETTE, draw_overlay
+from pipeline.masks import RegionMask, as_region_masks
 
 __all__ = [
     "MOT_STATES",
@@ -100,15 +101,52 @@ def _as_bool_mask(mask: np.ndarray, ndim: int, what: str) -> np.ndarray:
     return mask.astype(bool, copy=False)
 
 
-def encode_rle(mask: np.ndarray) -> dict:
+def encode_rle(mask: np.ndarray | RegionMask) -> dict:
     """COCO compressed RLE of an HxW mask: ``{"size": [h, w], "counts": str}``.
 
     Nonzero pixels are inside. The counts are the column-major (Fortran order) runs that
-    COCO tools expect, as an ASCII string so the result is JSON-ready.
+    COCO tools expect, as an ASCII string so the result is JSON-ready. A RegionMask is
+    encoded from its window (the runs of the rest of the frame are known: all zeros), with
+    the same bytes as encoding its full frame.
     """
-    mask = _as_bool_mask(mask, 2, "mask")
-    rle = coco_mask.encode(np.asfortranarray(mask, dtype=np.uint8))
+    if isinstance(mask, RegionMask):
+        height, width = mask.frame_size
+        counts = _window_runs(mask)
+        rle = coco_mask.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    else:
+        mask = _as_bool_mask(mask, 2, "mask")
+        rle = coco_mask.encode(np.asfortranarray(mask, dtype=np.uint8))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode()}
+
+
+def _window_runs(region: RegionMask) -> np.ndarray:
+    """The uncompressed COCO counts of a RegionMask's full frame, from its window.
+
+    COCO runs go down the columns of the (H, W) frame (pixel (x, y) is number x * H + y)
+    and alternate 0s, 1s, 0s, ..., starting with a (possibly empty) run of 0s; the last run
+    ends the frame. Runs of 1s lie in the window's columns; between two of its columns the
+    frame has the H - h rows outside the window, all 0s.
+    """
+    height, width = region.frame_size
+    x1, y1, x2, y2 = region.box
+    rows, cols = y2 - y1, x2 - x1
+    gap = 1 if rows < height else 0  # one 0 stands for the rows outside the window
+    column = rows + gap
+    # The window's columns one after another, each followed by its stand-in 0, between a 0
+    # before and a 0 after: value changes alternate, a run of 1s starting, then ending.
+    sequence = np.zeros(cols * column + 2, dtype=np.int8)
+    sequence[1:-1].reshape(cols, column)[:, :rows] = region.window.T
+    changes = np.flatnonzero(sequence[1:] != sequence[:-1])
+    if changes.size == 0:
+        return np.array([height * width], dtype=np.int64)
+    # Position k of the sequence -> its pixel number in the frame; the stand-in 0 of a
+    # column (and the end of the sequence) maps to the first pixel after the window's part
+    # of that column.
+    column_index, row = np.divmod(changes, column)
+    bounds = (x1 + column_index) * height + y1 + row
+    counts = np.diff(bounds, prepend=0)
+    rest = height * width - int(bounds[-1])
+    return np.append(counts, rest) if rest > 0 else counts
 
 
 def decode_rle(rle: dict) -> np.ndarray:
@@ -121,44 +159,59 @@ def decode_rle(rle: dict) -> np.ndarray:
     return np.ascontiguousarray(decoded, dtype=bool)
 
 
-def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+def mask_box(mask: np.ndarray | RegionMask) -> tuple[float, float, float, float] | None:
     """``(x1, y1, x2, y2)`` around the mask's pixels, x2/y2 exclusive; None if it is empty."""
+    if isinstance(mask, RegionMask):
+        return tracking.mask_box(mask)
     return tracking.mask_box(_as_bool_mask(mask, 2, "mask"))
 
 
-def id_mask(masks: np.ndarray, track_ids: Sequence[int], frame_size: tuple[int, int]) -> np.ndarray:
+def id_mask(
+    masks: np.ndarray | Sequence[RegionMask],
+    track_ids: Sequence[int],
+    frame_size: tuple[int, int],
+) -> np.ndarray:
     """Paint N masks into one HxW uint8 image whose pixel value is the track id (0: none).
 
     Args:
-        masks: NxHxW bool (or integer, nonzero = inside), N may be 0.
+        masks: NxHxW bool (or integer, nonzero = inside), or N RegionMask; N may be 0.
         track_ids: N ids in 1..255 (a PNG palette index; 0 is the background).
         frame_size: ``(height, width)`` of the frame.
 
-    Where masks overlap, the later track wins.
+    Where masks overlap, the later track wins. Each mask is painted inside its window only.
     """
     height, width = frame_size
-    masks = _check_masks(masks, len(track_ids), frame_size)
+    regions = _check_masks(masks, len(track_ids), frame_size)
     for track_id in track_ids:
         if not 1 <= int(track_id) <= 255:
             raise ValueError(
                 f"track id {track_id} cannot be stored in an 8-bit id mask: ids must be 1..255"
             )
     painted = np.zeros((height, width), dtype=np.uint8)
-    for mask, track_id in zip(masks, track_ids, strict=True):
-        painted[mask] = int(track_id)
+    for region, track_id in zip(regions, track_ids, strict=True):
+        painted[region.slices][region.window] = int(track_id)
     return painted
 
 
-def _check_masks(masks: np.ndarray, count: int, frame_size: tuple[int, int]) -> np.ndarray:
-    masks = _as_bool_mask(masks, 3, "masks")
-    if masks.shape[0] != count:
-        raise ValueError(f"got {masks.shape[0]} masks for {count} tracks")
-    if count and masks.shape[1:] != tuple(frame_size):
-        raise ValueError(
-            f"masks are {masks.shape[1]}x{masks.shape[2]} but frame_size is {tuple(frame_size)}; "
-            "frame_size is (height, width) and masks must be at the frame's size"
-        )
-    return masks
+def _check_masks(
+    masks: np.ndarray | Sequence[RegionMask], count: int, frame_size: tuple[int, int]
+) -> tuple[RegionMask, ...]:
+    """The masks as RegionMasks, checked against the track count and the frame size."""
+    if isinstance(masks, np.ndarray):
+        masks = _as_bool_mask(masks, 3, "masks")
+        if masks.shape[0] != count:
+            raise ValueError(f"got {masks.shape[0]} masks for {count} tracks")
+        if count and masks.shape[1:] != tuple(frame_size):
+            raise ValueError(
+                f"masks are {masks.shape[1]}x{masks.shape[2]} but frame_size is "
+                f"{tuple(frame_size)}; frame_size is (height, width) and masks must be at "
+                "the frame's size"
+            )
+        return tuple(RegionMask.from_dense(mask) for mask in masks)
+    regions = as_region_masks(masks, frame_size)
+    if len(regions) != count:
+        raise ValueError(f"got {len(regions)} masks for {count} tracks")
+    return regions
 
 
 # -- the writer -----------------------------------------------------------------------------
@@ -278,7 +331,7 @@ class MaskWriter:
         time_base: tuple[int, int],
         frame_size: tuple[int, int],
         tracks: Sequence[TrackLike],
-        masks: np.ndarray,
+        masks: np.ndarray | Sequence[RegionMask],
         image: np.ndarray | None,
         source_pts: int | None = None,
     ) -> None:
@@ -291,7 +344,9 @@ class MaskWriter:
             time_base: ``(numerator, denominator)`` of the pts unit in seconds.
             frame_size: ``(height, width)``.
             tracks: N tracks, in the order of ``masks``.
-            masks: NxHxW bool masks at the frame's size.
+            masks: NxHxW bool masks at the frame's size, or N RegionMask of the frame
+                (each output is then made from the masks' windows: the work per track
+                follows its area, and the files are the same).
             image: HxWx3 uint8 RGB frame; required when the overlay is written.
             source_pts: the container's own pts when the decoder repaired it (``pts`` is the
                 repaired one), recorded in the JSON line; None when they are the same.
@@ -477,7 +532,7 @@ class MaskWriter:
         ids: Sequence[int],
         boxes: Sequence[list[float] | None],
         states: Sequence[str],
-        masks: np.ndarray,
+        masks: Sequence[RegionMask],
         out_pts: int,
         time_base: Fraction,
     ) -> None:

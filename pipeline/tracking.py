@@ -23,6 +23,10 @@ Per frame (``PromptTracker.step``):
    logits), the published masks are made exclusive (``exclusive_masks``): each such pixel
    goes to one track, so an instance-id PNG and per-track RLE masks say the same thing.
 
+Masks are ``RegionMask`` (``pipeline.masks``): the window of the frame that holds an object's
+pixels and the bool array inside it. Measurement and exclusivity work on the windows, so what
+an object costs here follows its area, not the frame's.
+
 Coordinates are ``(x1, y1, x2, y2)`` pixels of the original frame with exclusive ``x2``/``y2``
 (a mask whose True pixels span columns 3..7 has ``x1 = 3, x2 = 8``).
 """
@@ -41,6 +45,8 @@ from typing import Protocol
 import cv2
 import numpy as np
 from filterpy.kalman import KalmanFilter
+
+from pipeline.masks import RegionMask, as_region_masks, tight_box
 
 Box = tuple[float, float, float, float]
 
@@ -85,8 +91,14 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0.0 else 0.0
 
 
-def mask_box(mask: np.ndarray) -> Box | None:
+def mask_box(mask: np.ndarray | RegionMask) -> Box | None:
     """Box of the True pixels of an (H, W) mask (exclusive x2/y2), None for an empty mask."""
+    if isinstance(mask, RegionMask):
+        box = tight_box(mask.window)
+        if box is None:
+            return None
+        ox, oy = mask.box[0], mask.box[1]
+        return (float(box[0] + ox), float(box[1] + oy), float(box[2] + ox), float(box[3] + oy))
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return None
@@ -94,19 +106,29 @@ def mask_box(mask: np.ndarray) -> Box | None:
     return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
-def measure_box(mask: np.ndarray, reference: Sequence[float] | None) -> Box | None:
+def measure_box(mask: np.ndarray | RegionMask, reference: Sequence[float] | None) -> Box | None:
     """Box of the parts of an (H, W) bool mask that agree with ``reference``; None if empty.
 
     The parts are the mask's 8-connected components. Kept: every component with a pixel in
     ``reference`` (a track's predicted box, or its prompt box on its first frame); when none
     has one (or ``reference`` is None), the largest component. The box is the union of the
     kept components' boxes, exclusive x2/y2, like ``mask_box`` (which measures every pixel).
+    A RegionMask is measured on its window: the answer is the one its full frame would give.
     """
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
-    height, width = mask.shape
+    if isinstance(mask, RegionMask):
+        region = mask
+    else:
+        if mask.ndim != 2:
+            raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
+        if mask.shape[0] == 0 or mask.shape[1] == 0:
+            return None
+        height, width = mask.shape
+        region = RegionMask(mask.shape, (0, 0, width, height), mask.astype(bool, copy=False))
+    height, width = region.frame_size
+    wx1, wy1, wx2, wy2 = region.box
+    window = region.window
     if reference is None:
-        return _kept_components_box(mask, None, (0, 0))[0]
+        return _kept_components_box(window, None, (wx1, wy1))[0]
     rx1, ry1, rx2, ry2 = (float(v) for v in reference)
     # Pixels the reference box touches (pixel c spans [c, c + 1)), clipped to the frame.
     ref = (
@@ -126,9 +148,13 @@ def measure_box(mask: np.ndarray, reference: Sequence[float] | None) -> Box | No
         # Labelling is linear in the pixels it sees: on the crop it costs a fraction of the
         # frame. The answer is exact unless a kept component reaches a cut edge of the crop
         # (it may go on outside) or no component overlaps (the largest may be outside).
-        window = mask[crop[1] : crop[3], crop[0] : crop[2]]
-        local_ref = (ref[0] - crop[0], ref[1] - crop[1], ref[2] - crop[0], ref[3] - crop[1])
-        box, overlapped = _kept_components_box(window, local_ref, (crop[0], crop[1]))
+        # Outside the window the mask is False: the crop's part of the window holds all of
+        # the crop's pixels, and so gives the crop's components.
+        sx1, sy1 = max(crop[0], wx1), max(crop[1], wy1)
+        sx2, sy2 = max(min(crop[2], wx2), sx1), max(min(crop[3], wy2), sy1)
+        part = window[sy1 - wy1 : sy2 - wy1, sx1 - wx1 : sx2 - wx1]
+        local_ref = (ref[0] - sx1, ref[1] - sy1, ref[2] - sx1, ref[3] - sy1)
+        box, overlapped = _kept_components_box(part, local_ref, (sx1, sy1))
         if box is not None and overlapped:
             cut = (crop[0] > 0, crop[1] > 0, crop[2] < width, crop[3] < height)
             at_cut = (
@@ -139,9 +165,11 @@ def measure_box(mask: np.ndarray, reference: Sequence[float] | None) -> Box | No
             )
             if not at_cut:
                 return box
-        elif box is None and not mask.any():
+        elif box is None and not window.any():
             return None
-    return _kept_components_box(mask, ref, (0, 0))[0]
+    # The whole mask: its window holds every pixel.
+    local_ref = (ref[0] - wx1, ref[1] - wy1, ref[2] - wx1, ref[3] - wy1)
+    return _kept_components_box(window, local_ref, (wx1, wy1))[0]
 
 
 def _kept_components_box(
@@ -385,70 +413,184 @@ class Track:
 
 @dataclass
 class ContestedPixels:
-    """The pixels of one frame that two or more rows' masks claim, with every row's logit.
+    """What decides who gets a pixel that two or more rows' masks claim: every claiming
+    row's full-resolution mask logit there. In one of two forms:
 
-    index: (P,) int64 flat (row-major) indices into the (H, W) frame.
-    logits: (N, P) float32 full-resolution mask logit of every row at those pixels.
+    windows: N float32 arrays, row i's logits over its mask's window (``masks[i].box``), as
+        a decoder that works on windows has them; the pixels claimed twice lie where windows
+        overlap, and are found there.
+    index, logits: (P,) int64 flat (row-major) indices into the (H, W) frame of the pixels
+        two or more rows' masks claim (ascending), and the (N, P) float32 logit of every row
+        at them, as a decoder that works on whole frames has them.
     """
 
-    index: np.ndarray
-    logits: np.ndarray
+    index: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    windows: Sequence[np.ndarray] | None = None
 
 
 @dataclass
 class DecodedMasks:
     """One decoder call's answer, rows in the order of the prompts.
 
-    masks: (N, H, W) bool at original frame size, each row's own mask (its logits above the
-        threshold, whatever the other rows say).
+    masks: N RegionMask of the frame, each row's own mask (its logits above the threshold,
+        whatever the other rows say), or an (N, H, W) bool array (the tracker cuts it into
+        windows).
     scores: (N,) predicted IoU scores.
     low_res_logits: (N, h, w) float32 low-res mask logits (SAM: 256x256), fed back as mask
         prompt on the next frame.
-    contested: None, or the pixels where two or more rows of ``masks`` are True: then the
-        tracker publishes exclusive masks (``exclusive_masks``); None keeps them overlapping.
+    contested: None, or the logits that decide the pixels two or more rows of ``masks``
+        claim: then the tracker publishes exclusive masks (``exclusive_masks``); None keeps
+        them overlapping.
     """
 
-    masks: np.ndarray
+    masks: Sequence[RegionMask] | np.ndarray
     scores: np.ndarray
     low_res_logits: np.ndarray
     contested: ContestedPixels | None = None
 
 
 def exclusive_masks(
-    masks: np.ndarray, contested: ContestedPixels, priority: Sequence[int]
-) -> builtins.list[np.ndarray]:
+    masks: Sequence[RegionMask] | np.ndarray, contested: ContestedPixels, priority: Sequence[int]
+) -> builtins.list[RegionMask]:
     """Own masks -> masks in which no pixel belongs to two rows.
 
-    masks: (N, H, W) bool own masks; contested: where two or more of them are True.
+    masks: N RegionMask of one frame (or an (N, H, W) bool array), the rows' own masks;
+        contested: the logits where two or more of them are True (either form).
     priority: N classes, 0 first; a negative class takes no pixels (its row comes back
         empty). A contested pixel goes to the row with the highest logit among the rows of
         the best class that claim it (ties: the earlier row); an uncontested pixel stays with
         the one row that claims it. So the union of the result is the union of the own masks
         of the rows that take pixels.
-    Returns N (H, W) bool arrays; a row that loses nothing is ``masks[row]`` itself (a view).
+    Returns N RegionMask in the rows' windows; a row that loses nothing is its own mask
+    itself (the same object, or for an array a view of it).
     """
-    count = masks.shape[0]
+    if isinstance(masks, np.ndarray):
+        if masks.ndim != 3:
+            raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
+        height, width = masks.shape[1:]
+        regions: Sequence[RegionMask] = [
+            RegionMask((height, width), (0, 0, width, height), mask.astype(bool, copy=False))
+            for mask in masks
+        ]
+    else:
+        regions = masks
+    count = len(regions)
     if len(priority) != count:
         raise ValueError(f"priority needs one class per mask: {count} masks, {len(priority)}")
     classes = np.asarray(priority, dtype=np.int64)
-    out = [masks[row] if classes[row] >= 0 else np.zeros_like(masks[row]) for row in range(count)]
-    index = contested.index
-    if index.size == 0 or count == 0:
+    out = [
+        region if classes[row] >= 0 else RegionMask.empty(region.frame_size)
+        for row, region in enumerate(regions)
+    ]
+    if count == 0:
         return out
-    claims = masks.reshape(count, -1)[:, index] & (classes >= 0)[:, None]  # (N, P)
+    if contested.windows is not None:
+        return _exclusive_in_windows(regions, contested.windows, classes, out)
+    if contested.index is None or contested.logits is None:
+        raise ValueError("contested pixels need windows, or index and logits")
+    return _exclusive_at_pixels(regions, contested.index, contested.logits, classes, out)
+
+
+def _exclusive_in_windows(
+    regions: Sequence[RegionMask],
+    windows: Sequence[np.ndarray],
+    classes: np.ndarray,
+    out: builtins.list[RegionMask],
+) -> builtins.list[RegionMask]:
+    """``exclusive_masks`` from every row's logits in its window.
+
+    Rows go one by one over a canvas that keeps, per pixel, the best (class, logit) so far
+    and its row: a row takes a pixel it claims when its class is better, or equal with a
+    higher logit (so on a tie the earlier row keeps it). Only rows whose window overlaps
+    another's can lose pixels, and only those are drawn, on the canvas of their union box.
+    """
+    if len(windows) != len(regions):
+        raise ValueError(f"one logit window per mask: {len(regions)} masks, {len(windows)}")
+    active = [row for row, region in enumerate(regions)
+              if classes[row] >= 0 and region.width and region.height]
+    if len(active) < 2:
+        return out
+    boxes = np.array([regions[row].box for row in active], dtype=np.int64)
+    overlap = (
+        (np.minimum(boxes[:, None, 2], boxes[None, :, 2])
+         > np.maximum(boxes[:, None, 0], boxes[None, :, 0]))
+        & (np.minimum(boxes[:, None, 3], boxes[None, :, 3])
+           > np.maximum(boxes[:, None, 1], boxes[None, :, 1]))
+    )
+    np.fill_diagonal(overlap, False)
+    rows = [row for row, hit in zip(active, overlap.any(axis=1), strict=True) if hit]
+    if not rows:
+        return out
+    boxes = np.array([regions[row].box for row in rows], dtype=np.int64)
+    ox, oy = int(boxes[:, 0].min()), int(boxes[:, 1].min())
+    shape = (int(boxes[:, 3].max()) - oy, int(boxes[:, 2].max()) - ox)
+    best_class = np.full(shape, np.iinfo(np.int64).max, dtype=np.int64)
+    best_logit = np.full(shape, -np.inf, dtype=np.float32)
+    owner = np.full(shape, -1, dtype=np.int64)
+    places = {}
+    for row in rows:
+        region, logits = regions[row], windows[row]
+        if logits.shape != region.window.shape:
+            raise ValueError(
+                f"row {row}: logits of {logits.shape} for a {region.window.shape} window"
+            )
+        x1, y1, x2, y2 = region.box
+        place = (slice(y1 - oy, y2 - oy), slice(x1 - ox, x2 - ox))
+        places[row] = place
+        claimed, here = best_class[place], best_logit[place]
+        cls = classes[row]
+        takes = region.window & ((cls < claimed) | ((cls == claimed) & (logits > here)))
+        claimed[takes] = cls
+        here[takes] = logits[takes]
+        owner[place][takes] = row
+    for row in rows:
+        region = regions[row]
+        kept = region.window & (owner[places[row]] == row)
+        if not np.array_equal(kept, region.window):
+            out[row] = RegionMask(region.frame_size, region.box, kept)
+    return out
+
+
+def _exclusive_at_pixels(
+    regions: Sequence[RegionMask],
+    index: np.ndarray,
+    logits: np.ndarray,
+    classes: np.ndarray,
+    out: builtins.list[RegionMask],
+) -> builtins.list[RegionMask]:
+    """``exclusive_masks`` from every row's logit at the listed contested pixels."""
+    count = len(regions)
+    if index.size == 0:
+        return out
+    width = regions[0].frame_size[1]
+    ys, xs = np.divmod(index, width)
+    claims = np.zeros((count, index.size), dtype=bool)  # (N, P)
+    where: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for row, region in enumerate(regions):
+        if classes[row] < 0:
+            continue
+        x1, y1, x2, y2 = region.box
+        inside = np.flatnonzero((xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2))
+        if inside.size:
+            local_y, local_x = ys[inside] - y1, xs[inside] - x1
+            claims[row, inside] = region.window[local_y, local_x]
+            where[row] = (inside, local_y, local_x)
     ranked = np.where(claims, classes[:, None], np.iinfo(np.int64).max)
     eligible = claims & (ranked == ranked.min(axis=0, keepdims=True))
-    winner = np.where(eligible, contested.logits, -np.inf).argmax(axis=0)
+    winner = np.where(eligible, logits, -np.inf).argmax(axis=0)
     taken = eligible.any(axis=0)
-    for row in range(count):
+    for row, region in enumerate(regions):
         if classes[row] < 0 or not claims[row].any():
             continue
-        mine = taken & (winner == row)
-        if np.array_equal(mine, claims[row]):
+        lost = claims[row] & ~(taken & (winner == row))
+        if not lost.any():
             continue  # won every pixel it claims
-        own = masks[row].copy()
-        own.reshape(-1)[index] = mine
-        out[row] = own
+        inside, local_y, local_x = where[row]
+        gone = lost[inside]
+        window = region.window.copy()
+        window[local_y[gone], local_x[gone]] = False
+        out[row] = RegionMask(region.frame_size, region.box, window)
     return out
 
 
@@ -482,10 +624,11 @@ class TrackOutput:
     score: the decoder's predicted IoU score this frame (0.0 when not decoded).
     innovation: Mahalanobis distance of the latest measured box from the prediction
         (kept from the previous frame when this frame's mask was empty).
-    mask: (H, W) bool. A COASTING track still publishes the decoder's mask for its predicted
-        box (the state says not to trust it); a LOST track publishes an empty mask once and
-        is then dropped. With exclusive masks (the decoder reports contested pixels) no pixel
-        is in two tracks' masks of one frame.
+    mask: the (H, W) bool mask as a RegionMask (its window; ``numpy.asarray`` or ``dense()``
+        gives the full frame). A COASTING track still publishes the decoder's mask for its
+        predicted box (the state says not to trust it); a LOST track publishes an empty mask
+        once and is then dropped. With exclusive masks (the decoder reports contested
+        pixels) no pixel is in two tracks' masks of one frame.
     """
 
     track_id: int
@@ -494,7 +637,7 @@ class TrackOutput:
     state: TrackState
     frames_since_update: int
     innovation: float
-    mask: np.ndarray = field(repr=False, compare=False)
+    mask: RegionMask = field(repr=False, compare=False)
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -803,11 +946,10 @@ class PromptTracker:
                 for s in slots
             ]
         decoded = self._decode(boxes, logits, points=points)
-        _check_decoded(decoded, len(slots), self._frame_size)
-        return decoded
+        return _checked_decoded(decoded, len(slots), self._frame_size)
 
     def _commit(
-        self, slot: _Slot, mask: np.ndarray, score: float, logits: np.ndarray, frame_index: int
+        self, slot: _Slot, mask: RegionMask, score: float, logits: np.ndarray, frame_index: int
     ) -> TrackOutput:
         settings, size = self._settings, self._frame_size
         if size is None:  # cannot happen: checked by step()
@@ -873,7 +1015,7 @@ class PromptTracker:
             reported = predicted
         if track.state is TrackState.LOST:
             self._drop(slot.track_id)
-            mask = np.zeros(size, dtype=bool)
+            mask = RegionMask.empty(size)
         return TrackOutput(
             track_id=slot.track_id,
             box=_as_box(reported),
@@ -901,7 +1043,7 @@ class PromptTracker:
             state=TrackState.LOST,
             frames_since_update=frames_since_update,
             innovation=innovation,
-            mask=np.zeros(self._frame_size, dtype=bool),
+            mask=RegionMask.empty(self._frame_size),
         )
 
     def _drop(self, track_id: int) -> None:
@@ -1126,16 +1268,30 @@ def _points_box(prompt: _Prompt) -> Box:
     )
 
 
-def _check_decoded(decoded: DecodedMasks, count: int, frame_size: tuple[int, int] | None) -> None:
-    """The decoder is ours, so a bad answer is a bug: RuntimeError, tracks untouched."""
+def _checked_decoded(
+    decoded: DecodedMasks, count: int, frame_size: tuple[int, int] | None
+) -> DecodedMasks:
+    """The decoder's answer with its masks as RegionMasks. The decoder is ours, so a bad
+    answer is a bug: RuntimeError, tracks untouched."""
     masks = getattr(decoded, "masks", None)
     scores = getattr(decoded, "scores", None)
     logits = getattr(decoded, "low_res_logits", None)
     contested = getattr(decoded, "contested", None)
-    expected = (count, *frame_size) if frame_size is not None else None
     problems = []
-    if not isinstance(masks, np.ndarray) or masks.dtype != np.bool_ or masks.shape != expected:
-        problems.append(f"masks must be bool {expected}, got {_describe(masks)}")
+    regions: tuple[RegionMask, ...] = ()
+    if frame_size is None:
+        problems.append("the frame size is unknown")
+    elif isinstance(masks, np.ndarray) and (
+        masks.dtype != np.bool_ or masks.shape != (count, *frame_size)
+    ):
+        problems.append(f"masks must be bool {(count, *frame_size)}, got {_describe(masks)}")
+    elif not isinstance(masks, (np.ndarray, Sequence)) or len(masks) != count:
+        problems.append(f"masks must be {count} RegionMask, got {_describe(masks)}")
+    else:
+        try:
+            regions = as_region_masks(masks, frame_size)
+        except ValueError as err:
+            problems.append(str(err))
     if (
         not isinstance(scores, np.ndarray)
         or scores.shape != (count,)
@@ -1145,14 +1301,25 @@ def _check_decoded(decoded: DecodedMasks, count: int, frame_size: tuple[int, int
     if not isinstance(logits, np.ndarray) or logits.ndim != 3 or logits.shape[0] != count:
         problems.append(f"low_res_logits must be ({count}, h, w), got {_describe(logits)}")
     if contested is not None:
-        problems.extend(_contested_problems(contested, count, frame_size))
+        problems.extend(_contested_problems(contested, count, regions, frame_size))
     if problems:
         raise RuntimeError("mask decoder returned a malformed batch: " + "; ".join(problems))
+    return dataclasses.replace(decoded, masks=regions)
 
 
 def _contested_problems(
-    contested: object, count: int, frame_size: tuple[int, int] | None
+    contested: object, count: int, regions: tuple[RegionMask, ...],
+    frame_size: tuple[int, int] | None,
 ) -> builtins.list[str]:
+    windows = getattr(contested, "windows", None)
+    if windows is not None:
+        shapes = [getattr(w, "shape", None) for w in windows]
+        wanted = [m.window.shape for m in regions]
+        if len(shapes) != count or (regions and shapes != wanted) or not all(
+            isinstance(w, np.ndarray) and w.dtype == np.float32 for w in windows
+        ):
+            return [f"contested.windows must be float32 logits of the {count} mask windows"]
+        return []
     index = getattr(contested, "index", None)
     logits = getattr(contested, "logits", None)
     pixels = frame_size[0] * frame_size[1] if frame_size is not None else 0
@@ -1171,4 +1338,6 @@ def _contested_problems(
 def _describe(value: object) -> str:
     if isinstance(value, np.ndarray):
         return f"{value.dtype} {value.shape}"
+    if isinstance(value, (tuple, builtins.list)):
+        return f"{type(value).__name__} of {len(value)}"
     return type(value).__name__

@@ -61,14 +61,34 @@ def test_every_frame_in_order(feed) -> None:
     assert all(isinstance(f, MaskFrame) and f.gap == 0 for f in frames)
     assert sub.missed == 0
     for got, msg in zip(frames, sent, strict=True):
-        np.testing.assert_array_equal(got.masks, msg.masks)
+        np.testing.assert_array_equal(got.masks, msg.dense_masks())
         assert got.masks.dtype == np.bool_ and got.masks.shape == (2, 4, 5)
+        assert got.masks is got.masks  # built once, on first access
         assert got.tracks == msg.tracks and got.frame_size == (4, 5)
         assert got.stream_id == "cam0" and got.frame_index == got.seq
         assert got.time_seconds == pytest.approx(got.seq * 0.04)
         assert got.capture_time == msg.meta.capture_time
         assert 0 <= got.latency_s < 5
     assert sub.last_end == EndOfStream("cam0", frames=10, reason="eof")
+
+
+def test_frames_give_the_compact_windows_too(feed) -> None:
+    """Each mask also comes as the window that holds it: a small object on a large frame
+    is its window's pixels; ``masks`` is the full frames, built from the windows."""
+    pub, sub = feed
+    dense = np.zeros((2, 480, 640), bool)
+    dense[0, 100:103, 200:210] = True
+    dense[0, 101, 205] = False
+    tracks = tuple(TrackRecord(i, (0.0, 0.0, 3.0, 2.0), 0.9, "tracked", 0, 0.0) for i in (1, 2))
+    meta = FrameMeta("cam0", 0, 0, 0, (1, 1000), time.time())
+    send_message(pub, MaskMessage(meta=meta, frame_size=(480, 640), tracks=tracks, masks=dense))
+    got = sub.recv(5000)
+    assert got is not None
+    one, empty = got.regions
+    assert one.box == (200, 100, 210, 103) and one.window.shape == (3, 10)
+    assert one.window.sum() == 29 and not one.window[1, 5]
+    assert empty.box == (0, 0, 0, 0) and not empty.any()
+    assert np.array_equal(got.masks, dense) and got.masks.shape == (2, 480, 640)
 
 
 def test_gaps_are_reported_and_counted(feed, caplog) -> None:

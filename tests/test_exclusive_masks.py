@@ -115,7 +115,7 @@ def test_exclusive_tracker_masks_give_each_pixel_to_the_highest_logit(sam, embed
 
 def test_contested_pixels_span_the_decoders_separate_calls(sam, embedded):
     """Plain box, mask-prompted box and points rows go through three decoder calls; the
-    contested pixels and their logits are still those of all rows together."""
+    logits that decide the contested pixels are still those of all rows together."""
     _, _, low = sam.decode(embedded, Prompts(boxes=BOXES[1:], points=None, labels=None))
     previous = low[0, 0].numpy()
     points = (np.array([[50.0, 48.0], [5.0, 90.0]]), np.array([1, 0]))
@@ -138,11 +138,13 @@ def test_contested_pixels_span_the_decoders_separate_calls(sam, embedded):
     # Every row, from every call, claims contested pixels and wins some of them.
     assert all(own.reshape(3, -1)[row, contested].any() for row in range(3))
     assert set(owner.tolist()) == {0, 1, 2}
-    assert decoded.contested is not None
-    assert np.array_equal(decoded.contested.index, contested)
-    np.testing.assert_allclose(
-        decoded.contested.logits, logits.reshape(3, -1)[:, contested], rtol=1e-5, atol=1e-5
-    )
+    # Each row's logits in its window, from whichever call decoded it: the pixels two rows
+    # claim are decided by the logits of all rows together.
+    assert decoded.contested is not None and decoded.contested.windows is not None
+    for row, (mask, window) in enumerate(zip(decoded.masks, decoded.contested.windows,
+                                             strict=True)):
+        rows, cols = mask.slices
+        np.testing.assert_allclose(window, logits[row][rows, cols], rtol=1e-5, atol=1e-5)
     exclusive = np.stack(exclusive_masks(decoded.masks, decoded.contested, [0, 0, 0]))
     assert exclusive.sum(axis=0).max() == 1
     assert np.array_equal(exclusive.any(axis=0), own.any(axis=0))
@@ -153,7 +155,7 @@ def test_contested_pixels_span_the_decoders_separate_calls(sam, embedded):
 def test_not_exclusive_reports_no_contested_pixels(sam, embedded):
     decoded = decoder_for(sam, embedded, exclusive=False)(BOXES, [None, None])
     assert decoded.contested is None
-    assert (decoded.masks[0] & decoded.masks[1]).any()
+    assert (decoded.masks[0].dense() & decoded.masks[1].dense()).any()
 
 
 def embedding_message(sam: SAM, frame: int, size: tuple[int, int]) -> EmbeddingMessage:
@@ -193,11 +195,12 @@ def test_tracker_node_publishes_exclusive_masks_through_a_resolution_change(sam,
     for size, one, other in zip(sizes, exclusive, shared, strict=True):
         for msg in (one, other):
             assert isinstance(msg, MaskMessage)
-            assert msg.frame_size == size and msg.masks.shape == (2, *size)
+            assert msg.frame_size == size and msg.dense_masks().shape == (2, *size)
         assert [t.state for t in one.tracks] == [t.state for t in other.tracks]
         assert all(t.state in ("tentative", "tracked") for t in one.tracks)
-        assert one.masks.sum(axis=0).max() == 1 and other.masks.sum(axis=0).max() == 2
-        assert np.array_equal(one.masks.any(axis=0), other.masks.any(axis=0))
+        apart, overlapping = one.dense_masks(), other.dense_masks()
+        assert apart.sum(axis=0).max() == 1 and overlapping.sum(axis=0).max() == 2
+        assert np.array_equal(apart.any(axis=0), overlapping.any(axis=0))
     # The tracks carried over the change: the first boxes at the new size are about twice
     # the last ones at the old size.
     before, after = exclusive[2].tracks, exclusive[3].tracks

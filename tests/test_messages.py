@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import zmq
 
+from pipeline.masks import RegionMask
 from pipeline.messages import (
     SCHEMA_VERSION,
     EmbeddingMessage,
@@ -118,6 +119,9 @@ def assert_same(got: Message, want: Message) -> None:
             assert isinstance(a, np.ndarray), f.name
             assert a.dtype == b.dtype and a.shape == b.shape, f.name
             np.testing.assert_array_equal(a, b, err_msg=f.name)
+        elif f.name == "masks":  # RegionMasks: the same windows with the same pixels
+            assert [m.box for m in a] == [m.box for m in b]
+            assert all(np.array_equal(x.window, y.window) for x, y in zip(a, b, strict=True))
         else:
             assert a == b, f.name
 
@@ -191,15 +195,16 @@ def test_decoded_arrays_view_the_received_buffers() -> None:
 
 
 def test_wire_format_as_documented() -> None:
-    """What a non-Python consumer relies on: JSON header fields and packbits bit order."""
-    m = np.zeros((1, 3, 4), bool)
-    m[0, 0, 0] = True  # element 0 -> most significant bit of byte 0
-    m[0, 2, 3] = True  # element 11 -> bit 7 - 3 of byte 1
-    msg = MaskMessage(meta=meta(7), frame_size=(3, 4), tracks=(track(3),), masks=m)
+    """What a non-Python consumer relies on: JSON header fields, the mask windows and the
+    bit order of their pixels."""
+    m = np.zeros((2, 5, 7), bool)
+    m[0, 1, 2] = True  # window (2, 1, 6, 4): pixel 0 -> most significant bit of byte 0
+    m[0, 3, 5] = True  # window pixel 2 * 4 + 3 = 11 -> bit 7 - 3 of byte 1
+    msg = MaskMessage(meta=meta(7), frame_size=(5, 7), tracks=(track(3), track(4)), masks=m)
     parts = msg.to_frames()
     assert len(parts) == 2
     header = json.loads(bytes(parts[0]).decode("utf-8"))
-    assert header["kind"] == "masks" and header["v"] == SCHEMA_VERSION == 1
+    assert header["kind"] == "masks" and header["v"] == SCHEMA_VERSION == 2
     assert header["meta"] == {
         "stream_id": "cam0",
         "seq": 7,
@@ -209,11 +214,11 @@ def test_wire_format_as_documented() -> None:
         "capture_time": 1_700_000_000.25,
         "session": 0,
     }
-    assert header["frame_size"] == [3, 4]
+    assert header["frame_size"] == [5, 7]
     assert header["tracks"][0]["track_id"] == 3 and header["tracks"][0]["box"] == [1, 2, 5.5, 4]
-    assert header["buffers"] == [
-        {"name": "masks", "dtype": "bool", "shape": [1, 3, 4], "encoding": "packbits"}
-    ]
+    # Track 4's mask is empty: an empty window, no bits.
+    assert header["mask_windows"] == [[2, 1, 6, 4], [0, 0, 0, 0]]
+    assert header["buffers"] == [{"name": "masks", "dtype": "uint8", "shape": [2]}]
     assert bytes(parts[1]) == bytes([0b1000_0000, 0b0001_0000])
 
     frame_header = json.loads(bytes(SAMPLES["frame"].to_frames()[0]))
@@ -276,7 +281,7 @@ def with_buffer_spec(index: int, **changes) -> list:
 
 MALFORMED = {
     "empty": ([], "empty message"),
-    "wrong version": (with_header(frame_parts(), v=2), "schema version 2 is not supported"),
+    "wrong version": (with_header(frame_parts(), v=1), "schema version 1 is not supported"),
     "no version": (with_header(frame_parts(), v=None), "missing field 'v'"),
     "unknown kind": (with_header(frame_parts(), kind="bogus"), "unknown message kind 'bogus'"),
     "too few parts": (frame_parts()[:1], r"1 part\(s\) but its header lists 1 buffer"),
@@ -285,9 +290,9 @@ MALFORMED = {
         [frame_parts()[0], frame_parts()[1][:-1]],
         r"179 bytes do not match uint8 \[6, 10, 3\] \(180 bytes\)",
     ),
-    "packed size mismatch": (
+    "buffer size mismatch": (
         [mask_parts()[0], mask_parts()[1] + b"\0", mask_parts()[2]],
-        "24 bytes do not match bool",
+        r"25 bytes do not match uint8 \[24\]",
     ),
     "garbage json": ([b"{not json", b""], "not valid JSON"),
     "not utf-8": ([b"\xff\xfe{}"], "not UTF-8"),
@@ -319,7 +324,7 @@ MALFORMED = {
     ),
     "masks do not match tracks": (
         with_header(mask_parts(), tracks=[]),
-        r"masks must be bool \(0, 6, 10\)",
+        "3 mask_windows for 0 tracks",
     ),
     "bad track state": (
         with_header(mask_parts(), tracks=[{**track(1).to_json(), "state": "gone"}] * 3),
@@ -330,6 +335,115 @@ MALFORMED = {
         "'status' message must have 1 part",
     ),
 }
+
+
+def window_parts(**changes) -> list:
+    """A masks message of one track whose window (1, 1, 4, 4) holds 9 pixels (2 bytes, 7
+    unused bits), with header fields changed."""
+    window = np.zeros((3, 3), bool)
+    window[0, 0] = window[2, 2] = True
+    region = RegionMask((6, 10), (1, 1, 4, 4), window)
+    msg = MaskMessage(meta=meta(), frame_size=(6, 10), tracks=(track(1),), masks=(region,))
+    return with_header([bytes(p) for p in msg.to_frames()], **changes)
+
+
+def with_mask_bytes(data: bytes) -> list:
+    header, _ = window_parts()
+    spec = json.loads(header)
+    spec["buffers"][0]["shape"] = [len(data)]
+    return [json.dumps(spec).encode(), data]
+
+
+MALFORMED_WINDOWS = {
+    "window past the right edge": (
+        window_parts(mask_windows=[[8, 1, 11, 4]]),
+        r"mask_windows\[0\] \[8, 1, 11, 4\] does not",
+    ),
+    "window past the bottom": (window_parts(mask_windows=[[1, 4, 4, 7]]), "10x6 frame"),
+    "negative window": (window_parts(mask_windows=[[-1, 1, 2, 4]]), "does not lie in"),
+    "inverted window": (window_parts(mask_windows=[[4, 1, 1, 4]]), "does not lie in"),
+    "window of 3 numbers": (window_parts(mask_windows=[[1, 1, 4]]), "must have 4 items"),
+    "window of floats": (window_parts(mask_windows=[[1, 1, 4.5, 4]]), r"\[2\] must be int"),
+    "no windows": (window_parts(mask_windows=None), "missing field 'mask_windows'"),
+    "windows not a list": (window_parts(mask_windows="1,1,4,4"), "must be list"),
+    "one window too many": (
+        window_parts(mask_windows=[[1, 1, 4, 4], [0, 0, 0, 0]]),
+        "2 mask_windows for 1 tracks",
+    ),
+    "bits of a smaller window": (
+        window_parts(mask_windows=[[1, 1, 6, 5]]),
+        "2 bytes, but the mask_windows' bits take 3",
+    ),
+    "too many bytes": (with_mask_bytes(b"\x80\x80\x00"), "3 bytes, but the mask_windows"),
+    "no bytes": (with_mask_bytes(b""), "0 bytes, but the mask_windows' bits take 2"),
+    "unused bits set": (with_mask_bytes(b"\x88\x81"), "unused bits after window 0"),
+    "zero frame size": (window_parts(frame_size=[0, 10]), "frame_size must be positive"),
+    "masks buffer not bytes": (
+        [
+            json.dumps(
+                {
+                    **json.loads(window_parts()[0]),
+                    "buffers": [{"name": "masks", "dtype": "uint16", "shape": [1]}],
+                }
+            ).encode(),
+            window_parts()[1],
+        ],
+        "must be uint8",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED_WINDOWS)
+def test_malformed_mask_windows_are_rejected(name: str) -> None:
+    parts, match = MALFORMED_WINDOWS[name]
+    with pytest.raises(MessageError, match=match):
+        decode(parts)
+
+
+def test_window_parts_are_well_formed() -> None:
+    (got,) = decode(window_parts()).masks
+    assert got.box == (1, 1, 4, 4) and got.window.sum() == 2 and got.window[2, 2]
+
+
+def test_masks_travel_as_their_windows() -> None:
+    """A small object on a large frame costs its window's bits, not the frame's: an 8x8
+    object on a 1080p frame is 8 bytes, where the whole frame's bits were 259200."""
+    masks = np.zeros((2, 1080, 1920), bool)
+    masks[0, 500:508, 900:908] = True
+    masks[1, 0:3, 1915:1920] = True  # at the frame's corner
+    msg = MaskMessage(
+        meta=meta(), frame_size=(1080, 1920), tracks=(track(1), track(2)), masks=masks
+    )
+    parts = msg.to_frames()
+    assert len(bytes(parts[1])) == 8 + 2  # 64 bits, then 15 bits
+    got = decode(parts)
+    assert [m.box for m in got.masks] == [(900, 500, 908, 508), (1915, 0, 1920, 3)]
+    assert np.array_equal(got.dense_masks(), masks)
+
+
+def test_given_windows_are_kept() -> None:
+    """Windows need not be tight: a mask goes out in the window it comes in (the tracker
+    sends tight ones), and an empty mask may have a window of False pixels."""
+    window = np.zeros((4, 5), bool)
+    window[1, 2] = True
+    regions = (
+        RegionMask((6, 10), (3, 1, 8, 5), window),
+        RegionMask((6, 10), (0, 0, 2, 2), np.zeros((2, 2), bool)),
+    )
+    msg = MaskMessage(meta=meta(), frame_size=(6, 10), tracks=(track(1), track(2)), masks=regions)
+    got = decode(msg.to_frames())
+    assert [m.box for m in got.masks] == [(3, 1, 8, 5), (0, 0, 2, 2)]
+    assert np.array_equal(got.masks[0].window, window) and not got.masks[1].any()
+
+
+def test_masks_of_another_frame_are_refused() -> None:
+    other = RegionMask.from_dense(np.ones((6, 11), bool))
+    with pytest.raises(MessageError, match=r"belongs to a \(6, 11\) frame"):
+        MaskMessage(meta=meta(), frame_size=(6, 10), tracks=(track(1),), masks=(other,))
+    with pytest.raises(MessageError, match="1 masks for 2 tracks"):
+        MaskMessage(meta=meta(), frame_size=(6, 10), tracks=(track(1), track(2)), masks=masks(1))
+    with pytest.raises(MessageError, match="frame is"):
+        MaskMessage(meta=meta(), frame_size=(6, 10), tracks=(track(1),), masks=masks(1, 5, 10))
 
 
 @pytest.mark.parametrize("name", MALFORMED)

@@ -160,7 +160,7 @@ def test_follows_constant_velocity_and_learns_it():
         assert out.track_id == tid
         assert out.state is (TrackState.TENTATIVE if frame == 0 else TrackState.TRACKED)
         assert close(out.box, moving_box(frame), 1.0)
-        assert out.mask.shape == SIZE and out.mask.any()
+        assert out.mask.frame_size == SIZE and out.mask.any()
         assert math.isfinite(out.innovation)
         if frame >= 3:  # the prompt is the prediction: it already moves with the object
             assert close(decoder.calls[-1].boxes[0], moving_box(frame), 2.0)
@@ -321,7 +321,8 @@ def test_stray_fragments_do_not_move_the_measurement():
         assert close(out.box, moving_box(frame), 1.0)
         if decoder.fragments:
             fx1, fy1, fx2, fy2 = fragment
-            assert out.mask[fy1:fy2, fx1:fx2].all()  # the published mask is the decoder's
+            # The published mask is the decoder's.
+            assert out.mask.dense()[fy1:fy2, fx1:fx2].all()
             prompt = decoder.calls[-1].boxes[0]  # the prediction (first frame: the prompt)
             assert box_iou(mask_box(out.mask), prompt) < tracker.settings.min_agreement
     assert close(tracker.tracks[tid].predicted_box, moving_box(11), 1.0)
@@ -385,7 +386,7 @@ def test_exclusive_masks_give_contested_pixels_to_the_highest_logit():
     contested = ContestedPixels(index=index, logits=logits)
     a, b, c = exclusive_masks(masks, contested, [0, 0, 0])
     assert np.array_equal(a, rect(A_BOX) & ~rect(B_BOX)) and np.array_equal(b, rect(B_BOX))
-    assert np.shares_memory(c, masks) and np.array_equal(c, masks[2])  # not copied
+    assert np.shares_memory(c.window, masks) and np.array_equal(c, masks[2])  # not copied
     a, b, _ = exclusive_masks(masks, contested, [0, 1, 0])  # a better class beats a logit
     assert np.array_equal(a, rect(A_BOX)) and np.array_equal(b, rect(B_BOX) & ~rect(A_BOX))
     a, b, c = exclusive_masks(masks, contested, [0, -1, -1])  # a negative class takes nothing
@@ -405,7 +406,7 @@ def test_exclusive_masks_measure_on_the_own_mask_and_favour_trusted_tracks():
     for frame in range(4):
         decoder.objects = {"a": (A_BOX, 0.9), "b": (B_BOX, 0.9)}
         out = by_id(tracker.step(frame))
-        assert not (out[a].mask & out[b].mask).any()
+        assert not (out[a].mask.dense() & out[b].mask.dense()).any()
         assert np.array_equal(out[a].mask, rect(A_BOX) & ~rect(B_BOX))
         assert np.array_equal(out[b].mask, rect(B_BOX))
         assert out[a].box == A_BOX and out[b].box == B_BOX  # not (20, 30, 50, 90)
@@ -682,7 +683,7 @@ def test_frame_size_change_rescales_tracks_and_pending_prompts():
         }
         out = by_id(tracker.step(frame))
         assert out[tid].state is TrackState.TRACKED
-        assert out[tid].mask.shape == new_size
+        assert out[tid].mask.frame_size == new_size
         assert close(out[tid].box, scaled(moving_box(frame), sx, sy), 1.5)
         if frame == 10:
             assert decoder.calls[-1].mask_logits == [None]
@@ -722,7 +723,8 @@ def test_lose_all_reports_running_tracks_lost_and_keeps_pending_prompts():
     for out in lost:
         box, frames_since_update, score, innovation = expected[out.track_id]
         assert out.state is TrackState.LOST
-        assert out.mask.shape == SIZE and out.mask.dtype == bool and not out.mask.any()
+        assert out.mask.frame_size == SIZE and out.mask.window.dtype == bool
+        assert not out.mask.any()
         assert close(out.box, box, 1e-6)
         assert out.frames_since_update == frames_since_update
         assert out.score == score and out.innovation == innovation
@@ -826,7 +828,7 @@ def test_tracker_node_follows_a_mid_stream_resolution_change():
         decoder.objects = {"a": (scaled(moving_box(frame), sx, sy), 0.9)}
         (msg,) = node.process(_embedding_message(frame, 0, 100.0 + frame, size))
         assert isinstance(msg, MaskMessage)
-        assert msg.frame_size == size and msg.masks.shape == (1, *size)
+        assert msg.frame_size == size and msg.dense_masks().shape == (1, *size)
         (record,) = msg.tracks
         assert record.track_id == tid
         assert record.state == ("tentative" if frame == 0 else "tracked")

@@ -1,0 +1,218 @@
+"""Per-object cost of the tracker and the publisher: prints milliseconds for 1/8/32/50 objects.
+
+    python tests/per_object_timing.py [--weights mobile_sam.pt] [--frames 6] [--only tracker]
+
+Not a test (no assertions on time: the machine is shared): a script to compare the stages as
+the object count grows, run the same way before and after a change.
+
+Tracker: the real TrackerNode (SamMaskDecoder, image size 1024) on one 1280x720 frame's
+embedding, N box prompts of 100-300 px, frames after the first (mask prompts, steady state).
+Two kinds of masks:
+
+- ``random``: the random-weight decoder's own output. Its masks are not object-like (they
+  spread over most of the frame), the worst case for anything that works per object area;
+- ``objects``: the decoder network runs as usual (its time counts), but its low-res logits are
+  replaced by smooth blobs of each box's size, as a trained model's masks look.
+
+``network`` is the time inside MobileSAM's prompt encoder + mask decoder (per-object compute
+that no mask representation changes); ``rest`` is everything else the node does.
+
+Publisher: the PublisherNode with every output on (PNG, JSON lines, MOT, overlay) at 640x480,
+N elliptic masks of 40-160 px; ``publish`` is the node's own figure, ``wire`` the
+MaskMessage's encode + decode (what the tracker -> publisher -> subscriber hops add).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import build_oracle  # noqa: E402
+
+from nodes.publisher import PublisherNode  # noqa: E402
+from nodes.tracker import TrackerNode  # noqa: E402
+from pipeline.config import PublisherConfig, TrackerConfig  # noqa: E402
+from pipeline.messages import EmbeddingMessage, FrameMeta, MaskMessage, TrackRecord  # noqa: E402
+from pipeline.predictor import SAM  # noqa: E402
+
+COUNTS = (1, 8, 32, 50)
+
+
+def boxes_for(count: int, size: tuple[int, int], low: float, high: float, seed: int) -> np.ndarray:
+    """(count, 4) float32 boxes of sides in [low, high] px inside a frame of (H, W)."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    out = []
+    for _ in range(count):
+        w, h = rng.uniform(low, high, 2)
+        x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        out.append([x, y, x + w, y + h])
+    return np.array(out, dtype=np.float32)
+
+
+def blob_logits(boxes: torch.Tensor, grid: int, long_side: int) -> torch.Tensor:
+    """(B, 1, grid, grid) logits: an ellipse inscribed in each box (input-frame pixels),
+    +12 at the centre, falling to -20 outside, with a little texture."""
+    scale = grid / long_side
+    ys = torch.arange(grid, dtype=torch.float32)[:, None] + 0.5
+    xs = torch.arange(grid, dtype=torch.float32)[None, :] + 0.5
+    out = []
+    for x1, y1, x2, y2 in (boxes.float() * scale).tolist():
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        rx, ry = max((x2 - x1) / 2, 1.0), max((y2 - y1) / 2, 1.0)
+        value = 12.0 * (1 - ((xs - cx) / rx) ** 2 - ((ys - cy) / ry) ** 2)
+        texture = 0.5 * torch.sin(xs * 1.7) * torch.cos(ys * 1.3)
+        out.append((value + texture).clamp(min=-20.0))
+    return torch.stack(out)[:, None]
+
+
+class TimedNetwork:
+    """Wraps MobileSAM.decode: adds up its time; optionally swaps its logits for blobs."""
+
+    def __init__(self, model: torch.nn.Module, *, blobs: bool) -> None:
+        self.inner = model.decode
+        self.blobs = blobs
+        self.grid = model.prompt_encoder.mask_input_size[0]
+        self.long_side = model.img_size
+        self.seconds = 0.0
+
+    def __call__(self, embeddings, *, boxes=None, **kwargs):
+        start = time.perf_counter()
+        low, scores = self.inner(embeddings, boxes=boxes, **kwargs)
+        self.seconds += time.perf_counter() - start
+        if self.blobs and boxes is not None:
+            low = blob_logits(boxes.cpu(), self.grid, self.long_side).to(low.device)
+        return low, torch.full_like(scores, 0.9)
+
+
+def time_tracker(weights: Path, embedded, count: int, frames: int, blobs: bool) -> tuple:
+    config = TrackerConfig(device="cpu", min_score=0.0, min_agreement=0.0)
+    node = TrackerNode(config, weights=str(weights), image_size=1024)
+    node.setup()
+    network = TimedNetwork(node.decoder.sam.model, blobs=blobs)
+    node.decoder.sam.model.decode = network
+    for box in boxes_for(count, embedded.original_size, 100, 300, seed=count):
+        node.tracker.add(box=box)
+    totals, nets = [], []
+    for frame in range(frames):
+        meta = FrameMeta("bench", frame, frame, frame, (1, 25), time.time())
+        msg = EmbeddingMessage(
+            meta=meta,
+            embedding=embedded.embedding[0].numpy(),
+            embedding_dtype="float32",
+            original_size=embedded.original_size,
+            input_size=embedded.input_size,
+        )
+        network.seconds = 0.0
+        start = time.perf_counter()
+        node.process(msg)
+        totals.append((time.perf_counter() - start) * 1000)
+        nets.append(network.seconds * 1000)
+    total, net = statistics.median(totals[1:]), statistics.median(nets[1:])
+    return total, net, total - net
+
+
+def ellipse_masks(count: int, size: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(count, H, W) bool ellipses inscribed in boxes of 40-160 px, and the boxes."""
+    height, width = size
+    boxes = boxes_for(count, size, 40, 160, seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    masks = np.zeros((count, height, width), dtype=bool)
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+        masks[i] = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1
+    return masks, boxes
+
+
+def mask_message(frame: int, masks: np.ndarray, boxes: np.ndarray, image: np.ndarray):
+    tracks = tuple(
+        TrackRecord(
+            track_id=i + 1,
+            box=tuple(float(v) for v in box),
+            score=0.9,
+            state="tracked",
+            frames_since_update=0,
+            innovation=0.5,
+        )
+        for i, box in enumerate(boxes)
+    )
+    meta = FrameMeta("bench", frame, frame, frame * 1000, (1, 25000), time.time())
+    size = (image.shape[0], image.shape[1])
+    if hasattr(MaskMessage, "dense_masks"):  # masks as windows, as the tracker sends them
+        from pipeline.masks import RegionMask
+
+        regions = tuple(RegionMask.from_dense(mask) for mask in masks)
+        return MaskMessage(meta=meta, frame_size=size, tracks=tracks, masks=regions, image=image)
+    return MaskMessage(meta=meta, frame_size=size, tracks=tracks, masks=masks, image=image)
+
+
+def time_publisher(count: int, frames: int) -> tuple[float, float, int]:
+    size = (480, 640)
+    image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    masks, boxes = ellipse_masks(count, size, seed=count)
+    with tempfile.TemporaryDirectory() as out:
+        node = PublisherNode(PublisherConfig(out=out), budget_ms=400.0)
+        node.setup()
+        publish, wire, nbytes = [], [], 0
+        for frame in range(frames):
+            msg = mask_message(frame, masks, boxes, image)
+            published = node.process(msg)[0]
+            publish.append(published.timings["publish"])
+            start = time.perf_counter()
+            parts = published.to_frames()
+            MaskMessage.from_frames([bytes(p) for p in parts])
+            wire.append((time.perf_counter() - start) * 1000)
+            nbytes = sum(len(bytes(p)) for p in parts)
+        if node.writer is not None:
+            node.writer.close()
+    return statistics.median(publish[1:]), statistics.median(wire[1:]), nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--weights", type=Path, help="a checkpoint (default: random weights)")
+    parser.add_argument("--frames", type=int, default=6)
+    parser.add_argument("--only", choices=("tracker", "publisher"))
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.only != "publisher":
+        weights = args.weights
+        if weights is None:
+            weights = Path(tempfile.mkdtemp()) / "mobile_sam.pt"
+            torch.save(build_oracle().state_dict(), weights)
+        sam = SAM(weights, device="cpu", image_size=1024)
+        image = np.random.default_rng(0).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+        embedded = sam.set_image(image)
+        for kind in ("objects", "random"):
+            print(f"tracker, 1280x720, image size 1024, {kind} masks: ms per frame")
+            for count in COUNTS:
+                total, net, rest = time_tracker(
+                    weights, embedded, count, args.frames, kind == "objects"
+                )
+                print(
+                    f"  {count:3d} objects: total {total:7.1f}  network {net:7.1f}  "
+                    f"rest {rest:6.1f}"
+                )
+    if args.only != "tracker":
+        print("publisher, 640x480, PNG + jsonl + MOT + overlay: ms per frame")
+        for count in COUNTS:
+            publish, wire, nbytes = time_publisher(count, args.frames)
+            print(
+                f"  {count:3d} objects: publish {publish:7.1f}  wire {wire:6.2f}  "
+                f"message {nbytes / 1024:7.1f} KiB"
+            )
+
+
+if __name__ == "__main__":
+    main()
