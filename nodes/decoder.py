@@ -13,8 +13,12 @@ from pipeline.runtime import Node
 from pipeline.sources import DecodedFrame, SourceSpec, VideoSource, parse_source
 
 # Decoder status states for a live source's condition (consumers see them relayed).
-SOURCE_STATES = {"connected": "running", "stalled": "stalled", "lost": "lost",
-                 "reconnecting": "reconnecting"}
+SOURCE_STATES = {
+    "connected": "running",
+    "stalled": "stalled",
+    "lost": "lost",
+    "reconnecting": "reconnecting",
+}
 
 
 def spec_for(config: DecoderConfig) -> SourceSpec:
@@ -171,8 +175,9 @@ class DecoderNode(Node):
                 session=decoded.session,
                 source_pts=decoded.source_pts,
             )
-            yield FrameMessage(meta=meta, image=decoded.image,
-                               timings={"decode": decoded.decode_ms})
+            yield FrameMessage(
+                meta=meta, image=decoded.image, timings={"decode": decoded.decode_ms}
+            )
             seq += 1
             self.counters["frames"] = seq - self.start_frame
             self.counters["corrupt_packets"] = self._corrupt_packets()

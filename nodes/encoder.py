@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
-import torch
-
 from pipeline.config import EncoderConfig
+from pipeline.embedding_codec import embedding_to_wire
 from pipeline.messages import EmbeddingMessage, FrameMessage, Message
 from pipeline.predictor import SAM
 from pipeline.runtime import Node
@@ -16,22 +14,6 @@ from pipeline.runtime import Node
 # Test hook: extra milliseconds per batch, to play a slow encoder (live-mode tests check that
 # latency stays bounded when the encoder cannot keep up). Unset in normal runs.
 DELAY_ENV = "SAMSTREAM_TEST_ENCODER_DELAY_MS"
-
-
-def embedding_to_wire(embedding: torch.Tensor, wire_dtype: str) -> np.ndarray:
-    """CxHxW float tensor -> numpy in the wire dtype (bfloat16 as its uint16 bit patterns)."""
-    if wire_dtype == "float16":
-        return embedding.to(torch.float16).cpu().numpy()
-    if wire_dtype == "bfloat16":
-        return embedding.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return embedding.to(torch.float32).cpu().numpy()
-
-
-def embedding_from_wire(array: np.ndarray, wire_dtype: str) -> torch.Tensor:
-    """Inverse of embedding_to_wire -> float32 tensor (shares no memory with the message)."""
-    if wire_dtype == "bfloat16":
-        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16).float()
-    return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
 class EncoderNode(Node):

@@ -101,9 +101,7 @@ class PublisherNode(Node):
 
     def _finished_outputs(self) -> None:
         if self.writer is not None:
-            self.detail["outputs"] = {
-                kind: str(path) for kind, path in self.writer.close().items()
-            }
+            self.detail["outputs"] = {kind: str(path) for kind, path in self.writer.close().items()}
             self.detail["overlay_rescaled_frames"] = self.writer.overlay_rescaled_frames
 
     def finish(self, end: EndOfStream) -> list[Message]:

@@ -78,8 +78,9 @@ def preprocess(resized: np.ndarray, image_size: int) -> np.ndarray:
         raise ValueError(f"preprocess needs Bxhxwx3 uint8 RGB, got {resized.dtype} {resized.shape}")
     b, h, w, _ = resized.shape
     if h > image_size or w > image_size:
-        raise ValueError(f"images of {h}x{w} exceed the input size {image_size}; resize the "
-                         "longest side first")
+        raise ValueError(
+            f"images of {h}x{w} exceed the input size {image_size}; resize the longest side first"
+        )
     mean = np.asarray(PIXEL_MEAN, np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(PIXEL_STD, np.float32).reshape(1, 3, 1, 1)
     out = np.zeros((b, 3, image_size, image_size), np.float32)
@@ -200,14 +201,21 @@ class EncoderBackend:
         self.report: dict[str, Any] = self.describe()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "precision": self.precision, "threads": self.threads,
-                "image_size": self.image_size, "version": self.version}
+        return {
+            "backend": self.name,
+            "precision": self.precision,
+            "threads": self.threads,
+            "image_size": self.image_size,
+            "version": self.version,
+        }
 
     def _check(self, batch: np.ndarray) -> np.ndarray:
         s = self.image_size
         if batch.ndim != 4 or batch.shape[1:] != (3, s, s) or batch.dtype != np.float32:
-            raise ValueError(f"the encoder takes Bx3x{s}x{s} float32 (pipeline.backends."
-                             f"preprocess), got {batch.dtype} {batch.shape}")
+            raise ValueError(
+                f"the encoder takes Bx3x{s}x{s} float32 (pipeline.backends."
+                f"preprocess), got {batch.dtype} {batch.shape}"
+            )
         return np.ascontiguousarray(batch)
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
@@ -228,18 +236,24 @@ class TorchEncoder(EncoderBackend):
 
     name = "torch"
 
-    def __init__(self, *, model: MobileSAM, precision: str = "float32",
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, *, model: MobileSAM, precision: str = "float32", threads: int | None = None
+    ) -> None:
         if precision not in _TORCH_DTYPES:
-            raise ValueError(f"torch precision must be one of {sorted(_TORCH_DTYPES)}, "
-                             f"got {precision!r}")
+            raise ValueError(
+                f"torch precision must be one of {sorted(_TORCH_DTYPES)}, got {precision!r}"
+            )
         self.model = model
         self.dtype = _TORCH_DTYPES[precision]
         on_cpu = model.device.type == "cpu"
         if threads is not None and on_cpu and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        super().__init__(image_size=model.img_size, precision=precision,
-                         threads=torch.get_num_threads(), version=torch.__version__)
+        super().__init__(
+            image_size=model.img_size,
+            precision=precision,
+            threads=torch.get_num_threads(),
+            version=torch.__version__,
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.dtype == torch.float32:
@@ -281,14 +295,17 @@ class OnnxRuntimeEncoder(EncoderBackend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: its warnings are about unused initialisers
         try:
-            self.session = ort.InferenceSession(str(path), options,
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
         except Exception as err:  # onnxruntime raises its own exception types
-            raise RuntimeError(f"ONNX Runtime cannot load {path}: {err}; delete the file to "
-                               "export it again") from err
+            raise RuntimeError(
+                f"ONNX Runtime cannot load {path}: {err}; delete the file to export it again"
+            ) from err
         self.input_name = self.session.get_inputs()[0].name
-        super().__init__(image_size=image_size, precision="float32", threads=threads,
-                         version=ort.__version__)
+        super().__init__(
+            image_size=image_size, precision="float32", threads=threads, version=ort.__version__
+        )
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: self._check(batch)})[0]
@@ -303,12 +320,19 @@ class OpenVinoEncoder(EncoderBackend):
 
     name = "openvino"
 
-    def __init__(self, *, path: str | os.PathLike[str], image_size: int, threads: int,
-                 precision: str = "float32") -> None:
+    def __init__(
+        self,
+        *,
+        path: str | os.PathLike[str],
+        image_size: int,
+        threads: int,
+        precision: str = "float32",
+    ) -> None:
         ov = _import("openvino")
         if precision not in _OV_PRECISION:
-            raise ValueError(f"encoder.backend openvino runs {' or '.join(_OV_PRECISION)}, "
-                             f"not {precision}")
+            raise ValueError(
+                f"encoder.backend openvino runs {' or '.join(_OV_PRECISION)}, not {precision}"
+            )
         config = {
             "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
             "INFERENCE_NUM_THREADS": threads,
@@ -318,12 +342,14 @@ class OpenVinoEncoder(EncoderBackend):
         try:
             compiled = ov.Core().compile_model(str(path), "CPU", config)
         except Exception as err:  # openvino raises RuntimeError or its own types
-            raise RuntimeError(f"OpenVINO cannot load {path}: {err}; delete the file to export "
-                               "it again") from err
+            raise RuntimeError(
+                f"OpenVINO cannot load {path}: {err}; delete the file to export it again"
+            ) from err
         self.compiled = compiled
         self.request = compiled.create_infer_request()
-        super().__init__(image_size=image_size, precision=precision, threads=threads,
-                         version=ov.__version__)
+        super().__init__(
+            image_size=image_size, precision=precision, threads=threads, version=ov.__version__
+        )
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         self.request.infer({0: self._check(batch)})
@@ -352,8 +378,11 @@ class _Candidate:
 
     @property
     def ok(self) -> bool:
-        return (self.encoder is not None and self.rel_error is not None
-                and self.rel_error <= TOLERANCES[self.precision])
+        return (
+            self.encoder is not None
+            and self.rel_error is not None
+            and self.rel_error <= TOLERANCES[self.precision]
+        )
 
     @property
     def ms(self) -> float | None:
@@ -367,8 +396,14 @@ class _Candidate:
         if self.error:
             row["error"] = self.error
         first = None if self.first_ms is None else round(self.first_ms, 1)
-        row.update(ms=self.ms, runs=len(self.times_ms), first_ms=first,
-                   rel_error=self.rel_error, tolerance=TOLERANCES[self.precision], ok=self.ok)
+        row.update(
+            ms=self.ms,
+            runs=len(self.times_ms),
+            first_ms=first,
+            rel_error=self.rel_error,
+            tolerance=TOLERANCES[self.precision],
+            ok=self.ok,
+        )
         return row
 
 
@@ -392,8 +427,15 @@ def _candidates(dtype: str) -> list[_Candidate]:
     return out
 
 
-def _make(backend: str, precision: str, *, model: MobileSAM, checkpoint_sha256: str,
-          threads: int | None, cache: Path | None) -> EncoderBackend:
+def _make(
+    backend: str,
+    precision: str,
+    *,
+    model: MobileSAM,
+    checkpoint_sha256: str,
+    threads: int | None,
+    cache: Path | None,
+) -> EncoderBackend:
     if backend == "torch":
         return TorchEncoder(model=model, precision=precision, threads=threads)
     from pipeline.export import ENCODER, cached_onnx
@@ -402,14 +444,19 @@ def _make(backend: str, precision: str, *, model: MobileSAM, checkpoint_sha256: 
     budget = encoder_threads(threads)
     if backend == "onnxruntime":
         if precision != "float32":
-            raise ValueError(f"encoder.backend onnxruntime runs float32 only, not {precision}: "
-                             "set encoder.dtype to float32 or auto")
+            raise ValueError(
+                f"encoder.backend onnxruntime runs float32 only, not {precision}: "
+                "set encoder.dtype to float32 or auto"
+            )
         return OnnxRuntimeEncoder(path=path, image_size=model.img_size, threads=budget)
     if precision not in _OV_PRECISION:
-        raise ValueError(f"encoder.backend openvino runs float32 or bfloat16, not {precision}: "
-                         "set encoder.dtype to one of them or auto")
-    return OpenVinoEncoder(path=path, image_size=model.img_size, threads=budget,
-                           precision=precision)
+        raise ValueError(
+            f"encoder.backend openvino runs float32 or bfloat16, not {precision}: "
+            "set encoder.dtype to one of them or auto"
+        )
+    return OpenVinoEncoder(
+        path=path, image_size=model.img_size, threads=budget, precision=precision
+    )
 
 
 def _time_ms(encoder: EncoderBackend, x: np.ndarray) -> float:
@@ -418,9 +465,14 @@ def _time_ms(encoder: EncoderBackend, x: np.ndarray) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def calibrate(*, model: MobileSAM, checkpoint_sha256: str, dtype: str = "auto",
-              threads: int | None = None,
-              cache: Path | None = None) -> tuple[dict[str, Any], EncoderBackend]:
+def calibrate(
+    *,
+    model: MobileSAM,
+    checkpoint_sha256: str,
+    dtype: str = "auto",
+    threads: int | None = None,
+    cache: Path | None = None,
+) -> tuple[dict[str, Any], EncoderBackend]:
     """Time and parity-check every candidate backend for `dtype` on this machine.
 
     Each candidate's first run is the parity check (and its warm-up); the ones within
@@ -447,9 +499,14 @@ def calibrate(*, model: MobileSAM, checkpoint_sha256: str, dtype: str = "auto",
             if cand.label == "torch/float32":
                 cand.encoder, cand.rel_error, cand.first_ms = reference_encoder, 0.0, reference_ms
                 continue
-            cand.encoder = _make(cand.backend, cand.precision, model=model,
-                                 checkpoint_sha256=checkpoint_sha256, threads=threads,
-                                 cache=cache)
+            cand.encoder = _make(
+                cand.backend,
+                cand.precision,
+                model=model,
+                checkpoint_sha256=checkpoint_sha256,
+                threads=threads,
+                cache=cache,
+            )
             first = time.perf_counter()
             out = cand.encoder.encode(x)
             cand.first_ms = (time.perf_counter() - first) * 1000
@@ -459,14 +516,20 @@ def calibrate(*, model: MobileSAM, checkpoint_sha256: str, dtype: str = "auto",
             cand.encoder, cand.error = None, str(err)
             log.warning("encoder backend %s failed in calibration: %s", cand.label, err)
         if cand.encoder is not None and not cand.ok:
-            log.info("encoder backend %s is off by %.2g (tolerance %.0e): not a candidate",
-                     cand.label, cand.rel_error, TOLERANCES[cand.precision])
+            log.info(
+                "encoder backend %s is off by %.2g (tolerance %.0e): not a candidate",
+                cand.label,
+                cand.rel_error,
+                TOLERANCES[cand.precision],
+            )
     alive = [c for c in candidates if c.ok]
     if not alive:
         rows = "; ".join(f"{c.label}: {c.as_dict()}" for c in candidates)
-        raise RuntimeError(f"no encoder backend for encoder.dtype {dtype} is installed and "
-                           f"within tolerance of torch fp32 ({rows}); use encoder.dtype auto "
-                           "or float32")
+        raise RuntimeError(
+            f"no encoder backend for encoder.dtype {dtype} is installed and "
+            f"within tolerance of torch fp32 ({rows}); use encoder.dtype auto "
+            "or float32"
+        )
     # First runs carry one-off costs (allocation, kernel selection): only a wide margin
     # rules a candidate out before it is timed.
     best_first = min(c.first_ms for c in alive)
@@ -488,8 +551,9 @@ def calibrate(*, model: MobileSAM, checkpoint_sha256: str, dtype: str = "auto",
     return result, winner.encoder
 
 
-def calibration_key(*, image_size: int, threads: int, dtype: str,
-                    checkpoint_sha256: str) -> dict[str, Any]:
+def calibration_key(
+    *, image_size: int, threads: int, dtype: str, checkpoint_sha256: str
+) -> dict[str, Any]:
     """What a calibration's result depends on: another machine, size, thread count, backend
     version or checkpoint calibrates again."""
     from pipeline.export import samstream_version
@@ -525,13 +589,15 @@ def _load_calibration(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
-def _auto(*, model: MobileSAM, checkpoint_sha256: str, dtype: str, threads: int | None,
-          cache: Path) -> EncoderBackend:
+def _auto(
+    *, model: MobileSAM, checkpoint_sha256: str, dtype: str, threads: int | None, cache: Path
+) -> EncoderBackend:
     from pipeline.export import atomic_write_json
 
     budget = encoder_threads(threads)
-    key = calibration_key(image_size=model.img_size, threads=budget, dtype=dtype,
-                          checkpoint_sha256=checkpoint_sha256)
+    key = calibration_key(
+        image_size=model.img_size, threads=budget, dtype=dtype, checkpoint_sha256=checkpoint_sha256
+    )
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / "calibration" / f"encoder-{model.img_size}-{digest}.json"
     data = _load_calibration(path, key)
@@ -539,17 +605,36 @@ def _auto(*, model: MobileSAM, checkpoint_sha256: str, dtype: str, threads: int 
     if data is not None:
         choice = data["choice"]
         try:
-            encoder = _make(choice["backend"], choice["precision"], model=model,
-                            checkpoint_sha256=checkpoint_sha256, threads=threads, cache=cache)
+            encoder = _make(
+                choice["backend"],
+                choice["precision"],
+                model=model,
+                checkpoint_sha256=checkpoint_sha256,
+                threads=threads,
+                cache=cache,
+            )
             chosen_by = "calibration cache"
         except (RuntimeError, ValueError) as err:
-            log.warning("cached encoder choice %s/%s cannot be used (%s): calibrating again",
-                        choice["backend"], choice["precision"], err)
+            log.warning(
+                "cached encoder choice %s/%s cannot be used (%s): calibrating again",
+                choice["backend"],
+                choice["precision"],
+                err,
+            )
     if encoder is None:
-        log.info("calibrating the encoder backends at %d px with %d threads (once per "
-                 "machine, size and version; seconds) ...", model.img_size, budget)
-        result, encoder = calibrate(model=model, checkpoint_sha256=checkpoint_sha256,
-                                    dtype=dtype, threads=threads, cache=cache)
+        log.info(
+            "calibrating the encoder backends at %d px with %d threads (once per "
+            "machine, size and version; seconds) ...",
+            model.img_size,
+            budget,
+        )
+        result, encoder = calibrate(
+            model=model,
+            checkpoint_sha256=checkpoint_sha256,
+            dtype=dtype,
+            threads=threads,
+            cache=cache,
+        )
         data = {"key": key, **result}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, data)
@@ -565,12 +650,22 @@ def _auto(*, model: MobileSAM, checkpoint_sha256: str, dtype: str, threads: int 
     }
     measured = ", ".join(
         f"{row['backend']}/{row['precision']} "
-        + (f"{row['ms']:.0f} ms" if row.get("ms") is not None
-           else row.get("skipped") or row.get("error") or f"off by {row['rel_error']:.2g}")
+        + (
+            f"{row['ms']:.0f} ms"
+            if row.get("ms") is not None
+            else row.get("skipped") or row.get("error") or f"off by {row['rel_error']:.2g}"
+        )
         for row in data["candidates"]
     )
-    log.info("encoder backend auto -> %s/%s at %d px, %d threads (%s; %s)", encoder.name,
-             encoder.precision, model.img_size, encoder.threads, chosen_by, measured)
+    log.info(
+        "encoder backend auto -> %s/%s at %d px, %d threads (%s; %s)",
+        encoder.name,
+        encoder.precision,
+        model.img_size,
+        encoder.threads,
+        chosen_by,
+        measured,
+    )
     return encoder
 
 
@@ -598,15 +693,20 @@ def build_encoder(
     device = model.device
     if device.type != "cpu":
         if backend in ("onnxruntime", "openvino"):
-            raise ValueError(f"encoder.backend {backend} runs on the CPU only; with device "
-                             f"{device} use encoder.backend torch or auto")
+            raise ValueError(
+                f"encoder.backend {backend} runs on the CPU only; with device "
+                f"{device} use encoder.backend torch or auto"
+            )
         encoder: EncoderBackend = TorchEncoder(
             model=model, precision="float32" if dtype == "auto" else dtype
         )
         chosen_by = "auto on a GPU is torch" if backend == "auto" else "config"
-        encoder.report = {**encoder.describe(), "device": str(device),
-                          "requested": {"backend": backend, "dtype": dtype},
-                          "chosen_by": chosen_by}
+        encoder.report = {
+            **encoder.describe(),
+            "device": str(device),
+            "requested": {"backend": backend, "dtype": dtype},
+            "chosen_by": chosen_by,
+        }
         return encoder
     if cache is None:
         from pipeline.model.weights import cache_dir
@@ -615,20 +715,41 @@ def build_encoder(
     cache = Path(cache)
     if backend == "torch":
         # No checkpoint hash needed: torch runs the loaded model itself.
-        encoder = TorchEncoder(model=model, precision="float32" if dtype == "auto" else dtype,
-                               threads=threads)
+        encoder = TorchEncoder(
+            model=model, precision="float32" if dtype == "auto" else dtype, threads=threads
+        )
     else:
         from pipeline.export import file_sha256
 
         checkpoint_sha256 = file_sha256(weights_path)
         if backend == "auto":
-            return _auto(model=model, checkpoint_sha256=checkpoint_sha256, dtype=dtype,
-                         threads=threads, cache=cache)
+            return _auto(
+                model=model,
+                checkpoint_sha256=checkpoint_sha256,
+                dtype=dtype,
+                threads=threads,
+                cache=cache,
+            )
         _import(backend)  # the install hint before any export work
-        encoder = _make(backend, "float32" if dtype == "auto" else dtype, model=model,
-                        checkpoint_sha256=checkpoint_sha256, threads=threads, cache=cache)
-    encoder.report = {**encoder.describe(), "device": "cpu",
-                      "requested": {"backend": backend, "dtype": dtype}, "chosen_by": "config"}
-    log.info("encoder backend %s/%s at %d px, %d threads", encoder.name, encoder.precision,
-             model.img_size, encoder.threads)
+        encoder = _make(
+            backend,
+            "float32" if dtype == "auto" else dtype,
+            model=model,
+            checkpoint_sha256=checkpoint_sha256,
+            threads=threads,
+            cache=cache,
+        )
+    encoder.report = {
+        **encoder.describe(),
+        "device": "cpu",
+        "requested": {"backend": backend, "dtype": dtype},
+        "chosen_by": "config",
+    }
+    log.info(
+        "encoder backend %s/%s at %d px, %d threads",
+        encoder.name,
+        encoder.precision,
+        model.img_size,
+        encoder.threads,
+    )
     return encoder

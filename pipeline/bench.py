@@ -87,14 +87,26 @@ def _grid_boxes(count: int, size: tuple[int, int]) -> list[list[float]]:
     boxes = []
     for i in range(count):
         cx, cy = (i % columns + 0.5) * step_x, (i // columns + 0.5) * step_y
-        boxes.append([max(0.0, cx - side / 2), max(0.0, cy - side / 2),
-                      min(width, cx + side / 2), min(height, cy + side / 2)])
+        boxes.append(
+            [
+                max(0.0, cx - side / 2),
+                max(0.0, cy - side / 2),
+                min(width, cx + side / 2),
+                min(height, cy + side / 2),
+            ]
+        )
     return boxes
 
 
-def per_object_ms(weights: str, frame: np.ndarray, *, image_size: int, device: str,
-                  counts: tuple[int, ...] = PER_OBJECT_COUNTS,
-                  repeats: int = 3) -> dict[str, float]:
+def per_object_ms(
+    weights: str,
+    frame: np.ndarray,
+    *,
+    image_size: int,
+    device: str,
+    counts: tuple[int, ...] = PER_OBJECT_COUNTS,
+    repeats: int = 3,
+) -> dict[str, float]:
     """Tracker and publisher milliseconds per frame with 1, 8, 32, 50 objects: the nodes'
     own code on one encoded frame, all file outputs on (PNG, RLE, MOT, overlay)."""
     import dataclasses
@@ -106,26 +118,35 @@ def per_object_ms(weights: str, frame: np.ndarray, *, image_size: int, device: s
     from pipeline.config import EncoderConfig, PromptConfig, PublisherConfig, TrackerConfig
     from pipeline.messages import FrameMessage, FrameMeta
 
-    encoder = EncoderNode(EncoderConfig(device=device, image_size=image_size, batch_size=1),
-                          weights=weights, carry_images=True)
+    encoder = EncoderNode(
+        EncoderConfig(device=device, image_size=image_size, batch_size=1),
+        weights=weights,
+        carry_images=True,
+    )
     encoder.setup()
-    meta = FrameMeta(stream_id="bench", seq=0, frame_index=0, pts=0, time_base=(1, 25),
-                     capture_time=time.time())
+    meta = FrameMeta(
+        stream_id="bench", seq=0, frame_index=0, pts=0, time_base=(1, 25), capture_time=time.time()
+    )
     (embedded,) = encoder.process_batch([FrameMessage(meta=meta, image=frame)])
     results: dict[str, float] = {}
     for count in counts:
-        prompts = tuple(PromptConfig(box=tuple(box))  # type: ignore[arg-type]
-                        for box in _grid_boxes(count, frame.shape[:2]))
-        tracker = TrackerNode(TrackerConfig(device=device, prompts=prompts), weights=weights,
-                              image_size=image_size)
+        prompts = tuple(
+            PromptConfig(box=tuple(box))  # type: ignore[arg-type]
+            for box in _grid_boxes(count, frame.shape[:2])
+        )
+        tracker = TrackerNode(
+            TrackerConfig(device=device, prompts=prompts), weights=weights, image_size=image_size
+        )
         tracker.setup()
         with tempfile.TemporaryDirectory(prefix="samstream-bench-") as out:
             publisher = PublisherNode(PublisherConfig(out=out), budget_ms=math.inf)
             publisher.setup()
             tracker_ms, publisher_ms = [], []
             for index in range(repeats + 1):  # frame 0 starts the tracks: not timed
-                msg = dataclasses.replace(embedded, meta=dataclasses.replace(
-                    meta, seq=index, frame_index=index, pts=index))
+                msg = dataclasses.replace(
+                    embedded,
+                    meta=dataclasses.replace(meta, seq=index, frame_index=index, pts=index),
+                )
                 start = time.perf_counter()
                 (masks,) = tracker.process(msg)
                 middle = time.perf_counter()
@@ -140,12 +161,18 @@ def per_object_ms(weights: str, frame: np.ndarray, *, image_size: int, device: s
     return results
 
 
-ENCODER_VARIANTS = (("torch", "float32"), ("torch", "bfloat16"), ("onnxruntime", "float32"),
-                    ("openvino", "float32"), ("openvino", "bfloat16"))
+ENCODER_VARIANTS = (
+    ("torch", "float32"),
+    ("torch", "bfloat16"),
+    ("onnxruntime", "float32"),
+    ("openvino", "float32"),
+    ("openvino", "bfloat16"),
+)
 
 
-def encoder_table(weights: str, frame: np.ndarray, *, sizes: tuple[int, ...],
-                  repeats: int) -> dict[str, float | str | None]:
+def encoder_table(
+    weights: str, frame: np.ndarray, *, sizes: tuple[int, ...], repeats: int
+) -> dict[str, float | str | None]:
     """Encoder ms per frame for every backend x precision x image size on this CPU, and the
     choice ``encoder.backend: auto`` makes (its calibration, cached, as a run would see it).
     bf16 is skipped where the CPU would emulate it (12x slower than fp32 measured)."""
@@ -162,15 +189,18 @@ def encoder_table(weights: str, frame: np.ndarray, *, sizes: tuple[int, ...],
                 results[name] = "skipped: no native bf16 (emulated)"
                 continue
             try:
-                encoder = build_encoder(model=sam.model, weights_path=sam.weights_path,
-                                        backend=backend, dtype=precision)
+                encoder = build_encoder(
+                    model=sam.model, weights_path=sam.weights_path, backend=backend, dtype=precision
+                )
             except (ImportError, ValueError, RuntimeError) as err:
                 results[name] = f"skipped: {str(err).splitlines()[0][:60]}"
                 continue
-            results[name] = _timed_ms(lambda e=encoder, b=batch: e.encode(b), torch.device("cpu"),
-                                      repeats)
-        auto = build_encoder(model=sam.model, weights_path=sam.weights_path, backend="auto",
-                             dtype="auto")
+            results[name] = _timed_ms(
+                lambda e=encoder, b=batch: e.encode(b), torch.device("cpu"), repeats
+            )
+        auto = build_encoder(
+            model=sam.model, weights_path=sam.weights_path, backend="auto", dtype="auto"
+        )
         results[f"encoder_auto_choice_{size}"] = f"{auto.name}/{auto.precision}"
     return results
 
@@ -183,8 +213,9 @@ def _read_frames(source: str, count: int) -> tuple[list[np.ndarray], float]:
     return frames, len(frames) / elapsed
 
 
-def _official_loop_fps(weights: Path, frames: list[np.ndarray], box: list[float],
-                       device: str) -> float | None:
+def _official_loop_fps(
+    weights: Path, frames: list[np.ndarray], box: list[float], device: str
+) -> float | None:
     try:
         import mobile_sam
     except ImportError:
@@ -203,8 +234,9 @@ def _official_loop_fps(weights: Path, frames: list[np.ndarray], box: list[float]
     return len(frames) / (time.perf_counter() - start)
 
 
-def official_encoder_ms(weights: Path, frame: np.ndarray, device: str,
-                        repeats: int) -> float | None:
+def official_encoder_ms(
+    weights: Path, frame: np.ndarray, device: str, repeats: int
+) -> float | None:
     """The official MobileSAM image encoder, fp32, on one frame (it runs at 1024 only):
     the reference every encoder figure is a ratio to."""
     try:
@@ -241,9 +273,15 @@ def _live_run(overrides: list[str], source: str, seconds: float) -> dict[str, fl
     """Latency and drops of `seconds` of the source played live."""
     with VideoSource(parse_source(source)) as video:
         rate = float(video.average_rate or 25)
-    config = load_config(None, [*overrides, "live.mode=live",
-                                f"decoder.max_frames={max(1, round(seconds * rate))}",
-                                f"transport.publish={json.dumps(_free_publish_endpoint())}"])
+    config = load_config(
+        None,
+        [
+            *overrides,
+            "live.mode=live",
+            f"decoder.max_frames={max(1, round(seconds * rate))}",
+            f"transport.publish={json.dumps(_free_publish_endpoint())}",
+        ],
+    )
     summary = run_pipeline(config)
     ms = summary.timings.get("ms", {})
     latency, processing = ms.get("latency") or {}, ms.get("processing") or {}
@@ -260,9 +298,18 @@ def _live_run(overrides: list[str], source: str, seconds: float) -> dict[str, fl
     }
 
 
-def run_bench(*, weights: str, source: str, frames: int, device: str, dtype: str,
-              image_size: int, repeats: int = 3, live_seconds: float = 10.0,
-              encoder_sizes: tuple[int, ...] = (1024, 512)) -> dict[str, float | str | None]:
+def run_bench(
+    *,
+    weights: str,
+    source: str,
+    frames: int,
+    device: str,
+    dtype: str,
+    image_size: int,
+    repeats: int = 3,
+    live_seconds: float = 10.0,
+    encoder_sizes: tuple[int, ...] = (1024, 512),
+) -> dict[str, float | str | None]:
     sam = SAM(weights, device=device, dtype=dtype, image_size=image_size, backend="auto")
     clip, decode_fps = _read_frames(source, frames)
     if not clip:
@@ -271,48 +318,64 @@ def run_bench(*, weights: str, source: str, frames: int, device: str, dtype: str
     box = [w * 0.3, h * 0.3, w * 0.6, h * 0.7]
     batch = min(4, len(clip))
     results: dict[str, float | str | None] = {**_cpu_line(), "decode_fps": decode_fps}
-    results["official_encoder_ms_1024"] = official_encoder_ms(sam.weights_path, clip[0], device,
-                                                              repeats)
+    results["official_encoder_ms_1024"] = official_encoder_ms(
+        sam.weights_path, clip[0], device, repeats
+    )
     if device == "cpu" and encoder_sizes:
-        table = encoder_table(str(sam.weights_path), clip[0], sizes=encoder_sizes,
-                              repeats=repeats)
+        table = encoder_table(str(sam.weights_path), clip[0], sizes=encoder_sizes, repeats=repeats)
         results.update(table)
         official = results["official_encoder_ms_1024"]
         for name, value in list(table.items()):
             if name.startswith("encoder_ms_") and isinstance(value, float) and official:
                 results[f"ratio official fp32 1024 / {name.removeprefix('encoder_ms_')}"] = (
-                    float(official) / value)
+                    float(official) / value
+                )
     results["encoder_backend"] = "{backend}/{precision}".format(**sam.backend_report)
-    results["encoder_ms_batch1"] = _timed_ms(lambda: sam.encode_batch(clip[:1]), sam.device,
-                                             repeats)
-    results[f"encoder_ms_per_frame_batch{batch}"] = _timed_ms(
-        lambda: sam.encode_batch(clip[:batch]), sam.device, repeats) / batch
+    results["encoder_ms_batch1"] = _timed_ms(
+        lambda: sam.encode_batch(clip[:1]), sam.device, repeats
+    )
+    results[f"encoder_ms_per_frame_batch{batch}"] = (
+        _timed_ms(lambda: sam.encode_batch(clip[:batch]), sam.device, repeats) / batch
+    )
     embedded = sam.set_image(clip[0])
     for n in (1, 8):
         prompts = parse_prompts((h, w), bboxes=[box] * n)
         results[f"mask_decoder_ms_{n}_objects"] = _timed_ms(
-            lambda p=prompts: sam.decode(embedded, p), sam.device, repeats)
-    results.update(per_object_ms(str(sam.weights_path), clip[0], image_size=image_size,
-                                 device=device, repeats=repeats))
+            lambda p=prompts: sam.decode(embedded, p), sam.device, repeats
+        )
+    results.update(
+        per_object_ms(
+            str(sam.weights_path), clip[0], image_size=image_size, device=device, repeats=repeats
+        )
+    )
     for stage in ("tracker", "publisher"):
         one, eight = results[f"{stage}_ms_1_objects"], results[f"{stage}_ms_8_objects"]
         results[f"{stage}_8_vs_1_object"] = eight / one if one else None
 
     overrides = [
         f"decoder.source={json.dumps(source)}",
-        f"weights={json.dumps(str(sam.weights_path))}", f"encoder.device={device}",
-        f"tracker.device={device}", f"encoder.dtype={dtype}", f"encoder.image_size={image_size}",
+        f"weights={json.dumps(str(sam.weights_path))}",
+        f"encoder.device={device}",
+        f"tracker.device={device}",
+        f"encoder.dtype={dtype}",
+        f"encoder.image_size={image_size}",
         f"tracker.prompts={json.dumps([{'box': box}])}",
     ]
-    config = load_config(None, [*overrides, f"decoder.max_frames={frames}", "live.mode=offline",
-                                f"transport.publish={json.dumps(_free_publish_endpoint())}"])
+    config = load_config(
+        None,
+        [
+            *overrides,
+            f"decoder.max_frames={frames}",
+            "live.mode=offline",
+            f"transport.publish={json.dumps(_free_publish_endpoint())}",
+        ],
+    )
     summary = run_pipeline(config)
     # From the first published frame on, like the official loop's figure (its model is
     # loaded before its clock starts); the whole run, loading included, is printed beside.
     results["samstream_run_fps_with_startup"] = summary.fps
     results["samstream_run_fps"] = summary.steady_fps
-    results["official_predictor_loop_fps"] = _official_loop_fps(
-        sam.weights_path, clip, box, device)
+    results["official_predictor_loop_fps"] = _official_loop_fps(sam.weights_path, clip, box, device)
     results["ultralytics_fps"] = _ultralytics_fps(clip, box, sam.weights_path)
     if live_seconds > 0:
         results.update(_live_run(overrides, source, live_seconds))
@@ -339,10 +402,13 @@ def format_results(results: dict[str, float | str | None]) -> str:
     for peer in ("official_predictor_loop_fps", "ultralytics_fps"):
         theirs = results.get(peer)
         if ours and theirs:
-            lines.append(f"{'ratio samstream / ' + peer.removesuffix('_fps'):<48} "
-                         f"{ours / theirs:10.2f}x")
-    latency, loop_ms = results.get("live_latency_ms_median"), results.get(
-        "official_loop_ms_per_frame")
+            lines.append(
+                f"{'ratio samstream / ' + peer.removesuffix('_fps'):<48} {ours / theirs:10.2f}x"
+            )
+    latency, loop_ms = (
+        results.get("live_latency_ms_median"),
+        results.get("official_loop_ms_per_frame"),
+    )
     if latency and loop_ms:
         lines.append(f"{'ratio live latency / official loop':<48} {latency / loop_ms:10.2f}x")
     return "\n".join(lines)

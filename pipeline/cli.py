@@ -33,18 +33,42 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--point prompts belong to one object (with the --box, if there is one box).",
     )
     p.add_argument("image", help="image file (JPEG, PNG, ...)")
-    p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X1", "Y1", "X2", "Y2"),
-                   help="a box around one object (repeatable)")
-    p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"),
-                   help="a point on the object (repeatable)")
-    p.add_argument("--label", type=int, action="append", choices=(0, 1),
-                   help="label of each --point in order: 1 foreground (default), 0 background")
-    p.add_argument("--weights", default="mobile_sam.pt",
-                   help="mobile_sam.pt path (default: $SAMSTREAM_WEIGHTS, cache, download)")
+    p.add_argument(
+        "--box",
+        nargs=4,
+        type=float,
+        action="append",
+        metavar=("X1", "Y1", "X2", "Y2"),
+        help="a box around one object (repeatable)",
+    )
+    p.add_argument(
+        "--point",
+        nargs=2,
+        type=float,
+        action="append",
+        metavar=("X", "Y"),
+        help="a point on the object (repeatable)",
+    )
+    p.add_argument(
+        "--label",
+        type=int,
+        action="append",
+        choices=(0, 1),
+        help="label of each --point in order: 1 foreground (default), 0 background",
+    )
+    p.add_argument(
+        "--weights",
+        default="mobile_sam.pt",
+        help="mobile_sam.pt path (default: $SAMSTREAM_WEIGHTS, cache, download)",
+    )
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="encoder precision (reduced ones via autocast)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="encoder precision (reduced ones via autocast)",
+    )
     p.add_argument("--image-size", type=int, default=1024, help="encoder input side")
     p.add_argument("--multimask", action="store_true", help="three masks per object")
     p.set_defaults(func=_predict)
@@ -66,8 +90,9 @@ def _predict(args: argparse.Namespace) -> int:
     if not args.box and not points:
         raise ValueError("give at least one --box or --point")
     model = SAM(args.weights, device=args.device, dtype=args.dtype, image_size=args.image_size)
-    result = model.predict(image, bboxes=args.box, points=points, labels=labels,
-                           multimask_output=args.multimask)
+    result = model.predict(
+        image, bboxes=args.box, points=points, labels=labels, multimask_output=args.multimask
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     ids = list(range(1, len(result.masks) + 1))
     boxes = []
@@ -75,8 +100,16 @@ def _predict(args: argparse.Namespace) -> int:
         Image.fromarray(mask.astype(np.uint8) * 255).save(args.out / f"mask_{i:02d}.png")
         box = mask_box(mask)
         boxes.append(box)
-        print(json.dumps({"object": i, "score": round(float(result.scores[i - 1]), 4),
-                          "box": box, "mask": str(args.out / f"mask_{i:02d}.png")}))
+        print(
+            json.dumps(
+                {
+                    "object": i,
+                    "score": round(float(result.scores[i - 1]), 4),
+                    "box": box,
+                    "mask": str(args.out / f"mask_{i:02d}.png"),
+                }
+            )
+        )
     overlay = draw_overlay(image, result.masks, ids, boxes)
     Image.fromarray(overlay).save(args.out / "overlay.png")
     print(f"wrote {len(ids)} mask(s) and overlay.png to {args.out}")
@@ -94,40 +127,89 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--set.",
     )
     p.add_argument("config", nargs="?", help="YAML config (e.g. configs/offline.yaml)")
-    p.add_argument("--source", help="video file, lavfi:testsrc2=..., rtsp://..., /dev/video0 "
-                   "(default: decoder.source)")
-    p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X1", "Y1", "X2", "Y2"),
-                   help="box around one object on the first frame (repeatable)")
-    p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"),
-                   help="a point on the first frame (repeatable): all --point values describe "
-                   "one object, the same as the --box when there is exactly one box, as in "
-                   "samstream predict")
-    p.add_argument("--label", type=int, action="append", choices=(0, 1),
-                   help="label of each --point in order: 1 foreground (default), 0 background")
-    p.add_argument("--weights", help="mobile_sam.pt path (default: weights in the config, "
-                   "$SAMSTREAM_WEIGHTS, the cache, else a download)")
-    p.add_argument("--out", help="directory for masks/, masks.jsonl, tracks.txt, overlay.mp4 "
-                   "(default: none: publish on the feed only)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 for the encoder and the tracker "
-                   "(default: auto, the GPU when there is one)")
-    p.add_argument("--image-size", type=int, help="encoder input side, a multiple of 16; 512 "
-                   "is faster (default: 1024, or 512 in a live run on a CPU)")
-    p.add_argument("--realtime", action="store_true",
-                   help="live mode for any source: play a file at its own frame rate, newest "
-                   "frame wins (cameras are live anyway)")
-    p.add_argument("--budget-ms", type=float,
-                   help="per-frame processing budget in live mode (default 12 on a GPU, "
-                   "400 on a CPU)")
-    p.add_argument("--max-frames", type=int,
-                   help="stop after this many frames (default: the whole source)")
-    p.add_argument("--set", action="append", default=[], metavar="NODE.KEY=VALUE",
-                   help="override any config key, e.g. --set encoder.batch_size=2")
-    p.add_argument("--in-process", action="store_true",
-                   help="run every node as a thread of this process (inproc://)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an offline run that was interrupted (Ctrl-C, SIGTERM) in "
-                   "--out, from its first missing frame; the same source, prompts and config "
-                   "are required")
+    p.add_argument(
+        "--source",
+        help="video file, lavfi:testsrc2=..., rtsp://..., /dev/video0 (default: decoder.source)",
+    )
+    p.add_argument(
+        "--box",
+        nargs=4,
+        type=float,
+        action="append",
+        metavar=("X1", "Y1", "X2", "Y2"),
+        help="box around one object on the first frame (repeatable)",
+    )
+    p.add_argument(
+        "--point",
+        nargs=2,
+        type=float,
+        action="append",
+        metavar=("X", "Y"),
+        help="a point on the first frame (repeatable): all --point values describe "
+        "one object, the same as the --box when there is exactly one box, as in "
+        "samstream predict",
+    )
+    p.add_argument(
+        "--label",
+        type=int,
+        action="append",
+        choices=(0, 1),
+        help="label of each --point in order: 1 foreground (default), 0 background",
+    )
+    p.add_argument(
+        "--weights",
+        help="mobile_sam.pt path (default: weights in the config, "
+        "$SAMSTREAM_WEIGHTS, the cache, else a download)",
+    )
+    p.add_argument(
+        "--out",
+        help="directory for masks/, masks.jsonl, tracks.txt, overlay.mp4 "
+        "(default: none: publish on the feed only)",
+    )
+    p.add_argument(
+        "--device",
+        help="auto, cpu, cuda, cuda:1 for the encoder and the tracker "
+        "(default: auto, the GPU when there is one)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="encoder input side, a multiple of 16; 512 "
+        "is faster (default: 1024, or 512 in a live run on a CPU)",
+    )
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="live mode for any source: play a file at its own frame rate, newest "
+        "frame wins (cameras are live anyway)",
+    )
+    p.add_argument(
+        "--budget-ms",
+        type=float,
+        help="per-frame processing budget in live mode (default 12 on a GPU, 400 on a CPU)",
+    )
+    p.add_argument(
+        "--max-frames", type=int, help="stop after this many frames (default: the whole source)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NODE.KEY=VALUE",
+        help="override any config key, e.g. --set encoder.batch_size=2",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every node as a thread of this process (inproc://)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an offline run that was interrupted (Ctrl-C, SIGTERM) in "
+        "--out, from its first missing frame; the same source, prompts and config "
+        "are required",
+    )
     p.set_defaults(func=_run)
 
 
@@ -215,13 +297,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _add_node(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("node", formatter_class=_HelpWithDefaults,
-                       help="run one node alone (e.g. on another host over tcp)")
-    p.add_argument("name", choices=("decoder", "encoder", "tracker", "publisher"),
-                   help="which node to run")
+    p = sub.add_parser(
+        "node",
+        formatter_class=_HelpWithDefaults,
+        help="run one node alone (e.g. on another host over tcp)",
+    )
+    p.add_argument(
+        "name", choices=("decoder", "encoder", "tracker", "publisher"), help="which node to run"
+    )
     p.add_argument("--config", required=True, help="YAML or JSON config with explicit endpoints")
-    p.add_argument("--set", action="append", default=[], metavar="NODE.KEY=VALUE",
-                   help="override any config key (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NODE.KEY=VALUE",
+        help="override any config key (repeatable)",
+    )
     p.set_defaults(func=_node)
 
 
@@ -247,19 +338,41 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _add_prompt(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prompt", formatter_class=_HelpWithDefaults,
-                       help="add, correct, remove or list objects of a running tracker")
-    p.add_argument("op", choices=("add", "update", "remove", "list"),
-                   help="add an object, correct one's box (also brings a lost one back), "
-                   "remove one, or list them")
+    p = sub.add_parser(
+        "prompt",
+        formatter_class=_HelpWithDefaults,
+        help="add, correct, remove or list objects of a running tracker",
+    )
+    p.add_argument(
+        "op",
+        choices=("add", "update", "remove", "list"),
+        help="add an object, correct one's box (also brings a lost one back), "
+        "remove one, or list them",
+    )
     p.add_argument("--endpoint", required=True, help="the tracker's control endpoint")
     p.add_argument("--id", type=int, dest="track_id", help="track id (update, remove)")
-    p.add_argument("--box", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"),
-                   help="the object's box in source-frame pixels (add, update)")
-    p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"),
-                   help="a point on the object (add; repeatable, all for one object)")
-    p.add_argument("--label", type=int, action="append", choices=(0, 1),
-                   help="label of each --point in order: 1 foreground (default), 0 background")
+    p.add_argument(
+        "--box",
+        nargs=4,
+        type=float,
+        metavar=("X1", "Y1", "X2", "Y2"),
+        help="the object's box in source-frame pixels (add, update)",
+    )
+    p.add_argument(
+        "--point",
+        nargs=2,
+        type=float,
+        action="append",
+        metavar=("X", "Y"),
+        help="a point on the object (add; repeatable, all for one object)",
+    )
+    p.add_argument(
+        "--label",
+        type=int,
+        action="append",
+        choices=(0, 1),
+        help="label of each --point in order: 1 foreground (default), 0 background",
+    )
     p.add_argument("--frame", type=int, help="apply from this frame index (default: next)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
     p.set_defaults(func=_prompt)
@@ -289,31 +402,50 @@ def _prompt(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", formatter_class=_HelpWithDefaults,
-                       help="timings of every stage beside the official code's")
+    p = sub.add_parser(
+        "bench",
+        formatter_class=_HelpWithDefaults,
+        help="timings of every stage beside the official code's",
+    )
     p.add_argument("--weights", default="mobile_sam.pt", help="mobile_sam.pt path")
     p.add_argument("--source", default=None, help="video (default: a 1280x720 FFmpeg test source)")
     p.add_argument("--frames", type=int, default=20, help="frames to run end to end")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="encoder precision of the runs (auto: the fastest measured within "
-                   "tolerance)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="encoder precision of the runs (auto: the fastest measured within tolerance)",
+    )
     p.add_argument("--image-size", type=int, default=1024, help="encoder input side")
-    p.add_argument("--encoder-sizes", default="1024,512",
-                   help="image sizes of the encoder table (every backend x precision), "
-                   "comma-separated; empty: skip it")
-    p.add_argument("--live-seconds", type=float, default=10.0,
-                   help="seconds of the source played live for the latency figures (0: skip)")
+    p.add_argument(
+        "--encoder-sizes",
+        default="1024,512",
+        help="image sizes of the encoder table (every backend x precision), "
+        "comma-separated; empty: skip it",
+    )
+    p.add_argument(
+        "--live-seconds",
+        type=float,
+        default=10.0,
+        help="seconds of the source played live for the latency figures (0: skip)",
+    )
     p.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from pipeline.bench import DEFAULT_SOURCE, format_results, run_bench
 
-    results = run_bench(weights=args.weights, source=args.source or DEFAULT_SOURCE,
-                        frames=args.frames, device=args.device, dtype=args.dtype,
-                        image_size=args.image_size, live_seconds=args.live_seconds,
-                        encoder_sizes=tuple(int(v) for v in args.encoder_sizes.split(",") if v))
+    results = run_bench(
+        weights=args.weights,
+        source=args.source or DEFAULT_SOURCE,
+        frames=args.frames,
+        device=args.device,
+        dtype=args.dtype,
+        image_size=args.image_size,
+        live_seconds=args.live_seconds,
+        encoder_sizes=tuple(int(v) for v in args.encoder_sizes.split(",") if v),
+    )
     print(format_results(results))
     return 0
 
@@ -329,10 +461,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "as points with labels 1/0, box corners 2/3, padding -1, an optional mask prompt -> "
         "low-res logits Nx1x(S/4)x(S/4) and scores Nx1), each with a JSON sidecar.",
     )
-    p.add_argument("--weights", default="mobile_sam.pt",
-                   help="mobile_sam.pt path (default: $SAMSTREAM_WEIGHTS, cache, download)")
-    p.add_argument("--image-size", type=int, default=1024,
-                   help="encoder input side, a multiple of 16 (fixed per exported file)")
+    p.add_argument(
+        "--weights",
+        default="mobile_sam.pt",
+        help="mobile_sam.pt path (default: $SAMSTREAM_WEIGHTS, cache, download)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=1024,
+        help="encoder input side, a multiple of 16 (fixed per exported file)",
+    )
     p.add_argument("--out", type=Path, default=Path("onnx"), help="output directory")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.set_defaults(func=_export)
@@ -349,8 +488,9 @@ def _export(args: argparse.Namespace) -> int:
     weights = resolve_weights(args.weights)
     model = build_mobile_sam(img_size=args.image_size)
     load_checkpoint(model, weights)
-    paths = export_models(model.eval(), args.out, checkpoint_sha256=file_sha256(weights),
-                          opset=args.opset)
+    paths = export_models(
+        model.eval(), args.out, checkpoint_sha256=file_sha256(weights), opset=args.opset
+    )
     for path in paths.values():
         print(f"wrote {path} and {path.with_suffix('.json').name}")
     return 0

@@ -210,11 +210,15 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
         "reconnect_initial_s": _POSITIVE,
         "reconnect_max_s": _POSITIVE,
         "give_up_after_s": _POSITIVE,
-        "video_size": _rule(lambda v: re.fullmatch(r"[1-9]\d*x[1-9]\d*", v) is not None,
-                            "WIDTHxHEIGHT, e.g. 1280x720"),
+        "video_size": _rule(
+            lambda v: re.fullmatch(r"[1-9]\d*x[1-9]\d*", v) is not None,
+            "WIDTHxHEIGHT, e.g. 1280x720",
+        ),
         "framerate": _POSITIVE,
-        "pixel_format": _rule(lambda v: re.fullmatch(r"[a-z0-9_]+", v) is not None,
-                              "a V4L2 format name such as mjpeg or yuyv422"),
+        "pixel_format": _rule(
+            lambda v: re.fullmatch(r"[a-z0-9_]+", v) is not None,
+            "a V4L2 format name such as mjpeg or yuyv422",
+        ),
     },
     EncoderConfig: {
         "device": _DEVICE,
@@ -263,8 +267,10 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
     TransportConfig: {
         **dict.fromkeys(("frames", "embeddings", "masks", "control", "status"), _ENDPOINT),
         # Unlike the internal links, the PUB endpoint is never chosen by the launcher.
-        "publish": _rule(lambda v: v == "auto" or (v and _is_endpoint(v)),
-                         'auto, tcp://host:port (port 1-65535), ipc://path or inproc://name'),
+        "publish": _rule(
+            lambda v: v == "auto" or (v and _is_endpoint(v)),
+            "auto, tcp://host:port (port 1-65535), ipc://path or inproc://name",
+        ),
         "hwm": _AT_LEAST_1,
         "linger_ms": _rule(lambda v: v >= -1, "at least -1 (-1 waits forever on close)"),
         "max_message_bytes": _rule(lambda v: v == -1 or v > 0, "positive, or -1 for no limit"),

@@ -49,8 +49,13 @@ ENCODER = "image_encoder"
 DECODER = "mask_decoder"
 ENCODER_INPUTS = ("images",)
 ENCODER_OUTPUTS = ("embeddings",)
-DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input",
-                  "has_mask_input")
+DECODER_INPUTS = (
+    "image_embeddings",
+    "point_coords",
+    "point_labels",
+    "mask_input",
+    "has_mask_input",
+)
 DECODER_OUTPUTS = ("low_res_logits", "scores")
 # mkstemp makes files private (0600); exported models are no secret and may be shared.
 FILE_MODE = 0o644
@@ -164,32 +169,72 @@ def _io_description(model: MobileSAM, kind: str) -> tuple[list[dict], list[dict]
     f32 = "float32"
     if kind == ENCODER:
         return (
-            [{"name": "images", "shape": ["batch", 3, s, s], "dtype": f32,
-              "meaning": "RGB normalised with SAM's pixel mean/std, longest side resized to "
-                         f"{s}, zero-padded bottom-right to {s}x{s}"}],
-            [{"name": "embeddings", "shape": ["batch", c, grid, grid], "dtype": f32,
-              "meaning": "image embeddings for the mask decoder"}],
+            [
+                {
+                    "name": "images",
+                    "shape": ["batch", 3, s, s],
+                    "dtype": f32,
+                    "meaning": "RGB normalised with SAM's pixel mean/std, longest side resized to "
+                    f"{s}, zero-padded bottom-right to {s}x{s}",
+                }
+            ],
+            [
+                {
+                    "name": "embeddings",
+                    "shape": ["batch", c, grid, grid],
+                    "dtype": f32,
+                    "meaning": "image embeddings for the mask decoder",
+                }
+            ],
         )
     return (
         [
-            {"name": "image_embeddings", "shape": [1, c, grid, grid], "dtype": f32,
-             "meaning": "one image's embedding (the image encoder's output)"},
-            {"name": "point_coords", "shape": ["prompts", "points", 2], "dtype": f32,
-             "meaning": "(x, y) pixels in the resized input frame; a box is 2 corner points"},
-            {"name": "point_labels", "shape": ["prompts", "points"], "dtype": f32,
-             "meaning": "1 foreground, 0 background, 2 box top-left, 3 box bottom-right, "
-                        "-1 padding (one padding point when a prompt has no box)"},
-            {"name": "mask_input", "shape": ["mask_prompts", 1, low, low], "dtype": f32,
-             "meaning": "low-res mask logits of each prompt (mask_prompts = prompts), or "
-                        "1x1 zeros when has_mask_input is 0"},
-            {"name": "has_mask_input", "shape": [1], "dtype": f32,
-             "meaning": "1: use mask_input as a mask prompt; 0: no mask prompt"},
+            {
+                "name": "image_embeddings",
+                "shape": [1, c, grid, grid],
+                "dtype": f32,
+                "meaning": "one image's embedding (the image encoder's output)",
+            },
+            {
+                "name": "point_coords",
+                "shape": ["prompts", "points", 2],
+                "dtype": f32,
+                "meaning": "(x, y) pixels in the resized input frame; a box is 2 corner points",
+            },
+            {
+                "name": "point_labels",
+                "shape": ["prompts", "points"],
+                "dtype": f32,
+                "meaning": "1 foreground, 0 background, 2 box top-left, 3 box bottom-right, "
+                "-1 padding (one padding point when a prompt has no box)",
+            },
+            {
+                "name": "mask_input",
+                "shape": ["mask_prompts", 1, low, low],
+                "dtype": f32,
+                "meaning": "low-res mask logits of each prompt (mask_prompts = prompts), or "
+                "1x1 zeros when has_mask_input is 0",
+            },
+            {
+                "name": "has_mask_input",
+                "shape": [1],
+                "dtype": f32,
+                "meaning": "1: use mask_input as a mask prompt; 0: no mask prompt",
+            },
         ],
         [
-            {"name": "low_res_logits", "shape": ["prompts", 1, low, low], "dtype": f32,
-             "meaning": "mask logits at a quarter of the padded input (threshold 0)"},
-            {"name": "scores", "shape": ["prompts", 1], "dtype": f32,
-             "meaning": "predicted IoU of each mask"},
+            {
+                "name": "low_res_logits",
+                "shape": ["prompts", 1, low, low],
+                "dtype": f32,
+                "meaning": "mask logits at a quarter of the padded input (threshold 0)",
+            },
+            {
+                "name": "scores",
+                "shape": ["prompts", 1],
+                "dtype": f32,
+                "meaning": "predicted IoU of each mask",
+            },
         ],
     )
 
@@ -206,8 +251,9 @@ def _quiet_exporter() -> Iterator[None]:
         yield
 
 
-def export_onnx(model: MobileSAM, path: str | os.PathLike[str], *, kind: str,
-                opset: int = OPSET) -> None:
+def export_onnx(
+    model: MobileSAM, path: str | os.PathLike[str], *, kind: str, opset: int = OPSET
+) -> None:
     """Write the `kind` (ENCODER or DECODER) part of `model` to `path` as ONNX (no sidecar).
 
     Uses the classic TorchScript exporter (dynamo=False): it handles timm's TinyViT and
@@ -248,27 +294,36 @@ def export_onnx(model: MobileSAM, path: str | os.PathLike[str], *, kind: str,
     # inside inference mode (SAM.encode_batch is).
     with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
         torch.onnx.export(
-            module, args, str(path), dynamo=False, opset_version=opset,
-            input_names=list(names), output_names=list(outputs), dynamic_axes=dynamic,
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(names),
+            output_names=list(outputs),
+            dynamic_axes=dynamic,
             do_constant_folding=True,
         )
 
 
-def sidecar(model: MobileSAM, *, kind: str, checkpoint_sha256: str, opset: int,
-            file_sha256_hex: str) -> dict[str, Any]:
+def sidecar(
+    model: MobileSAM, *, kind: str, checkpoint_sha256: str, opset: int, file_sha256_hex: str
+) -> dict[str, Any]:
     """The JSON sidecar of an exported model: its cache key plus what a reader needs."""
     inputs, outputs = _io_description(model, kind)
     return {
-        **export_key(kind=kind, image_size=model.img_size,
-                     checkpoint_sha256=checkpoint_sha256, opset=opset),
+        **export_key(
+            kind=kind, image_size=model.img_size, checkpoint_sha256=checkpoint_sha256, opset=opset
+        ),
         "inputs": inputs,
         "outputs": outputs,
         "file_sha256": file_sha256_hex,
     }
 
 
-def export_key(*, kind: str, image_size: int, checkpoint_sha256: str,
-               opset: int = OPSET) -> dict[str, Any]:
+def export_key(
+    *, kind: str, image_size: int, checkpoint_sha256: str, opset: int = OPSET
+) -> dict[str, Any]:
     """What an exported file depends on: a cached file with another key is never used."""
     return {
         "format": SIDECAR_FORMAT,
@@ -294,8 +349,15 @@ def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def write_model(model: MobileSAM, path: str | os.PathLike[str], *, kind: str,
-                checkpoint_sha256: str, opset: int = OPSET, check: bool = True) -> dict[str, Any]:
+def write_model(
+    model: MobileSAM,
+    path: str | os.PathLike[str],
+    *,
+    kind: str,
+    checkpoint_sha256: str,
+    opset: int = OPSET,
+    check: bool = True,
+) -> dict[str, Any]:
     """Export `kind` to `path` through a temporary file, check it, then write its sidecar.
 
     The model file is moved into place complete, and the sidecar (with the file's SHA-256)
@@ -317,14 +379,16 @@ def write_model(model: MobileSAM, path: str | os.PathLike[str], *, kind: str,
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    info = sidecar(model, kind=kind, checkpoint_sha256=checkpoint_sha256, opset=opset,
-                   file_sha256_hex=digest)
+    info = sidecar(
+        model, kind=kind, checkpoint_sha256=checkpoint_sha256, opset=opset, file_sha256_hex=digest
+    )
     atomic_write_json(sidecar_path(path), info)
     return info
 
 
-def export_models(model: MobileSAM, out_dir: str | os.PathLike[str], *,
-                  checkpoint_sha256: str, opset: int = OPSET) -> dict[str, Path]:
+def export_models(
+    model: MobileSAM, out_dir: str | os.PathLike[str], *, checkpoint_sha256: str, opset: int = OPSET
+) -> dict[str, Path]:
     """Both models into `out_dir`: mobile_sam_{image_encoder,mask_decoder}_{S}.onnx + .json."""
     out = Path(out_dir)
     paths = {}
@@ -380,8 +444,13 @@ def _cached_problem(path: Path, key: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def cached_onnx(model: MobileSAM, *, kind: str, checkpoint_sha256: str,
-                cache: str | os.PathLike[str] | None = None) -> Path:
+def cached_onnx(
+    model: MobileSAM,
+    *,
+    kind: str,
+    checkpoint_sha256: str,
+    cache: str | os.PathLike[str] | None = None,
+) -> Path:
     """The `kind` model of `model` as a cached ONNX file, exported on first use.
 
     Lives in `cache` (default: the weights cache dir, pipeline.model.weights.cache_dir())
@@ -406,8 +475,13 @@ def cached_onnx(model: MobileSAM, *, kind: str, checkpoint_sha256: str,
             log.warning("cached ONNX model %s is corrupt (%s): exporting it again", path, detail)
         elif what == "stale":
             log.info("cached ONNX model %s is stale (%s): exporting it again", path, detail)
-        log.info("exporting the MobileSAM %s at %d px to ONNX, once per checkpoint and size "
-                 "(a few seconds) -> %s", kind, model.img_size, path)
+        log.info(
+            "exporting the MobileSAM %s at %d px to ONNX, once per checkpoint and size "
+            "(a few seconds) -> %s",
+            kind,
+            model.img_size,
+            path,
+        )
         start = time.perf_counter()
         write_model(model, path, kind=kind, checkpoint_sha256=checkpoint_sha256)
         log.info("exported %s in %.1f s", path.name, time.perf_counter() - start)

@@ -98,19 +98,32 @@ def _plan_outputs(config: RunConfig) -> RunConfig:
     if not wanted:
         frames = resume.interrupted_frames(out)
         if frames:
-            log.warning("%s holds an interrupted run (%d frames): starting over; add --resume "
-                        "to continue it instead", out, frames)
+            log.warning(
+                "%s holds an interrupted run (%d frames): starting over; add --resume "
+                "to continue it instead",
+                out,
+                frames,
+            )
         resume.begin_run(out, identity)
         return config
     point = resume.plan_resume(out, identity)
     resume.begin_run(out, identity)
-    print(f"samstream: resuming {out} after frame {point.frames_done - 1}"
-          + ("" if point.tracker_frame == point.frames_done - 1 else
-             f" (the tracker restarts from frame "
-             f"{0 if point.tracker_frame is None else point.tracker_frame + 1})"),
-          file=sys.stderr)
-    return dataclasses.replace(config, resume=dataclasses.replace(
-        config.resume, frames_done=point.frames_done, tracker_frame=point.tracker_frame))
+    print(
+        f"samstream: resuming {out} after frame {point.frames_done - 1}"
+        + (
+            ""
+            if point.tracker_frame == point.frames_done - 1
+            else f" (the tracker restarts from frame "
+            f"{0 if point.tracker_frame is None else point.tracker_frame + 1})"
+        ),
+        file=sys.stderr,
+    )
+    return dataclasses.replace(
+        config,
+        resume=dataclasses.replace(
+            config.resume, frames_done=point.frames_done, tracker_frame=point.tracker_frame
+        ),
+    )
 
 
 def is_live(config: RunConfig) -> bool:
@@ -125,8 +138,9 @@ def build_node(name: str, config: RunConfig) -> Node:
         from nodes.decoder import DecoderNode
 
         after = config.resume.tracker_frame
-        return DecoderNode(config.decoder, live=is_live(config),
-                           start_frame=0 if after is None else after + 1)
+        return DecoderNode(
+            config.decoder, live=is_live(config), start_frame=0 if after is None else after + 1
+        )
     if name == "encoder":
         from nodes.encoder import EncoderNode
 
@@ -138,8 +152,11 @@ def build_node(name: str, config: RunConfig) -> Node:
         # Offline runs with outputs keep the tracker's recent states for --resume.
         state_dir = None if is_live(config) or not config.publisher.out else config.publisher.out
         return TrackerNode(
-            config.tracker, weights=config.weights, image_size=config.encoder.image_size,
-            resume_dir=state_dir, resume_from=config.resume.tracker_frame,
+            config.tracker,
+            weights=config.weights,
+            image_size=config.encoder.image_size,
+            resume_dir=state_dir,
+            resume_from=config.resume.tracker_frame,
         )
     if name == "publisher":
         from nodes.publisher import PublisherNode
@@ -147,7 +164,9 @@ def build_node(name: str, config: RunConfig) -> Node:
         if config.live.budget_ms is None:  # resolve_run_config always sets it
             raise RuntimeError("live.budget_ms was not resolved")
         return PublisherNode(
-            config.publisher, budget_ms=config.live.budget_ms, live=is_live(config),
+            config.publisher,
+            budget_ms=config.live.budget_ms,
+            live=is_live(config),
             resume_frames=config.resume.frames_done,
         )
     raise ValueError(f"unknown node {name!r}: one of {', '.join(NODE_NAMES)}")
@@ -244,11 +263,14 @@ class RunSummary:
                     f"{self.timings['frames']} frames within it"
                 )
             drops = ", ".join(f"before {node} {n}" for node, n in self.dropped.items())
-            lines.append(f"dropped (newest frame wins): {drops or 'none'}; in flight at "
-                         f"stop: {self.in_flight}; source reconnects: {self.reconnects}")
+            lines.append(
+                f"dropped (newest frame wins): {drops or 'none'}; in flight at "
+                f"stop: {self.in_flight}; source reconnects: {self.reconnects}"
+            )
         if self.timestamps.get("repaired_frames"):
-            methods = ", ".join(f"{k} {v}" for k, v in self.timestamps.get("methods", {}).items()
-                                if v)
+            methods = ", ".join(
+                f"{k} {v}" for k, v in self.timestamps.get("methods", {}).items() if v
+            )
             lines.append(
                 f"timestamps repaired on {self.timestamps['repaired_frames']} frames from frame "
                 f"{self.timestamps.get('first_frame')} ({methods}): the outputs' pts are the "
@@ -288,8 +310,9 @@ def _in_flight(last: dict[str, StatusMessage]) -> int:
     )
 
 
-def summarize(last: dict[str, StatusMessage], wall_s: float, mode: str,
-              stopped_by: str | None = None) -> RunSummary:
+def summarize(
+    last: dict[str, StatusMessage], wall_s: float, mode: str, stopped_by: str | None = None
+) -> RunSummary:
     """The summary from each node's last status message."""
     decoder, publisher = last.get("decoder"), last.get("publisher")
     return RunSummary(
@@ -336,8 +359,9 @@ def die_with_launcher() -> None:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        log.warning("cannot ask to be stopped with the launcher: %s",
-                    os.strerror(ctypes.get_errno()))
+        log.warning(
+            "cannot ask to be stopped with the launcher: %s", os.strerror(ctypes.get_errno())
+        )
     if os.getppid() != int(launcher):  # it died before the request above took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -383,8 +407,7 @@ class _Restarts:
 
 
 class _ProcessWorker:
-    def __init__(self, name: str, config_path: Path, log_path: Path,
-                 env: dict[str, str]) -> None:
+    def __init__(self, name: str, config_path: Path, log_path: Path, env: dict[str, str]) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab")  # a restarted node's log follows its last one
@@ -427,8 +450,7 @@ class _ThreadWorker:
         self.name = runner.node.name
         self.runner = runner
         self.code: int | None = None
-        self.thread = threading.Thread(target=self._run, name=f"samstream-{self.name}",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"samstream-{self.name}", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
@@ -470,14 +492,20 @@ def run_pipeline(
     config = resolve_endpoints(config, run_dir, in_process=in_process)
     context = zmq.Context() if in_process else zmq.Context.instance()
     status_sock = open_socket(
-        context, zmq.PULL, config.transport.status, bind=True,
+        context,
+        zmq.PULL,
+        config.transport.status,
+        bind=True,
         options=SocketOptions(linger_ms=0, sndhwm=1000, rcvhwm=1000),
     )
     statuses = MessageReceiver(status_sock)
     # Every node's status goes on to the publisher, which puts it on the PUB socket: the
     # consumers of the masks see a camera reconnecting or a node failing.
     relay = open_socket(
-        context, zmq.PUSH, config.transport.masks, bind=False,
+        context,
+        zmq.PUSH,
+        config.transport.masks,
+        bind=False,
         options=SocketOptions(linger_ms=0, sndhwm=100, rcvhwm=100),
     )
     workers: list[Any] = []
@@ -504,13 +532,17 @@ def run_pipeline(
                 if msg.detail.get(STATUS_TOKEN_KEY) != token or msg.node not in NODE_NAMES:
                     forged[0] += 1
                     if forged[0] == 1:
-                        log.warning("ignoring a status message that no node of this run sent "
-                                    "(node %r, state %r): ignoring such messages from now on",
-                                    msg.node, msg.state)
+                        log.warning(
+                            "ignoring a status message that no node of this run sent "
+                            "(node %r, state %r): ignoring such messages from now on",
+                            msg.node,
+                            msg.state,
+                        )
                     msg = statuses.recv(0)
                     continue
-                msg = dataclasses.replace(msg, detail={
-                    k: v for k, v in msg.detail.items() if k != STATUS_TOKEN_KEY})
+                msg = dataclasses.replace(
+                    msg, detail={k: v for k, v in msg.detail.items() if k != STATUS_TOKEN_KEY}
+                )
                 last[msg.node] = msg
                 if msg.node != "publisher":
                     relay_status(msg)
@@ -522,25 +554,34 @@ def run_pipeline(
     def start_process(name: str, node_config: RunConfig) -> _ProcessWorker:
         path = run_dir / f"config-{name}.json"
         path.write_text(json.dumps(config_to_dict(node_config)))
-        return _ProcessWorker(name, path, run_dir / f"{name}.log",
-                              node_environment(name, node_config, token))
+        return _ProcessWorker(
+            name, path, run_dir / f"{name}.log", node_environment(name, node_config, token)
+        )
 
     def restart(dead: Any, how: str) -> list[Any]:
         """The workers after ``dead`` died: it restarted alone (live), every node
         restarted from the outputs written so far (offline), or RunFailed."""
         tail = dead.log_tail()
         restartable = not in_process and (
-            dead.name in LIVE_RESTARTABLE if live else bool(config.publisher.out))
+            dead.name in LIVE_RESTARTABLE if live else bool(config.publisher.out)
+        )
         failure = f"node {dead.name} {how}" + (f"\n{tail}" if tail else "")
         if not restartable:
             raise RunFailed(failure)
         if not restarts.allow(dead.name, how):
-            raise RunFailed(f"{failure}\n{len(restarts.history)} node deaths, more than "
-                            f"{MAX_RESTARTS} in {RESTART_WINDOW_S:g} s: {restarts.describe()}")
+            raise RunFailed(
+                f"{failure}\n{len(restarts.history)} node deaths, more than "
+                f"{MAX_RESTARTS} in {RESTART_WINDOW_S:g} s: {restarts.describe()}"
+            )
         log.warning("node %s %s: restarting it", dead.name, how)
-        relay_status(StatusMessage(node=dead.name, state="degraded", time=time.time(),
-                                   detail={"restarting": True, "why": how,
-                                           "restarts": len(restarts.history)}))
+        relay_status(
+            StatusMessage(
+                node=dead.name,
+                state="degraded",
+                time=time.time(),
+                detail={"restarting": True, "why": how, "restarts": len(restarts.history)},
+            )
+        )
         failures.pop(dead.name, None)
         if live:
             # The others run on; the new node binds the same endpoints (ZeroMQ reconnects).
@@ -549,10 +590,10 @@ def run_pipeline(
             node_config = config
             if dead.name == "tracker":
                 node_config = dataclasses.replace(
-                    config, tracker=dataclasses.replace(config.tracker, prompts=()))
+                    config, tracker=dataclasses.replace(config.tracker, prompts=())
+                )
             dead.close()
-            return [start_process(dead.name, node_config) if w is dead else w
-                    for w in workers]
+            return [start_process(dead.name, node_config) if w is dead else w for w in workers]
         # Offline: stop the others as Ctrl-C would (the publisher keeps every frame it
         # wrote, the tracker its state), then resume: the outputs come out as they would
         # have without the death.
@@ -562,8 +603,9 @@ def run_pipeline(
             w.close()
         if resume.interrupted_frames(config.publisher.out) is None:
             raise RunFailed(f"{failure}\n(the outputs could not be kept: no restart)")
-        resumed = dataclasses.replace(config, resume=dataclasses.replace(
-            config.resume, enabled=True))
+        resumed = dataclasses.replace(
+            config, resume=dataclasses.replace(config.resume, enabled=True)
+        )
         resumed = _plan_outputs(resumed)
         last.clear()
         return [start_process(name, resumed) for name in NODE_NAMES]
@@ -571,14 +613,25 @@ def run_pipeline(
     try:
         if in_process:
             for name in reversed(NODE_NAMES):  # consumers first: their inputs are bound
-                workers.append(_ThreadWorker(node_runner(name, config, context=context,
-                                                         stop=threading.Event(),
-                                                         status_token=token)))
+                workers.append(
+                    _ThreadWorker(
+                        node_runner(
+                            name,
+                            config,
+                            context=context,
+                            stop=threading.Event(),
+                            status_token=token,
+                        )
+                    )
+                )
         else:
             workers = [start_process(name, config) for name in NODE_NAMES]
-        print(f"samstream: {config.live.mode} run, encoder on {config.encoder.device} at "
-              f"{config.encoder.image_size} px; prompts: samstream prompt list --endpoint "
-              f"{config.transport.control}", file=sys.stderr)
+        print(
+            f"samstream: {config.live.mode} run, encoder on {config.encoder.device} at "
+            f"{config.encoder.image_size} px; prompts: samstream prompt list --endpoint "
+            f"{config.transport.control}",
+            file=sys.stderr,
+        )
         feed_announced = False
         while True:
             collect(100)
@@ -590,16 +643,26 @@ def run_pipeline(
             if progress:
                 bar = _update_progress(bar, last, is_live(config))
             codes = {w.name: w.exit_code() for w in workers}
-            if any(code == 0 and last.get(name) is not None and last[name].state not in
-                   ("done", "stopped") for name, code in codes.items()):
+            if any(
+                code == 0
+                and last.get(name) is not None
+                and last[name].state not in ("done", "stopped")
+                for name, code in codes.items()
+            ):
                 collect(200)  # a clean exit can be seen before its last status arrives
             dead = None
             for w in workers:
                 code = codes[w.name]
                 state = last.get(w.name).state if w.name in last else "never reported"
                 if code is not None and (code != 0 or state not in ("done", "stopped")):
-                    dead, how = w, (f"failed: {failures[w.name]}" if w.name in failures
-                                    else f"died ({w.describe_exit()}, last state: {state})")
+                    dead, how = (
+                        w,
+                        (
+                            f"failed: {failures[w.name]}"
+                            if w.name in failures
+                            else f"died ({w.describe_exit()}, last state: {state})"
+                        ),
+                    )
                     break
             if dead is not None:
                 workers = restart(dead, how)
@@ -631,21 +694,26 @@ def run_pipeline(
     return summary
 
 
-def _update_progress(bar: tqdm | None, last: dict[str, StatusMessage],
-                     live: bool) -> tqdm | None:
+def _update_progress(bar: tqdm | None, last: dict[str, StatusMessage], live: bool) -> tqdm | None:
     """Frames published: out of the total where the container (or --max-frames) gives one,
     so the bar has an ETA; a live run shows its latency and drops instead."""
     decoder, publisher = last.get("decoder"), last.get("publisher")
     if bar is None and decoder is not None and "frame_count_hint" in decoder.detail:
-        bar = tqdm(total=None if live else decoder.detail.get("frame_count_hint"),
-                   unit="frame", desc="samstream", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=None if live else decoder.detail.get("frame_count_hint"),
+            unit="frame",
+            desc="samstream",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
     if bar is not None and publisher is not None:
         done = publisher.counters.get("frames", 0) + publisher.counters.get("frames_resumed", 0)
         if live:
             latency = (publisher.detail.get("interval") or {}).get("latency_ms") or {}
             dropped = sum(_dropped(last).values())
-            bar.set_postfix_str(f"latency {latency.get('median', 0):.0f} ms, "
-                                f"dropped {dropped}", refresh=False)
+            bar.set_postfix_str(
+                f"latency {latency.get('median', 0):.0f} ms, dropped {dropped}", refresh=False
+            )
         bar.update(done - bar.n)
     return bar
 

@@ -222,8 +222,9 @@ class LiveSource:
                 source.open()
             except SourceError as failure:
                 error = str(failure)
-                log.info("%s: reconnect attempt %d failed: %s", self.spec.display_name,
-                         attempt, error)
+                log.info(
+                    "%s: reconnect attempt %d failed: %s", self.spec.display_name, attempt, error
+                )
                 yield None
                 continue
             self._source = source
@@ -231,8 +232,9 @@ class LiveSource:
             self.reconnects += 1
             self._session_first_pts = None  # the next frame with pts starts the rebasing
             down_s = time.monotonic() - down_since
-            log.info("%s: reconnected after %.1f s (attempt %d)", self.spec.display_name,
-                     down_s, attempt)
+            log.info(
+                "%s: reconnected after %.1f s (attempt %d)", self.spec.display_name, down_s, attempt
+            )
             self.on_event(SourceEvent("connected", self.session, attempt=attempt, down_s=down_s))
             return
 
@@ -256,8 +258,11 @@ class LiveSource:
         pts = None
         if self._time_base is not None:
             # Where the wall clock puts this frame: right after the previous one.
-            by_clock = 0 if self._last_pts is None else (
-                self._last_pts + self._ticks_since_last(frame.capture_time))
+            by_clock = (
+                0
+                if self._last_pts is None
+                else (self._last_pts + self._ticks_since_last(frame.capture_time))
+            )
             if frame.pts is None or time_base is None:
                 pts = by_clock
             else:
@@ -299,8 +304,7 @@ class ThreadedReader:
         self._queue: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=capacity)
         self._closing = threading.Event()
         source.on_event = lambda event: self._put(("event", event))
-        self._thread = threading.Thread(target=self._read, name="samstream-camera",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._read, name="samstream-camera", daemon=True)
         self._thread.start()
 
     def _put(self, item: tuple[str, object]) -> None:

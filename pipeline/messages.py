@@ -151,11 +151,15 @@ def _load_json(data: Part | str, what: str) -> Any:
         else:
             view = _byte_view(data, what)
             # Checked before parsing: what a hostile peer sends costs no more than this.
-            _require(view.nbytes <= MAX_HEADER_BYTES,
-                     f"{what} is {view.nbytes} bytes, more than {MAX_HEADER_BYTES}")
+            _require(
+                view.nbytes <= MAX_HEADER_BYTES,
+                f"{what} is {view.nbytes} bytes, more than {MAX_HEADER_BYTES}",
+            )
             text = bytes(view).decode("utf-8")
-        _require(len(text) <= MAX_HEADER_BYTES,
-                 f"{what} is {len(text)} characters, more than {MAX_HEADER_BYTES}")
+        _require(
+            len(text) <= MAX_HEADER_BYTES,
+            f"{what} is {len(text)} characters, more than {MAX_HEADER_BYTES}",
+        )
         return json.loads(text, parse_constant=_reject_constant)
     except MessageError:
         raise
@@ -545,8 +549,9 @@ class MaskMessage(_WireMessage):
         size = tuple(self.frame_size)
         _require(
             len(size) == 2
-            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
-                    for v in size),
+            and all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size
+            ),
             f"frame_size must be [H, W] positive integers, got {list(size)}",
         )
         frame_size = (int(size[0]), int(size[1]))

@@ -68,6 +68,7 @@ __all__ = [
 # Track states whose boxes go into the MOT file: a lost track's box is a stale prediction.
 MOT_STATES = frozenset({"tentative", "tracked", "coasting"})
 
+
 class TrackLike(Protocol):
     """What the writer reads from a track (duck-typed; the tracker's own class fits)."""
 
@@ -290,7 +291,11 @@ class MaskWriter:
         self._overlay_prefix: Path | None = None  # an interrupted run's overlay, to carry on
         self.first_frame = resume_frames  # the index the next write() must have
         prefix = _check_prefix(
-            self.out_dir, resume_frames, png=write_png, jsonl=write_jsonl, mot=write_mot,
+            self.out_dir,
+            resume_frames,
+            png=write_png,
+            jsonl=write_jsonl,
+            mot=write_mot,
             overlay=write_overlay,
         )
         try:
@@ -500,7 +505,9 @@ class MaskWriter:
         return self._overlay
 
     def _carry_overlay_prefix(
-        self, container: av.container.OutputContainer, stream: av.VideoStream,
+        self,
+        container: av.container.OutputContainer,
+        stream: av.VideoStream,
         time_base: Fraction,
     ) -> None:
         """Re-encode the interrupted run's overlay frames at their own timestamps.
@@ -542,8 +549,10 @@ class MaskWriter:
             masks,
             ids,
             [None if state == "lost" else box for box, state in zip(boxes, states, strict=True)],
-            labels=[str(i) if state == "tracked" else f"{i} {state}"
-                    for i, state in zip(ids, states, strict=True)],
+            labels=[
+                str(i) if state == "tracked" else f"{i} {state}"
+                for i, state in zip(ids, states, strict=True)
+            ],
         )
         height, width = self._overlay_size or image.shape[:2]
         if canvas.shape[:2] != (height, width):

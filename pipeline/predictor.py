@@ -1,9 +1,9 @@
 """`SAM`: the MobileSAM API users know from Ultralytics, encode once and decode many.
 
-    from pipeline import SAM
-    model = SAM("mobile_sam.pt")
-    result = model.predict("zidane.jpg", bboxes=[439, 437, 524, 709])
-    result.masks  # (N, H, W) bool at the image's size
+from pipeline import SAM
+model = SAM("mobile_sam.pt")
+result = model.predict("zidane.jpg", bboxes=[439, 437, 524, 709])
+result.masks  # (N, H, W) bool at the image's size
 """
 
 from __future__ import annotations
@@ -145,8 +145,11 @@ class SAM:
         log.info("loaded %s on %s (%s)", self.weights_path, self.device, self.dtype)
         encoder_dtype = dtype if isinstance(dtype, str) else str(self.dtype).removeprefix("torch.")
         self.encoder: EncoderBackend = build_encoder(
-            model=self.model, weights_path=self.weights_path, backend=backend,
-            dtype=encoder_dtype, threads=threads,
+            model=self.model,
+            weights_path=self.weights_path,
+            backend=backend,
+            dtype=encoder_dtype,
+            threads=threads,
         )
 
     @property
@@ -233,9 +236,7 @@ class SAM:
         # Validate before the (slow) encode so a bad prompt costs nothing.
         prompts = parse_prompts((image.shape[0], image.shape[1]), bboxes, points, labels)
         embedded = self.set_image(image)
-        logits, scores, low_res = self.decode(
-            embedded, prompts, multimask_output=multimask_output
-        )
+        logits, scores, low_res = self.decode(embedded, prompts, multimask_output=multimask_output)
         masks = logits > self.model.mask_threshold
         return Prediction(
             masks=masks.flatten(0, 1).cpu().numpy(),

@@ -39,8 +39,14 @@ STATE_VERSION = 1
 
 # Settings that change how a run goes but not what it writes: a resume may change them.
 _NOT_IDENTITY = {
-    "decoder": {"max_frames", "open_timeout_s", "read_timeout_s", "reconnect_initial_s",
-                "reconnect_max_s", "give_up_after_s"},
+    "decoder": {
+        "max_frames",
+        "open_timeout_s",
+        "read_timeout_s",
+        "reconnect_initial_s",
+        "reconnect_max_s",
+        "give_up_after_s",
+    },
     "encoder": {"threads", "batch_size"},
     "tracker": {"threads"},
     "publisher": {"status_interval_s", "out"},  # the directory may move
@@ -127,8 +133,10 @@ def _read_run(out_dir: Path) -> dict[str, Any] | None:
 
 def begin_run(out_dir: str | Path, identity: Mapping[str, Any]) -> None:
     """Record that a (new or resumed) run writes into ``out_dir``."""
-    _write_json(state_dir(out_dir) / RUN_FILE,
-                {"version": STATE_VERSION, "state": "running", "identity": dict(identity)})
+    _write_json(
+        state_dir(out_dir) / RUN_FILE,
+        {"version": STATE_VERSION, "state": "running", "identity": dict(identity)},
+    )
 
 
 def mark_interrupted(out_dir: str | Path, frames_done: int) -> None:

@@ -143,8 +143,9 @@ class Node:
         self.abort()
 
     def handle_command(self, command: PromptCommand) -> PromptReply:
-        return PromptReply(ok=False, error=f"{self.name} takes no commands", track_id=None,
-                           tracks=())
+        return PromptReply(
+            ok=False, error=f"{self.name} takes no commands", track_id=None, tracks=()
+        )
 
     def stats(self) -> dict[str, Any]:
         """Per-message milliseconds: count, median, p95."""
@@ -243,12 +244,8 @@ class _Sockets:
     all: list[zmq.Socket] = field(default_factory=list)
 
 
-def _open(
-    ctx: zmq.Context, endpoints: NodeEndpoints, hwm: int, max_message_bytes: int
-) -> _Sockets:
-    opts = SocketOptions(
-        linger_ms=0, sndhwm=hwm, rcvhwm=hwm, maxmsgsize=max_message_bytes
-    )
+def _open(ctx: zmq.Context, endpoints: NodeEndpoints, hwm: int, max_message_bytes: int) -> _Sockets:
+    opts = SocketOptions(linger_ms=0, sndhwm=hwm, rcvhwm=hwm, maxmsgsize=max_message_bytes)
     s = _Sockets()
     if endpoints.input:
         sock = open_socket(ctx, zmq.PULL, endpoints.input, bind=True, options=opts)
@@ -264,8 +261,7 @@ def _open(
         if endpoints.publish == "auto":
             s.publish, s.publish_endpoint = bind_auto(ctx, zmq.PUB, options=pub_opts)
         else:
-            s.publish = open_socket(ctx, zmq.PUB, endpoints.publish, bind=True,
-                                    options=pub_opts)
+            s.publish = open_socket(ctx, zmq.PUB, endpoints.publish, bind=True, options=pub_opts)
             s.publish_endpoint = endpoints.publish
         s.all.append(s.publish)
     if endpoints.status:
@@ -274,9 +270,13 @@ def _open(
         s.status = open_socket(ctx, zmq.PUSH, endpoints.status, bind=False, options=status_opts)
         s.all.append(s.status)
     if endpoints.control:
-        s.control = open_socket(ctx, zmq.REP, endpoints.control, bind=True,
-                                options=SocketOptions(linger_ms=0, sndhwm=100, rcvhwm=100,
-                                                      maxmsgsize=1 << 20))
+        s.control = open_socket(
+            ctx,
+            zmq.REP,
+            endpoints.control,
+            bind=True,
+            options=SocketOptions(linger_ms=0, sndhwm=100, rcvhwm=100, maxmsgsize=1 << 20),
+        )
         s.all.append(s.control)
     return s
 
@@ -333,8 +333,9 @@ class NodeRunner:
         # the feed's never does: subscribers must not learn it.
         signed = msg
         if self.status_token is not None:
-            signed = dataclasses.replace(msg, detail={**msg.detail,
-                                                      STATUS_TOKEN_KEY: self.status_token})
+            signed = dataclasses.replace(
+                msg, detail={**msg.detail, STATUS_TOKEN_KEY: self.status_token}
+            )
         for sock, out in ((self._sockets.status, signed), (self._sockets.publish, msg)):
             if sock is None:
                 continue
@@ -484,7 +485,6 @@ class NodeRunner:
         finally:
             inbox.close()
 
-
     def _count_gap(self, msg: Message) -> None:
         """Count sequence numbers skipped before ``msg`` (frames dropped upstream)."""
         if not isinstance(msg, FrameMessage | EmbeddingMessage | MaskMessage):
@@ -527,9 +527,7 @@ class NodeRunner:
         """0 after a complete stream; 1 after a failure (reported in a status message)."""
         clean = False
         try:
-            self._sockets = _open(
-                self.context, self.endpoints, self.hwm, self.max_message_bytes
-            )
+            self._sockets = _open(self.context, self.endpoints, self.hwm, self.max_message_bytes)
             if self._sockets.publish_endpoint is not None:
                 self.node.detail["publish"] = self._sockets.publish_endpoint
             output = self._sockets.output

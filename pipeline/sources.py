@@ -74,8 +74,11 @@ RTSP_USER_ENV = "SAMSTREAM_RTSP_USER"
 RTSP_PASSWORD_ENV = "SAMSTREAM_RTSP_PASSWORD"
 # An RTSP server's error replies, as FFmpeg reports them, and what to tell the user.
 _RTSP_REPLIES: tuple[tuple[type[Exception], str], ...] = (
-    (av.error.HTTPUnauthorizedError, "401 Unauthorized: wrong or missing credentials (in the "
-     f"URL, or ${RTSP_USER_ENV} / ${RTSP_PASSWORD_ENV})"),
+    (
+        av.error.HTTPUnauthorizedError,
+        "401 Unauthorized: wrong or missing credentials (in the "
+        f"URL, or ${RTSP_USER_ENV} / ${RTSP_PASSWORD_ENV})",
+    ),
     (av.error.HTTPForbiddenError, "403 Forbidden: this user may not open this stream"),
     (av.error.HTTPNotFoundError, "404 Not Found: the server has no stream at that path"),
     (av.error.HTTPServerError, "the server answered with a 5XX error: busy or failing"),
@@ -565,7 +568,9 @@ class VideoSource:
             self._repair_logged = True
             log.warning(
                 "%s: timestamps repaired from frame %d: %s",
-                self.spec.display_name, self.frames_decoded, repaired.reason,
+                self.spec.display_name,
+                self.frames_decoded,
+                repaired.reason,
             )
         decoded = DecodedFrame(
             image=image,
@@ -607,8 +612,9 @@ def _repairer_for(stream: av.VideoStream, *, live: bool) -> TimestampRepairer[_P
     ticks_per_second = math.ceil(1 / time_base) if time_base else 25 * frame_duration
     return TimestampRepairer(
         frame_duration=frame_duration,
-        discontinuity_ticks=max(1, min(DISCONTINUITY_S * ticks_per_second,
-                                       DISCONTINUITY_FRAMES * frame_duration)),
+        discontinuity_ticks=max(
+            1, min(DISCONTINUITY_S * ticks_per_second, DISCONTINUITY_FRAMES * frame_duration)
+        ),
         lookahead=0 if live else TIMESTAMP_LOOKAHEAD,
     )
 

@@ -507,16 +507,20 @@ def _exclusive_in_windows(
     """
     if len(windows) != len(regions):
         raise ValueError(f"one logit window per mask: {len(regions)} masks, {len(windows)}")
-    active = [row for row, region in enumerate(regions)
-              if classes[row] >= 0 and region.width and region.height]
+    active = [
+        row
+        for row, region in enumerate(regions)
+        if classes[row] >= 0 and region.width and region.height
+    ]
     if len(active) < 2:
         return out
     boxes = np.array([regions[row].box for row in active], dtype=np.int64)
     overlap = (
-        (np.minimum(boxes[:, None, 2], boxes[None, :, 2])
-         > np.maximum(boxes[:, None, 0], boxes[None, :, 0]))
-        & (np.minimum(boxes[:, None, 3], boxes[None, :, 3])
-           > np.maximum(boxes[:, None, 1], boxes[None, :, 1]))
+        np.minimum(boxes[:, None, 2], boxes[None, :, 2])
+        > np.maximum(boxes[:, None, 0], boxes[None, :, 0])
+    ) & (
+        np.minimum(boxes[:, None, 3], boxes[None, :, 3])
+        > np.maximum(boxes[:, None, 1], boxes[None, :, 1])
     )
     np.fill_diagonal(overlap, False)
     rows = [row for row, hit in zip(active, overlap.any(axis=1), strict=True) if hit]
@@ -816,8 +820,13 @@ class PromptTracker:
         if self._frame_size is None:
             return []
         outputs = [
-            self._lost_output(tid, track.predicted_box, track.last_innovation,
-                              track.frames_since_update, track.last_score)
+            self._lost_output(
+                tid,
+                track.predicted_box,
+                track.last_innovation,
+                track.frames_since_update,
+                track.last_score,
+            )
             for tid, track in sorted(self._tracks.items())
         ]
         for output in outputs:
@@ -1068,14 +1077,19 @@ class PromptTracker:
         tracks = []
         arrays: dict[str, np.ndarray] = {}
         for tid, track in self._tracks.items():
-            tracks.append({
-                "id": tid, "state": track.state.value, "hits": track.hits,
-                "frames_since_update": track.frames_since_update,
-                "last_score": float(track.last_score),
-                "last_innovation": float(track.last_innovation),
-                "last_frame": self._last_frame.get(tid), "restarted": tid in self._restarted,
-                "has_logits": track.last_mask_logits is not None,
-            })
+            tracks.append(
+                {
+                    "id": tid,
+                    "state": track.state.value,
+                    "hits": track.hits,
+                    "frames_since_update": track.frames_since_update,
+                    "last_score": float(track.last_score),
+                    "last_innovation": float(track.last_innovation),
+                    "last_frame": self._last_frame.get(tid),
+                    "restarted": tid in self._restarted,
+                    "has_logits": track.last_mask_logits is not None,
+                }
+            )
             arrays[f"track{tid}.x"] = np.array(track.kf.x, dtype=np.float64)
             arrays[f"track{tid}.P"] = np.array(track.kf.P, dtype=np.float64)
             if track.last_mask_logits is not None:
@@ -1083,8 +1097,13 @@ class PromptTracker:
                 arrays[f"track{tid}.logits"] = track.last_mask_logits.copy()
         pending = []
         for tid, prompt in self._pending.items():
-            pending.append({"id": tid, "frame": prompt.frame,
-                            "box": None if prompt.box is None else [float(v) for v in prompt.box]})
+            pending.append(
+                {
+                    "id": tid,
+                    "frame": prompt.frame,
+                    "box": None if prompt.box is None else [float(v) for v in prompt.box],
+                }
+            )
             if prompt.points is not None and prompt.labels is not None:
                 arrays[f"pending{tid}.points"] = prompt.points.copy()
                 arrays[f"pending{tid}.labels"] = prompt.labels.copy()
@@ -1117,8 +1136,9 @@ class PromptTracker:
                 track.last_score = float(row["last_score"])
                 track.last_innovation = float(row["last_innovation"])
                 if row["has_logits"]:
-                    track.last_mask_logits = np.array(arrays[f"track{tid}.logits"],
-                                                      dtype=np.float32)
+                    track.last_mask_logits = np.array(
+                        arrays[f"track{tid}.logits"], dtype=np.float32
+                    )
                 if row["last_frame"] is not None:
                     last_frame[tid] = int(row["last_frame"])
                 if row["restarted"]:
@@ -1308,15 +1328,19 @@ def _checked_decoded(
 
 
 def _contested_problems(
-    contested: object, count: int, regions: tuple[RegionMask, ...],
+    contested: object,
+    count: int,
+    regions: tuple[RegionMask, ...],
     frame_size: tuple[int, int] | None,
 ) -> builtins.list[str]:
     windows = getattr(contested, "windows", None)
     if windows is not None:
         shapes = [getattr(w, "shape", None) for w in windows]
         wanted = [m.window.shape for m in regions]
-        if len(shapes) != count or (regions and shapes != wanted) or not all(
-            isinstance(w, np.ndarray) and w.dtype == np.float32 for w in windows
+        if (
+            len(shapes) != count
+            or (regions and shapes != wanted)
+            or not all(isinstance(w, np.ndarray) and w.dtype == np.float32 for w in windows)
         ):
             return [f"contested.windows must be float32 logits of the {count} mask windows"]
         return []

@@ -177,8 +177,11 @@ def bind_auto(
             if err.errno != errno.EADDRINUSE:
                 raise
     first, last = AUTO_PUBLISH_PORTS[0], AUTO_PUBLISH_PORTS[-1]
-    raise OSError(errno.EADDRINUSE, f"ports {first}..{last} of {AUTO_PUBLISH_HOST} are all in "
-                  "use: set transport.publish to a free endpoint")
+    raise OSError(
+        errno.EADDRINUSE,
+        f"ports {first}..{last} of {AUTO_PUBLISH_HOST} are all in "
+        "use: set transport.publish to a free endpoint",
+    )
 
 
 def send_message(sock: zmq.Socket, msg: Message, *, flags: int = 0) -> None:

@@ -153,8 +153,13 @@ def make_pts_as_dts_mp4(
         packet.pts = packet.dts
 
     return _write_packets(
-        Path(path), frames=frames, size=size, fps=fps, codec="libx264",
-        options={"bf": "3"}, retime=pts_from_dts,
+        Path(path),
+        frames=frames,
+        size=size,
+        fps=fps,
+        codec="libx264",
+        options={"bf": "3"},
+        retime=pts_from_dts,
     )
 
 

@@ -50,8 +50,12 @@ def torch_sam(checkpoint: Path) -> SAM:
 def shared_cache(torch_sam: SAM, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache holding the checkpoint's exported encoder: exported once for the module."""
     cache = tmp_path_factory.mktemp("shared-cache")
-    export.cached_onnx(torch_sam.model, kind=export.ENCODER,
-                       checkpoint_sha256=export.file_sha256(torch_sam.weights_path), cache=cache)
+    export.cached_onnx(
+        torch_sam.model,
+        kind=export.ENCODER,
+        checkpoint_sha256=export.file_sha256(torch_sam.weights_path),
+        cache=cache,
+    )
     return cache
 
 
@@ -80,16 +84,24 @@ def _variants() -> list:
     # Emulated bf16 (no native bf16) is 12x slower and never chosen by auto, but still right.
     out = [("torch", "float32"), ("onnxruntime", "float32"), ("torch", "bfloat16")]
     ov = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
-    out += [pytest.param("openvino", "float32", marks=ov),
-            pytest.param("openvino", "bfloat16", marks=ov)]
+    out += [
+        pytest.param("openvino", "float32", marks=ov),
+        pytest.param("openvino", "bfloat16", marks=ov),
+    ]
     return out
 
 
 @pytest.mark.parametrize(("backend", "precision"), _variants())
-def test_every_backend_matches_torch_fp32(torch_sam: SAM, shared_cache: Path, real_image,
-                                          backend: str, precision: str) -> None:
-    encoder = build_encoder(model=torch_sam.model, weights_path=torch_sam.weights_path,
-                            backend=backend, dtype=precision, cache=shared_cache)
+def test_every_backend_matches_torch_fp32(
+    torch_sam: SAM, shared_cache: Path, real_image, backend: str, precision: str
+) -> None:
+    encoder = build_encoder(
+        model=torch_sam.model,
+        weights_path=torch_sam.weights_path,
+        backend=backend,
+        dtype=precision,
+        cache=shared_cache,
+    )
     assert (encoder.name, encoder.precision) == (backend, precision)
     x = calibration_input(SIZE)
     reference = torch_sam.encoder.encode(x)
@@ -98,15 +110,20 @@ def test_every_backend_matches_torch_fp32(torch_sam: SAM, shared_cache: Path, re
     from pipeline.model.transforms import resize_longest_side
 
     resized = resize_longest_side(real_image, SIZE)[None]
-    photo = relative_error(encoder.encode_images(resized).numpy(),
-                           torch_sam.encoder.encode_images(resized).numpy())
+    photo = relative_error(
+        encoder.encode_images(resized).numpy(), torch_sam.encoder.encode_images(resized).numpy()
+    )
     print(f"{backend}/{precision}: relative error {synthetic:.2e} (textured), {photo:.2e} (photo)")
     assert synthetic <= TOLERANCES[precision] and photo <= TOLERANCES[precision]
 
 
 def test_batch_of_two(torch_sam: SAM, shared_cache: Path) -> None:
-    encoder = build_encoder(model=torch_sam.model, weights_path=torch_sam.weights_path,
-                            backend="onnxruntime", cache=shared_cache)
+    encoder = build_encoder(
+        model=torch_sam.model,
+        weights_path=torch_sam.weights_path,
+        backend="onnxruntime",
+        cache=shared_cache,
+    )
     x = np.concatenate([calibration_input(SIZE), calibration_input(SIZE)[:, :, ::-1]])
     got = encoder.encode(np.ascontiguousarray(x))
     assert got.shape == (2, 256, SIZE // 16, SIZE // 16)
@@ -115,8 +132,9 @@ def test_batch_of_two(torch_sam: SAM, shared_cache: Path) -> None:
         encoder.encode(x[:, :, :128].astype(np.float64))
 
 
-def test_sam_with_onnxruntime_predicts_like_torch(checkpoint: Path, torch_sam: SAM, seeded: Path,
-                                                  real_image: np.ndarray) -> None:
+def test_sam_with_onnxruntime_predicts_like_torch(
+    checkpoint: Path, torch_sam: SAM, seeded: Path, real_image: np.ndarray
+) -> None:
     sam = SAM(checkpoint, image_size=SIZE, backend="onnxruntime")
     assert sam.backend_report["backend"] == "onnxruntime"
     box = [200, 40, 330, 330]
@@ -139,8 +157,9 @@ def test_export_is_cached_and_reused(checkpoint: Path, _cache: Path, exports: li
     assert model_file.stat().st_mtime_ns == mtime
 
 
-def test_a_stale_export_is_never_used(checkpoint: Path, tmp_path: Path, seeded: Path,
-                                      exports: list[str], caplog) -> None:
+def test_a_stale_export_is_never_used(
+    checkpoint: Path, tmp_path: Path, seeded: Path, exports: list[str], caplog
+) -> None:
     # Another checkpoint: other weights, so another key.
     state = torch.load(checkpoint, weights_only=True)
     name = next(k for k in state if k.startswith("image_encoder.neck"))
@@ -153,8 +172,11 @@ def test_a_stale_export_is_never_used(checkpoint: Path, tmp_path: Path, seeded: 
     reference = SAM(other, image_size=SIZE).encoder.encode(x)
     assert relative_error(sam.encoder.encode(x), reference) <= 1e-4
     # A sidecar whose key says another checkpoint (edited, or a name clash) is rebuilt too.
-    side = next(p for p in (seeded / "onnx").glob("*.json")
-                if json.loads(p.read_text())["checkpoint_sha256"] == export.file_sha256(other))
+    side = next(
+        p
+        for p in (seeded / "onnx").glob("*.json")
+        if json.loads(p.read_text())["checkpoint_sha256"] == export.file_sha256(other)
+    )
     info = json.loads(side.read_text())
     side.write_text(json.dumps({**info, "checkpoint_sha256": "0" * 64}))
     with caplog.at_level(logging.INFO, logger="pipeline.export"):
@@ -163,9 +185,9 @@ def test_a_stale_export_is_never_used(checkpoint: Path, tmp_path: Path, seeded: 
 
 
 @pytest.mark.parametrize("damage", ["model", "sidecar"])
-def test_a_corrupt_export_is_rebuilt_with_a_warning(checkpoint: Path, seeded: Path,
-                                                    exports: list[str], caplog,
-                                                    damage: str) -> None:
+def test_a_corrupt_export_is_rebuilt_with_a_warning(
+    checkpoint: Path, seeded: Path, exports: list[str], caplog, damage: str
+) -> None:
     [model_file] = (seeded / "onnx").glob("*.onnx")
     if damage == "model":
         model_file.write_bytes(model_file.read_bytes()[: 1 << 20])  # truncated
@@ -174,8 +196,7 @@ def test_a_corrupt_export_is_rebuilt_with_a_warning(checkpoint: Path, seeded: Pa
     with caplog.at_level(logging.WARNING, logger="pipeline.export"):
         sam = SAM(checkpoint, image_size=SIZE, backend="onnxruntime")
     assert exports == ["image_encoder"]
-    assert any(r.levelno == logging.WARNING and "corrupt" in r.getMessage()
-               for r in caplog.records)
+    assert any(r.levelno == logging.WARNING and "corrupt" in r.getMessage() for r in caplog.records)
     assert sam.encoder.encode(calibration_input(SIZE)).shape == (1, 256, 16, 16)
 
 
@@ -194,8 +215,9 @@ def fast_calibration(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_auto_calibrates_once_and_reuses_the_result(checkpoint: Path, seeded: Path,
-                                                    fast_calibration: list[int]) -> None:
+def test_auto_calibrates_once_and_reuses_the_result(
+    checkpoint: Path, seeded: Path, fast_calibration: list[int]
+) -> None:
     first = SAM(checkpoint, image_size=SIZE, backend="auto", dtype="auto").backend_report
     assert fast_calibration == [1] and first["chosen_by"] == "calibration"
     rows = {(r["backend"], r["precision"]): r for r in first["candidates"]}
@@ -215,11 +237,19 @@ def test_auto_calibrates_once_and_reuses_the_result(checkpoint: Path, seeded: Pa
 
 
 def test_a_calibration_for_another_key_is_never_used(tmp_path: Path) -> None:
-    key = backends.calibration_key(image_size=SIZE, threads=2, dtype="auto",
-                                   checkpoint_sha256="a" * 64)
+    key = backends.calibration_key(
+        image_size=SIZE, threads=2, dtype="auto", checkpoint_sha256="a" * 64
+    )
     for change in ({"threads": 1}, {"image_size": 512}, {"checkpoint_sha256": "b" * 64}):
-        other = backends.calibration_key(**{"image_size": SIZE, "threads": 2, "dtype": "auto",
-                                            "checkpoint_sha256": "a" * 64, **change})
+        other = backends.calibration_key(
+            **{
+                "image_size": SIZE,
+                "threads": 2,
+                "dtype": "auto",
+                "checkpoint_sha256": "a" * 64,
+                **change,
+            }
+        )
         assert other != key
     assert {"cpu_model", "cpu_flags_sha256", "versions"} <= key.keys()
     assert {"torch", "onnxruntime", "openvino", "samstream"} <= key["versions"].keys()
@@ -231,9 +261,9 @@ def test_a_calibration_for_another_key_is_never_used(tmp_path: Path) -> None:
     assert backends._load_calibration(path, key)["choice"] == choice
 
 
-def test_a_corrupt_calibration_is_redone_with_a_warning(checkpoint: Path, seeded: Path,
-                                                        fast_calibration: list[int],
-                                                        caplog) -> None:
+def test_a_corrupt_calibration_is_redone_with_a_warning(
+    checkpoint: Path, seeded: Path, fast_calibration: list[int], caplog
+) -> None:
     SAM(checkpoint, image_size=SIZE, backend="auto", dtype="float32")
     [path] = (seeded / "calibration").glob("*.json")
     path.write_text('{"key": ')
@@ -245,9 +275,9 @@ def test_a_corrupt_calibration_is_redone_with_a_warning(checkpoint: Path, seeded
     assert all(r["precision"] == "float32" for r in report["candidates"])
 
 
-def test_auto_without_openvino_uses_what_is_there(checkpoint: Path, seeded: Path,
-                                                  monkeypatch: pytest.MonkeyPatch,
-                                                  fast_calibration: list[int]) -> None:
+def test_auto_without_openvino_uses_what_is_there(
+    checkpoint: Path, seeded: Path, monkeypatch: pytest.MonkeyPatch, fast_calibration: list[int]
+) -> None:
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` -> ImportError
     monkeypatch.setattr(backends, "native_bf16", lambda: False)
     report = SAM(checkpoint, image_size=SIZE, backend="auto", dtype="auto").backend_report
@@ -258,8 +288,9 @@ def test_auto_without_openvino_uses_what_is_there(checkpoint: Path, seeded: Path
     assert rows[("onnxruntime", "float32")]["ok"]
 
 
-def test_openvino_missing_names_the_extra(checkpoint: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_openvino_missing_names_the_extra(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(RuntimeError, match=r"pip install 'samstream\[openvino\]'"):
         SAM(checkpoint, image_size=SIZE, backend="openvino")
@@ -269,14 +300,21 @@ def test_bad_backend_arguments(torch_sam: SAM) -> None:
     with pytest.raises(ValueError, match="not one of auto"):
         SAM(torch_sam.weights_path, image_size=SIZE, backend="tensorrt")
     with pytest.raises(ValueError, match="onnxruntime runs float32 only"):
-        build_encoder(model=torch_sam.model, weights_path=torch_sam.weights_path,
-                      backend="onnxruntime", dtype="bfloat16")
+        build_encoder(
+            model=torch_sam.model,
+            weights_path=torch_sam.weights_path,
+            backend="onnxruntime",
+            dtype="bfloat16",
+        )
     # The ONNX backends are CPU only (a model on another device: the meta one will do).
     from pipeline.model.sam import build_mobile_sam
 
     with pytest.raises(ValueError, match="runs on the CPU only"):
-        build_encoder(model=build_mobile_sam(img_size=SIZE).to("meta"),
-                      weights_path=torch_sam.weights_path, backend="openvino")
+        build_encoder(
+            model=build_mobile_sam(img_size=SIZE).to("meta"),
+            weights_path=torch_sam.weights_path,
+            backend="openvino",
+        )
 
 
 @pytest.mark.gpu
@@ -285,17 +323,27 @@ def test_auto_on_a_gpu_is_torch(checkpoint: Path) -> None:
     assert report["backend"] == "torch" and report["chosen_by"] == "auto on a GPU is torch"
 
 
-def test_threads_come_from_the_budget(torch_sam: SAM, shared_cache: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_come_from_the_budget(
+    torch_sam: SAM, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the launcher sets for a node
     assert encoder_threads(None) == 1 and encoder_threads(3) == 3
-    ort_encoder = build_encoder(model=torch_sam.model, weights_path=torch_sam.weights_path,
-                                backend="onnxruntime", cache=shared_cache)
+    ort_encoder = build_encoder(
+        model=torch_sam.model,
+        weights_path=torch_sam.weights_path,
+        backend="onnxruntime",
+        cache=shared_cache,
+    )
     assert ort_encoder.threads == 1 and ort_encoder.report["threads"] == 1
     assert ort_encoder.session.get_session_options().intra_op_num_threads == 1
     if HAS_OPENVINO:
-        ov_encoder = build_encoder(model=torch_sam.model, weights_path=torch_sam.weights_path,
-                                   backend="openvino", threads=2, cache=shared_cache)
+        ov_encoder = build_encoder(
+            model=torch_sam.model,
+            weights_path=torch_sam.weights_path,
+            backend="openvino",
+            threads=2,
+            cache=shared_cache,
+        )
         assert ov_encoder.compiled.get_property("INFERENCE_NUM_THREADS") == 2
         import openvino as ov
 
@@ -306,8 +354,10 @@ def test_threads_come_from_the_budget(torch_sam: SAM, shared_cache: Path,
 
 def test_config_backend_key() -> None:
     assert config_from_dict({}).encoder.backend == "auto"
-    assert config_from_dict({"encoder": {"backend": "openvino", "dtype": "auto"}}).encoder.dtype \
+    assert (
+        config_from_dict({"encoder": {"backend": "openvino", "dtype": "auto"}}).encoder.dtype
         == "auto"
+    )
     with pytest.raises(ConfigError, match=r"encoder\.backend: must be auto \| torch"):
         config_from_dict({"encoder": {"backend": "tensorrt"}})
     with pytest.raises(ConfigError, match=r"encoder\.dtype: must be"):
@@ -325,8 +375,9 @@ def test_encoder_node_reports_its_backend(checkpoint: Path, seeded: Path) -> Non
     assert node.detail["backend"]["backend"] == "onnxruntime"
     assert node.detail["backend"]["chosen_by"] == "config"
     json.dumps(node.detail)  # travels in status messages
-    meta = FrameMeta(stream_id="cam0", seq=0, frame_index=0, pts=0, time_base=(1, 25),
-                     capture_time=0.0)
+    meta = FrameMeta(
+        stream_id="cam0", seq=0, frame_index=0, pts=0, time_base=(1, 25), capture_time=0.0
+    )
     image = np.zeros((120, 160, 3), np.uint8)
     [out] = node.process_batch([FrameMessage(meta=meta, image=image)])
     assert isinstance(out, EmbeddingMessage) and out.embedding.shape == (256, 16, 16)

@@ -14,23 +14,47 @@ pytestmark = pytest.mark.slow
 
 def test_bench_prints_every_figure_and_the_ratios(checkpoint: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "bench", "--weights", str(checkpoint),
-         "--source", "lavfi:testsrc2=size=320x240:rate=10", "--frames", "3",
-         "--image-size", "256", "--live-seconds", "2"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "bench",
+            "--weights",
+            str(checkpoint),
+            "--source",
+            "lavfi:testsrc2=size=320x240:rate=10",
+            "--frames",
+            "3",
+            "--image-size",
+            "256",
+            "--live-seconds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = {}
     for line in proc.stdout.splitlines():
         name, _, value = line.rpartition(" ")
         figures[name.strip()] = value
-    for name in ("decode_fps", "encoder_ms_batch1", "mask_decoder_ms_1_objects",
-                 "samstream_run_fps", "official_predictor_loop_fps", "live_latency_ms_median",
-                 "live_latency_ms_p95", "live_share_within_budget"):
+    for name in (
+        "decode_fps",
+        "encoder_ms_batch1",
+        "mask_decoder_ms_1_objects",
+        "samstream_run_fps",
+        "official_predictor_loop_fps",
+        "live_latency_ms_median",
+        "live_latency_ms_p95",
+        "live_share_within_budget",
+    ):
         assert re.fullmatch(r"\d+\.\d+", figures.get(name, "")), f"{name}: {figures.get(name)}"
     assert float(figures["live_frames_in"]) == 20  # 2 s of a 10 fps source, played live
-    published, dropped = float(figures["live_frames_published"]), float(
-        figures["live_frames_dropped"])
+    published, dropped = (
+        float(figures["live_frames_published"]),
+        float(figures["live_frames_dropped"]),
+    )
     assert published >= 1 and published + dropped == 20  # every frame accounted for
     assert re.search(r"ratio samstream / official_predictor_loop +\d+\.\d+x", proc.stdout)
     assert re.search(r"ratio live latency / official loop +\d+\.\d+x", proc.stdout)

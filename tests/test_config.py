@@ -299,11 +299,17 @@ def test_live_keys_are_typed() -> None:
     )
     d = cfg.decoder
     assert (d.read_timeout_s, d.rtsp_transport, d.reconnect_initial_s, d.reconnect_max_s) == (
-        2.0, "udp", 0.25, 0.25
+        2.0,
+        "udp",
+        0.25,
+        0.25,
     )
     assert isinstance(d.read_timeout_s, float) and isinstance(d.framerate, float)
     assert (d.give_up_after_s, d.video_size, d.framerate, d.pixel_format) == (
-        30.0, "1280x720", 30.0, "mjpeg"
+        30.0,
+        "1280x720",
+        30.0,
+        "mjpeg",
     )
     assert cfg.encoder.device == "auto" and cfg.encoder.image_size is None
     assert cfg.tracker.device == "auto" and cfg.tracker.lost_after_gap_s == 2.5
@@ -361,12 +367,21 @@ def test_wrong_live_types_are_rejected(data: dict, key: str) -> None:
 
 
 def test_live_overrides() -> None:
-    cfg = load_config(overrides=["live.mode=live", "decoder.video_size=640x480",
-                                 "encoder.image_size=null", "decoder.give_up_after_s=60"])
+    cfg = load_config(
+        overrides=[
+            "live.mode=live",
+            "decoder.video_size=640x480",
+            "encoder.image_size=null",
+            "decoder.give_up_after_s=60",
+        ]
+    )
     assert cfg.live.mode == "live" and cfg.decoder.video_size == "640x480"
     assert cfg.encoder.image_size is None and cfg.decoder.give_up_after_s == 60.0
-    with pytest.raises(ConfigError, match=r"--set decoder\.reconnect_max_s=0\.1: "
-                                          r"decoder\.reconnect_max_s: must be at least"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--set decoder\.reconnect_max_s=0\.1: "
+        r"decoder\.reconnect_max_s: must be at least",
+    ):
         load_config(overrides=["decoder.reconnect_max_s=0.1"])
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from nodes.tracker import SamMaskDecoder, TrackerNode
+from nodes.tracker import TrackerNode
 from pipeline.config import PromptConfig, TrackerConfig
+from pipeline.mask_decoder import SamMaskDecoder
 from pipeline.messages import EmbeddingMessage, FrameMeta, MaskMessage
 from pipeline.predictor import SAM, ImageEmbedding
 from pipeline.prompts import Prompts
@@ -141,8 +142,9 @@ def test_contested_pixels_span_the_decoders_separate_calls(sam, embedded):
     # Each row's logits in its window, from whichever call decoded it: the pixels two rows
     # claim are decided by the logits of all rows together.
     assert decoded.contested is not None and decoded.contested.windows is not None
-    for row, (mask, window) in enumerate(zip(decoded.masks, decoded.contested.windows,
-                                             strict=True)):
+    for row, (mask, window) in enumerate(
+        zip(decoded.masks, decoded.contested.windows, strict=True)
+    ):
         rows, cols = mask.slices
         np.testing.assert_allclose(window, logits[row][rows, cols], rtol=1e-5, atol=1e-5)
     exclusive = np.stack(exclusive_masks(decoded.masks, decoded.contested, [0, 0, 0]))
@@ -178,8 +180,9 @@ def run_node(sam: SAM, checkpoint: Path, sizes: list[tuple[int, int]], **config:
     )
     node = TrackerNode(tracker_config, weights=str(checkpoint), image_size=256)
     node.setup()
-    messages = [node.process(embedding_message(sam, frame, size))[0] for frame, size in
-                enumerate(sizes)]
+    messages = [
+        node.process(embedding_message(sam, frame, size))[0] for frame, size in enumerate(sizes)
+    ]
     assert node.counters["frame_size_changes"] == 1
     return messages
 

@@ -40,8 +40,9 @@ def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     from pipeline.cli import main
 
     out = tmp_path_factory.mktemp("onnx")
-    code = main(["export", "--weights", str(checkpoint), "--image-size", str(SIZE),
-                 "--out", str(out)])
+    code = main(
+        ["export", "--weights", str(checkpoint), "--image-size", str(SIZE), "--out", str(out)]
+    )
     assert code == 0
     return out
 
@@ -72,8 +73,10 @@ def _session(path: Path) -> ort.InferenceSession:
 
 def test_export_writes_checked_models_and_sidecars(exported: Path, checkpoint: Path) -> None:
     digest = file_sha256(checkpoint)
-    for kind, inputs, outputs in (("image_encoder", ENCODER_INPUTS, ENCODER_OUTPUTS),
-                                  ("mask_decoder", DECODER_INPUTS, DECODER_OUTPUTS)):
+    for kind, inputs, outputs in (
+        ("image_encoder", ENCODER_INPUTS, ENCODER_OUTPUTS),
+        ("mask_decoder", DECODER_INPUTS, DECODER_OUTPUTS),
+    ):
         path = exported / f"mobile_sam_{kind}_{SIZE}.onnx"
         onnx.checker.check_model(str(path))
         graph = onnx.load(str(path)).graph
@@ -120,8 +123,9 @@ def _torch_decode(model: MobileSAM, embedding: torch.Tensor, points, boxes, mask
     with torch.no_grad():
         logits, scores = model.decode(
             embedding,
-            points=None if points is None else (torch.from_numpy(points[0]),
-                                                torch.from_numpy(points[1]).long()),
+            points=None
+            if points is None
+            else (torch.from_numpy(points[0]), torch.from_numpy(points[1]).long()),
             boxes=None if boxes is None else torch.from_numpy(boxes),
             mask_inputs=None if masks is None else torch.from_numpy(masks),
         )
@@ -130,13 +134,20 @@ def _torch_decode(model: MobileSAM, embedding: torch.Tensor, points, boxes, mask
 
 @pytest.mark.parametrize("prompts", [1, 3])
 @pytest.mark.parametrize("case", ["box", "points", "box+points", "box+mask", "points+mask"])
-def test_decoder_matches_torch(decoder: ort.InferenceSession, model: MobileSAM,
-                               embedding: torch.Tensor, case: str, prompts: int) -> None:
+def test_decoder_matches_torch(
+    decoder: ort.InferenceSession,
+    model: MobileSAM,
+    embedding: torch.Tensor,
+    case: str,
+    prompts: int,
+) -> None:
     rng = np.random.default_rng(prompts)
     corners = np.sort(rng.uniform(0, SIZE, (prompts, 2, 2)), axis=1)
     boxes = corners.transpose(0, 2, 1).reshape(prompts, 4).astype(np.float32)  # x1 y1 x2 y2
-    points = (rng.uniform(0, SIZE, (prompts, 2, 2)).astype(np.float32),
-              rng.integers(0, 2, (prompts, 2)).astype(np.float32))
+    points = (
+        rng.uniform(0, SIZE, (prompts, 2, 2)).astype(np.float32),
+        rng.integers(0, 2, (prompts, 2)).astype(np.float32),
+    )
     low = 4 * (SIZE // 16)
     masks = rng.normal(0, 4, (prompts, 1, low, low)).astype(np.float32) if "mask" in case else None
     use_points = points if "points" in case else None
@@ -144,13 +155,16 @@ def test_decoder_matches_torch(decoder: ort.InferenceSession, model: MobileSAM,
     expected, expected_scores = _torch_decode(model, embedding, use_points, use_boxes, masks)
 
     coords, labels = onnx_prompts(points=use_points, boxes=use_boxes)
-    got, scores = decoder.run(None, {
-        "image_embeddings": embedding.numpy(),
-        "point_coords": coords,
-        "point_labels": labels,
-        "mask_input": masks if masks is not None else np.zeros((1, 1, low, low), np.float32),
-        "has_mask_input": np.array([0.0 if masks is None else 1.0], np.float32),
-    })
+    got, scores = decoder.run(
+        None,
+        {
+            "image_embeddings": embedding.numpy(),
+            "point_coords": coords,
+            "point_labels": labels,
+            "mask_input": masks if masks is not None else np.zeros((1, 1, low, low), np.float32),
+            "has_mask_input": np.array([0.0 if masks is None else 1.0], np.float32),
+        },
+    )
     assert got.shape == (prompts, 1, low, low) and scores.shape == (prompts, 1)
     error = relative_error(got, expected)
     print(f"decoder ONNX vs torch, {case}, {prompts} prompt(s): relative error {error:.2e}")
@@ -171,10 +185,12 @@ def test_onnx_prompts_order_and_padding() -> None:
         onnx_prompts(points=(np.ones((2, 1, 2)), np.ones((2, 1))), boxes=np.ones((3, 4)))
 
 
-def test_export_rejects_a_bad_image_size(checkpoint: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_rejects_a_bad_image_size(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from pipeline.cli import main
 
-    code = main(["export", "--weights", str(checkpoint), "--image-size", "100",
-                 "--out", str(tmp_path)])
+    code = main(
+        ["export", "--weights", str(checkpoint), "--image-size", "100", "--out", str(tmp_path)]
+    )
     assert code == 2 and "multiple of 16" in capsys.readouterr().err

@@ -40,11 +40,19 @@ def test_half_precision_on_cuda_stays_close_to_float32(
 
 def _run(clip: Path, checkpoint: Path, device: str, *extra: str) -> tuple[list, object]:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    config = load_config(None, [
-        f"decoder.source={json.dumps(str(clip))}", f"weights={json.dumps(str(checkpoint))}",
-        f"encoder.device={device}", f"tracker.device={device}", "encoder.image_size=1024",
-        "tracker.prompts=[{box: [30, 60, 100, 120]}]", f"transport.publish={endpoint}", *extra,
-    ])
+    config = load_config(
+        None,
+        [
+            f"decoder.source={json.dumps(str(clip))}",
+            f"weights={json.dumps(str(checkpoint))}",
+            f"encoder.device={device}",
+            f"tracker.device={device}",
+            "encoder.image_size=1024",
+            "tracker.prompts=[{box: [30, 60, 100, 120]}]",
+            f"transport.publish={endpoint}",
+            *extra,
+        ],
+    )
     received: list = []
     with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
         thread = collect(sub, received)

@@ -55,8 +55,9 @@ class Recorder(Node):
 
 
 def _frame(seq: int) -> FrameMessage:
-    meta = FrameMeta(stream_id="cam0", seq=seq, frame_index=seq, pts=seq, time_base=(1, 25),
-                     capture_time=0.0)
+    meta = FrameMeta(
+        stream_id="cam0", seq=seq, frame_index=seq, pts=seq, time_base=(1, 25), capture_time=0.0
+    )
     return FrameMessage(meta=meta, image=np.zeros((4, 4, 3), np.uint8))
 
 
@@ -65,8 +66,9 @@ def running(tmp_path: Path) -> Iterator[tuple[Recorder, NodeRunner, str, str, zm
     ctx = zmq.Context()
     node = Recorder()
     inputs, control = f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/control"
-    runner = NodeRunner(node, NodeEndpoints(input=inputs, control=control), context=ctx,
-                        max_message_bytes=1 << 22)
+    runner = NodeRunner(
+        node, NodeEndpoints(input=inputs, control=control), context=ctx, max_message_bytes=1 << 22
+    )
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(runner.run()), daemon=True)
     thread.start()
@@ -77,8 +79,9 @@ def running(tmp_path: Path) -> Iterator[tuple[Recorder, NodeRunner, str, str, zm
     ctx.term()
 
 
-def _request(ctx: zmq.Context, endpoint: str, parts: list[bytes],
-             timeout_ms: int = 10_000) -> dict | None:
+def _request(
+    ctx: zmq.Context, endpoint: str, parts: list[bytes], timeout_ms: int = 10_000
+) -> dict | None:
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)

@@ -48,9 +48,15 @@ def no_cuda_call() -> bool:
     raise AssertionError("cuda_available() called although no device is 'auto'")
 
 
-def config(source: str = "", *, mode: str = "auto", device: str = "auto",
-           tracker_device: str | None = None, image_size: int | None = None,
-           budget_ms: float | None = None) -> RunConfig:
+def config(
+    source: str = "",
+    *,
+    mode: str = "auto",
+    device: str = "auto",
+    tracker_device: str | None = None,
+    image_size: int | None = None,
+    budget_ms: float | None = None,
+) -> RunConfig:
     return RunConfig(
         decoder=DecoderConfig(source=source),
         encoder=EncoderConfig(device=device, image_size=image_size),
@@ -112,8 +118,9 @@ def test_explicit_mode_is_kept(tmp_path: Path) -> None:
     clip.write_bytes(b"x")
     live_file = resolve_run_config(config(str(clip), mode="live"), cuda_available=lambda: False)
     assert live_file.live.mode == "live"
-    camera = resolve_run_config(config("rtsp://cam/x", mode="offline"),
-                                cuda_available=lambda: False)
+    camera = resolve_run_config(
+        config("rtsp://cam/x", mode="offline"), cuda_available=lambda: False
+    )
     assert camera.live.mode == "offline"
     # Offline on a CPU: the full image size, the CPU budget.
     assert camera.encoder.image_size == 1024 and camera.live.budget_ms == CPU_BUDGET_MS
@@ -147,8 +154,9 @@ def test_auto_device_image_size_and_budget(
 
 
 def test_explicit_values_are_kept_and_cuda_is_not_asked() -> None:
-    cfg = config("/dev/video0", device="cuda:1", tracker_device="cpu", image_size=768,
-                 budget_ms=50.0)
+    cfg = config(
+        "/dev/video0", device="cuda:1", tracker_device="cpu", image_size=768, budget_ms=50.0
+    )
     resolved = resolve_run_config(cfg, cuda_available=no_cuda_call)
     assert resolved.encoder.device == "cuda:1" and resolved.tracker.device == "cpu"
     assert resolved.encoder.image_size == 768
@@ -162,8 +170,9 @@ def test_explicit_cpu_encoder_live_gets_the_small_size() -> None:
     resolved = resolve_run_config(cfg, cuda_available=no_cuda_call)
     assert resolved.encoder.image_size == CPU_LIVE_IMAGE_SIZE
     assert resolved.live.budget_ms == CPU_BUDGET_MS
-    gpu = resolve_run_config(config("rtsp://cam/x", device="cuda:0", tracker_device="auto"),
-                             cuda_available=lambda: False)
+    gpu = resolve_run_config(
+        config("rtsp://cam/x", device="cuda:0", tracker_device="auto"), cuda_available=lambda: False
+    )
     assert gpu.encoder.device == "cuda:0" and gpu.tracker.device == "cpu"  # tracker was auto
     assert gpu.encoder.image_size == 1024 and gpu.live.budget_ms == GPU_BUDGET_MS
 
@@ -197,15 +206,21 @@ def test_frame_timings_sum_stages_and_count_the_budget() -> None:
     assert timings.share_within_budget is None
     assert timings.summary()["share_within_budget"] is None
     # processing = decode + encoder + tracker + publish; latency and other keys are not in it.
-    assert timings.add({"decode": 1, "encoder": 2, "tracker": 3, "publish": 4,
-                        "latency": 80, "other": 99}) == 10.0  # exactly the budget: within
+    assert (
+        timings.add(
+            {"decode": 1, "encoder": 2, "tracker": 3, "publish": 4, "latency": 80, "other": 99}
+        )
+        == 10.0
+    )  # exactly the budget: within
     assert timings.add({"encoder": 8.5, "tracker": 2.0, "latency": 40}) == 10.5  # over
     assert timings.add({}) == 0.0
     assert (timings.frames, timings.within_budget) == (3, 2)
     assert timings.share_within_budget == pytest.approx(2 / 3)
 
     assert timings.interval() == {
-        "frames": 3, "over_budget": 1, "latency_ms": {"median": 60.0, "p95": 80}
+        "frames": 3,
+        "over_budget": 1,
+        "latency_ms": {"median": 60.0, "p95": 80},
     }
     assert timings.interval() == {"frames": 0, "over_budget": 0, "latency_ms": None}
     timings.add({"decode": 20.0})
@@ -220,8 +235,7 @@ def test_frame_timings_sum_stages_and_count_the_budget() -> None:
     assert ms["latency"] == {"median": 60.0, "p95": 80}
     assert ms["encoder"] == {"median": 5.25, "p95": 8.5}
     assert ms["decode"] == {"median": 10.5, "p95": 20.0}
-    assert set(ms) == {"decode", "encoder", "tracker", "publish", "latency", "other",
-                       "processing"}
+    assert set(ms) == {"decode", "encoder", "tracker", "publish", "latency", "other", "processing"}
 
 
 def test_frame_timings_share_is_rounded_and_percentiles_use_the_window(
@@ -534,8 +548,9 @@ def test_live_runner_stops_on_request_and_closes_its_inbox(ctx: zmq.Context) -> 
     ready = threading.Event()
     sink = SlowSink(0.0, ready)
     stop = threading.Event()
-    runner = NodeRunner(sink, NodeEndpoints(input="inproc://live-stop"), context=ctx,
-                        live=True, stop=stop)
+    runner = NodeRunner(
+        sink, NodeEndpoints(input="inproc://live-stop"), context=ctx, live=True, stop=stop
+    )
     thread, codes = run_in_thread(runner)
     assert ready.wait(5.0)
     assert inbox_threads() == 1
@@ -561,21 +576,29 @@ def test_live_middle_node_never_blocks_on_a_missing_consumer(ctx: zmq.Context) -
     relay_runner = NodeRunner(
         relay,
         NodeEndpoints(input="inproc://relay-in", output="inproc://relay-out"),
-        context=ctx, live=True, hwm=2,
+        context=ctx,
+        live=True,
+        hwm=2,
     )
     source = BurstSource(40, 0.002, ready)
-    source_runner = NodeRunner(source, NodeEndpoints(output="inproc://relay-in"), context=ctx,
-                               live=True)
+    source_runner = NodeRunner(
+        source, NodeEndpoints(output="inproc://relay-in"), context=ctx, live=True
+    )
     # A bound PULL socket that never reads: the relay's output connects and fills it.
-    dead_end = open_socket(ctx, zmq.PULL, "inproc://relay-out", bind=True,
-                           options=SocketOptions(sndhwm=2, rcvhwm=2))
+    dead_end = open_socket(
+        ctx, zmq.PULL, "inproc://relay-out", bind=True, options=SocketOptions(sndhwm=2, rcvhwm=2)
+    )
     relay_thread, relay_codes = run_in_thread(relay_runner)
     source_thread, source_codes = run_in_thread(source_runner)
     ready.set()
     source_thread.join(20.0)
-    wait_for(lambda: relay.counters.get("frames_in", 0)
-             + relay.counters.get("dropped_newest_wins", 0) >= 40, 10.0,
-             f"the relay to see every frame: {relay.counters} {source.counters}")
+    wait_for(
+        lambda: (
+            relay.counters.get("frames_in", 0) + relay.counters.get("dropped_newest_wins", 0) >= 40
+        ),
+        10.0,
+        f"the relay to see every frame: {relay.counters} {source.counters}",
+    )
     assert source_codes == [0]
     assert relay.counters["output_dropped"] >= 1  # the full output dropped frames...
     assert relay.counters["frames_in"] + relay.counters.get("dropped_newest_wins", 0) == 40
@@ -596,14 +619,14 @@ def test_live_middle_node_never_blocks_on_a_missing_consumer(ctx: zmq.Context) -
     dead_end.close(linger=0)
 
 
-
 def test_node_processes_get_a_torch_thread_budget() -> None:
     cores = len(os.sched_getaffinity(0))
     config = RunConfig()
     assert node_environment("encoder", config)["OMP_NUM_THREADS"] == str(cores)
     assert node_environment("tracker", config)["OMP_NUM_THREADS"] == str(max(1, cores // 4))
     assert node_environment("decoder", config).get("OMP_NUM_THREADS") == os.environ.get(
-        "OMP_NUM_THREADS")
+        "OMP_NUM_THREADS"
+    )
     chosen = load_config(None, ["encoder.threads=3", "tracker.threads=2"])
     assert node_environment("encoder", chosen)["OMP_NUM_THREADS"] == "3"
     assert node_environment("tracker", chosen)["OMP_NUM_THREADS"] == "2"

@@ -32,12 +32,18 @@ pytestmark = pytest.mark.slow
 
 READ_TIMEOUT_S = 2.0
 LIVE_FAST = [
-    "--image-size", "256",
-    "--set", f"decoder.read_timeout_s={READ_TIMEOUT_S}",
-    "--set", "decoder.open_timeout_s=3",
-    "--set", "decoder.reconnect_initial_s=0.2",
-    "--set", "decoder.reconnect_max_s=1.0",
-    "--set", "publisher.status_interval_s=0.5",
+    "--image-size",
+    "256",
+    "--set",
+    f"decoder.read_timeout_s={READ_TIMEOUT_S}",
+    "--set",
+    "decoder.open_timeout_s=3",
+    "--set",
+    "decoder.reconnect_initial_s=0.2",
+    "--set",
+    "decoder.reconnect_max_s=1.0",
+    "--set",
+    "publisher.status_interval_s=0.5",
 ]
 STARTUP_S = 120  # four processes importing torch on a busy 2-core machine
 # The camera serves its clip once: 4 minutes at 10 fps outlasts every test, startup included,
@@ -54,13 +60,35 @@ class LiveRun:
     """`samstream run` in a subprocess plus a subscriber thread that records every mask
     frame and every node status with the time it arrived (time.monotonic)."""
 
-    def __init__(self, source: str, checkpoint: Path, *args: str,
-                 env: dict[str, str] | None = None, server: RtspServer | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        checkpoint: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        server: RtspServer | None = None,
+    ) -> None:
         self.server = server  # named in failure messages: is the camera still up?
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        self.cmd = [sys.executable, "-m", "pipeline.cli", "run", "--source", source,
-                    "--box", "20", "20", "80", "80", "--weights", str(checkpoint),
-                    *LIVE_FAST, *args, "--set", f"transport.publish={self.endpoint}"]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            "--source",
+            source,
+            "--box",
+            "20",
+            "20",
+            "80",
+            "80",
+            "--weights",
+            str(checkpoint),
+            *LIVE_FAST,
+            *args,
+            "--set",
+            f"transport.publish={self.endpoint}",
+        ]
         self.env = {**os.environ, **(env or {})}
         self.frames: list[tuple[float, MaskFrame]] = []
         self.statuses: list[tuple[float, StatusMessage]] = []
@@ -71,8 +99,9 @@ class LiveRun:
         self.stdout = self.stderr = ""
 
     def __enter__(self) -> LiveRun:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=self.env)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env
+        )
         self._thread = threading.Thread(target=self._collect, daemon=True)
         self._thread.start()
         return self
@@ -87,8 +116,9 @@ class LiveRun:
                 elif isinstance(event, StatusMessage):
                     self.statuses.append((now, event))
 
-    def wait_until(self, what: str, condition: Callable[[], bool], timeout_s: float,
-                   start: float | None = None) -> float:
+    def wait_until(
+        self, what: str, condition: Callable[[], bool], timeout_s: float, start: float | None = None
+    ) -> float:
         """Seconds from ``start`` (default: now) until ``condition`` held; fails the test
         when it does not hold ``timeout_s`` after ``start``."""
         start = time.monotonic() if start is None else start
@@ -102,8 +132,9 @@ class LiveRun:
                 if self.server is not None and self.server.process is not None:
                     code = self.server.process.poll()
                     camera = f"\nRTSP server: {'running' if code is None else f'exited {code}'}"
-                pytest.fail(f"the run ended while waiting for {what}:\n{self.stderr[-3000:]}"
-                            + camera)
+                pytest.fail(
+                    f"the run ended while waiting for {what}:\n{self.stderr[-3000:]}" + camera
+                )
             time.sleep(0.02)
         pytest.fail(f"no {what} within {timeout_s} s")
 
@@ -111,21 +142,27 @@ class LiveRun:
         return sum(1 for t, _ in self.frames if t >= since)
 
     def decoder_state_after(self, since: float, states: set[str]) -> bool:
-        return any(t >= since and s.node == "decoder" and s.state in states
-                   for t, s in self.statuses)
+        return any(
+            t >= since and s.node == "decoder" and s.state in states for t, s in self.statuses
+        )
 
     def decoder_event_after(self, since: float, states: set[str], session: int) -> bool:
         """A decoder status in ``states`` about connection ``session``, received after
         ``since``."""
         return any(
-            t >= since and s.node == "decoder" and s.state in states
+            t >= since
+            and s.node == "decoder"
+            and s.state in states
             and s.detail.get("source_state", {}).get("session") == session
             for t, s in self.statuses
         )
 
     def node_pid(self, name: str) -> int:
-        return next(pid for pid in _children(self.proc.pid)
-                    if name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes())
+        return next(
+            pid
+            for pid in _children(self.proc.pid)
+            if name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        )
 
     def finish(self) -> None:
         """SIGTERM the launcher (the usual end of a live run) and keep its output."""
@@ -147,8 +184,9 @@ class LiveRun:
         """(frames in, frames out, frames not published by cause) from the printed summary:
         dropped before each node, and in flight when the run was stopped."""
         counts = re.search(r"frames in (\d+), out (\d+)", self.stdout)
-        drops = re.search(r"dropped \(newest frame wins\): (.*?); in flight at stop: (\d+)",
-                          self.stdout)
+        drops = re.search(
+            r"dropped \(newest frame wins\): (.*?); in flight at stop: (\d+)", self.stdout
+        )
         assert counts and drops, f"no summary in:\n{self.stdout}\n{self.stderr[-2000:]}"
         lost = {m[0]: int(m[1]) for m in re.findall(r"before (\w+) (\d+)", drops[1])}
         lost["in flight"] = int(drops[2])
@@ -165,8 +203,10 @@ def test_rtsp_masks_flow_and_survive_three_server_restarts(
     needs_rtsp()
     clip = make_clip(tmp_path / "clip.mp4", frames=CAMERA_FRAMES, size=(160, 120), fps=10)
     out = tmp_path / "out"
-    with RtspServer(clip) as server, LiveRun(server.url, checkpoint, "--out", str(out),
-                                             server=server) as run:
+    with (
+        RtspServer(clip) as server,
+        LiveRun(server.url, checkpoint, "--out", str(out), server=server) as run,
+    ):
         run.wait_until("first masks", lambda: len(run.frames) >= 5, STARTUP_S)
         children = _children(run.proc.pid)
         decoder = run.node_pid("decoder")
@@ -184,18 +224,23 @@ def test_rtsp_masks_flow_and_survive_three_server_restarts(
             lost_s = run.wait_until(
                 f"'source lost' status (connection {session})",
                 lambda since=stopped, n=session: run.decoder_event_after(
-                    since, {"lost", "reconnecting"}, n),
-                READ_TIMEOUT_S + 1, start=stopped,
+                    since, {"lost", "reconnecting"}, n
+                ),
+                READ_TIMEOUT_S + 1,
+                start=stopped,
             )
             restarted = time.monotonic()
             server.start()
             back_s = run.wait_until(
                 f"masks from connection {session + 1}",
-                lambda n=session + 1: any(f.session == n for _, f in run.frames), 5.0,
+                lambda n=session + 1: any(f.session == n for _, f in run.frames),
+                5.0,
                 start=restarted,
             )
-            print(f"connection {session}: lost reported {lost_s:.2f} s after the stop, "
-                  f"masks again {back_s:.2f} s after the restart")
+            print(
+                f"connection {session}: lost reported {lost_s:.2f} s after the stop, "
+                f"masks again {back_s:.2f} s after the restart"
+            )
         # Same processes, and the decoder closed every connection it opened.
         assert sorted(_children(run.proc.pid)) == sorted(children)
         assert fd_count(decoder) <= fds_before + 2
@@ -232,8 +277,10 @@ def test_rtsp_stall_is_reported_and_the_stream_resumes(checkpoint: Path, tmp_pat
             frozen = time.monotonic()
             proxy.freeze()
             stalled_s = run.wait_until(
-                "'stalled' status", lambda: run.decoder_state_after(frozen, {"stalled"}),
-                READ_TIMEOUT_S + 1, start=frozen,
+                "'stalled' status",
+                lambda: run.decoder_state_after(frozen, {"stalled"}),
+                READ_TIMEOUT_S + 1,
+                start=frozen,
             )
             thawed = time.monotonic()
             proxy.thaw()
@@ -252,8 +299,11 @@ def test_rtsp_stall_is_reported_and_the_stream_resumes(checkpoint: Path, tmp_pat
     assert decoder_exit_s < 1.0, f"the decoder took {decoder_exit_s:.2f} s to stop"
     assert not [pid for pid in children if _alive(pid)], "node processes outlived the run"
     print(f"stall reported {stalled_s:.2f} s after the freeze")
-    detail = next(s.detail for t, s in run.statuses
-                  if t >= frozen and s.node == "decoder" and s.state == "stalled")
+    detail = next(
+        s.detail
+        for t, s in run.statuses
+        if t >= frozen and s.node == "decoder" and s.state == "stalled"
+    )
     assert "stalled" in detail["source_state"]["error"]
 
 
@@ -263,8 +313,10 @@ def test_slow_encoder_keeps_latency_bounded(checkpoint: Path, tmp_path: Path) ->
     needs_rtsp()
     clip = make_clip(tmp_path / "clip.mp4", frames=CAMERA_FRAMES, size=(160, 120), fps=10)
     slow = {"SAMSTREAM_TEST_ENCODER_DELAY_MS": "200"}  # 10 fps source, encoder < 5 fps
-    with RtspServer(clip) as server, LiveRun(server.url, checkpoint, env=slow,
-                                             server=server) as run:
+    with (
+        RtspServer(clip) as server,
+        LiveRun(server.url, checkpoint, env=slow, server=server) as run,
+    ):
         run.wait_until("first masks", lambda: len(run.frames) >= 3, STARTUP_S)
         start = time.monotonic()
         run.wait_until("20 s of masks", lambda: time.monotonic() - start >= 20, 30)
@@ -275,8 +327,10 @@ def test_slow_encoder_keeps_latency_bounded(checkpoint: Path, tmp_path: Path) ->
     quarter = len(window) // 4
     first = statistics.median(latencies[:quarter])
     last = statistics.median(latencies[-quarter:])
-    print(f"latency ms: first quarter median {first:.0f}, last quarter median {last:.0f}, "
-          f"max {max(latencies):.0f}, frames {len(window)}")
+    print(
+        f"latency ms: first quarter median {first:.0f}, last quarter median {last:.0f}, "
+        f"max {max(latencies):.0f}, frames {len(window)}"
+    )
     assert last <= first + 150, "latency trends upward: frames are queueing"
     assert max(latencies) < 2000
     assert all(f.timings["encoder"] >= 200 for _, f in window)
@@ -301,8 +355,12 @@ def test_file_played_in_real_time_runs_live_to_the_end(checkpoint: Path, tmp_pat
 @pytest.mark.parametrize("source", ["/dev/video9", "9"])
 def test_missing_webcam_fails_fast_and_names_it(source: str) -> None:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--source", source],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--source", source],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert "/dev/video9" in proc.stderr and "does not exist" in proc.stderr

@@ -95,8 +95,12 @@ class Recorder:
         self.events.append((time.monotonic(), event))
 
     def source(self, url: str, **kwargs: object) -> LiveSource:
-        settings: dict = {"open_timeout_s": OPEN_TIMEOUT_S, "read_timeout_s": READ_TIMEOUT_S,
-                          "backoff": BACKOFF, **kwargs}
+        settings: dict = {
+            "open_timeout_s": OPEN_TIMEOUT_S,
+            "read_timeout_s": READ_TIMEOUT_S,
+            "backoff": BACKOFF,
+            **kwargs,
+        }
         live = LiveSource(parse_source(url), on_event=self.on_event, **settings)
         self._iter = iter(live)
         return live
@@ -218,8 +222,9 @@ def test_missing_webcam_fails_fast_with_its_name(source: str) -> None:
 
 def test_frozen_stream_raises_source_stalled(server: RtspServer) -> None:
     with FreezeProxy((HOST, server.port)) as proxy:
-        source = VideoSource(parse_source(proxy.url), open_timeout_s=OPEN_TIMEOUT_S,
-                             read_timeout_s=READ_TIMEOUT_S)
+        source = VideoSource(
+            parse_source(proxy.url), open_timeout_s=OPEN_TIMEOUT_S, read_timeout_s=READ_TIMEOUT_S
+        )
         with source:
             frames = iter(source)
             got = list(itertools.islice(frames, 5))
@@ -253,8 +258,12 @@ def test_corrupt_packets_error_hides_the_password(server: RtspServer) -> None:
             raise av.error.InvalidDataError(1, "Invalid data found", self.spec.url)
 
     url = server.url.replace("rtsp://", "rtsp://user:hunter2@")
-    with Broken(parse_source(url), max_consecutive_errors=3, open_timeout_s=OPEN_TIMEOUT_S,
-                read_timeout_s=READ_TIMEOUT_S) as source:
+    with Broken(
+        parse_source(url),
+        max_consecutive_errors=3,
+        open_timeout_s=OPEN_TIMEOUT_S,
+        read_timeout_s=READ_TIMEOUT_S,
+    ) as source:
         with pytest.raises(SourceError, match="3 corrupt packets in a row") as info:
             list(itertools.islice(source, 5))
     assert "hunter2" not in str(info.value)
@@ -274,10 +283,17 @@ def test_backoff_doubles_up_to_the_cap() -> None:
 
 
 def test_source_event_json() -> None:
-    event = SourceEvent("reconnecting", 2, attempt=3, next_try_in_s=0.4, down_s=1.23456,
-                        error="gone")
-    assert event.to_json() == {"state": "reconnecting", "session": 2, "attempt": 3,
-                               "next_try_in_s": 0.4, "down_s": 1.235, "error": "gone"}
+    event = SourceEvent(
+        "reconnecting", 2, attempt=3, next_try_in_s=0.4, down_s=1.23456, error="gone"
+    )
+    assert event.to_json() == {
+        "state": "reconnecting",
+        "session": 2,
+        "attempt": 3,
+        "next_try_in_s": 0.4,
+        "down_s": 1.235,
+        "error": "gone",
+    }
 
 
 # -- LiveSource --------------------------------------------------------------------------------
@@ -324,8 +340,14 @@ class ReplyingRtspServer:
                     if not chunk:
                         break
                     request += chunk
-                cseq = next((line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
-                             if line.lower().startswith(b"cseq:")), b"1")
+                cseq = next(
+                    (
+                        line.split(b":", 1)[1].strip()
+                        for line in request.split(b"\r\n")
+                        if line.lower().startswith(b"cseq:")
+                    ),
+                    b"1",
+                )
                 conn.sendall(b"RTSP/1.0 " + self.status + b"\r\nCSeq: " + cseq + b"\r\n\r\n")
 
     def close(self) -> None:
@@ -350,10 +372,13 @@ def test_first_open_of_a_busy_server_is_tried_a_few_times() -> None:
     assert recorder.events == []
 
 
-@pytest.mark.parametrize(("status", "problem"), [
-    (b"401 Unauthorized", "401 Unauthorized: wrong or missing credentials"),
-    (b"404 Not Found", "404 Not Found: the server has no stream at that path"),
-])
+@pytest.mark.parametrize(
+    ("status", "problem"),
+    [
+        (b"401 Unauthorized", "401 Unauthorized: wrong or missing credentials"),
+        (b"404 Not Found", "404 Not Found: the server has no stream at that path"),
+    ],
+)
 def test_first_open_error_replies_name_the_problem(status: bytes, problem: str) -> None:
     server = ReplyingRtspServer(status)
     try:
@@ -433,11 +458,17 @@ def test_reconnects_keep_numbering_and_time_and_leak_nothing(server: RtspServer)
         fds = [open_fds()]
         for session in (1, 2, 3):
             server.stop()
-            recorder.pump(lambda s=session: len(recorder.of("lost")) == s, READ_TIMEOUT_S + 1.0,
-                          f"'lost' event {session}")
+            recorder.pump(
+                lambda s=session: len(recorder.of("lost")) == s,
+                READ_TIMEOUT_S + 1.0,
+                f"'lost' event {session}",
+            )
             server.start()
-            recorder.pump(lambda s=session: len(recorder.frames_of(s)) >= 5, 5.0,
-                          f"5 frames of session {session}")
+            recorder.pump(
+                lambda s=session: len(recorder.frames_of(s)) >= 5,
+                5.0,
+                f"5 frames of session {session}",
+            )
             fds.append(open_fds())
         assert source.reconnects == 3
     finally:
@@ -475,8 +506,7 @@ def test_frozen_stream_is_stalled_then_reconnected(server: RtspServer) -> None:
             recorder.pump(lambda: len(recorder.frames) >= 5, 10.0, "5 frames")
             frozen = time.monotonic()
             proxy.freeze()
-            recorder.pump(lambda: recorder.of("stalled"), READ_TIMEOUT_S + 1.0,
-                          "'stalled' event")
+            recorder.pump(lambda: recorder.of("stalled"), READ_TIMEOUT_S + 1.0, "'stalled' event")
             stalled_at, stalled = recorder.of("stalled")[0]
             assert stalled_at - frozen < READ_TIMEOUT_S + 1.0
             assert stalled.session == 0 and "stalled" in (stalled.error or "")
@@ -508,15 +538,21 @@ def test_gives_up_after_the_source_stays_gone(server: RtspServer) -> None:
     assert len(recorder.of("connected")) == 1  # only the first connection
 
 
-
 def test_decoder_config_becomes_the_options_of_each_source_kind(clip: Path) -> None:
-    webcam = spec_for(DecoderConfig(source="/dev/video0", video_size="1280x720", framerate=30,
-                                    pixel_format="mjpeg", rtsp_transport="udp"))
+    webcam = spec_for(
+        DecoderConfig(
+            source="/dev/video0",
+            video_size="1280x720",
+            framerate=30,
+            pixel_format="mjpeg",
+            rtsp_transport="udp",
+        )
+    )
     assert webcam.format == "v4l2"
-    assert webcam.options == {"video_size": "1280x720", "framerate": "30",
-                              "input_format": "mjpeg"}
-    camera = spec_for(DecoderConfig(source="rtsp://cam.local/s", rtsp_transport="udp",
-                                    video_size="1280x720"))
+    assert webcam.options == {"video_size": "1280x720", "framerate": "30", "input_format": "mjpeg"}
+    camera = spec_for(
+        DecoderConfig(source="rtsp://cam.local/s", rtsp_transport="udp", video_size="1280x720")
+    )
     assert camera.options == {"rtsp_transport": "udp"}
     assert spec_for(DecoderConfig(source=str(clip), video_size="1280x720")).options == {}
 
@@ -526,8 +562,12 @@ def test_threaded_reader_hands_over_frames_and_events_and_stops_at_once(
 ) -> None:
     """The camera is read in a thread of its own: the caller waits at most its timeout for
     anything (so it can act on a signal), and closing never waits for a blocked read."""
-    source = LiveSource(parse_source(server.url), open_timeout_s=OPEN_TIMEOUT_S,
-                        read_timeout_s=READ_TIMEOUT_S, backoff=BACKOFF)
+    source = LiveSource(
+        parse_source(server.url),
+        open_timeout_s=OPEN_TIMEOUT_S,
+        read_timeout_s=READ_TIMEOUT_S,
+        backoff=BACKOFF,
+    )
     source.open()
     reader = ThreadedReader(source)
     got: list[tuple[str, object]] = []
@@ -545,8 +585,10 @@ def test_threaded_reader_hands_over_frames_and_events_and_stops_at_once(
     collect_until(lambda: sum(kind == "frame" for kind, _ in got) >= 5, 10.0)
     assert all(isinstance(p, DecodedFrame) for kind, p in got if kind == "frame")
     server.stop()
-    collect_until(lambda: any(kind == "event" and p.state == "reconnecting"
-                              for kind, p in got), READ_TIMEOUT_S + 1.0)
+    collect_until(
+        lambda: any(kind == "event" and p.state == "reconnecting" for kind, p in got),
+        READ_TIMEOUT_S + 1.0,
+    )
     states = [p.state for kind, p in got if kind == "event"]
     assert states[:2] == ["lost", "reconnecting"]
     reader.close()

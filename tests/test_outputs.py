@@ -345,8 +345,13 @@ def test_overlay_never_fails_on_a_repeated_timestamp(tmp_path: Path) -> None:
 def test_overlay_keeps_its_size_when_frames_change_size(tmp_path: Path) -> None:
     with MaskWriter(tmp_path) as writer:
         write_blank(writer, 0)
-        write_blank(writer, 1, frame_size=(48, 64), masks=np.ones((1, 48, 64), dtype=bool),
-                    image=np.zeros((48, 64, 3), dtype=np.uint8))
+        write_blank(
+            writer,
+            1,
+            frame_size=(48, 64),
+            masks=np.ones((1, 48, 64), dtype=bool),
+            image=np.zeros((48, 64, 3), dtype=np.uint8),
+        )
         assert writer.overlay_rescaled_frames == 1
     with av.open(str(tmp_path / "overlay.mp4")) as container:
         sizes = [(f.height, f.width) for f in container.decode(video=0)]
@@ -362,8 +367,12 @@ def test_outputs_get_normal_permissions(tmp_path: Path) -> None:
             write_blank(writer, 0)
     finally:
         os.umask(old)
-    for path in [tmp_path / "masks.jsonl", tmp_path / "tracks.txt", tmp_path / "overlay.mp4",
-                 tmp_path / "masks" / "000000.png"]:
+    for path in [
+        tmp_path / "masks.jsonl",
+        tmp_path / "tracks.txt",
+        tmp_path / "overlay.mp4",
+        tmp_path / "masks" / "000000.png",
+    ]:
         assert path.stat().st_mode & 0o777 == 0o644, path
 
 
@@ -401,11 +410,22 @@ def _moving_frames(count: int) -> list[dict[str, object]]:
         masks[0, 2:10, i : i + 6] = True
         masks[1, 14:20, 20:30] = True
         image = np.full((24, 32, 3), 10 * i, dtype=np.uint8)
-        tracks = [Track(1, (float(i), 2.0, float(i + 6), 10.0), 0.9, "tracked"),
-                  Track(2, (20.0, 14.0, 30.0, 20.0), 0.8, "coasting")]
-        frames.append({"frame_index": i, "seq": i, "pts": 2 * i, "time_base": (1, 50),
-                       "frame_size": (24, 32), "tracks": tracks, "masks": masks,
-                       "image": image})
+        tracks = [
+            Track(1, (float(i), 2.0, float(i + 6), 10.0), 0.9, "tracked"),
+            Track(2, (20.0, 14.0, 30.0, 20.0), 0.8, "coasting"),
+        ]
+        frames.append(
+            {
+                "frame_index": i,
+                "seq": i,
+                "pts": 2 * i,
+                "time_base": (1, 50),
+                "frame_size": (24, 32),
+                "tracks": tracks,
+                "masks": masks,
+                "image": image,
+            }
+        )
     return frames
 
 

@@ -60,8 +60,12 @@ def collect(sub: MaskSubscriber, sink: list) -> threading.Thread:
 
 
 def samstream(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def check_outputs(out: Path, pts: list[int | None], seconds: list[float]) -> list[dict]:
@@ -92,10 +96,24 @@ def test_run_on_encoded_clip(checkpoint: Path, tmp_path: Path) -> None:
     received: list = []
     with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
         thread = collect(sub, received)
-        proc = samstream("run", "configs/offline.yaml", "--source", str(clip),
-                         "--box", "10", "40", "50", "80", "--weights", str(checkpoint),
-                         "--out", str(tmp_path / "out"), *FAST,
-                         "--set", f"transport.publish={json.dumps(endpoint)}")
+        proc = samstream(
+            "run",
+            "configs/offline.yaml",
+            "--source",
+            str(clip),
+            "--box",
+            "10",
+            "40",
+            "50",
+            "80",
+            "--weights",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "out"),
+            *FAST,
+            "--set",
+            f"transport.publish={json.dumps(endpoint)}",
+        )
         thread.join(timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "frames in 20, out 20" in proc.stdout
@@ -110,12 +128,23 @@ def test_run_on_encoded_clip(checkpoint: Path, tmp_path: Path) -> None:
 @pytest.mark.skipif(not VTEST.exists(), reason="opencv-doc's vtest.avi is not installed")
 def test_run_on_real_sample_video(checkpoint: Path, tmp_path: Path) -> None:
     # One object by a box, one by a box with a background point (predict's nesting).
-    proc = samstream("run", "--source", str(VTEST), "--set",
-                     "tracker.prompts=[{box: [300, 150, 360, 300]}, "
-                     "{points: [[500, 200], [520, 260]], labels: [1, 0]}]",
-                     "--weights", str(checkpoint),
-                     "--out", str(tmp_path / "out"), "--max-frames", "12", *FAST,
-                     "--set", f'transport.publish="tcp://127.0.0.1:{free_port()}"')
+    proc = samstream(
+        "run",
+        "--source",
+        str(VTEST),
+        "--set",
+        "tracker.prompts=[{box: [300, 150, 360, 300]}, "
+        "{points: [[500, 200], [520, 260]], labels: [1, 0]}]",
+        "--weights",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "out"),
+        "--max-frames",
+        "12",
+        *FAST,
+        "--set",
+        f'transport.publish="tcp://127.0.0.1:{free_port()}"',
+    )
     assert proc.returncode == 0, proc.stderr
     lines = check_outputs(tmp_path / "out", input_pts(VTEST, 12), input_seconds(VTEST, 12))
     assert {t["id"] for t in lines[0]["tracks"]} == {1, 2}
@@ -125,9 +154,23 @@ def test_bad_source_fails_fast_and_clearly(checkpoint: Path, tmp_path: Path) -> 
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"\x00garbage" * 100)
     start = time.monotonic()
-    proc = samstream("run", "--source", str(junk), "--box", "1", "1", "9", "9",
-                     "--weights", str(checkpoint), "--out", str(tmp_path / "out"), *FAST,
-                     "--set", f'transport.publish="tcp://127.0.0.1:{free_port()}"')
+    proc = samstream(
+        "run",
+        "--source",
+        str(junk),
+        "--box",
+        "1",
+        "1",
+        "9",
+        "9",
+        "--weights",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "out"),
+        *FAST,
+        "--set",
+        f'transport.publish="tcp://127.0.0.1:{free_port()}"',
+    )
     assert proc.returncode == 2
     # Found before any node starts: one line naming the file, no node's failure.
     assert "cannot open video source" in proc.stderr and "junk.mp4" in proc.stderr
@@ -165,10 +208,27 @@ def _alive(pid: int) -> bool:
 
 def _start_long_run(checkpoint: Path, endpoint: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--source",
-         "lavfi:testsrc2=size=160x120:rate=10", "--box", "10", "10", "80", "80",
-         "--weights", str(checkpoint), *FAST, "--set", f"transport.publish={json.dumps(endpoint)}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            "--source",
+            "lavfi:testsrc2=size=160x120:rate=10",
+            "--box",
+            "10",
+            "10",
+            "80",
+            "80",
+            "--weights",
+            str(checkpoint),
+            *FAST,
+            "--set",
+            f"transport.publish={json.dumps(endpoint)}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -235,8 +295,9 @@ def test_a_node_that_dies_fails_the_run_loudly(checkpoint: Path) -> None:
         try:
             assert sub.recv(120_000) is not None
             children = _children(proc.pid)
-            encoder = next(pid for pid in children
-                           if b"encoder" in Path(f"/proc/{pid}/cmdline").read_bytes())
+            encoder = next(
+                pid for pid in children if b"encoder" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            )
             os.kill(encoder, signal.SIGKILL)
             _, stderr = proc.communicate(timeout=20)
         finally:
@@ -251,20 +312,29 @@ def test_in_process_run_takes_prompts_at_run_time(checkpoint: Path, tmp_path: Pa
     clip = make_clip(tmp_path / "clip.mp4", frames=40, size=(160, 120), fps=10)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     control = f"tcp://127.0.0.1:{free_port()}"
-    config = load_config(None, [
-        f"decoder.source={json.dumps(str(clip))}", f"weights={json.dumps(str(checkpoint))}",
-        "encoder.image_size=256", "encoder.batch_size=1", "transport.hwm=1",
-        "tracker.prompts=[{box: [10, 40, 50, 80]}]",
-        f"transport.publish={json.dumps(endpoint)}", f"transport.control={json.dumps(control)}",
-    ])
+    config = load_config(
+        None,
+        [
+            f"decoder.source={json.dumps(str(clip))}",
+            f"weights={json.dumps(str(checkpoint))}",
+            "encoder.image_size=256",
+            "encoder.batch_size=1",
+            "transport.hwm=1",
+            "tracker.prompts=[{box: [10, 40, 50, 80]}]",
+            f"transport.publish={json.dumps(endpoint)}",
+            f"transport.control={json.dumps(control)}",
+        ],
+    )
     received: list = []
     replies: dict = {}
     with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
+
         def prompt_when_running() -> None:
             first = sub.recv(120_000)
             received.append(first)
-            replies["bad"] = send_prompt(control, PromptCommand(op="update", track_id=7,
-                                                                box=(1, 1, 5, 5)))
+            replies["bad"] = send_prompt(
+                control, PromptCommand(op="update", track_id=7, box=(1, 1, 5, 5))
+            )
             replies["add"] = send_prompt(control, PromptCommand(op="add", box=(90, 20, 150, 90)))
             replies["list"] = send_prompt(control, PromptCommand(op="list"))
             received.extend(sub)
@@ -283,5 +353,9 @@ def test_in_process_run_takes_prompts_at_run_time(checkpoint: Path, tmp_path: Pa
     assert with_two, "the added object never appeared"
     # From its first frame on, every later frame carries it (until it is lost).
     first = with_two[0]
-    assert all(2 in {t.track_id for t in f.tracks} or f.tracks == () or
-               any(t.state == "lost" for t in f.tracks) for f in received[first:first + 3])
+    assert all(
+        2 in {t.track_id for t in f.tracks}
+        or f.tracks == ()
+        or any(t.state == "lost" for t in f.tracks)
+        for f in received[first : first + 3]
+    )

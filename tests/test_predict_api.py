@@ -56,8 +56,9 @@ def test_prompt_nesting_like_ultralytics(small_model: SAM, zidane: Path) -> None
     assert small_model.predict(image, bboxes=boxes).masks.shape[0] == 2
     multi = small_model.predict(image, bboxes=boxes, multimask_output=True)
     assert multi.masks.shape[0] == 6 and multi.scores.shape == (6,)
-    one = small_model.predict(image, bboxes=boxes[1], points=[[480, 500], [100, 100]],
-                              labels=[1, 0])
+    one = small_model.predict(
+        image, bboxes=boxes[1], points=[[480, 500], [100, 100]], labels=[1, 0]
+    )
     assert one.masks.shape[0] == 1
 
 
@@ -86,8 +87,10 @@ def test_parse_prompts_shapes() -> None:
         (dict(points=[5, float("inf")]), r"point 0 .*NaN or infinite"),
         (dict(labels=[1]), r"labels were given without points"),
         (dict(), r"no prompt"),
-        (dict(bboxes=[[1, 1, 9, 9], [2, 2, 8, 8]], points=[[[1, 1]], [[2, 2]], [[3, 3]]]),
-         r"2 boxes and 3 point groups"),
+        (
+            dict(bboxes=[[1, 1, 9, 9], [2, 2, 8, 8]], points=[[[1, 1]], [[2, 2]], [[3, 3]]]),
+            r"2 boxes and 3 point groups",
+        ),
     ],
 )
 def test_bad_prompts_say_which_and_why(model: SAM, zidane: Path, prompt, message) -> None:
@@ -134,8 +137,9 @@ def test_smaller_input_sizes_run_end_to_end(checkpoint: Path, real_image, size, 
     embedded = model.set_image(real_image)
     assert embedded.embedding.shape == (1, 256, grid, grid)
     assert torch.isfinite(embedded.embedding).all()
-    result = model.predict(real_image, bboxes=[[200, 40, 330, 330], [10, 200, 150, 330]],
-                           multimask_output=True)
+    result = model.predict(
+        real_image, bboxes=[[200, 40, 330, 330], [10, 200, 150, 330]], multimask_output=True
+    )
     h, w = real_image.shape[:2]
     assert result.masks.shape == (6, h, w)
     assert result.logits.shape == (6, 4 * grid, 4 * grid)
@@ -170,10 +174,32 @@ def test_cuda_matches_cpu(checkpoint: Path, real_image) -> None:
 def test_cli_predict_writes_masks_and_overlay(checkpoint: Path, zidane: Path, tmp_path: Path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "predict", str(zidane),
-         "--box", "439", "437", "524", "709", "--box", "10", "10", "200", "200",
-         "--weights", str(checkpoint), "--out", str(out), "--image-size", "512"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "predict",
+            str(zidane),
+            "--box",
+            "439",
+            "437",
+            "524",
+            "709",
+            "--box",
+            "10",
+            "10",
+            "200",
+            "200",
+            "--weights",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--image-size",
+            "512",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["mask_01.png", "mask_02.png", "overlay.png"]
@@ -185,9 +211,23 @@ def test_cli_predict_writes_masks_and_overlay(checkpoint: Path, zidane: Path, tm
 
 def test_cli_predict_errors_are_one_clear_line(zidane: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "predict", str(zidane),
-         "--box", "50", "10", "5", "20", "--weights", str(tmp_path / "none.pt")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "predict",
+            str(zidane),
+            "--box",
+            "50",
+            "10",
+            "5",
+            "20",
+            "--weights",
+            str(tmp_path / "none.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "none.pt does not exist" in proc.stderr

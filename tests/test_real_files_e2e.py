@@ -73,24 +73,43 @@ def check_one_segmentation(out: Path, frames: int, feed: list | None = None) -> 
     return records
 
 
-def _run_and_check(source: Path, checkpoint: Path, out: Path, *, max_frames: int | None = None,
-                   boxes: list[list[str]] = BOXES) -> list[dict]:
+def _run_and_check(
+    source: Path,
+    checkpoint: Path,
+    out: Path,
+    *,
+    max_frames: int | None = None,
+    boxes: list[list[str]] = BOXES,
+) -> list[dict]:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     feed: list = []
     limit = ["--max-frames", str(max_frames)] if max_frames else []
     with MaskSubscriber(endpoint, timeout_ms=240_000) as sub:
         thread = collect(sub, feed)
-        proc = samstream("run", "--source", str(source), *_flat(boxes), "--weights",
-                         str(checkpoint), "--out", str(out), *FAST, *limit,
-                         "--set", f"transport.publish={json.dumps(endpoint)}")
+        proc = samstream(
+            "run",
+            "--source",
+            str(source),
+            *_flat(boxes),
+            "--weights",
+            str(checkpoint),
+            "--out",
+            str(out),
+            *FAST,
+            *limit,
+            "--set",
+            f"transport.publish={json.dumps(endpoint)}",
+        )
         thread.join(timeout=30)
     assert proc.returncode == 0, proc.stderr
     frames = decoded_frames(source, max_frames)
     assert f"frames in {frames}, out {frames}" in proc.stdout
     records = check_one_segmentation(out, frames, feed)
     repaired = sum("source_pts" in r for r in records)
-    print(f"{source.name}: {frames} frames, pts {[r['pts'] for r in records[:8]]}..., "
-          f"repaired {repaired}; summary:\n{proc.stdout}")
+    print(
+        f"{source.name}: {frames} frames, pts {[r['pts'] for r in records[:8]]}..., "
+        f"repaired {repaired}; summary:\n{proc.stdout}"
+    )
     assert ("timestamps repaired" in proc.stdout) == bool(repaired), "the summary says so"
     return records
 
@@ -122,8 +141,13 @@ def test_avi_with_b_frames(checkpoint: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_variable_frame_rate_keeps_its_pts(checkpoint: Path, tmp_path: Path) -> None:
     pts_ms = [0, 40, 80, 200, 210, 220, 400, 440, 1000, 1033, 1066, 1500]
-    clip = make_clip(tmp_path / "vfr.mp4", frames=len(pts_ms), size=(160, 120), pts=pts_ms,
-                     time_base=Fraction(1, 1000))
+    clip = make_clip(
+        tmp_path / "vfr.mp4",
+        frames=len(pts_ms),
+        size=(160, 120),
+        pts=pts_ms,
+        time_base=Fraction(1, 1000),
+    )
     raw = _container_pts(clip)
     records = _run_and_check(clip, checkpoint, tmp_path / "out")
     assert [r["pts"] for r in records] == raw, "well-formed pts are kept exactly"
@@ -132,8 +156,7 @@ def test_variable_frame_rate_keeps_its_pts(checkpoint: Path, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_concatenated_stream_with_a_size_change(checkpoint: Path, tmp_path: Path) -> None:
-    clip = make_concatenated_ts(tmp_path / "joined.ts", sizes=((160, 120), (128, 96)),
-                                frames=12)
+    clip = make_concatenated_ts(tmp_path / "joined.ts", sizes=((160, 120), (128, 96)), frames=12)
     records = _run_and_check(clip, checkpoint, tmp_path / "out")
     sizes = {tuple(t["rle"]["size"]) for r in records for t in r["tracks"]}
     assert sizes == {(120, 160), (96, 128)}, "masks at each frame's own size"
@@ -148,9 +171,13 @@ def test_opencv_sample_videos(checkpoint: Path, tmp_path: Path, name: str) -> No
     video = OPENCV_DATA / name
     if not video.is_file():
         pytest.skip(f"opencv-doc's {name} is not installed")
-    records = _run_and_check(video, checkpoint, tmp_path / "out", max_frames=30,
-                             boxes=[["--box", "100", "60", "260", "220"],
-                                    ["--box", "200", "100", "330", "230"]])
+    records = _run_and_check(
+        video,
+        checkpoint,
+        tmp_path / "out",
+        max_frames=30,
+        boxes=[["--box", "100", "60", "260", "220"], ["--box", "200", "100", "330", "230"]],
+    )
     raw = _container_pts(video, 30)
     if raw == sorted(raw):  # well-formed (tree.avi, vtest.avi): kept exactly
         assert [r["pts"] for r in records] == raw
@@ -161,9 +188,13 @@ def test_opencv_sample_videos(checkpoint: Path, tmp_path: Path, name: str) -> No
 
 def _start(args: list[str]) -> subprocess.Popen:
     # A session of its own: SIGINT to the group is what Ctrl-C in a terminal sends.
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_pngs(out: Path, count: int, proc: subprocess.Popen, deadline_s: float) -> None:
@@ -226,8 +257,10 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(
 
     proc = samstream("run", *common, "--out", str(out), "--resume")
     assert proc.returncode == 0, proc.stderr
-    print(f"{how} after {stop_after} PNGs: kept {kept} frames; resumed:\n{proc.stdout}"
-          f"{proc.stderr[-400:]}")
+    print(
+        f"{how} after {stop_after} PNGs: kept {kept} frames; resumed:\n{proc.stdout}"
+        f"{proc.stderr[-400:]}"
+    )
     assert _outputs(out) == _outputs(full), "resumed outputs differ from an uninterrupted run"
     assert _overlay_times(out) == _overlay_times(full)
     assert not (out / ".samstream").exists(), "a finished run leaves no resume state"
@@ -250,10 +283,19 @@ def test_resume_with_another_config_is_refused(checkpoint: Path, tmp_path: Path)
     assert "different tracker.prompts" in refused.stderr, refused.stderr
     refused = samstream("run", *common, *BOXES[0], "--image-size", "512", "--resume")
     assert "different encoder.image_size" in refused.stderr, refused.stderr
-    other = make_clip(tmp_path / "other.mp4", frames=60, size=(160, 120), fps=10,
-                      moving_box=False)
-    refused = samstream("run", "--source", str(other), "--weights", str(checkpoint), "--out",
-                        str(out), *BOXES[0], *FAST, "--resume")
+    other = make_clip(tmp_path / "other.mp4", frames=60, size=(160, 120), fps=10, moving_box=False)
+    refused = samstream(
+        "run",
+        "--source",
+        str(other),
+        "--weights",
+        str(checkpoint),
+        "--out",
+        str(out),
+        *BOXES[0],
+        *FAST,
+        "--resume",
+    )
     assert "different" in refused.stderr and "decoder.source" in refused.stderr
 
 
@@ -280,8 +322,9 @@ def test_preflight_errors(checkpoint: Path, small_clip: Path, tmp_path: Path) ->
     weights = ["--weights", str(checkpoint)]
     box = ["--box", "10", "10", "60", "60"]
     source = ["--source", str(small_clip)]
-    assert "does not exist" in _preflight_error("--source", str(tmp_path / "nope.mp4"), *box,
-                                                *weights)
+    assert "does not exist" in _preflight_error(
+        "--source", str(tmp_path / "nope.mp4"), *box, *weights
+    )
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"\x00garbage" * 100)
     assert "junk.mp4" in _preflight_error("--source", str(junk), *box, *weights)
@@ -290,7 +333,8 @@ def test_preflight_errors(checkpoint: Path, small_clip: Path, tmp_path: Path) ->
     noise = tmp_path / "noise.pt"
     noise.write_bytes(np.random.default_rng(0).bytes(50_000))
     assert "noise.pt is not a PyTorch checkpoint" in _preflight_error(
-        *source, *box, "--weights", str(noise))
+        *source, *box, "--weights", str(noise)
+    )
     assert "no object to follow" in _preflight_error(*source, *weights)
     outside = _preflight_error(*source, "--box", "500", "500", "600", "600", *weights)
     assert "lies outside the 160x120 image" in outside
@@ -309,9 +353,19 @@ def test_a_taken_feed_port_is_named(checkpoint: Path, small_clip: Path) -> None:
     holder = zmq.Context.instance().socket(zmq.PUB)
     holder.bind(endpoint)
     try:
-        error = _preflight_error("--source", str(small_clip), "--box", "10", "10", "60", "60",
-                                 "--weights", str(checkpoint),
-                                 "--set", f"transport.publish={json.dumps(endpoint)}")
+        error = _preflight_error(
+            "--source",
+            str(small_clip),
+            "--box",
+            "10",
+            "10",
+            "60",
+            "60",
+            "--weights",
+            str(checkpoint),
+            "--set",
+            f"transport.publish={json.dumps(endpoint)}",
+        )
     finally:
         holder.close(linger=0)
     assert f"transport.publish {endpoint} cannot be bound" in error
@@ -320,12 +374,30 @@ def test_a_taken_feed_port_is_named(checkpoint: Path, small_clip: Path) -> None:
 @pytest.mark.slow
 def test_two_runs_with_default_endpoints_both_finish(checkpoint: Path, tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "clip.mp4", frames=12, size=(160, 120))
-    procs = [_start(["run", "--source", str(clip), *BOXES[0], "--weights", str(checkpoint),
-                     *FAST, "--out", str(tmp_path / f"out{i}")]) for i in range(2)]
+    procs = [
+        _start(
+            [
+                "run",
+                "--source",
+                str(clip),
+                *BOXES[0],
+                "--weights",
+                str(checkpoint),
+                *FAST,
+                "--out",
+                str(tmp_path / f"out{i}"),
+            ]
+        )
+        for i in range(2)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     for proc, (stdout, stderr) in zip(procs, results, strict=True):
         assert proc.returncode == 0, stderr
         assert "frames in 12, out 12" in stdout
-    endpoints = {line.split("masks on ")[1] for _, err in results
-                 for line in err.splitlines() if line.startswith("samstream: masks on ")}
+    endpoints = {
+        line.split("masks on ")[1]
+        for _, err in results
+        for line in err.splitlines()
+        if line.startswith("samstream: masks on ")
+    }
     assert len(endpoints) == 2, f"both runs took one feed endpoint: {endpoints}"

@@ -22,16 +22,29 @@ def clip(tmp_path: Path) -> Path:
 
 
 def _config(clip: Path, out: Path, *extra: str):
-    return load_config(None, [f"decoder.source={json.dumps(str(clip))}",
-                              f"publisher.out={json.dumps(str(out))}",
-                              "tracker.prompts=[{box: [1, 1, 20, 20]}]", *extra])
+    return load_config(
+        None,
+        [
+            f"decoder.source={json.dumps(str(clip))}",
+            f"publisher.out={json.dumps(str(out))}",
+            "tracker.prompts=[{box: [1, 1, 20, 20]}]",
+            *extra,
+        ],
+    )
 
 
 def test_identity_ignores_what_does_not_change_masks(clip: Path, tmp_path: Path) -> None:
     base = resume.run_identity(_config(clip, tmp_path))
-    same = resume.run_identity(_config(clip, tmp_path, "encoder.threads=1",
-                                       "decoder.max_frames=3", "transport.hwm=2",
-                                       "resume.enabled=true"))
+    same = resume.run_identity(
+        _config(
+            clip,
+            tmp_path,
+            "encoder.threads=1",
+            "decoder.max_frames=3",
+            "transport.hwm=2",
+            "resume.enabled=true",
+        )
+    )
     assert base == same
     other = resume.run_identity(_config(clip, tmp_path, "tracker.min_score=0.7"))
     assert other != base
@@ -48,13 +61,13 @@ def test_plan_resume(clip: Path, tmp_path: Path) -> None:
     resume.mark_interrupted(out, 7)
     assert resume.interrupted_frames(out) == 7
     assert resume.plan_resume(out, identity) == resume.ResumePoint(7, None)
-    changed = resume.run_identity(_config(clip, out, "encoder.image_size=512",
-                                          "tracker.prompts=[{box: [2, 2, 20, 20]}]"))
+    changed = resume.run_identity(
+        _config(clip, out, "encoder.image_size=512", "tracker.prompts=[{box: [2, 2, 20, 20]}]")
+    )
     with pytest.raises(ResumeError, match=r"different encoder\.image_size, tracker\.prompts"):
         resume.plan_resume(out, changed)
     # The tracker's state after frame 6 is the shortcut; one after frame 7 or later is not.
-    resume.save_tracker_snapshots(out, {5: ({"a": 1}, {}), 6: ({"a": 2}, {}),
-                                        7: ({"a": 3}, {})})
+    resume.save_tracker_snapshots(out, {5: ({"a": 1}, {}), 6: ({"a": 2}, {}), 7: ({"a": 3}, {})})
     assert resume.plan_resume(out, identity) == resume.ResumePoint(7, 6)
     resume.forget_run(out)
     assert not (out / resume.STATE_DIR).exists()
@@ -69,8 +82,9 @@ def test_a_changed_source_file_is_another_job(clip: Path, tmp_path: Path) -> Non
 
 def test_tracker_snapshots_round_trip(tmp_path: Path) -> None:
     logits = np.random.default_rng(0).standard_normal((2, 64, 64)).astype(np.float32)
-    resume.save_tracker_snapshots(tmp_path, {3: ({"next_id": 3, "ids": [1, 2]},
-                                                 {"logits": logits})})
+    resume.save_tracker_snapshots(
+        tmp_path, {3: ({"next_id": 3, "ids": [1, 2]}, {"logits": logits})}
+    )
     assert resume.saved_tracker_frames(tmp_path) == [3]
     data, arrays = resume.load_tracker_snapshot(tmp_path, 3)
     assert data == {"next_id": 3, "ids": [1, 2]}
@@ -96,6 +110,7 @@ def test_run_prompts_read_like_predict() -> None:
         run_prompts([box, box], [[5.0, 6.0]], None)
     with pytest.raises(ValueError, match="2 --label values for 1 --point"):
         run_prompts(None, [[5.0, 6.0]], [1, 0])
-    prompt = PromptConfig(**{k: tuple(map(tuple, v)) if k == "points" else tuple(v)
-                             for k, v in one[0].items()})
+    prompt = PromptConfig(
+        **{k: tuple(map(tuple, v)) if k == "points" else tuple(v) for k, v in one[0].items()}
+    )
     assert dataclasses.asdict(prompt)["labels"] == (1, 0)

@@ -25,7 +25,8 @@ def _node_pid(launcher: int, name: str) -> int:
     for pid in _children(launcher):
         try:
             if f"node {name} ".encode() in Path(f"/proc/{pid}/cmdline").read_bytes().replace(
-                    b"\0", b" "):
+                b"\0", b" "
+            ):
                 return pid
         except OSError:
             continue
@@ -33,16 +34,35 @@ def _node_pid(launcher: int, name: str) -> int:
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     kills = MAX_RESTARTS  # the most a minute allows; one more would fail the run
-    proc = _start(["run", "--source", "lavfi:testsrc2=size=160x120:rate=10", "--realtime",
-                   "--box", "10", "10", "80", "80", "--weights", str(checkpoint), *FAST,
-                   "--set", f"transport.publish={json.dumps(endpoint)}"])
+    proc = _start(
+        [
+            "run",
+            "--source",
+            "lavfi:testsrc2=size=160x120:rate=10",
+            "--realtime",
+            "--box",
+            "10",
+            "10",
+            "80",
+            "80",
+            "--weights",
+            str(checkpoint),
+            *FAST,
+            "--set",
+            f"transport.publish={json.dumps(endpoint)}",
+        ]
+    )
     resumed_after: list[float] = []
     seqs: list[int] = []
     degraded: list[str] = []
@@ -78,11 +98,20 @@ def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
     assert "nodes restarted after dying" in stdout, stdout
 
 
-def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path,
-                                                        tmp_path: Path) -> None:
+def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path, tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "clip.mp4", frames=40, size=(160, 120), fps=10)
-    common = ["--source", str(clip), "--box", "10", "40", "50", "80", "--weights",
-              str(checkpoint), *FAST]
+    common = [
+        "--source",
+        str(clip),
+        "--box",
+        "10",
+        "40",
+        "50",
+        "80",
+        "--weights",
+        str(checkpoint),
+        *FAST,
+    ]
     full = samstream("run", *common, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
@@ -105,8 +134,11 @@ def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path,
             proc.kill()
     assert proc.returncode == 0, stderr
     assert stdout.count("encoder died") == 3, stdout
-    for name in ["masks.jsonl", "tracks.txt",
-                 *(f"masks/{p.name}" for p in (tmp_path / "full" / "masks").iterdir())]:
+    for name in [
+        "masks.jsonl",
+        "tracks.txt",
+        *(f"masks/{p.name}" for p in (tmp_path / "full" / "masks").iterdir()),
+    ]:
         assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
     assert not (out / ".samstream").exists()
 
@@ -122,10 +154,25 @@ def test_forged_status_messages_are_not_believed(checkpoint: Path, tmp_path: Pat
     clip = make_clip(tmp_path / "clip.mp4", frames=30, size=(160, 120), fps=10)
     status = f"tcp://127.0.0.1:{free_port()}"
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = _start(["run", "--source", str(clip), "--box", "10", "40", "50", "80",
-                   "--weights", str(checkpoint), *FAST, "--set",
-                   f"transport.status={json.dumps(status)}", "--set",
-                   f"transport.publish={json.dumps(endpoint)}"])
+    proc = _start(
+        [
+            "run",
+            "--source",
+            str(clip),
+            "--box",
+            "10",
+            "40",
+            "50",
+            "80",
+            "--weights",
+            str(checkpoint),
+            *FAST,
+            "--set",
+            f"transport.status={json.dumps(status)}",
+            "--set",
+            f"transport.publish={json.dumps(endpoint)}",
+        ]
+    )
     ctx = zmq.Context()
     forger = ctx.socket(zmq.PUSH)
     forger.setsockopt(zmq.LINGER, 1000)
@@ -135,9 +182,15 @@ def test_forged_status_messages_are_not_believed(checkpoint: Path, tmp_path: Pat
         with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
             assert sub.recv(120_000) is not None
             for node in ("encoder", "publisher", "intruder"):
-                send_message(forger, StatusMessage(node=node, state="failed", time=time.time(),
-                                                   detail={"error": "forged",
-                                                           "run_token": "guess"}))
+                send_message(
+                    forger,
+                    StatusMessage(
+                        node=node,
+                        state="failed",
+                        time=time.time(),
+                        detail={"error": "forged", "run_token": "guess"},
+                    ),
+                )
             while (event := sub.recv_event(60_000)) is not None:
                 if hasattr(event, "state"):
                     statuses.append(event)

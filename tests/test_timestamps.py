@@ -43,9 +43,7 @@ MEGAMIND_DTS = [*range(1, 14), None]
 
 
 def strictly_increasing(values: Sequence[int | None]) -> bool:
-    return all(
-        a is not None and b is not None and b > a for a, b in itertools.pairwise(values)
-    )
+    return all(a is not None and b is not None and b > a for a, b in itertools.pairwise(values))
 
 
 def repair(
@@ -59,7 +57,8 @@ def repair(
 ) -> tuple[list[RepairedTimestamp[int]], TimestampRepairer[int]]:
     """Push the sequence (items: the frame numbers) through a repairer, then flush it."""
     repairer: TimestampRepairer[int] = TimestampRepairer(
-        frame_duration=frame_duration, discontinuity_ticks=discontinuity_ticks,
+        frame_duration=frame_duration,
+        discontinuity_ticks=discontinuity_ticks,
         lookahead=lookahead,
     )
     dts = [None] * len(pts) if dts is None else dts
@@ -86,7 +85,8 @@ def test_megamind_pattern_becomes_the_dts_from_the_first_reordered_frame() -> No
     repaired = [r.index for r in out if r.repaired]
     assert repaired == [i for i, p in enumerate(MEGAMIND_PTS) if p != i + 1]
     assert repairer.report == {
-        "repaired_frames": len(repaired), "first_frame": 3,
+        "repaired_frames": len(repaired),
+        "first_frame": 3,
         "methods": {"dts": len(repaired) - 1, "frame_rate": 1},
     }
 
@@ -133,8 +133,7 @@ def test_no_timestamps_at_all_use_the_frame_rate() -> None:
     assert [r.pts for r in out] == [0, 512, 1024, 1536, 2048]
     assert {r.method for r in out} == {"frame_rate"}
     assert out[0].reason == "no pts or dts, using the frame rate"
-    assert repairer.report == {"repaired_frames": 5, "first_frame": 0,
-                               "methods": {"frame_rate": 5}}
+    assert repairer.report == {"repaired_frames": 5, "first_frame": 0, "methods": {"frame_rate": 5}}
     # A frame's own duration wins over the average rate.
     out, _ = repair([None] * 4, durations=[10, 20, 30, 40], frame_duration=512)
     assert [r.pts for r in out] == [0, 10, 30, 60]
@@ -156,20 +155,23 @@ def test_missing_pts_use_the_dts() -> None:
 
 def test_concatenation_continues_the_timeline_with_its_spacing() -> None:
     first, second = list(range(0, 100, 10)), list(range(5, 55, 10))
-    out, repairer = repair(first + second, first + second, frame_duration=10,
-                           discontinuity_ticks=50)
+    out, repairer = repair(
+        first + second, first + second, frame_duration=10, discontinuity_ticks=50
+    )
     assert [r.pts for r in out] == list(range(0, 150, 10))
     assert [r.source_pts for r in out[10:]] == second
     assert out[10].reason is not None and "jumped back by 85 ticks" in out[10].reason
-    assert repairer.report == {"repaired_frames": 5, "first_frame": 10,
-                               "methods": {"discontinuity": 5}}
+    assert repairer.report == {
+        "repaired_frames": 5,
+        "first_frame": 10,
+        "methods": {"discontinuity": 5},
+    }
 
 
 def test_small_steps_back_are_nudged_one_tick() -> None:
     out, repairer = repair([0, 10, 20, 15, 30, 40, 40, 50], discontinuity_ticks=100)
     assert [r.pts for r in out] == [0, 10, 20, 21, 30, 40, 41, 50]
-    assert repairer.report == {"repaired_frames": 2, "first_frame": 3,
-                               "methods": {"nudged": 2}}
+    assert repairer.report == {"repaired_frames": 2, "first_frame": 3, "methods": {"nudged": 2}}
 
 
 @pytest.mark.parametrize(
@@ -208,12 +210,15 @@ def test_random_garbage_comes_out_strictly_increasing() -> None:
 
         pts = [garbage() for _ in range(n)]
         dts = sorted(v for v in (garbage() for _ in range(n)) if v is not None)
-        dts_or_none = [dts.pop(0) if dts and rng.random() < 0.7 else garbage()
-                       for _ in range(n)]
+        dts_or_none = [dts.pop(0) if dts and rng.random() < 0.7 else garbage() for _ in range(n)]
         durations = [rng.choice([None, rng.randint(-5, 50)]) for _ in range(n)]
         out, repairer = repair(
-            pts, dts_or_none, durations=durations, frame_duration=rng.randint(1, 40),
-            discontinuity_ticks=rng.randint(1, 500), lookahead=rng.randint(0, 10),
+            pts,
+            dts_or_none,
+            durations=durations,
+            frame_duration=rng.randint(1, 40),
+            discontinuity_ticks=rng.randint(1, 500),
+            lookahead=rng.randint(0, 10),
         )
         assert strictly_increasing([r.pts for r in out])
         for r, source in zip(out, pts, strict=True):
@@ -259,8 +264,10 @@ def plain_decode(path: Path) -> PlainDecode:
         stream.thread_type = "AUTO"
         frames = [(f.pts, f.dts, f.duration) for f in container.decode(stream)]
         return PlainDecode(
-            pts=[f[0] for f in frames], dts=[f[1] for f in frames],
-            durations=[f[2] for f in frames], time_base=stream.time_base,
+            pts=[f[0] for f in frames],
+            dts=[f[1] for f in frames],
+            durations=[f[2] for f in frames],
+            time_base=stream.time_base,
             rate=stream.average_rate,
         )
 
@@ -295,8 +302,10 @@ def check_repair(
     if changed:
         assert len(warnings) == 1
         assert warnings[0].levelno == logging.WARNING
-        assert warnings[0].getMessage().startswith(
-            f"{path}: timestamps repaired from frame {changed[0]}: "
+        assert (
+            warnings[0]
+            .getMessage()
+            .startswith(f"{path}: timestamps repaired from frame {changed[0]}: ")
         )
     else:
         assert warnings == [] and report == NO_REPAIR
@@ -370,8 +379,7 @@ def test_concatenated_ts_continues_after_the_junction_with_the_new_size(
     offset = frames[30].pts - plain.pts[30]  # type: ignore[operator]
     assert frames[30].pts == frames[29].pts + plain.durations[29]  # type: ignore[operator]
     assert [f.pts for f in frames[30:]] == [p + offset for p in plain.pts[30:]]  # type: ignore[operator]
-    assert report == {"repaired_frames": 30, "first_frame": 30,
-                      "methods": {"discontinuity": 30}}
+    assert report == {"repaired_frames": 30, "first_frame": 30, "methods": {"discontinuity": 30}}
     assert "jumped back" in caplog.text
 
 
@@ -381,12 +389,24 @@ def test_concatenated_ts_continues_after_the_junction_with_the_new_size(
         ("h264_b_frames.mp4", lambda path: make_clip(path, frames=30)),
         ("intra.mkv", lambda path: make_clip(path, frames=20, codec="mpeg4")),
         ("clip.ts", lambda path: make_clip(path, frames=20)),
-        ("vfr.mp4", lambda path: make_clip(
-            path, frames=10, pts=[0, 40, 80, 200, 210, 220, 400, 440, 1000, 1033],
-            time_base=Fraction(1, 1000))),
-        ("vfr.mkv", lambda path: make_clip(
-            path, frames=10, pts=[0, 33, 50, 51, 300, 310, 320, 900, 901, 2000],
-            time_base=Fraction(1, 1000))),
+        (
+            "vfr.mp4",
+            lambda path: make_clip(
+                path,
+                frames=10,
+                pts=[0, 40, 80, 200, 210, 220, 400, 440, 1000, 1033],
+                time_base=Fraction(1, 1000),
+            ),
+        ),
+        (
+            "vfr.mkv",
+            lambda path: make_clip(
+                path,
+                frames=10,
+                pts=[0, 33, 50, 51, 300, 310, 320, 900, 901, 2000],
+                time_base=Fraction(1, 1000),
+            ),
+        ),
     ],
 )
 def test_well_formed_files_keep_their_pts_exactly(
@@ -415,8 +435,14 @@ def test_live_sources_decide_without_lookahead(
     plain = plain_decode(path)
     frames, _, _ = check_repair(path, caplog, kind="webcam")
     for lookahead, expected in ((0, True), (TIMESTAMP_LOOKAHEAD, False)):
-        out, _ = repair(plain.pts, plain.dts, durations=plain.durations, frame_duration=512,
-                        discontinuity_ticks=12800, lookahead=lookahead)
+        out, _ = repair(
+            plain.pts,
+            plain.dts,
+            durations=plain.durations,
+            frame_duration=512,
+            discontinuity_ticks=12800,
+            lookahead=lookahead,
+        )
         assert ([r.pts for r in out] == [f.pts for f in frames]) is expected
 
 

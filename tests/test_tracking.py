@@ -410,8 +410,10 @@ def test_exclusive_masks_measure_on_the_own_mask_and_favour_trusted_tracks():
         assert np.array_equal(out[a].mask, rect(A_BOX) & ~rect(B_BOX))
         assert np.array_equal(out[b].mask, rect(B_BOX))
         assert out[a].box == A_BOX and out[b].box == B_BOX  # not (20, 30, 50, 90)
-        assert out[a].state is out[b].state is (
-            TrackState.TENTATIVE if frame == 0 else TrackState.TRACKED
+        assert (
+            out[a].state
+            is out[b].state
+            is (TrackState.TENTATIVE if frame == 0 else TrackState.TRACKED)
         )
     assert close(tracker.tracks[a].predicted_box, A_BOX, 0.5)
 
@@ -711,8 +713,12 @@ def test_lose_all_reports_running_tracks_lost_and_keeps_pending_prompts():
     decoder.objects = {"a": (moving_box(4), 0.9), "b": ((200, 150, 260, 210), 0.2)}
     assert by_id(tracker.step(4))[b].state is TrackState.COASTING
     expected = {
-        tid: (tracker.tracks[tid].predicted_box, tracker.tracks[tid].frames_since_update,
-              tracker.tracks[tid].last_score, tracker.tracks[tid].last_innovation)
+        tid: (
+            tracker.tracks[tid].predicted_box,
+            tracker.tracks[tid].frames_since_update,
+            tracker.tracks[tid].last_score,
+            tracker.tracks[tid].last_innovation,
+        )
         for tid in (a, b)
     }
     calls = len(decoder.calls)
@@ -776,9 +782,13 @@ def _embedding_message(
     frame: int, session: int, capture_time: float, size: tuple[int, int] = SIZE
 ) -> EmbeddingMessage:
     meta = FrameMeta("cam0", frame, frame, frame, (1, 25), capture_time, session=session)
-    return EmbeddingMessage(meta=meta, embedding=np.zeros((1, 2, 2), np.float16),
-                            embedding_dtype="float16", original_size=size,
-                            input_size=size)
+    return EmbeddingMessage(
+        meta=meta,
+        embedding=np.zeros((1, 2, 2), np.float16),
+        embedding_dtype="float16",
+        original_size=size,
+        input_size=size,
+    )
 
 
 def test_tracker_node_coasts_through_a_short_outage_and_loses_tracks_after_a_long_one():
@@ -861,14 +871,17 @@ def test_snapshot_restore_continues_exactly():
     for frame in range(8, 20):
         decoder.objects = restored_decoder.objects = scene(frame)
         expected, got = original.step(frame), restored.step(frame)
-        assert [(o.track_id, o.box, o.state, o.score, o.innovation, o.frames_since_update)
-                for o in got] == [
+        assert [
+            (o.track_id, o.box, o.state, o.score, o.innovation, o.frames_since_update) for o in got
+        ] == [
             (o.track_id, o.box, o.state, o.score, o.innovation, o.frames_since_update)
-            for o in expected]
+            for o in expected
+        ]
         assert all(np.array_equal(a.mask, b.mask) for a, b in zip(got, expected, strict=True))
         if frame == 8:  # the saved logits are the first frame's mask prompts, bit for bit
-            prompts = zip(restored_decoder.calls[-1].mask_logits,
-                          decoder.calls[-1].mask_logits, strict=True)
+            prompts = zip(
+                restored_decoder.calls[-1].mask_logits, decoder.calls[-1].mask_logits, strict=True
+            )
             assert all((a is None and b is None) or np.array_equal(a, b) for a, b in prompts)
             assert any(a is not None for a in restored_decoder.calls[-1].mask_logits)
     assert {o.track_id for o in got} == {1, 2, 3}

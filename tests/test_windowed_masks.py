@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from nodes.tracker import SamMaskDecoder, TrackerNode, probe_windows
+from nodes.tracker import TrackerNode
 from pipeline.config import TrackerConfig
+from pipeline.mask_decoder import SamMaskDecoder, probe_windows
 from pipeline.masks import RegionMask
 from pipeline.messages import EmbeddingMessage, FrameMeta
 from pipeline.model.transforms import resized_shape

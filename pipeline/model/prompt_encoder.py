@@ -14,9 +14,7 @@ class PositionEmbeddingRandom(nn.Module):
 
     def __init__(self, *, num_pos_feats: int = 128) -> None:
         super().__init__()
-        self.register_buffer(
-            "positional_encoding_gaussian_matrix", torch.randn((2, num_pos_feats))
-        )
+        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn((2, num_pos_feats)))
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
         """...x2 coordinates in [0, 1] -> ...x(2*num_pos_feats)."""
@@ -30,9 +28,7 @@ class PositionEmbeddingRandom(nn.Module):
         matrix = self.positional_encoding_gaussian_matrix
         y = (torch.arange(h, device=matrix.device, dtype=matrix.dtype) + 0.5) / h
         x = (torch.arange(w, device=matrix.device, dtype=matrix.dtype) + 0.5) / w
-        grid = torch.stack(
-            [x[None, :].expand(h, w), y[:, None].expand(h, w)], dim=-1
-        )
+        grid = torch.stack([x[None, :].expand(h, w), y[:, None].expand(h, w)], dim=-1)
         return self._encode(grid).permute(2, 0, 1)
 
     def forward_with_coords(
@@ -85,9 +81,7 @@ class PromptEncoder(nn.Module):
         """Positional encoding of the image embedding grid, 1xCxhxw."""
         return self.pe_layer(self.image_embedding_size).unsqueeze(0)
 
-    def _embed_points(
-        self, points: torch.Tensor, labels: torch.Tensor, pad: bool
-    ) -> torch.Tensor:
+    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points + 0.5  # pixel centres
         if pad:
             # Without a box, SAM appends one padding point (label -1).

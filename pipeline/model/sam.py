@@ -117,9 +117,7 @@ def build_mobile_sam(*, img_size: int = 1024) -> MobileSAM:
         ),
         mask_decoder=MaskDecoder(
             transformer_dim=256,
-            transformer=TwoWayTransformer(
-                depth=2, embedding_dim=256, num_heads=8, mlp_dim=2048
-            ),
+            transformer=TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=2048),
             num_multimask_outputs=3,
             iou_head_depth=3,
             iou_head_hidden_dim=256,

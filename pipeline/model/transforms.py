@@ -24,9 +24,7 @@ def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
-def scale_coords(
-    coords: np.ndarray, original_size: tuple[int, int], long_side: int
-) -> np.ndarray:
+def scale_coords(coords: np.ndarray, original_size: tuple[int, int], long_side: int) -> np.ndarray:
     """...x2 (x, y) pixel coordinates in the original image -> the resized input frame."""
     h, w = original_size
     new_h, new_w = resized_shape(h, w, long_side)
@@ -48,9 +46,7 @@ def unscale_coords(
     return out.astype(np.float32)
 
 
-def scale_boxes(
-    boxes: np.ndarray, original_size: tuple[int, int], long_side: int
-) -> np.ndarray:
+def scale_boxes(boxes: np.ndarray, original_size: tuple[int, int], long_side: int) -> np.ndarray:
     """Nx4 (x1, y1, x2, y2) boxes in the original image -> the resized input frame."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2)
     return scale_coords(boxes, original_size, long_side).reshape(-1, 4)
