@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SAM", "MaskSubscriber", "Prediction"]
+__all__ = ["SAM", "MaskSubscriber", "Prediction", "Results"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("SAM", "Prediction"):
+    if name in ("SAM", "Prediction", "Results"):
         from pipeline import predictor
 
         return getattr(predictor, name)

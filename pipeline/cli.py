@@ -62,7 +62,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="mobile_sam.pt path (default: $SAMSTREAM_WEIGHTS, cache, download)",
     )
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when there is a GPU), cpu, cuda, cuda:1 ..."
+    )
     p.add_argument(
         "--dtype",
         default="float32",
@@ -78,9 +80,7 @@ def _predict(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from pipeline.drawing import draw_overlay
     from pipeline.predictor import SAM, load_image
-    from pipeline.tracking import mask_box
 
     image = load_image(args.image)
     points = labels = None
@@ -90,29 +90,22 @@ def _predict(args: argparse.Namespace) -> int:
     if not args.box and not points:
         raise ValueError("give at least one --box or --point")
     model = SAM(args.weights, device=args.device, dtype=args.dtype, image_size=args.image_size)
-    result = model.predict(
+    results = model(
         image, bboxes=args.box, points=points, labels=labels, multimask_output=args.multimask
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    ids = list(range(1, len(result.masks) + 1))
-    boxes = []
-    for i, mask in zip(ids, result.masks, strict=True):
-        Image.fromarray(mask.astype(np.uint8) * 255).save(args.out / f"mask_{i:02d}.png")
-        box = mask_box(mask)
-        boxes.append(box)
-        print(
-            json.dumps(
-                {
-                    "object": i,
-                    "score": round(float(result.scores[i - 1]), 4),
-                    "box": box,
-                    "mask": str(args.out / f"mask_{i:02d}.png"),
-                }
-            )
-        )
-    overlay = draw_overlay(image, result.masks, ids, boxes)
-    Image.fromarray(overlay).save(args.out / "overlay.png")
-    print(f"wrote {len(ids)} mask(s) and overlay.png to {args.out}")
+    for i, (obj, box) in enumerate(zip(results, results.boxes, strict=True), start=1):
+        mask_path = args.out / f"mask_{i:02d}.png"
+        Image.fromarray(obj.masks[0].astype(np.uint8) * 255).save(mask_path)
+        record = {
+            "object": i,
+            "score": round(float(obj.scores[0]), 4),
+            "box": None if np.isnan(box).any() else [float(v) for v in box],
+            "mask": str(mask_path),
+        }
+        print(json.dumps(record))
+    results.save(args.out / "overlay.png")
+    print(f"wrote {len(results)} mask(s) and overlay.png to {args.out}")
     return 0
 
 

@@ -2,8 +2,13 @@
 
 from pipeline import SAM
 model = SAM("mobile_sam.pt")
-result = model.predict("zidane.jpg", bboxes=[439, 437, 524, 709])
-result.masks  # (N, H, W) bool at the image's size
+results = model("zidane.jpg", bboxes=[439, 437, 524, 709])  # or model.predict(...)
+results.masks  # (N, H, W) bool at the image's size; results[0], for r in results: per object
+results.save("zidane_masks.png")  # results.plot(), results.to_json(), results.speed
+
+Images: a path, a PIL image, or an (H, W, 3) uint8 numpy array in RGB order (SAM's
+convention); pass ``image_format="BGR"`` for OpenCV's arrays (cv2.imread). Ultralytics reads
+numpy arrays as BGR: samstream does not guess, it takes the order it is told.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from time import perf_counter
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,23 +32,18 @@ from pipeline.model.sam import MobileSAM, build_mobile_sam
 from pipeline.model.transforms import resize_longest_side, scale_boxes, scale_coords
 from pipeline.model.weights import resolve_weights
 from pipeline.prompts import Prompts, parse_prompts
+from pipeline.results import Results
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """Masks for one image. With multimask_output, three rows per prompt, prompt-major.
+# The name this API's results had before they became Ultralytics-shaped.
+Prediction = Results
 
-    masks: NxHxW bool at the original size; scores: N predicted IoU; logits: Nxhxw low-res
-    mask logits (256x256 at a 1024 input).
-    """
-
-    masks: np.ndarray
-    scores: np.ndarray
-    logits: np.ndarray
+ImageSource = str | os.PathLike[str] | np.ndarray | Image.Image
+ImageFormat = Literal["RGB", "BGR"]
 
 
 @dataclass(frozen=True)
@@ -86,16 +87,32 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_image(source: str | os.PathLike[str] | np.ndarray) -> np.ndarray:
-    """An image path or an HxWx3 uint8 RGB array -> HxWx3 uint8 RGB, C-contiguous."""
+def load_image(source: ImageSource, image_format: ImageFormat = "RGB") -> np.ndarray:
+    """An image path, PIL image, or (H, W, 3) uint8 array -> (H, W, 3) uint8 RGB, C-contiguous.
+
+    image_format: the channel order of an array source ("RGB", or "BGR" for OpenCV's);
+    files and PIL images carry their own and are converted to RGB.
+    """
+    if image_format not in ("RGB", "BGR"):
+        raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+    if isinstance(source, Image.Image):
+        return np.asarray(source.convert("RGB"))
     if isinstance(source, np.ndarray):
         if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
             raise ValueError(
-                f"image arrays must be HxWx3 uint8 RGB, got {source.dtype} {source.shape}"
+                f"image arrays must be HxWx3 uint8 ({image_format}), got {source.dtype} "
+                f"{source.shape}"
             )
         if source.shape[0] == 0 or source.shape[1] == 0:
             raise ValueError(f"image array is empty: {source.shape}")
+        if image_format == "BGR":
+            source = source[..., ::-1]
         return np.ascontiguousarray(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            "image source must be a path, a PIL image or a numpy array, "
+            f"not {type(source).__name__}"
+        )
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
@@ -110,8 +127,8 @@ class SAM:
     """MobileSAM for images: load the checkpoint, encode an image once, decode prompts in a batch.
 
     weights: a path to `mobile_sam.pt` (official layout), or the bare name `mobile_sam.pt`
-    to use $SAMSTREAM_WEIGHTS, the cache, or a download. device: "auto", "cpu", "cuda",
-    "cuda:1".
+    to use $SAMSTREAM_WEIGHTS, the cache, or a download. device: "auto" (CUDA when there is
+    a GPU, as in `samstream run`), "cpu", "cuda", "cuda:1".
     dtype: "float32" (exact), "bfloat16" or "float16" (autocast: faster, less exact), for
     the encoder and the decoder; "auto": the encoder's precision is the backend's choice
     (see pipeline.backends), the decoder's float32.
@@ -127,7 +144,7 @@ class SAM:
         self,
         weights: str | os.PathLike[str] | None = "mobile_sam.pt",
         *,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
         dtype: str | torch.dtype = "float32",
         image_size: int = 1024,
         backend: str = "torch",
@@ -183,9 +200,9 @@ class SAM:
         embeddings = self.encoder.encode_images(resized)
         return embeddings, (resized.shape[1], resized.shape[2])
 
-    def set_image(self, source: str | os.PathLike[str] | np.ndarray) -> ImageEmbedding:
-        """Encode one image (path or array) for any number of later `decode` calls."""
-        image = load_image(source)
+    def set_image(self, source: ImageSource, image_format: ImageFormat = "RGB") -> ImageEmbedding:
+        """Encode one image (see `load_image`) for any number of later `decode` calls."""
+        image = load_image(source, image_format)
         embeddings, input_size = self.encode_batch([image])
         return ImageEmbedding(embeddings, (image.shape[0], image.shape[1]), input_size)
 
@@ -225,21 +242,53 @@ class SAM:
 
     def predict(
         self,
-        source: str | os.PathLike[str] | np.ndarray,
+        source: ImageSource,
         bboxes: Any = None,
         points: Any = None,
         labels: Any = None,
         multimask_output: bool = False,
-    ) -> Prediction:
-        """Segment the prompted objects of one image (see `pipeline.prompts` for nesting)."""
-        image = load_image(source)
+        *,
+        image_format: ImageFormat = "RGB",
+    ) -> Results:
+        """Segment the prompted objects of one image (see `pipeline.prompts` for nesting;
+        `load_image` for the sources and ``image_format``)."""
+        start = perf_counter()
+        image = load_image(source, image_format)
         # Validate before the (slow) encode so a bad prompt costs nothing.
         prompts = parse_prompts((image.shape[0], image.shape[1]), bboxes, points, labels)
+        encoded = perf_counter()
         embedded = self.set_image(image)
         logits, scores, low_res = self.decode(embedded, prompts, multimask_output=multimask_output)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        decoded = perf_counter()
         masks = logits > self.model.mask_threshold
-        return Prediction(
+        results = Results(
             masks=masks.flatten(0, 1).cpu().numpy(),
             scores=scores.flatten().cpu().numpy(),
             logits=low_res.flatten(0, 1).cpu().numpy(),
+            image=image,
+            path=str(source) if isinstance(source, (str, os.PathLike)) else None,
+        )
+        done = perf_counter()
+        results.speed.update(
+            preprocess=(encoded - start) * 1000,
+            inference=(decoded - encoded) * 1000,
+            postprocess=(done - decoded) * 1000,
+        )
+        return results
+
+    def __call__(
+        self,
+        source: ImageSource,
+        bboxes: Any = None,
+        points: Any = None,
+        labels: Any = None,
+        multimask_output: bool = False,
+        *,
+        image_format: ImageFormat = "RGB",
+    ) -> Results:
+        """``model(...)`` is ``model.predict(...)``, as in Ultralytics."""
+        return self.predict(
+            source, bboxes, points, labels, multimask_output, image_format=image_format
         )

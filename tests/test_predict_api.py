@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import SAM
+from pipeline import SAM, Results
+from pipeline.drawing import draw_overlay, track_color
+from pipeline.outputs import decode_rle
 from pipeline.prompts import parse_prompts
 
 
@@ -111,7 +114,7 @@ def test_bad_sources(model: SAM, tmp_path: Path) -> None:
     junk.write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"junk\.jpg is not a readable image"):
         model.predict(junk, bboxes=[1, 1, 5, 5])
-    with pytest.raises(ValueError, match="HxWx3 uint8 RGB"):
+    with pytest.raises(ValueError, match=r"HxWx3 uint8 \(RGB\)"):
         model.predict(np.zeros((10, 10), dtype=np.uint8), bboxes=[1, 1, 5, 5])
 
 
@@ -232,3 +235,85 @@ def test_cli_predict_errors_are_one_clear_line(zidane: Path, tmp_path: Path) -> 
     assert proc.returncode == 2
     assert "none.pt does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _two_object_results() -> Results:
+    """Results with known masks: a rectangle, an L-shape, and an empty third mask."""
+    image = np.full((40, 60, 3), 90, dtype=np.uint8)
+    masks = np.zeros((3, 40, 60), dtype=bool)
+    masks[0, 5:15, 10:30] = True
+    masks[1, 20:35, 40:45] = True
+    masks[1, 30:35, 40:55] = True
+    return Results(
+        masks=masks,
+        scores=np.array([0.9, 0.5, 0.1], dtype=np.float32),
+        logits=np.zeros((3, 16, 16), dtype=np.float32),
+        image=image,
+    )
+
+
+def test_results_per_object_boxes_and_json() -> None:
+    results = _two_object_results()
+    assert len(results) == 3
+    objects = list(results)
+    assert [o.masks.shape for o in objects] == [(1, 40, 60)] * 3
+    assert np.array_equal(results[1].masks[0], results.masks[1])
+    assert np.array_equal(results[-1].masks, results.masks[2:])
+    assert len(results[0:2]) == 2 and results[0:2].scores.tolist() == pytest.approx([0.9, 0.5])
+    with pytest.raises(IndexError, match="out of range"):
+        results[3]
+    # Boxes: exclusive ends around the pixels; an empty mask has a NaN row.
+    assert results.boxes[:2].tolist() == [[10, 5, 30, 15], [40, 20, 55, 35]]
+    assert np.isnan(results.boxes[2]).all()
+    records = json.loads(results.to_json())
+    assert [r["object"] for r in records] == [1, 2, 3]
+    assert records[2]["box"] is None and records[0]["box"] == [10, 5, 30, 15]
+    for record, mask in zip(records, results.masks, strict=True):
+        assert record["segmentation"]["size"] == [40, 60]
+        assert np.array_equal(decode_rle(record["segmentation"]), mask)
+
+
+def test_results_plot_is_the_overlay_renderer(tmp_path: Path) -> None:
+    results = _two_object_results()
+    expected = draw_overlay(
+        results.image, results.masks, [1, 2, 3], [tuple(b) for b in results.boxes[:2]] + [None]
+    )
+    plotted = results.plot()
+    assert np.array_equal(plotted, expected)
+    # Object 1 is id 1: inside its mask the image is tinted toward id 1's palette colour.
+    inside = plotted[10, 20].astype(int)
+    assert (
+        np.abs(inside - np.array(track_color(1))).sum()
+        < np.abs(90 - np.array(track_color(1))).sum()
+    )
+    assert np.array_equal(plotted[0, 0], results.image[0, 0])  # outside every mask and box
+    saved = results.save(tmp_path / "plot.png")
+    assert np.array_equal(np.asarray(Image.open(saved)), plotted)
+    with pytest.raises(ValueError, match="cannot save results"):
+        results.save(tmp_path / "plot.unknown-format")
+
+
+def test_call_pil_and_bgr_sources_are_the_same_image(small_model: SAM, zidane: Path) -> None:
+    rgb = np.asarray(Image.open(zidane))
+    box = [439, 437, 524, 709]
+    reference = small_model.predict(rgb, bboxes=box)
+    called = small_model(rgb, bboxes=box)
+    from_pil = small_model(Image.open(zidane), bboxes=box)
+    from_bgr = small_model(np.ascontiguousarray(rgb[..., ::-1]), bboxes=box, image_format="BGR")
+    for other in (called, from_pil, from_bgr):
+        assert np.array_equal(other.logits, reference.logits)
+        assert np.array_equal(other.masks, reference.masks)
+        assert np.array_equal(other.image, rgb)
+    assert set(reference.speed) == {"preprocess", "inference", "postprocess"}
+    assert all(v >= 0 for v in reference.speed.values()) and reference.speed["inference"] > 0
+    assert small_model(str(zidane), bboxes=box).path == str(zidane)
+    with pytest.raises(ValueError, match="image_format must be 'RGB' or 'BGR'"):
+        small_model(rgb, bboxes=box, image_format="HSV")
+    with pytest.raises(TypeError, match="path, a PIL image or a numpy array"):
+        small_model(12, bboxes=box)
+
+
+def test_device_auto_is_cpu_without_a_gpu(checkpoint: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: auto picks it")
+    assert SAM(checkpoint, image_size=256).device.type == "cpu"
