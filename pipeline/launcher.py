@@ -406,13 +406,24 @@ class _Restarts:
         return "; ".join(f"{t - start:.1f} s: {node} {how}" for t, node, how in self.history)
 
 
+# How a node process starts. Not `python -m pipeline.cli`: -m puts the working directory first
+# on sys.path, so a user's own pipeline.py or nodes/ there would be imported instead of this
+# package and every node would die. The bootstrap drops that entry before importing
+# (`python -P` does the same, but only from Python 3.11).
+NODE_COMMAND = (
+    sys.executable,
+    "-c",
+    "import sys; sys.path.pop(0); from pipeline.cli import main; sys.exit(main())",
+)
+
+
 class _ProcessWorker:
     def __init__(self, name: str, config_path: Path, log_path: Path, env: dict[str, str]) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab")  # a restarted node's log follows its last one
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "node", name, "--config", str(config_path)],
+            [*NODE_COMMAND, "node", name, "--config", str(config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
