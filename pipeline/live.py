@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.sources import SourceError, parse_source
+from pipeline.stats import percentiles
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +80,6 @@ def resolve_run_config(
         tracker=tracker,
         live=dataclasses.replace(live, mode=mode, budget_ms=budget),
     )
-
-
-def percentiles(values: Iterable[float]) -> dict[str, float] | None:
-    """Median and 95th percentile (nearest rank), or None without values."""
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
-    return {"median": round(statistics.median(ordered), 3), "p95": round(p95, 3)}
 
 
 class FrameTimings:

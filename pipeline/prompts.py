@@ -28,12 +28,6 @@ class Prompts:
     points: np.ndarray | None
     labels: np.ndarray | None
 
-    @property
-    def num_objects(self) -> int:
-        if self.boxes is not None:
-            return len(self.boxes)
-        return 0 if self.points is None else len(self.points)
-
 
 def _as_float_array(value: Any, what: str) -> np.ndarray:
     try:

@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import logging
 import signal
-import statistics
 import threading
 import time
 from collections import deque
@@ -53,6 +52,7 @@ from pipeline.messages import (
     StatusMessage,
     encode,
 )
+from pipeline.stats import percentiles
 from pipeline.transport import (
     MessageReceiver,
     SocketOptions,
@@ -149,12 +149,14 @@ class Node:
 
     def stats(self) -> dict[str, Any]:
         """Per-message milliseconds: count, median, p95."""
-        d = self.durations_ms
-        if not d:
+        figures = percentiles(self.durations_ms)
+        if figures is None:
             return {"messages": 0}
-        ordered = sorted(d)
-        p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-        return {"messages": len(d), "ms_median": statistics.median(d), "ms_p95": p95}
+        return {
+            "messages": len(self.durations_ms),
+            "ms_median": figures["median"],
+            "ms_p95": figures["p95"],
+        }
 
 
 class NewestInbox:

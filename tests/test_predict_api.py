@@ -73,7 +73,7 @@ def test_parse_prompts_shapes() -> None:
     p = parse_prompts((720, 1280), points=[[[1, 2], [3, 4]]], labels=[[1, 0]])
     assert p.points.shape == (1, 2, 2) and p.labels.tolist() == [[1, 0]]
     p = parse_prompts((720, 1280), bboxes=[1, 2, 30, 40], points=[[5, 6], [7, 8]], labels=[1, 0])
-    assert p.boxes.shape == (1, 4) and p.points.shape == (1, 2, 2) and p.num_objects == 1
+    assert p.boxes.shape == (1, 4) and p.points.shape == (1, 2, 2)
 
 
 @pytest.mark.parametrize(

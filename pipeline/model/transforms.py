@@ -34,18 +34,6 @@ def scale_coords(coords: np.ndarray, original_size: tuple[int, int], long_side: 
     return out.astype(np.float32)
 
 
-def unscale_coords(
-    coords: np.ndarray, original_size: tuple[int, int], long_side: int
-) -> np.ndarray:
-    """Inverse of scale_coords: input-frame (x, y) -> original image pixels."""
-    h, w = original_size
-    new_h, new_w = resized_shape(h, w, long_side)
-    out = np.array(coords, dtype=np.float64, copy=True)
-    out[..., 0] *= w / new_w
-    out[..., 1] *= h / new_h
-    return out.astype(np.float32)
-
-
 def scale_boxes(boxes: np.ndarray, original_size: tuple[int, int], long_side: int) -> np.ndarray:
     """Nx4 (x1, y1, x2, y2) boxes in the original image -> the resized input frame."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2)
