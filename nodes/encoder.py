@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 from pipeline.config import EncoderConfig
@@ -10,10 +9,6 @@ from pipeline.embedding_codec import embedding_to_wire
 from pipeline.messages import EmbeddingMessage, FrameMessage, Message
 from pipeline.predictor import SAM
 from pipeline.runtime import Node
-
-# Test hook: extra milliseconds per batch, to play a slow encoder (live-mode tests check that
-# latency stays bounded when the encoder cannot keep up). Unset in normal runs.
-DELAY_ENV = "SAMSTREAM_TEST_ENCODER_DELAY_MS"
 
 
 class EncoderNode(Node):
@@ -31,7 +26,6 @@ class EncoderNode(Node):
             raise ValueError("encoder.batch_size must be resolved (pipeline.live) first")
         self.max_batch = config.batch_size
         self.sam: SAM | None = None
-        self.extra_delay_s = float(os.environ.get(DELAY_ENV, "0") or 0) / 1000
 
     def setup(self) -> None:
         # The backend (and, for `auto`, a calibration on a machine's first run) is chosen
@@ -70,8 +64,6 @@ class EncoderNode(Node):
         start = time.perf_counter()
         embeddings, input_size = self.sam.encode_batch([f.image for f in frames])
         wire = embedding_to_wire(embeddings, self.config.embedding_dtype)
-        if self.extra_delay_s:
-            time.sleep(self.extra_delay_s)
         per_frame_ms = (time.perf_counter() - start) * 1000 / len(frames)
         self.count("frames", len(frames))
         self.count("batches")

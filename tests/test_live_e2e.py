@@ -312,7 +312,13 @@ def test_slow_encoder_keeps_latency_bounded(checkpoint: Path, tmp_path: Path) ->
     frames it cannot take are dropped and counted, nothing queues up."""
     needs_rtsp()
     clip = make_clip(tmp_path / "clip.mp4", frames=CAMERA_FRAMES, size=(160, 120), fps=10)
-    slow = {"SAMSTREAM_TEST_ENCODER_DELAY_MS": "200"}  # 10 fps source, encoder < 5 fps
+    # 10 fps source, encoder < 5 fps: 200 ms more per batch (tests/slow_encoder).
+    slow = {
+        "SAMSTREAM_SLOW_ENCODER_MS": "200",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent / "slow_encoder"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     with (
         RtspServer(clip) as server,
         LiveRun(server.url, checkpoint, env=slow, server=server) as run,
