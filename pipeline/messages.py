@@ -21,7 +21,8 @@ The fields beside ``kind``/``v``/``buffers``, per kind. ``meta`` is
 ``{"stream_id": str, "seq": int, "frame_index": int, "pts": int | null,
 "time_base": [num, den], "capture_time": float (Unix seconds), "session": int}``; seconds =
 pts * num / den. ``session`` (optional, default 0) is the source's connection number: it grows
-by one at every reconnect of a live source.
+by one at every reconnect of a live source. ``source_pts`` (int, optional) is the container's
+pts of a frame whose timestamp was repaired; only such frames carry it.
 
 ``timings`` is ``{stage: milliseconds}`` for the stages a frame has been through so far:
 ``"decode"``, ``"encoder"``, ``"tracker"``, ``"publish"``, and on the published masks
@@ -47,10 +48,16 @@ by one at every reconnect of a live source.
   own and the unused low bits of its last byte are zero. So ``B = sum(ceil(h * w / 8))``.
   Pixel (x, y) of track i is set when ``x1 <= x < x2``, ``y1 <= y < y2`` and its bit
   ``(y - y1) * w + (x - x1)`` is 1.
-- ``"status"``: ``node`` str, ``state`` str, ``time`` float (Unix seconds), ``counters``
+- ``"status"``: ``node`` str, ``state`` (below), ``time`` float (Unix seconds), ``counters``
   {str: int}, ``detail`` {str: any JSON}. No buffers.
 - ``"end"``: ``stream_id`` str, ``frames`` int, ``reason`` str ("eof", "max_frames",
   "error: ...", "stopped"). No buffers.
+
+A status ``state`` is one of (STATUS_STATES): "starting" (setting up, models loading),
+"running", "over_budget" (live publisher: frames over the per-frame budget since the last
+status), "stalled" / "lost" / "reconnecting" (decoder: the live source is silent, gone,
+being reconnected), "degraded" (sent by the launcher: a node died and is being restarted),
+"done" (the stream ended), "stopped" (a stop request), "failed" (``detail["error"]`` says why).
 
 Readers ignore header fields they do not know. ``seq`` counts 0, 1, 2, ... per stream id, so
 a consumer detects loss by gaps.
@@ -64,7 +71,13 @@ Prompt control (REQ/REP, one part, UTF-8 JSON)
 Request (PromptCommand): ``{"op": "add" | "update" | "remove" | "list", "track_id": int |
 null, "box": [x1, y1, x2, y2] | null, "points": [[x, y], ...] | null, "labels": [int, ...] |
 null, "frame": int | null}``; only ``op`` is required. Reply (PromptReply): ``{"ok": bool,
-"error": str | null, "track_id": int | null, "tracks": [{...}, ...]}``.
+"error": str | null, "track_id": int | null, "tracks": [TrackListing, ...]}``, a listing
+being ``{"id": int, "state": str, "box": [x1, y1, x2, y2] | null, "score": float,
+"frames_since_update": int, "pending": bool, "start_frame": int | null}``. Both reject fields
+they do not know (a typo must not pass for an absent field).
+
+``wire_schema()`` (or ``python -m pipeline.messages``) gives all of this as a JSON Schema
+for consumers in other languages, less what JSON Schema cannot say (byte lengths, windows).
 
 Arrays decoded here are read-only views over the received buffers (no copy), except the
 unpacked mask windows.
@@ -72,29 +85,41 @@ unpacked mask windows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypedDict, TypeVar, get_args
 
+import msgspec
 import numpy as np
 
 from pipeline.masks import RegionMask, as_region_masks, stack_dense
 
 SCHEMA_VERSION = 2
+MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes per track: 1 MiB is ~thousands
 
-TRACK_STATES = ("tentative", "tracked", "coasting", "lost")
-PROMPT_OPS = ("add", "update", "remove", "list")
+TrackStateName = Literal["tentative", "tracked", "coasting", "lost"]
+_SourceState = Literal["stalled", "lost", "reconnecting"]  # a live source's, from the decoder
+StatusState = Literal[
+    "starting", "running", "over_budget", _SourceState, "degraded", "done", "stopped", "failed"
+]
+PromptOp = Literal["add", "update", "remove", "list"]
+RawDtype = Literal["uint8", "uint16", "float16", "float32"]
+EmbeddingDtype = Literal["float16", "bfloat16", "float32"]
+TRACK_STATES: tuple[str, ...] = get_args(TrackStateName)
+STATUS_STATES: tuple[str, ...] = get_args(StatusState)
+PROMPT_OPS: tuple[str, ...] = get_args(PromptOp)
+
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+Box = tuple[float, float, float, float]
 
 # Raw buffer dtypes a reader accepts, pinned little-endian so the wire does not depend on
 # the sender's byte order.
-_RAW_DTYPES: dict[str, np.dtype] = {
-    "uint8": np.dtype("u1"),
-    "uint16": np.dtype("<u2"),
-    "float16": np.dtype("<f2"),
-    "float32": np.dtype("<f4"),
-}
+_RAW_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in get_args(RawDtype)}
 # embedding_dtype -> dtype name of the array that carries it (numpy has no bfloat16).
 _EMBEDDING_WIRE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
 
@@ -129,48 +154,14 @@ def _json_default(value: Any) -> Any:
 
 
 def _dump_json(obj: dict[str, Any]) -> bytes:
+    """Standard JSON, refused here when it cannot be: msgspec's encoder would write NaN as
+    null, which a reader refuses far from the cause, so the stdlib encoder writes headers."""
     try:
         return json.dumps(obj, allow_nan=False, default=_json_default).encode()
     except MessageError:
         raise
     except ValueError as exc:  # NaN / Infinity: not standard JSON, non-Python readers choke
         raise MessageError(f"header is not valid JSON: {exc}") from exc
-
-
-def _reject_constant(name: str) -> Any:
-    raise MessageError(f"JSON holds {name}, which standard JSON does not allow")
-
-
-MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes per track: 1 MiB is ~thousands
-
-
-def _load_json(data: Part | str, what: str) -> Any:
-    try:
-        if isinstance(data, str):
-            text = data
-        else:
-            view = _byte_view(data, what)
-            # Checked before parsing: what a hostile peer sends costs no more than this.
-            _require(
-                view.nbytes <= MAX_HEADER_BYTES,
-                f"{what} is {view.nbytes} bytes, more than {MAX_HEADER_BYTES}",
-            )
-            text = bytes(view).decode("utf-8")
-        _require(
-            len(text) <= MAX_HEADER_BYTES,
-            f"{what} is {len(text)} characters, more than {MAX_HEADER_BYTES}",
-        )
-        return json.loads(text, parse_constant=_reject_constant)
-    except MessageError:
-        raise
-    except UnicodeDecodeError as exc:
-        raise MessageError(f"{what} is not UTF-8: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise MessageError(f"{what} is not valid JSON: {exc}") from exc
-    except RecursionError:
-        raise MessageError(f"{what} is nested too deeply to be a samstream header") from None
-    except ValueError as exc:  # Python's limit on int digits ("[1" + "1" * 5000 + "]")
-        raise MessageError(f"{what}: {exc}") from None
 
 
 def _byte_view(part: Part, what: str) -> memoryview:
@@ -182,46 +173,44 @@ def _byte_view(part: Part, what: str) -> memoryview:
         raise MessageError(f"{what} is not a byte buffer ({type(part).__name__})") from exc
 
 
-_MISSING = object()
+def _explain(err: msgspec.ValidationError, what: str) -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.meta.seq`" in this module's words:
+    "header: field 'meta.seq' must be int, got str"."""
+    text, _, path = str(err).partition(" - at `$")
+    path = path.rstrip("`").lstrip(".")
+    for pattern, words in (
+        (r"Object missing required field `(\w+)`", r"missing field '\1'"),
+        (r"Object contains unknown field `(\w+)`", r"unknown field '\1'"),
+        (r"Expected `array` of length ([^,]+)(, got \d+)?", r"must have \1 items"),
+        (r"Invalid enum value (.+)", r"is \1, not one of the values it may have"),
+        (r"Expected `([^`]+?)(?: \| null)?`", r"must be \1"),  # a wrong value is not null
+        (r"got `([^`]+)`", r"got \1"),
+    ):
+        text = re.sub(pattern, words, text)
+    sep = " " if text.startswith(("must", "is ")) else ": "
+    return f"{what}: field '{path}'{sep}{text}" if path else f"{what}{sep}{text}"
 
 
-def _typed(value: Any, kind: type, where: str) -> Any:
-    """``value`` checked to be of ``kind`` (int excludes bool; float accepts int)."""
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    _require(ok, f"{where} must be {kind.__name__}, got {type(value).__name__}")
-    return float(value) if kind is float else value
-
-
-def _field(obj: Mapping[str, Any], key: str, kind: type, where: str, *, optional: bool = False):
-    """``obj[key]`` of type ``kind``; None when optional and missing or null."""
-    value = obj.get(key, _MISSING)
-    if value is _MISSING or value is None:
-        _require(optional, f"{where}: missing field '{key}'")
-        return None
-    return _typed(value, kind, f"{where}: field '{key}'")
-
-
-def _numbers(value: Any, length: int | None, kind: type, where: str) -> tuple:
-    """A JSON list of numbers as a tuple (of ``length`` items when given)."""
-    _require(isinstance(value, list), f"{where} must be a list, got {type(value).__name__}")
-    _require(length is None or len(value) == length, f"{where} must have {length} items")
-    return tuple(_typed(v, kind, f"{where}[{i}]") for i, v in enumerate(value))
-
-
-def _pair(obj: Mapping[str, Any], key: str, where: str) -> tuple[int, int]:
-    _require(key in obj, f"{where}: missing field '{key}'")
-    return _numbers(obj[key], 2, int, f"{where}: field '{key}'")
-
-
-def _number_map(obj: Mapping[str, Any], key: str, kind: type, where: str) -> dict:
-    """A JSON object of str -> number; missing means empty."""
-    value = _field(obj, key, dict, where, optional=True) or {}
-    return {k: _field(value, k, kind, f"{where}: '{key}'") for k in value}
+def _decode(kind: Any, data: Part | str, what: str) -> Any:
+    """``data`` parsed and checked as ``kind``; whatever is wrong is a MessageError."""
+    text = data if isinstance(data, str) else _byte_view(data, what)
+    size, unit = (len(text), "characters") if isinstance(text, str) else (text.nbytes, "bytes")
+    # Checked before parsing: what a hostile peer sends costs no more than this.
+    _require(size <= MAX_HEADER_BYTES, f"{what} is {size} {unit}, more than {MAX_HEADER_BYTES}")
+    try:
+        return msgspec.json.decode(text, type=kind)
+    except msgspec.ValidationError as err:  # wrong types, missing fields, huge integers
+        raise MessageError(_explain(err, what)) from None
+    except msgspec.DecodeError as err:
+        if not isinstance(text, str):
+            try:
+                text = str(text, "utf-8")
+            except UnicodeDecodeError as exc:
+                raise MessageError(f"{what} is not UTF-8: {exc}") from None
+        nan = " (standard JSON has no NaN or Infinity)" if re.search("NaN|Infinity", text) else ""
+        raise MessageError(f"{what} is not valid JSON{nan}: {err}") from None
+    except RecursionError:
+        raise MessageError(f"{what} is nested too deeply to be a samstream header") from None
 
 
 def _raw_buffer(name: str, array: np.ndarray) -> tuple[dict[str, Any], memoryview]:
@@ -239,57 +228,6 @@ def _pack(kind: str, fields: dict[str, Any], buffers: list[tuple[dict[str, Any],
     return [_dump_json(header), *(view for _, view in buffers)]
 
 
-def _parse_header(frames: Sequence[Part]) -> dict[str, Any]:
-    _require(len(frames) > 0, "empty message: no header part")
-    header = _load_json(frames[0], "header (part 0)")
-    _require(isinstance(header, dict), f"header must be a JSON object, got {type(header).__name__}")
-    version = _field(header, "v", int, "header")
-    _require(
-        version == SCHEMA_VERSION,
-        f"schema version {version} is not supported (this reader knows {SCHEMA_VERSION})",
-    )
-    _field(header, "kind", str, "header")
-    return header
-
-
-def _decode_buffer(spec: Any, part: Part, index: int) -> tuple[str, np.ndarray]:
-    where = f"buffer {index}"
-    _require(isinstance(spec, dict), f"{where}: spec must be a JSON object")
-    name = _field(spec, "name", str, where)
-    where = f"buffer '{name}'"
-    dtype = _field(spec, "dtype", str, where)
-    shape = _numbers(spec.get("shape"), None, int, f"{where}: shape")
-    _require(all(n >= 0 for n in shape), f"{where}: negative dimension in shape {list(shape)}")
-    encoding = _field(spec, "encoding", str, where, optional=True)
-    _require(encoding is None, f"{where}: unknown encoding {encoding!r}")
-    _require(dtype in _RAW_DTYPES, f"{where}: unsupported dtype {dtype!r}")
-    view = _byte_view(part, f"part {index + 1}")
-    expected = math.prod(shape) * _RAW_DTYPES[dtype].itemsize
-    _require(
-        view.nbytes == expected,
-        f"{where}: {view.nbytes} bytes do not match {dtype} {list(shape)} ({expected} bytes)",
-    )
-    return name, np.frombuffer(view, _RAW_DTYPES[dtype]).reshape(shape)
-
-
-def _decode_buffers(
-    header: dict[str, Any], frames: Sequence[Part], required: str, optional: str | None
-) -> dict[str, np.ndarray]:
-    """The buffers of a message whose layout is ``[required]`` or ``[required, optional]``."""
-    specs = header.get("buffers")
-    _require(isinstance(specs, list), "header: field 'buffers' must be a list")
-    _require(
-        len(frames) == 1 + len(specs),
-        f"message has {len(frames)} part(s) but its header lists {len(specs)} buffer(s)"
-        f" (expected {1 + len(specs)} parts)",
-    )
-    arrays = dict(_decode_buffer(spec, frames[i + 1], i) for i, spec in enumerate(specs))
-    names = [spec["name"] for spec in specs]
-    allowed = [[required]] + ([[required, optional]] if optional else [])
-    _require(names in allowed, f"'{header['kind']}' buffers must be one of {allowed}, got {names}")
-    return arrays
-
-
 def _check_image(image: np.ndarray, size: tuple[int, int] | None, where: str) -> None:
     _require(
         image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3,
@@ -301,36 +239,7 @@ def _check_image(image: np.ndarray, size: tuple[int, int] | None, where: str) ->
     )
 
 
-def _check_no_buffers(header: dict[str, Any], frames: Sequence[Part]) -> None:
-    _require(header.get("buffers", []) == [], f"'{header['kind']}' carries no buffers")
-    _require(len(frames) == 1, f"'{header['kind']}' message must have 1 part, got {len(frames)}")
-
-
-# ----------------------------------------------------------------------------- messages
-
-_M = TypeVar("_M", bound="_WireMessage")
-
-
-class _WireMessage:
-    """Shared ``from_frames``; subclasses set ``kind`` and implement the two hooks."""
-
-    kind: ClassVar[str]
-
-    def to_frames(self) -> list[bytes | memoryview]:
-        """Header then buffers, ready for ``send_multipart(copy=False)`` (no array copy)."""
-        raise NotImplementedError
-
-    @classmethod
-    def _from_header(cls: type[_M], header: dict[str, Any], frames: Sequence[Part]) -> _M:
-        raise NotImplementedError
-
-    @classmethod
-    def from_frames(cls: type[_M], frames: Sequence[Part]) -> _M:
-        """Rebuild the message from its parts; raises MessageError saying what is wrong."""
-        header = _parse_header(frames)
-        kind = header["kind"]
-        _require(kind == cls.kind, f"expected a '{cls.kind}' message, got kind {kind!r}")
-        return cls._from_header(header, frames)
+# ----------------------------------------------------------------------------- records
 
 
 @dataclass(frozen=True)
@@ -351,6 +260,7 @@ class FrameMeta:
     # The source's connection number: 0, then +1 at every reconnect of a live source. A
     # change tells the tracker that the camera was gone for a while in between.
     session: int = 0
+    # Optional: headers of senders from before the timestamp repair have none.
     source_pts: int | None = None
 
     def __post_init__(self) -> None:
@@ -365,33 +275,208 @@ class FrameMeta:
         return self.pts * self.time_base[0] / self.time_base[1]
 
     def to_json(self) -> dict[str, Any]:
-        fields = {
-            "stream_id": self.stream_id,
-            "seq": self.seq,
-            "frame_index": self.frame_index,
-            "pts": self.pts,
-            "time_base": list(self.time_base),
-            "capture_time": self.capture_time,
-            "session": self.session,
-        }
-        if self.source_pts is not None:  # only repaired frames carry it: headers stay small
-            fields["source_pts"] = self.source_pts
+        # Not msgspec.to_builtins: it skips defaults that msgspec's decoding left to the class.
+        fields = dataclasses.asdict(self)
+        if self.source_pts is None:  # only repaired frames carry it: headers stay small
+            del fields["source_pts"]
         return fields
 
     @classmethod
     def from_json(cls, header: Mapping[str, Any]) -> FrameMeta:
-        obj = _field(header, "meta", dict, "header")
-        return cls(
-            stream_id=_field(obj, "stream_id", str, "meta"),
-            seq=_field(obj, "seq", int, "meta"),
-            frame_index=_field(obj, "frame_index", int, "meta"),
-            pts=_field(obj, "pts", int, "meta", optional=True),
-            time_base=_pair(obj, "time_base", "meta"),
-            capture_time=_field(obj, "capture_time", float, "meta"),
-            session=_field(obj, "session", int, "meta", optional=True) or 0,
-            # Optional: headers of senders from before the timestamp repair have none.
-            source_pts=_field(obj, "source_pts", int, "meta", optional=True),
+        """The ``meta`` of a parsed header; raises MessageError naming a wrong field."""
+        try:
+            return msgspec.convert(header.get("meta"), cls)
+        except msgspec.ValidationError as err:
+            raise MessageError(_explain(err, "meta")) from None
+
+
+@dataclass(frozen=True)
+class TrackRecord:
+    """One tracked object in one frame; ``box`` is (x1, y1, x2, y2) in pixels."""
+
+    track_id: int
+    box: Box
+    score: float
+    state: TrackStateName
+    frames_since_update: int
+    innovation: float
+
+    def __post_init__(self) -> None:
+        _require(self.state in TRACK_STATES, f"track state {self.state!r} not in {TRACK_STATES}")
+        _require(len(self.box) == 4, f"track box needs 4 numbers, got {self.box}")
+        numbers = (*self.box, self.score, self.innovation)
+        # Headers are standard JSON, which has no NaN / Infinity.
+        _require(
+            all(math.isfinite(x) for x in numbers), f"track {self.track_id}: non-finite number"
         )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class TrackListing(TypedDict):
+    """One row of a "list" reply: a track, or a prompt waiting for its start frame
+    (``pending``). Keyed ``id``, where a TrackRecord says ``track_id``."""
+
+    id: int
+    state: TrackStateName
+    box: Annotated[list[float], msgspec.Meta(min_length=4, max_length=4)] | None
+    score: float
+    frames_since_update: int
+    pending: bool
+    start_frame: int | None
+
+
+# ----------------------------------------------------------------------------- headers
+# What part 0 of each kind holds, checked by msgspec as it is parsed. Unknown fields pass
+# (readers ignore them); the buffer checks that JSON cannot express follow in the messages.
+
+
+class BufferSpec(msgspec.Struct):
+    """One raw buffer: the part after the previous one, ``prod(shape) * itemsize`` bytes."""
+
+    name: str
+    dtype: RawDtype
+    shape: list[NonNegativeInt]
+    # No encoding is defined: a reader refuses a buffer that names one rather than misread it.
+    encoding: None = None
+
+
+class _Envelope(msgspec.Struct):
+    """What every header holds, read first: the version and kind decide the rest."""
+
+    kind: str
+    v: int
+
+
+class _Header(msgspec.Struct, tag_field="kind", kw_only=True):
+    """What every header holds beside its fields: ``kind`` (the tag) and ``v``."""
+
+    v: Literal[2]  # SCHEMA_VERSION, which _Envelope has checked already
+
+
+class FrameHeader(_Header, tag="frame", kw_only=True):
+    """Part 0 of a "frame" message; buffers: image."""
+
+    meta: FrameMeta
+    timings: dict[str, float] = {}
+    buffers: list[BufferSpec]
+
+
+class EmbeddingHeader(_Header, tag="embedding", kw_only=True):
+    """Part 0 of an "embedding" message; buffers: embedding, then optionally image."""
+
+    meta: FrameMeta
+    embedding_dtype: EmbeddingDtype
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    timings: dict[str, float] = {}
+    buffers: list[BufferSpec]
+
+
+class MasksHeader(_Header, tag="masks", kw_only=True):
+    """Part 0 of a "masks" message; buffers: masks (the windows' bits), then optionally image."""
+
+    meta: FrameMeta
+    frame_size: tuple[PositiveInt, PositiveInt]
+    tracks: list[TrackRecord]
+    mask_windows: list[tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt, NonNegativeInt]]
+    timings: dict[str, float] = {}
+    buffers: list[BufferSpec]
+
+
+_NoBuffers = Annotated[list[BufferSpec], msgspec.Meta(max_length=0)]
+
+
+class StatusHeader(_Header, tag="status", kw_only=True):
+    """Part 0 (and the only part) of a "status" message."""
+
+    node: str
+    state: StatusState
+    time: float
+    counters: dict[str, int] = {}
+    detail: dict[str, Any] = {}
+    buffers: _NoBuffers = []
+
+
+class EndHeader(_Header, tag="end", kw_only=True):
+    """Part 0 (and the only part) of an "end" message."""
+
+    stream_id: str
+    frames: int
+    reason: str
+    buffers: _NoBuffers = []
+
+
+Header = FrameHeader | EmbeddingHeader | MasksHeader | StatusHeader | EndHeader
+_HEADERS: dict[str, type[_Header]] = {h.__struct_config__.tag: h for h in get_args(Header)}
+
+
+def _decode_buffers(
+    kind: str, specs: list[BufferSpec], frames: Sequence[Part], layouts: list[list[str]]
+) -> dict[str, np.ndarray]:
+    """The buffers of a message whose buffer names must be one of ``layouts``."""
+    _require(
+        len(frames) == 1 + len(specs),
+        f"message has {len(frames)} part(s) but its header lists {len(specs)} buffer(s)"
+        f" (expected {1 + len(specs)} parts)",
+    )
+    arrays = {}
+    for i, spec in enumerate(specs):
+        view = _byte_view(frames[i + 1], f"part {i + 1}")
+        dtype = _RAW_DTYPES[spec.dtype]
+        expected = math.prod(spec.shape) * dtype.itemsize
+        _require(
+            view.nbytes == expected,
+            f"buffer '{spec.name}': {view.nbytes} bytes do not match {spec.dtype}"
+            f" {spec.shape} ({expected} bytes)",
+        )
+        arrays[spec.name] = np.frombuffer(view, dtype).reshape(spec.shape)
+    names = [spec.name for spec in specs]
+    _require(names in layouts, f"'{kind}' buffers must be one of {layouts}, got {names}")
+    return arrays
+
+
+def _header_of(frames: Sequence[Part]) -> tuple[str, memoryview]:
+    """The kind of a message and its part 0, after the version check."""
+    _require(len(frames) > 0, "empty message: no header part")
+    view = _byte_view(frames[0], "header (part 0)")
+    envelope = _decode(_Envelope, view, "header")
+    _require(
+        envelope.v == SCHEMA_VERSION,
+        f"schema version {envelope.v} is not supported (this reader knows {SCHEMA_VERSION})",
+    )
+    return envelope.kind, view
+
+
+# ----------------------------------------------------------------------------- messages
+
+_M = TypeVar("_M", bound="_WireMessage")
+
+
+class _WireMessage:
+    """Shared ``from_frames``; subclasses set ``kind`` (their header's tag) and the hooks."""
+
+    kind: ClassVar[str]
+
+    def to_frames(self) -> list[bytes | memoryview]:
+        """Header then buffers, ready for ``send_multipart(copy=False)`` (no array copy)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _from_header(cls: type[_M], header: Any, frames: Sequence[Part]) -> _M:
+        raise NotImplementedError
+
+    @classmethod
+    def _parse(cls: type[_M], view: memoryview, frames: Sequence[Part]) -> _M:
+        return cls._from_header(_decode(_HEADERS[cls.kind], view, "header"), frames)
+
+    @classmethod
+    def from_frames(cls: type[_M], frames: Sequence[Part]) -> _M:
+        """Rebuild the message from its parts; raises MessageError saying what is wrong."""
+        kind, view = _header_of(frames)
+        _require(kind == cls.kind, f"expected a '{cls.kind}' message, got kind {kind!r}")
+        return cls._parse(view, frames)
 
 
 @dataclass(frozen=True)
@@ -412,13 +497,9 @@ class FrameMessage(_WireMessage):
         return _pack(self.kind, fields, [_raw_buffer("image", self.image)])
 
     @classmethod
-    def _from_header(cls, header: dict[str, Any], frames: Sequence[Part]) -> FrameMessage:
-        arrays = _decode_buffers(header, frames, "image", None)
-        return cls(
-            meta=FrameMeta.from_json(header),
-            image=arrays["image"],
-            timings=_number_map(header, "timings", float, "header"),
-        )
+    def _from_header(cls, header: FrameHeader, frames: Sequence[Part]) -> FrameMessage:
+        arrays = _decode_buffers(cls.kind, header.buffers, frames, [["image"]])
+        return cls(meta=header.meta, image=arrays["image"], timings=header.timings)
 
 
 @dataclass(frozen=True)
@@ -435,7 +516,7 @@ class EmbeddingMessage(_WireMessage):
 
     meta: FrameMeta
     embedding: np.ndarray
-    embedding_dtype: str
+    embedding_dtype: EmbeddingDtype
     original_size: tuple[int, int]
     input_size: tuple[int, int]
     image: np.ndarray | None = None
@@ -469,60 +550,17 @@ class EmbeddingMessage(_WireMessage):
         return _pack(self.kind, fields, buffers)
 
     @classmethod
-    def _from_header(cls, header: dict[str, Any], frames: Sequence[Part]) -> EmbeddingMessage:
-        arrays = _decode_buffers(header, frames, "embedding", "image")
+    def _from_header(cls, header: EmbeddingHeader, frames: Sequence[Part]) -> EmbeddingMessage:
+        layouts = [["embedding"], ["embedding", "image"]]
+        arrays = _decode_buffers(cls.kind, header.buffers, frames, layouts)
         return cls(
-            meta=FrameMeta.from_json(header),
+            meta=header.meta,
             embedding=arrays["embedding"],
-            embedding_dtype=_field(header, "embedding_dtype", str, "header"),
-            original_size=_pair(header, "original_size", "header"),
-            input_size=_pair(header, "input_size", "header"),
+            embedding_dtype=header.embedding_dtype,
+            original_size=header.original_size,
+            input_size=header.input_size,
             image=arrays.get("image"),
-            timings=_number_map(header, "timings", float, "header"),
-        )
-
-
-@dataclass(frozen=True)
-class TrackRecord:
-    """One tracked object in one frame; ``box`` is (x1, y1, x2, y2) in pixels."""
-
-    track_id: int
-    box: tuple[float, float, float, float]
-    score: float
-    state: str  # one of TRACK_STATES
-    frames_since_update: int
-    innovation: float
-
-    def __post_init__(self) -> None:
-        _require(self.state in TRACK_STATES, f"track state {self.state!r} not in {TRACK_STATES}")
-        _require(len(self.box) == 4, f"track box needs 4 numbers, got {self.box}")
-        numbers = (*self.box, self.score, self.innovation)
-        # Headers are standard JSON, which has no NaN / Infinity.
-        _require(
-            all(math.isfinite(x) for x in numbers), f"track {self.track_id}: non-finite number"
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "track_id": self.track_id,
-            "box": list(self.box),
-            "score": self.score,
-            "state": self.state,
-            "frames_since_update": self.frames_since_update,
-            "innovation": self.innovation,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Any, where: str = "track") -> TrackRecord:
-        _require(isinstance(obj, dict), f"{where} must be a JSON object")
-        _require("box" in obj, f"{where}: missing field 'box'")
-        return cls(
-            track_id=_field(obj, "track_id", int, where),
-            box=_numbers(obj["box"], 4, float, f"{where}: box"),
-            score=_field(obj, "score", float, where),
-            state=_field(obj, "state", str, where),
-            frames_since_update=_field(obj, "frames_since_update", int, where),
-            innovation=_field(obj, "innovation", float, where),
+            timings=header.timings,
         )
 
 
@@ -588,30 +626,22 @@ class MaskMessage(_WireMessage):
         return _pack(self.kind, fields, buffers)
 
     @classmethod
-    def _from_header(cls, header: dict[str, Any], frames: Sequence[Part]) -> MaskMessage:
-        arrays = _decode_buffers(header, frames, "masks", "image")
-        tracks = _field(header, "tracks", list, "header")
-        frame_size = _pair(header, "frame_size", "header")
-        _require(
-            all(v > 0 for v in frame_size),
-            f"header: frame_size must be positive, got {list(frame_size)}",
-        )
+    def _from_header(cls, header: MasksHeader, frames: Sequence[Part]) -> MaskMessage:
+        arrays = _decode_buffers(cls.kind, header.buffers, frames, [["masks"], ["masks", "image"]])
         return cls(
-            meta=FrameMeta.from_json(header),
-            frame_size=frame_size,
-            tracks=tuple(TrackRecord.from_json(t, f"track {i}") for i, t in enumerate(tracks)),
-            masks=_unpack_windows(header, arrays["masks"], frame_size, len(tracks)),
+            meta=header.meta,
+            frame_size=header.frame_size,
+            tracks=tuple(header.tracks),
+            masks=_unpack_windows(header, arrays["masks"]),
             image=arrays.get("image"),
-            timings=_number_map(header, "timings", float, "header"),
+            timings=header.timings,
         )
 
 
-def _unpack_windows(
-    header: dict[str, Any], bits: np.ndarray, frame_size: tuple[int, int], count: int
-) -> tuple[RegionMask, ...]:
+def _unpack_windows(header: MasksHeader, bits: np.ndarray) -> tuple[RegionMask, ...]:
     """The RegionMasks of a masks message: ``mask_windows`` and the ``masks`` buffer."""
-    height, width = frame_size
-    windows = _field(header, "mask_windows", list, "header")
+    height, width = header.frame_size
+    windows, count = header.mask_windows, len(header.tracks)
     _require(
         len(windows) == count,
         f"header: {len(windows)} mask_windows for {count} tracks (one window per track)",
@@ -620,22 +650,20 @@ def _unpack_windows(
         bits.dtype == np.uint8 and bits.ndim == 1,
         f"buffer 'masks' must be uint8 [bytes], got {bits.dtype} {list(bits.shape)}",
     )
-    boxes = []
-    for i, window in enumerate(windows):
-        x1, y1, x2, y2 = _numbers(window, 4, int, f"header: mask_windows[{i}]")
+    for i, (x1, y1, x2, y2) in enumerate(windows):
         _require(
-            0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height,
-            f"header: mask_windows[{i}] {window} does not lie in the {width}x{height} frame",
+            x1 <= x2 <= width and y1 <= y2 <= height,
+            f"header: mask_windows[{i}] {list(windows[i])} does not lie in the {width}x{height}"
+            " frame",
         )
-        boxes.append((x1, y1, x2, y2))
-    sizes = [(y2 - y1) * (x2 - x1) for x1, y1, x2, y2 in boxes]
+    sizes = [(y2 - y1) * (x2 - x1) for x1, y1, x2, y2 in windows]
     expected = sum((size + 7) // 8 for size in sizes)
     _require(
         bits.size == expected,
         f"buffer 'masks': {bits.size} bytes, but the mask_windows' bits take {expected}",
     )
     masks, start = [], 0
-    for i, (box, size) in enumerate(zip(boxes, sizes, strict=True)):
+    for i, (box, size) in enumerate(zip(windows, sizes, strict=True)):
         stop = start + (size + 7) // 8
         chunk = bits[start:stop]
         spare = -size % 8
@@ -645,44 +673,35 @@ def _unpack_windows(
         )
         x1, y1, x2, y2 = box
         window = np.unpackbits(chunk, count=size, bitorder="big").view(np.bool_)
-        masks.append(RegionMask(frame_size, box, window.reshape(y2 - y1, x2 - x1)))
+        masks.append(RegionMask(header.frame_size, box, window.reshape(y2 - y1, x2 - x1)))
         start = stop
     return tuple(masks)
 
 
 @dataclass(frozen=True)
 class StatusMessage(_WireMessage):
-    """A node's heartbeat: ``state`` ("starting", "running", "degraded", "stalled",
-    "stopping", "failed"), wall-clock ``time``, counters and JSON-able ``detail``."""
+    """A node's heartbeat: ``state`` (one of STATUS_STATES, module docs), wall-clock
+    ``time``, counters and JSON-able ``detail``."""
 
     kind: ClassVar[str] = "status"
 
     node: str
-    state: str
+    state: StatusState
     time: float
     counters: dict[str, int] = field(default_factory=dict)
     detail: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Checked at the sender too: a state no reader knows is refused where it is made.
+        _require(self.state in STATUS_STATES, f"status state {self.state!r} not in {STATUS_STATES}")
+
     def to_frames(self) -> list[bytes | memoryview]:
-        fields = {
-            "node": self.node,
-            "state": self.state,
-            "time": self.time,
-            "counters": self.counters,
-            "detail": self.detail,
-        }
-        return _pack(self.kind, fields, [])
+        return _pack(self.kind, vars(self), [])  # its fields: kind is a ClassVar
 
     @classmethod
-    def _from_header(cls, header: dict[str, Any], frames: Sequence[Part]) -> StatusMessage:
-        _check_no_buffers(header, frames)
-        return cls(
-            node=_field(header, "node", str, "header"),
-            state=_field(header, "state", str, "header"),
-            time=_field(header, "time", float, "header"),
-            counters=_number_map(header, "counters", int, "header"),
-            detail=_field(header, "detail", dict, "header", optional=True) or {},
-        )
+    def _from_header(cls, header: StatusHeader, frames: Sequence[Part]) -> StatusMessage:
+        _require(len(frames) == 1, f"'{cls.kind}' message must have 1 part, got {len(frames)}")
+        return cls(header.node, header.state, header.time, header.counters, header.detail)
 
 
 @dataclass(frozen=True)
@@ -697,17 +716,12 @@ class EndOfStream(_WireMessage):
     reason: str
 
     def to_frames(self) -> list[bytes | memoryview]:
-        fields = {"stream_id": self.stream_id, "frames": self.frames, "reason": self.reason}
-        return _pack(self.kind, fields, [])
+        return _pack(self.kind, vars(self), [])  # its fields: kind is a ClassVar
 
     @classmethod
-    def _from_header(cls, header: dict[str, Any], frames: Sequence[Part]) -> EndOfStream:
-        _check_no_buffers(header, frames)
-        return cls(
-            stream_id=_field(header, "stream_id", str, "header"),
-            frames=_field(header, "frames", int, "header"),
-            reason=_field(header, "reason", str, "header"),
-        )
+    def _from_header(cls, header: EndHeader, frames: Sequence[Part]) -> EndOfStream:
+        _require(len(frames) == 1, f"'{cls.kind}' message must have 1 part, got {len(frames)}")
+        return cls(header.stream_id, header.frames, header.reason)
 
 
 Message = FrameMessage | EmbeddingMessage | MaskMessage | StatusMessage | EndOfStream
@@ -727,26 +741,34 @@ def encode(msg: Message) -> list[bytes | memoryview]:
 
 def decode(frames: Sequence[Part]) -> Message:
     """The message in ``frames``, whatever its kind; raises MessageError when malformed."""
-    header = _parse_header(frames)
-    cls = _KINDS.get(header["kind"])
-    _require(cls is not None, f"unknown message kind {header['kind']!r} (known: {sorted(_KINDS)})")
-    return cls._from_header(header, frames)
+    kind, view = _header_of(frames)
+    cls = _KINDS.get(kind)
+    _require(cls is not None, f"unknown message kind {kind!r} (known: {sorted(_KINDS)})")
+    return cls._parse(view, frames)
 
 
 # ----------------------------------------------------------------------------- prompts
 
 
-def _prompt_object(data: bytes | str, what: str, allowed: set[str]) -> dict[str, Any]:
-    obj = _load_json(data, what)
-    _require(isinstance(obj, dict), f"{what} must be a JSON object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - allowed)
-    # A typo ("bbox") must not silently become "no box".
-    _require(not unknown, f"{what}: unknown field(s) {unknown}; known: {sorted(allowed)}")
-    return obj
+_C = TypeVar("_C", bound="_ControlMessage")
 
 
-@dataclass(frozen=True)
-class PromptCommand:
+class _ControlMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One JSON part on the control socket. Unknown fields are refused there: a typo
+    ("bbox") must not silently become an absent field ("no box")."""
+
+    _what: ClassVar[str]
+
+    def to_json(self) -> bytes:
+        return _dump_json(msgspec.structs.asdict(self))
+
+    @classmethod
+    def from_json(cls: type[_C], data: bytes | str) -> _C:
+        """Parse one; raises MessageError on bad JSON, unknown fields or wrong values."""
+        return _decode(cls, data, cls._what)
+
+
+class PromptCommand(_ControlMessage):
     """A run-time prompt request on the control socket.
 
     ``op``: "add" (needs box or points), "update" (needs track_id and box or points),
@@ -755,9 +777,11 @@ class PromptCommand:
     (None: the next frame). Whether boxes lie inside the frame is the tracker's check.
     """
 
-    op: str
+    _what: ClassVar[str] = "prompt command"
+
+    op: PromptOp
     track_id: int | None = None
-    box: tuple[float, float, float, float] | None = None
+    box: Box | None = None
     points: tuple[tuple[float, float], ...] | None = None
     labels: tuple[int, ...] | None = None
     frame: int | None = None
@@ -775,69 +799,34 @@ class PromptCommand:
                 "prompt labels need points, one label per point",
             )
 
-    def to_json(self) -> bytes:
-        obj = {
-            "op": self.op,
-            "track_id": self.track_id,
-            "box": None if self.box is None else list(self.box),
-            "points": None if self.points is None else [list(p) for p in self.points],
-            "labels": None if self.labels is None else list(self.labels),
-            "frame": self.frame,
-        }
-        return _dump_json(obj)
 
-    @classmethod
-    def from_json(cls, data: bytes | str) -> PromptCommand:
-        """Parse a request; raises MessageError on bad JSON, unknown op or wrong types."""
-        where = "prompt command"
-        obj = _prompt_object(data, where, {"op", "track_id", "box", "points", "labels", "frame"})
-        box = obj.get("box")
-        points = obj.get("points")
-        labels = obj.get("labels")
-        if points is not None:
-            _require(isinstance(points, list), f"{where}: points must be a list of [x, y]")
-            points = tuple(
-                _numbers(p, 2, float, f"{where}: point {i}") for i, p in enumerate(points)
-            )
-        return cls(
-            op=_field(obj, "op", str, where),
-            track_id=_field(obj, "track_id", int, where, optional=True),
-            box=None if box is None else _numbers(box, 4, float, f"{where}: box"),
-            points=points,
-            labels=None if labels is None else _numbers(labels, None, int, f"{where}: labels"),
-            frame=_field(obj, "frame", int, where, optional=True),
-        )
-
-
-@dataclass(frozen=True)
-class PromptReply:
+class PromptReply(_ControlMessage):
     """The control socket's answer: ``ok`` or an ``error`` sentence; the new or affected
-    ``track_id``; ``tracks`` lists the tracks (JSON objects) for "list"."""
+    ``track_id``; ``tracks`` lists the tracks (TrackListing dicts) for "list"."""
+
+    _what: ClassVar[str] = "prompt reply"
 
     ok: bool
     error: str | None = None
     track_id: int | None = None
-    tracks: tuple[dict[str, Any], ...] = ()
+    tracks: tuple[TrackListing, ...] = ()
 
-    def to_json(self) -> bytes:
-        obj = {
-            "ok": self.ok,
-            "error": self.error,
-            "track_id": self.track_id,
-            "tracks": list(self.tracks),
-        }
-        return _dump_json(obj)
 
-    @classmethod
-    def from_json(cls, data: bytes | str) -> PromptReply:
-        """Parse a reply; raises MessageError on bad JSON or wrong types."""
-        where = "prompt reply"
-        obj = _prompt_object(data, where, {"ok", "error", "track_id", "tracks"})
-        tracks = _field(obj, "tracks", list, where, optional=True) or []
-        _require(all(isinstance(t, dict) for t in tracks), f"{where}: tracks must be objects")
-        return cls(
-            ok=_field(obj, "ok", bool, where),
-            error=_field(obj, "error", str, where, optional=True),
-            track_id=_field(obj, "track_id", int, where, optional=True),
-            tracks=tuple(tracks),
-        )
+def wire_schema() -> dict[str, Any]:
+    """The wire format as a JSON Schema (draft 2020-12), for consumers in other languages:
+    the root validates part 0 of a data message; a prompt request, ``#/$defs/PromptCommand``;
+    a reply, ``#/$defs/PromptReply``. Made of the types the readers check with, so it cannot
+    drift from them; what it cannot say (byte lengths, window bits) is in the module docs."""
+    (headers, _, _), defs = msgspec.json.schema_components(
+        (Header, PromptCommand, PromptReply), ref_template="#/$defs/{name}"
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"samstream wire format, schema version {SCHEMA_VERSION}",
+        **headers,
+        "$defs": defs,
+    }
+
+
+if __name__ == "__main__":  # python -m pipeline.messages > wire-schema.json
+    print(json.dumps(wire_schema(), indent=2))
