@@ -6,7 +6,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 
-from pipeline.config import DecoderConfig
+from pipeline.config import DecoderConfig, RunConfig
+from pipeline.live import is_live
 from pipeline.live_source import TICK_S, Backoff, LiveSource, SourceEvent, ThreadedReader
 from pipeline.messages import EndOfStream, FrameMessage, FrameMeta, Message
 from pipeline.runtime import Node
@@ -52,7 +53,17 @@ class DecoderNode(Node):
     """
 
     name = "decoder"
-    has_input = False
+    outputs = (FrameMessage,)
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> DecoderNode:
+        # A resumed run starts after the frame of the tracker's snapshot.
+        after = config.resume.tracker_frame
+        return cls(
+            config.decoder,
+            live=is_live(config),
+            start_frame=0 if after is None else after + 1,
+        )
 
     def __init__(self, config: DecoderConfig, *, live: bool = False, start_frame: int = 0) -> None:
         """``start_frame``: frames before it are decoded but not sent (a resumed run); frame

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline.config import EncoderConfig
+from pipeline.config import EncoderConfig, RunConfig
 from pipeline.embedding_codec import embedding_to_wire
 from pipeline.messages import EmbeddingMessage, FrameMessage, Message
 from pipeline.predictor import SAM
@@ -15,6 +15,13 @@ class EncoderNode(Node):
     """FrameMessage -> EmbeddingMessage. Up to `batch_size` waiting frames go in one batch."""
 
     name = "encoder"
+    inputs = (FrameMessage,)
+    outputs = (EmbeddingMessage,)
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> EncoderNode:
+        overlay = bool(config.publisher.out) and config.publisher.overlay
+        return cls(config.encoder, weights=config.weights, carry_images=overlay)
 
     def __init__(self, config: EncoderConfig, *, weights: str, carry_images: bool) -> None:
         super().__init__()
@@ -47,9 +54,8 @@ class EncoderNode(Node):
         # Frames of one stream share a size; a size change (rare) starts a new batch.
         group: list[FrameMessage] = []
         for msg in msgs:
-            if not isinstance(msg, FrameMessage):
-                self.count("unexpected_messages")
-                continue
+            if not isinstance(msg, FrameMessage):  # the runtime passes only FrameMessage
+                raise TypeError(f"encoder takes FrameMessage, not {type(msg).__name__}")
             if group and msg.image.shape != group[0].image.shape:
                 out.extend(self._encode(group))
                 group = []

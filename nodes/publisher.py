@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from pipeline import resume
-from pipeline.config import PublisherConfig
-from pipeline.live import FrameTimings
+from pipeline.config import PublisherConfig, RunConfig
+from pipeline.live import FrameTimings, is_live
 from pipeline.messages import EndOfStream, MaskMessage, Message
 from pipeline.outputs import MaskWriter
 from pipeline.runtime import Node, shutdown_deferred
@@ -26,6 +26,19 @@ class PublisherNode(Node):
     """
 
     name = "publisher"
+    inputs = (MaskMessage,)
+    outputs = (MaskMessage,)
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> PublisherNode:
+        if config.live.budget_ms is None:  # resolve_run_config always sets it
+            raise RuntimeError("live.budget_ms was not resolved")
+        return cls(
+            config.publisher,
+            budget_ms=config.live.budget_ms,
+            live=is_live(config),
+            resume_frames=config.resume.frames_done,
+        )
 
     def __init__(
         self,
@@ -58,9 +71,8 @@ class PublisherNode(Node):
             self.counters["frames_resumed"] = self.resume_frames
 
     def process(self, msg: Message) -> list[Message]:
-        if not isinstance(msg, MaskMessage):
-            self.count("unexpected_messages")
-            return []
+        if not isinstance(msg, MaskMessage):  # the runtime passes only MaskMessage
+            raise TypeError(f"publisher takes MaskMessage, not {type(msg).__name__}")
         if msg.meta.frame_index < self.resume_frames:
             # A resumed run whose tracker restarted before the frames already written: they
             # were written (and published) by the interrupted run.

@@ -1,4 +1,19 @@
-"""Tracker node: carries each object's prompt from frame to frame and runs the mask decoder."""
+"""Tracker node: carries each object's prompt from frame to frame and runs the mask decoder.
+
+What comes in is checked against the run before anything is allocated for it: an embedding
+for a frame not after the last one processed (stale: repeated, or going back), one whose
+``original_size`` is absurd (a side above MAX_FRAME_SIDE) or does not resize to its
+``input_size`` at this model's image size (a 6000x6000 frame claimed for a 1024x768 input),
+one of the wrong shape or with NaN / infinite values is rejected: counted by kind in the
+status detail (``"rejected": {kind: n}``, plus the ``embeddings_rejected`` counter), logged
+once per kind, and the run goes on as if it had not come.
+
+Prompt commands are answered in the middle of a frame too: while the mask decoder works on
+a frame (in a worker thread), the node answers the waiting commands every
+``tracking.BETWEEN_INTERVAL_S``, and again after each track's update, so a command waits
+milliseconds, not a frame of hundreds of tracks (seconds on a CPU). What a command does to
+a track whose frame is under way: ``PromptTracker.step``.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +21,12 @@ import logging
 import time
 from collections import deque
 
+import numpy as np
+
 from pipeline import resume
-from pipeline.config import TrackerConfig
+from pipeline.config import RunConfig, TrackerConfig
 from pipeline.embedding_codec import embedding_from_wire
+from pipeline.live import is_live
 from pipeline.mask_decoder import SamMaskDecoder
 from pipeline.messages import (
     EmbeddingMessage,
@@ -18,6 +36,7 @@ from pipeline.messages import (
     PromptReply,
     TrackRecord,
 )
+from pipeline.model.transforms import resized_shape
 from pipeline.predictor import SAM, ImageEmbedding
 from pipeline.runtime import Node
 from pipeline.tracking import (
@@ -33,11 +52,50 @@ log = logging.getLogger(__name__)
 # publisher's last frame is among them. Small: a track's filter and its low-res logits.
 SNAPSHOTS_KEPT = 64
 
+EMBEDDING_CHANNELS = 256  # MobileSAM's image embedding: 256 x (S/16) x (S/16)
+MAX_FRAME_SIDE = 16384
+"""Pixels per side of the largest frame an embedding may claim (16K video); past it the claim
+is rejected before any mask, window or id image of that size is allocated."""
+
+
+# Per wire dtype: the unsigned view of its bits and its exponent field. A float is NaN or
+# infinite exactly when its exponent bits are all ones: a test on the bits costs a tenth of
+# numpy.isfinite (no float compares, no bool array of the embedding's size per test).
+_EXPONENT_BITS = {
+    "float16": (np.uint16, 0x7C00),
+    "bfloat16": (np.uint16, 0x7F80),  # travels as its uint16 bit patterns already
+    "float32": (np.uint32, 0x7F800000),
+}
+
+
+def _all_finite(array: np.ndarray, wire_dtype: str) -> bool:
+    """No NaN or infinity in an embedding of the given wire dtype."""
+    known = _EXPONENT_BITS.get(wire_dtype)
+    if known is None or array.dtype.itemsize != np.dtype(known[0]).itemsize:
+        return bool(np.isfinite(array).all())  # a dtype this table does not know yet
+    view, exponent = known
+    bits = array.view(view)
+    return not bool(np.any((bits & view(exponent)) == view(exponent)))
+
 
 class TrackerNode(Node):
     """EmbeddingMessage -> MaskMessage (every track's mask, box, score, state, health)."""
 
     name = "tracker"
+    inputs = (EmbeddingMessage,)
+    outputs = (MaskMessage,)
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> TrackerNode:
+        # Offline runs with outputs keep the tracker's recent states for --resume.
+        live = is_live(config)
+        return cls(
+            config.tracker,
+            weights=config.weights,
+            image_size=config.encoder.image_size,
+            resume_dir=None if live or not config.publisher.out else config.publisher.out,
+            resume_from=config.resume.tracker_frame,
+        )
 
     def __init__(
         self,
@@ -64,6 +122,7 @@ class TrackerNode(Node):
         # The states after the last frames (a frame is in flight to the publisher for a
         # while: the one after its last written frame is among them).
         self._snapshots: deque[tuple[int, resume.Snapshot]] = deque(maxlen=SNAPSHOTS_KEPT)
+        self._rejected_logged: set[str] = set()
 
     def setup(self) -> None:
         sam = SAM(self.weights, device=self.config.device, image_size=self.image_size)
@@ -87,17 +146,16 @@ class TrackerNode(Node):
             self.tracker.add(prompt.box, prompt.points, prompt.labels, frame=prompt.frame)
 
     def process(self, msg: Message) -> list[Message]:
-        if not isinstance(msg, EmbeddingMessage) or self.tracker is None or self.decoder is None:
-            self.count("unexpected_messages")
-            return []
+        if not isinstance(msg, EmbeddingMessage):  # the runtime passes only EmbeddingMessage
+            raise TypeError(f"tracker takes EmbeddingMessage, not {type(msg).__name__}")
+        if self.tracker is None or self.decoder is None:
+            raise RuntimeError("TrackerNode.setup() must run before process()")
         start = time.perf_counter()
+        problem = self._embedding_problem(msg)
+        if problem is not None:
+            self._reject(*problem)
+            return []
         embedding = embedding_from_wire(msg.embedding, msg.embedding_dtype)
-        grid = self.image_size // 16
-        if embedding.shape[-2:] != (grid, grid):
-            raise RuntimeError(
-                f"embedding of {tuple(embedding.shape[-2:])} does not fit image_size "
-                f"{self.image_size}: encoder and tracker must use the same image size"
-            )
         self.decoder.image = ImageEmbedding(
             embedding[None].to(self.decoder.sam.device), msg.original_size, msg.input_size
         )
@@ -109,7 +167,10 @@ class TrackerNode(Node):
                 self.count("frame_size_changes")
                 self.detail["frame_size"] = list(size)
             self.tracker.set_frame_size(size)
-        outputs = [*self._after_outage(msg), *self.tracker.step(msg.meta.frame_index)]
+        outputs = [
+            *self._after_outage(msg),
+            *self.tracker.step(msg.meta.frame_index, between=self.serve_commands),
+        ]
         # The smallest windows go out: every later stage works per pixel of them.
         masks = tuple(o.mask.tight() for o in outputs)
         tracks = tuple(
@@ -137,6 +198,54 @@ class TrackerNode(Node):
                 timings={**msg.timings, "tracker": ms},
             )
         ]
+
+    def _embedding_problem(self, msg: EmbeddingMessage) -> tuple[str, str] | None:
+        """(kind, why) when the embedding does not fit this run; None when it does. Only
+        the header and one pass over the array: nothing is allocated for the frame yet."""
+        last = None if self.tracker is None else self.tracker.current_frame
+        index = msg.meta.frame_index
+        if last is not None and index <= last:
+            return "stale_frame", f"frame {index} came after frame {last} was processed"
+        height, width = (int(v) for v in msg.original_size)
+        if not (1 <= height <= MAX_FRAME_SIDE and 1 <= width <= MAX_FRAME_SIDE):
+            return (
+                "absurd_size",
+                f"original_size {height}x{width} (H x W) is not 1..{MAX_FRAME_SIDE} per side",
+            )
+        expected = resized_shape(height, width, self.image_size)
+        if tuple(int(v) for v in msg.input_size) != expected:
+            return (
+                "inconsistent_size",
+                f"input_size {tuple(msg.input_size)} is not original_size {height}x{width} "
+                f"resized to {self.image_size} ({expected})",
+            )
+        grid = self.image_size // 16
+        channels = EMBEDDING_CHANNELS
+        if tuple(msg.embedding.shape) != (channels, grid, grid):
+            return (
+                "embedding_shape",
+                f"embedding of shape {tuple(msg.embedding.shape)} does not fit image_size "
+                f"{self.image_size} ({channels}x{grid}x{grid}): encoder and tracker must use "
+                "the same image size",
+            )
+        if not _all_finite(msg.embedding, msg.embedding_dtype):
+            return "non_finite", "the embedding holds NaN or infinite values"
+        return None
+
+    def _reject(self, kind: str, why: str) -> None:
+        """Count a rejected embedding by kind (status detail "rejected"); log a kind once."""
+        rejected = self.detail.setdefault("rejected", {})
+        rejected[kind] = rejected.get(kind, 0) + 1
+        self.count("embeddings_rejected")
+        if kind not in self._rejected_logged:
+            self._rejected_logged.add(kind)
+            log.warning(
+                "tracker: embedding rejected (%s): %s; the run goes on (further %s rejections "
+                "are counted in the status, not logged)",
+                kind,
+                why,
+                kind,
+            )
 
     def stopped(self) -> None:
         """Stopped mid-run: save the recent states, so that --resume can continue exactly

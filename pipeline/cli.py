@@ -1,4 +1,4 @@
-"""The `samstream` command line: predict (one image), run, node, prompt, bench."""
+"""The `samstream` command line: predict (one image), run, node, prompt, keys, bench."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from pipeline.graph import NODE_NAMES
 
 log = logging.getLogger("samstream")
 
@@ -295,9 +297,7 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
         formatter_class=_HelpWithDefaults,
         help="run one node alone (e.g. on another host over tcp)",
     )
-    p.add_argument(
-        "name", choices=("decoder", "encoder", "tracker", "publisher"), help="which node to run"
-    )
+    p.add_argument("name", choices=NODE_NAMES, help="which node to run")
     p.add_argument("--config", required=True, help="YAML or JSON config with explicit endpoints")
     p.add_argument(
         "--set",
@@ -313,10 +313,15 @@ def _node(args: argparse.Namespace) -> int:
     import zmq
 
     from pipeline.config import load_config
-    from pipeline.launcher import die_with_launcher, node_runner
+    from pipeline.curve import exposure_warnings
+    from pipeline.graph import node_spec
+    from pipeline.launcher import LAUNCHER_PID_ENV, die_with_launcher, node_runner
     from pipeline.runtime import install_signal_handlers
 
     config = load_config(args.config, args.set)
+    if LAUNCHER_PID_ENV not in os.environ:  # started by hand: the launcher warns otherwise
+        for warning in exposure_warnings(config.transport, node_spec(args.name).binds):
+            print(f"samstream: warning: {warning}", file=sys.stderr)
     install_signal_handlers()
     die_with_launcher()
     code = node_runner(args.name, config).run()
@@ -368,6 +373,18 @@ def _add_prompt(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--frame", type=int, help="apply from this frame index (default: next)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
+    p.add_argument(
+        "--client-key",
+        metavar="FILE",
+        help="this client's CURVE key pair (NAME.key_secret from samstream keys), for a run "
+        "with transport.curve keys; its public NAME.key must be in the run's allowed_clients",
+    )
+    p.add_argument(
+        "--server-key",
+        metavar="FILE",
+        help="the run's public CURVE key (the .key beside its server_secret_key), with "
+        "--client-key",
+    )
     p.set_defaults(func=_prompt)
 
 
@@ -386,11 +403,45 @@ def _prompt(args: argparse.Namespace) -> int:
         labels=labels,
         frame=args.frame,
     )
-    reply = send_prompt(args.endpoint, command, timeout_s=args.timeout)
+    reply = send_prompt(
+        args.endpoint,
+        command,
+        timeout_s=args.timeout,
+        client_key=args.client_key,
+        server_key=args.server_key,
+    )
     print(reply.to_json().decode())
     if not reply.ok:
         print(f"samstream: error: {reply.error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "keys",
+        formatter_class=_HelpWithDefaults,
+        help="make a CURVE key pair for a tcp feed, its control socket or a client",
+        description="Write a new CURVE key pair as zmq.auth certificates: OUT/NAME.key, the "
+        "public key to give the other side, and OUT/NAME.key_secret (mode 0600), both keys, "
+        "to keep. The run takes its pair as transport.curve.server_secret_key; a client's "
+        "public NAME.key goes into the run's transport.curve.allowed_clients folder.",
+    )
+    p.add_argument("--out", type=Path, default=Path("keys"), help="directory for the two files")
+    p.add_argument("--name", default="samstream", help="file name of the pair, before .key")
+    p.add_argument("--force", action="store_true", help="replace an existing pair of that name")
+    p.set_defaults(func=_keys)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from pipeline.curve import create_key_pair
+
+    try:
+        public, secret = create_key_pair(args.out, args.name, force=args.force)
+    except FileExistsError as err:
+        raise ValueError(str(err)) from None  # one line, as every user error
+    print(f"public key: {public}")
+    print(f"secret key: {secret} (mode 0600: keep it, never share it)")
     return 0
 
 
@@ -499,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_node(sub)
     _add_prompt(sub)
+    _add_keys(sub)
     _add_bench(sub)
     _add_export(sub)
     return parser

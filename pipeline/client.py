@@ -12,11 +12,21 @@
 The feed is PUB/SUB: a subscriber that is too slow, or joins late, misses messages. Each
 MaskFrame says how many sequence numbers were missed right before it (``gap``) and how old
 it is (``latency_s``).
+
+A feed with CURVE keys (``transport.curve``, README "Securing a tcp feed") needs the
+subscriber's key pair, whose public half is in the feed's allowed clients, and the feed's
+public key::
+
+    MaskSubscriber(endpoint, client_key="robot.key_secret", server_key="server.key")
+
+A refused subscriber receives nothing (ZeroMQ retries quietly); the TimeoutError, the log
+and ``handshake_failures`` say why.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +36,7 @@ from types import TracebackType
 import numpy as np
 import zmq
 
+from pipeline.curve import HandshakeWatch, client_from_files
 from pipeline.masks import RegionMask, stack_dense
 from pipeline.messages import EndOfStream, MaskMessage, Message, StatusMessage, TrackRecord
 from pipeline.transport import MessageReceiver, SocketOptions, open_socket
@@ -92,7 +103,13 @@ class MaskSubscriber:
         *,
         timeout_ms: int | None = None,
         context: zmq.Context | None = None,
+        client_key: str | os.PathLike[str] | None = None,
+        server_key: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``client_key`` (this subscriber's ``.key_secret`` file) and ``server_key`` (the
+        feed's public ``.key`` file), both or neither: CURVE keys for a feed that has them.
+        A missing or malformed key file raises CurveKeyError (a ValueError) naming it."""
+        curve = client_from_files(client_key, server_key)  # before any socket exists
         self.timeout_ms = timeout_ms
         self.last_status: StatusMessage | None = None
         # The latest status of each node (the launcher relays them all to the publisher):
@@ -104,8 +121,21 @@ class MaskSubscriber:
         # A SUB socket sends only its subscription, so sndhwm hardly matters.
         options = SocketOptions(sndhwm=1000, rcvhwm=RCVHWM, maxmsgsize=MAX_MESSAGE_BYTES)
         ctx = context if context is not None else zmq.Context.instance()
-        self._socket = open_socket(ctx, zmq.SUB, endpoint, bind=False, options=options)
+        # Refused handshakes are watched, so that a wrong or missing key can be told.
+        self._handshakes = HandshakeWatch(curve, f"mask feed {endpoint}")
+        try:
+            self._socket = open_socket(
+                ctx, zmq.SUB, endpoint, bind=False, options=options, security=self._handshakes
+            )
+        except BaseException:
+            self._handshakes.close()
+            raise
         self._receiver = MessageReceiver(self._socket)
+
+    @property
+    def handshake_failures(self) -> int:
+        """Connection attempts the feed refused (a wrong or missing key): 0 when all is well."""
+        return self._handshakes.poll()
 
     @property
     def rejected(self) -> int:
@@ -187,7 +217,10 @@ class MaskSubscriber:
             # Any message, status included, proves the publisher alive and restarts the wait.
             event = self._next_event(self.timeout_ms)
             if event is None:
-                raise TimeoutError(f"no message from the mask feed in {self.timeout_ms} ms")
+                raise TimeoutError(
+                    f"no message from the mask feed in {self.timeout_ms} ms"
+                    + self._handshakes.hint()
+                )
             if isinstance(event, EndOfStream):
                 return
             if isinstance(event, MaskFrame):
@@ -195,6 +228,7 @@ class MaskSubscriber:
 
     def close(self) -> None:
         """Close the socket at once, discarding anything queued."""
+        self._handshakes.close()
         self._socket.close(linger=0)
 
     def __enter__(self) -> MaskSubscriber:

@@ -6,10 +6,11 @@ default is worse than an error: an unknown key, a value of the wrong type or out
 raises :class:`ConfigError` naming the key by its dotted path (``encoder.batch_size``,
 ``tracker.prompts[0].box``) and the file (or ``--set`` override) it came from.
 
-Endpoints: ``tcp://0.0.0.0:PORT`` and ``tcp://*:PORT`` are accepted, but they expose the
-feed (frames, masks, the prompt control socket) to anyone who can reach the host: the
-pipeline's ZeroMQ sockets carry no authentication or encryption. Keep 127.0.0.1 unless the
-network is trusted.
+Endpoints: ``tcp://0.0.0.0:PORT`` and ``tcp://*:PORT`` are accepted, but without keys they
+expose the feed (frames, masks, the prompt control socket) to anyone who can reach the
+host: by default the pipeline's ZeroMQ sockets carry no authentication or encryption (the
+launcher warns at start). ``transport.curve`` turns on CURVE (`pipeline.curve`); otherwise
+keep 127.0.0.1 unless the network is trusted.
 """
 
 from __future__ import annotations
@@ -111,6 +112,25 @@ class PublisherConfig:
 
 
 @dataclass(frozen=True)
+class CurveConfig:
+    """CURVE authentication and encryption (`pipeline.curve`), under ``transport.curve``:
+    beside the endpoints it guards, and like them not part of a run's identity (a resumed
+    run may use other keys). All null, the default: no keys, every socket as before (NULL
+    mechanism: keep endpoints on 127.0.0.1 or ipc://). Key files are zmq.auth certificates,
+    as `samstream keys` writes them: NAME.key (public) and NAME.key_secret (both halves)."""
+
+    # The feed (PUB) and the prompt control socket: the server's key pair (.key_secret).
+    server_secret_key: str | None = None
+    # A folder of the public .key files of the clients (subscribers, `samstream prompt`)
+    # allowed on the feed and the control socket; required with server_secret_key (checked
+    # at start with the files, so that the two can be given as two --set options).
+    allowed_clients: str | None = None
+    # Internal links that are tcp:// (frames, embeddings, masks, status): one key pair
+    # (.key_secret) both ends use, copied to every host that runs a node. ipc/inproc: unused.
+    link_secret_key: str | None = None
+
+
+@dataclass(frozen=True)
 class TransportConfig:
     """ZeroMQ endpoints and socket options."""
 
@@ -125,6 +145,7 @@ class TransportConfig:
     hwm: int = 8  # high-water mark (messages) of pipeline sockets
     linger_ms: int = 0
     max_message_bytes: int = 268435456  # MAXMSGSIZE on sockets facing the network
+    curve: CurveConfig = field(default_factory=CurveConfig)  # keys; none = no CURVE
 
 
 @dataclass(frozen=True)
@@ -264,6 +285,10 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
         "out": _rule(bool, "a non-empty path or null"),
         "status_interval_s": _POSITIVE,
     },
+    CurveConfig: dict.fromkeys(
+        ("server_secret_key", "allowed_clients", "link_secret_key"),
+        _rule(bool, "a non-empty path or null"),
+    ),
     TransportConfig: {
         **dict.fromkeys(("frames", "embeddings", "masks", "control", "status"), _ENDPOINT),
         # Unlike the internal links, the PUB endpoint is never chosen by the launcher.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -32,25 +31,22 @@ from tqdm import tqdm
 
 from pipeline import resume
 from pipeline.config import RunConfig, config_to_dict
-from pipeline.live import resolve_run_config
+from pipeline.curve import CurveSecurity, exposure_warnings, prompt_key_hint
+from pipeline.graph import NODE_NAMES, build_node, links, node_endpoints, node_spec
+from pipeline.live import is_live, resolve_run_config
 from pipeline.messages import StatusMessage
 from pipeline.preflight import check_source, preflight
 from pipeline.resume import ResumeError
-from pipeline.runtime import STATUS_TOKEN_KEY, Node, NodeEndpoints, NodeRunner, Shutdown
+from pipeline.runtime import STATUS_TOKEN_KEY, NodeRunner, Shutdown
 from pipeline.transport import MessageReceiver, SocketOptions, open_socket, send_message
 
 log = logging.getLogger(__name__)
 
-NODE_NAMES = ("decoder", "encoder", "tracker", "publisher")
 STOP_GRACE_S = 2.0
 # A node that dies is started again, this many times within RESTART_WINDOW_S at most;
 # one more death in that window fails the run, with the history.
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
-# Live: nodes restarted alone, the others running on. The publisher holds the open output
-# files and the feed's subscribers, and a new decoder would start the stream (its frame
-# indices and sequence numbers) again: their deaths fail the run.
-LIVE_RESTARTABLE = ("encoder", "tracker")
 
 
 class RunFailed(RuntimeError):
@@ -67,19 +63,6 @@ def resolve_endpoints(config: RunConfig, run_dir: Path, *, in_process: bool) -> 
                 f"inproc://samstream-{tag}-{name}" if in_process else f"ipc://{run_dir / name}"
             )
     return dataclasses.replace(config, transport=dataclasses.replace(config.transport, **updates))
-
-
-def node_endpoints(name: str, config: RunConfig) -> NodeEndpoints:
-    t = config.transport
-    status = t.status or None
-    return {
-        "decoder": NodeEndpoints(output=t.frames, status=status),
-        "encoder": NodeEndpoints(input=t.frames, output=t.embeddings, status=status),
-        "tracker": NodeEndpoints(
-            input=t.embeddings, output=t.masks, control=t.control, status=status
-        ),
-        "publisher": NodeEndpoints(input=t.masks, publish=t.publish, status=status),
-    }[name]
 
 
 def _plan_outputs(config: RunConfig) -> RunConfig:
@@ -126,52 +109,6 @@ def _plan_outputs(config: RunConfig) -> RunConfig:
     )
 
 
-def is_live(config: RunConfig) -> bool:
-    """Live delivery (newest frame wins) for a resolved config."""
-    return config.live.mode == "live"
-
-
-def build_node(name: str, config: RunConfig) -> Node:
-    """The node object; nothing heavy happens until its setup() runs."""
-    config = resolve_run_config(config)
-    if name == "decoder":
-        from nodes.decoder import DecoderNode
-
-        after = config.resume.tracker_frame
-        return DecoderNode(
-            config.decoder, live=is_live(config), start_frame=0 if after is None else after + 1
-        )
-    if name == "encoder":
-        from nodes.encoder import EncoderNode
-
-        overlay = bool(config.publisher.out) and config.publisher.overlay
-        return EncoderNode(config.encoder, weights=config.weights, carry_images=overlay)
-    if name == "tracker":
-        from nodes.tracker import TrackerNode
-
-        # Offline runs with outputs keep the tracker's recent states for --resume.
-        state_dir = None if is_live(config) or not config.publisher.out else config.publisher.out
-        return TrackerNode(
-            config.tracker,
-            weights=config.weights,
-            image_size=config.encoder.image_size,
-            resume_dir=state_dir,
-            resume_from=config.resume.tracker_frame,
-        )
-    if name == "publisher":
-        from nodes.publisher import PublisherNode
-
-        if config.live.budget_ms is None:  # resolve_run_config always sets it
-            raise RuntimeError("live.budget_ms was not resolved")
-        return PublisherNode(
-            config.publisher,
-            budget_ms=config.live.budget_ms,
-            live=is_live(config),
-            resume_frames=config.resume.frames_done,
-        )
-    raise ValueError(f"unknown node {name!r}: one of {', '.join(NODE_NAMES)}")
-
-
 def node_runner(
     name: str,
     config: RunConfig,
@@ -183,6 +120,7 @@ def node_runner(
     """The runner of one node; ``status_token`` (default: the one the launcher put in the
     environment) signs its status messages."""
     config = resolve_run_config(config)
+    context = context or zmq.Context.instance()
     return NodeRunner(
         build_node(name, config),
         node_endpoints(name, config),
@@ -193,6 +131,7 @@ def node_runner(
         stop=stop,
         live=is_live(config),
         status_token=status_token or os.environ.get(RUN_TOKEN_ENV),
+        security=CurveSecurity.from_config(config.transport.curve, context),
     )
 
 
@@ -293,7 +232,7 @@ class RunSummary:
 def _dropped(last: dict[str, StatusMessage]) -> dict[str, int]:
     """Frames each node's upstream sent that the node never processed (newest frame wins)."""
     dropped = {}
-    for upstream, node in itertools.pairwise(NODE_NAMES):
+    for upstream, node in links():
         if upstream in last and node in last:
             sent = last[upstream].counters.get("frames", 0)
             received = last[node].counters.get("frames_in", 0)
@@ -502,12 +441,15 @@ def run_pipeline(
     run_dir = Path(tempfile.mkdtemp(prefix="samstream-"))
     config = resolve_endpoints(config, run_dir, in_process=in_process)
     context = zmq.Context() if in_process else zmq.Context.instance()
+    # The launcher's own ends of the status link and the relay to the publisher.
+    security = CurveSecurity.from_config(config.transport.curve, context)
     status_sock = open_socket(
         context,
         zmq.PULL,
         config.transport.status,
         bind=True,
         options=SocketOptions(linger_ms=0, sndhwm=1000, rcvhwm=1000),
+        security=security.server(config.transport.status, link=True) if security else None,
     )
     statuses = MessageReceiver(status_sock)
     # Every node's status goes on to the publisher, which puts it on the PUB socket: the
@@ -518,6 +460,7 @@ def run_pipeline(
         config.transport.masks,
         bind=False,
         options=SocketOptions(linger_ms=0, sndhwm=100, rcvhwm=100),
+        security=security.client(config.transport.masks) if security else None,
     )
     workers: list[Any] = []
     last: dict[str, StatusMessage] = {}
@@ -574,7 +517,7 @@ def run_pipeline(
         restarted from the outputs written so far (offline), or RunFailed."""
         tail = dead.log_tail()
         restartable = not in_process and (
-            dead.name in LIVE_RESTARTABLE if live else bool(config.publisher.out)
+            node_spec(dead.name).live_restartable if live else bool(config.publisher.out)
         )
         failure = f"node {dead.name} {how}" + (f"\n{tail}" if tail else "")
         if not restartable:
@@ -640,9 +583,11 @@ def run_pipeline(
         print(
             f"samstream: {config.live.mode} run, encoder on {config.encoder.device} at "
             f"{config.encoder.image_size} px; prompts: samstream prompt list --endpoint "
-            f"{config.transport.control}",
+            f"{config.transport.control}{prompt_key_hint(config.transport)}",
             file=sys.stderr,
         )
+        for warning in exposure_warnings(config.transport):  # once per endpoint
+            print(f"samstream: warning: {warning}", file=sys.stderr)
         feed_announced = False
         while True:
             collect(100)
@@ -697,6 +642,8 @@ def run_pipeline(
             bar.close()
         relay.close(linger=0)
         status_sock.close(linger=0)
+        if security is not None:
+            security.close()
         if in_process:
             context.term()
         _remove_run_dir(run_dir)

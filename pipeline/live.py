@@ -48,6 +48,11 @@ def source_is_live(source: str) -> bool:
         return False
 
 
+def is_live(config: RunConfig) -> bool:
+    """Live delivery (newest frame wins) for a resolved config."""
+    return config.live.mode == "live"
+
+
 def resolve_run_config(
     config: RunConfig, *, cuda_available: Callable[[], bool] = _cuda_available
 ) -> RunConfig:

@@ -7,8 +7,14 @@ one by one as each frame is written; the three whole-run files when the writer i
 
 Layout under ``out_dir``:
 
-- ``masks/NNNNNN.png``: palette PNG (mode "P") per frame, 6-digit 0-based frame index; the
-  pixel value is the track id, 0 is background (the DAVIS convention, read by its tools).
+- ``masks/NNNNNN.png``: one PNG per frame, 6-digit 0-based frame index; the pixel value is
+  the track id, 0 is background. While every id in the frame is at most 255 it is an 8-bit
+  palette PNG (mode "P", the DAVIS convention, read by its tools); a frame with a track id
+  above 255 (ids go up to ``tracking.MAX_TRACK_ID``, 65535) is a 16-bit grayscale PNG
+  instead, with the ids as they are. ``read_id_mask`` (or ``cv2.imread(path,
+  cv2.IMREAD_UNCHANGED)``, or ``numpy.asarray(PIL.Image.open(path))``) gives the ids of
+  either kind; a reader that takes only palette PNGs keeps working for runs of up to 255
+  objects.
 - ``masks.jsonl``: one JSON object per frame::
 
       {"frame": 12, "seq": 12, "pts": 6144, "time": 0.48,
@@ -63,7 +69,11 @@ __all__ = [
     "encode_rle",
     "id_mask",
     "mask_box",
+    "read_id_mask",
 ]
+
+# The largest id an 8-bit palette PNG holds; a frame with a larger one is written in 16 bits.
+MAX_8BIT_ID = 255
 
 # Track states whose boxes go into the MOT file: a lost track's box is a stale prediction.
 MOT_STATES = frozenset({"tentative", "tracked", "coasting"})
@@ -172,26 +182,47 @@ def id_mask(
     track_ids: Sequence[int],
     frame_size: tuple[int, int],
 ) -> np.ndarray:
-    """Paint N masks into one HxW uint8 image whose pixel value is the track id (0: none).
+    """Paint N masks into one HxW image whose pixel value is the track id (0: none).
 
     Args:
         masks: NxHxW bool (or integer, nonzero = inside), or N RegionMask; N may be 0.
-        track_ids: N ids in 1..255 (a PNG palette index; 0 is the background).
+        track_ids: N ids in 1..MAX_TRACK_ID (0 is the background).
         frame_size: ``(height, width)`` of the frame.
 
-    Where masks overlap, the later track wins. Each mask is painted inside its window only.
+    Returns uint8 when every id is at most 255 (a palette PNG's index, as before ids could
+    be larger), else uint16. Where masks overlap, the later track wins. Each mask is painted
+    inside its window only.
     """
     height, width = frame_size
     regions = _check_masks(masks, len(track_ids), frame_size)
     for track_id in track_ids:
-        if not 1 <= int(track_id) <= 255:
+        if not 1 <= int(track_id) <= tracking.MAX_TRACK_ID:
             raise ValueError(
-                f"track id {track_id} cannot be stored in an 8-bit id mask: ids must be 1..255"
+                f"track id {track_id} cannot be stored in an id mask: ids must be "
+                f"1..{tracking.MAX_TRACK_ID}"
             )
-    painted = np.zeros((height, width), dtype=np.uint8)
+    wide = any(int(track_id) > MAX_8BIT_ID for track_id in track_ids)
+    painted = np.zeros((height, width), dtype=np.uint16 if wide else np.uint8)
     for region, track_id in zip(regions, track_ids, strict=True):
         painted[region.slices][region.window] = int(track_id)
     return painted
+
+
+def read_id_mask(path: str | os.PathLike[str]) -> np.ndarray:
+    """The HxW track ids of a ``masks/NNNNNN.png``: uint8 from an 8-bit palette PNG, uint16
+    from a 16-bit one (a frame with an id above 255). The palette is ignored: the pixel
+    values are the ids."""
+    with Image.open(path) as png:
+        if png.format != "PNG" or png.mode not in ("P", "L", "I;16", "I;16B", "I"):
+            raise ValueError(
+                f"{path} is not a samstream id PNG (8-bit palette or 16-bit grayscale), got "
+                f"{png.format} mode {png.mode}"
+            )
+        ids = np.asarray(png)
+    if ids.dtype == np.uint8:
+        return ids
+    # Pillow may widen 16-bit pixels to 32-bit ("I"); their values fit 16 bits.
+    return ids.astype(np.uint16)
 
 
 def _check_masks(
@@ -427,12 +458,25 @@ class MaskWriter:
             self._created_masks_dir = True
         final = masks_dir / f"{frame_index:06d}.png"
         height, width = painted.shape
-        png = Image.frombytes("P", (width, height), np.ascontiguousarray(painted).tobytes())
-        png.putpalette(PALETTE)
+        encoded: bytes | None = None
+        png = None
+        if painted.dtype == np.uint8:
+            png = Image.frombytes("P", (width, height), np.ascontiguousarray(painted).tobytes())
+            png.putpalette(PALETTE)
+        else:
+            # An id above 255: a palette holds 256 entries, so 16-bit grayscale, ids as they
+            # are (OpenCV writes 16-bit PNGs as such; a viewer sees them nearly black).
+            ok, buffer = cv2.imencode(".png", np.ascontiguousarray(painted, dtype=np.uint16))
+            if not ok:
+                raise RuntimeError(f"OpenCV could not encode the 16-bit PNG of frame {frame_index}")
+            encoded = buffer.tobytes()
         fd, temp = self._temp_path(masks_dir, final.name)
         try:
             with os.fdopen(fd, "wb") as file:
-                png.save(file, format="PNG")
+                if png is not None:
+                    png.save(file, format="PNG")
+                else:
+                    file.write(encoded or b"")
             os.replace(temp, final)
         except BaseException:
             temp.unlink(missing_ok=True)

@@ -4,8 +4,8 @@ a message a user can act on, not minutes later from deep inside a node.
 `preflight` checks the source (it exists and decodes: its first frame gives the size the
 prompts are checked against), the weights (found and a checkpoint), the devices, the prompts
 (an offline run needs one; each must lie on the first frame, with the error `predict` gives)
-and the feed's endpoint (a tcp port nobody has). It returns the config with the weights'
-path made concrete.
+the feed's endpoint (a tcp port nobody has) and the CURVE key files (`pipeline.curve`). It
+returns the config with the weights' and the key files' paths made concrete.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 import zmq
 
 from pipeline.config import PromptConfig, RunConfig
+from pipeline.curve import check_key_files
 from pipeline.prompts import validate_box
 from pipeline.sources import SourceError, VideoSource, check_device, parse_source
 
@@ -104,6 +105,18 @@ def check_publish(endpoint: str) -> None:
         )
 
 
+def check_curve(config: RunConfig) -> RunConfig:
+    """The CURVE key files exist and hold keys (CurveKeyError names the first bad one, and
+    the key it was given for), before any node loads a model; ``config`` with their paths
+    made absolute (a node may run in another directory)."""
+    curve = config.transport.curve
+    paths = check_key_files(curve)
+    if not paths:
+        return config
+    transport = dataclasses.replace(config.transport, curve=dataclasses.replace(curve, **paths))
+    return dataclasses.replace(config, transport=transport)
+
+
 def check_source(config: RunConfig) -> None:
     """The source and the prompts on its first frame: the checks that need no torch, made
     before anything imports it (a missing file or camera is reported in milliseconds)."""
@@ -127,4 +140,5 @@ def preflight(config: RunConfig, *, live: bool) -> RunConfig:
         )
     check_devices(config)
     check_publish(config.transport.publish)
+    config = check_curve(config)
     return dataclasses.replace(config, weights=check_weights(config.weights))

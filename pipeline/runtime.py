@@ -33,13 +33,14 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from pipeline.curve import CurveClient, CurveSecurity, CurveServer
 from pipeline.messages import (
     EmbeddingMessage,
     EndOfStream,
@@ -61,11 +62,17 @@ from pipeline.transport import (
     send_message,
 )
 
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
 log = logging.getLogger(__name__)
 
 POLL_MS = 100  # how often a blocked loop looks at the stop flag
 MAX_QUEUED_STATUSES = 1000  # a live node takes them every few ms; this bounds a flood only
 LIVE_WAIT_S = 0.02  # live loop's wait for a frame: also how soon it answers a prompt command
+# Prompt commands answered at one go before the node goes back to its frames: every client
+# waiting gets its answer, a flood of commands still cannot starve the stream.
+MAX_COMMANDS_AT_ONCE = 100
 STATS_WINDOW = 10_000  # per-message times kept for statistics (the most recent; sorted at
 # every status message, so kept small enough to cost about a millisecond)
 # After a clean end every queued output message must reach the next node, however late that
@@ -83,14 +90,21 @@ class Shutdown(Exception):
 
 
 class Node:
-    """Base class. Subclasses set `name`, declare `has_input`/`has_output`, and implement
-    `produce` (sources) or `process` (the rest). Heavy set-up (models) goes in `setup`,
-    which runs in the node's own process, never at import or construction."""
+    """Base class. Subclasses set `name`, declare their ports, and implement `produce`
+    (sources: no ``inputs``) or `process` (the rest). Heavy set-up (models) goes in `setup`,
+    which runs in the node's own process, never at import or construction.
+
+    Ports: ``inputs`` are the message kinds the node takes (the runtime rejects and counts
+    any other kind before `process` sees it: ``counters["wrong_kind_messages"]``);
+    ``outputs`` those it sends. End markers and relayed statuses are the runtime's and are
+    never in either. `from_config` builds the node a run configures (`pipeline.graph`)."""
 
     name: ClassVar[str] = "node"
-    has_input: ClassVar[bool] = True
-    has_output: ClassVar[bool] = True
+    inputs: ClassVar[tuple[type[Message], ...]] = ()
+    outputs: ClassVar[tuple[type[Message], ...]] = ()
     max_batch: int = 1
+    # Set by the NodeRunner: answers the prompt commands waiting on its control socket.
+    _command_server: Callable[[], int] | None = None
 
     def __init__(self) -> None:
         self.counters: dict[str, int] = {}
@@ -102,6 +116,15 @@ class Node:
         # whose camera is "reconnecting"); `notify` sends it at once instead of next beat.
         self.state = "running"
         self.status_due = False
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> Node:
+        """The node as a run configures it; ``config`` is resolved (`pipeline.live`)."""
+        raise NotImplementedError(f"{cls.__name__} is not built from a run config")
+
+    @property
+    def is_source(self) -> bool:
+        return not self.inputs
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
@@ -146,6 +169,13 @@ class Node:
         return PromptReply(
             ok=False, error=f"{self.name} takes no commands", track_id=None, tracks=()
         )
+
+    def serve_commands(self) -> int:
+        """Answer the prompt commands waiting on the control socket now (each through
+        `handle_command`); returns how many. For a `process` that takes long (a frame of
+        hundreds of tracks): called between pieces of its work, a command waits for a
+        piece, not for the frame. Cheap when none waits (one poll); 0 outside a runner."""
+        return 0 if self._command_server is None else self._command_server()
 
     def stats(self) -> dict[str, Any]:
         """Per-message milliseconds: count, median, p95."""
@@ -246,30 +276,74 @@ class _Sockets:
     all: list[zmq.Socket] = field(default_factory=list)
 
 
-def _open(ctx: zmq.Context, endpoints: NodeEndpoints, hwm: int, max_message_bytes: int) -> _Sockets:
+def _open(
+    ctx: zmq.Context,
+    endpoints: NodeEndpoints,
+    hwm: int,
+    max_message_bytes: int,
+    security: CurveSecurity | None = None,
+) -> _Sockets:
     opts = SocketOptions(linger_ms=0, sndhwm=hwm, rcvhwm=hwm, maxmsgsize=max_message_bytes)
+
+    # The CURVE role of each socket (None: NULL, as without keys): pipeline.curve.
+    def server(endpoint: str, link: bool) -> CurveServer | None:
+        return security.server(endpoint, link=link) if security is not None else None
+
+    def client(endpoint: str) -> CurveClient | None:
+        return security.client(endpoint) if security is not None else None
+
     s = _Sockets()
     if endpoints.input:
-        sock = open_socket(ctx, zmq.PULL, endpoints.input, bind=True, options=opts)
+        sock = open_socket(
+            ctx,
+            zmq.PULL,
+            endpoints.input,
+            bind=True,
+            options=opts,
+            security=server(endpoints.input, True),
+        )
         s.input = MessageReceiver(sock)
         s.all.append(sock)
     if endpoints.output:
-        s.output = open_socket(ctx, zmq.PUSH, endpoints.output, bind=False, options=opts)
+        s.output = open_socket(
+            ctx,
+            zmq.PUSH,
+            endpoints.output,
+            bind=False,
+            options=opts,
+            security=client(endpoints.output),
+        )
         s.all.append(s.output)
     if endpoints.publish:
         # Bounded memory per subscriber: a slow consumer loses messages (it sees the gap in
         # sequence numbers), it never slows the pipeline or grows the publisher.
         pub_opts = SocketOptions(linger_ms=0, sndhwm=max(hwm, 64), rcvhwm=1)
         if endpoints.publish == "auto":
-            s.publish, s.publish_endpoint = bind_auto(ctx, zmq.PUB, options=pub_opts)
+            s.publish, s.publish_endpoint = bind_auto(
+                ctx, zmq.PUB, options=pub_opts, security=server("tcp://auto", False)
+            )
         else:
-            s.publish = open_socket(ctx, zmq.PUB, endpoints.publish, bind=True, options=pub_opts)
+            s.publish = open_socket(
+                ctx,
+                zmq.PUB,
+                endpoints.publish,
+                bind=True,
+                options=pub_opts,
+                security=server(endpoints.publish, False),
+            )
             s.publish_endpoint = endpoints.publish
         s.all.append(s.publish)
     if endpoints.status:
         # Status must never block a node: drop when the launcher is slow or gone.
         status_opts = SocketOptions(linger_ms=0, sndhwm=1000, rcvhwm=1000)
-        s.status = open_socket(ctx, zmq.PUSH, endpoints.status, bind=False, options=status_opts)
+        s.status = open_socket(
+            ctx,
+            zmq.PUSH,
+            endpoints.status,
+            bind=False,
+            options=status_opts,
+            security=client(endpoints.status),
+        )
         s.all.append(s.status)
     if endpoints.control:
         s.control = open_socket(
@@ -278,6 +352,7 @@ def _open(ctx: zmq.Context, endpoints: NodeEndpoints, hwm: int, max_message_byte
             endpoints.control,
             bind=True,
             options=SocketOptions(linger_ms=0, sndhwm=100, rcvhwm=100, maxmsgsize=1 << 20),
+            security=server(endpoints.control, False),
         )
         s.all.append(s.control)
     return s
@@ -298,11 +373,14 @@ class NodeRunner:
         stop: threading.Event | None = None,
         live: bool = False,
         status_token: str | None = None,
+        security: CurveSecurity | None = None,
     ) -> None:
         """``live``: conflating links (newest message wins, never block) instead of lossless
         ones; every node of a pipeline must agree. ``status_token``: the secret the
-        launcher handed out for this run, put in every status sent to it."""
+        launcher handed out for this run, put in every status sent to it. ``security``: the
+        CURVE keys of the node's sockets (None: none); its refusals go in the status."""
         self.status_token = status_token
+        self.security = security
         self.node = node
         self.live = live
         self._last_seq: dict[str, int] = {}
@@ -315,6 +393,7 @@ class NodeRunner:
         self._last_status = 0.0
         self._sockets = _Sockets()
         self._output_monitor: zmq.Socket | None = None
+        node._command_server = self._serve_waiting_commands
 
     # -- status ---------------------------------------------------------------------------
     def send_status(self, state: str | None = None, **detail: Any) -> None:
@@ -322,6 +401,8 @@ class NodeRunner:
         if self._sockets.status is None and self._sockets.publish is None:
             return
         self.node.before_status()
+        if self.security is not None and self.security.serving:
+            self.node.detail.update(self.security.status())  # refused_connections
         self.node.detail.update(detail)
         self.node.status_due = False
         msg = StatusMessage(
@@ -385,11 +466,32 @@ class NodeRunner:
                 out.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
                 return
             except zmq.Again:
-                # Lossless: the next node is busy; wait for room, heartbeating meanwhile.
+                # Lossless: the next node is busy; wait for room, heartbeating and answering
+                # prompt commands meanwhile (a slow writer must not hold commands up).
                 out.poll(POLL_MS, zmq.POLLOUT)
                 self._heartbeat()
+                self._serve_waiting_commands()
+
+    def _of_input_kinds(self, batch: list[Message]) -> list[Message]:
+        """The messages of a kind the node takes; the others counted and dropped (a node
+        linked to the wrong endpoint, or a peer sending what it should not)."""
+        kept = [msg for msg in batch if isinstance(msg, self.node.inputs)]
+        for msg in batch:
+            if not isinstance(msg, self.node.inputs):
+                self.node.count("wrong_kind_messages")
+                if self.node.counters["wrong_kind_messages"] == 1:
+                    log.warning(
+                        "%s: dropped a %s message: it takes %s",
+                        self.node.name,
+                        type(msg).__name__,
+                        ", ".join(kind.__name__ for kind in self.node.inputs),
+                    )
+        return kept
 
     def _timed_batch(self, batch: list[Message]) -> list[Message]:
+        batch = self._of_input_kinds(batch)
+        if not batch:
+            return []
         start = time.perf_counter()
         result = self.node.process_batch(batch)
         # Per message, so a batch of 4 counts as 4 messages at a quarter of the time each.
@@ -420,6 +522,15 @@ class NodeRunner:
             reply = PromptReply(ok=False, error=str(err), track_id=None, tracks=())
         ctl.send(reply.to_json())
 
+    def _serve_waiting_commands(self) -> int:
+        """Answer every command waiting on the control socket (up to MAX_COMMANDS_AT_ONCE)."""
+        ctl = self._sockets.control
+        served = 0
+        while ctl is not None and served < MAX_COMMANDS_AT_ONCE and ctl.poll(0, zmq.POLLIN):
+            self._serve_command()
+            served += 1
+        return served
+
     def _run_consumer(self) -> None:
         poller = zmq.Poller()
         receiver = self._sockets.input
@@ -430,7 +541,7 @@ class NodeRunner:
             ready = dict(poller.poll(POLL_MS))
             self.node.counters["rejected_messages"] = receiver.rejected
             if self._sockets.control is not None and ready.get(self._sockets.control):
-                self._serve_command()
+                self._serve_waiting_commands()
             if not ready.get(receiver.socket):
                 self._heartbeat()
                 continue
@@ -471,8 +582,8 @@ class NodeRunner:
         control = self._sockets.control
         try:
             while not self.stop.is_set():
-                if control is not None and control.poll(0, zmq.POLLIN):
-                    self._serve_command()
+                if control is not None:
+                    self._serve_waiting_commands()
                 msg, end, statuses = inbox.take(LIVE_WAIT_S)
                 for status in statuses:
                     self._publish(status)  # another node's, relayed by the launcher
@@ -529,7 +640,9 @@ class NodeRunner:
         """0 after a complete stream; 1 after a failure (reported in a status message)."""
         clean = False
         try:
-            self._sockets = _open(self.context, self.endpoints, self.hwm, self.max_message_bytes)
+            self._sockets = _open(
+                self.context, self.endpoints, self.hwm, self.max_message_bytes, self.security
+            )
             if self._sockets.publish_endpoint is not None:
                 self.node.detail["publish"] = self._sockets.publish_endpoint
             output = self._sockets.output
@@ -541,7 +654,7 @@ class NodeRunner:
             # Live: drain the input already while the model loads, so the first frame
             # processed is the newest, not the oldest of those queued meanwhile.
             inbox = None
-            if self.node.has_input and self.live:
+            if not self.node.is_source and self.live:
                 inbox = NewestInbox(self._sockets.input)
             try:
                 self.node.setup()
@@ -552,7 +665,7 @@ class NodeRunner:
             self.send_status()
             if inbox is not None:
                 self._run_live_consumer(inbox)
-            elif self.node.has_input:
+            elif not self.node.is_source:
                 self._run_consumer()
             else:
                 self._run_source()
@@ -581,6 +694,8 @@ class NodeRunner:
                 if sock is self._sockets.status or sock is self._sockets.publish:
                     linger = 1000 if clean else 200
                 sock.close(linger=linger)
+            if self.security is not None:
+                self.security.close()  # its ZAP handler, before the context terminates
 
 
 _deferring = 0  # depth of `shutdown_deferred` blocks in the main thread

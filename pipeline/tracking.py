@@ -36,7 +36,8 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
@@ -50,8 +51,22 @@ from pipeline.masks import RegionMask, as_region_masks, tight_box
 
 Box = tuple[float, float, float, float]
 
-MAX_TRACK_ID = 255
-"""Masks are written as 8-bit instance-id PNGs where 0 is background: ids are 1..255."""
+MAX_TRACK_ID = 65535
+"""Track ids are 1..65535: the instance-id PNGs hold one id per pixel, 0 being background, in
+8 bits (a palette PNG, the DAVIS convention) while every id of a frame is at most 255, in 16
+bits past that (``pipeline.outputs``). Ids are never reused within a run, so this is also
+how many objects a run can be given (without naming ids explicitly)."""
+
+MAX_TRACKS_AT_ONCE = 4096
+"""Tracks and pending prompts a tracker holds at one time; an add past it is refused. A
+frame's masks message describes every track in its header (about 200 bytes each), and a
+header is at most ``messages.MAX_HEADER_BYTES`` (1 MiB, some 5000 tracks): past that the
+next node would reject the frame's masks."""
+
+BETWEEN_INTERVAL_S = 0.01
+"""When ``step`` is given ``between``, it is called about this often while the decoder works
+on the frame (in a worker thread): a control command waits for this, not for a frame of
+hundreds of tracks (seconds on a CPU)."""
 
 _MIN_SIZE = 1.0  # pixels; a box narrower than one pixel cannot prompt the decoder
 _INIT_POSITION_SCALE = 10.0  # a prompt box is this many measurement-noise stds uncertain
@@ -684,9 +699,11 @@ class PromptTracker:
         *,
         frame_size: tuple[int, int] | None = None,
         settings: TrackerSettings | None = None,
+        between_interval_s: float = BETWEEN_INTERVAL_S,
     ) -> None:
         """``frame_size`` is (H, W); None when known only at the first frame (then call
-        ``set_frame_size`` before the first ``step`` that activates a prompt)."""
+        ``set_frame_size`` before the first ``step`` that activates a prompt).
+        ``between_interval_s``: how often ``step``'s ``between`` runs while the decoder works."""
         if settings is not None and not isinstance(settings, TrackerSettings):
             raise TypeError(f"settings must be a TrackerSettings, got {type(settings).__name__}")
         self._decode = decode
@@ -699,6 +716,15 @@ class PromptTracker:
         self._last_frame: dict[int, int] = {}  # per track, for the prediction's time step
         self._current_frame: int | None = None
         self._next_id = 1
+        if not _is_real(between_interval_s) or not between_interval_s > 0:
+            raise ValueError(
+                f"between_interval_s must be a positive number, got {between_interval_s!r}"
+            )
+        self._between_interval_s = float(between_interval_s)
+        # While a step runs with ``between``, commands may come in the middle of it; the ids
+        # they touched are left as the commands made them (see ``step``).
+        self._stepping = False
+        self._touched: set[int] = set()
 
     @property
     def settings(self) -> TrackerSettings:
@@ -707,6 +733,12 @@ class PromptTracker:
     @property
     def frame_size(self) -> tuple[int, int] | None:
         return self._frame_size
+
+    @property
+    def current_frame(self) -> int | None:
+        """The index of the last frame stepped into (None before the first): the next
+        ``step`` needs a greater one."""
+        return self._current_frame
 
     @property
     def tracks(self) -> Mapping[int, Track]:
@@ -720,6 +752,7 @@ class PromptTracker:
         and every pending prompt's box and points to the new size, as the same scene seen at
         the new resolution: the next ``step`` predicts, prompts and measures in new pixels.
         """
+        self._not_stepping("set_frame_size")
         new = _check_frame_size(frame_size)
         old, self._frame_size = self._frame_size, new
         if old is None or old == new:
@@ -751,7 +784,8 @@ class PromptTracker:
         points/labels: (K, 2) x/y pixels and K labels (1 foreground, 0 background), used with
             the box on the first frame only (the object moves away from them afterwards). A
             points-only prompt starts the filter from its first mask's box.
-        track_id: a specific id (1..255) not in use; default: the next never-used id.
+        track_id: a specific id (1..MAX_TRACK_ID) not in use; default: the next never-used
+            id (past MAX_TRACK_ID: ValueError "track id limit reached", nothing changed).
         frame: first frame index to apply it at; default the next ``step``.
         """
         if box is None and points is None:
@@ -764,10 +798,12 @@ class PromptTracker:
                 raise ValueError("points-only prompt needs at least one foreground point (label 1)")
         if frame is not None and (not _is_int(frame) or frame < 0):
             raise ValueError(f"frame must be a frame index >= 0, got {frame!r}")
+        self._check_room()
         if track_id is None:
             if self._next_id > MAX_TRACK_ID:
                 raise ValueError(
-                    f"track id limit reached: ids 1..{MAX_TRACK_ID} (8-bit mask PNGs) are used up"
+                    f"track id limit reached: ids 1..{MAX_TRACK_ID} are used up (ids are never "
+                    "reused; an add with an explicit free track_id still works)"
                 )
             new_id = self._next_id
         else:
@@ -783,6 +819,7 @@ class PromptTracker:
         )
         self._next_id = max(self._next_id, new_id + 1)
         self._lost.discard(new_id)
+        self._touch(new_id)
         return new_id
 
     def update_box(self, track_id: int, box: Sequence[float] | np.ndarray) -> None:
@@ -790,11 +827,14 @@ class PromptTracker:
         A track that was lost comes back under its id, as a new prompt at that box."""
         if _is_int(track_id) and track_id in self._lost:
             checked = _check_box(box, "box", self._frame_size)
+            self._check_room()
             self._lost.discard(track_id)
             self._pending[int(track_id)] = _Prompt(checked, None, None, None)
+            self._touch(track_id)
             return
         self._check_known(track_id)
         checked = _check_box(box, "box", self._frame_size)
+        self._touch(track_id)
         if track_id in self._pending:
             self._pending[track_id].box = checked
             return
@@ -806,8 +846,10 @@ class PromptTracker:
         """Forget a track or pending prompt; it is not reported again."""
         if _is_int(track_id) and track_id in self._lost:
             self._lost.discard(track_id)
+            self._touch(track_id)
             return
         self._check_known(track_id)
+        self._touch(track_id)
         self._pending.pop(track_id, None)
         self._tracks.pop(track_id, None)
         self._restarted.discard(track_id)
@@ -817,6 +859,7 @@ class PromptTracker:
         """Mark every running track lost, e.g. after the camera was gone so long that the
         filters' predictions mean nothing; returns their last outputs (state "lost", empty
         masks). Pending prompts stay pending."""
+        self._not_stepping("lose_all")
         if self._frame_size is None:
             return []
         outputs = [
@@ -835,10 +878,23 @@ class PromptTracker:
 
     # ------------------------------------------------------------------ the frame
 
-    def step(self, frame_index: int) -> list[TrackOutput]:
+    def step(
+        self, frame_index: int, *, between: Callable[[], object] | None = None
+    ) -> list[TrackOutput]:
         """Track every object into frame ``frame_index``; outputs sorted by track id.
 
         Frame indices must increase; gaps (frames dropped in live mode) are predicted over.
+
+        between: called again and again while the frame is worked on (every
+            ``between_interval_s`` while the decoder runs, in a worker thread then, and after
+            each track's update), so that a caller can serve commands in the middle of a
+            frame of many tracks instead of after it. Commands (``add``, ``update_box``,
+            ``remove``) may then be called from it. A track a command touches while its frame
+            is worked on is left as the command made it and is not in this frame's outputs:
+            a removed track is gone, a corrected one starts from its new box at the next
+            frame, an added prompt waits for the next frame; it takes no pixels from the
+            others' exclusive masks. The decoder call is the same either way (one batch of
+            every track, on arrays built before it starts), so are the masks.
         """
         if not _is_int(frame_index) or frame_index < 0:
             raise ValueError(f"frame_index must be an integer >= 0, got {frame_index!r}")
@@ -846,6 +902,14 @@ class PromptTracker:
             raise ValueError(
                 f"frame_index must increase: got {frame_index} after {self._current_frame}"
             )
+        self._not_stepping("step")
+        self._stepping, self._touched = True, set()
+        try:
+            return self._step(frame_index, between)
+        finally:
+            self._stepping, self._touched = False, set()
+
+    def _step(self, frame_index: int, between: Callable[[], object] | None) -> list[TrackOutput]:
         due = {
             tid: p for tid, p in self._pending.items() if p.frame is None or p.frame <= frame_index
         }
@@ -882,59 +946,91 @@ class PromptTracker:
             box = None if prompt.box is None else _clip(prompt.box, size)
             slots.append(_Slot(tid, None, prompt, box, True, 0))
 
-        decoded = self._decode_batch(slots) if slots else None
+        decoded = self._decode_batch(slots, between) if slots else None
 
-        # Phase 2: commit.
+        # Phase 2: commit. Ids a command touched meanwhile (``self._touched``, filled by
+        # commands that ``between`` served) stay as the command left them.
+        touched = self._touched
         self._current_frame = frame_index
         for out in rejected:
-            self._drop(out.track_id)
-        committed: list[TrackOutput] = []
+            if out.track_id not in touched:
+                self._drop(out.track_id)
+        committed: list[tuple[int, TrackOutput]] = []  # (decoded row, output)
         for row, slot in enumerate(slots):
             if decoded is None:  # cannot happen: slots is non-empty here
                 raise RuntimeError("prompt tracker invariant broken: decoded is None")
+            if slot.track_id in touched:
+                continue
             committed.append(
-                self._commit(
-                    slot,
-                    decoded.masks[row],
-                    float(decoded.scores[row]),
-                    decoded.low_res_logits[row],
-                    frame_index,
+                (
+                    row,
+                    self._commit(
+                        slot,
+                        decoded.masks[row],
+                        float(decoded.scores[row]),
+                        decoded.low_res_logits[row],
+                        frame_index,
+                    ),
                 )
             )
+            if between is not None:
+                between()
         # Phase 3: exclusive masks, once every track's state is known. The measurements
         # above used each track's own mask (see _commit), so this changes only what is
         # published.
         if decoded is not None and decoded.contested is not None:
-            committed = self._exclusive(committed, decoded)
-        outputs = [*rejected, *committed]
+            committed = self._exclusive(committed, decoded, touched)
+        outputs = [
+            out
+            for out in (*rejected, *(out for _, out in committed))
+            if out.track_id not in touched
+        ]
         outputs.sort(key=lambda out: out.track_id)
         return outputs
 
     @staticmethod
-    def _exclusive(committed: list[TrackOutput], decoded: DecodedMasks) -> list[TrackOutput]:
-        """Publish exclusive masks; ``committed`` holds one output per decoded row.
+    def _exclusive(
+        committed: list[tuple[int, TrackOutput]], decoded: DecodedMasks, touched: set[int]
+    ) -> list[tuple[int, TrackOutput]]:
+        """Publish exclusive masks; ``committed`` holds (decoded row, output) pairs.
 
         Who competes for a contested pixel:
         - a LOST track takes none: it publishes an empty mask, so a pixel it won would vanish
-          from every output although another track's mask covers it;
+          from every output although another track's mask covers it; nor does a track a
+          command touched during the frame (it is not published this frame);
         - a COASTING track takes only pixels no trusted track claims: its mask is the one the
           tracker just judged untrustworthy, and during an occlusion it is usually a piece of
           the occluder, which must not carve the occluder's own, trusted mask;
         - trusted tracks (TRACKED / TENTATIVE this frame) compete by logit (SAM 2's rule).
         """
-        if decoded.contested is None:  # cannot happen: checked by step()
+        contested = decoded.contested
+        if contested is None:  # cannot happen: checked by step()
             raise RuntimeError("prompt tracker invariant broken: no contested pixels")
+        rows = [row for row, _ in committed]
+        if len(rows) != len(decoded.masks):  # some rows were touched: only the others compete
+            if contested.windows is not None:
+                contested = ContestedPixels(windows=[contested.windows[row] for row in rows])
+            elif contested.logits is not None:
+                contested = ContestedPixels(index=contested.index, logits=contested.logits[rows])
         priority = [
-            -1 if out.state is TrackState.LOST else 1 if out.state is TrackState.COASTING else 0
-            for out in committed
+            -1
+            if out.state is TrackState.LOST or out.track_id in touched
+            else 1
+            if out.state is TrackState.COASTING
+            else 0
+            for _, out in committed
         ]
-        masks = exclusive_masks(decoded.masks, decoded.contested, priority)
+        masks = exclusive_masks([decoded.masks[row] for row in rows], contested, priority)
         return [
-            out if out.state is TrackState.LOST else dataclasses.replace(out, mask=mask)
-            for out, mask in zip(committed, masks, strict=True)
+            (row, out if out.state is TrackState.LOST else dataclasses.replace(out, mask=mask))
+            for (row, out), mask in zip(committed, masks, strict=True)
         ]
 
-    def _decode_batch(self, slots: list[_Slot]) -> DecodedMasks:
+    def _decode_batch(
+        self, slots: list[_Slot], between: Callable[[], object] | None = None
+    ) -> DecodedMasks:
+        """The decoder's answer for every slot, in one call (with ``between``, run in a worker
+        thread while this one calls ``between``)."""
         boxes = np.array(
             [s.box if s.box is not None else (np.nan,) * 4 for s in slots], dtype=np.float32
         ).reshape(len(slots), 4)
@@ -954,8 +1050,49 @@ class PromptTracker:
                 else None
                 for s in slots
             ]
-        decoded = self._decode(boxes, logits, points=points)
+        if between is None:
+            decoded = self._decode(boxes, logits, points=points)
+        else:
+            decoded = self._decode_meanwhile(boxes, logits, points, between)
         return _checked_decoded(decoded, len(slots), self._frame_size)
+
+    def _decode_meanwhile(
+        self,
+        boxes: np.ndarray,
+        logits: list[np.ndarray | None],
+        points: list[tuple[np.ndarray, np.ndarray] | None] | None,
+        between: Callable[[], object],
+    ) -> DecodedMasks:
+        """The decoder call in a worker thread, ``between`` in this one every
+        ``between_interval_s`` until it returns; its exception, if any, is raised here.
+
+        The decoder (torch or ONNX Runtime) computes without the GIL, so the commands
+        ``between`` serves meanwhile cost it little. It reads only the arrays built for it,
+        which no command changes (a correction rebinds a track's logits, it does not write
+        into them), so what it decodes is what it would have decoded alone. A batch in one
+        call rather than slices keeps its throughput: a call has a fixed cost, several
+        milliseconds on a CPU, that slices would pay again and again."""
+        outcome: list[tuple[DecodedMasks | None, BaseException | None]] = []
+
+        def work() -> None:
+            try:
+                outcome.append((self._decode(boxes, logits, points=points), None))
+            except BaseException as err:  # handed to the caller's thread, raised there
+                outcome.append((None, err))
+
+        worker = threading.Thread(target=work, name="samstream-decode", daemon=True)
+        worker.start()
+        while True:  # once at least, however fast the decoder
+            worker.join(self._between_interval_s)
+            between()
+            if not worker.is_alive():
+                break
+        decoded, error = outcome[0]
+        if error is not None:
+            raise error
+        if decoded is None:  # cannot happen: work() hands over one or the other
+            raise RuntimeError("prompt tracker invariant broken: the decoder returned nothing")
+        return decoded
 
     def _commit(
         self, slot: _Slot, mask: RegionMask, score: float, logits: np.ndarray, frame_index: int
@@ -1063,6 +1200,23 @@ class PromptTracker:
         self._restarted.discard(track_id)
         self._last_frame.pop(track_id, None)
 
+    def _check_room(self) -> None:
+        held = len(self._tracks) + len(self._pending)
+        if held >= MAX_TRACKS_AT_ONCE:
+            raise ValueError(
+                f"too many tracks at once: {held} tracks and prompts, at most "
+                f"{MAX_TRACKS_AT_ONCE} (one frame's masks message holds no more); remove some"
+            )
+
+    def _touch(self, track_id: int) -> None:
+        """A command changed this id: if a step is under way, it leaves the id alone."""
+        if self._stepping:
+            self._touched.add(int(track_id))
+
+    def _not_stepping(self, what: str) -> None:
+        if self._stepping:
+            raise RuntimeError(f"{what}() cannot run in the middle of step()")
+
     def _check_known(self, track_id: int) -> None:
         known = _is_int(track_id) and (track_id in self._tracks or track_id in self._pending)
         if not known:
@@ -1121,6 +1275,7 @@ class PromptTracker:
         """Replace every track and prompt with those of a ``snapshot``.
 
         Raises ValueError when the snapshot is malformed (nothing is changed then)."""
+        self._not_stepping("restore")
         try:
             tracks: dict[int, Track] = {}
             last_frame: dict[int, int] = {}

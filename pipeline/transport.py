@@ -27,6 +27,7 @@ import socket
 import stat
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import zmq
 
@@ -34,7 +35,12 @@ from pipeline.messages import EndOfStream, Message, MessageError, decode, encode
 
 log = logging.getLogger(__name__)
 
-_WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]")
+
+class SocketSecurity(Protocol):
+    """What a socket sets before it binds or connects to authenticate and encrypt its
+    connections: `pipeline.curve`'s CurveServer or CurveClient."""
+
+    def apply(self, sock: zmq.Socket) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,19 +74,13 @@ def validate_endpoint(endpoint: str) -> str:
     """Return ``endpoint`` if it is ``ipc://path``, ``inproc://name`` or
     ``tcp://host:port``; raise ValueError naming it otherwise.
 
-    A wildcard host (``*``, ``0.0.0.0``, ``::``) is accepted because someone typed it, but
-    logs a warning: the feeds carry no authentication, so every host that can reach the
-    port can read frames and send prompts.
+    A host other hosts can reach (``*``, ``0.0.0.0``, a LAN address) is accepted: whether
+    that is safe depends on CURVE keys this function does not see, so the launcher (or a
+    node started by hand) warns once per such endpoint (`pipeline.curve.exposure_warnings`)
+    rather than every socket that opens it.
     """
     if endpoint.startswith("tcp://"):
-        host, port = _tcp_host_port(endpoint)
-        if host in _WILDCARD_HOSTS:
-            log.warning(
-                "endpoint %s listens on all interfaces: anyone who can reach port %s can read "
-                "this unauthenticated feed; prefer 127.0.0.1 or ipc://",
-                endpoint,
-                port,
-            )
+        _tcp_host_port(endpoint)
         return endpoint
     for scheme in ("ipc://", "inproc://"):
         if endpoint.startswith(scheme) and len(endpoint) > len(scheme):
@@ -126,11 +126,14 @@ def open_socket(
     bind: bool,
     options: SocketOptions,
     subscribe: bytes | None = None,
+    security: SocketSecurity | None = None,
 ) -> zmq.Socket:
     """A socket of ``socket_type`` with ``options`` set, bound or connected to ``endpoint``.
 
     ``subscribe`` is the topic prefix of a SUB socket (None: everything, b""); other socket
-    types take none.
+    types take none. ``security`` (CURVE keys, `pipeline.curve`) is applied before the
+    bind or connect, because ZeroMQ uses a mechanism only for connections made afterwards;
+    None leaves the socket as ZeroMQ makes it (NULL: no authentication, no encryption).
     """
     validate_endpoint(endpoint)
     if socket_type != zmq.SUB and subscribe is not None:
@@ -147,6 +150,8 @@ def open_socket(
         sock.setsockopt(zmq.RCVTIMEO, options.rcvtimeo_ms)
         if socket_type == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"" if subscribe is None else subscribe)
+        if security is not None:
+            security.apply(sock)
         if bind:
             if endpoint.startswith("ipc://"):
                 _prepare_ipc_path(endpoint[len("ipc://") :])
@@ -164,7 +169,11 @@ AUTO_PUBLISH_PORTS = range(5555, 5605)  # "auto": the first free one
 
 
 def bind_auto(
-    ctx: zmq.Context, socket_type: int, *, options: SocketOptions
+    ctx: zmq.Context,
+    socket_type: int,
+    *,
+    options: SocketOptions,
+    security: SocketSecurity | None = None,
 ) -> tuple[zmq.Socket, str]:
     """A socket bound to the first free tcp://127.0.0.1 port of AUTO_PUBLISH_PORTS, and its
     endpoint. Binding is the only race-free test of a free port: two runs started together
@@ -172,7 +181,10 @@ def bind_auto(
     for port in AUTO_PUBLISH_PORTS:
         endpoint = f"tcp://{AUTO_PUBLISH_HOST}:{port}"
         try:
-            return open_socket(ctx, socket_type, endpoint, bind=True, options=options), endpoint
+            sock = open_socket(
+                ctx, socket_type, endpoint, bind=True, options=options, security=security
+            )
+            return sock, endpoint
         except zmq.ZMQError as err:
             if err.errno != errno.EADDRINUSE:
                 raise

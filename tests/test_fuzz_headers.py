@@ -255,6 +255,7 @@ class Recorder(Node):
     """Counts frames and commands; a real node runner around it does the rest."""
 
     name = "tracker"
+    inputs = (FrameMessage,)
 
     def __init__(self) -> None:
         super().__init__()

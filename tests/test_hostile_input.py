@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +17,11 @@ from pipeline.messages import (
     EndOfStream,
     FrameMessage,
     FrameMeta,
+    MaskMessage,
     Message,
     PromptCommand,
     PromptReply,
+    StatusMessage,
     encode,
 )
 from pipeline.runtime import Node, NodeEndpoints, NodeRunner
@@ -38,6 +42,7 @@ class Recorder(Node):
     """Takes frames and prompt commands, and remembers them."""
 
     name = "tracker"
+    inputs = (FrameMessage,)
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,3 +140,102 @@ def test_hostile_messages_on_the_input_are_rejected_and_counted(running) -> None
     assert runner._sockets.input is not None
     assert runner._sockets.input.rejected == len(HOSTILE_PARTS)
     print(f"input socket: {len(HOSTILE_PARTS)} hostile messages rejected, frames went on")
+
+
+# --------------------------------------------------------------------------- the tracker
+
+
+@pytest.mark.timeout(600)
+def test_embeddings_that_do_not_fit_the_run_are_rejected_and_counted(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real tracker node behind real sockets: stale frames (repeated, going back), a frame
+    size that does not resize to the input size, an absurd one, a wrong-shaped or NaN
+    embedding are each rejected before anything is allocated for them, counted by kind in
+    the status, logged once per kind; the node lives on and the next good frame has masks."""
+    from test_track_limits import LiveTracker, embedding_message
+
+    run = LiveTracker(checkpoint, tmp_path)
+    try:
+        run.wait_for(lambda: run.node.tracker is not None)
+        assert run.command({"op": "add", "box": [10, 10, 60, 50]})["ok"]
+        run.send(embedding_message(0))
+        run.send(embedding_message(1))
+        assert [m.meta.frame_index for m in run.masks(2)] == [0, 1]
+        grid = 256 // 16
+        nan = np.zeros((256, grid, grid), np.float16)
+        nan[3, 4, 5] = np.nan
+        hostile = [
+            embedding_message(1),  # a repeat
+            embedding_message(0),  # back in time
+            embedding_message(0),  # and again: counted, not logged again
+            # 6000x6000 claimed for the 192x256 input of a 128x96 frame at 256 px.
+            embedding_message(5, original=(6000, 6000), input_size=(192, 256)),
+            embedding_message(6, original=(20000, 20000), input_size=(256, 256)),
+            embedding_message(7, embedding=np.zeros((256, 8, 8), np.float16)),
+            embedding_message(8, embedding=nan),
+        ]
+        with caplog.at_level(logging.WARNING, logger="nodes.tracker"):
+            for msg in hostile:
+                run.send(msg)
+            run.send(embedding_message(9))
+            (good,) = run.masks(1)
+        assert good.meta.frame_index == 9 and [t.track_id for t in good.tracks] == [1]
+        assert not run.output.poll(200)  # nothing came for the rejected ones
+        want = {
+            "stale_frame": 3,
+            "inconsistent_size": 1,
+            "absurd_size": 1,
+            "embedding_shape": 1,
+            "non_finite": 1,
+        }
+        status = run.latest_status()
+        assert status["state"] == "running"
+        assert status["detail"]["rejected"] == want
+        assert status["counters"]["embeddings_rejected"] == len(hostile)
+        logged = [r.getMessage() for r in caplog.records if "embedding rejected" in r.getMessage()]
+        assert len(logged) == len(want)  # once per kind
+        assert any("6000x6000" in line and "(192, 256)" in line for line in logged)
+        assert run.command({"op": "list"})["ok"]  # still serving
+        print(f"tracker: {len(hostile)} bad embeddings rejected {want}, the run went on")
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize("wire", ["float16", "bfloat16", "float32"])
+def test_the_finiteness_check_reads_every_wire_dtype(wire: str) -> None:
+    import torch
+
+    from nodes.tracker import _all_finite
+    from pipeline.embedding_codec import embedding_to_wire
+
+    values = torch.tensor([[[0.0, -1.5], [3.0e4, -6.0e-5]]])  # finite in every wire dtype
+    assert _all_finite(embedding_to_wire(values, wire), wire)
+    for bad in (math.nan, math.inf, -math.inf):
+        spoilt = values.clone()
+        spoilt[0, 1, 0] = bad
+        assert not _all_finite(embedding_to_wire(spoilt, wire), wire), (wire, bad)
+
+
+def test_messages_of_a_kind_the_node_does_not_take_are_counted_and_dropped(running) -> None:
+    """A peer on the wrong link (or a hostile one) sends a well-formed message of another
+    kind: the runtime drops it before the node sees it, and counts it."""
+    node, _, inputs, _, ctx = running
+    status = StatusMessage(node="encoder", state="running", time=0.0)
+    end_of_other = EndOfStream(stream_id="cam0", frames=1, reason="eof")
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(inputs)
+    wrong = MaskMessage(meta=_frame(5).meta, frame_size=(4, 4), tracks=(), masks=())
+    push.send_multipart(encode(wrong), copy=False)
+    push.send_multipart(encode(_frame(6)), copy=False)
+    push.send_multipart(encode(status), copy=False)  # relayed on, never processed
+    push.send_multipart(encode(end_of_other), copy=False)
+    push.close()
+    deadline = threading.Event()
+    for _ in range(200):
+        if node.frames == [6]:
+            break
+        deadline.wait(0.05)
+    assert node.frames == [6]
+    assert node.counters["wrong_kind_messages"] == 1

@@ -450,7 +450,7 @@ class BurstSource(Node):
     """Sends ``frames`` frames, one every ``interval_s``, then the end of the stream."""
 
     name = "decoder"
-    has_input = False
+    outputs = (FrameMessage,)
 
     def __init__(self, frames: int, interval_s: float, start: threading.Event) -> None:
         super().__init__()
@@ -472,7 +472,7 @@ class SlowSink(Node):
     """Takes ``work_s`` per frame and remembers what it got."""
 
     name = "encoder"
-    has_output = False
+    inputs = (FrameMessage,)
 
     def __init__(self, work_s: float, ready: threading.Event) -> None:
         super().__init__()
@@ -567,6 +567,7 @@ def test_live_middle_node_never_blocks_on_a_missing_consumer(ctx: zmq.Context) -
 
     class Relay(Node):
         name = "tracker"
+        inputs = outputs = (FrameMessage,)
 
         def process(self, msg: Message) -> list[Message]:
             return [msg]

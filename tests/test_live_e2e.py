@@ -330,15 +330,27 @@ def test_slow_encoder_keeps_latency_bounded(checkpoint: Path, tmp_path: Path) ->
     window = [(t - start, f) for t, f in run.frames if t >= start]
     latencies = [f.timings["latency"] for _, f in window]
     assert 20 <= len(window) <= 20 * 6, f"{len(window)} frames in 20 s from a slowed encoder"
+    # Queueing is time a frame spends waiting, not being worked on: latency minus its stage
+    # times, in encoder periods (frames queued ahead of it). On a machine whose load changes
+    # during the run the stage times change too; the wait in frames does not, unless a
+    # queue builds. Newest-frame-wins keeps it near one period (the frame being encoded).
+    stages = ("decode", "encoder", "tracker", "publish")
+    queued = [
+        (f.timings["latency"] - sum(f.timings.get(k, 0.0) for k in stages)) / f.timings["encoder"]
+        for _, f in window
+    ]
     quarter = len(window) // 4
-    first = statistics.median(latencies[:quarter])
-    last = statistics.median(latencies[-quarter:])
+    first = statistics.median(queued[:quarter])
+    last = statistics.median(queued[-quarter:])
+    encoder_ms = statistics.median(f.timings["encoder"] for _, f in window)
     print(
-        f"latency ms: first quarter median {first:.0f}, last quarter median {last:.0f}, "
-        f"max {max(latencies):.0f}, frames {len(window)}"
+        f"latency ms: median {statistics.median(latencies):.0f}, max {max(latencies):.0f}; "
+        f"frames waiting ahead: first quarter median {first:.2f}, last quarter {last:.2f}; "
+        f"encoder median {encoder_ms:.0f} ms; frames {len(window)}"
     )
-    assert last <= first + 150, "latency trends upward: frames are queueing"
-    assert max(latencies) < 2000
+    assert last <= first + 1.0, "the wait grows: frames are queueing"
+    assert last <= 3.0, "more than three frames ahead of the newest: a queue"
+    assert max(latencies) < 10 * encoder_ms, "latency far beyond a few encoder periods"
     assert all(f.timings["encoder"] >= 200 for _, f in window)
     frames_in, frames_out, lost = run.summary_counts()
     assert lost["encoder"] >= frames_out, "half the frames or more must be dropped"

@@ -23,6 +23,7 @@ from pipeline.outputs import (
     encode_rle,
     id_mask,
     mask_box,
+    read_id_mask,
 )
 from pipeline.sources import DecodedFrame, VideoSource, parse_source
 
@@ -93,8 +94,8 @@ def test_id_mask_later_tracks_win_and_ids_are_checked() -> None:
     assert painted[1, 1] == 3 and painted[2, 3] == 200 and painted[4, 6] == 200
     assert painted[0, 0] == 0
     assert id_mask(np.zeros((0, 6, 8), bool), [], (6, 8)).sum() == 0
-    for bad in (0, 256):
-        with pytest.raises(ValueError, match=r"1\.\.255"):
+    for bad in (0, 65536):
+        with pytest.raises(ValueError, match=r"1\.\.65535"):
             id_mask(masks, [1, bad], (6, 8))
     with pytest.raises(ValueError, match=r"\(height, width\)"):
         id_mask(masks, [1, 2], (8, 6))
@@ -469,3 +470,92 @@ def test_resume_needs_a_complete_prefix(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"masks/000001\.png is missing"):
         MaskWriter(tmp_path, resume_frames=3)
     assert (tmp_path / "masks.jsonl").read_text().count("\n") == 3  # nothing was changed
+
+
+# -- ids above 255: 16-bit PNGs -------------------------------------------------------------
+
+
+def _many_tracks_frame(index: int, ids: list[int]) -> dict[str, object]:
+    """One frame of len(ids) little square objects on a 40x64 grid, each its own 4x4 cell."""
+    height, width = 4 * 10, 4 * 64
+    masks = np.zeros((len(ids), height, width), dtype=bool)
+    tracks = []
+    for row, track_id in enumerate(ids):
+        y, x = divmod(row, 64)
+        masks[row, 4 * y : 4 * y + 3, 4 * x : 4 * x + 3] = True
+        box = (4.0 * x, 4.0 * y, 4.0 * x + 3, 4.0 * y + 3)
+        tracks.append(Track(track_id, box, 0.9, "tracked"))
+    return {
+        "frame_index": index,
+        "seq": index,
+        "pts": index,
+        "time_base": (1, 25),
+        "frame_size": (height, width),
+        "tracks": tracks,
+        "masks": masks,
+        "image": np.full((height, width, 3), 40, dtype=np.uint8),
+    }
+
+
+def test_id_mask_is_8_bit_up_to_255_and_16_bit_past_it() -> None:
+    masks = np.zeros((2, 6, 8), dtype=bool)
+    masks[0, 1:3, 1:3] = True
+    masks[1, 3:5, 4:7] = True
+    assert id_mask(masks, [1, 255], (6, 8)).dtype == np.uint8
+    wide = id_mask(masks, [1, 256], (6, 8))
+    assert wide.dtype == np.uint16
+    assert wide[1, 1] == 1 and wide[3, 4] == 256 and wide[0, 0] == 0
+    assert id_mask(masks, [65535, 300], (6, 8))[1, 1] == 65535
+
+
+def test_16_bit_pngs_hold_ids_past_255_exactly(tmp_path: Path) -> None:
+    """A frame whose ids are all <= 255 stays an 8-bit palette PNG; one with a larger id is a
+    16-bit PNG that every usual reader gives back exactly."""
+    import cv2
+
+    small = _many_tracks_frame(0, list(range(1, 201)))
+    large = _many_tracks_frame(1, [*range(1, 300), 40000, 65535])
+    with MaskWriter(tmp_path, write_overlay=True) as writer:
+        writer.write(**small)  # type: ignore[arg-type]
+        writer.write(**large)  # type: ignore[arg-type]
+    png0, png1 = tmp_path / "masks" / "000000.png", tmp_path / "masks" / "000001.png"
+    assert Image.open(png0).mode == "P"
+    expected0 = id_mask(small["masks"], list(range(1, 201)), (40, 256))  # type: ignore[arg-type]
+    assert np.array_equal(read_id_mask(png0), expected0)
+    ids1 = [t.track_id for t in large["tracks"]]  # type: ignore[attr-defined]
+    expected1 = id_mask(large["masks"], ids1, (40, 256))  # type: ignore[arg-type]
+    assert expected1.dtype == np.uint16 and expected1.max() == 65535
+    for ids in (
+        read_id_mask(png1),
+        cv2.imread(str(png1), cv2.IMREAD_UNCHANGED),
+        np.asarray(Image.open(png1)),
+    ):
+        assert ids.dtype == np.uint16 and np.array_equal(ids, expected1)
+    # The JSON lines say the same as the 16-bit PNG, track by track.
+    line = json.loads((tmp_path / "masks.jsonl").read_text().splitlines()[1])
+    assert [t["id"] for t in line["tracks"]] == ids1
+    for track in line["tracks"]:
+        assert np.array_equal(decode_rle(track["rle"]), expected1 == track["id"])
+    assert "40000," in (tmp_path / "tracks.txt").read_text()  # MOT keeps the id too
+
+
+def test_resume_across_16_bit_pngs(tmp_path: Path) -> None:
+    """An interrupted run whose PNGs are 16-bit resumes as an uninterrupted one writes."""
+    ids = [*range(1, 260), 1000]
+    frames = [_many_tracks_frame(i, ids) for i in range(4)]
+    with MaskWriter(tmp_path / "full") as writer:
+        for frame in frames:
+            writer.write(**frame)  # type: ignore[arg-type]
+    with MaskWriter(tmp_path / "resumed") as writer:
+        for frame in frames[:2]:
+            writer.write(**frame)  # type: ignore[arg-type]
+    with MaskWriter(tmp_path / "resumed", resume_frames=2) as writer:
+        for frame in frames[2:]:
+            writer.write(**frame)  # type: ignore[arg-type]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    for name in ("masks.jsonl", "tracks.txt"):
+        assert (resumed / name).read_bytes() == (full / name).read_bytes(), name
+    for i in range(4):
+        name = f"masks/{i:06d}.png"
+        assert (resumed / name).read_bytes() == (full / name).read_bytes(), name
+        assert read_id_mask(resumed / name).max() == 1000

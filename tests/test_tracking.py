@@ -15,8 +15,10 @@ import torch
 from nodes.tracker import TrackerNode
 from pipeline.config import TrackerConfig
 from pipeline.messages import EmbeddingMessage, FrameMeta, MaskMessage
+from pipeline.model.transforms import resized_shape
 from pipeline.tracking import (
     MAX_TRACK_ID,
+    MAX_TRACKS_AT_ONCE,
     ContestedPixels,
     DecodedMasks,
     PromptTracker,
@@ -545,15 +547,32 @@ def test_disagreeing_measurement_is_not_trusted():
 
 
 def test_track_id_limit():
+    assert MAX_TRACK_ID == 65535  # 16-bit id PNGs past 255 (pipeline.outputs)
     tracker, _ = make()
-    ids = [tracker.add(box=(0, 0, 10, 10)) for _ in range(MAX_TRACK_ID)]
-    assert ids == list(range(1, MAX_TRACK_ID + 1))
-    with pytest.raises(ValueError, match="track id limit"):
+    ids = [tracker.add(box=(0, 0, 10, 10)) for _ in range(300)]
+    assert ids == list(range(1, 301))  # past the old 8-bit limit of 255
+    assert tracker.add(box=(0, 0, 10, 10), track_id=MAX_TRACK_ID) == MAX_TRACK_ID
+    with pytest.raises(ValueError, match="track id limit reached"):
         tracker.add(box=(0, 0, 10, 10))
     tracker.remove(7)
-    with pytest.raises(ValueError, match="track id limit"):  # ids are never reused
+    with pytest.raises(ValueError, match="track id limit reached"):  # ids are never reused
         tracker.add(box=(0, 0, 10, 10))
     assert tracker.add(box=(0, 0, 10, 10), track_id=7) == 7  # unless asked for explicitly
+    with pytest.raises(ValueError, match=r"1\.\.65535"):
+        tracker.add(box=(0, 0, 10, 10), track_id=MAX_TRACK_ID + 1)
+    assert len(tracker.list()) == 301
+
+
+def test_tracks_at_once_limit():
+    tracker, _ = make()
+    for _ in range(MAX_TRACKS_AT_ONCE):
+        tracker.add(box=(0, 0, 10, 10))
+    with pytest.raises(ValueError, match="too many tracks at once"):
+        tracker.add(box=(0, 0, 10, 10))
+    with pytest.raises(ValueError, match="too many tracks at once"):
+        tracker.add(box=(0, 0, 10, 10), track_id=60000)
+    tracker.remove(1)
+    assert tracker.add(box=(0, 0, 10, 10)) == MAX_TRACKS_AT_ONCE + 1  # room again
 
 
 # --------------------------------------------------------------------------- bad input
@@ -577,7 +596,10 @@ BAD_COMMANDS = [
     (lambda t: t.add(points=[[1, 2]], labels=[0]), "foreground point"),
     (lambda t: t.add(points=[[1000, 2]], labels=[1]), "points lie outside"),
     (lambda t: t.add(box=OK_BOX, track_id=1), "track_id 1 is already in use"),
-    (lambda t: t.add(box=OK_BOX, track_id=256), r"track_id must be an integer in 1\.\.255"),
+    (
+        lambda t: t.add(box=OK_BOX, track_id=MAX_TRACK_ID + 1),
+        r"track_id must be an integer in 1\.\.65535",
+    ),
     (lambda t: t.add(box=OK_BOX, frame=-1), "frame must be a frame index"),
     (lambda t: t.update_box(99, OK_BOX), "unknown track id 99"),
     (lambda t: t.update_box(1, (0, 0, math.nan, 5)), "NaN"),
@@ -781,13 +803,14 @@ def test_lose_all_forgets_a_corrected_track():
 def _embedding_message(
     frame: int, session: int, capture_time: float, size: tuple[int, int] = SIZE
 ) -> EmbeddingMessage:
+    """An embedding as an encoder of image size 32 (a 2x2 grid) sends it."""
     meta = FrameMeta("cam0", frame, frame, frame, (1, 25), capture_time, session=session)
     return EmbeddingMessage(
         meta=meta,
-        embedding=np.zeros((1, 2, 2), np.float16),
+        embedding=np.zeros((256, 2, 2), np.float16),
         embedding_dtype="float16",
         original_size=size,
-        input_size=size,
+        input_size=resized_shape(*size, 32),
     )
 
 

@@ -73,16 +73,15 @@ def test_invalid_endpoints_are_named(endpoint: str) -> None:
         validate_endpoint(endpoint)
 
 
-@pytest.mark.parametrize("endpoint", ["tcp://*:5555", "tcp://0.0.0.0:5555"])
-def test_wildcard_binds_warn(endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("endpoint", ["tcp://*:5555", "tcp://0.0.0.0:5555", "tcp://127.0.0.1:1"])
+def test_wildcard_binds_are_valid_and_quiet(
+    endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Whether an endpoint other hosts can reach is safe depends on CURVE keys: the launcher
+    # warns once per endpoint (pipeline.curve.exposure_warnings, tests/test_curve.py), not
+    # every socket that opens it.
     with caplog.at_level(logging.WARNING, logger="pipeline.transport"):
         assert validate_endpoint(endpoint) == endpoint
-    assert "all interfaces" in caplog.text and endpoint in caplog.text
-
-
-def test_loopback_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="pipeline.transport"):
-        validate_endpoint("tcp://127.0.0.1:5555")
     assert not caplog.records
 
 
