@@ -41,7 +41,6 @@ from pipeline.predictor import SAM, ImageEmbedding
 from pipeline.runtime import Node
 from pipeline.tracking import (
     PromptTracker,
-    TrackerSettings,
     TrackOutput,
 )
 
@@ -127,16 +126,7 @@ class TrackerNode(Node):
     def setup(self) -> None:
         sam = SAM(self.weights, device=self.config.device, image_size=self.image_size)
         self.decoder = SamMaskDecoder(sam, exclusive=self.config.exclusive_masks)
-        settings = TrackerSettings(
-            min_score=self.config.min_score,
-            min_agreement=self.config.min_agreement,
-            max_coast_frames=self.config.max_coast_frames,
-            confirm_frames=self.config.confirm_frames,
-            use_mask_prompt=self.config.use_mask_prompt,
-            process_noise=self.config.process_noise,
-            measurement_noise=self.config.measurement_noise,
-        )
-        self.tracker = PromptTracker(self.decoder, frame_size=None, settings=settings)
+        self.tracker = PromptTracker(self.decoder, frame_size=None, settings=self.config)
         if self.resume_from is not None and self.resume_dir is not None:
             # The prompts are in the saved state, with what became of them.
             self.tracker.restore(*resume.load_tracker_snapshot(self.resume_dir, self.resume_from))

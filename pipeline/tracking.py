@@ -47,6 +47,7 @@ import cv2
 import numpy as np
 from filterpy.kalman import KalmanFilter
 
+from pipeline.config import RunConfig, TrackerConfig, validate_config
 from pipeline.masks import RegionMask, as_region_masks, tight_box
 
 Box = tuple[float, float, float, float]
@@ -260,57 +261,6 @@ class TrackState(str, Enum):
     LOST = "lost"  # reported once, then dropped
 
 
-@dataclass(frozen=True)
-class TrackerSettings:
-    """Gates and noise figures of the prompt tracker.
-
-    min_score: decoder's predicted IoU score (0..1) a measurement needs to be trusted.
-    min_agreement: box IoU (0..1) between the predicted box and the measured mask box
-        a measurement needs to be trusted (not checked on a track's first frame).
-    max_coast_frames: frames a track may go without a trusted measurement; one more makes
-        it LOST (0: lost at the first untrusted frame).
-    confirm_frames: trusted measurements that turn a TENTATIVE track TRACKED.
-    use_mask_prompt: pass the previous low-res mask logits to the decoder as mask prompt
-        when the track's last measurement was trusted.
-    process_noise: std of the unmodelled acceleration of box centre and size, in pixels per
-        frame squared (bigger: follows manoeuvres faster, smooths less).
-    measurement_noise: std of a mask box coordinate around the truth, in pixels.
-    """
-
-    min_score: float = 0.5
-    min_agreement: float = 0.3
-    max_coast_frames: int = 15
-    confirm_frames: int = 2
-    use_mask_prompt: bool = True
-    process_noise: float = 1.0
-    measurement_noise: float = 2.0
-
-    def __post_init__(self) -> None:
-        for name in ("min_score", "min_agreement"):
-            value = getattr(self, name)
-            if not _is_real(value) or not 0.0 <= value <= 1.0:
-                raise ValueError(
-                    f"TrackerSettings.{name} must be a number in [0, 1], got {value!r}"
-                )
-        for name, low in (("max_coast_frames", 0), ("confirm_frames", 1)):
-            value = getattr(self, name)
-            if not _is_int(value) or value < low:
-                raise ValueError(
-                    f"TrackerSettings.{name} must be an integer >= {low}, got {value!r}"
-                )
-        if not isinstance(self.use_mask_prompt, bool):
-            raise ValueError(
-                "TrackerSettings.use_mask_prompt must be true or false, "
-                f"got {self.use_mask_prompt!r}"
-            )
-        for name in ("process_noise", "measurement_noise"):
-            value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value) or value <= 0:
-                raise ValueError(
-                    f"TrackerSettings.{name} must be a positive number of pixels, got {value!r}"
-                )
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -354,7 +304,7 @@ class Track:
     ``[cx, cy, w, h]``.
     """
 
-    def __init__(self, track_id: int, box: Box, *, settings: TrackerSettings | None = None) -> None:
+    def __init__(self, track_id: int, box: Box, *, settings: TrackerConfig | None = None) -> None:
         self.track_id = track_id
         self.state = TrackState.TENTATIVE
         self.frames_since_update = 0
@@ -362,7 +312,7 @@ class Track:
         self.last_score = 0.0
         self.last_innovation = 0.0
         self.last_mask_logits: np.ndarray | None = None
-        self._settings = settings if settings is not None else TrackerSettings()
+        self._settings = settings if settings is not None else TrackerConfig()
         self.kf = KalmanFilter(dim_x=8, dim_z=4)
         self.kf.F, self.kf.Q = _transition(1, self._settings.process_noise)
         self.kf.H = np.hstack([np.eye(4), np.zeros((4, 4))])
@@ -698,16 +648,18 @@ class PromptTracker:
         decode: MaskDecoderFn,
         *,
         frame_size: tuple[int, int] | None = None,
-        settings: TrackerSettings | None = None,
+        settings: TrackerConfig | None = None,
         between_interval_s: float = BETWEEN_INTERVAL_S,
     ) -> None:
         """``frame_size`` is (H, W); None when known only at the first frame (then call
         ``set_frame_size`` before the first ``step`` that activates a prompt).
         ``between_interval_s``: how often ``step``'s ``between`` runs while the decoder works."""
-        if settings is not None and not isinstance(settings, TrackerSettings):
-            raise TypeError(f"settings must be a TrackerSettings, got {type(settings).__name__}")
+        if settings is not None and not isinstance(settings, TrackerConfig):
+            raise TypeError(f"settings must be a TrackerConfig, got {type(settings).__name__}")
+        # The gates and noise figures checked as a config file's are (a bad value names
+        # its key, e.g. tracker.min_score).
+        self._settings = validate_config(RunConfig(tracker=settings or TrackerConfig())).tracker
         self._decode = decode
-        self._settings = settings if settings is not None else TrackerSettings()
         self._frame_size = None if frame_size is None else _check_frame_size(frame_size)
         self._tracks: dict[int, Track] = {}
         self._pending: dict[int, _Prompt] = {}
@@ -727,7 +679,7 @@ class PromptTracker:
         self._touched: set[int] = set()
 
     @property
-    def settings(self) -> TrackerSettings:
+    def settings(self) -> TrackerConfig:
         return self._settings
 
     @property

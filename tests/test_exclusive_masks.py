@@ -21,7 +21,6 @@ from pipeline.predictor import SAM, ImageEmbedding
 from pipeline.prompts import Prompts
 from pipeline.tracking import (
     PromptTracker,
-    TrackerSettings,
     TrackOutput,
     TrackState,
     exclusive_masks,
@@ -34,7 +33,7 @@ SIZE = (96, 128)  # H, W
 # of the overlap, each wins some of it, and both predicted-IoU scores are >= 0.
 BOXES = np.array([[0, 0, 64, 96], [40, 0, 128, 96]], dtype=np.float32)
 # Gates open wide so both tracks are trusted on their first frame (random weights score ~0).
-OPEN = TrackerSettings(min_score=0.0, min_agreement=0.0)
+OPEN = TrackerConfig(min_score=0.0, min_agreement=0.0)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from pipeline.tracking import (
     ContestedPixels,
     DecodedMasks,
     PromptTracker,
-    TrackerSettings,
     TrackOutput,
     TrackState,
     box_iou,
@@ -102,7 +101,7 @@ class SceneDecoder:
         return best if best is not None and box_iou(box, best[0]) > 0 else None
 
 
-def make(settings: TrackerSettings | None = None) -> tuple[PromptTracker, SceneDecoder]:
+def make(settings: TrackerConfig | None = None) -> tuple[PromptTracker, SceneDecoder]:
     decoder = SceneDecoder()
     return PromptTracker(decoder, frame_size=SIZE, settings=settings), decoder
 
@@ -145,8 +144,9 @@ def test_box_helpers():
     ],
 )
 def test_settings_reject_bad_values(field, value):
-    with pytest.raises(ValueError, match=f"TrackerSettings.{field}"):
-        TrackerSettings(**{field: value})
+    # Checked as a config file is: the error names the key.
+    with pytest.raises(ValueError, match=f"tracker.{field}"):
+        PromptTracker(SceneDecoder(), frame_size=SIZE, settings=TrackerConfig(**{field: value}))
 
 
 # --------------------------------------------------------------------------- following
@@ -199,7 +199,7 @@ def test_occlusion_coasts_on_learnt_velocity_and_recovers():
 
 
 def test_lost_after_max_coast_frames_then_dropped():
-    tracker, decoder = make(TrackerSettings(max_coast_frames=3))
+    tracker, decoder = make(TrackerConfig(max_coast_frames=3))
     tid = tracker.add(box=moving_box(0))
     for frame in range(5):
         decoder.objects = {"a": (moving_box(frame), 0.9)}
@@ -431,7 +431,7 @@ def test_a_lost_track_takes_no_pixels():
     """A and B both untrusted; A is lost this frame with the higher logit: its share of the
     overlap goes to B (coasting) instead of vanishing with A's empty mask."""
     decoder = ContestDecoder()
-    tracker = PromptTracker(decoder, frame_size=SIZE, settings=TrackerSettings(max_coast_frames=1))
+    tracker = PromptTracker(decoder, frame_size=SIZE, settings=TrackerConfig(max_coast_frames=1))
     a, b = tracker.add(box=A_BOX), tracker.add(box=B_BOX)
     decoder.logits = {"a": 9.0, "b": 5.0}
     scores = [(0.9, 0.9), (0.9, 0.9), (0.1, 0.9), (0.1, 0.1)]
@@ -524,7 +524,7 @@ def test_mask_prompt_only_after_a_trusted_measurement():
     assert passed[3] is None  # frame 2 was untrusted
     assert passed[4] is not None and np.all(passed[4] == 400)
 
-    tracker, decoder = make(TrackerSettings(use_mask_prompt=False))
+    tracker, decoder = make(TrackerConfig(use_mask_prompt=False))
     tracker.add(box=moving_box(0))
     for frame in range(3):
         decoder.objects = {"a": (moving_box(frame), 0.9)}
@@ -913,7 +913,7 @@ def test_snapshot_restore_continues_exactly():
 
 
 def test_a_lost_track_comes_back_with_update_box():
-    tracker, decoder = make(TrackerSettings(max_coast_frames=1))
+    tracker, decoder = make(TrackerConfig(max_coast_frames=1))
     tid = tracker.add(box=moving_box(0))
     decoder.objects = {"a": (moving_box(0), 0.9)}
     tracker.step(0)

@@ -26,7 +26,6 @@ from pipeline.tracking import (
     ContestedPixels,
     DecodedMasks,
     PromptTracker,
-    TrackerSettings,
     exclusive_masks,
     measure_box,
 )
@@ -45,7 +44,7 @@ GEOMETRIES = [
     (1024, (342, 548)),
     (1024, (1080, 1920)),
 ]
-OPEN = TrackerSettings(min_score=0.0, min_agreement=0.0)
+OPEN = TrackerConfig(min_score=0.0, min_agreement=0.0)
 
 
 def full_frame(model: torch.nn.Module, input_size, size):
