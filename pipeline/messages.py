@@ -91,6 +91,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Annotated, Any, ClassVar, Literal, Protocol, TypedDict, TypeVar, get_args
 
 import msgspec
@@ -101,7 +102,17 @@ from pipeline.masks import RegionMask, as_region_masks, stack_dense
 SCHEMA_VERSION = 2
 MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes per track: 1 MiB is ~thousands
 
-TrackStateName = Literal["tentative", "tracked", "coasting", "lost"]
+
+class TrackState(str, Enum):
+    """A track's state (one definition: the tracker's and the wire's); on the wire as its
+    value, and equal to it (``TrackState.TRACKED == "tracked"``)."""
+
+    TENTATIVE = "tentative"  # fewer than confirm_frames trusted measurements so far
+    TRACKED = "tracked"  # confirmed and measured this frame
+    COASTING = "coasting"  # no trustworthy measurement this frame: box is the prediction
+    LOST = "lost"  # reported once, then dropped
+
+
 _SourceState = Literal["stalled", "lost", "reconnecting"]  # a live source's, from the decoder
 StatusState = Literal[
     "starting", "running", "over_budget", _SourceState, "degraded", "done", "stopped", "failed"
@@ -109,7 +120,7 @@ StatusState = Literal[
 PromptOp = Literal["add", "update", "remove", "list"]
 RawDtype = Literal["uint8", "uint16", "float16", "float32"]
 EmbeddingDtype = Literal["float16", "bfloat16", "float32"]
-TRACK_STATES: tuple[str, ...] = get_args(TrackStateName)
+TRACK_STATES: tuple[str, ...] = tuple(state.value for state in TrackState)
 STATUS_STATES: tuple[str, ...] = get_args(StatusState)
 PROMPT_OPS: tuple[str, ...] = get_args(PromptOp)
 
@@ -297,7 +308,7 @@ class TrackRecord:
     track_id: int
     box: Box
     score: float
-    state: TrackStateName
+    state: TrackState
     frames_since_update: int
     innovation: float
 
@@ -319,7 +330,7 @@ class TrackListing(TypedDict):
     (``pending``). Keyed ``id``, where a TrackRecord says ``track_id``."""
 
     id: int
-    state: TrackStateName
+    state: TrackState
     box: Annotated[list[float], msgspec.Meta(min_length=4, max_length=4)] | None
     score: float
     frames_since_update: int

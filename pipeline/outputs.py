@@ -59,6 +59,7 @@ from pycocotools import mask as coco_mask
 from pipeline import tracking
 from pipeline.drawing import PALETTE, draw_overlay
 from pipeline.masks import RegionMask, as_region_masks
+from pipeline.messages import TrackState
 
 __all__ = [
     "MOT_STATES",
@@ -76,7 +77,7 @@ __all__ = [
 MAX_8BIT_ID = 255
 
 # Track states whose boxes go into the MOT file: a lost track's box is a stale prediction.
-MOT_STATES = frozenset({"tentative", "tracked", "coasting"})
+MOT_STATES = frozenset(s.value for s in TrackState if s is not TrackState.LOST)
 
 
 class TrackLike(Protocol):

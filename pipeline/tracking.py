@@ -39,7 +39,6 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from types import MappingProxyType
 from typing import Protocol
 
@@ -49,6 +48,7 @@ from filterpy.kalman import KalmanFilter
 
 from pipeline.config import RunConfig, TrackerConfig, validate_config
 from pipeline.masks import RegionMask, as_region_masks, tight_box
+from pipeline.messages import TrackState
 
 Box = tuple[float, float, float, float]
 
@@ -250,15 +250,6 @@ def _clip(box: Box, frame_size: tuple[int, int]) -> Box:
 
 
 # --------------------------------------------------------------------------- settings
-
-
-class TrackState(str, Enum):
-    """Published track state; a string enum so it serialises as its value."""
-
-    TENTATIVE = "tentative"  # fewer than confirm_frames trusted measurements so far
-    TRACKED = "tracked"  # confirmed and measured this frame
-    COASTING = "coasting"  # no trustworthy measurement this frame: box is the prediction
-    LOST = "lost"  # reported once, then dropped
 
 
 def _is_int(value: object) -> bool:
