@@ -39,6 +39,7 @@ import zmq
 from pipeline.curve import HandshakeWatch, client_from_files
 from pipeline.masks import RegionMask, stack_dense
 from pipeline.messages import EndOfStream, MaskMessage, Message, StatusMessage, TrackRecord
+from pipeline.stats import SequenceGaps
 from pipeline.transport import MessageReceiver, SocketOptions, open_socket
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class MaskSubscriber:
         self.statuses: dict[str, StatusMessage] = {}
         self.last_end: EndOfStream | None = None
         self.missed = 0
-        self._next_seq: dict[str, int] = {}
+        self._gaps = SequenceGaps()
         # A SUB socket sends only its subscription, so sndhwm hardly matters.
         options = SocketOptions(sndhwm=1000, rcvhwm=RCVHWM, maxmsgsize=MAX_MESSAGE_BYTES)
         ctx = context if context is not None else zmq.Context.instance()
@@ -144,23 +145,17 @@ class MaskSubscriber:
 
     def _to_frame(self, msg: MaskMessage, received: float) -> MaskFrame:
         meta = msg.meta
-        expected = self._next_seq.get(meta.stream_id)
-        gap = 0
-        if expected is not None and meta.seq > expected:
-            gap = meta.seq - expected
-            self.missed += gap
+        skipped = self._gaps.see(meta.stream_id, meta.seq)
+        gap = max(skipped, 0)
+        if skipped > 0:
+            self.missed += skipped
             log.warning(
                 "stream %s: missed %d message(s) before seq %d", meta.stream_id, gap, meta.seq
             )
-        elif expected is not None and meta.seq < expected:
+        elif skipped < 0:
             log.warning(
-                "stream %s: seq went back from %d to %d (publisher restarted?)",
-                meta.stream_id,
-                expected - 1,
-                meta.seq,
+                "stream %s: seq went back to %d (publisher restarted?)", meta.stream_id, meta.seq
             )
-        # The first message of a stream sets the baseline: joining late is not a gap.
-        self._next_seq[meta.stream_id] = meta.seq + 1
         return MaskFrame(
             stream_id=meta.stream_id,
             seq=meta.seq,
@@ -188,7 +183,7 @@ class MaskSubscriber:
             self.statuses[msg.node] = msg
         elif isinstance(msg, EndOfStream):
             self.last_end = msg
-            self._next_seq.pop(msg.stream_id, None)  # a restarted stream counts from 0 again
+            self._gaps.forget(msg.stream_id)  # a restarted stream counts from 0 again
         elif msg is not None:
             log.warning("ignored a '%s' message on a mask feed", msg.kind)
         return msg

@@ -209,12 +209,16 @@ _DEVICE = _rule(
 
 
 def _is_endpoint(value: str) -> bool:
-    """Empty (the launcher chooses) or a ZeroMQ endpoint in the form pipeline.transport accepts."""
-    scheme, sep, rest = value.partition("://")
-    if scheme == "tcp":
-        host, _, port = rest.rpartition(":")
-        return bool(host) and port.isdigit() and 0 < int(port) < 65536
-    return value == "" or (bool(sep) and scheme in ("ipc", "inproc") and bool(rest))
+    """Empty (the launcher chooses) or a ZeroMQ endpoint pipeline.transport accepts."""
+    from pipeline.transport import validate_endpoint  # the one definition; imports zmq
+
+    if value == "":
+        return True
+    try:
+        validate_endpoint(value)
+    except ValueError:
+        return False
+    return True
 
 
 _ENDPOINT = _rule(_is_endpoint, '"" or tcp://host:port (port 1-65535), ipc://path or inproc://name')

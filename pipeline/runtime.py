@@ -53,7 +53,7 @@ from pipeline.messages import (
     StatusMessage,
     encode,
 )
-from pipeline.stats import percentiles
+from pipeline.stats import SequenceGaps, percentiles
 from pipeline.transport import (
     MessageReceiver,
     SocketOptions,
@@ -383,7 +383,7 @@ class NodeRunner:
         self.security = security
         self.node = node
         self.live = live
-        self._last_seq: dict[str, int] = {}
+        self._gaps = SequenceGaps()
         self.endpoints = endpoints
         self.context = context or zmq.Context.instance()
         self.hwm = hwm
@@ -602,11 +602,9 @@ class NodeRunner:
         """Count sequence numbers skipped before ``msg`` (frames dropped upstream)."""
         if not isinstance(msg, FrameMessage | EmbeddingMessage | MaskMessage):
             return
-        meta = msg.meta
-        last = self._last_seq.get(meta.stream_id)
-        if last is not None and meta.seq > last + 1:
-            self.node.count("input_gaps", meta.seq - last - 1)
-        self._last_seq[meta.stream_id] = meta.seq
+        skipped = self._gaps.see(msg.meta.stream_id, msg.meta.seq)
+        if skipped > 0:
+            self.node.count("input_gaps", skipped)
         self.node.count("frames_in")
 
     def _hold_until_read(self) -> None:
