@@ -143,7 +143,6 @@ class TransportConfig:
     # port when another run has it (the launcher prints the one it took).
     publish: str = "auto"
     hwm: int = 8  # high-water mark (messages) of pipeline sockets
-    linger_ms: int = 0
     max_message_bytes: int = 268435456  # MAXMSGSIZE on sockets facing the network
     curve: CurveConfig = field(default_factory=CurveConfig)  # keys; none = no CURVE
 
@@ -301,7 +300,6 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
             "auto, tcp://host:port (port 1-65535), ipc://path or inproc://name",
         ),
         "hwm": _AT_LEAST_1,
-        "linger_ms": _rule(lambda v: v >= -1, "at least -1 (-1 waits forever on close)"),
         "max_message_bytes": _rule(lambda v: v == -1 or v > 0, "positive, or -1 for no limit"),
     },
 }

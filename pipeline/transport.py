@@ -31,7 +31,7 @@ from typing import Protocol
 
 import zmq
 
-from pipeline.messages import EndOfStream, Message, MessageError, decode, encode
+from pipeline.messages import Message, MessageError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -238,20 +238,3 @@ class MessageReceiver:
             if msg is not None:
                 return msg
             # Only malformed messages were queued: wait again for the rest of the time.
-
-    def recv_newest(self, timeout_ms: int | None) -> tuple[Message | None, int]:
-        """The newest queued message and how many older ones were dropped for it.
-
-        Waits up to ``timeout_ms`` for the first message, then drains the queue without
-        waiting ("newest frame wins" for live mode). Draining stops at an EndOfStream, which
-        is never dropped.
-        """
-        newest = self.recv(timeout_ms)
-        dropped = 0
-        while newest is not None and not isinstance(newest, EndOfStream):
-            msg = self._recv_nowait()
-            if msg is None:
-                break
-            newest = msg
-            dropped += 1
-        return newest, dropped

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline.messages import EndOfStream, FrameMessage, FrameMeta, StatusMessage
+from pipeline.messages import FrameMessage, FrameMeta, StatusMessage
 from pipeline.transport import (
     MessageReceiver,
     SocketOptions,
@@ -184,30 +184,6 @@ def test_receiver_times_out_with_none(pair) -> None:
     push.send_multipart([b"garbage"])  # only malformed input: still a timeout, counted
     assert receiver.recv(20) is None
     assert receiver.rejected == 1
-
-
-def test_recv_newest_keeps_the_newest(pair) -> None:
-    push, receiver = pair
-    for seq in range(5):
-        send_message(push, frame(seq))
-    push.send_multipart([b"garbage"])
-    newest, dropped = receiver.recv_newest(5000)
-    assert newest.meta.seq == 4 and dropped == 4
-    assert receiver.rejected == 1
-    assert receiver.recv_newest(0) == (None, 0)
-    send_message(push, frame(5))
-    newest, dropped = receiver.recv_newest(5000)
-    assert newest.meta.seq == 5 and dropped == 0
-
-
-def test_recv_newest_never_drops_end_of_stream(pair) -> None:
-    push, receiver = pair
-    end = EndOfStream(stream_id="cam0", frames=2, reason="eof")
-    for msg in (frame(0), frame(1), end, frame(0)):
-        send_message(push, msg)
-    assert receiver.recv_newest(5000) == (end, 2)
-    newest, dropped = receiver.recv_newest(5000)
-    assert newest.meta.seq == 0 and dropped == 0
 
 
 def test_send_message_is_multipart_and_decodes(pair) -> None:
