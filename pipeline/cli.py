@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -252,11 +251,11 @@ def run_prompts(
 ) -> list[dict]:
     """`samstream run`'s objects, as `predict` reads the same options: each --box is one
     object; the --point values are one more object, or the box's when there is one box."""
-    from pipeline.prompts import validate_box
+    from pipeline.prompts import check_box
 
     for i, box in enumerate(boxes or []):
         # Predict's error for a box that is no box (the frame check comes before the run).
-        validate_box(box, (math.inf, math.inf), name=f"--box {i + 1}")
+        check_box(box, f"--box {i + 1}")
     prompts: list[dict] = [{"box": box} for box in boxes or []]
     if not points:
         if labels:

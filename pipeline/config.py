@@ -207,6 +207,17 @@ _DEVICE = _rule(
 )
 
 
+def _is_box(value: Any) -> bool:
+    """A box `pipeline.prompts.check_box` takes (where it lies is checked per frame)."""
+    from pipeline.prompts import check_box  # the one definition; imports numpy
+
+    try:
+        check_box(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_endpoint(value: str) -> bool:
     """Empty (the launcher chooses) or a ZeroMQ endpoint pipeline.transport accepts."""
     from pipeline.transport import validate_endpoint  # the one definition; imports zmq
@@ -255,9 +266,9 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
     },
     PromptConfig: {
         "box": _rule(
-            lambda b: all(map(math.isfinite, b)) and b[2] > b[0] and b[3] > b[1],
-            "4 finite numbers [x1, y1, x2, y2] with x2 > x1 and y2 > y1",
+            lambda b: _is_box(b), "4 finite numbers [x1, y1, x2, y2] with x2 > x1 and y2 > y1"
         ),
+
         "points": _rule(
             lambda p: len(p) > 0 and all(math.isfinite(c) for xy in p for c in xy),
             "a non-empty list of finite [x, y] pairs",

@@ -16,7 +16,7 @@ import zmq
 
 from pipeline.config import PromptConfig, RunConfig
 from pipeline.curve import check_key_files
-from pipeline.prompts import validate_box
+from pipeline.prompts import check_box
 from pipeline.sources import SourceError, VideoSource, check_device, parse_source
 
 
@@ -74,7 +74,7 @@ def check_prompts(prompts: tuple[PromptConfig, ...], frame_size: tuple[int, int]
     for i, prompt in enumerate(prompts):
         name = f"prompt {i + 1} (tracker.prompts[{i}])"
         if prompt.box is not None:
-            validate_box(prompt.box, frame_size, name=f"{name} box")
+            check_box(prompt.box, f"{name} box", frame_size)
         for x, y in prompt.points or ():
             if not (0 <= x <= width and 0 <= y <= height):
                 raise PreflightError(

@@ -10,7 +10,6 @@ Nesting, as Ultralytics' SAM does it:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,21 +35,30 @@ def _as_float_array(value: Any, what: str) -> np.ndarray:
         raise ValueError(f"{what} must be numbers, got {value!r}") from err
 
 
-def validate_box(box: Sequence[float], image_size: tuple[int, int], name: str = "box") -> None:
-    """Raise ValueError unless `box` is x1 < x2, y1 < y2, finite, and overlaps the image."""
-    h, w = image_size
+def check_box(
+    box: Any, name: str = "box", frame_size: tuple[int, int] | None = None
+) -> tuple[float, float, float, float]:
+    """``box`` as (x1, y1, x2, y2) floats; ValueError naming it unless it is 4 finite numbers
+    with x1 < x2 and y1 < y2 that overlap the (H, W) ``frame_size`` (when known).
+
+    The one box check: `predict`'s prompts, a run's configured prompts, the tracker's
+    commands.
+    """
     values = _as_float_array(box, name)
     if values.shape != (4,):
-        raise ValueError(f"{name} must be [x1, y1, x2, y2], got shape {values.shape}")
+        raise ValueError(f"{name} must be [x1, y1, x2, y2], got {box!r}")
     if not np.isfinite(values).all():
         raise ValueError(f"{name} {values.tolist()} has a NaN or infinite coordinate")
-    x1, y1, x2, y2 = values
+    x1, y1, x2, y2 = (float(v) for v in values)
     if x2 <= x1:
         raise ValueError(f"{name} {values.tolist()}: x2 ({x2:g}) must be greater than x1 ({x1:g})")
     if y2 <= y1:
         raise ValueError(f"{name} {values.tolist()}: y2 ({y2:g}) must be greater than y1 ({y1:g})")
-    if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
-        raise ValueError(f"{name} {values.tolist()} lies outside the {w}x{h} image")
+    if frame_size is not None:
+        h, w = frame_size
+        if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
+            raise ValueError(f"{name} {values.tolist()} lies outside the {w}x{h} image")
+    return (x1, y1, x2, y2)
 
 
 def parse_prompts(
@@ -74,7 +82,7 @@ def parse_prompts(
                 f"bboxes must be [x1, y1, x2, y2] or a list of them, got shape {boxes_arr.shape}"
             )
         for i, box in enumerate(boxes_arr):
-            validate_box(box, image_size, name=f"box {i}")
+            check_box(box, f"box {i}", image_size)
 
     if points is not None:
         points_arr = _as_float_array(points, "points")

@@ -49,6 +49,7 @@ from filterpy.kalman import KalmanFilter
 from pipeline.config import RunConfig, TrackerConfig, validate_config
 from pipeline.masks import RegionMask, as_region_masks, tight_box
 from pipeline.messages import TrackState
+from pipeline.prompts import check_box
 
 Box = tuple[float, float, float, float]
 
@@ -733,7 +734,7 @@ class PromptTracker:
         """
         if box is None and points is None:
             raise ValueError("prompt needs a box or points, got neither")
-        checked_box = None if box is None else _check_box(box, "box", self._frame_size)
+        checked_box = None if box is None else check_box(box, "box", self._frame_size)
         checked_points, checked_labels = (None, None)
         if points is not None or labels is not None:
             checked_points, checked_labels = _check_points(points, labels, self._frame_size)
@@ -769,14 +770,14 @@ class PromptTracker:
         """Correct an object's box: the filter restarts there (same id, hits and state).
         A track that was lost comes back under its id, as a new prompt at that box."""
         if _is_int(track_id) and track_id in self._lost:
-            checked = _check_box(box, "box", self._frame_size)
+            checked = check_box(box, "box", self._frame_size)
             self._check_room()
             self._lost.discard(track_id)
             self._pending[int(track_id)] = _Prompt(checked, None, None, None)
             self._touch(track_id)
             return
         self._check_known(track_id)
-        checked = _check_box(box, "box", self._frame_size)
+        checked = check_box(box, "box", self._frame_size)
         self._touch(track_id)
         if track_id in self._pending:
             self._pending[track_id].box = checked
@@ -1323,22 +1324,6 @@ def _numeric(value: object, name: str) -> np.ndarray:
     if array.dtype.kind not in "iuf":
         raise ValueError(f"{name} must be numbers, got {value!r}")
     return array.astype(np.float64)
-
-
-def _check_box(box: object, name: str, frame_size: tuple[int, int] | None) -> Box:
-    values = _numeric(box, name)
-    if values.shape != (4,):
-        raise ValueError(f"{name} must be 4 numbers (x1, y1, x2, y2), got {box!r}")
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"{name} has a NaN or infinite coordinate: {box!r}")
-    x1, y1, x2, y2 = (float(v) for v in values)
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"{name} has zero area (needs x2 > x1 and y2 > y1): {box!r}")
-    checked = (x1, y1, x2, y2)
-    if frame_size is not None and not _inside(checked, frame_size):
-        height, width = frame_size
-        raise ValueError(f"{name} {box!r} lies entirely outside the {width}x{height} frame")
-    return checked  # clipped when used, so a later set_frame_size still sees the original
 
 
 def _check_points(
