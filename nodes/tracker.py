@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline import resume
 from pipeline.config import RunConfig, TrackerConfig
+from pipeline.decoder_backends import build_decoder
 from pipeline.embedding_codec import embedding_from_wire
 from pipeline.live import is_live
 from pipeline.mask_decoder import SamMaskDecoder
@@ -125,7 +126,16 @@ class TrackerNode(Node):
 
     def setup(self) -> None:
         sam = SAM(self.weights, device=self.config.device, image_size=self.image_size)
-        self.decoder = SamMaskDecoder(sam, exclusive=self.config.exclusive_masks)
+        # The decoder backend (for `auto`, a calibration on a machine's first run) is chosen
+        # here, in the node's own process, with its thread budget.
+        backend = build_decoder(
+            model=sam.model,
+            weights_path=sam.weights_path,
+            backend=self.config.backend,
+            threads=self.config.threads,
+        )
+        self.detail["backend"] = backend.report
+        self.decoder = SamMaskDecoder(sam, exclusive=self.config.exclusive_masks, backend=backend)
         self.tracker = PromptTracker(self.decoder, frame_size=None, settings=self.config)
         if self.resume_from is not None and self.resume_dir is not None:
             # The prompts are in the saved state, with what became of them.

@@ -115,13 +115,13 @@ def calibration_input(image_size: int) -> np.ndarray:
     return preprocess(image[None], image_size)
 
 
-def encoder_threads(requested: int | None) -> int:
-    """Intra-op threads of the encoder: `requested`; else $OMP_NUM_THREADS, which the
-    launcher sets to the node's budget (pipeline.launcher.node_environment); else every
-    core this process may use."""
+def encoder_threads(requested: int | None, *, what: str = "encoder") -> int:
+    """Intra-op threads of a backend (the encoder's, or the tracker's mask decoder's):
+    `requested`; else $OMP_NUM_THREADS, which the launcher sets to the node's budget
+    (pipeline.launcher.node_environment); else every core this process may use."""
     if requested is not None:
         if requested < 1:
-            raise ValueError(f"encoder threads must be at least 1, got {requested}")
+            raise ValueError(f"{what} threads must be at least 1, got {requested}")
         return requested
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) >= 1:
@@ -150,14 +150,15 @@ def native_bf16() -> bool:
     return bool(_cpuinfo()[1] & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def _import(backend: str) -> ModuleType:
-    """The backend's package, or a RuntimeError that says how to install it."""
+def _import(backend: str, setting: str = "encoder.backend") -> ModuleType:
+    """The backend's package, or a RuntimeError that says how to install it (`setting`:
+    the config key that asked for it)."""
     try:
         return importlib.import_module(backend)
     except ImportError as err:
         raise RuntimeError(
-            f"encoder.backend {backend} needs the {backend} package, which is not installed: "
-            f"{_INSTALL[backend]} (or use encoder.backend auto or torch)"
+            f"{setting} {backend} needs the {backend} package, which is not installed: "
+            f"{_INSTALL[backend]} (or use {setting} auto or torch)"
         ) from err
 
 
@@ -556,24 +557,42 @@ def calibration_key(
 ) -> dict[str, Any]:
     """What a calibration's result depends on: another machine, size, thread count, backend
     version or checkpoint calibrates again."""
-    from pipeline.export import samstream_version
-
-    model, flags = _cpuinfo()
     return {
         "format": CALIBRATION_FORMAT,
-        "cpu_model": model,
-        "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
-        "machine": platform.machine(),
+        **machine_key(),
         "image_size": image_size,
         "threads": threads,
         "dtype": dtype,
-        "versions": {**backend_versions(), "samstream": samstream_version()},
         "checkpoint_sha256": checkpoint_sha256,
         "tolerances": TOLERANCES,
     }
 
 
-def _load_calibration(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+def machine_key() -> dict[str, Any]:
+    """The machine and software part of every calibration key (encoder and mask decoder):
+    CPU model and flags, architecture, backend and samstream versions."""
+    from pipeline.export import samstream_version
+
+    model, flags = _cpuinfo()
+    return {
+        "cpu_model": model,
+        "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
+        "machine": platform.machine(),
+        "versions": {**backend_versions(), "samstream": samstream_version()},
+    }
+
+
+def calibration_path(cache: Path, what: str, image_size: int, key: dict[str, Any]) -> Path:
+    """Where a calibration with `key` is cached: <cache>/calibration/<what>-<size>-<hash>.json."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache / "calibration" / f"{what}-{image_size}-{digest}.json"
+
+
+def load_calibration(
+    path: Path, key: dict[str, Any], *, what: str, precisions: Any
+) -> dict[str, Any] | None:
+    """A cached calibration of `what` ("encoder", "mask decoder") for exactly `key`, or None:
+    missing, made for another key (never used), or corrupt (a warning; calibrated again)."""
     if not path.is_file():
         return None
     try:
@@ -581,12 +600,16 @@ def _load_calibration(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         choice = data["choice"]
         if data["key"] != key:
             return None  # another machine or setting: never used
-        if choice["backend"] not in BACKENDS[1:] or choice["precision"] not in TOLERANCES:
+        if choice["backend"] not in BACKENDS[1:] or choice["precision"] not in precisions:
             raise ValueError(f"unknown choice {choice}")
         return data
     except (OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("encoder calibration cache %s is corrupt (%s): calibrating again", path, err)
+        log.warning("%s calibration cache %s is corrupt (%s): calibrating again", what, path, err)
         return None
+
+
+def _load_calibration(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    return load_calibration(path, key, what="encoder", precisions=TOLERANCES)
 
 
 def _auto(
@@ -598,8 +621,7 @@ def _auto(
     key = calibration_key(
         image_size=model.img_size, threads=budget, dtype=dtype, checkpoint_sha256=checkpoint_sha256
     )
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache / "calibration" / f"encoder-{model.img_size}-{digest}.json"
+    path = calibration_path(cache, "encoder", model.img_size, key)
     data = _load_calibration(path, key)
     encoder = None
     if data is not None:

@@ -2,9 +2,11 @@
 
 Ratios are the headline: absolute times on shared machines are noisy, a ratio measured in
 the same run is not. Prints decode frames/s, encoder ms/frame at batch 1 and batched, mask
-decoder ms for 1 and 8 objects, and end-to-end frames/s of `samstream run` next to a plain
-loop of the official SamPredictor (when `mobile_sam` is installed) and Ultralytics' SAM
-(when `ultralytics` is installed).
+decoder ms for 1 and 8 objects, the tracker's ms per frame at 1, 8, 32, 50 objects with the
+mask decoder backend `auto` chose and with each installed one (torch, onnxruntime,
+openvino: ``tracker_<backend>_8_vs_1_object`` is the per-object cost), and end-to-end
+frames/s of `samstream run` next to a plain loop of the official SamPredictor (when
+`mobile_sam` is installed) and Ultralytics' SAM (when `ultralytics` is installed).
 
 Then a live run: the source played at its own frame rate in live mode for ``live_seconds``,
 with capture-to-publish latency (median, p95), the share of frames within the per-frame
@@ -106,9 +108,15 @@ def per_object_ms(
     device: str,
     counts: tuple[int, ...] = PER_OBJECT_COUNTS,
     repeats: int = 3,
-) -> dict[str, float]:
+    backend: str = "auto",
+    publisher_rows: bool = True,
+) -> dict[str, float | str]:
     """Tracker and publisher milliseconds per frame with 1, 8, 32, 50 objects: the nodes'
-    own code on one encoded frame, all file outputs on (PNG, RLE, MOT, overlay)."""
+    own code on one encoded frame, all file outputs on (PNG, RLE, MOT, overlay).
+
+    backend: the tracker's mask decoder backend (``tracker.backend``); a named one's rows
+    are ``tracker_ms_<backend>_<N>_objects`` (the publisher's only with publisher_rows),
+    auto's the plain ``tracker_ms_<N>_objects``."""
     import dataclasses
     import tempfile
 
@@ -128,14 +136,16 @@ def per_object_ms(
         stream_id="bench", seq=0, frame_index=0, pts=0, time_base=(1, 25), capture_time=time.time()
     )
     (embedded,) = encoder.process_batch([FrameMessage(meta=meta, image=frame)])
-    results: dict[str, float] = {}
+    results: dict[str, float | str] = {}
     for count in counts:
         prompts = tuple(
             PromptConfig(box=tuple(box))  # type: ignore[arg-type]
             for box in _grid_boxes(count, frame.shape[:2])
         )
         tracker = TrackerNode(
-            TrackerConfig(device=device, prompts=prompts), weights=weights, image_size=image_size
+            TrackerConfig(device=device, prompts=prompts, backend=backend),
+            weights=weights,
+            image_size=image_size,
         )
         tracker.setup()
         with tempfile.TemporaryDirectory(prefix="samstream-bench-") as out:
@@ -156,8 +166,53 @@ def per_object_ms(
                     tracker_ms.append((middle - start) * 1000)
                     publisher_ms.append((end - middle) * 1000)
             publisher.abort()
-        results[f"tracker_ms_{count}_objects"] = statistics.median(tracker_ms)
-        results[f"publisher_ms_{count}_objects"] = statistics.median(publisher_ms)
+        tag = "" if backend == "auto" else f"{backend}_"
+        results[f"tracker_ms_{tag}{count}_objects"] = statistics.median(tracker_ms)
+        if publisher_rows:
+            results[f"publisher_ms_{count}_objects"] = statistics.median(publisher_ms)
+    if backend == "auto":
+        results["tracker_backend"] = tracker.detail["backend"]["backend"]
+    return results
+
+
+DECODER_BACKENDS = ("torch", "onnxruntime", "openvino")
+
+
+def decoder_backend_rows(
+    weights: str,
+    frame: np.ndarray,
+    *,
+    image_size: int,
+    repeats: int,
+    counts: tuple[int, ...] = PER_OBJECT_COUNTS,
+) -> dict[str, float | str | None]:
+    """The tracker per mask decoder backend on this CPU (``tracker.backend``), at 1, 8,
+    32, 50 objects, with each backend's 8 vs 1 object ratio: the per-object cost that
+    `auto` chose by, as the node sees it. A backend that is not installed says so."""
+    from pipeline.backends import _installed
+
+    results: dict[str, float | str | None] = {}
+    for backend in DECODER_BACKENDS:
+        if backend != "torch" and not _installed(backend):
+            results[f"tracker_ms_{backend}"] = "skipped: not installed"
+            continue
+        rows = per_object_ms(
+            weights,
+            frame,
+            image_size=image_size,
+            device="cpu",
+            counts=counts,
+            repeats=repeats,
+            backend=backend,
+            publisher_rows=False,
+        )
+        results.update(rows)
+        one, eight = (
+            rows.get(f"tracker_ms_{backend}_1_objects"),
+            rows.get(f"tracker_ms_{backend}_8_objects"),
+        )
+        if one and eight:
+            results[f"tracker_{backend}_8_vs_1_object"] = eight / one
     return results
 
 
@@ -309,6 +364,7 @@ def run_bench(
     repeats: int = 3,
     live_seconds: float = 10.0,
     encoder_sizes: tuple[int, ...] = (1024, 512),
+    decoder_backends: bool = True,
 ) -> dict[str, float | str | None]:
     sam = SAM(weights, device=device, dtype=dtype, image_size=image_size, backend="auto")
     clip, decode_fps = _read_frames(source, frames)
@@ -351,6 +407,12 @@ def run_bench(
     for stage in ("tracker", "publisher"):
         one, eight = results[f"{stage}_ms_1_objects"], results[f"{stage}_ms_8_objects"]
         results[f"{stage}_8_vs_1_object"] = eight / one if one else None
+    if device == "cpu" and decoder_backends:
+        results.update(
+            decoder_backend_rows(
+                str(sam.weights_path), clip[0], image_size=image_size, repeats=repeats
+            )
+        )
 
     overrides = [
         f"decoder.source={json.dumps(source)}",

@@ -97,6 +97,9 @@ class TrackerConfig:
     measurement_noise: float = 2.0  # Kalman: std of a measured box coordinate, pixels
     lost_after_gap_s: float = 5.0  # a live source gone longer than this: every track is lost
     threads: int | None = None  # torch threads of its process on a CPU; None: a quarter of cores
+    # The mask decoder's backend (pipeline.decoder_backends); auto: the fastest installed one
+    # within tolerance of torch fp32 on this machine (measured once, cached); torch on a GPU.
+    backend: str = "auto"  # auto | torch | onnxruntime | openvino (CPU only)
 
 
 @dataclass(frozen=True)
@@ -268,7 +271,6 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
         "box": _rule(
             lambda b: _is_box(b), "4 finite numbers [x1, y1, x2, y2] with x2 > x1 and y2 > y1"
         ),
-
         "points": _rule(
             lambda p: len(p) > 0 and all(math.isfinite(c) for xy in p for c in xy),
             "a non-empty list of finite [x, y] pairs",
@@ -286,6 +288,7 @@ _FIELD_CHECKS: dict[type, dict[str, _Check]] = {
         "measurement_noise": _FINITE_POSITIVE,
         "lost_after_gap_s": _POSITIVE,
         "threads": _AT_LEAST_1,
+        "backend": _choice("auto", "torch", "onnxruntime", "openvino"),
     },
     ResumeConfig: {
         "frames_done": _rule(lambda v: v >= 0, "at least 0"),

@@ -3,13 +3,13 @@ masks upscaled only in the windows where they can be (``pipeline.upscale``)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from pipeline.decoder_backends import DecoderBackend, TorchDecoder
 from pipeline.masks import RegionMask, WindowBox
 from pipeline.model.transforms import scale_boxes, scale_coords
 from pipeline.predictor import SAM, ImageEmbedding
@@ -38,12 +38,27 @@ class SamMaskDecoder:
     one track (``tracking.exclusive_masks``); False leaves the masks overlapping. The rows'
     own masks come back either way: the tracker measures on them, and only it knows which
     tracks are lost or coasting by then.
+
+    backend: what runs the prompt encoder + mask decoder (``pipeline.decoder_backends``,
+    ``tracker.backend``); None: MobileSAM.decode in torch at the SAM's dtype, bit for bit
+    what ``SAM.decode`` gives.
     """
 
-    def __init__(self, sam: SAM, *, exclusive: bool = True, windowed: bool = True) -> None:
+    def __init__(
+        self,
+        sam: SAM,
+        *,
+        exclusive: bool = True,
+        windowed: bool = True,
+        backend: DecoderBackend | None = None,
+    ) -> None:
         self.sam = sam
         self.exclusive = exclusive
         self.windowed = windowed
+        if backend is None:
+            precision = str(sam.dtype).removeprefix("torch.")
+            backend = TorchDecoder(model=sam.model, precision=precision, exact=True)
+        self.backend = backend
         self.image: ImageEmbedding | None = None
         # Per (original size, input size): the window upscaler, or None for the full frame.
         self._upscalers: dict[tuple[tuple[int, int], tuple[int, int]], Upscaler | None] = {}
@@ -193,32 +208,21 @@ class SamMaskDecoder:
         self, prompts: Prompts, mask_inputs: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``SAM.decode`` up to its low-res logits: prompts mapped to the input frame, then
-        the prompt encoder and mask decoder (the full-frame upscaling is ours to do)."""
+        the prompt encoder and mask decoder in the backend (the full-frame upscaling is
+        ours to do). Low-res logits (B, 1, g, g) and scores (B, 1), float32 on the device."""
         if self.image is None:  # cannot happen: checked by __call__
             raise RuntimeError("no frame embedding set")
-        sam, image = self.sam, self.image
-        size, long_side = image.original_size, sam.image_size
+        size, long_side = self.image.original_size, self.sam.image_size
         boxes = points = None
         if prompts.boxes is not None:
-            boxes = torch.from_numpy(scale_boxes(prompts.boxes, size, long_side)).to(sam.device)
+            boxes = scale_boxes(prompts.boxes, size, long_side)
         if prompts.points is not None and prompts.labels is not None:
-            coords = torch.from_numpy(scale_coords(prompts.points, size, long_side))
-            labels = torch.from_numpy(prompts.labels)
-            points = (coords.to(sam.device), labels.to(sam.device))
-        autocast = (
-            contextlib.nullcontext()
-            if sam.dtype == torch.float32
-            else torch.autocast(sam.device.type, dtype=sam.dtype)
+            points = (scale_coords(prompts.points, size, long_side), prompts.labels)
+        low_res, scores = self.backend.decode(
+            self.image.embedding, boxes=boxes, points=points, mask_input=mask_inputs
         )
-        with autocast:
-            low_res, scores = sam.model.decode(
-                image.embedding,
-                points=points,
-                boxes=boxes,
-                mask_inputs=mask_inputs,
-                multimask_output=False,
-            )
-        return low_res.float(), scores.float()
+        device = self.sam.device
+        return low_res.to(device), scores.to(device)
 
 
 def probe_windows(size: tuple[int, int]) -> list[WindowBox]:

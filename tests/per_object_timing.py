@@ -1,6 +1,7 @@
 """Per-object cost of the tracker and the publisher: prints milliseconds for 1/8/32/50 objects.
 
     python tests/per_object_timing.py [--weights mobile_sam.pt] [--frames 6] [--only tracker]
+        [--backend exact|torch|onnxruntime|openvino|auto ...] [--threads N] [--counts 1 8]
 
 Not a test (no assertions on time: the machine is shared): a script to compare the stages as
 the object count grows, run the same way before and after a change.
@@ -15,7 +16,10 @@ Two kinds of masks:
   replaced by smooth blobs of each box's size, as a trained model's masks look.
 
 ``network`` is the time inside MobileSAM's prompt encoder + mask decoder (per-object compute
-that no mask representation changes); ``rest`` is everything else the node does.
+that no mask representation changes), run by the tracker's mask decoder backend
+(``tracker.backend``; ``exact`` is MobileSAM.decode in torch, the tracker's network before
+the backends); ``rest`` is everything else the node does. Several backends are timed
+interleaved, frame by frame, so that the machine's other load hits them alike.
 
 Publisher: the PublisherNode with every output on (PNG, JSON lines, MOT, overlay) at 640x480,
 N elliptic masks of 40-160 px; ``publish`` is the node's own figure, ``wire`` the
@@ -25,6 +29,7 @@ MaskMessage's encode + decode (what the tracker -> publisher -> subscriber hops 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -78,33 +83,56 @@ def blob_logits(boxes: torch.Tensor, grid: int, long_side: int) -> torch.Tensor:
 
 
 class TimedNetwork:
-    """Wraps MobileSAM.decode: adds up its time; optionally swaps its logits for blobs."""
+    """Wraps a mask decoder backend's decode: adds up its time; optionally swaps its logits
+    for blobs."""
 
-    def __init__(self, model: torch.nn.Module, *, blobs: bool) -> None:
-        self.inner = model.decode
+    def __init__(self, backend, model: torch.nn.Module, *, blobs: bool) -> None:
+        self.inner = backend.decode
         self.blobs = blobs
         self.grid = model.prompt_encoder.mask_input_size[0]
         self.long_side = model.img_size
         self.seconds = 0.0
 
-    def __call__(self, embeddings, *, boxes=None, **kwargs):
+    def __call__(self, embedding, *, boxes=None, **kwargs):
         start = time.perf_counter()
-        low, scores = self.inner(embeddings, boxes=boxes, **kwargs)
+        low, scores = self.inner(embedding, boxes=boxes, **kwargs)
         self.seconds += time.perf_counter() - start
         if self.blobs and boxes is not None:
-            low = blob_logits(boxes.cpu(), self.grid, self.long_side).to(low.device)
+            low = blob_logits(torch.from_numpy(boxes), self.grid, self.long_side).to(low.device)
         return low, torch.full_like(scores, 0.9)
 
 
-def time_tracker(weights: Path, embedded, count: int, frames: int, blobs: bool) -> tuple:
-    config = TrackerConfig(device="cpu", min_score=0.0, min_agreement=0.0)
+def tracker_node(weights: Path, backend: str, count: int, size: tuple[int, int], blobs: bool):
+    """A TrackerNode at 1024 px with `count` boxes, its decoder network timed."""
+    from pipeline.decoder_backends import TorchDecoder
+
+    config = TrackerConfig(
+        device="cpu",
+        min_score=0.0,
+        min_agreement=0.0,
+        backend="torch" if backend == "exact" else backend,
+    )
     node = TrackerNode(config, weights=str(weights), image_size=1024)
     node.setup()
-    network = TimedNetwork(node.decoder.sam.model, blobs=blobs)
-    node.decoder.sam.model.decode = network
-    for box in boxes_for(count, embedded.original_size, 100, 300, seed=count):
+    if backend == "exact":  # the tracker's network before the backends: MobileSAM.decode
+        node.decoder.backend = TorchDecoder(model=node.decoder.sam.model, exact=True)
+    network = TimedNetwork(node.decoder.backend, node.decoder.sam.model, blobs=blobs)
+    node.decoder.backend.decode = network
+    for box in boxes_for(count, size, 100, 300, seed=count):
         node.tracker.add(box=box)
-    totals, nets = [], []
+    return node, network
+
+
+def time_trackers(
+    weights: Path, embedded, backends: list[str], count: int, frames: int, blobs: bool
+) -> dict[str, tuple[float, float, float, float]]:
+    """(total, network, rest, cpu) median ms per frame after the first, per backend; the
+    backends take turns frame by frame. cpu: the process's CPU time (all its threads),
+    which other processes' load disturbs far less than wall time on a shared machine."""
+    nodes = {b: tracker_node(weights, b, count, embedded.original_size, blobs) for b in backends}
+    totals: dict[str, list[float]] = {b: [] for b in backends}
+    nets: dict[str, list[float]] = {b: [] for b in backends}
+    cpus: dict[str, list[float]] = {b: [] for b in backends}
     for frame in range(frames):
         meta = FrameMeta("bench", frame, frame, frame, (1, 25), time.time())
         msg = EmbeddingMessage(
@@ -114,13 +142,18 @@ def time_tracker(weights: Path, embedded, count: int, frames: int, blobs: bool) 
             original_size=embedded.original_size,
             input_size=embedded.input_size,
         )
-        network.seconds = 0.0
-        start = time.perf_counter()
-        node.process(msg)
-        totals.append((time.perf_counter() - start) * 1000)
-        nets.append(network.seconds * 1000)
-    total, net = statistics.median(totals[1:]), statistics.median(nets[1:])
-    return total, net, total - net
+        for backend, (node, network) in nodes.items():
+            network.seconds = 0.0
+            cpu, start = time.process_time(), time.perf_counter()
+            node.process(msg)
+            totals[backend].append((time.perf_counter() - start) * 1000)
+            cpus[backend].append((time.process_time() - cpu) * 1000)
+            nets[backend].append(network.seconds * 1000)
+    out = {}
+    for backend in backends:
+        total, net = statistics.median(totals[backend][1:]), statistics.median(nets[backend][1:])
+        out[backend] = (total, net, total - net, statistics.median(cpus[backend][1:]))
+    return out
 
 
 def ellipse_masks(count: int, size: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +217,20 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, help="a checkpoint (default: random weights)")
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--only", choices=("tracker", "publisher"))
+    parser.add_argument(
+        "--backend",
+        nargs="+",
+        default=["torch"],
+        choices=("exact", "torch", "onnxruntime", "openvino", "auto"),
+        help="mask decoder backends to time, interleaved (exact: MobileSAM.decode in torch)",
+    )
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
+    parser.add_argument("--kinds", nargs="+", default=["objects", "random"])
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the ONNX backends' budget
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.only != "publisher":
         weights = args.weights
@@ -194,16 +240,20 @@ def main() -> None:
         sam = SAM(weights, device="cpu", image_size=1024)
         image = np.random.default_rng(0).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
         embedded = sam.set_image(image)
-        for kind in ("objects", "random"):
+        for kind in args.kinds:
             print(f"tracker, 1280x720, image size 1024, {kind} masks: ms per frame")
-            for count in COUNTS:
-                total, net, rest = time_tracker(
-                    weights, embedded, count, args.frames, kind == "objects"
+            first: dict[str, tuple[float, float]] = {}
+            for count in args.counts:
+                timed = time_trackers(
+                    weights, embedded, args.backend, count, args.frames, kind == "objects"
                 )
-                print(
-                    f"  {count:3d} objects: total {total:7.1f}  network {net:7.1f}  "
-                    f"rest {rest:6.1f}"
-                )
+                for backend, (total, net, rest, cpu) in timed.items():
+                    wall1, cpu1 = first.setdefault(backend, (total, cpu))
+                    print(
+                        f"  {backend:12s} {count:3d} objects: total {total:7.1f}  "
+                        f"network {net:7.1f}  rest {rest:6.1f}  cpu {cpu:7.1f}  "
+                        f"x{total / wall1:5.2f} (cpu x{cpu / cpu1:5.2f}) of {args.counts[0]}"
+                    )
     if args.only != "tracker":
         print("publisher, 640x480, PNG + jsonl + MOT + overlay: ms per frame")
         for count in COUNTS:

@@ -1,0 +1,664 @@
+"""The tracker's mask decoder backends: torch, ONNX Runtime and OpenVINO behind one
+interface, and `auto` (``tracker.backend``).
+
+The tracker's cost grows with its objects: every object is one prompt through MobileSAM's
+prompt encoder + mask decoder, ~50 ms each at 1024 px in torch on one CPU core. Every
+backend here runs the same function, one frame's prompts in one call: one image embedding
+1xCxhxw and N prompts (boxes and/or points in the resized input frame, an optional
+low-res mask prompt each) -> low-res logits Nx1x(4h)x(4w) and scores Nx1, float32
+(`DecoderBackend.decode`). The upscaling to the frame stays in torch
+(``pipeline.mask_decoder``).
+
+- ``torch``: ``pipeline.export.DecoderOnnxModel`` run in PyTorch, MobileSAM.decode's
+  function with its arithmetic reordered so that work shared by the prompts is done once
+  (exact algebra; ~1e-6 relative from MobileSAM.decode). ``TorchDecoder(exact=True)`` is
+  MobileSAM.decode itself, bit for bit ``SAM.decode``: the parity reference, and what
+  ``SamMaskDecoder`` runs when given no backend.
+- ``onnxruntime``, ``openvino``: that model exported to ONNX once per checkpoint and size
+  (``pipeline.export.cached_onnx``, dynamic prompt and point counts), fp32 (OpenVINO's
+  precision hint set to f32: it would pick bf16 by itself on CPUs with native bf16).
+
+`auto` times every installed candidate on this machine at the run's size and thread count
+on 1 and 8 box + mask prompts, parity-checks it against MobileSAM.decode in fp32 (low-res
+logits within `TOLERANCE` relative), and keeps the fastest (the sum of both timings); the
+result is cached as JSON under the same cache dir and key scheme as the encoder's
+calibration (``pipeline.backends``). Reduced precision is not a candidate: the tracker
+feeds each mask back as the next frame's mask prompt, so errors compound over frames
+(OpenVINO bf16 measured 1.3e-2 relative error on the logits). On a GPU, `auto` is torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from pipeline.backends import (
+    _INSTALL,
+    _OV_PRECISION,
+    _TORCH_DTYPES,
+    BACKENDS,
+    _import,
+    _installed,
+    calibration_path,
+    encoder_threads,
+    load_calibration,
+    machine_key,
+    relative_error,
+)
+from pipeline.model.sam import MobileSAM
+
+log = logging.getLogger(__name__)
+
+SETTING = "tracker.backend"
+# Largest relative error (Frobenius norm) of the low-res logits vs MobileSAM.decode in fp32.
+# Measured on random weights at 256 and 1024 px: torch (reordered) 5e-7, ONNX Runtime and
+# OpenVINO 6e-7 to 9e-7.
+TOLERANCE = 1e-4
+CALIBRATION_FORMAT = "samstream-decoder-calibration/1"
+CALIBRATION_COUNTS = (1, 8)  # prompts per timed call: one object, and a crowded scene
+CALIBRATION_ROUNDS = 3
+CALIBRATION_BUDGET_S = 20.0
+CANDIDATES = ("torch", "onnxruntime", "openvino")
+
+
+class DecoderBackend:
+    """One way to run the prompt encoder + mask decoder on one frame's prompts.
+
+    `name`, `precision`, `threads` (intra-op threads), `image_size`; `report` says how it
+    was chosen (filled in by `build_decoder`).
+    """
+
+    name: ClassVar[str] = "backend"
+
+    def __init__(self, *, model: MobileSAM, precision: str, threads: int, version: str) -> None:
+        self.image_size = model.img_size
+        self.low_size = tuple(model.prompt_encoder.mask_input_size)
+        self.precision = precision
+        self.threads = threads
+        self.version = version
+        self.report: dict[str, Any] = self.describe()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "precision": self.precision,
+            "threads": self.threads,
+            "image_size": self.image_size,
+            "version": self.version,
+        }
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        *,
+        boxes: np.ndarray | None = None,
+        points: tuple[np.ndarray, np.ndarray] | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call for N prompts of one kind.
+
+        embedding: 1xCxhxw float32; boxes Nx4 (x1, y1, x2, y2) and/or points (NxKx2 coords,
+        NxK labels 1/0), in the resized input frame's pixels; mask_input Nx1x(4h)x(4w)
+        low-res logits or None. Returns low-res logits Nx1x(4h)x(4w) and scores Nx1,
+        float32, on the embedding's device.
+        """
+        raise NotImplementedError
+
+
+class TorchDecoder(DecoderBackend):
+    """The decoder in PyTorch on the model's device.
+
+    exact: False runs ``DecoderOnnxModel`` (the shared work done once: ~2x less per prompt
+    at 1024 px, ~1e-6 relative from MobileSAM.decode); True runs MobileSAM.decode, bit for
+    bit what ``SAM.decode`` gives. precision: float32, or bfloat16 / float16 under autocast
+    (the tracker's SAM dtype). threads: None leaves torch's intra-op pool as it is (sized
+    from $OMP_NUM_THREADS in a node process); a number sets it, for the whole process.
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        *,
+        model: MobileSAM,
+        precision: str = "float32",
+        threads: int | None = None,
+        exact: bool = False,
+    ) -> None:
+        if precision not in _TORCH_DTYPES:
+            raise ValueError(
+                f"torch precision must be one of {sorted(_TORCH_DTYPES)}, got {precision!r}"
+            )
+        from pipeline.export import DecoderOnnxModel
+
+        self.model = model
+        self.exact = exact
+        self.dtype = _TORCH_DTYPES[precision]
+        self.network = DecoderOnnxModel(model=model, upscale_with_matmuls=False).eval()
+        if (
+            threads is not None
+            and model.device.type == "cpu"
+            and torch.get_num_threads() != threads
+        ):
+            torch.set_num_threads(threads)
+        super().__init__(
+            model=model,
+            precision=precision,
+            threads=torch.get_num_threads(),
+            version=torch.__version__,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "graph": "MobileSAM.decode" if self.exact else "reordered"}
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        *,
+        boxes: np.ndarray | None = None,
+        points: tuple[np.ndarray, np.ndarray] | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.model.device
+        if self.exact:
+            box_t = None if boxes is None else torch.from_numpy(boxes).to(device)
+            point_t = None
+            if points is not None:
+                point_t = (
+                    torch.from_numpy(points[0]).to(device),
+                    torch.from_numpy(points[1]).to(device),
+                )
+            with self._autocast():
+                low, scores = self.model.decode(
+                    embedding, points=point_t, boxes=box_t, mask_inputs=mask_input
+                )
+            return low.float(), scores.float()
+        from pipeline.export import onnx_prompts
+
+        coords, labels = onnx_prompts(points=points, boxes=boxes)
+        has = torch.ones(1, device=device)
+        if mask_input is None:
+            mask_input = torch.zeros(1, 1, *self.low_size, device=device)
+            has = torch.zeros(1, device=device)
+        with self._autocast():
+            low, scores = self.network(
+                embedding,
+                torch.from_numpy(coords).to(device),
+                torch.from_numpy(labels).to(device),
+                mask_input,
+                has,
+            )
+        return low.float(), scores.float()
+
+
+class _OnnxDecoder(DecoderBackend):
+    """What the ONNX backends share: the prompts as the exported model's arrays."""
+
+    def _feeds(
+        self,
+        embedding: torch.Tensor,
+        boxes: np.ndarray | None,
+        points: tuple[np.ndarray, np.ndarray] | None,
+        mask_input: torch.Tensor | None,
+    ) -> dict[str, np.ndarray]:
+        from pipeline.export import onnx_prompts
+
+        if embedding.device.type != "cpu":
+            raise ValueError(f"{SETTING} {self.name} runs on the CPU only")
+        coords, labels = onnx_prompts(points=points, boxes=boxes)
+        if mask_input is None:
+            masks = np.zeros((1, 1, *self.low_size), np.float32)
+            has = np.zeros(1, np.float32)
+        else:
+            masks = np.ascontiguousarray(mask_input.detach().float().numpy())
+            has = np.ones(1, np.float32)
+        return {
+            "image_embeddings": np.ascontiguousarray(embedding.detach().float().numpy()),
+            "point_coords": coords,
+            "point_labels": labels,
+            "mask_input": masks,
+            "has_mask_input": has,
+        }
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        *,
+        boxes: np.ndarray | None = None,
+        points: tuple[np.ndarray, np.ndarray] | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        low, scores = self._run(self._feeds(embedding, boxes, points, mask_input))
+        return torch.from_numpy(low), torch.from_numpy(scores)
+
+
+class OnnxRuntimeDecoder(_OnnxDecoder):
+    """The exported decoder in ONNX Runtime's CPU provider, fp32, `threads` intra-op threads."""
+
+    name = "onnxruntime"
+
+    def __init__(self, *, model: MobileSAM, path: str | os.PathLike[str], threads: int) -> None:
+        ort = _import("onnxruntime", SETTING)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1  # a chain of operators: a second pool only competes
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise RuntimeError(
+                f"ONNX Runtime cannot load {path}: {err}; delete the file to export it again"
+            ) from err
+        super().__init__(model=model, precision="float32", threads=threads, version=ort.__version__)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        low, scores = self.session.run(None, feeds)
+        return low, scores
+
+
+class OpenVinoDecoder(_OnnxDecoder):
+    """The exported decoder in OpenVINO's CPU plugin at an explicit inference precision
+    (float32 for the tracker; bfloat16 only for `samstream bench`'s figures)."""
+
+    name = "openvino"
+
+    def __init__(
+        self,
+        *,
+        model: MobileSAM,
+        path: str | os.PathLike[str],
+        threads: int,
+        precision: str = "float32",
+    ) -> None:
+        ov = _import("openvino", SETTING)
+        if precision not in _OV_PRECISION:
+            raise ValueError(f"openvino runs {' or '.join(_OV_PRECISION)}, not {precision}")
+        config = {
+            "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        }
+        try:
+            compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except Exception as err:  # openvino raises RuntimeError or its own types
+            raise RuntimeError(
+                f"OpenVINO cannot load {path}: {err}; delete the file to export it again"
+            ) from err
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        super().__init__(model=model, precision=precision, threads=threads, version=ov.__version__)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        self.request.infer(feeds)
+        # The output buffers belong to the request and are overwritten by the next call.
+        low = np.array(self.request.get_output_tensor(0).data, copy=True)
+        scores = np.array(self.request.get_output_tensor(1).data, copy=True)
+        return low, scores
+
+
+def make_decoder(
+    backend: str,
+    *,
+    model: MobileSAM,
+    checkpoint_sha256: str | None,
+    threads: int | None,
+    cache: Path | None,
+    precision: str = "float32",
+) -> DecoderBackend:
+    """One named backend (torch, onnxruntime, openvino), exporting the decoder on first use."""
+    if backend == "torch":
+        return TorchDecoder(model=model, precision=precision, threads=threads)
+    if backend not in CANDIDATES:
+        raise ValueError(f"{SETTING} {backend!r} is not one of {' | '.join(BACKENDS)}")
+    _import(backend, SETTING)  # the install hint before any export work
+    if checkpoint_sha256 is None:
+        raise ValueError(f"{SETTING} {backend} needs the checkpoint's SHA-256 for its export")
+    from pipeline.export import DECODER, cached_onnx
+
+    path = cached_onnx(model, kind=DECODER, checkpoint_sha256=checkpoint_sha256, cache=cache)
+    budget = encoder_threads(threads, what="tracker")
+    if backend == "onnxruntime":
+        if precision != "float32":
+            raise ValueError(f"{SETTING} onnxruntime runs float32 only, not {precision}")
+        return OnnxRuntimeDecoder(model=model, path=path, threads=budget)
+    return OpenVinoDecoder(model=model, path=path, threads=budget, precision=precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration.
+
+
+def calibration_prompts(
+    model: MobileSAM, count: int, *, seed: int = 0
+) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """The calibration and parity inputs: (a 1xCxhxw embedding, `count` boxes Nx4 of
+    100-300 px (at 1024) over a 4:3 input frame, Nx1x(4h)x(4w) mask-prompt logits).
+
+    Deterministic, so that every backend sees the same numbers; real-valued like an
+    encoder's output and a previous frame's logits (blobs with texture), no file needed.
+    """
+    rng = np.random.default_rng(seed)
+    s, grid = model.img_size, model.image_encoder.embedding_size
+    low = 4 * grid
+    embedding = rng.standard_normal((1, model.prompt_encoder.embed_dim, grid, grid))
+    scale = s / 1024
+    boxes = []
+    for _ in range(count):
+        w, h = rng.uniform(100, 300, 2) * scale
+        x, y = rng.uniform(0, s - w), rng.uniform(0, 0.75 * s - h)
+        boxes.append([x, y, x + w, y + h])
+    box_arr = np.asarray(boxes, np.float32)
+    yy, xx = np.mgrid[0:low, 0:low].astype(np.float32) + 0.5
+    masks = []
+    for x1, y1, x2, y2 in box_arr * (low / s):
+        cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+        blob = 12 * (1 - ((xx - cx) / rx) ** 2 - ((yy - cy) / ry) ** 2)
+        masks.append(np.maximum(blob + rng.normal(0, 1.0, blob.shape), -20))
+    device = model.device
+    return (
+        torch.from_numpy(embedding.astype(np.float32)).to(device),
+        box_arr,
+        torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)).to(device),
+    )
+
+
+@dataclass
+class _Candidate:
+    backend: str
+    skipped: str | None = None
+    decoder: DecoderBackend | None = None
+    rel_error: float | None = None
+    first_ms: float | None = None
+    times_ms: dict[int, list[float]] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.decoder is not None and self.rel_error is not None and self.rel_error <= TOLERANCE
+        )
+
+    def ms_at(self, count: int) -> float | None:
+        times = self.times_ms.get(count)
+        return round(statistics.median(times), 2) if times else None
+
+    @property
+    def ms(self) -> float | None:
+        """The figure candidates are ranked by: the sum over CALIBRATION_COUNTS."""
+        parts = [self.ms_at(n) for n in CALIBRATION_COUNTS]
+        return None if None in parts else round(sum(parts), 2)  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"backend": self.backend, "precision": "float32"}
+        if self.skipped:
+            return {**row, "skipped": self.skipped}
+        if self.error:
+            row["error"] = self.error
+        row.update({f"ms_{n}": self.ms_at(n) for n in CALIBRATION_COUNTS})
+        row.update(
+            ms=self.ms,
+            runs=len(self.times_ms.get(CALIBRATION_COUNTS[0], [])),
+            first_ms=None if self.first_ms is None else round(self.first_ms, 1),
+            rel_error=self.rel_error,
+            tolerance=TOLERANCE,
+            ok=self.ok,
+        )
+        return row
+
+
+def _timed(decoder: DecoderBackend, inputs: tuple[torch.Tensor, np.ndarray, torch.Tensor]) -> float:
+    embedding, boxes, masks = inputs
+    start = time.perf_counter()
+    decoder.decode(embedding, boxes=boxes, mask_input=masks)
+    return (time.perf_counter() - start) * 1000
+
+
+def calibrate_decoder(
+    *,
+    model: MobileSAM,
+    checkpoint_sha256: str,
+    threads: int | None = None,
+    cache: Path | None = None,
+) -> tuple[dict[str, Any], DecoderBackend]:
+    """Parity-check and time every installed candidate on 1 and 8 box + mask prompts.
+
+    The first run of each candidate (both counts) is the parity check against
+    MobileSAM.decode in fp32 and its warm-up; then CALIBRATION_ROUNDS interleaved timed
+    rounds (no new one after CALIBRATION_BUDGET_S). Returns ({"choice": {"backend",
+    "precision"}, "candidates": [rows], "seconds"}, the chosen backend).
+    """
+    start = time.perf_counter()
+    inputs = {n: calibration_prompts(model, n, seed=n) for n in CALIBRATION_COUNTS}
+    reference = TorchDecoder(model=model, threads=threads, exact=True)
+    expected = {}
+    for n, (embedding, boxes, masks) in inputs.items():
+        expected[n] = reference.decode(embedding, boxes=boxes, mask_input=masks)[0].cpu().numpy()
+    candidates = []
+    for backend in CANDIDATES:
+        cand = _Candidate(backend)
+        candidates.append(cand)
+        if backend != "torch" and not _installed(backend):
+            cand.skipped = f"not installed ({_INSTALL[backend]})"
+            continue
+        try:
+            cand.decoder = make_decoder(
+                backend,
+                model=model,
+                checkpoint_sha256=checkpoint_sha256,
+                threads=threads,
+                cache=cache,
+            )
+            first = time.perf_counter()
+            errors = []
+            for n, (embedding, boxes, masks) in inputs.items():
+                low, _ = cand.decoder.decode(embedding, boxes=boxes, mask_input=masks)
+                errors.append(relative_error(low.cpu().numpy(), expected[n]))
+            cand.first_ms = (time.perf_counter() - first) * 1000
+            cand.rel_error = max(errors)
+        except (RuntimeError, ValueError) as err:
+            cand.decoder, cand.error = None, str(err)
+            log.warning("mask decoder backend %s failed in calibration: %s", backend, err)
+        if cand.decoder is not None and not cand.ok:
+            log.info(
+                "mask decoder backend %s is off by %.2g (tolerance %.0e): not a candidate",
+                backend,
+                cand.rel_error,
+                TOLERANCE,
+            )
+    alive = [c for c in candidates if c.ok]
+    if not alive:
+        rows = "; ".join(f"{c.backend}: {c.as_dict()}" for c in candidates)
+        raise RuntimeError(f"no mask decoder backend is within tolerance of torch fp32 ({rows})")
+    deadline = start + CALIBRATION_BUDGET_S
+    for _ in range(CALIBRATION_ROUNDS):
+        for n in CALIBRATION_COUNTS:
+            for cand in alive:  # interleaved: a burst of other load hits every candidate
+                cand.times_ms.setdefault(n, []).append(_timed(cand.decoder, inputs[n]))  # type: ignore[arg-type]
+        if time.perf_counter() > deadline:
+            break
+    winner = min(alive, key=lambda c: c.ms or float("inf"))
+    result = {
+        "choice": {"backend": winner.backend, "precision": "float32"},
+        "candidates": [c.as_dict() for c in candidates],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    assert winner.decoder is not None
+    return result, winner.decoder
+
+
+def decoder_calibration_key(
+    *, image_size: int, threads: int, checkpoint_sha256: str
+) -> dict[str, Any]:
+    """What a decoder calibration depends on: another machine, size, thread count, backend
+    version or checkpoint calibrates again."""
+    return {
+        "format": CALIBRATION_FORMAT,
+        **machine_key(),
+        "image_size": image_size,
+        "threads": threads,
+        "counts": list(CALIBRATION_COUNTS),
+        "checkpoint_sha256": checkpoint_sha256,
+        "tolerance": TOLERANCE,
+    }
+
+
+def _auto(
+    *, model: MobileSAM, checkpoint_sha256: str, threads: int | None, cache: Path
+) -> DecoderBackend:
+    from pipeline.export import atomic_write_json
+
+    budget = encoder_threads(threads, what="tracker")
+    key = decoder_calibration_key(
+        image_size=model.img_size, threads=budget, checkpoint_sha256=checkpoint_sha256
+    )
+    path = calibration_path(cache, "decoder", model.img_size, key)
+    data = load_calibration(path, key, what="mask decoder", precisions=("float32",))
+    decoder = None
+    if data is not None:
+        backend = data["choice"]["backend"]
+        try:
+            decoder = make_decoder(
+                backend,
+                model=model,
+                checkpoint_sha256=checkpoint_sha256,
+                threads=threads,
+                cache=cache,
+            )
+            chosen_by = "calibration cache"
+        except (RuntimeError, ValueError) as err:
+            log.warning(
+                "cached mask decoder choice %s cannot be used (%s): calibrating again", backend, err
+            )
+    if decoder is None:
+        log.info(
+            "calibrating the mask decoder backends at %d px with %d threads (once per machine, "
+            "size and version; seconds) ...",
+            model.img_size,
+            budget,
+        )
+        result, decoder = calibrate_decoder(
+            model=model, checkpoint_sha256=checkpoint_sha256, threads=threads, cache=cache
+        )
+        data = {"key": key, **result}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, data)
+        chosen_by = "calibration"
+    decoder.report = {
+        **decoder.describe(),
+        "device": "cpu",
+        "requested": {"backend": "auto"},
+        "chosen_by": chosen_by,
+        "candidates": data.get("candidates", []),
+        "calibration_s": data.get("seconds"),
+        "calibration_file": str(path),
+    }
+    measured = ", ".join(
+        f"{row['backend']} "
+        + (
+            " + ".join(f"{row[f'ms_{n}']:.0f}" for n in CALIBRATION_COUNTS) + " ms"
+            if row.get("ms") is not None
+            else row.get("skipped") or row.get("error") or f"off by {row.get('rel_error')}"
+        )
+        for row in data.get("candidates", [])
+    )
+    log.info(
+        "tracker mask decoder backend auto -> %s at %d px, %d threads (%s; %s prompts: %s)",
+        decoder.name,
+        model.img_size,
+        decoder.threads,
+        chosen_by,
+        " + ".join(map(str, CALIBRATION_COUNTS)),
+        measured,
+    )
+    return decoder
+
+
+def build_decoder(
+    *,
+    model: MobileSAM,
+    weights_path: str | os.PathLike[str],
+    backend: str = "torch",
+    threads: int | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    precision: str = "float32",
+) -> DecoderBackend:
+    """The tracker's mask decoder backend for `model` (on its device), `report` saying why.
+
+    backend: auto | torch | onnxruntime | openvino. threads: intra-op threads (None: the
+    node's budget, see `pipeline.backends.encoder_threads`; torch's pool is then left as
+    it is). cache: where exports and calibrations live (default: the weights cache dir).
+    precision: torch's autocast dtype (float32 unless the tracker's SAM is in another).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{SETTING} {backend!r} is not one of {' | '.join(BACKENDS)}")
+    device = model.device
+    if device.type != "cpu":
+        if backend in ("onnxruntime", "openvino"):
+            raise ValueError(
+                f"{SETTING} {backend} runs on the CPU only; with device {device} use "
+                f"{SETTING} torch or auto"
+            )
+        decoder: DecoderBackend = TorchDecoder(model=model, precision=precision)
+        decoder.report = {
+            **decoder.describe(),
+            "device": str(device),
+            "requested": {"backend": backend},
+            "chosen_by": "auto on a GPU is torch" if backend == "auto" else "config",
+        }
+        return decoder
+    if cache is None:
+        from pipeline.model.weights import cache_dir
+
+        cache = cache_dir()
+    cache = Path(cache)
+    if backend == "torch":
+        decoder = TorchDecoder(model=model, precision=precision, threads=threads)
+    else:
+        if backend != "auto":
+            _import(backend, SETTING)  # the install hint before hashing the checkpoint
+        from pipeline.export import file_sha256
+
+        checkpoint_sha256 = file_sha256(weights_path)
+        if backend == "auto":
+            return _auto(
+                model=model, checkpoint_sha256=checkpoint_sha256, threads=threads, cache=cache
+            )
+        decoder = make_decoder(
+            backend, model=model, checkpoint_sha256=checkpoint_sha256, threads=threads, cache=cache
+        )
+    decoder.report = {
+        **decoder.describe(),
+        "device": "cpu",
+        "requested": {"backend": backend},
+        "chosen_by": "config",
+    }
+    log.info(
+        "tracker mask decoder backend %s at %d px, %d threads",
+        decoder.name,
+        model.img_size,
+        decoder.threads,
+    )
+    return decoder
