@@ -49,6 +49,7 @@ from pipeline.backends import (
     _import,
     _installed,
     calibration_path,
+    compile_openvino,
     encoder_threads,
     load_calibration,
     machine_key,
@@ -301,14 +302,8 @@ class OpenVinoDecoder(_OnnxDecoder):
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
         }
-        try:
-            compiled = ov.Core().compile_model(str(path), "CPU", config)
-        except Exception as err:  # openvino raises RuntimeError or its own types
-            raise RuntimeError(
-                f"OpenVINO cannot load {path}: {err}; delete the file to export it again"
-            ) from err
-        self.compiled = compiled
-        self.request = compiled.create_infer_request()
+        self.compiled = compile_openvino(ov, path, config)
+        self.request = self.compiled.create_infer_request()
         super().__init__(model=model, precision=precision, threads=threads, version=ov.__version__)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
