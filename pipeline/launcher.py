@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 2.0
 # A node that dies is started again, this many times within RESTART_WINDOW_S at most;
 # one more death in that window fails the run, with the history.
-MAX_RESTARTS = 5
+MAX_RESTARTS = 10
 RESTART_WINDOW_S = 60.0
 
 
