@@ -163,18 +163,16 @@ class RunSummary:
 
     @property
     def steady_fps(self) -> float | None:
-        """Frames out per second from the first published frame to the last: the rate once
-        the models are loaded (None with fewer than 2 frames)."""
-        first, last = self.timings.get("first_time"), self.timings.get("last_time")
-        if self.frames_out < 2 or first is None or last is None or last <= first:
-            return None
-        return (self.frames_out - 1) / (last - first)
+        """Frames out per second once the run is in its stride: over its last frames
+        (`pipeline.live.FrameTimings.steady_fps`), after any backlog that queued while the
+        models loaded (None with fewer than 3 frames)."""
+        return self.timings.get("steady_fps")
 
     def format(self) -> str:
         lines = [
             f"frames in {self.frames_in}, out {self.frames_out}, {self.wall_s:.1f} s, "
             f"{self.fps:.2f} frames/s"
-            + (f" ({self.steady_fps:.2f} after the first frame)" if self.steady_fps else "")
+            + (f" ({self.steady_fps:.2f} in its stride)" if self.steady_fps else "")
             + f" ({self.mode})"
             + (f", stopped by {self.stopped_by}" if self.stopped_by else ""),
             f"{'stage':<10} {'messages':>8} {'median ms':>10} {'p95 ms':>8}",

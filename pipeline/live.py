@@ -105,12 +105,14 @@ class FrameTimings:
         self._interval_latency: list[float] = []
         self.first_time: float | None = None  # wall clock of the first and last frame
         self.last_time: float | None = None
+        self._times: deque[float] = deque(maxlen=WINDOW)  # wall clock of the recent frames
 
     def add(self, timings: Mapping[str, float]) -> float:
         """Record one frame; returns its processing time (sum of its stage times)."""
         now = time.time()
         self.first_time = self.first_time or now
         self.last_time = now
+        self._times.append(now)
         processing = sum(timings.get(stage, 0.0) for stage in STAGES)
         for key, value in (*timings.items(), ("processing", processing)):
             self._stages.setdefault(key, deque(maxlen=WINDOW)).append(value)
@@ -127,6 +129,17 @@ class FrameTimings:
     @property
     def share_within_budget(self) -> float | None:
         return self.within_budget / self.frames if self.frames else None
+
+    def steady_fps(self) -> float | None:
+        """Frames per second over the last 40% of the recent frames (at least 3 frames;
+        None before). Not from the first frame: an offline run's fast stages fill the
+        queues (up to about 2 x hwm frames a link) while its slowest node still loads, and
+        that backlog comes out at the speed of the stages after it, not of the pipeline."""
+        count = max(3, round(0.4 * len(self._times)))
+        if len(self._times) < count:
+            return None
+        times = list(self._times)[-count:]
+        return (count - 1) / (times[-1] - times[0]) if times[-1] > times[0] else None
 
     def interval(self) -> dict[str, Any]:
         """Frames, frames over budget and latency since the last call; resets them."""
@@ -149,5 +162,6 @@ class FrameTimings:
             "share_within_budget": None if share is None else round(share, 4),
             "first_time": self.first_time,
             "last_time": self.last_time,
+            "steady_fps": self.steady_fps(),
             "ms": {key: percentiles(values) for key, values in self._stages.items()},
         }

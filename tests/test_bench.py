@@ -25,6 +25,8 @@ def test_bench_prints_every_figure_and_the_ratios(checkpoint: Path) -> None:
             "lavfi:testsrc2=size=320x240:rate=10",
             "--frames",
             "3",
+            "--run-frames",
+            "6",
             "--image-size",
             "256",
             "--live-seconds",

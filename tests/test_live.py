@@ -631,3 +631,19 @@ def test_node_processes_get_a_torch_thread_budget() -> None:
     chosen = load_config(None, ["encoder.threads=3", "tracker.threads=2"])
     assert node_environment("encoder", chosen)["OMP_NUM_THREADS"] == "3"
     assert node_environment("tracker", chosen)["OMP_NUM_THREADS"] == "2"
+
+
+def test_steady_fps_is_the_rate_after_the_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose slow stage started late: 12 frames come out every 0.05 s (the backlog
+    queued meanwhile), then 8 at the pipeline's own 2 frames/s. The steady rate is the
+    latter; the average from the first frame would say 4.2."""
+    clock = iter([100 + 0.05 * i for i in range(12)] + [100.55 + 0.5 * i for i in range(1, 9)])
+    monkeypatch.setattr("pipeline.live.time.time", lambda: next(clock))
+    timings = FrameTimings(budget_ms=400)
+    assert timings.steady_fps() is None
+    for _ in range(20):
+        timings.add({"encoder": 10.0})
+    assert timings.steady_fps() == pytest.approx(2.0)
+    summary = timings.summary()
+    assert summary["steady_fps"] == pytest.approx(2.0)
+    assert (20 - 1) / (summary["last_time"] - summary["first_time"]) == pytest.approx(19 / 4.55)
