@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.drawing import draw_overlay
-from pipeline.tracking import mask_box
+from pipeline.masks import tight_box
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class Results:
         in every samstream output); a row of NaN for an empty mask."""
         out = np.full((len(self), 4), np.nan, dtype=np.float32)
         for i, mask in enumerate(self.masks):
-            box = mask_box(mask)
+            box = tight_box(mask)
             if box is not None:
                 out[i] = box
         return out
@@ -96,6 +95,8 @@ class Results:
         """A new (H, W, 3) uint8 RGB image: the masks over the image, each object in its id's
         colour (object i is id i + 1), with its box and label: the renderer of a run's
         overlay video, so both look the same."""
+        from pipeline.drawing import draw_overlay  # OpenCV: only when drawing
+
         ids = list(range(1, len(self) + 1))
         drawn_boxes = [self._box_or_none(i) for i in range(len(self))] if boxes else None
         names = None if labels else [None] * len(self)

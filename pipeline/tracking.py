@@ -116,11 +116,8 @@ def mask_box(mask: np.ndarray | RegionMask) -> Box | None:
             return None
         ox, oy = mask.box[0], mask.box[1]
         return (float(box[0] + ox), float(box[1] + oy), float(box[2] + ox), float(box[3] + oy))
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+    box = tight_box(mask)
+    return None if box is None else _as_box(box)
 
 
 def measure_box(mask: np.ndarray | RegionMask, reference: Sequence[float] | None) -> Box | None:
