@@ -25,6 +25,28 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _add_prompt_options(
+    p: argparse.ArgumentParser, *, box: str, point: str, repeat_box: bool = True
+) -> None:
+    """--box, --point and --label, read the same way by predict, run and prompt."""
+    p.add_argument(
+        "--box",
+        nargs=4,
+        type=float,
+        metavar=("X1", "Y1", "X2", "Y2"),
+        help=box,
+        **({"action": "append"} if repeat_box else {}),
+    )
+    p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), help=point)
+    p.add_argument(
+        "--label",
+        type=int,
+        action="append",
+        choices=(0, 1),
+        help="label of each --point in order: 1 foreground (default), 0 background",
+    )
+
+
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
@@ -34,28 +56,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--point prompts belong to one object (with the --box, if there is one box).",
     )
     p.add_argument("image", help="image file (JPEG, PNG, ...)")
-    p.add_argument(
-        "--box",
-        nargs=4,
-        type=float,
-        action="append",
-        metavar=("X1", "Y1", "X2", "Y2"),
-        help="a box around one object (repeatable)",
-    )
-    p.add_argument(
-        "--point",
-        nargs=2,
-        type=float,
-        action="append",
-        metavar=("X", "Y"),
-        help="a point on the object (repeatable)",
-    )
-    p.add_argument(
-        "--label",
-        type=int,
-        action="append",
-        choices=(0, 1),
-        help="label of each --point in order: 1 foreground (default), 0 background",
+    _add_prompt_options(
+        p, box="a box around one object (repeatable)", point="a point on the object (repeatable)"
     )
     p.add_argument(
         "--weights",
@@ -125,30 +127,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--source",
         help="video file, lavfi:testsrc2=..., rtsp://..., /dev/video0 (default: decoder.source)",
     )
-    p.add_argument(
-        "--box",
-        nargs=4,
-        type=float,
-        action="append",
-        metavar=("X1", "Y1", "X2", "Y2"),
-        help="box around one object on the first frame (repeatable)",
-    )
-    p.add_argument(
-        "--point",
-        nargs=2,
-        type=float,
-        action="append",
-        metavar=("X", "Y"),
-        help="a point on the first frame (repeatable): all --point values describe "
+    _add_prompt_options(
+        p,
+        box="box around one object on the first frame (repeatable)",
+        point="a point on the first frame (repeatable): all --point values describe "
         "one object, the same as the --box when there is exactly one box, as in "
         "samstream predict",
-    )
-    p.add_argument(
-        "--label",
-        type=int,
-        action="append",
-        choices=(0, 1),
-        help="label of each --point in order: 1 foreground (default), 0 background",
     )
     p.add_argument(
         "--weights",
@@ -348,27 +332,11 @@ def _add_prompt(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--endpoint", required=True, help="the tracker's control endpoint")
     p.add_argument("--id", type=int, dest="track_id", help="track id (update, remove)")
-    p.add_argument(
-        "--box",
-        nargs=4,
-        type=float,
-        metavar=("X1", "Y1", "X2", "Y2"),
-        help="the object's box in source-frame pixels (add, update)",
-    )
-    p.add_argument(
-        "--point",
-        nargs=2,
-        type=float,
-        action="append",
-        metavar=("X", "Y"),
-        help="a point on the object (add; repeatable, all for one object)",
-    )
-    p.add_argument(
-        "--label",
-        type=int,
-        action="append",
-        choices=(0, 1),
-        help="label of each --point in order: 1 foreground (default), 0 background",
+    _add_prompt_options(
+        p,
+        box="the object's box in source-frame pixels (add, update)",
+        point="a point on the object (add; repeatable, all for one object)",
+        repeat_box=False,
     )
     p.add_argument("--frame", type=int, help="apply from this frame index (default: next)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")

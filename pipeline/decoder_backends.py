@@ -500,7 +500,8 @@ def calibrate_decoder(
         "candidates": [c.as_dict() for c in candidates],
         "seconds": round(time.perf_counter() - start, 2),
     }
-    assert winner.decoder is not None
+    if winner.decoder is None:  # cannot happen: a timed candidate was built
+        raise RuntimeError("decoder calibration invariant broken: the winner was not built")
     return result, winner.decoder
 
 
