@@ -22,16 +22,21 @@ from pipeline.launcher import MAX_RESTARTS
 pytestmark = pytest.mark.slow
 
 
-def _node_pid(launcher: int, name: str) -> int:
-    for pid in _children(launcher):
-        try:
-            if f"node {name} ".encode() in Path(f"/proc/{pid}/cmdline").read_bytes().replace(
-                b"\0", b" "
-            ):
+def _node_pid(launcher: int, name: str, *, not_pid: int | None = None, wait_s: float = 60) -> int:
+    """The pid of the launcher's ``name`` node (other than ``not_pid``, one killed before),
+    waiting for it: after a death the launcher is restarting the nodes for a while."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for pid in _children(launcher):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if f"node {name} ".encode() in cmdline and pid != not_pid:
                 return pid
-        except OSError:
-            continue
-    raise AssertionError(f"no {name} process under {launcher}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {name} process under {launcher} within {wait_s} s")
+        time.sleep(0.05)
 
 
 def _start(args: list[str]) -> subprocess.Popen:
@@ -121,18 +126,27 @@ def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path, tmp_p
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
     proc = _start(["run", *common, "--out", str(out)])
+    encoder: int | None = None
+    written_at_kill = 0
     try:
-        for kill in range(3):
+        for _ in range(3):
             deadline = time.monotonic() + 240
-            # Wait for progress past the last kill, then kill the encoder again.
-            while len(list((out / "masks").glob("*.png"))) < 6 * (kill + 1):
+            # Wait for progress past the last kill (frames the resumed run wrote, not those
+            # in flight at the kill), then kill the encoder again.
+            while len(list((out / "masks").glob("*.png"))) < written_at_kill + 6:
                 assert proc.poll() is None, proc.stderr.read()
                 assert time.monotonic() < deadline, "no progress"
                 time.sleep(0.05)
-            encoder = _node_pid(proc.pid, "encoder")
+            encoder = _node_pid(proc.pid, "encoder", not_pid=encoder)
             os.kill(encoder, signal.SIGKILL)
             while _alive(encoder):
                 time.sleep(0.05)
+            # The frames in flight at the kill are still written; the count is settled once
+            # it stops growing (the restarted nodes take seconds to import their models).
+            written_at_kill = -1
+            while (count := len(list((out / "masks").glob("*.png")))) != written_at_kill:
+                written_at_kill = count
+                time.sleep(0.5)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
