@@ -83,13 +83,14 @@ class Results:
                 out[i] = box
         return out
 
-    def _box_or_none(self, i: int) -> tuple[float, float, float, float] | None:
-        box = self.boxes[i]
-        return (
+    def _box_list(self) -> list[tuple[float, float, float, float] | None]:
+        """``boxes`` as tuples, None for an empty mask (what the renderer and JSON take)."""
+        return [
             None
             if np.isnan(box).any()
             else (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
-        )
+            for box in self.boxes
+        ]
 
     def plot(self, *, boxes: bool = True, labels: bool = True) -> np.ndarray:
         """A new (H, W, 3) uint8 RGB image: the masks over the image, each object in its id's
@@ -98,7 +99,7 @@ class Results:
         from pipeline.drawing import draw_overlay  # OpenCV: only when drawing
 
         ids = list(range(1, len(self) + 1))
-        drawn_boxes = [self._box_or_none(i) for i in range(len(self))] if boxes else None
+        drawn_boxes = self._box_list() if boxes else None
         names = None if labels else [None] * len(self)
         return draw_overlay(self.image, self.masks, ids, drawn_boxes, labels=names)
 
@@ -120,9 +121,9 @@ class Results:
             {
                 "object": i + 1,
                 "score": round(float(self.scores[i]), 6),
-                "box": self._box_or_none(i),
+                "box": box,
                 "segmentation": encode_rle(self.masks[i]),
             }
-            for i in range(len(self))
+            for i, box in enumerate(self._box_list())
         ]
         return json.dumps(records)
