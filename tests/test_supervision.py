@@ -109,7 +109,9 @@ def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
 
 
 def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path, tmp_path: Path) -> None:
-    clip = make_clip(tmp_path / "clip.mp4", frames=40, size=(160, 120), fps=10)
+    # Long enough that the encoder is still at work at the third kill: it runs ahead of the
+    # publisher by up to the queues' worth of frames (~30), more so on a loaded machine.
+    clip = make_clip(tmp_path / "clip.mp4", frames=100, size=(160, 120), fps=10)
     common = [
         "--source",
         str(clip),
