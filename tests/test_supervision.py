@@ -167,14 +167,18 @@ def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path, tmp_p
 def test_forged_status_messages_are_not_believed(checkpoint: Path, tmp_path: Path) -> None:
     """Anyone who can reach the status endpoint may send "node encoder failed": without the
     run's token the launcher ignores it, and the feed never shows the token."""
+    import threading
+
     import zmq
 
     from pipeline.messages import StatusMessage
     from pipeline.transport import send_message
 
-    clip = make_clip(tmp_path / "clip.mp4", frames=30, size=(160, 120), fps=10)
-    status = f"tcp://127.0.0.1:{free_port()}"
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    clip = make_clip(tmp_path / "clip.mp4", frames=60, size=(160, 120), fps=10)
+    status_port = free_port()
+    publish_port = next(p for p in iter(free_port, None) if p != status_port)
+    status = f"tcp://127.0.0.1:{status_port}"
+    endpoint = f"tcp://127.0.0.1:{publish_port}"
     proc = _start(
         [
             "run",
@@ -195,36 +199,51 @@ def test_forged_status_messages_are_not_believed(checkpoint: Path, tmp_path: Pat
         ]
     )
     ctx = zmq.Context()
-    forger = ctx.socket(zmq.PUSH)
-    forger.setsockopt(zmq.LINGER, 1000)
-    forger.connect(status)
+    stop = threading.Event()
+
+    def forge() -> None:
+        """Forged "failed" messages for the whole run, from its start-up to its end: a
+        forger does not wait for a convenient moment."""
+        forger = ctx.socket(zmq.PUSH)
+        forger.setsockopt(zmq.LINGER, 0)
+        forger.setsockopt(zmq.SNDHWM, 10)
+        forger.connect(status)
+        try:
+            for node in itertools.cycle(("encoder", "publisher", "intruder")):
+                if stop.wait(0.1):
+                    return
+                forged = StatusMessage(
+                    node=node,
+                    state="failed",
+                    time=time.time(),
+                    detail={"error": "forged", "run_token": "guess"},
+                )
+                try:
+                    send_message(forger, forged, flags=zmq.NOBLOCK)
+                except zmq.Again:  # not connected yet, or the queue is full
+                    pass
+        finally:
+            forger.close()
+
+    forger = threading.Thread(target=forge, daemon=True)
+    forger.start()
     statuses = []
     try:
         with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
-            assert sub.recv(120_000) is not None
-            for node in ("encoder", "publisher", "intruder"):
-                send_message(
-                    forger,
-                    StatusMessage(
-                        node=node,
-                        state="failed",
-                        time=time.time(),
-                        detail={"error": "forged", "run_token": "guess"},
-                    ),
-                )
-            while (event := sub.recv_event(60_000)) is not None:
+            # Follow the feed while the run lasts; its exit (whatever the code) ends the wait.
+            while sub.last_end is None and proc.poll() is None:
+                event = sub.recv_event(500)
                 if hasattr(event, "state"):
                     statuses.append(event)
-                if sub.last_end is not None:
-                    break
         stdout, stderr = proc.communicate(timeout=120)
     finally:
-        forger.close()
+        stop.set()
+        forger.join(10)
         ctx.term()
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr
-    assert "frames in 30, out 30" in stdout
+    assert "frames in 60, out 60" in stdout
     assert "ignoring a status message that no node of this run sent" in stderr
     assert statuses and all("run_token" not in s.detail for s in statuses)
     assert not any(s.detail.get("error") == "forged" for s in statuses)
