@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 from tqdm import tqdm
 
@@ -62,7 +63,9 @@ def resolve_endpoints(config: RunConfig, run_dir: Path, *, in_process: bool) -> 
             updates[name] = (
                 f"inproc://samstream-{tag}-{name}" if in_process else f"ipc://{run_dir / name}"
             )
-    return dataclasses.replace(config, transport=dataclasses.replace(config.transport, **updates))
+    return msgspec.structs.replace(
+        config, transport=msgspec.structs.replace(config.transport, **updates)
+    )
 
 
 def _plan_outputs(config: RunConfig) -> RunConfig:
@@ -101,9 +104,9 @@ def _plan_outputs(config: RunConfig) -> RunConfig:
         ),
         file=sys.stderr,
     )
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         config,
-        resume=dataclasses.replace(
+        resume=msgspec.structs.replace(
             config.resume, frames_done=point.frames_done, tracker_frame=point.tracker_frame
         ),
     )
@@ -541,8 +544,8 @@ def run_pipeline(
             # by this status, and consumers prompt again.
             node_config = config
             if dead.name == "tracker":
-                node_config = dataclasses.replace(
-                    config, tracker=dataclasses.replace(config.tracker, prompts=())
+                node_config = msgspec.structs.replace(
+                    config, tracker=msgspec.structs.replace(config.tracker, prompts=())
                 )
             dead.close()
             return [start_process(dead.name, node_config) if w is dead else w for w in workers]
@@ -555,8 +558,8 @@ def run_pipeline(
             w.close()
         if resume.interrupted_frames(config.publisher.out) is None:
             raise RunFailed(f"{failure}\n(the outputs could not be kept: no restart)")
-        resumed = dataclasses.replace(
-            config, resume=dataclasses.replace(config.resume, enabled=True)
+        resumed = msgspec.structs.replace(
+            config, resume=msgspec.structs.replace(config.resume, enabled=True)
         )
         resumed = _plan_outputs(resumed)
         last.clear()
