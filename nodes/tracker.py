@@ -37,8 +37,10 @@ from pipeline.messages import (
     PromptReply,
     TrackRecord,
 )
+from pipeline.model.checkpoint import load_sam_decoder
 from pipeline.model.transforms import resized_shape
-from pipeline.predictor import SAM, ImageEmbedding
+from pipeline.model.weights import resolve_weights
+from pipeline.predictor import ImageEmbedding, resolve_device
 from pipeline.runtime import Node
 from pipeline.tracking import (
     PromptTracker,
@@ -125,17 +127,23 @@ class TrackerNode(Node):
         self._rejected_logged: set[str] = set()
 
     def setup(self) -> None:
-        sam = SAM(self.weights, device=self.config.device, image_size=self.image_size)
+        # Only the prompt encoder + mask decoder: the tracker never runs the image encoder.
+        device = resolve_device(self.config.device)
+        weights_path = resolve_weights(self.weights)
+        model = load_sam_decoder(weights_path, img_size=self.image_size).to(device).eval()
+        log.info(
+            "tracker: loaded the prompt encoder + mask decoder of %s on %s", weights_path, device
+        )
         # The decoder backend (for `auto`, a calibration on a machine's first run) is chosen
         # here, in the node's own process, with its thread budget.
         backend = build_decoder(
-            model=sam.model,
-            weights_path=sam.weights_path,
+            model=model,
+            weights_path=weights_path,
             backend=self.config.backend,
             threads=self.config.threads,
         )
         self.detail["backend"] = backend.report
-        self.decoder = SamMaskDecoder(sam, exclusive=self.config.exclusive_masks, backend=backend)
+        self.decoder = SamMaskDecoder(model, exclusive=self.config.exclusive_masks, backend=backend)
         self.tracker = PromptTracker(self.decoder, frame_size=None, settings=self.config)
         if self.resume_from is not None and self.resume_dir is not None:
             # The prompts are in the saved state, with what became of them.
@@ -157,7 +165,7 @@ class TrackerNode(Node):
             return []
         embedding = embedding_from_wire(msg.embedding, msg.embedding_dtype)
         self.decoder.image = ImageEmbedding(
-            embedding[None].to(self.decoder.sam.device), msg.original_size, msg.input_size
+            embedding[None].to(self.decoder.model.device), msg.original_size, msg.input_size
         )
         size = (int(msg.original_size[0]), int(msg.original_size[1]))
         if self.tracker.frame_size != size:

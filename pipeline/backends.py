@@ -13,12 +13,15 @@ input size with the node's thread count. The result is cached as JSON (keyed by 
 and flags, input size, threads, backend versions, checkpoint SHA-256) and logged; the
 measured milliseconds of every candidate are in `EncoderBackend.report`. Reduced precision
 (bf16 autocast, OpenVINO's bf16 inference precision) is a candidate only on CPUs that do bf16
-in hardware: emulated bf16 measured 12x slower than fp32. On a GPU, `auto` is torch.
+in hardware: emulated bf16 measured 12x slower than fp32. On a GPU, `auto` is torch, which
+takes frames as decoded, preprocesses them on the device and replays the encoder from
+CUDA graphs (`TorchEncoder`, pipeline.gpu).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -27,6 +30,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -35,7 +39,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from pipeline.gpu import CudaGraphRunner, device_preprocess, half_copy, upload
 from pipeline.model.sam import PIXEL_MEAN, PIXEL_STD, MobileSAM
+from pipeline.model.transforms import resize_longest_side
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +233,23 @@ class EncoderBackend:
         """Bxhxwx3 uint8 RGB, longest side resized -> BxCx(S/16)x(S/16) float32 tensor."""
         return torch.from_numpy(self.encode(preprocess(resized, self.image_size)))
 
+    def encode_frames(self, frames: Sequence[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Same-sized HxWx3 uint8 RGB frames -> (BxCx(S/16)x(S/16) float32 embeddings, the
+        (h, w) of the resized image inside the input). Here the resize is PIL's, on the host."""
+        resized = np.stack([resize_longest_side(frame, self.image_size) for frame in frames])
+        return self.encode_images(resized), (resized.shape[1], resized.shape[2])
+
 
 class TorchEncoder(EncoderBackend):
-    """The PyTorch model, fp32 or under autocast, on its device.
+    """The PyTorch model, fp32 or in half precision, on its device.
+
+    On a CPU, half precision is autocast over the fp32 weights and frames are resized on the
+    host (PIL measured faster there than torch's resize: 22 vs 31 ms for 1080p -> 1024 on
+    one core). On CUDA, half precision runs a copy of the image encoder with half weights
+    (still under autocast, which keeps norms and softmax in fp32), the whole preprocessing
+    runs on the device (`pipeline.gpu.device_preprocess`), and with `cuda_graphs` the
+    encoder is replayed from one CUDA graph per batch size and image size
+    (`pipeline.gpu.CudaGraphRunner`; eager where a capture fails, with the reason logged).
 
     threads: None leaves torch's intra-op pool as it is (sized from $OMP_NUM_THREADS in a
     node process); a number sets it, for the whole process.
@@ -238,7 +258,12 @@ class TorchEncoder(EncoderBackend):
     name = "torch"
 
     def __init__(
-        self, *, model: MobileSAM, precision: str = "float32", threads: int | None = None
+        self,
+        *,
+        model: MobileSAM,
+        precision: str = "float32",
+        threads: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         if precision not in _TORCH_DTYPES:
             raise ValueError(
@@ -246,9 +271,21 @@ class TorchEncoder(EncoderBackend):
             )
         self.model = model
         self.dtype = _TORCH_DTYPES[precision]
-        on_cpu = model.device.type == "cpu"
-        if threads is not None and on_cpu and torch.get_num_threads() != threads:
+        on_cuda = model.device.type == "cuda"
+        if threads is not None and not on_cuda and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+        half_weights = on_cuda and self.dtype != torch.float32
+        self.image_encoder = (
+            half_copy(model.image_encoder, self.dtype) if half_weights else model.image_encoder
+        )
+        # What the encoder is fed: its weights' dtype (on a CPU, fp32 under autocast).
+        self.input_dtype = self.dtype if half_weights else torch.float32
+        # Where frames are resized: on CUDA on the device; on a CPU with PIL (faster there).
+        self.resize_on_device = on_cuda
+        # Bx3xSxS `input_dtype` on the device -> embeddings in `precision` (not yet float).
+        self.run: Callable[[torch.Tensor], torch.Tensor] = self._forward
+        if on_cuda and cuda_graphs:
+            self.run = CudaGraphRunner(self._forward)
         super().__init__(
             image_size=model.img_size,
             precision=precision,
@@ -256,28 +293,42 @@ class TorchEncoder(EncoderBackend):
             version=torch.__version__,
         )
 
+    def describe(self) -> dict[str, Any]:
+        graphs = isinstance(self.run, CudaGraphRunner)
+        return {**super().describe(), "cuda_graphs": graphs}
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.model.device.type, dtype=self.dtype)
+        # No cast cache: inside a CUDA graph capture a cached cast would outlive its graph.
+        return torch.autocast(self.model.device.type, dtype=self.dtype, cache_enabled=False)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.image_encoder(x)
 
     @torch.inference_mode()
     def encode(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(self._check(batch)).to(self.model.device)
-        with self._autocast():
-            out = self.model.image_encoder(x)
-        return out.float().cpu().numpy()
+        x = torch.from_numpy(self._check(batch)).to(self.model.device, self.input_dtype)
+        return self.run(x).float().cpu().numpy()
 
     @torch.inference_mode()
     def encode_images(self, resized: np.ndarray) -> torch.Tensor:
         # uint8 travels to the device (4x fewer bytes than float) and is normalised there.
-        batch = torch.from_numpy(resized if resized.flags.writeable else resized.copy())
-        if self.model.device.type == "cuda":
-            batch = batch.pin_memory()  # lets the copy overlap with queued GPU work
-        batch = batch.to(self.model.device, non_blocking=True).permute(0, 3, 1, 2)
-        with self._autocast():
-            embeddings = self.model.encode(batch)
-        return embeddings.float()
+        frames = upload(resized, self.model.device)
+        x, _ = device_preprocess(
+            frames, image_size=self.image_size, dtype=self.input_dtype, resize=False
+        )
+        return self.run(x).float()
+
+    @torch.inference_mode()
+    def encode_frames(self, frames: Sequence[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
+        if not self.resize_on_device:
+            return super().encode_frames(frames)
+        x, input_size = device_preprocess(
+            upload(frames, self.model.device), image_size=self.image_size, dtype=self.input_dtype
+        )
+        return self.run(x).float(), input_size
 
 
 class OnnxRuntimeEncoder(EncoderBackend):
@@ -370,18 +421,22 @@ class OpenVinoEncoder(EncoderBackend):
 
 
 # ---------------------------------------------------------------------------------------------
-# Choosing one.
+# Choosing one: the calibration `auto` runs, the same for the encoder and for the tracker's
+# mask decoder (pipeline.decoder_backends). Each gives a `Calibration`: its candidates, its
+# inputs, its call, its tolerances and its cache name; the rest is here.
 
 
 @dataclass
 class _Candidate:
     backend: str
     precision: str
+    tolerance: float  # the largest relative error vs torch fp32 it may have
     skipped: str | None = None
-    encoder: EncoderBackend | None = None
-    rel_error: float | None = None
-    first_ms: float | None = None  # the parity run, warm-up included
-    times_ms: list[float] = field(default_factory=list)
+    runner: Any = None  # the built backend (EncoderBackend, DecoderBackend)
+    rel_error: float | None = None  # the largest over the inputs
+    first_ms: float | None = None  # the parity runs (one per input), warm-up included
+    times_ms: dict[str, list[float]] = field(default_factory=dict)  # per input
+    dropped: str | None = None  # why it stopped being timed: it could not win
     error: str | None = None
 
     @property
@@ -391,36 +446,86 @@ class _Candidate:
     @property
     def ok(self) -> bool:
         return (
-            self.encoder is not None
+            self.runner is not None
             and self.rel_error is not None
-            and self.rel_error <= TOLERANCES[self.precision]
+            and self.rel_error <= self.tolerance
         )
+
+    def ms_at(self, name: str) -> float | None:
+        times = self.times_ms.get(name)
+        return round(statistics.median(times), 2) if times else None
 
     @property
     def ms(self) -> float | None:
-        return round(statistics.median(self.times_ms), 1) if self.times_ms else None
+        """The figure candidates are ranked by: the sum over the inputs of the median ms
+        (every timed round times every input)."""
+        if not self.times_ms:
+            return None
+        return round(sum(statistics.median(t) for t in self.times_ms.values()), 2)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, names: Sequence[str]) -> dict[str, Any]:
         row: dict[str, Any] = {"backend": self.backend, "precision": self.precision}
         if self.skipped:
-            row["skipped"] = self.skipped
-            return row
+            return {**row, "skipped": self.skipped}
         if self.error:
             row["error"] = self.error
-        first = None if self.first_ms is None else round(self.first_ms, 1)
+        if len(names) > 1:  # one input: `ms` says it all
+            row.update({f"ms_{name}": self.ms_at(name) for name in names})
         row.update(
             ms=self.ms,
-            runs=len(self.times_ms),
-            first_ms=first,
+            runs=len(self.times_ms.get(names[0], [])),
+            first_ms=None if self.first_ms is None else round(self.first_ms, 1),
             rel_error=self.rel_error,
-            tolerance=TOLERANCES[self.precision],
+            tolerance=self.tolerance,
             ok=self.ok,
         )
+        if self.dropped:
+            row["dropped"] = self.dropped
         return row
 
 
+def candidate(backend: str, precision: str, tolerance: float) -> _Candidate:
+    """A calibration candidate; skipped, saying how to install it, where its package is not."""
+    cand = _Candidate(backend, precision, tolerance)
+    if backend != "torch" and not _installed(backend):
+        cand.skipped = f"not installed ({_INSTALL[backend]})"
+    return cand
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What one kind of backend gives `calibrate` and `choose_backend`.
+
+    what: its name in log lines and errors ("encoder", "tracker mask decoder"); name: its
+    cache files' ("encoder", "decoder"); key: what the result depends on
+    (`calibration_key`); image_size and threads (the budget): for the log; precisions:
+    what a cached choice may name; candidates: every candidate, skipped ones with why;
+    inputs: name -> a maker of one call's input (candidates rank by the sum of their
+    medians); run: (backend, input) -> the output compared with the reference's, and what
+    is timed; make: (backend, precision) -> a built backend (RuntimeError / ValueError
+    where it cannot be); reference: the torch fp32 backend; reference_label: the candidate
+    that reference also is (reused, not built again), or None; unit: what an input's name
+    counts, for the log; hint: the end of the error when no candidate passes.
+    """
+
+    what: str
+    name: str
+    key: dict[str, Any]
+    image_size: int
+    threads: int
+    precisions: tuple[str, ...]
+    candidates: Callable[[], list[_Candidate]]
+    inputs: dict[str, Callable[[], Any]]
+    run: Callable[[Any, Any], np.ndarray]
+    make: Callable[[str, str], Any]
+    reference: Callable[[], Any]
+    reference_label: str | None = None
+    unit: str = ""
+    hint: str = ""
+
+
 def _candidates(dtype: str) -> list[_Candidate]:
-    """What `auto` considers for an `encoder.dtype`, with why any is left out."""
+    """What the encoder's `auto` considers for an `encoder.dtype`, with why any is left out."""
     native = native_bf16()
     precisions = ["float32", "bfloat16"] if dtype == "auto" else [dtype]
     out = []
@@ -430,10 +535,8 @@ def _candidates(dtype: str) -> list[_Candidate]:
                 continue  # neither ONNX backend has an fp16 path on x86 CPUs
             if precision == "bfloat16" and backend == "onnxruntime":
                 continue  # ONNX Runtime's CPU provider has no bf16 kernels for this graph
-            cand = _Candidate(backend, precision)
-            if backend != "torch" and not _installed(backend):
-                cand.skipped = f"not installed ({_INSTALL[backend]})"
-            elif precision == "bfloat16" and dtype == "auto" and not native:
+            cand = candidate(backend, precision, TOLERANCES[precision])
+            if not cand.skipped and precision == "bfloat16" and dtype == "auto" and not native:
                 cand.skipped = "no native bf16 on this CPU (emulated bf16 is ~12x slower)"
             out.append(cand)
     return out
@@ -471,112 +574,139 @@ def _make(
     )
 
 
-def _time_ms(encoder: EncoderBackend, x: np.ndarray) -> float:
+def _time_ms(run: Callable[[Any, Any], np.ndarray], runner: Any, x: Any) -> float:
     start = time.perf_counter()
-    encoder.encode(x)
+    run(runner, x)
     return (time.perf_counter() - start) * 1000
 
 
-def calibrate(
-    *,
-    model: MobileSAM,
-    checkpoint_sha256: str,
-    dtype: str = "auto",
-    threads: int | None = None,
-    cache: Path | None = None,
-) -> tuple[dict[str, Any], EncoderBackend]:
-    """Time and parity-check every candidate backend for `dtype` on this machine.
+def _prune(
+    alive: list[_Candidate], figure: Callable[[_Candidate], float], factor: float, what: str
+) -> list[_Candidate]:
+    """The candidates within `factor` x the best `figure`; the others (they cannot win) are
+    marked with why."""
+    best = min(alive, key=figure)
+    kept = []
+    for cand in alive:
+        ratio = figure(cand) / max(figure(best), 1e-9)
+        if ratio <= factor:
+            kept.append(cand)
+        else:
+            cand.dropped = f"{what} {ratio:.1f}x {best.label}'s"
+    return kept
 
-    Each candidate's first run is the parity check (and its warm-up); the ones within
-    tolerance and not far slower than the best first run are then timed in interleaved
-    rounds. Returns ({"choice": {"backend", "precision"}, "candidates": [rows: first_ms,
-    ms (median of the timed runs), runs, rel_error vs torch fp32, tolerance, ok; or
-    skipped, or error], "seconds": wall time, exports included}, the chosen backend).
+
+def calibrate(calibration: Calibration) -> tuple[dict[str, Any], Any]:
+    """Time and parity-check every candidate of `calibration` on this machine.
+
+    Each candidate's first run of every input is the parity check against the torch fp32
+    reference (and its warm-up); the ones within tolerance and not far slower than the
+    best first run are then timed in interleaved rounds, a candidate that cannot win
+    dropped after each. Returns ({"choice": {"backend", "precision"}, "candidates": [rows:
+    first_ms, ms (the sum over the inputs of the median of the timed runs; ms_<input> each
+    where there are several), runs, rel_error vs torch fp32 (the largest over the inputs),
+    tolerance, ok, dropped; or skipped, or error], "seconds": wall time, exports
+    included}, the chosen backend).
     """
+    cal = calibration
     start = time.perf_counter()
-    x = calibration_input(model.img_size)
-    reference_encoder = TorchEncoder(model=model, threads=threads)
-    # Torch's very first run pays for allocations and kernel choices (2.3x its steady time
-    # at 1024), ONNX Runtime and OpenVINO pay for theirs at load: warm torch up first so
-    # that first runs compare fairly.
-    reference_encoder.encode(x)
+    inputs = {name: make() for name, make in cal.inputs.items()}
+    reference = cal.reference()
+    if cal.reference_label is not None:
+        # Torch's very first run pays for allocations and kernel choices (2.3x its steady
+        # time for the encoder at 1024), ONNX Runtime and OpenVINO pay for theirs at load:
+        # warm the reference up first so that its first run, also its candidate's,
+        # compares fairly.
+        for x in inputs.values():
+            cal.run(reference, x)
     first = time.perf_counter()
-    reference = reference_encoder.encode(x)
+    expected = {name: cal.run(reference, x) for name, x in inputs.items()}
     reference_ms = (time.perf_counter() - first) * 1000
-    candidates = _candidates(dtype)
+    candidates = cal.candidates()
     for cand in candidates:
         if cand.skipped:
             continue
+        if cand.label == cal.reference_label:
+            cand.runner, cand.rel_error, cand.first_ms = reference, 0.0, reference_ms
+            continue
         try:
-            if cand.label == "torch/float32":
-                cand.encoder, cand.rel_error, cand.first_ms = reference_encoder, 0.0, reference_ms
-                continue
-            cand.encoder = _make(
-                cand.backend,
-                cand.precision,
-                model=model,
-                checkpoint_sha256=checkpoint_sha256,
-                threads=threads,
-                cache=cache,
-            )
+            cand.runner = cal.make(cand.backend, cand.precision)
             first = time.perf_counter()
-            out = cand.encoder.encode(x)
+            outputs = {name: cal.run(cand.runner, x) for name, x in inputs.items()}
             cand.first_ms = (time.perf_counter() - first) * 1000
-            cand.rel_error = relative_error(out, reference)
+            cand.rel_error = max(relative_error(outputs[n], expected[n]) for n in inputs)
         except (RuntimeError, ValueError) as err:
             # A backend that cannot load or run the model is not chosen; the run goes on.
-            cand.encoder, cand.error = None, str(err)
-            log.warning("encoder backend %s failed in calibration: %s", cand.label, err)
-        if cand.encoder is not None and not cand.ok:
+            cand.runner, cand.error = None, str(err)
+            log.warning("%s backend %s failed in calibration: %s", cal.what, cand.label, err)
+        if cand.runner is not None and not cand.ok:
             log.info(
-                "encoder backend %s is off by %.2g (tolerance %.0e): not a candidate",
+                "%s backend %s is off by %.2g (tolerance %.0e): not a candidate",
+                cal.what,
                 cand.label,
                 cand.rel_error,
-                TOLERANCES[cand.precision],
+                cand.tolerance,
             )
+    names = list(inputs)
     alive = [c for c in candidates if c.ok]
     if not alive:
-        rows = "; ".join(f"{c.label}: {c.as_dict()}" for c in candidates)
+        rows = "; ".join(f"{c.label}: {c.as_dict(names)}" for c in candidates)
         raise RuntimeError(
-            f"no encoder backend for encoder.dtype {dtype} is installed and "
-            f"within tolerance of torch fp32 ({rows}); use encoder.dtype auto "
-            "or float32"
+            f"no {cal.what} backend is installed and within tolerance of torch fp32 "
+            f"({rows}){cal.hint}"
         )
     # First runs carry one-off costs (allocation, kernel selection): only a wide margin
     # rules a candidate out before it is timed.
-    best_first = min(c.first_ms for c in alive)
-    alive = [c for c in alive if c.first_ms <= FIRST_RUN_PRUNE_FACTOR * best_first]
+    alive = _prune(alive, lambda c: c.first_ms, FIRST_RUN_PRUNE_FACTOR, "first run")
     deadline = start + CALIBRATION_BUDGET_S
     for _ in range(CALIBRATION_ROUNDS):
-        for cand in alive:  # interleaved, so that a burst of other load hits every candidate
-            cand.times_ms.append(_time_ms(cand.encoder, x))
-        best = min(c.ms for c in alive)
-        alive = [c for c in alive if c.ms <= PRUNE_FACTOR * best]
+        for name, x in inputs.items():
+            for cand in alive:  # interleaved, so that a burst of other load hits every one
+                cand.times_ms.setdefault(name, []).append(_time_ms(cal.run, cand.runner, x))
+        alive = _prune(alive, lambda c: c.ms, PRUNE_FACTOR, "timed")
         if len(alive) == 1 or time.perf_counter() > deadline:
             break
     winner = min((c for c in candidates if c.ok and c.times_ms), key=lambda c: c.ms)
     result = {
         "choice": {"backend": winner.backend, "precision": winner.precision},
-        "candidates": [c.as_dict() for c in candidates],
+        "candidates": [c.as_dict(names) for c in candidates],
         "seconds": round(time.perf_counter() - start, 2),
     }
-    return result, winner.encoder
+    return result, winner.runner
 
 
 def calibration_key(
-    *, image_size: int, threads: int, dtype: str, checkpoint_sha256: str
+    calibration_format: str,
+    *,
+    image_size: int,
+    threads: int,
+    checkpoint_sha256: str,
+    **settings: Any,
 ) -> dict[str, Any]:
     """What a calibration's result depends on: another machine, size, thread count, backend
-    version or checkpoint calibrates again."""
+    version, checkpoint or setting (`settings`: dtype, tolerances, ...) calibrates again."""
     return {
-        "format": CALIBRATION_FORMAT,
+        "format": calibration_format,
         **machine_key(),
         "image_size": image_size,
         "threads": threads,
-        "dtype": dtype,
         "checkpoint_sha256": checkpoint_sha256,
-        "tolerances": TOLERANCES,
+        **settings,
     }
+
+
+def encoder_calibration_key(
+    *, image_size: int, threads: int, dtype: str, checkpoint_sha256: str
+) -> dict[str, Any]:
+    """The encoder's `calibration_key`: also its encoder.dtype and tolerances."""
+    return calibration_key(
+        CALIBRATION_FORMAT,
+        image_size=image_size,
+        threads=threads,
+        checkpoint_sha256=checkpoint_sha256,
+        dtype=dtype,
+        tolerances=TOLERANCES,
+    )
 
 
 def machine_key() -> dict[str, Any]:
@@ -600,10 +730,11 @@ def calibration_path(cache: Path, what: str, image_size: int, key: dict[str, Any
 
 
 def load_calibration(
-    path: Path, key: dict[str, Any], *, what: str, precisions: Any
+    path: Path, key: dict[str, Any], *, what: str, precisions: Sequence[str]
 ) -> dict[str, Any] | None:
-    """A cached calibration of `what` ("encoder", "mask decoder") for exactly `key`, or None:
-    missing, made for another key (never used), or corrupt (a warning; calibrated again)."""
+    """A cached calibration of `what` ("encoder", "tracker mask decoder") for exactly `key`,
+    or None: missing, made for another key (never used), or corrupt (a warning; calibrated
+    again)."""
     if not path.is_file():
         return None
     try:
@@ -619,86 +750,110 @@ def load_calibration(
         return None
 
 
-def _load_calibration(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    return load_calibration(path, key, what="encoder", precisions=TOLERANCES)
+def _measured(row: dict[str, Any]) -> str:
+    """One candidate row of a calibration, for the log: its ms (per input where there are
+    several), or why it has none."""
+    label = f"{row['backend']}/{row['precision']}"
+    if row.get("ms") is None:
+        why = row.get("skipped") or row.get("error") or row.get("dropped")
+        return f"{label} {why}" if why else f"{label} off by {row['rel_error']:.2g}"
+    per_input = [row[k] for k in row if k.startswith("ms_")]
+    return f"{label} {' + '.join(f'{ms:.0f}' for ms in per_input or [row['ms']])} ms"
 
 
-def _auto(
-    *, model: MobileSAM, checkpoint_sha256: str, dtype: str, threads: int | None, cache: Path
-) -> EncoderBackend:
+def choose_backend(calibration: Calibration, cache: Path) -> tuple[Any, dict[str, Any]]:
+    """The backend `auto` picks for `calibration`: the cached choice for its key, else a new
+    calibration (written to `cache`); and the report's part that says so (chosen_by,
+    candidates, calibration_s, calibration_file)."""
     from pipeline.export import atomic_write_json
 
-    budget = encoder_threads(threads)
-    key = calibration_key(
-        image_size=model.img_size, threads=budget, dtype=dtype, checkpoint_sha256=checkpoint_sha256
-    )
-    path = calibration_path(cache, "encoder", model.img_size, key)
-    data = _load_calibration(path, key)
-    encoder = None
+    cal = calibration
+    path = calibration_path(cache, cal.name, cal.image_size, cal.key)
+    data = load_calibration(path, cal.key, what=cal.what, precisions=cal.precisions)
+    runner = None
     if data is not None:
         choice = data["choice"]
         try:
-            encoder = _make(
-                choice["backend"],
-                choice["precision"],
-                model=model,
-                checkpoint_sha256=checkpoint_sha256,
-                threads=threads,
-                cache=cache,
-            )
+            runner = cal.make(choice["backend"], choice["precision"])
             chosen_by = "calibration cache"
         except (RuntimeError, ValueError) as err:
             log.warning(
-                "cached encoder choice %s/%s cannot be used (%s): calibrating again",
+                "cached %s choice %s/%s cannot be used (%s): calibrating again",
+                cal.what,
                 choice["backend"],
                 choice["precision"],
                 err,
             )
-    if encoder is None:
+    if runner is None:
         log.info(
-            "calibrating the encoder backends at %d px with %d threads (once per "
-            "machine, size and version; seconds) ...",
-            model.img_size,
-            budget,
+            "calibrating the %s backends at %d px with %d threads (once per machine, size "
+            "and version; seconds) ...",
+            cal.what,
+            cal.image_size,
+            cal.threads,
         )
-        result, encoder = calibrate(
-            model=model,
-            checkpoint_sha256=checkpoint_sha256,
-            dtype=dtype,
-            threads=threads,
-            cache=cache,
-        )
-        data = {"key": key, **result}
+        result, runner = calibrate(cal)
+        data = {"key": cal.key, **result}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, data)
         chosen_by = "calibration"
-    encoder.report = {
-        **encoder.describe(),
-        "device": "cpu",
-        "requested": {"backend": "auto", "dtype": dtype},
+    inputs = " + ".join(cal.inputs) + f" {cal.unit}: " if len(cal.inputs) > 1 else ""
+    log.info(
+        "%s backend auto -> %s/%s at %d px, %d threads (%s; %s%s)",
+        cal.what,
+        runner.name,
+        runner.precision,
+        cal.image_size,
+        runner.threads,
+        chosen_by,
+        inputs,
+        ", ".join(_measured(row) for row in data["candidates"]),
+    )
+    return runner, {
         "chosen_by": chosen_by,
         "candidates": data["candidates"],
         "calibration_s": data["seconds"],
         "calibration_file": str(path),
     }
-    measured = ", ".join(
-        f"{row['backend']}/{row['precision']} "
-        + (
-            f"{row['ms']:.0f} ms"
-            if row.get("ms") is not None
-            else row.get("skipped") or row.get("error") or f"off by {row['rel_error']:.2g}"
-        )
-        for row in data["candidates"]
+
+
+def _encode(encoder: EncoderBackend, x: np.ndarray) -> np.ndarray:
+    return encoder.encode(x)
+
+
+def _auto(
+    *, model: MobileSAM, checkpoint_sha256: str, dtype: str, threads: int | None, cache: Path
+) -> EncoderBackend:
+    budget = encoder_threads(threads)
+    calibration = Calibration(
+        what="encoder",
+        name="encoder",
+        key=encoder_calibration_key(
+            image_size=model.img_size,
+            threads=budget,
+            dtype=dtype,
+            checkpoint_sha256=checkpoint_sha256,
+        ),
+        image_size=model.img_size,
+        threads=budget,
+        precisions=tuple(TOLERANCES),
+        candidates=functools.partial(_candidates, dtype),
+        inputs={"image": functools.partial(calibration_input, model.img_size)},
+        run=_encode,
+        make=functools.partial(
+            _make, model=model, checkpoint_sha256=checkpoint_sha256, threads=threads, cache=cache
+        ),
+        reference=functools.partial(TorchEncoder, model=model, threads=threads),
+        reference_label="torch/float32",
+        hint=f" for encoder.dtype {dtype}; use encoder.dtype auto or float32",
     )
-    log.info(
-        "encoder backend auto -> %s/%s at %d px, %d threads (%s; %s)",
-        encoder.name,
-        encoder.precision,
-        model.img_size,
-        encoder.threads,
-        chosen_by,
-        measured,
-    )
+    encoder, chosen = choose_backend(calibration, cache)
+    encoder.report = {
+        **encoder.describe(),
+        "device": "cpu",
+        "requested": {"backend": "auto", "dtype": dtype},
+        **chosen,
+    }
     return encoder
 
 

@@ -18,11 +18,11 @@ low-res mask prompt each) -> low-res logits Nx1x(4h)x(4w) and scores Nx1, float3
   (``pipeline.export.cached_onnx``, dynamic prompt and point counts), fp32 (OpenVINO's
   precision hint set to f32: it would pick bf16 by itself on CPUs with native bf16).
 
-`auto` times every installed candidate on this machine at the run's size and thread count
-on 1 and 8 box + mask prompts, parity-checks it against MobileSAM.decode in fp32 (low-res
-logits within `TOLERANCE` relative), and keeps the fastest (the sum of both timings); the
-result is cached as JSON under the same cache dir and key scheme as the encoder's
-calibration (``pipeline.backends``). Reduced precision is not a candidate: the tracker
+`auto` is the encoder's calibration (``pipeline.backends.calibrate``, cached the same way)
+given the decoder's candidates and inputs: it times every installed candidate on this
+machine at the run's size and thread count on 1 and 8 box + mask prompts, parity-checks it
+against MobileSAM.decode in fp32 (low-res logits within `TOLERANCE` relative), and keeps
+the fastest (the sum of both timings). Reduced precision is not a candidate: the tracker
 feeds each mask back as the next frame's mask prompt, so errors compound over frames
 (OpenVINO bf16 measured 1.3e-2 relative error on the logits). On a GPU, `auto` is torch.
 """
@@ -30,11 +30,9 @@ feeds each mask back as the next frame's mask prompt, so errors compound over fr
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import statistics
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,20 +40,19 @@ import numpy as np
 import torch
 
 from pipeline.backends import (
-    _INSTALL,
     _OV_PRECISION,
     _TORCH_DTYPES,
     BACKENDS,
+    Calibration,
+    _Candidate,
     _import,
-    _installed,
-    calibration_path,
+    calibration_key,
+    candidate,
+    choose_backend,
     compile_openvino,
     encoder_threads,
-    load_calibration,
-    machine_key,
-    relative_error,
 )
-from pipeline.model.sam import MobileSAM
+from pipeline.model.sam import SamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +63,6 @@ SETTING = "tracker.backend"
 TOLERANCE = 1e-4
 CALIBRATION_FORMAT = "samstream-decoder-calibration/1"
 CALIBRATION_COUNTS = (1, 8)  # prompts per timed call: one object, and a crowded scene
-CALIBRATION_ROUNDS = 3
-CALIBRATION_BUDGET_S = 20.0
 CANDIDATES = ("torch", "onnxruntime", "openvino")
 
 
@@ -80,7 +75,7 @@ class DecoderBackend:
 
     name: ClassVar[str] = "backend"
 
-    def __init__(self, *, model: MobileSAM, precision: str, threads: int, version: str) -> None:
+    def __init__(self, *, model: SamDecoder, precision: str, threads: int, version: str) -> None:
         self.image_size = model.img_size
         self.low_size = tuple(model.prompt_encoder.mask_input_size)
         self.precision = precision
@@ -130,7 +125,7 @@ class TorchDecoder(DecoderBackend):
     def __init__(
         self,
         *,
-        model: MobileSAM,
+        model: SamDecoder,
         precision: str = "float32",
         threads: int | None = None,
         exact: bool = False,
@@ -256,7 +251,7 @@ class OnnxRuntimeDecoder(_OnnxDecoder):
 
     name = "onnxruntime"
 
-    def __init__(self, *, model: MobileSAM, path: str | os.PathLike[str], threads: int) -> None:
+    def __init__(self, *, model: SamDecoder, path: str | os.PathLike[str], threads: int) -> None:
         ort = _import("onnxruntime", SETTING)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -288,7 +283,7 @@ class OpenVinoDecoder(_OnnxDecoder):
     def __init__(
         self,
         *,
-        model: MobileSAM,
+        model: SamDecoder,
         path: str | os.PathLike[str],
         threads: int,
         precision: str = "float32",
@@ -317,7 +312,7 @@ class OpenVinoDecoder(_OnnxDecoder):
 def make_decoder(
     backend: str,
     *,
-    model: MobileSAM,
+    model: SamDecoder,
     checkpoint_sha256: str | None,
     threads: int | None,
     cache: Path | None,
@@ -347,7 +342,7 @@ def make_decoder(
 
 
 def calibration_prompts(
-    model: MobileSAM, count: int, *, seed: int = 0
+    model: SamDecoder, count: int, *, seed: int = 0
 ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
     """The calibration and parity inputs: (a 1xCxhxw embedding, `count` boxes Nx4 of
     100-300 px (at 1024) over a 4:3 input frame, Nx1x(4h)x(4w) mask-prompt logits).
@@ -356,7 +351,7 @@ def calibration_prompts(
     encoder's output and a previous frame's logits (blobs with texture), no file needed.
     """
     rng = np.random.default_rng(seed)
-    s, grid = model.img_size, model.image_encoder.embedding_size
+    s, grid = model.img_size, model.embedding_size
     low = 4 * grid
     embedding = rng.standard_normal((1, model.prompt_encoder.embed_dim, grid, grid))
     scale = s / 1024
@@ -380,221 +375,81 @@ def calibration_prompts(
     )
 
 
-@dataclass
-class _Candidate:
-    backend: str
-    skipped: str | None = None
-    decoder: DecoderBackend | None = None
-    rel_error: float | None = None
-    first_ms: float | None = None
-    times_ms: dict[int, list[float]] = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return (
-            self.decoder is not None and self.rel_error is not None and self.rel_error <= TOLERANCE
-        )
-
-    def ms_at(self, count: int) -> float | None:
-        times = self.times_ms.get(count)
-        return round(statistics.median(times), 2) if times else None
-
-    @property
-    def ms(self) -> float | None:
-        """The figure candidates are ranked by: the sum over CALIBRATION_COUNTS."""
-        parts = [self.ms_at(n) for n in CALIBRATION_COUNTS]
-        return None if None in parts else round(sum(parts), 2)  # type: ignore[arg-type]
-
-    def as_dict(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"backend": self.backend, "precision": "float32"}
-        if self.skipped:
-            return {**row, "skipped": self.skipped}
-        if self.error:
-            row["error"] = self.error
-        row.update({f"ms_{n}": self.ms_at(n) for n in CALIBRATION_COUNTS})
-        row.update(
-            ms=self.ms,
-            runs=len(self.times_ms.get(CALIBRATION_COUNTS[0], [])),
-            first_ms=None if self.first_ms is None else round(self.first_ms, 1),
-            rel_error=self.rel_error,
-            tolerance=TOLERANCE,
-            ok=self.ok,
-        )
-        return row
+def _candidates() -> list[_Candidate]:
+    return [candidate(backend, "float32", TOLERANCE) for backend in CANDIDATES]
 
 
-def _timed(decoder: DecoderBackend, inputs: tuple[torch.Tensor, np.ndarray, torch.Tensor]) -> float:
+def _low_res(
+    decoder: DecoderBackend, inputs: tuple[torch.Tensor, np.ndarray, torch.Tensor]
+) -> np.ndarray:
+    """One calibration call: the box + mask prompts' low-res logits, compared for parity."""
     embedding, boxes, masks = inputs
-    start = time.perf_counter()
-    decoder.decode(embedding, boxes=boxes, mask_input=masks)
-    return (time.perf_counter() - start) * 1000
-
-
-def calibrate_decoder(
-    *,
-    model: MobileSAM,
-    checkpoint_sha256: str,
-    threads: int | None = None,
-    cache: Path | None = None,
-) -> tuple[dict[str, Any], DecoderBackend]:
-    """Parity-check and time every installed candidate on 1 and 8 box + mask prompts.
-
-    The first run of each candidate (both counts) is the parity check against
-    MobileSAM.decode in fp32 and its warm-up; then CALIBRATION_ROUNDS interleaved timed
-    rounds (no new one after CALIBRATION_BUDGET_S). Returns ({"choice": {"backend",
-    "precision"}, "candidates": [rows], "seconds"}, the chosen backend).
-    """
-    start = time.perf_counter()
-    inputs = {n: calibration_prompts(model, n, seed=n) for n in CALIBRATION_COUNTS}
-    reference = TorchDecoder(model=model, threads=threads, exact=True)
-    expected = {}
-    for n, (embedding, boxes, masks) in inputs.items():
-        expected[n] = reference.decode(embedding, boxes=boxes, mask_input=masks)[0].cpu().numpy()
-    candidates = []
-    for backend in CANDIDATES:
-        cand = _Candidate(backend)
-        candidates.append(cand)
-        if backend != "torch" and not _installed(backend):
-            cand.skipped = f"not installed ({_INSTALL[backend]})"
-            continue
-        try:
-            cand.decoder = make_decoder(
-                backend,
-                model=model,
-                checkpoint_sha256=checkpoint_sha256,
-                threads=threads,
-                cache=cache,
-            )
-            first = time.perf_counter()
-            errors = []
-            for n, (embedding, boxes, masks) in inputs.items():
-                low, _ = cand.decoder.decode(embedding, boxes=boxes, mask_input=masks)
-                errors.append(relative_error(low.cpu().numpy(), expected[n]))
-            cand.first_ms = (time.perf_counter() - first) * 1000
-            cand.rel_error = max(errors)
-        except (RuntimeError, ValueError) as err:
-            cand.decoder, cand.error = None, str(err)
-            log.warning("mask decoder backend %s failed in calibration: %s", backend, err)
-        if cand.decoder is not None and not cand.ok:
-            log.info(
-                "mask decoder backend %s is off by %.2g (tolerance %.0e): not a candidate",
-                backend,
-                cand.rel_error,
-                TOLERANCE,
-            )
-    alive = [c for c in candidates if c.ok]
-    if not alive:
-        rows = "; ".join(f"{c.backend}: {c.as_dict()}" for c in candidates)
-        raise RuntimeError(f"no mask decoder backend is within tolerance of torch fp32 ({rows})")
-    deadline = start + CALIBRATION_BUDGET_S
-    for _ in range(CALIBRATION_ROUNDS):
-        for n in CALIBRATION_COUNTS:
-            for cand in alive:  # interleaved: a burst of other load hits every candidate
-                cand.times_ms.setdefault(n, []).append(_timed(cand.decoder, inputs[n]))  # type: ignore[arg-type]
-        if time.perf_counter() > deadline:
-            break
-    winner = min(alive, key=lambda c: c.ms or float("inf"))
-    result = {
-        "choice": {"backend": winner.backend, "precision": "float32"},
-        "candidates": [c.as_dict() for c in candidates],
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    if winner.decoder is None:  # cannot happen: a timed candidate was built
-        raise RuntimeError("decoder calibration invariant broken: the winner was not built")
-    return result, winner.decoder
+    return decoder.decode(embedding, boxes=boxes, mask_input=masks)[0].cpu().numpy()
 
 
 def decoder_calibration_key(
     *, image_size: int, threads: int, checkpoint_sha256: str
 ) -> dict[str, Any]:
-    """What a decoder calibration depends on: another machine, size, thread count, backend
-    version or checkpoint calibrates again."""
-    return {
-        "format": CALIBRATION_FORMAT,
-        **machine_key(),
-        "image_size": image_size,
-        "threads": threads,
-        "counts": list(CALIBRATION_COUNTS),
-        "checkpoint_sha256": checkpoint_sha256,
-        "tolerance": TOLERANCE,
-    }
+    """The mask decoder's `pipeline.backends.calibration_key`: also its prompt counts and
+    tolerance."""
+    return calibration_key(
+        CALIBRATION_FORMAT,
+        image_size=image_size,
+        threads=threads,
+        checkpoint_sha256=checkpoint_sha256,
+        counts=list(CALIBRATION_COUNTS),
+        tolerance=TOLERANCE,
+    )
 
 
 def _auto(
-    *, model: MobileSAM, checkpoint_sha256: str, threads: int | None, cache: Path
+    *, model: SamDecoder, checkpoint_sha256: str, threads: int | None, cache: Path
 ) -> DecoderBackend:
-    from pipeline.export import atomic_write_json
-
     budget = encoder_threads(threads, what="tracker")
-    key = decoder_calibration_key(
-        image_size=model.img_size, threads=budget, checkpoint_sha256=checkpoint_sha256
+
+    def make(backend: str, precision: str) -> DecoderBackend:
+        return make_decoder(
+            backend,
+            model=model,
+            checkpoint_sha256=checkpoint_sha256,
+            threads=threads,
+            cache=cache,
+            precision=precision,
+        )
+
+    calibration = Calibration(
+        what="tracker mask decoder",
+        name="decoder",
+        key=decoder_calibration_key(
+            image_size=model.img_size, threads=budget, checkpoint_sha256=checkpoint_sha256
+        ),
+        image_size=model.img_size,
+        threads=budget,
+        precisions=("float32",),
+        candidates=_candidates,
+        inputs={
+            str(n): functools.partial(calibration_prompts, model, n, seed=n)
+            for n in CALIBRATION_COUNTS
+        },
+        run=_low_res,
+        make=make,
+        # MobileSAM.decode itself: the torch candidate is the reordered graph.
+        reference=functools.partial(TorchDecoder, model=model, threads=threads, exact=True),
+        unit="prompts",
     )
-    path = calibration_path(cache, "decoder", model.img_size, key)
-    data = load_calibration(path, key, what="mask decoder", precisions=("float32",))
-    decoder = None
-    if data is not None:
-        backend = data["choice"]["backend"]
-        try:
-            decoder = make_decoder(
-                backend,
-                model=model,
-                checkpoint_sha256=checkpoint_sha256,
-                threads=threads,
-                cache=cache,
-            )
-            chosen_by = "calibration cache"
-        except (RuntimeError, ValueError) as err:
-            log.warning(
-                "cached mask decoder choice %s cannot be used (%s): calibrating again", backend, err
-            )
-    if decoder is None:
-        log.info(
-            "calibrating the mask decoder backends at %d px with %d threads (once per machine, "
-            "size and version; seconds) ...",
-            model.img_size,
-            budget,
-        )
-        result, decoder = calibrate_decoder(
-            model=model, checkpoint_sha256=checkpoint_sha256, threads=threads, cache=cache
-        )
-        data = {"key": key, **result}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, data)
-        chosen_by = "calibration"
+    decoder, chosen = choose_backend(calibration, cache)
     decoder.report = {
         **decoder.describe(),
         "device": "cpu",
         "requested": {"backend": "auto"},
-        "chosen_by": chosen_by,
-        "candidates": data.get("candidates", []),
-        "calibration_s": data.get("seconds"),
-        "calibration_file": str(path),
+        **chosen,
     }
-    measured = ", ".join(
-        f"{row['backend']} "
-        + (
-            " + ".join(f"{row[f'ms_{n}']:.0f}" for n in CALIBRATION_COUNTS) + " ms"
-            if row.get("ms") is not None
-            else row.get("skipped") or row.get("error") or f"off by {row.get('rel_error')}"
-        )
-        for row in data.get("candidates", [])
-    )
-    log.info(
-        "tracker mask decoder backend auto -> %s at %d px, %d threads (%s; %s prompts: %s)",
-        decoder.name,
-        model.img_size,
-        decoder.threads,
-        chosen_by,
-        " + ".join(map(str, CALIBRATION_COUNTS)),
-        measured,
-    )
     return decoder
 
 
 def build_decoder(
     *,
-    model: MobileSAM,
+    model: SamDecoder,
     weights_path: str | os.PathLike[str],
     backend: str = "torch",
     threads: int | None = None,

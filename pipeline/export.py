@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.sam import MobileSAM
+from pipeline.model.sam import MobileSAM, SamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class DecoderOnnxModel(nn.Module):
     PyTorch's oneDNN kernels run faster (701 vs 775 ms).
     """
 
-    def __init__(self, *, model: MobileSAM, upscale_with_matmuls: bool = True) -> None:
+    def __init__(self, *, model: SamDecoder, upscale_with_matmuls: bool = True) -> None:
         super().__init__()
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
@@ -396,8 +396,8 @@ def onnx_prompts(
     return np.concatenate(coords, axis=1), np.concatenate(labels, axis=1)
 
 
-def _io_description(model: MobileSAM, kind: str) -> tuple[list[dict], list[dict]]:
-    s, grid = model.img_size, model.image_encoder.embedding_size
+def _io_description(model: SamDecoder, kind: str) -> tuple[list[dict], list[dict]]:
+    s, grid = model.img_size, model.embedding_size
     c, low = model.prompt_encoder.embed_dim, 4 * grid
     f32 = "float32"
     if kind == ENCODER:
@@ -485,17 +485,23 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_onnx(
-    model: MobileSAM, path: str | os.PathLike[str], *, kind: str, opset: int = OPSET
+    model: SamDecoder, path: str | os.PathLike[str], *, kind: str, opset: int = OPSET
 ) -> None:
     """Write the `kind` (ENCODER or DECODER) part of `model` to `path` as ONNX (no sidecar).
+    The decoder exports from a decoder-only `SamDecoder` too; the encoder needs a MobileSAM.
 
     Uses the classic TorchScript exporter (dynamo=False): it handles timm's TinyViT and
     gives a graph that both ONNX Runtime and OpenVINO optimise well.
     """
     model = model.eval()
     device = model.device
-    grid, c = model.image_encoder.embedding_size, model.prompt_encoder.embed_dim
+    grid, c = model.embedding_size, model.prompt_encoder.embed_dim
     if kind == ENCODER:
+        if not isinstance(model, MobileSAM):
+            raise TypeError(
+                f"the {ENCODER} export needs a MobileSAM, not a {type(model).__name__} "
+                "(which has no image encoder)"
+            )
         module: nn.Module = model.image_encoder
         args: tuple[torch.Tensor, ...] = (
             torch.zeros(1, 3, model.img_size, model.img_size, device=device),
@@ -540,7 +546,7 @@ def export_onnx(
 
 
 def sidecar(
-    model: MobileSAM, *, kind: str, checkpoint_sha256: str, opset: int, file_sha256_hex: str
+    model: SamDecoder, *, kind: str, checkpoint_sha256: str, opset: int, file_sha256_hex: str
 ) -> dict[str, Any]:
     """The JSON sidecar of an exported model: its cache key plus what a reader needs."""
     inputs, outputs = _io_description(model, kind)
@@ -589,7 +595,7 @@ def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_model(
-    model: MobileSAM,
+    model: SamDecoder,
     path: str | os.PathLike[str],
     *,
     kind: str,
@@ -684,7 +690,7 @@ def _cached_problem(path: Path, key: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def cached_onnx(
-    model: MobileSAM,
+    model: SamDecoder,
     *,
     kind: str,
     checkpoint_sha256: str,

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.decoder_backends import DecoderBackend, TorchDecoder
 from pipeline.masks import RegionMask, WindowBox
+from pipeline.model.sam import SamDecoder
 from pipeline.model.transforms import scale_boxes, scale_coords
 from pipeline.predictor import SAM, ImageEmbedding
 from pipeline.prompts import Prompts
@@ -39,25 +40,28 @@ class SamMaskDecoder:
     own masks come back either way: the tracker measures on them, and only it knows which
     tracks are lost or coasting by then.
 
-    backend: what runs the prompt encoder + mask decoder (``pipeline.decoder_backends``,
-    ``tracker.backend``); None: MobileSAM.decode in torch at the SAM's dtype, bit for bit
-    what ``SAM.decode`` gives.
+    sam: the decoder-only model (the tracker's: ``pipeline.model.checkpoint.load_sam_decoder``,
+    no image encoder) or a whole `SAM` (its model's decode path, at its dtype); embeddings
+    go to its device. backend: what runs the prompt encoder + mask decoder
+    (``pipeline.decoder_backends``, ``tracker.backend``); None: SamDecoder.decode in torch
+    (at the SAM's dtype; float32 for a SamDecoder), bit for bit what ``SAM.decode`` gives.
     """
 
     def __init__(
         self,
-        sam: SAM,
+        sam: SamDecoder | SAM,
         *,
         exclusive: bool = True,
         windowed: bool = True,
         backend: DecoderBackend | None = None,
     ) -> None:
-        self.sam = sam
+        self.model: SamDecoder = sam.model if isinstance(sam, SAM) else sam
         self.exclusive = exclusive
         self.windowed = windowed
         if backend is None:
-            precision = str(sam.dtype).removeprefix("torch.")
-            backend = TorchDecoder(model=sam.model, precision=precision, exact=True)
+            dtype = sam.dtype if isinstance(sam, SAM) else torch.float32
+            precision = str(dtype).removeprefix("torch.")
+            backend = TorchDecoder(model=self.model, precision=precision, exact=True)
         self.backend = backend
         self.image: ImageEmbedding | None = None
         # Per (original size, input size): the window upscaler, or None for the full frame.
@@ -101,7 +105,7 @@ class SamMaskDecoder:
             raise RuntimeError("mask decoder invariant broken: a row was not decoded")
         low_host = low_res.cpu().numpy()
         windows, logits = self._upscale(low_res, low_host, size)
-        threshold = self.sam.model.mask_threshold
+        threshold = self.model.mask_threshold
         masks = tuple(
             RegionMask(size, box, window > threshold)
             for box, window in zip(windows, logits, strict=True)
@@ -120,7 +124,7 @@ class SamMaskDecoder:
         low_host: the same on the host."""
         if self.image is None:  # cannot happen: checked by __call__
             raise RuntimeError("no frame embedding set")
-        model = self.sam.model
+        model = self.model
         threshold = model.mask_threshold
         upscaler = self.upscaler_for(low_res.shape[-1], size, self.image.input_size)
         if upscaler is not None:
@@ -152,7 +156,7 @@ class SamMaskDecoder:
         key = (size, (int(input_size[0]), int(input_size[1])))
         if key in self._upscalers:
             return self._upscalers[key]
-        model, device = self.sam.model, self.sam.device
+        model, device = self.model, self.model.device
         upscaler: Upscaler | None
         try:
             upscaler = Upscaler(
@@ -201,7 +205,7 @@ class SamMaskDecoder:
         if mask_logits[rows[0]] is not None:
             stacked = np.stack([mask_logits[i] for i in rows]).astype(np.float32)
             mask_inputs = torch.from_numpy(stacked).reshape(len(rows), 1, *stacked.shape[-2:])
-            mask_inputs = mask_inputs.to(self.sam.device)
+            mask_inputs = mask_inputs.to(self.model.device)
         return self._network(prompts, mask_inputs)
 
     def _network(
@@ -212,7 +216,7 @@ class SamMaskDecoder:
         ours to do). Low-res logits (B, 1, g, g) and scores (B, 1), float32 on the device."""
         if self.image is None:  # cannot happen: checked by __call__
             raise RuntimeError("no frame embedding set")
-        size, long_side = self.image.original_size, self.sam.image_size
+        size, long_side = self.image.original_size, self.model.img_size
         boxes = points = None
         if prompts.boxes is not None:
             boxes = scale_boxes(prompts.boxes, size, long_side)
@@ -221,7 +225,7 @@ class SamMaskDecoder:
         low_res, scores = self.backend.decode(
             self.image.embedding, boxes=boxes, points=points, mask_input=mask_inputs
         )
-        device = self.sam.device
+        device = self.model.device
         return low_res.to(device), scores.to(device)
 
 

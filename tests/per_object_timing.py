@@ -115,8 +115,8 @@ def tracker_node(weights: Path, backend: str, count: int, size: tuple[int, int],
     node = TrackerNode(config, weights=str(weights), image_size=1024)
     node.setup()
     if backend == "exact":  # the tracker's network before the backends: MobileSAM.decode
-        node.decoder.backend = TorchDecoder(model=node.decoder.sam.model, exact=True)
-    network = TimedNetwork(node.decoder.backend, node.decoder.sam.model, blobs=blobs)
+        node.decoder.backend = TorchDecoder(model=node.decoder.model, exact=True)
+    network = TimedNetwork(node.decoder.backend, node.decoder.model, blobs=blobs)
     node.decoder.backend.decode = network
     for box in boxes_for(count, size, 100, 300, seed=count):
         node.tracker.add(box=box)

@@ -207,9 +207,9 @@ def fast_calibration(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = backends.calibrate
 
-    def counting(**kwargs):
+    def counting(*args, **kwargs):
         calls.append(1)
-        return real(**kwargs)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(backends, "calibrate", counting)
     return calls
@@ -237,11 +237,11 @@ def test_auto_calibrates_once_and_reuses_the_result(
 
 
 def test_a_calibration_for_another_key_is_never_used(tmp_path: Path) -> None:
-    key = backends.calibration_key(
+    key = backends.encoder_calibration_key(
         image_size=SIZE, threads=2, dtype="auto", checkpoint_sha256="a" * 64
     )
     for change in ({"threads": 1}, {"image_size": 512}, {"checkpoint_sha256": "b" * 64}):
-        other = backends.calibration_key(
+        other = backends.encoder_calibration_key(
             **{
                 "image_size": SIZE,
                 "threads": 2,
@@ -256,9 +256,13 @@ def test_a_calibration_for_another_key_is_never_used(tmp_path: Path) -> None:
     path = tmp_path / "calibration.json"
     choice = {"backend": "onnxruntime", "precision": "float32"}
     path.write_text(json.dumps({"key": {**key, "threads": 1}, "choice": choice}))
-    assert backends._load_calibration(path, key) is None
+
+    def load() -> dict | None:
+        return backends.load_calibration(path, key, what="encoder", precisions=("float32",))
+
+    assert load() is None
     path.write_text(json.dumps({"key": key, "choice": choice}))
-    assert backends._load_calibration(path, key)["choice"] == choice
+    assert load()["choice"] == choice
 
 
 def test_a_corrupt_calibration_is_redone_with_a_warning(

@@ -843,7 +843,7 @@ class NodeSceneDecoder(SceneDecoder):
     """SceneDecoder in SamMaskDecoder's place in a TrackerNode: the frame size is that of
     the embedding the node sets before each step."""
 
-    sam = SimpleNamespace(device=torch.device("cpu"))
+    model = SimpleNamespace(device=torch.device("cpu"))
     image = None
 
     def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:

@@ -112,7 +112,7 @@ class BoxMaskDecoder:
     """The mask decoder's place in a TrackerNode: a box prompt's mask is its box, a points
     prompt's a square around its first point; score 0.9."""
 
-    sam = SimpleNamespace(device=torch.device("cpu"))
+    model = SimpleNamespace(device=torch.device("cpu"))
     image = None  # the node sets the frame's ImageEmbedding before each step
 
     def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:

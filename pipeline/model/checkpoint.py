@@ -13,8 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.model.sam import SamDecoder, build_sam_decoder
+
 # Official keys that this model has no use for: TinyViT's ImageNet classifier.
 _UNUSED_PREFIXES = ("image_encoder.head.", "image_encoder.norm_head.")
+# The image encoder's keys: a decoder-only model (the tracker's) leaves them unread.
+IMAGE_ENCODER_PREFIX = "image_encoder."
 
 
 class CheckpointError(RuntimeError):
@@ -94,10 +98,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load an official-layout checkpoint into `model`, strictly, with errors that name the key."""
+def load_checkpoint(model: nn.Module, path: str | Path, *, skip: tuple[str, ...] = ()) -> None:
+    """Load an official-layout checkpoint into `model`, strictly, with errors that name the key.
+
+    skip: key prefixes of networks that `model` does not have (IMAGE_ENCODER_PREFIX for a
+    `SamDecoder`): left out unchecked. Every other key must match `model` exactly.
+    """
     path = Path(path)
-    state_dict = checkpoint_filter_fn(read_state_dict(path))
+    state_dict = {
+        key: value
+        for key, value in checkpoint_filter_fn(read_state_dict(path)).items()
+        if not key.startswith(skip)
+    }
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -121,3 +133,12 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
                 f"expected {tuple(target.shape)}"
             )
     model.load_state_dict(state_dict, strict=True)
+
+
+def load_sam_decoder(path: str | Path, *, img_size: int = 1024) -> SamDecoder:
+    """The prompt encoder + mask decoder of an official-layout checkpoint, on the CPU, with no
+    image encoder built (its weights are left unread); a checkpoint without all of their
+    `prompt_encoder.*` and `mask_decoder.*` keys fails, naming the first one missing."""
+    model = build_sam_decoder(img_size=img_size)
+    load_checkpoint(model, path, skip=(IMAGE_ENCODER_PREFIX,))
+    return model
