@@ -12,6 +12,10 @@ Then a live run: the source played at its own frame rate in live mode for ``live
 with capture-to-publish latency (median, p95), the share of frames within the per-frame
 budget and the frames dropped by newest-frame-wins. Its peer figure is the official loop's
 time per frame: the latency a synchronous loop would give every frame it does not skip.
+
+`gpu_encoder_table` (and `compiled_encoder_rows`), run by .ci/gpu-check: the encoder's
+device time per precision, batch size and CUDA graphs or not, beside the official encoder,
+and the mask decoder's per track count (`format_gpu_table` prints them).
 """
 
 from __future__ import annotations
@@ -258,6 +262,229 @@ def encoder_table(
         )
         results[f"encoder_auto_choice_{size}"] = f"{auto.name}/{auto.precision}"
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU table (.ci/gpu-check): encoder and mask decoder device times, beside the official
+# encoder, measured in one run. Runs on the CPU too (the tests do, tiny): rows that need
+# CUDA then say so.
+
+GPU_BATCHES = (1, 4, 16)
+GPU_TRACKS = (1, 8, 32)
+# (row name, precision, CUDA graphs): the torch encoder's variants in the table.
+GPU_ENCODER_VARIANTS = (
+    ("fp32_eager", "float32", False),
+    ("fp16_eager", "float16", False),
+    ("fp16_graph", "float16", True),
+    ("bf16_eager", "bfloat16", False),
+)
+NO_CUDA = "n/a: no CUDA"
+EMULATED = "n/a: emulated on this CPU"
+
+
+def device_ms(
+    fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3
+) -> float:
+    """Median milliseconds of `fn` after `warmup` calls: on CUDA the device time between two
+    events around the queued work (host launch gaps included, as a caller sees them), else
+    wall time."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1000)
+    return statistics.median(times)
+
+
+def _official_encoders(
+    weights: Path, device: torch.device, image_size: int
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor] | str]:
+    """The official image encoder as fp32 eager and as fp16 in a CUDA graph (half weights
+    under autocast, as ours), each a callable or the reason it cannot run here."""
+    from pipeline.gpu import CudaGraphRunner, half_copy
+
+    names = ("official_fp32_eager", "official_fp16_graph")
+    if image_size != 1024:
+        return dict.fromkeys(names, "n/a: the official encoder runs at 1024 only")
+    try:
+        import mobile_sam
+    except ImportError:
+        return dict.fromkeys(names, "n/a: no mobile_sam (pip install mobilesam-mirror)")
+    model = mobile_sam.sam_model_registry["vit_t"]()
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    fp32 = model.image_encoder.to(device).eval()
+    if device.type != "cuda":
+        return {names[0]: fp32, names[1]: NO_CUDA}
+    fp16 = half_copy(fp32, torch.float16)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
+            return fp16(x)
+
+    return {names[0]: fp32, names[1]: CudaGraphRunner(forward)}
+
+
+def gpu_encoder_table(
+    weights: str,
+    frame: np.ndarray,
+    *,
+    device: str,
+    image_size: int = 1024,
+    batches: tuple[int, ...] = GPU_BATCHES,
+    tracks: tuple[int, ...] = GPU_TRACKS,
+    repeats: int = 20,
+    warmup: int = 3,
+) -> dict[str, float | str | None]:
+    """Encoder ms at each batch size for fp32 / fp16 / bf16 eager and fp16 in CUDA graphs,
+    the official encoder's fp32 eager and fp16 graph beside; each variant's relative error
+    vs fp32 eager and whether its output is finite (batch 1, `frame`); ms of `encode_frames`
+    from the host frame (upload and preprocessing included) at batch 1; mask decoder ms for
+    each track count in fp32 and fp16. Encoder times are of the encoder alone, on inputs
+    already preprocessed on the device, as the official figures are.
+
+    Rows: ``encoder_ms_<variant>_batch<B>``, ``encoder_rel_error_<variant>``,
+    ``encoder_finite_<variant>``, ``encode_frames_ms_<variant>_batch1``,
+    ``mask_decoder_ms_<fp32|fp16>_<N>_tracks``.
+    """
+    from pipeline.backends import TorchEncoder, native_bf16, relative_error
+    from pipeline.gpu import device_preprocess, upload
+
+    sam = SAM(weights, device=device, image_size=image_size, backend="torch", dtype="float32")
+    dev = sam.device
+    cuda = dev.type == "cuda"
+    results: dict[str, float | str | None] = {
+        "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
+        "encoder_image_size": str(image_size),
+    }
+    inputs = {  # per batch size and dtype: the preprocessed input, made on the device
+        (b, dtype): device_preprocess(upload([frame] * b, dev), image_size=image_size, dtype=dtype)[
+            0
+        ]
+        for b in batches
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    }
+    # name -> (the encoder on a preprocessed input, or why it cannot run; its input dtype)
+    variants: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor] | str, torch.dtype]] = {}
+    encoders: dict[str, TorchEncoder] = {}
+    for name, precision, graphs in GPU_ENCODER_VARIANTS:
+        if graphs and not cuda:
+            variants[name] = (NO_CUDA, torch.float32)
+            continue
+        if not cuda and precision != "float32" and not (precision == "bfloat16" and native_bf16()):
+            variants[name] = (EMULATED, torch.float32)  # 5-12x slower than fp32: no figure
+            continue
+        encoder = TorchEncoder(model=sam.model, precision=precision, cuda_graphs=graphs)
+        encoders[name] = encoder
+        variants[name] = (encoder.run, encoder.input_dtype)
+    for name, fn in _official_encoders(sam.weights_path, dev, image_size).items():
+        variants[name] = (fn, torch.float16 if "fp16" in name else torch.float32)
+    with torch.inference_mode():
+        reference = None
+        for name, (fn, dtype) in variants.items():
+            if isinstance(fn, str):
+                results.update({f"encoder_ms_{name}_batch{b}": fn for b in batches})
+                continue
+            for b in batches:
+                x = inputs[(b, dtype)]
+                results[f"encoder_ms_{name}_batch{b}"] = device_ms(
+                    lambda f=fn, x=x: f(x), dev, repeats, warmup
+                )
+            out = fn(inputs[(batches[0], dtype)])[:1].float()
+            reference = out if reference is None else reference  # fp32 eager comes first
+            results[f"encoder_rel_error_{name}"] = relative_error(
+                out.cpu().numpy(), reference.cpu().numpy()
+            )
+            results[f"encoder_finite_{name}"] = str(bool(torch.isfinite(out).all()))
+        for name, encoder in encoders.items():
+            results[f"encode_frames_ms_{name}_batch1"] = device_ms(
+                lambda e=encoder: e.encode_frames([frame]), dev, repeats, warmup
+            )
+        embedding, input_size = encoders["fp32_eager"].encode_frames([frame])
+        for label, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+            if not cuda and dtype != torch.float32:
+                results.update({f"mask_decoder_ms_{label}_{n}_tracks": EMULATED for n in tracks})
+                continue
+            for n in tracks:
+                boxes = torch.tensor(_grid_boxes(n, input_size), dtype=torch.float32, device=dev)
+
+                def decode(boxes: torch.Tensor = boxes, dtype: torch.dtype = dtype) -> object:
+                    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                        return sam.model.decode(embedding, boxes=boxes)
+
+                results[f"mask_decoder_ms_{label}_{n}_tracks"] = device_ms(
+                    decode, dev, repeats, warmup
+                )
+    return results
+
+
+def compiled_encoder_rows(
+    weights: str, frame: np.ndarray, *, device: str, image_size: int = 1024, repeats: int = 20
+) -> dict[str, float | str | None]:
+    """The fp16 encoder through ``torch.compile(mode="reduce-overhead")`` (Inductor kernels
+    replayed from CUDA graphs) at batch 1: the seconds its first call takes (the compile,
+    cached by torch under its cache dir for later processes), then ms as in
+    `gpu_encoder_table`, and its relative error vs fp32 eager. The alternative to
+    `pipeline.gpu.CudaGraphRunner`, measured beside it, not used by the pipeline."""
+    from pipeline.backends import TorchEncoder, relative_error
+    from pipeline.gpu import device_preprocess, upload
+
+    sam = SAM(weights, device=device, image_size=image_size, backend="torch", dtype="float32")
+    if sam.device.type != "cuda":
+        return {"encoder_ms_fp16_compiled_batch1": NO_CUDA}
+    exact = TorchEncoder(model=sam.model, precision="float32", cuda_graphs=False)
+    half = TorchEncoder(model=sam.model, precision="float16", cuda_graphs=False)
+    compiled = torch.compile(half.run, mode="reduce-overhead", dynamic=False)
+    frames = upload([frame], sam.device)
+    x, _ = device_preprocess(frames, image_size=image_size, dtype=torch.float16)
+    x32, _ = device_preprocess(frames, image_size=image_size, dtype=torch.float32)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = compiled(x).clone()  # the next call may overwrite its output buffer
+        torch.cuda.synchronize(sam.device)
+        results: dict[str, float | str | None] = {
+            "encoder_compile_s_fp16_batch1": time.perf_counter() - start
+        }
+        results["encoder_ms_fp16_compiled_batch1"] = device_ms(
+            lambda: compiled(x), sam.device, repeats
+        )
+        results["encoder_rel_error_fp16_compiled"] = relative_error(
+            out.float().cpu().numpy(), exact.run(x32).cpu().numpy()
+        )
+    return results
+
+
+def format_gpu_table(results: dict[str, float | str | None]) -> str:
+    """The encoder rows as a variant x batch matrix of ms (a variant that cannot run: its
+    reason once), then every other row by name."""
+    matrix: dict[str, dict[str, float | str | None]] = {}
+    rest = []
+    for name, value in results.items():
+        if name.startswith("encoder_ms_") and "_batch" in name:
+            variant, _, batch = name.removeprefix("encoder_ms_").rpartition("_batch")
+            matrix.setdefault(variant, {})[batch] = value
+        elif "rel_error" in name and isinstance(value, float):
+            rest.append(f"{name:<48} {value:10.2e}")  # errors span 1e-7 to 1e-1
+        else:
+            rest.append(f"{name:<48} {_value(value)}")
+    columns = sorted({b for row in matrix.values() for b in row}, key=int)
+    lines = [f"{'encoder ms (median) / batch':<28}" + "".join(f"{b:>12}" for b in columns)]
+    for variant, row in matrix.items():
+        cells = [row.get(b) for b in columns]
+        if all(isinstance(c, str) for c in cells) and len(set(cells)) == 1:
+            lines.append(f"{variant:<28}  {cells[0]}")
+        else:
+            lines.append(f"{variant:<28}" + "".join(f"{_value(c):>12}" for c in cells))
+    return "\n".join(lines + rest)
 
 
 def _read_frames(source: str, count: int) -> tuple[list[np.ndarray], float]:

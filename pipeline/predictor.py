@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.backends import EncoderBackend, build_encoder
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.model.sam import MobileSAM, build_mobile_sam
-from pipeline.model.transforms import resize_longest_side, scale_boxes, scale_coords
+from pipeline.model.transforms import scale_boxes, scale_coords
 from pipeline.model.weights import resolve_weights
 from pipeline.prompts import Prompts, parse_prompts
 from pipeline.results import Results
@@ -188,17 +188,15 @@ class SAM:
     def encode_batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encode same-sized HxWx3 uint8 RGB frames -> (BxCxhxw float embeddings, input size).
 
-        The resize happens on the host (PIL, as the reference does); the rest in the encoder
-        backend (for torch, normalisation and padding on the device).
+        The encoder backend does the preprocessing: on the host (PIL's resize, as the
+        reference does) or, for torch on CUDA, all of it on the device (`pipeline.gpu`).
         """
         if not images:
             raise ValueError("encode_batch needs at least one image")
         shape = images[0].shape
         if any(img.shape != shape for img in images):
             raise ValueError("encode_batch needs images of one size (frames of one stream)")
-        resized = np.stack([resize_longest_side(img, self.image_size) for img in images])
-        embeddings = self.encoder.encode_images(resized)
-        return embeddings, (resized.shape[1], resized.shape[2])
+        return self.encoder.encode_frames(images)
 
     def set_image(self, source: ImageSource, image_format: ImageFormat = "RGB") -> ImageEmbedding:
         """Encode one image (see `load_image`) for any number of later `decode` calls."""
