@@ -466,6 +466,7 @@ def run_pipeline(
     token = secrets.token_hex(16)
     forged = [0]  # status messages without the run's token
     restarts = _Restarts()
+    attempt_start = [config.resume.frames_done]  # frames complete when this attempt began
     start = time.monotonic()
     bar = None
     stopped_by: str | None = None
@@ -553,12 +554,27 @@ def run_pipeline(
         collect(200)
         for w in workers:
             w.close()
-        if resume.interrupted_frames(config.publisher.out) is None:
-            raise RunFailed(f"{failure}\n(the outputs could not be kept: no restart)")
+        out = config.publisher.out
+        if resume.interrupted_frames(out) is None:
+            # The publisher did not record where its outputs end: it was killed, or stopped
+            # before it had opened them. A writer renames its files into place only when
+            # it closes, so those under their final names are still the ones this attempt
+            # started from.
+            from pipeline.outputs import remove_unfinished  # 0.7 s of imports: not at start
+
+            removed = remove_unfinished(out)
+            log.warning(
+                "the publisher left no record of its outputs: continuing from frame %d, where "
+                "this attempt started (%d unfinished file(s) removed)",
+                attempt_start[0],
+                len(removed),
+            )
+            resume.mark_interrupted(out, attempt_start[0])
         resumed = dataclasses.replace(
             config, resume=dataclasses.replace(config.resume, enabled=True)
         )
         resumed = _plan_outputs(resumed)
+        attempt_start[0] = resumed.resume.frames_done
         last.clear()
         return [start_process(name, resumed) for name in NODE_NAMES]
 

@@ -155,13 +155,62 @@ def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path, tmp_p
             proc.kill()
     assert proc.returncode == 0, stderr
     assert stdout.count("encoder died") == 3, stdout
-    for name in [
-        "masks.jsonl",
-        "tracks.txt",
-        *(f"masks/{p.name}" for p in (tmp_path / "full" / "masks").iterdir()),
-    ]:
-        assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    _assert_same_outputs(out, tmp_path / "full")
+
+
+def _assert_same_outputs(out: Path, full: Path) -> None:
+    """``out`` holds exactly the files of the uninterrupted run in ``full``, nothing else."""
+    names = sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file())
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == names
+    for name in names:
+        if name != "overlay.mp4":  # the same frames, but re-encoded across attempts
+            assert (out / name).read_bytes() == (full / name).read_bytes(), name
     assert not (out / ".samstream").exists()
+
+
+def test_offline_run_survives_a_killed_publisher_and_a_death_while_resuming(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """A publisher killed with SIGKILL records nothing of its outputs; the encoder of the
+    resumed attempt then dies while the nodes start again. The run still ends with the
+    outputs of an uninterrupted run, and no unfinished file is left."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=60, size=(160, 120), fps=10)
+    common = [
+        "--source",
+        str(clip),
+        "--box",
+        "10",
+        "40",
+        "50",
+        "80",
+        "--weights",
+        str(checkpoint),
+        *FAST,
+    ]
+    full = samstream("run", *common, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    proc = _start(["run", *common, "--out", str(out)])
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((out / "masks").glob("*.png"))) < 6:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.05)
+        encoder = _node_pid(proc.pid, "encoder")
+        publisher = _node_pid(proc.pid, "publisher")
+        os.kill(publisher, signal.SIGKILL)
+        # The launcher stops the others and starts all four again: kill the new encoder
+        # as soon as it exists, while the attempt is still starting.
+        os.kill(_node_pid(proc.pid, "encoder", not_pid=encoder), signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "publisher died" in stdout and "encoder died" in stdout, stdout
+    assert "the publisher left no record of its outputs" in stderr
+    _assert_same_outputs(out, tmp_path / "full")
 
 
 def test_forged_status_messages_are_not_believed(checkpoint: Path, tmp_path: Path) -> None:
