@@ -108,6 +108,65 @@ def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
     assert "nodes restarted after dying" in stdout, stdout
 
 
+def test_live_run_survives_decoder_and_publisher_kills(checkpoint: Path) -> None:
+    """A new decoder continues the stream (sequence numbers, frame indices and timestamps
+    go on, never back); a new publisher binds the same feed, and the subscriber that was
+    there gets masks again without doing anything."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = _start(
+        [
+            "run",
+            "--source",
+            "lavfi:testsrc2=size=160x120:rate=10",
+            "--realtime",
+            "--box",
+            "10",
+            "10",
+            "80",
+            "80",
+            "--weights",
+            str(checkpoint),
+            *FAST,
+            "--set",
+            f"transport.publish={json.dumps(endpoint)}",
+        ]
+    )
+    frames: list = []
+    degraded: set[str] = set()
+    try:
+        with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
+            for victim in ("decoder", "publisher", "decoder"):
+                first = sub.recv(120_000)
+                assert first is not None, f"no masks before the {victim} kill"
+                frames.append(first)
+                pid = _node_pid(proc.pid, victim)
+                os.kill(pid, signal.SIGKILL)
+                killed = time.monotonic()
+                while True:  # the masks of a frame captured after the kill
+                    event = sub.recv_event(60_000)
+                    assert event is not None, f"no masks within 60 s of the {victim} kill"
+                    if hasattr(event, "seq"):
+                        frames.append(event)
+                        if event.capture_time > time.time() - (time.monotonic() - killed):
+                            break
+                    elif getattr(event, "state", None) == "degraded":
+                        degraded.add(event.node)
+                assert proc.poll() is None, "the run ended"
+        proc.send_signal(signal.SIGTERM)
+        stdout, _stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for key in ("seq", "frame_index"):
+        values = [getattr(f, key) for f in frames]
+        assert all(b > a for a, b in itertools.pairwise(values)), f"{key} went back: {values}"
+    seconds = [f.time_seconds for f in frames]
+    assert all(b > a for a, b in itertools.pairwise(seconds)), f"time went back: {seconds}"
+    assert frames[-1].session >= 2, "each new decoder is a new session of the stream"
+    assert "decoder" in degraded, "consumers were not told"
+    assert stdout.count("decoder died") == 2 and "publisher died" in stdout, stdout
+
+
 def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path, tmp_path: Path) -> None:
     # Long enough that the encoder is still at work at the third kill: it runs ahead of the
     # publisher by up to the queues' worth of frames (~30), more so on a loaded machine.
