@@ -11,12 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from media import make_clip
 from test_pipeline_e2e import FAST, _alive, _children, free_port, samstream
 
-from pipeline.client import MaskSubscriber
+from pipeline.client import MaskFrame, MaskSubscriber
 from pipeline.launcher import MAX_RESTARTS
 
 pytestmark = pytest.mark.slow
@@ -48,27 +49,55 @@ def _start(args: list[str]) -> subprocess.Popen:
     )
 
 
-def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    kills = MAX_RESTARTS  # 10: the most a minute allows; one more would fail the run
-    proc = _start(
+def _start_live(checkpoint: Path, endpoint: str) -> subprocess.Popen:
+    """A live run of a 10 fps test source, one object, masks on ``endpoint``."""
+    return _start(
         [
             "run",
             "--source",
             "lavfi:testsrc2=size=160x120:rate=10",
             "--realtime",
-            "--box",
-            "10",
-            "10",
-            "80",
-            "80",
-            "--weights",
-            str(checkpoint),
+            *("--box", "10", "10", "80", "80"),
+            *("--weights", str(checkpoint)),
             *FAST,
-            "--set",
-            f"transport.publish={json.dumps(endpoint)}",
+            *("--set", f"transport.publish={json.dumps(endpoint)}"),
         ]
     )
+
+
+def _offline_args(clip: Path, checkpoint: Path) -> list[str]:
+    """`samstream run` arguments for ``clip``, one object (add --out DIR)."""
+    return [
+        *("--source", str(clip)),
+        *("--box", "10", "40", "50", "80"),
+        *("--weights", str(checkpoint)),
+        *FAST,
+    ]
+
+
+def _kill_and_follow(launcher: int, name: str, sub: MaskSubscriber) -> list[tuple[float, Any]]:
+    """SIGKILL the launcher's ``name`` node; every event of the feed (with the
+    time.monotonic() it came), up to the masks of a frame captured after the kill."""
+    os.kill(_node_pid(launcher, name), signal.SIGKILL)
+    killed, killed_wall = time.monotonic(), time.time()
+    events = []
+    while True:
+        event = sub.recv_event(60_000)
+        assert event is not None, f"no masks within 60 s of the {name} kill"
+        events.append((time.monotonic(), event))
+        if isinstance(event, MaskFrame) and event.capture_time > killed_wall:
+            return events
+        assert time.monotonic() - killed < 120, f"no masks of a new frame after the {name} kill"
+
+
+def _states(events: list[tuple[float, Any]], state: str) -> list[tuple[float, str]]:
+    return [(t, e.node) for t, e in events if getattr(e, "state", None) == state]
+
+
+def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    kills = MAX_RESTARTS  # 10: the most a minute allows; one more would fail the run
+    proc = _start_live(checkpoint, endpoint)
     resumed_after: list[float] = []
     after_load: list[float] = []  # from the new encoder's model loaded to the masks
     seqs: list[int] = []
@@ -79,27 +108,16 @@ def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
             assert first is not None
             seqs.append(first.seq)
             for _ in range(kills):
-                encoder = _node_pid(proc.pid, "encoder")
-                os.kill(encoder, signal.SIGKILL)
                 killed = time.monotonic()
-                loaded = None
-                while True:  # the next masks of a frame decoded after the kill
-                    event = sub.recv_event(60_000)
-                    assert event is not None, "no masks within 60 s of the kill"
-                    if hasattr(event, "seq"):
-                        seqs.append(event.seq)
-                        if event.capture_time > time.time() - (time.monotonic() - killed):
-                            break
-                    elif getattr(event, "state", None) == "degraded":
-                        degraded.append(event.node)
-                    elif loaded is None and (
-                        getattr(event, "node", None),
-                        getattr(event, "state", None),
-                    ) == ("encoder", "running"):
-                        loaded = time.monotonic()  # its first status after setup()
-                resumed_after.append(time.monotonic() - killed)
-                if loaded is not None:
-                    after_load.append(time.monotonic() - loaded)
+                events = _kill_and_follow(proc.pid, "encoder", sub)
+                seqs += [e.seq for _, e in events if isinstance(e, MaskFrame)]
+                degraded += [node for _, node in _states(events, "degraded")]
+                done = events[-1][0]
+                resumed_after.append(done - killed)
+                # Its first status after setup(): the model is loaded.
+                loaded = [t for t, node in _states(events, "running") if node == "encoder"]
+                if loaded:
+                    after_load.append(done - loaded[0])
             assert proc.poll() is None, "the run ended"
         proc.send_signal(signal.SIGTERM)
         stdout, _stderr = proc.communicate(timeout=30)
@@ -123,25 +141,8 @@ def test_live_run_survives_decoder_and_publisher_kills(checkpoint: Path) -> None
     go on, never back); a new publisher binds the same feed, and the subscriber that was
     there gets masks again without doing anything."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = _start(
-        [
-            "run",
-            "--source",
-            "lavfi:testsrc2=size=160x120:rate=10",
-            "--realtime",
-            "--box",
-            "10",
-            "10",
-            "80",
-            "80",
-            "--weights",
-            str(checkpoint),
-            *FAST,
-            "--set",
-            f"transport.publish={json.dumps(endpoint)}",
-        ]
-    )
-    frames: list = []
+    proc = _start_live(checkpoint, endpoint)
+    frames: list[MaskFrame] = []
     degraded: set[str] = set()
     try:
         with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
@@ -149,18 +150,9 @@ def test_live_run_survives_decoder_and_publisher_kills(checkpoint: Path) -> None
                 first = sub.recv(120_000)
                 assert first is not None, f"no masks before the {victim} kill"
                 frames.append(first)
-                pid = _node_pid(proc.pid, victim)
-                os.kill(pid, signal.SIGKILL)
-                killed = time.monotonic()
-                while True:  # the masks of a frame captured after the kill
-                    event = sub.recv_event(60_000)
-                    assert event is not None, f"no masks within 60 s of the {victim} kill"
-                    if hasattr(event, "seq"):
-                        frames.append(event)
-                        if event.capture_time > time.time() - (time.monotonic() - killed):
-                            break
-                    elif getattr(event, "state", None) == "degraded":
-                        degraded.add(event.node)
+                events = _kill_and_follow(proc.pid, victim, sub)
+                frames += [e for _, e in events if isinstance(e, MaskFrame)]
+                degraded |= {node for _, node in _states(events, "degraded")}
                 assert proc.poll() is None, "the run ended"
         proc.send_signal(signal.SIGTERM)
         stdout, _stderr = proc.communicate(timeout=30)
@@ -181,18 +173,7 @@ def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path, tmp_p
     # Long enough that the encoder is still at work at the third kill: it runs ahead of the
     # publisher by up to the queues' worth of frames (~30), more so on a loaded machine.
     clip = make_clip(tmp_path / "clip.mp4", frames=100, size=(160, 120), fps=10)
-    common = [
-        "--source",
-        str(clip),
-        "--box",
-        "10",
-        "40",
-        "50",
-        "80",
-        "--weights",
-        str(checkpoint),
-        *FAST,
-    ]
+    common = _offline_args(clip, checkpoint)
     full = samstream("run", *common, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
@@ -244,18 +225,7 @@ def test_offline_run_survives_a_killed_publisher_and_a_death_while_resuming(
     resumed attempt then dies while the nodes start again. The run still ends with the
     outputs of an uninterrupted run, and no unfinished file is left."""
     clip = make_clip(tmp_path / "clip.mp4", frames=60, size=(160, 120), fps=10)
-    common = [
-        "--source",
-        str(clip),
-        "--box",
-        "10",
-        "40",
-        "50",
-        "80",
-        "--weights",
-        str(checkpoint),
-        *FAST,
-    ]
+    common = _offline_args(clip, checkpoint)
     full = samstream("run", *common, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
