@@ -1,4 +1,4 @@
-"""Typed configuration of a run: one frozen dataclass per node, loaded from YAML.
+"""Typed configuration of a run: one frozen msgspec Struct per node, loaded from YAML.
 
 Every default lives in this module, so a run needs no YAML file at all; ``configs/*.yaml``
 restate or change them. Loading is strict because a typo that silently falls back to a
@@ -11,203 +11,83 @@ expose the feed (frames, masks, the prompt control socket) to anyone who can rea
 host: by default the pipeline's ZeroMQ sockets carry no authentication or encryption (the
 launcher warns at start). ``transport.curve`` turns on CURVE (`pipeline.curve`); otherwise
 keep 127.0.0.1 unless the network is trusted.
+
+``config_schema()`` (or ``python -m pipeline.config``) gives a config file's JSON Schema,
+for editors and other tools; the rules across keys (a prompt needs a box or points, ...) and
+the endpoint syntax are checked on loading only.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import json
 import re
-import types
-import typing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cache
+import sys
+from collections.abc import Mapping, Sequence
+from functools import cache, reduce
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
+import msgspec.inspect
 import yaml
+from msgspec import Meta
 
 
 class ConfigError(ValueError):
     """A configuration key is unknown or has a bad value; the message names the key and file."""
 
 
-@dataclass(frozen=True)
-class DecoderConfig:
-    """Where frames come from (PyAV)."""
-
-    source: str = ""  # file path, lavfi:..., rtsp://..., /dev/videoN; "" = given on the CLI
-    max_frames: int | None = None  # stop after this many frames; None = the whole source
-    max_consecutive_errors: int = 50  # decode errors in a row before giving up
-    open_timeout_s: float = 10.0
-    stream_id: str = "cam0"
-    # Live sources (RTSP, webcams): what counts as a stall, and how to come back from one.
-    read_timeout_s: float = 5.0  # no data for this long = stalled: reconnect
-    rtsp_transport: str = "tcp"  # tcp | udp
-    reconnect_initial_s: float = 0.5  # first wait before a reconnect; doubles each failure
-    reconnect_max_s: float = 2.0  # cap on the wait between reconnect attempts
-    give_up_after_s: float | None = None  # end the run after the source is gone this long
-    # Webcams (V4L2): what to ask the camera for; None = the driver's default.
-    video_size: str | None = None  # WxH, e.g. 1280x720
-    framerate: float | None = None  # frames per second
-    pixel_format: str | None = None  # V4L2 input format: mjpeg, yuyv422, h264, ...
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """The image encoder: one embedding per frame."""
-
-    device: str = "auto"  # auto (cuda when there is a GPU) | cpu | cuda | cuda:N
-    # auto: the fastest installed backend within tolerance of torch fp32 on this machine
-    # (measured once, cached: pipeline.backends); torch on a GPU.
-    backend: str = "auto"  # auto | torch | onnxruntime | openvino (CPU only)
-    # auto: the backend's measured best within tolerance (bf16 only where native) on a CPU,
-    # float32 on a GPU; a named one is used as it is (autocast for torch).
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    image_size: int | None = None  # multiple of 16; None: 1024, or 512 for live runs on a CPU
-    batch_size: int | None = None  # frames encoded together when several wait; None: 4 GPU, 1 CPU
-    threads: int | None = None  # the backend's intra-op threads on a CPU; None: every core
-    embedding_dtype: str = "float16"  # float16 | bfloat16 | float32 on the wire
-
-
-@dataclass(frozen=True)
-class PromptConfig:
-    """One object to follow, in source-frame pixels: a box, points, or both."""
-
-    box: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2
-    points: tuple[tuple[float, float], ...] | None = None  # (x, y) each
-    labels: tuple[int, ...] | None = None  # 1 foreground / 0 background; None = all 1
-    frame: int = 0  # frame index from which the prompt applies
-
-
-@dataclass(frozen=True)
-class TrackerConfig:
-    """The prompt tracker: Kalman-predicted box prompts, gated mask-decoder measurements."""
-
-    device: str = "auto"
-    prompts: tuple[PromptConfig, ...] = ()
-    min_score: float = 0.5  # predicted-IoU score below which a measurement is poor
-    min_agreement: float = 0.3  # IoU of measured and predicted box below which it is poor
-    max_coast_frames: int = 15  # poor frames in a row before a track is lost
-    confirm_frames: int = 2  # good frames before a tentative track is tracked
-    use_mask_prompt: bool = True  # feed the previous low-res mask back as a mask prompt
-    exclusive_masks: bool = True  # a pixel belongs to at most one track (highest logit wins)
-    process_noise: float = 1.0  # Kalman: std of unmodelled box acceleration, pixels/frame^2
-    measurement_noise: float = 2.0  # Kalman: std of a measured box coordinate, pixels
-    lost_after_gap_s: float = 5.0  # a live source gone longer than this: every track is lost
-    threads: int | None = None  # torch threads of its process on a CPU; None: a quarter of cores
-    # The mask decoder's backend (pipeline.decoder_backends); auto: the fastest installed one
-    # within tolerance of torch fp32 on this machine (measured once, cached); torch on a GPU.
-    backend: str = "auto"  # auto | torch | onnxruntime | openvino (CPU only)
-
-
-@dataclass(frozen=True)
-class PublisherConfig:
-    """Fan-out of masks on the PUB socket, and file outputs."""
-
-    out: str | None = None  # directory for file outputs; None = publish only
-    png: bool = True
-    jsonl: bool = True
-    mot: bool = True
-    overlay: bool = True
-    status_interval_s: float = 1.0
-
-
-@dataclass(frozen=True)
-class CurveConfig:
-    """CURVE authentication and encryption (`pipeline.curve`), under ``transport.curve``:
-    beside the endpoints it guards, and like them not part of a run's identity (a resumed
-    run may use other keys). All null, the default: no keys, every socket as before (NULL
-    mechanism: keep endpoints on 127.0.0.1 or ipc://). Key files are zmq.auth certificates,
-    as `samstream keys` writes them: NAME.key (public) and NAME.key_secret (both halves)."""
-
-    # The feed (PUB) and the prompt control socket: the server's key pair (.key_secret).
-    server_secret_key: str | None = None
-    # A folder of the public .key files of the clients (subscribers, `samstream prompt`)
-    # allowed on the feed and the control socket; required with server_secret_key (checked
-    # at start with the files, so that the two can be given as two --set options).
-    allowed_clients: str | None = None
-    # Internal links that are tcp:// (frames, embeddings, masks, status): one key pair
-    # (.key_secret) both ends use, copied to every host that runs a node. ipc/inproc: unused.
-    link_secret_key: str | None = None
-
-
-@dataclass(frozen=True)
-class TransportConfig:
-    """ZeroMQ endpoints and socket options."""
-
-    frames: str = ""  # endpoints; "" = chosen by the launcher (ipc in a run dir)
-    embeddings: str = ""
-    masks: str = ""
-    control: str = ""
-    status: str = ""
-    # The PUB socket consumers subscribe to. "auto": tcp://127.0.0.1:5555, or the next free
-    # port when another run has it (the launcher prints the one it took).
-    publish: str = "auto"
-    hwm: int = 8  # high-water mark (messages) of pipeline sockets
-    max_message_bytes: int = 268435456  # MAXMSGSIZE on sockets facing the network
-    curve: CurveConfig = field(default_factory=CurveConfig)  # keys; none = no CURVE
-
-
-@dataclass(frozen=True)
-class LiveConfig:
-    """Delivery mode. Live: newest frame wins at every hop (drops counted), files play at
-    their own frame rate, and each frame's processing time is held against a budget."""
-
-    mode: str = "auto"  # auto (live for rtsp:// and webcams, offline otherwise) | live | offline
-    budget_ms: float | None = None  # per-frame processing budget; None: 12 on a GPU, 400 on a CPU
-
-
-@dataclass(frozen=True)
-class ResumeConfig:
-    """Continuing an interrupted offline run in publisher.out (``samstream run --resume``).
-
-    Only ``enabled`` is for users; the launcher fills in the rest from the state the
-    interrupted run left in the output directory."""
-
-    enabled: bool = False  # continue the interrupted run in publisher.out (same source and config)
-    frames_done: int = 0  # frames complete in publisher.out: the publisher starts after them
-    tracker_frame: int | None = None  # frame of the tracker snapshot to start from; None: afresh
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """A whole run: the weights and one section per node, plus the transport."""
-
-    weights: str = "mobile_sam.pt"
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    tracker: TrackerConfig = field(default_factory=TrackerConfig)
-    publisher: PublisherConfig = field(default_factory=PublisherConfig)
-    transport: TransportConfig = field(default_factory=TransportConfig)
-    live: LiveConfig = field(default_factory=LiveConfig)
-    resume: ResumeConfig = field(default_factory=ResumeConfig)
-
-
 # ---------------------------------------------------------------------------------------------
-# Value checks. Types are checked generically from the field annotations (_coerce); these
-# tables hold only what a type cannot say. A check returns None when the value is fine.
+# Values with a rule (bounds, patterns, choices). The description is the rule in words: an
+# error says the value "must be" it, and the JSON Schema carries it.
 
-_Check = Callable[[Any], str | None]
+_FLOAT_MAX = sys.float_info.max  # msgspec's bounds are finite: le=_FLOAT_MAX rejects inf, NaN
+_AtLeast0 = Annotated[int, Meta(ge=0, description="at least 0")]
+_AtLeast1 = Annotated[int, Meta(ge=1, description="at least 1")]
+_Positive = Annotated[float, Meta(gt=0, description="greater than 0")]  # also rejects NaN
+_FinitePositive = Annotated[
+    float, Meta(gt=0, le=_FLOAT_MAX, description="a finite number greater than 0")
+]
+_Unit = Annotated[float, Meta(ge=0, le=1, description="between 0 and 1")]
+_Finite = Annotated[float, Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX, description="a finite number")]
+_NonEmpty = Annotated[str, Meta(min_length=1, description="a non-empty string")]
+_PathText = Annotated[str, Meta(min_length=1, description="a non-empty path")]
+_Device = Annotated[
+    str, Meta(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+]
+_ImageSize = Annotated[int, Meta(gt=0, multiple_of=16, description="a positive multiple of 16")]
+_VideoSize = Annotated[
+    str, Meta(pattern=r"^[1-9]\d*x[1-9]\d*$", description="WIDTHxHEIGHT, e.g. 1280x720")
+]
+_PixelFormat = Annotated[
+    str, Meta(pattern=r"^[a-z0-9_]+$", description="a V4L2 format name such as mjpeg or yuyv422")
+]
+_Points = Annotated[
+    tuple[tuple[_Finite, _Finite], ...],
+    Meta(min_length=1, description="a non-empty list of [x, y] pairs"),
+]
+# Choices: described in their own order (msgspec.inspect sorts a Literal's values).
+_RtspTransport = Annotated[Literal["tcp", "udp"], Meta(description="tcp | udp")]
+_Backend = Annotated[
+    Literal["auto", "torch", "onnxruntime", "openvino"],
+    Meta(description="auto | torch | onnxruntime | openvino"),
+]
+_Dtype = Annotated[
+    Literal["auto", "float32", "bfloat16", "float16"],
+    Meta(description="auto | float32 | bfloat16 | float16"),
+]
+_EmbeddingDtype = Annotated[
+    Literal["float16", "bfloat16", "float32"], Meta(description="float16 | bfloat16 | float32")
+]
+_Mode = Annotated[Literal["auto", "live", "offline"], Meta(description="auto | live | offline")]
+_Label = Annotated[Literal[0, 1], Meta(description="0 (background) or 1 (foreground)")]
+_BOX_RULE = "4 finite numbers [x1, y1, x2, y2] with x2 > x1 and y2 > y1"
+_ENDPOINT_RULE = "tcp://host:port (port 1-65535), ipc://path or inproc://name"
 
 
-def _rule(ok: Callable[[Any], bool], must: str) -> _Check:
-    # None passes: `X | None` fields have already been type-checked to allow it.
-    return lambda v: None if v is None or ok(v) else f"must be {must}"
-
-
-def _choice(*options: str) -> _Check:
-    return _rule(lambda v: v in options, " | ".join(options))
-
-
-_AT_LEAST_1 = _rule(lambda v: v >= 1, "at least 1")
-_POSITIVE = _rule(lambda v: v > 0, "greater than 0")  # also rejects NaN
-_UNIT = _rule(lambda v: 0 <= v <= 1, "between 0 and 1")
-_FINITE_POSITIVE = _rule(lambda v: math.isfinite(v) and v > 0, "a finite number greater than 0")
-_DEVICE = _rule(
-    lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"
-)
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A config section: immutable, and an unknown key is an error rather than ignored.
+    (Each section says kw_only=True itself: msgspec applies it to a class's own fields.)"""
 
 
 def _is_box(value: Any) -> bool:
@@ -222,11 +102,9 @@ def _is_box(value: Any) -> bool:
 
 
 def _is_endpoint(value: str) -> bool:
-    """Empty (the launcher chooses) or a ZeroMQ endpoint pipeline.transport accepts."""
+    """A ZeroMQ endpoint pipeline.transport accepts."""
     from pipeline.transport import validate_endpoint  # the one definition; imports zmq
 
-    if value == "":
-        return True
     try:
         validate_endpoint(value)
     except ValueError:
@@ -234,203 +112,287 @@ def _is_endpoint(value: str) -> bool:
     return True
 
 
-_ENDPOINT = _rule(_is_endpoint, '"" or tcp://host:port (port 1-65535), ipc://path or inproc://name')
+# ---------------------------------------------------------------------------------------------
+# The sections. A __post_init__ holds the rules a type cannot say; msgspec runs it on loading
+# (and on msgspec.structs.replace), and its ConfigError("key: problem") gets the key's path.
 
-_FIELD_CHECKS: dict[type, dict[str, _Check]] = {
-    RunConfig: {"weights": _rule(bool, "a non-empty path")},
-    DecoderConfig: {
-        "max_frames": _AT_LEAST_1,
-        "max_consecutive_errors": _AT_LEAST_1,
-        "open_timeout_s": _POSITIVE,
-        "stream_id": _rule(bool, "a non-empty string"),
-        "read_timeout_s": _POSITIVE,
-        "rtsp_transport": _choice("tcp", "udp"),
-        "reconnect_initial_s": _POSITIVE,
-        "reconnect_max_s": _POSITIVE,
-        "give_up_after_s": _POSITIVE,
-        "video_size": _rule(
-            lambda v: re.fullmatch(r"[1-9]\d*x[1-9]\d*", v) is not None,
-            "WIDTHxHEIGHT, e.g. 1280x720",
-        ),
-        "framerate": _POSITIVE,
-        "pixel_format": _rule(
-            lambda v: re.fullmatch(r"[a-z0-9_]+", v) is not None,
-            "a V4L2 format name such as mjpeg or yuyv422",
-        ),
-    },
-    EncoderConfig: {
-        "device": _DEVICE,
-        "backend": _choice("auto", "torch", "onnxruntime", "openvino"),
-        "dtype": _choice("auto", "float32", "bfloat16", "float16"),
-        "image_size": _rule(lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"),
-        "batch_size": _AT_LEAST_1,
-        "threads": _AT_LEAST_1,
-        "embedding_dtype": _choice("float16", "bfloat16", "float32"),
-    },
-    PromptConfig: {
-        "box": _rule(
-            lambda b: _is_box(b), "4 finite numbers [x1, y1, x2, y2] with x2 > x1 and y2 > y1"
-        ),
-        "points": _rule(
-            lambda p: len(p) > 0 and all(math.isfinite(c) for xy in p for c in xy),
-            "a non-empty list of finite [x, y] pairs",
-        ),
-        "labels": _rule(lambda ls: set(ls) <= {0, 1}, "0 (background) or 1 (foreground) each"),
-        "frame": _rule(lambda v: v >= 0, "at least 0"),
-    },
-    TrackerConfig: {
-        "device": _DEVICE,
-        "min_score": _UNIT,
-        "min_agreement": _UNIT,
-        "max_coast_frames": _rule(lambda v: v >= 0, "at least 0"),
-        "confirm_frames": _AT_LEAST_1,
-        "process_noise": _FINITE_POSITIVE,
-        "measurement_noise": _FINITE_POSITIVE,
-        "lost_after_gap_s": _POSITIVE,
-        "threads": _AT_LEAST_1,
-        "backend": _choice("auto", "torch", "onnxruntime", "openvino"),
-    },
-    ResumeConfig: {
-        "frames_done": _rule(lambda v: v >= 0, "at least 0"),
-        "tracker_frame": _rule(lambda v: v >= 0, "at least 0"),
-    },
-    LiveConfig: {
-        "mode": _choice("auto", "live", "offline"),
-        "budget_ms": _POSITIVE,
-    },
-    PublisherConfig: {
-        "out": _rule(bool, "a non-empty path or null"),
-        "status_interval_s": _POSITIVE,
-    },
-    CurveConfig: dict.fromkeys(
-        ("server_secret_key", "allowed_clients", "link_secret_key"),
-        _rule(bool, "a non-empty path or null"),
-    ),
-    TransportConfig: {
-        **dict.fromkeys(("frames", "embeddings", "masks", "control", "status"), _ENDPOINT),
+
+class DecoderConfig(_Section, kw_only=True):
+    """Where frames come from (PyAV)."""
+
+    source: str = ""  # file path, lavfi:..., rtsp://..., /dev/videoN; "" = given on the CLI
+    max_frames: _AtLeast1 | None = None  # stop after this many frames; None = the whole source
+    max_consecutive_errors: _AtLeast1 = 50  # decode errors in a row before giving up
+    open_timeout_s: _Positive = 10.0
+    stream_id: _NonEmpty = "cam0"
+    # Live sources (RTSP, webcams): what counts as a stall, and how to come back from one.
+    read_timeout_s: _Positive = 5.0  # no data for this long = stalled: reconnect
+    rtsp_transport: _RtspTransport = "tcp"
+    reconnect_initial_s: _Positive = 0.5  # first wait before a reconnect; doubles each failure
+    reconnect_max_s: _Positive = 2.0  # cap on the wait between reconnect attempts
+    give_up_after_s: _Positive | None = None  # end the run after the source is gone this long
+    # Webcams (V4L2): what to ask the camera for; None = the driver's default.
+    video_size: _VideoSize | None = None  # WxH, e.g. 1280x720
+    framerate: _Positive | None = None  # frames per second
+    pixel_format: _PixelFormat | None = None  # V4L2 input format: mjpeg, yuyv422, h264, ...
+
+    def __post_init__(self) -> None:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ConfigError(
+                f"reconnect_max_s: must be at least reconnect_initial_s "
+                f"({self.reconnect_initial_s:g}), got {self.reconnect_max_s!r}"
+            )
+
+
+class EncoderConfig(_Section, kw_only=True):
+    """The image encoder: one embedding per frame."""
+
+    device: _Device = "auto"  # auto (cuda when there is a GPU) | cpu | cuda | cuda:N
+    # auto: the fastest installed backend within tolerance of torch fp32 on this machine
+    # (measured once, cached: pipeline.backends); torch on a GPU.
+    backend: _Backend = "auto"  # openvino: CPU only
+    # auto: the backend's measured best within tolerance (bf16 only where native) on a CPU,
+    # float32 on a GPU; a named one is used as it is (autocast for torch).
+    dtype: _Dtype = "auto"
+    image_size: _ImageSize | None = None  # None: 1024, or 512 for live runs on a CPU
+    # Frames encoded together when several wait; None: 4 on a GPU, 1 on a CPU.
+    batch_size: _AtLeast1 | None = None
+    threads: _AtLeast1 | None = None  # the backend's intra-op threads on a CPU; None: every core
+    embedding_dtype: _EmbeddingDtype = "float16"  # on the wire
+
+
+class PromptConfig(_Section, kw_only=True):
+    """One object to follow, in source-frame pixels: a box, points, or both."""
+
+    box: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2
+    points: _Points | None = None  # (x, y) each
+    labels: tuple[_Label, ...] | None = None  # None = all 1
+    frame: _AtLeast0 = 0  # frame index from which the prompt applies
+
+    def __post_init__(self) -> None:
+        if self.box is None and self.points is None:
+            raise ConfigError("box: a prompt needs a box or points (or both)")
+        if self.box is not None and not _is_box(self.box):
+            raise ConfigError(f"box: must be {_BOX_RULE}, got {list(self.box)!r}")
+        n_points = len(self.points or ())
+        if self.labels is not None and len(self.labels) != n_points:
+            raise ConfigError(
+                f"labels: needs one label per point: {len(self.labels)} labels, {n_points} points"
+            )
+
+
+class TrackerConfig(_Section, kw_only=True):
+    """The prompt tracker: Kalman-predicted box prompts, gated mask-decoder measurements."""
+
+    device: _Device = "auto"
+    prompts: tuple[PromptConfig, ...] = ()
+    min_score: _Unit = 0.5  # predicted-IoU score below which a measurement is poor
+    min_agreement: _Unit = 0.3  # IoU of measured and predicted box below which it is poor
+    max_coast_frames: _AtLeast0 = 15  # poor frames in a row before a track is lost
+    confirm_frames: _AtLeast1 = 2  # good frames before a tentative track is tracked
+    use_mask_prompt: bool = True  # feed the previous low-res mask back as a mask prompt
+    exclusive_masks: bool = True  # a pixel belongs to at most one track (highest logit wins)
+    process_noise: _FinitePositive = 1.0  # Kalman: std of unmodelled box acceleration, px/frame^2
+    measurement_noise: _FinitePositive = 2.0  # Kalman: std of a measured box coordinate, pixels
+    lost_after_gap_s: _Positive = 5.0  # a live source gone longer than this: every track is lost
+    # Torch threads of its process on a CPU; None: a quarter of the cores.
+    threads: _AtLeast1 | None = None
+    # The mask decoder's backend (pipeline.decoder_backends); auto: the fastest installed one
+    # within tolerance of torch fp32 on this machine (measured once, cached); torch on a GPU.
+    backend: _Backend = "auto"  # openvino: CPU only
+
+
+class PublisherConfig(_Section, kw_only=True):
+    """Fan-out of masks on the PUB socket, and file outputs."""
+
+    out: _PathText | None = None  # directory for file outputs; None = publish only
+    png: bool = True
+    jsonl: bool = True
+    mot: bool = True
+    overlay: bool = True
+    status_interval_s: _Positive = 1.0
+
+
+class CurveConfig(_Section, kw_only=True):
+    """CURVE authentication and encryption (`pipeline.curve`), under ``transport.curve``:
+    beside the endpoints it guards, and like them not part of a run's identity (a resumed
+    run may use other keys). All null, the default: no keys, every socket as before (NULL
+    mechanism: keep endpoints on 127.0.0.1 or ipc://). Key files are zmq.auth certificates,
+    as `samstream keys` writes them: NAME.key (public) and NAME.key_secret (both halves)."""
+
+    # The feed (PUB) and the prompt control socket: the server's key pair (.key_secret).
+    server_secret_key: _PathText | None = None
+    # A folder of the public .key files of the clients (subscribers, `samstream prompt`)
+    # allowed on the feed and the control socket; required with server_secret_key (checked
+    # at start with the files, so that the two can be given as two --set options).
+    allowed_clients: _PathText | None = None
+    # Internal links that are tcp:// (frames, embeddings, masks, status): one key pair
+    # (.key_secret) both ends use, copied to every host that runs a node. ipc/inproc: unused.
+    link_secret_key: _PathText | None = None
+
+
+_LINKS = ("frames", "embeddings", "masks", "control", "status")
+
+
+class TransportConfig(_Section, kw_only=True):
+    """ZeroMQ endpoints and socket options."""
+
+    frames: str = ""  # endpoints; "" = chosen by the launcher (ipc in a run dir)
+    embeddings: str = ""
+    masks: str = ""
+    control: str = ""
+    status: str = ""
+    # The PUB socket consumers subscribe to. "auto": tcp://127.0.0.1:5555, or the next free
+    # port when another run has it (the launcher prints the one it took).
+    publish: str = "auto"
+    hwm: _AtLeast1 = 8  # high-water mark (messages) of pipeline sockets
+    max_message_bytes: int = 268435456  # MAXMSGSIZE on sockets facing the network; -1: none
+    curve: CurveConfig = msgspec.field(default_factory=CurveConfig)  # keys; none = no CURVE
+
+    def __post_init__(self) -> None:
+        for name in _LINKS:
+            value = getattr(self, name)
+            if value and not _is_endpoint(value):
+                raise ConfigError(f'{name}: must be "" or {_ENDPOINT_RULE}, got {value!r}')
         # Unlike the internal links, the PUB endpoint is never chosen by the launcher.
-        "publish": _rule(
-            lambda v: v == "auto" or (v and _is_endpoint(v)),
-            "auto, tcp://host:port (port 1-65535), ipc://path or inproc://name",
-        ),
-        "hwm": _AT_LEAST_1,
-        "max_message_bytes": _rule(lambda v: v == -1 or v > 0, "positive, or -1 for no limit"),
-    },
-}
+        if self.publish != "auto" and not (self.publish and _is_endpoint(self.publish)):
+            raise ConfigError(f"publish: must be auto, {_ENDPOINT_RULE}, got {self.publish!r}")
+        # -1 or > 0: a rule msgspec's bounds cannot say.
+        if self.max_message_bytes != -1 and self.max_message_bytes <= 0:
+            raise ConfigError(
+                "max_message_bytes: must be positive, or -1 for no limit, "
+                f"got {self.max_message_bytes!r}"
+            )
 
 
-def _check_prompt(prompt: PromptConfig) -> tuple[str, str] | None:
-    """Checks across a prompt's fields: (field, problem) or None."""
-    if prompt.box is None and prompt.points is None:
-        return "box", "a prompt needs a box or points (or both)"
-    n_points = len(prompt.points or ())
-    if prompt.labels is not None and len(prompt.labels) != n_points:
-        return (
-            "labels",
-            f"needs one label per point: {len(prompt.labels)} labels, {n_points} points",
-        )
-    return None
+class LiveConfig(_Section, kw_only=True):
+    """Delivery mode. Live: newest frame wins at every hop (drops counted), files play at
+    their own frame rate, and each frame's processing time is held against a budget."""
+
+    # auto: live for rtsp:// and webcams, offline otherwise
+    mode: _Mode = "auto"
+    # Per-frame processing budget; None: 12 on a GPU, 400 on a CPU.
+    budget_ms: _Positive | None = None
 
 
-def _check_decoder(decoder: DecoderConfig) -> tuple[str, str] | None:
-    if decoder.reconnect_max_s < decoder.reconnect_initial_s:
-        return "reconnect_max_s", (
-            f"must be at least reconnect_initial_s ({decoder.reconnect_initial_s:g})"
-        )
-    return None
+class ResumeConfig(_Section, kw_only=True):
+    """Continuing an interrupted offline run in publisher.out (``samstream run --resume``).
+
+    Only ``enabled`` is for users; the launcher fills in the rest from the state the
+    interrupted run left in the output directory."""
+
+    enabled: bool = False  # continue the interrupted run in publisher.out (same source and config)
+    frames_done: _AtLeast0 = 0  # frames complete in publisher.out: the publisher starts after them
+    # Frame of the tracker snapshot to start from; None: afresh.
+    tracker_frame: _AtLeast0 | None = None
 
 
-_OBJECT_CHECKS: dict[type, Callable[[Any], tuple[str, str] | None]] = {
-    PromptConfig: _check_prompt,
-    DecoderConfig: _check_decoder,
-}
+class RunConfig(_Section, kw_only=True):
+    """A whole run: the weights and one section per node, plus the transport."""
+
+    weights: _PathText = "mobile_sam.pt"
+    decoder: DecoderConfig = msgspec.field(default_factory=DecoderConfig)
+    encoder: EncoderConfig = msgspec.field(default_factory=EncoderConfig)
+    tracker: TrackerConfig = msgspec.field(default_factory=TrackerConfig)
+    publisher: PublisherConfig = msgspec.field(default_factory=PublisherConfig)
+    transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
+    live: LiveConfig = msgspec.field(default_factory=LiveConfig)
+    resume: ResumeConfig = msgspec.field(default_factory=ResumeConfig)
+
+
+def config_schema() -> dict[str, Any]:
+    """A config file's JSON Schema (draft 2020-12), made of the types loading checks with."""
+    return msgspec.json.schema(RunConfig)
 
 
 # ---------------------------------------------------------------------------------------------
-# Generic, strict type checking driven by the dataclass annotations.
+# msgspec's errors in this module's words, and the types they are about.
 
 
 @cache
-def _hints(cls: type) -> dict[str, Any]:
-    # get_type_hints resolves the string annotations `from __future__` leaves behind.
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+def _run_type() -> msgspec.inspect.Type:
+    return msgspec.inspect.type_info(RunConfig)
+
+
+def _without_none(tp: msgspec.inspect.Type) -> msgspec.inspect.Type:
+    """`X | None` -> X (a config union has one other member); any other type as it is."""
+    if isinstance(tp, msgspec.inspect.UnionType):
+        return next(t for t in tp.types if not isinstance(t, msgspec.inspect.NoneType))
+    return tp
+
+
+def _unwrapped(tp: msgspec.inspect.Type) -> msgspec.inspect.Type:
+    """`tp` without `| None` and without its Meta: the kind of value it takes."""
+    tp = _without_none(tp)
+    return tp.type if isinstance(tp, msgspec.inspect.Metadata) else tp
+
+
+def _keys(tp: msgspec.inspect.Type) -> dict[str, msgspec.inspect.Type]:
+    """The keys of a section type; {} for a value that has none."""
+    tp = _unwrapped(tp)
+    return {f.name: f.type for f in tp.fields} if isinstance(tp, msgspec.inspect.StructType) else {}
+
+
+def _type_at(parts: Sequence[str | int]) -> msgspec.inspect.Type:
+    tp = _run_type()
+    for part in parts:
+        if isinstance(part, str):
+            tp = _keys(tp)[part]
+        else:
+            items = _unwrapped(tp)
+            is_tuple = isinstance(items, msgspec.inspect.TupleType)
+            tp = items.item_types[part] if is_tuple else items.item_type
+    return tp
+
+
+def _rule_of(tp: msgspec.inspect.Type) -> str | None:
+    """What a value of `tp` must be, in words: its Meta's description."""
+    tp = _without_none(tp)
+    if isinstance(tp, msgspec.inspect.Metadata):
+        return (tp.extra_json_schema or {}).get("description")
+    return None
+
+
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "object": "a mapping",
+    "array": "a list",
+    "null": "null",
+}
 
 
 def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _split_optional(tp: Any) -> tuple[Any, bool]:
-    """`X | None` -> (X, True); any other type -> (type, False)."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def _describe(tp: Any) -> str:
-    inner, optional = _split_optional(tp)
-    if optional:
-        return f"{_describe(inner)} or null"
-    if dataclasses.is_dataclass(inner):
-        return "a mapping"
-    if typing.get_origin(inner) is tuple:
-        args = typing.get_args(inner)
-        return "a list" if args[-1] is Ellipsis else f"a list of {len(args)} items"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    return names[inner]
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """`value` checked against annotation `tp` and converted (lists -> tuples, int -> float)."""
-    inner, optional = _split_optional(tp)
-    if value is None and optional:
-        return None
-    if dataclasses.is_dataclass(inner):
-        return _build(inner, value, path)
-    bad = ConfigError(f"{path}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
-    if typing.get_origin(inner) is tuple:
-        args = typing.get_args(inner)
-        if not isinstance(value, list | tuple):
-            raise bad
-        if args[-1] is Ellipsis:
-            args = (args[0],) * len(value)
-        elif len(value) != len(args):
-            raise bad
-        return tuple(
-            _coerce(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, args, strict=True))
-        )
-    # bool is a subclass of int: `batch_size: true` must not pass as 1.
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if inner is float and is_number:
-        return float(value)
-    if (inner is int and is_number and isinstance(value, int)) or (
-        inner in (bool, str) and isinstance(value, inner)
-    ):
-        return value
-    raise bad
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    """An instance of dataclass `cls` from a mapping, every key and value checked."""
-    hints = _hints(cls)
-    if not isinstance(data, Mapping):
-        where = path or "top level"
-        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
-    for key in data:
-        if key not in hints:
-            valid = ", ".join(hints)
-            raise ConfigError(f"{_join(path, key)}: unknown key (valid keys: {valid})")
-    obj = cls(**{k: _coerce(v, hints[k], _join(path, k)) for k, v in data.items()})
-    for name, check in _FIELD_CHECKS.get(cls, {}).items():
-        value = getattr(obj, name)
-        if problem := check(value):
-            raise ConfigError(f"{_join(path, name)}: {problem}, got {value!r}")
-    if (object_check := _OBJECT_CHECKS.get(cls)) and (found := object_check(obj)):
-        raise ConfigError(f"{_join(path, found[0])}: {found[1]}")
-    return obj
+def _explain(error: msgspec.ValidationError, data: Any) -> str:
+    """msgspec's "Expected `int` >= 1 - at `$.encoder.batch_size`" in this module's words:
+    "encoder.batch_size: must be at least 1, got 0"."""
+    found = re.fullmatch(r"(.*?)(?: - at `(key` in `)?\$(.*)`)?", str(error), re.DOTALL)
+    text, in_key, at = found[1], found[2], found[3] or ""
+    path = at.lstrip(".")  # msgspec's path less "$.": tracker.prompts[0].box[2]
+    parts = [name or int(index) for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", at)]
+    if isinstance(error.__cause__, ConfigError):  # a __post_init__ rule: "key: problem"
+        return _join(path, error.__cause__)
+    tp = _type_at(parts)  # of the value at `path` (for an unknown key: of its mapping)
+    valid = f"valid keys: {', '.join(_keys(tp))}"
+    if unknown := re.fullmatch(r"Object contains unknown field `(.*)`", text):
+        return f"{_join(path, unknown[1])}: unknown key ({valid})"
+    where = path or "top level"
+    if in_key:  # YAML reads `1:` or `true:` as a key that is not a string
+        return f"{where}: every key must be a string ({valid})"
+    value = reduce(lambda inner, part: inner[part], parts, data)
+    wrong = re.fullmatch(r"Expected `([^`]+)`(?:, got `[^`]+`| of length (\d+), got \d+)", text)
+    if wrong:
+        expected = " or ".join(_TYPE_WORDS.get(name, name) for name in wrong[1].split(" | "))
+        expected = f"a list of {wrong[2]} items" if wrong[2] else expected
+        return f"{where}: expected {expected}, got {value!r} ({type(value).__name__})"
+    # A value of the right type that breaks its rule (a bound, a pattern, a choice).
+    rule = _rule_of(tp)
+    return f"{where}: must be {rule}, got {value!r}" if rule else f"{where}: {text}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,27 +402,30 @@ def _build(cls: type, data: Any, path: str) -> Any:
 def config_from_dict(data: Mapping[str, Any], *, source: str = "<config>") -> RunConfig:
     """A validated RunConfig from plain data (parsed YAML or JSON); missing keys keep defaults.
 
+    Strict: no str -> number coercion, bool is not a number; an int is fine for a float.
     Raises ConfigError("<source>: <dotted.key>: <problem>") on the first bad key.
     """
     try:
-        return _build(RunConfig, data, "")
-    except ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
+        return msgspec.convert(data, RunConfig)
+    except msgspec.ValidationError as error:
+        raise ConfigError(f"{source}: {_explain(error, data)}") from None
+
+
+def _lists(value: Any) -> Any:
+    # msgspec.to_builtins keeps tuples; JSON (and a YAML file) have lists.
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return [_lists(v) for v in value] if isinstance(value, list | tuple) else value
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """Plain JSON-able data (tuples as lists) that `config_from_dict` turns back into `cfg`."""
-
-    def plain(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        return [plain(v) for v in value] if isinstance(value, tuple) else value
-
-    return plain(cfg)
+    return _lists(msgspec.to_builtins(cfg))
 
 
 def validate_config(cfg: RunConfig, *, source: str = "<config>") -> RunConfig:
-    """`cfg` checked like a loaded file, e.g. after `dataclasses.replace` with CLI values."""
+    """`cfg` checked like a loaded file, e.g. after `msgspec.structs.replace` with CLI values
+    (which runs only the rules across keys, not the types and bounds)."""
     return config_from_dict(config_to_dict(cfg), source=source)
 
 
@@ -505,22 +470,21 @@ def _apply_override(cfg: RunConfig, override: str) -> RunConfig:
     parts = key.strip().split(".")
     if not sep or not key.strip():
         raise ConfigError(f"{source}: expected section.key=value, e.g. encoder.batch_size=2")
-    tp: Any = RunConfig
+    tp = _run_type()
     for depth, part in enumerate(parts):
         dotted = ".".join(parts[: depth + 1])
-        if not dataclasses.is_dataclass(tp):
+        if not (keys := _keys(tp)):
             parent = ".".join(parts[:depth])
             raise ConfigError(f"{source}: {dotted}: unknown key ({parent} has no sub-keys)")
-        if part not in _hints(tp):
-            valid = ", ".join(_hints(tp))
-            raise ConfigError(f"{source}: {dotted}: unknown key (valid keys: {valid})")
-        tp = _hints(tp)[part]
+        if part not in keys:
+            raise ConfigError(f"{source}: {dotted}: unknown key (valid keys: {', '.join(keys)})")
+        tp = keys[part]
     try:
         value = _parse_yaml(text)
     except ConfigError as error:
         raise ConfigError(f"{source}: {key}: value is {error}") from None
-    inner, _ = _split_optional(tp)
-    if inner is str and value is not None and not isinstance(value, str | list | dict):
+    is_text = isinstance(_unwrapped(tp), msgspec.inspect.StrType)
+    if is_text and value is not None and not isinstance(value, str | list | dict):
         value = text.strip()  # `decoder.stream_id=7` means the string "7", not an error
     data = config_to_dict(cfg)
     section = data
@@ -559,3 +523,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for override in overrides:
         cfg = _apply_override(cfg, override)
     return cfg
+
+
+if __name__ == "__main__":  # python -m pipeline.config > config-schema.json
+    print(json.dumps(config_schema(), indent=2))

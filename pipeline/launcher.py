@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 from tqdm import tqdm
 
@@ -63,7 +64,9 @@ def resolve_endpoints(config: RunConfig, run_dir: Path, *, in_process: bool) -> 
             updates[name] = (
                 f"inproc://samstream-{tag}-{name}" if in_process else f"ipc://{run_dir / name}"
             )
-    return dataclasses.replace(config, transport=dataclasses.replace(config.transport, **updates))
+    return msgspec.structs.replace(
+        config, transport=msgspec.structs.replace(config.transport, **updates)
+    )
 
 
 def _plan_outputs(config: RunConfig) -> RunConfig:
@@ -102,9 +105,9 @@ def _plan_outputs(config: RunConfig) -> RunConfig:
         ),
         file=sys.stderr,
     )
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         config,
-        resume=dataclasses.replace(
+        resume=msgspec.structs.replace(
             config.resume, frames_done=point.frames_done, tracker_frame=point.tracker_frame
         ),
     )
@@ -550,14 +553,14 @@ def run_pipeline(
             # a new publisher binds the port its predecessor had ("auto" picked one).
             node_config = config
             if dead.name == "tracker":
-                node_config = dataclasses.replace(
-                    config, tracker=dataclasses.replace(config.tracker, prompts=())
+                node_config = msgspec.structs.replace(
+                    config, tracker=msgspec.structs.replace(config.tracker, prompts=())
                 )
             bound = last.get("publisher")
             if dead.name == "publisher" and bound is not None and "publish" in bound.detail:
-                node_config = dataclasses.replace(
+                node_config = msgspec.structs.replace(
                     config,
-                    transport=dataclasses.replace(
+                    transport=msgspec.structs.replace(
                         config.transport, publish=str(bound.detail["publish"])
                     ),
                 )
@@ -586,8 +589,8 @@ def run_pipeline(
                 len(removed),
             )
             resume.mark_interrupted(out, attempt_start[0])
-        resumed = dataclasses.replace(
-            config, resume=dataclasses.replace(config.resume, enabled=True)
+        resumed = msgspec.structs.replace(
+            config, resume=msgspec.structs.replace(config.resume, enabled=True)
         )
         resumed = _plan_outputs(resumed)
         attempt_start[0] = resumed.resume.frames_done

@@ -11,12 +11,13 @@ adds the waits between stages, which newest-frame-wins keeps to about one frame.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import msgspec
 
 from pipeline.config import RunConfig
 from pipeline.sources import SourceError, parse_source
@@ -66,24 +67,24 @@ def resolve_run_config(
     if "auto" in (encoder.device, tracker.device):
         device = "cuda" if cuda_available() else "cpu"
         if encoder.device == "auto":
-            encoder = dataclasses.replace(encoder, device=device)
+            encoder = msgspec.structs.replace(encoder, device=device)
         if tracker.device == "auto":
-            tracker = dataclasses.replace(tracker, device=device)
+            tracker = msgspec.structs.replace(tracker, device=device)
     on_gpu = encoder.device.startswith("cuda")
     if encoder.image_size is None:
         size = CPU_LIVE_IMAGE_SIZE if mode == "live" and not on_gpu else 1024
-        encoder = dataclasses.replace(encoder, image_size=size)
+        encoder = msgspec.structs.replace(encoder, image_size=size)
     if encoder.batch_size is None:
         # Batching feeds a GPU; on a CPU it measured slower per frame than one at a time.
-        encoder = dataclasses.replace(encoder, batch_size=GPU_BATCH if on_gpu else 1)
+        encoder = msgspec.structs.replace(encoder, batch_size=GPU_BATCH if on_gpu else 1)
     budget = live.budget_ms
     if budget is None:
         budget = GPU_BUDGET_MS if on_gpu else CPU_BUDGET_MS
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         config,
         encoder=encoder,
         tracker=tracker,
-        live=dataclasses.replace(live, mode=mode, budget_ms=budget),
+        live=msgspec.structs.replace(live, mode=mode, budget_ms=budget),
     )
 
 

@@ -10,8 +10,7 @@ returns the config with the weights' and the key files' paths made concrete.
 
 from __future__ import annotations
 
-import dataclasses
-
+import msgspec
 import zmq
 
 from pipeline.config import PromptConfig, RunConfig
@@ -113,8 +112,10 @@ def check_curve(config: RunConfig) -> RunConfig:
     paths = check_key_files(curve)
     if not paths:
         return config
-    transport = dataclasses.replace(config.transport, curve=dataclasses.replace(curve, **paths))
-    return dataclasses.replace(config, transport=transport)
+    transport = msgspec.structs.replace(
+        config.transport, curve=msgspec.structs.replace(curve, **paths)
+    )
+    return msgspec.structs.replace(config, transport=transport)
 
 
 def check_source(config: RunConfig) -> None:
@@ -141,4 +142,4 @@ def preflight(config: RunConfig, *, live: bool) -> RunConfig:
     check_devices(config)
     check_publish(config.transport.publish)
     config = check_curve(config)
-    return dataclasses.replace(config, weights=check_weights(config.weights))
+    return msgspec.structs.replace(config, weights=check_weights(config.weights))

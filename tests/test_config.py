@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from pipeline.config import (
@@ -15,6 +15,7 @@ from pipeline.config import (
     PromptConfig,
     RunConfig,
     config_from_dict,
+    config_schema,
     config_to_dict,
     load_config,
     validate_config,
@@ -176,7 +177,7 @@ def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
         ),
         (
             {"tracker": {"prompts": [{"points": [[1, 2]], "labels": [2]}]}},
-            "tracker.prompts[0].labels",
+            "tracker.prompts[0].labels[0]",
         ),
         (
             {"tracker": {"prompts": [{"box": [0, 0, 1, 1], "labels": [1]}]}},
@@ -268,9 +269,42 @@ def test_dict_round_trip_through_json() -> None:
 
 
 def test_validate_config_checks_replaced_values() -> None:
-    cfg = dataclasses.replace(RunConfig(), encoder=EncoderConfig(image_size=100))
+    cfg = msgspec.structs.replace(RunConfig(), encoder=EncoderConfig(image_size=100))
     with pytest.raises(ConfigError, match=r"encoder\.image_size: must be a positive multiple"):
         validate_config(cfg)
+
+
+def test_replace_checks_the_rules_across_keys() -> None:
+    # msgspec runs __post_init__ on replace too: a cross-key rule holds without validate_config.
+    with pytest.raises(ConfigError, match=r"^reconnect_max_s: must be at least reconnect_initial"):
+        msgspec.structs.replace(RunConfig().decoder, reconnect_initial_s=3.0)
+
+
+def test_keys_must_be_strings(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r": encoder: every key must be a string \(valid keys: "):
+        load_config(write(tmp_path, "encoder: {1: 2}\n"))
+
+
+def test_json_schema_takes_the_shipped_yamls_and_refuses_bad_values() -> None:
+    import yaml
+
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = config_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in (OFFLINE_YAML, *LIVE_YAMLS):
+        errors = [
+            error.message for error in validator.iter_errors(yaml.safe_load(path.read_text()))
+        ]
+        assert errors == [], path.name
+    for bad in (
+        {"encoder": {"batchsize": 2}},
+        {"encoder": {"batch_size": 0}},
+        {"encoder": {"dtype": "float64"}},
+        {"decoder": {"video_size": "640X480"}},
+        {"tracker": {"prompts": [{"box": [0, 0, 1]}]}},
+    ):
+        assert not validator.is_valid(bad), bad
 
 
 # -- live mode keys --------------------------------------------------------------------------

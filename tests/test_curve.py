@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import zmq
 import zmq.auth
@@ -186,7 +187,9 @@ def test_preflight_names_the_bad_key_file(tmp_path: Path, keys: dict[str, Path])
         ("allowed_clients", tmp_path / "no-such-folder"),
     ]:
         bad = RunConfig(
-            transport=TransportConfig(curve=CurveConfig(**{**good.__dict__, field: str(value)}))
+            transport=TransportConfig(
+                curve=CurveConfig(**{**msgspec.structs.asdict(good), field: str(value)})
+            )
         )
         with pytest.raises(CurveKeyError, match=rf"transport\.curve\.{field} {value}"):
             check_curve(bad)

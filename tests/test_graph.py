@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-
+import msgspec
 import pytest
 
 from pipeline.config import RunConfig, TransportConfig
@@ -31,7 +30,7 @@ def test_endpoints_come_from_the_transport_section() -> None:
         status="ipc:///t/s",
         publish="tcp://127.0.0.1:5999",
     )
-    config = dataclasses.replace(RunConfig(), transport=transport)
+    config = msgspec.structs.replace(RunConfig(), transport=transport)
     tracker = node_endpoints("tracker", config)
     assert (tracker.input, tracker.output, tracker.control, tracker.publish) == (
         "ipc:///t/e",
@@ -46,9 +45,9 @@ def test_endpoints_come_from_the_transport_section() -> None:
 
 def test_each_node_is_built_from_the_table_with_typed_ports() -> None:
     config = resolve_run_config(
-        dataclasses.replace(
+        msgspec.structs.replace(
             RunConfig(),
-            decoder=dataclasses.replace(RunConfig().decoder, source="lavfi:testsrc2"),
+            decoder=msgspec.structs.replace(RunConfig().decoder, source="lavfi:testsrc2"),
         )
     )
     nodes = {name: build_node(name, config) for name in NODE_NAMES}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from media import make_clip
@@ -113,4 +113,4 @@ def test_run_prompts_read_like_predict() -> None:
     prompt = PromptConfig(
         **{k: tuple(map(tuple, v)) if k == "points" else tuple(v) for k, v in one[0].items()}
     )
-    assert dataclasses.asdict(prompt)["labels"] == (1, 0)
+    assert msgspec.structs.asdict(prompt)["labels"] == (1, 0)
