@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -12,6 +14,9 @@ from pipeline.live_source import TICK_S, Backoff, LiveSource, SourceEvent, Threa
 from pipeline.messages import EndOfStream, FrameMessage, FrameMeta, Message
 from pipeline.runtime import Node
 from pipeline.sources import DecodedFrame, SourceSpec, VideoSource, parse_source
+from pipeline.stream_position import POSITION_FILE_ENV, Continuation, PositionFile, StreamPosition
+
+log = logging.getLogger(__name__)
 
 # Decoder status states for a live source's condition (consumers see them relayed).
 SOURCE_STATES = {
@@ -63,21 +68,43 @@ class DecoderNode(Node):
             config.decoder,
             live=is_live(config),
             start_frame=0 if after is None else after + 1,
+            position_file=os.environ.get(POSITION_FILE_ENV),
         )
 
-    def __init__(self, config: DecoderConfig, *, live: bool = False, start_frame: int = 0) -> None:
+    def __init__(
+        self,
+        config: DecoderConfig,
+        *,
+        live: bool = False,
+        start_frame: int = 0,
+        position_file: str | os.PathLike[str] | None = None,
+    ) -> None:
         """``start_frame``: frames before it are decoded but not sent (a resumed run); frame
-        indices, sequence numbers and timestamps stay those of a run from the first frame."""
+        indices, sequence numbers and timestamps stay those of a run from the first frame.
+        ``position_file`` (live runs under the launcher): where the stream's position is
+        kept after every frame, and continued from when a previous decoder left one."""
         super().__init__()
         self.config = config
         self.live = live
         self.start_frame = start_frame
         self.source: VideoSource | LiveSource | None = None
         self.reader: ThreadedReader | None = None
+        self.position = PositionFile(position_file) if live and position_file else None
+        self.continuation: Continuation | None = None
 
     def setup(self) -> None:
         if not self.config.source:
             raise ValueError("decoder.source is empty: give --source VIDEO")
+        after = self.position.read() if self.position is not None else None
+        if after is not None:
+            # A decoder of this run died: the stream goes on from its last frame.
+            self.continuation = Continuation(after)
+            self.detail["continued_at_seq"] = after.next_seq
+            log.warning(
+                "decoder: continuing the stream after a restart at seq %d, frame %d",
+                after.next_seq,
+                after.next_frame_index,
+            )
         spec = spec_for(self.config)
         if spec.is_live:
             live = LiveSource(
@@ -166,6 +193,7 @@ class DecoderNode(Node):
 
     def produce(self) -> Iterator[Message | None]:
         seq = self.start_frame
+        frames = seq  # the stream's frame count so far (continued after a restart)
         for decoded in self._frames():
             if decoded is None:
                 yield None
@@ -186,6 +214,12 @@ class DecoderNode(Node):
                 session=decoded.session,
                 source_pts=decoded.source_pts,
             )
+            if self.continuation is not None:
+                meta = self.continuation.apply(meta)
+            if self.position is not None:
+                # Before the send: a death in between leaves a gap, never a repeat.
+                self.position.write(StreamPosition.after(meta))
+            frames = meta.seq + 1
             yield FrameMessage(
                 meta=meta, image=decoded.image, timings={"decode": decoded.decode_ms}
             )
@@ -199,7 +233,7 @@ class DecoderNode(Node):
         reason = "max_frames" if limit is not None and seq >= limit else "eof"
         self._note_timestamps()
         self.abort()
-        yield EndOfStream(stream_id=self.config.stream_id, frames=seq, reason=reason)
+        yield EndOfStream(stream_id=self.config.stream_id, frames=frames, reason=reason)
 
     def _corrupt_packets(self) -> int:
         return self.source.corrupt_packets if self.source is not None else 0
@@ -214,6 +248,8 @@ class DecoderNode(Node):
         self.detail["timestamps"] = report
 
     def abort(self) -> None:
+        if self.position is not None:
+            self.position.close()
         if self.reader is not None:
             self.reader.close()  # the reader thread closes the source after its read
         elif self.source is not None:

@@ -31,9 +31,7 @@ class NodeSpec:
     node: ``module:Class`` of its `pipeline.runtime.Node`; section: the RunConfig section
     it is configured by; input / output: the transport keys it binds and reads / connects
     and writes; control / publish: the keys of its prompt socket and of the consumers'
-    feed; live_restartable: in a live run the launcher restarts it alone, the others
-    running on (the publisher holds the files and the subscribers, and a new decoder would
-    start the stream's frame indices again: their deaths fail a live run).
+    feed.
     """
 
     name: str
@@ -43,7 +41,6 @@ class NodeSpec:
     output: str | None = None
     control: str | None = None
     publish: str | None = None
-    live_restartable: bool = False
 
     @property
     def binds(self) -> tuple[str, ...]:
@@ -59,7 +56,6 @@ GRAPH: tuple[NodeSpec, ...] = (
         "encoder",
         input="frames",
         output="embeddings",
-        live_restartable=True,
     ),
     NodeSpec(
         "tracker",
@@ -68,7 +64,6 @@ GRAPH: tuple[NodeSpec, ...] = (
         input="embeddings",
         output="masks",
         control="control",
-        live_restartable=True,
     ),
     NodeSpec(
         "publisher", "nodes.publisher:PublisherNode", "publisher", input="masks", publish="publish"

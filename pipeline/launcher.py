@@ -33,12 +33,13 @@ from tqdm import tqdm
 from pipeline import resume
 from pipeline.config import RunConfig, config_to_dict
 from pipeline.curve import CurveSecurity, exposure_warnings, prompt_key_hint
-from pipeline.graph import NODE_NAMES, build_node, links, node_endpoints, node_spec
+from pipeline.graph import NODE_NAMES, build_node, links, node_endpoints
 from pipeline.live import is_live, resolve_run_config
 from pipeline.messages import StatusMessage
 from pipeline.preflight import check_source, preflight
 from pipeline.resume import ResumeError
 from pipeline.runtime import STATUS_TOKEN_KEY, NodeRunner, Shutdown
+from pipeline.stream_position import POSITION_FILE_ENV
 from pipeline.transport import MessageReceiver, SocketOptions, open_socket, send_message
 
 log = logging.getLogger(__name__)
@@ -469,6 +470,7 @@ def run_pipeline(
     token = secrets.token_hex(16)
     forged = [0]  # status messages without the run's token
     restarts = _Restarts()
+    attempt_start = [config.resume.frames_done]  # frames complete when this attempt began
     start = time.monotonic()
     bar = None
     stopped_by: str | None = None
@@ -509,20 +511,25 @@ def run_pipeline(
     def start_process(name: str, node_config: RunConfig) -> _ProcessWorker:
         path = run_dir / f"config-{name}.json"
         path.write_text(json.dumps(config_to_dict(node_config)))
-        return _ProcessWorker(
-            name, path, run_dir / f"{name}.log", node_environment(name, node_config, token)
-        )
+        env = node_environment(name, node_config, token)
+        if name == "decoder" and live:
+            env[POSITION_FILE_ENV] = str(run_dir / "decoder.position")
+        return _ProcessWorker(name, path, run_dir / f"{name}.log", env)
 
     def restart(dead: Any, how: str) -> list[Any]:
         """The workers after ``dead`` died: it restarted alone (live), every node
         restarted from the outputs written so far (offline), or RunFailed."""
         tail = dead.log_tail()
-        restartable = not in_process and (
-            node_spec(dead.name).live_restartable if live else bool(config.publisher.out)
-        )
         failure = f"node {dead.name} {how}" + (f"\n{tail}" if tail else "")
-        if not restartable:
-            raise RunFailed(failure)
+        if in_process:
+            raise RunFailed(failure)  # its threads share the launcher's process
+        if live and dead.name == "publisher" and config.publisher.out:
+            raise RunFailed(
+                f"{failure}\n(a live run's outputs are finished when it stops: those in "
+                f"{config.publisher.out} died with the publisher, so the run ends)"
+            )
+        if not live and not config.publisher.out:
+            raise RunFailed(f"{failure}\n(an offline run resumes after a death from its --out)")
         if not restarts.allow(dead.name, how):
             raise RunFailed(
                 f"{failure}\n{len(restarts.history)} node deaths, more than "
@@ -542,10 +549,20 @@ def run_pipeline(
             # The others run on; the new node binds the same endpoints (ZeroMQ reconnects).
             # A new tracker starts without tracks: its predecessor's are reported lost
             # by this status, and consumers prompt again.
+            # A new decoder continues the stream's numbering (see pipeline.stream_position);
+            # a new publisher binds the port its predecessor had ("auto" picked one).
             node_config = config
             if dead.name == "tracker":
                 node_config = msgspec.structs.replace(
                     config, tracker=msgspec.structs.replace(config.tracker, prompts=())
+                )
+            bound = last.get("publisher")
+            if dead.name == "publisher" and bound is not None and "publish" in bound.detail:
+                node_config = msgspec.structs.replace(
+                    config,
+                    transport=msgspec.structs.replace(
+                        config.transport, publish=str(bound.detail["publish"])
+                    ),
                 )
             dead.close()
             return [start_process(dead.name, node_config) if w is dead else w for w in workers]
@@ -556,12 +573,27 @@ def run_pipeline(
         collect(200)
         for w in workers:
             w.close()
-        if resume.interrupted_frames(config.publisher.out) is None:
-            raise RunFailed(f"{failure}\n(the outputs could not be kept: no restart)")
+        out = config.publisher.out
+        if resume.interrupted_frames(out) is None:
+            # The publisher did not record where its outputs end: it was killed, or stopped
+            # before it had opened them. A writer renames its files into place only when
+            # it closes, so those under their final names are still the ones this attempt
+            # started from.
+            from pipeline.outputs import remove_unfinished  # 0.7 s of imports: not at start
+
+            removed = remove_unfinished(out)
+            log.warning(
+                "the publisher left no record of its outputs: continuing from frame %d, where "
+                "this attempt started (%d unfinished file(s) removed)",
+                attempt_start[0],
+                len(removed),
+            )
+            resume.mark_interrupted(out, attempt_start[0])
         resumed = msgspec.structs.replace(
             config, resume=msgspec.structs.replace(config.resume, enabled=True)
         )
         resumed = _plan_outputs(resumed)
+        attempt_start[0] = resumed.resume.frames_done
         last.clear()
         return [start_process(name, resumed) for name in NODE_NAMES]
 

@@ -717,6 +717,19 @@ def _mot_line(frame_index: int, track_id: int, box: Sequence[float], score: floa
     )
 
 
+def remove_unfinished(out_dir: str | Path) -> list[Path]:
+    """Delete the temporary files a MaskWriter that was killed left in ``out_dir`` (hidden
+    ``.NAME.*.tmp`` beside the outputs it would have become); one that ends leaves none.
+    Returns what was removed."""
+    out_dir = Path(out_dir)
+    names = ("masks.jsonl", "tracks.txt", "overlay.mp4")
+    found = [path for name in names for path in out_dir.glob(f".{name}.*.tmp")]
+    found += (out_dir / "masks").glob(".*.png.*.tmp")
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
 @dataclass(frozen=True)
 class _Prefix:
     """The complete first frames of an interrupted run's outputs."""

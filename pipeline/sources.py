@@ -510,7 +510,7 @@ class VideoSource:
             last_data = time.monotonic()
             start = time.perf_counter()
             try:
-                frames = self._decode(packet)
+                frames = packet.decode()
             except av.FFmpegError as error:
                 consecutive_errors = self._count_corrupt(error, consecutive_errors)
                 continue
@@ -539,10 +539,6 @@ class VideoSource:
         """The video stream's packets, ending with the empty packet that flushes the decoder."""
         container, stream = self._opened()
         return container.demux(stream)
-
-    def _decode(self, packet: av.Packet) -> list[av.VideoFrame]:
-        """Decode one packet (a seam for tests that inject decoder errors)."""
-        return packet.decode()
 
     def _count_corrupt(self, error: Exception, consecutive_errors: int) -> int:
         """Count one corrupt packet; raise once too many came in a row."""

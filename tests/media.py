@@ -15,7 +15,7 @@ timestamps jump back and the size changes at the junction). A clip without any t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -134,6 +134,28 @@ def _write_packets(
             mux(stream.encode(frame))
         mux(stream.encode(None))
     return path
+
+
+def damage_packets(
+    source: Path | str, path: Path | str, packets: Collection[int], *, seed: int = 0
+) -> Path:
+    """A copy of ``source`` whose video packets number ``packets`` (0-based, in file order)
+    hold random bytes of their own size: what a damaged file or a lossy link hands the
+    decoder, which fails on each of them. The container, the timestamps and every other
+    packet stay as they were."""
+    rng = np.random.default_rng(seed)
+    with av.open(str(source)) as inp, av.open(str(path), mode="w") as out:
+        video = inp.streams.video[0]
+        stream = out.add_stream_from_template(video)
+        for index, packet in enumerate(p for p in inp.demux(video) if p.size):
+            if index in packets:
+                garbage = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
+                garbage.pts, garbage.dts = packet.pts, packet.dts
+                garbage.time_base, garbage.is_keyframe = packet.time_base, packet.is_keyframe
+                packet = garbage
+            packet.stream = stream
+            out.mux(packet)
+    return Path(path)
 
 
 def make_pts_as_dts_mp4(

@@ -11,12 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from media import make_clip
 from test_pipeline_e2e import FAST, _alive, _children, free_port, samstream
 
-from pipeline.client import MaskSubscriber
+from pipeline.client import MaskFrame, MaskSubscriber
 from pipeline.launcher import MAX_RESTARTS
 
 pytestmark = pytest.mark.slow
@@ -48,28 +49,57 @@ def _start(args: list[str]) -> subprocess.Popen:
     )
 
 
-def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    kills = MAX_RESTARTS  # 10: the most a minute allows; one more would fail the run
-    proc = _start(
+def _start_live(checkpoint: Path, endpoint: str) -> subprocess.Popen:
+    """A live run of a 10 fps test source, one object, masks on ``endpoint``."""
+    return _start(
         [
             "run",
             "--source",
             "lavfi:testsrc2=size=160x120:rate=10",
             "--realtime",
-            "--box",
-            "10",
-            "10",
-            "80",
-            "80",
-            "--weights",
-            str(checkpoint),
+            *("--box", "10", "10", "80", "80"),
+            *("--weights", str(checkpoint)),
             *FAST,
-            "--set",
-            f"transport.publish={json.dumps(endpoint)}",
+            *("--set", f"transport.publish={json.dumps(endpoint)}"),
         ]
     )
+
+
+def _offline_args(clip: Path, checkpoint: Path) -> list[str]:
+    """`samstream run` arguments for ``clip``, one object (add --out DIR)."""
+    return [
+        *("--source", str(clip)),
+        *("--box", "10", "40", "50", "80"),
+        *("--weights", str(checkpoint)),
+        *FAST,
+    ]
+
+
+def _kill_and_follow(launcher: int, name: str, sub: MaskSubscriber) -> list[tuple[float, Any]]:
+    """SIGKILL the launcher's ``name`` node; every event of the feed (with the
+    time.monotonic() it came), up to the masks of a frame captured after the kill."""
+    os.kill(_node_pid(launcher, name), signal.SIGKILL)
+    killed, killed_wall = time.monotonic(), time.time()
+    events = []
+    while True:
+        event = sub.recv_event(60_000)
+        assert event is not None, f"no masks within 60 s of the {name} kill"
+        events.append((time.monotonic(), event))
+        if isinstance(event, MaskFrame) and event.capture_time > killed_wall:
+            return events
+        assert time.monotonic() - killed < 120, f"no masks of a new frame after the {name} kill"
+
+
+def _states(events: list[tuple[float, Any]], state: str) -> list[tuple[float, str]]:
+    return [(t, e.node) for t, e in events if getattr(e, "state", None) == state]
+
+
+def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    kills = MAX_RESTARTS  # 10: the most a minute allows; one more would fail the run
+    proc = _start_live(checkpoint, endpoint)
     resumed_after: list[float] = []
+    after_load: list[float] = []  # from the new encoder's model loaded to the masks
     seqs: list[int] = []
     degraded: list[str] = []
     try:
@@ -78,19 +108,16 @@ def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
             assert first is not None
             seqs.append(first.seq)
             for _ in range(kills):
-                encoder = _node_pid(proc.pid, "encoder")
-                os.kill(encoder, signal.SIGKILL)
                 killed = time.monotonic()
-                while True:  # the next masks of a frame decoded after the kill
-                    event = sub.recv_event(60_000)
-                    assert event is not None, "no masks within 60 s of the kill"
-                    if hasattr(event, "seq"):
-                        seqs.append(event.seq)
-                        if event.capture_time > time.time() - (time.monotonic() - killed):
-                            break
-                    elif getattr(event, "state", None) == "degraded":
-                        degraded.append(event.node)
-                resumed_after.append(time.monotonic() - killed)
+                events = _kill_and_follow(proc.pid, "encoder", sub)
+                seqs += [e.seq for _, e in events if isinstance(e, MaskFrame)]
+                degraded += [node for _, node in _states(events, "degraded")]
+                done = events[-1][0]
+                resumed_after.append(done - killed)
+                # Its first status after setup(): the model is loaded.
+                loaded = [t for t, node in _states(events, "running") if node == "encoder"]
+                if loaded:
+                    after_load.append(done - loaded[0])
             assert proc.poll() is None, "the run ended"
         proc.send_signal(signal.SIGTERM)
         stdout, _stderr = proc.communicate(timeout=30)
@@ -100,7 +127,8 @@ def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
     print(
         "masks again after each encoder kill (s):",
         [round(t, 2) for t in resumed_after],
-        f"median {statistics.median(resumed_after):.2f}",
+        f"median {statistics.median(resumed_after):.2f}; after the model load:",
+        [round(t, 2) for t in after_load],
     )
     assert len(resumed_after) == kills
     assert all(b > a for a, b in itertools.pairwise(seqs)), "seq went backwards"
@@ -108,22 +136,44 @@ def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
     assert "nodes restarted after dying" in stdout, stdout
 
 
+def test_live_run_survives_decoder_and_publisher_kills(checkpoint: Path) -> None:
+    """A new decoder continues the stream (sequence numbers, frame indices and timestamps
+    go on, never back); a new publisher binds the same feed, and the subscriber that was
+    there gets masks again without doing anything."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = _start_live(checkpoint, endpoint)
+    frames: list[MaskFrame] = []
+    degraded: set[str] = set()
+    try:
+        with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
+            for victim in ("decoder", "publisher", "decoder"):
+                first = sub.recv(120_000)
+                assert first is not None, f"no masks before the {victim} kill"
+                frames.append(first)
+                events = _kill_and_follow(proc.pid, victim, sub)
+                frames += [e for _, e in events if isinstance(e, MaskFrame)]
+                degraded |= {node for _, node in _states(events, "degraded")}
+                assert proc.poll() is None, "the run ended"
+        proc.send_signal(signal.SIGTERM)
+        stdout, _stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for key in ("seq", "frame_index"):
+        values = [getattr(f, key) for f in frames]
+        assert all(b > a for a, b in itertools.pairwise(values)), f"{key} went back: {values}"
+    seconds = [f.time_seconds for f in frames]
+    assert all(b > a for a, b in itertools.pairwise(seconds)), f"time went back: {seconds}"
+    assert frames[-1].session >= 2, "each new decoder is a new session of the stream"
+    assert "decoder" in degraded, "consumers were not told"
+    assert stdout.count("decoder died") == 2 and "publisher died" in stdout, stdout
+
+
 def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path, tmp_path: Path) -> None:
     # Long enough that the encoder is still at work at the third kill: it runs ahead of the
     # publisher by up to the queues' worth of frames (~30), more so on a loaded machine.
     clip = make_clip(tmp_path / "clip.mp4", frames=100, size=(160, 120), fps=10)
-    common = [
-        "--source",
-        str(clip),
-        "--box",
-        "10",
-        "40",
-        "50",
-        "80",
-        "--weights",
-        str(checkpoint),
-        *FAST,
-    ]
+    common = _offline_args(clip, checkpoint)
     full = samstream("run", *common, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
@@ -155,13 +205,51 @@ def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path, tmp_p
             proc.kill()
     assert proc.returncode == 0, stderr
     assert stdout.count("encoder died") == 3, stdout
-    for name in [
-        "masks.jsonl",
-        "tracks.txt",
-        *(f"masks/{p.name}" for p in (tmp_path / "full" / "masks").iterdir()),
-    ]:
-        assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    _assert_same_outputs(out, tmp_path / "full")
+
+
+def _assert_same_outputs(out: Path, full: Path) -> None:
+    """``out`` holds exactly the files of the uninterrupted run in ``full``, nothing else."""
+    names = sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file())
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == names
+    for name in names:
+        if name != "overlay.mp4":  # the same frames, but re-encoded across attempts
+            assert (out / name).read_bytes() == (full / name).read_bytes(), name
     assert not (out / ".samstream").exists()
+
+
+def test_offline_run_survives_a_killed_publisher_and_a_death_while_resuming(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """A publisher killed with SIGKILL records nothing of its outputs; the encoder of the
+    resumed attempt then dies while the nodes start again. The run still ends with the
+    outputs of an uninterrupted run, and no unfinished file is left."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=60, size=(160, 120), fps=10)
+    common = _offline_args(clip, checkpoint)
+    full = samstream("run", *common, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    proc = _start(["run", *common, "--out", str(out)])
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((out / "masks").glob("*.png"))) < 6:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.05)
+        encoder = _node_pid(proc.pid, "encoder")
+        publisher = _node_pid(proc.pid, "publisher")
+        os.kill(publisher, signal.SIGKILL)
+        # The launcher stops the others and starts all four again: kill the new encoder
+        # as soon as it exists, while the attempt is still starting.
+        os.kill(_node_pid(proc.pid, "encoder", not_pid=encoder), signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "publisher died" in stdout and "encoder died" in stdout, stdout
+    assert "the publisher left no record of its outputs" in stderr
+    _assert_same_outputs(out, tmp_path / "full")
 
 
 def test_forged_status_messages_are_not_believed(checkpoint: Path, tmp_path: Path) -> None:
