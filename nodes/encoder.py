@@ -23,7 +23,11 @@ class EncoderNode(Node):
         overlay = bool(config.publisher.out) and config.publisher.overlay
         return cls(config.encoder, weights=config.weights, carry_images=overlay)
 
-    def __init__(self, config: EncoderConfig, *, weights: str, carry_images: bool) -> None:
+    def __init__(
+        self, config: EncoderConfig, *, weights: str, carry_images: bool, sam: SAM | None = None
+    ) -> None:
+        """``sam``: what encodes the frames (None: `setup` loads it from ``weights``; tests
+        give a scripted one)."""
         super().__init__()
         self.config = config
         self.weights = weights
@@ -32,9 +36,11 @@ class EncoderNode(Node):
         if config.batch_size is None:
             raise ValueError("encoder.batch_size must be resolved (pipeline.live) first")
         self.max_batch = config.batch_size
-        self.sam: SAM | None = None
+        self.sam = sam
 
     def setup(self) -> None:
+        if self.sam is not None:
+            return
         # The backend (and, for `auto`, a calibration on a machine's first run) is chosen
         # here, in the node's own process, with its thread budget (encoder.threads or
         # $OMP_NUM_THREADS from the launcher).

@@ -107,17 +107,20 @@ class TrackerNode(Node):
         image_size: int,
         resume_dir: str | None = None,
         resume_from: int | None = None,
+        decoder: SamMaskDecoder | None = None,
     ) -> None:
         """``resume_dir``: an offline run's output directory, where the tracker's states
         after its last frames are saved when it is stopped (for ``--resume``);
-        ``resume_from``: start from the state saved there after that frame, not afresh."""
+        ``resume_from``: start from the state saved there after that frame, not afresh.
+        ``decoder``: what makes the masks (None: `setup` loads it from ``weights``; tests
+        give a scripted one)."""
         super().__init__()
         self.config = config
         self.weights = weights
         self.image_size = image_size
         self.resume_dir = resume_dir
         self.resume_from = resume_from
-        self.decoder: SamMaskDecoder | None = None
+        self.decoder = decoder
         self.tracker: PromptTracker | None = None
         self._last_session: int | None = None
         self._last_capture = 0.0
@@ -127,6 +130,18 @@ class TrackerNode(Node):
         self._rejected_logged: set[str] = set()
 
     def setup(self) -> None:
+        if self.decoder is None:
+            self.decoder = self._load_decoder()
+        self.tracker = PromptTracker(self.decoder, frame_size=None, settings=self.config)
+        if self.resume_from is not None and self.resume_dir is not None:
+            # The prompts are in the saved state, with what became of them.
+            self.tracker.restore(*resume.load_tracker_snapshot(self.resume_dir, self.resume_from))
+            self.detail["resumed_after_frame"] = self.resume_from
+            return
+        for prompt in self.config.prompts:
+            self.tracker.add(prompt.box, prompt.points, prompt.labels, frame=prompt.frame)
+
+    def _load_decoder(self) -> SamMaskDecoder:
         # Only the prompt encoder + mask decoder: the tracker never runs the image encoder.
         device = resolve_device(self.config.device)
         weights_path = resolve_weights(self.weights)
@@ -143,15 +158,7 @@ class TrackerNode(Node):
             threads=self.config.threads,
         )
         self.detail["backend"] = backend.report
-        self.decoder = SamMaskDecoder(model, exclusive=self.config.exclusive_masks, backend=backend)
-        self.tracker = PromptTracker(self.decoder, frame_size=None, settings=self.config)
-        if self.resume_from is not None and self.resume_dir is not None:
-            # The prompts are in the saved state, with what became of them.
-            self.tracker.restore(*resume.load_tracker_snapshot(self.resume_dir, self.resume_from))
-            self.detail["resumed_after_frame"] = self.resume_from
-            return
-        for prompt in self.config.prompts:
-            self.tracker.add(prompt.box, prompt.points, prompt.labels, frame=prompt.frame)
+        return SamMaskDecoder(model, exclusive=self.config.exclusive_masks, backend=backend)
 
     def process(self, msg: Message) -> list[Message]:
         if not isinstance(msg, EmbeddingMessage):  # the runtime passes only EmbeddingMessage

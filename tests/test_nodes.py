@@ -1,8 +1,9 @@
 """The decoder and publisher nodes on their own: messages in, messages and files out.
 
 No sockets and no runtime: each node is set up and fed as the runtime would, so what it
-does with a message is seen directly. (The encoder and tracker, with a model, are tested
-through their models and in the pipeline tests.)
+does with a message is seen directly. (The encoder and tracker nodes get scripted models
+the same way in tests/test_wire_schema.py and tests/test_tracking.py, and a real one in
+tests/test_sam_decoder.py.)
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from pipeline.model import sam as sam_module
 from pipeline.model.checkpoint import CheckpointError, load_sam_decoder
 from pipeline.model.sam import MobileSAM, SamDecoder
 from pipeline.predictor import SAM
-from pipeline.tracking import PromptTracker
 
 SIZE = 256
 FRAME = (96, 128)  # H, W
@@ -139,12 +138,10 @@ def test_tracker_node_is_the_whole_model_trackers_bit_for_bit(sam, checkpoint: P
     )
     new = TrackerNode(config, weights=str(checkpoint), image_size=SIZE)
     new.setup()
-    old = TrackerNode(config, weights=str(checkpoint), image_size=SIZE)
     backend = build_decoder(model=sam.model, weights_path=sam.weights_path, backend="torch")
-    old.decoder = SamMaskDecoder(sam, exclusive=config.exclusive_masks, backend=backend)
-    old.tracker = PromptTracker(old.decoder, frame_size=None, settings=config)
-    for prompt in prompts:
-        old.tracker.add(prompt.box)
+    whole = SamMaskDecoder(sam, exclusive=config.exclusive_masks, backend=backend)
+    old = TrackerNode(config, weights=str(checkpoint), image_size=SIZE, decoder=whole)
+    old.setup()
     for frame in range(4):
         msg = embedding_message(sam, 10 + frame, FRAME)
         [a], [b] = new.process(msg), old.process(msg)

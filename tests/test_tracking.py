@@ -852,9 +852,14 @@ class NodeSceneDecoder(SceneDecoder):
 
 
 def test_tracker_node_follows_a_mid_stream_resolution_change():
-    node = TrackerNode(TrackerConfig(), weights="unused.pt", image_size=32)  # 2x2 embedding
     decoder = NodeSceneDecoder()
-    node.decoder, node.tracker = decoder, PromptTracker(decoder)
+    node = TrackerNode(
+        TrackerConfig(),
+        weights="unused.pt",
+        image_size=32,  # a 2x2 embedding
+        decoder=decoder,  # type: ignore[arg-type]
+    )
+    node.setup()
     tid = node.tracker.add(box=moving_box(0))
     for frame in range(12):
         size, sx, sy = (SIZE, 1.0, 1.0) if frame < 6 else ((480, 640), 2.0, 2.0)

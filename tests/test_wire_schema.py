@@ -42,7 +42,7 @@ from pipeline.messages import (
     wire_schema,
 )
 from pipeline.runtime import NodeEndpoints, NodeRunner
-from pipeline.tracking import DecodedMasks, PromptTracker
+from pipeline.tracking import DecodedMasks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -140,14 +140,21 @@ def node_messages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
     for embedding_dtype in ("float16", "bfloat16", "float32"):
         config = EncoderConfig(batch_size=2, embedding_dtype=embedding_dtype)
         encoder = EncoderNode(
-            config, weights="unused.pt", carry_images=embedding_dtype == "float16"
+            config,
+            weights="unused.pt",
+            carry_images=embedding_dtype == "float16",
+            sam=FakeEncoderBackend(),  # type: ignore[arg-type]
         )
-        encoder.sam = FakeEncoderBackend()
+        encoder.setup()
         embeddings += encoder.process_batch(frames)
 
-    tracker = TrackerNode(TrackerConfig(), weights="unused.pt", image_size=IMAGE_SIZE)
-    tracker.decoder = BoxMaskDecoder()
-    tracker.tracker = PromptTracker(tracker.decoder)
+    tracker = TrackerNode(
+        TrackerConfig(),
+        weights="unused.pt",
+        image_size=IMAGE_SIZE,
+        decoder=BoxMaskDecoder(),  # type: ignore[arg-type]
+    )
+    tracker.setup()
     commands = [
         PromptCommand(op="add", box=(8.0, 8.0, 40.0, 30.0)),
         PromptCommand(op="add", points=((50.0, 20.0),), labels=(1,), frame=2),
