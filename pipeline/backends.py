@@ -70,6 +70,27 @@ _OV_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def torch_dtype(precision: str, device: torch.device, threads: int | None) -> torch.dtype:
+    """The dtype of a torch backend's ``precision``; on a CPU, torch's intra-op pool set to
+    ``threads`` for the whole process (None: left as it is, sized from $OMP_NUM_THREADS in
+    a node process)."""
+    if precision not in _TORCH_DTYPES:
+        raise ValueError(
+            f"torch precision must be one of {sorted(_TORCH_DTYPES)}, got {precision!r}"
+        )
+    if threads is not None and device.type == "cpu" and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return _TORCH_DTYPES[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to ``dtype`` (nothing for float32). No cast cache: inside a CUDA graph
+    capture a cached cast would outlive its graph."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared preprocessing and machine facts.
 
@@ -265,15 +286,9 @@ class TorchEncoder(EncoderBackend):
         threads: int | None = None,
         cuda_graphs: bool = True,
     ) -> None:
-        if precision not in _TORCH_DTYPES:
-            raise ValueError(
-                f"torch precision must be one of {sorted(_TORCH_DTYPES)}, got {precision!r}"
-            )
         self.model = model
-        self.dtype = _TORCH_DTYPES[precision]
+        self.dtype = torch_dtype(precision, model.device, threads)
         on_cuda = model.device.type == "cuda"
-        if threads is not None and not on_cuda and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
         half_weights = on_cuda and self.dtype != torch.float32
         self.image_encoder = (
             half_copy(model.image_encoder, self.dtype) if half_weights else model.image_encoder
@@ -297,14 +312,8 @@ class TorchEncoder(EncoderBackend):
         graphs = isinstance(self.run, CudaGraphRunner)
         return {**super().describe(), "cuda_graphs": graphs}
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        # No cast cache: inside a CUDA graph capture a cached cast would outlive its graph.
-        return torch.autocast(self.model.device.type, dtype=self.dtype, cache_enabled=False)
-
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with autocast(self.model.device, self.dtype):
             return self.image_encoder(x)
 
     @torch.inference_mode()

@@ -29,7 +29,6 @@ feeds each mask back as the next frame's mask prompt, so errors compound over fr
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -41,16 +40,17 @@ import torch
 
 from pipeline.backends import (
     _OV_PRECISION,
-    _TORCH_DTYPES,
     BACKENDS,
     Calibration,
     _Candidate,
     _import,
+    autocast,
     calibration_key,
     candidate,
     choose_backend,
     compile_openvino,
     encoder_threads,
+    torch_dtype,
 )
 from pipeline.model.sam import SamDecoder
 
@@ -130,22 +130,12 @@ class TorchDecoder(DecoderBackend):
         threads: int | None = None,
         exact: bool = False,
     ) -> None:
-        if precision not in _TORCH_DTYPES:
-            raise ValueError(
-                f"torch precision must be one of {sorted(_TORCH_DTYPES)}, got {precision!r}"
-            )
         from pipeline.export import DecoderOnnxModel
 
         self.model = model
         self.exact = exact
-        self.dtype = _TORCH_DTYPES[precision]
+        self.dtype = torch_dtype(precision, model.device, threads)
         self.network = DecoderOnnxModel(model=model, upscale_with_matmuls=False).eval()
-        if (
-            threads is not None
-            and model.device.type == "cpu"
-            and torch.get_num_threads() != threads
-        ):
-            torch.set_num_threads(threads)
         super().__init__(
             model=model,
             precision=precision,
@@ -155,11 +145,6 @@ class TorchDecoder(DecoderBackend):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "graph": "MobileSAM.decode" if self.exact else "reordered"}
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.model.device.type, dtype=self.dtype)
 
     @torch.inference_mode()
     def decode(
@@ -179,7 +164,7 @@ class TorchDecoder(DecoderBackend):
                     torch.from_numpy(points[0]).to(device),
                     torch.from_numpy(points[1]).to(device),
                 )
-            with self._autocast():
+            with autocast(self.model.device, self.dtype):
                 low, scores = self.model.decode(
                     embedding, points=point_t, boxes=box_t, mask_inputs=mask_input
                 )
@@ -191,7 +176,7 @@ class TorchDecoder(DecoderBackend):
         if mask_input is None:
             mask_input = torch.zeros(1, 1, *self.low_size, device=device)
             has = torch.zeros(1, device=device)
-        with self._autocast():
+        with autocast(self.model.device, self.dtype):
             low, scores = self.network(
                 embedding,
                 torch.from_numpy(coords).to(device),

@@ -13,7 +13,6 @@ numpy arrays as BGR: samstream does not guess, it takes the order it is told.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.backends import EncoderBackend, build_encoder
+from pipeline.backends import EncoderBackend, autocast, build_encoder
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.model.sam import MobileSAM, build_mobile_sam
 from pipeline.model.transforms import scale_boxes, scale_coords
@@ -179,11 +178,6 @@ class SAM:
     def image_size(self) -> int:
         return self.model.img_size
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     @torch.inference_mode()
     def encode_batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encode same-sized HxWx3 uint8 RGB frames -> (BxCxhxw float embeddings, input size).
@@ -226,7 +220,7 @@ class SAM:
             coords = torch.from_numpy(scale_coords(prompts.points, size, long_side))
             labels = torch.from_numpy(prompts.labels)
             points = (coords.to(self.device), labels.to(self.device))
-        with self._autocast():
+        with autocast(self.device, self.dtype):
             low_res, scores = self.model.decode(
                 image.embedding,
                 points=points,
