@@ -35,7 +35,6 @@ from pipeline.messages import (
     Message,
     PromptCommand,
     PromptReply,
-    TrackRecord,
 )
 from pipeline.model.checkpoint import load_sam_decoder
 from pipeline.model.transforms import resized_shape
@@ -171,7 +170,7 @@ class TrackerNode(Node):
             self._reject(*problem)
             return []
         embedding = embedding_from_wire(msg.embedding, msg.embedding_dtype)
-        self.decoder.image = ImageEmbedding(
+        image = ImageEmbedding(
             embedding[None].to(self.decoder.model.device), msg.original_size, msg.input_size
         )
         size = (int(msg.original_size[0]), int(msg.original_size[1]))
@@ -184,21 +183,11 @@ class TrackerNode(Node):
             self.tracker.set_frame_size(size)
         outputs = [
             *self._after_outage(msg),
-            *self.tracker.step(msg.meta.frame_index, between=self.serve_commands),
+            *self.tracker.step(msg.meta.frame_index, image, between=self.serve_commands),
         ]
         # The smallest windows go out: every later stage works per pixel of them.
         masks = tuple(o.mask.tight() for o in outputs)
-        tracks = tuple(
-            TrackRecord(
-                track_id=o.track_id,
-                box=tuple(float(v) for v in o.box),
-                score=float(o.score),
-                state=o.state.value,
-                frames_since_update=o.frames_since_update,
-                innovation=float(o.innovation),
-            )
-            for o in outputs
-        )
+        tracks = tuple(o.record for o in outputs)
         self.count("frames")
         if self.resume_dir is not None:
             self._snapshots.append((msg.meta.frame_index, self.tracker.snapshot()))

@@ -63,21 +63,22 @@ class SamMaskDecoder:
             precision = str(dtype).removeprefix("torch.")
             backend = TorchDecoder(model=self.model, precision=precision, exact=True)
         self.backend = backend
-        self.image: ImageEmbedding | None = None
         # Per (original size, input size): the window upscaler, or None for the full frame.
         self._upscalers: dict[tuple[tuple[int, int], tuple[int, int]], Upscaler | None] = {}
 
     @torch.inference_mode()
     def __call__(
         self,
+        image: ImageEmbedding | None,
         boxes: np.ndarray,
         mask_logits: Sequence[np.ndarray | None],
         points: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None,
     ) -> DecodedMasks:
-        if self.image is None:
-            raise RuntimeError("no frame embedding set")
+        """Decode N prompts on the frame's embedding (``tracking.MaskDecoderFn``)."""
+        if image is None:
+            raise TypeError("SamMaskDecoder needs the frame's ImageEmbedding, got None")
         n = len(boxes)
-        size = (int(self.image.original_size[0]), int(self.image.original_size[1]))
+        size = (int(image.original_size[0]), int(image.original_size[1]))
         if n == 0:
             return DecodedMasks(
                 masks=(),
@@ -96,7 +97,7 @@ class SamMaskDecoder:
         # A points prompt (a track's first frame only) has its own point count: decoded alone.
         batches = [plain, with_mask, *([i] for i in range(n) if has_points(i))]
         for rows in filter(None, batches):
-            batch_low, batch_scores = self._decode(boxes, mask_logits, points, rows)
+            batch_low, batch_scores = self._decode(image, boxes, mask_logits, points, rows)
             if low_res is None:
                 low_res = batch_low.new_empty((n, *batch_low.shape[-2:]))
             low_res[rows] = batch_low[:, 0]
@@ -104,7 +105,7 @@ class SamMaskDecoder:
         if low_res is None:  # cannot happen: every row is in one batch
             raise RuntimeError("mask decoder invariant broken: a row was not decoded")
         low_host = low_res.cpu().numpy()
-        windows, logits = self._upscale(low_res, low_host, size)
+        windows, logits = self._upscale(low_res, low_host, size, image.input_size)
         threshold = self.model.mask_threshold
         masks = tuple(
             RegionMask(size, box, window > threshold)
@@ -118,20 +119,22 @@ class SamMaskDecoder:
         )
 
     def _upscale(
-        self, low_res: torch.Tensor, low_host: np.ndarray, size: tuple[int, int]
+        self,
+        low_res: torch.Tensor,
+        low_host: np.ndarray,
+        size: tuple[int, int],
+        input_size: tuple[int, int],
     ) -> tuple[list[WindowBox], list[np.ndarray]]:
         """Each row's window and its float32 logits there. low_res: (N, g, g) on the device,
         low_host: the same on the host."""
-        if self.image is None:  # cannot happen: checked by __call__
-            raise RuntimeError("no frame embedding set")
         model = self.model
         threshold = model.mask_threshold
-        upscaler = self.upscaler_for(low_res.shape[-1], size, self.image.input_size)
+        upscaler = self.upscaler_for(low_res.shape[-1], size, input_size)
         if upscaler is not None:
             windows = upscaler.windows(low_host, threshold)
             parts = [upscaler.window_logits(low_res[i], box) for i, box in enumerate(windows)]
         else:
-            full = model.upscale_masks(low_res[:, None], self.image.input_size, size)[:, 0]
+            full = model.upscale_masks(low_res[:, None], input_size, size)[:, 0]
             positive = full > threshold
             rows_any = positive.any(dim=2).cpu().numpy()
             cols_any = positive.any(dim=1).cpu().numpy()
@@ -182,6 +185,7 @@ class SamMaskDecoder:
 
     def _decode(
         self,
+        image: ImageEmbedding,
         boxes: np.ndarray,
         mask_logits: Sequence[np.ndarray | None],
         points: Sequence[tuple[np.ndarray, np.ndarray] | None] | None,
@@ -206,24 +210,22 @@ class SamMaskDecoder:
             stacked = np.stack([mask_logits[i] for i in rows]).astype(np.float32)
             mask_inputs = torch.from_numpy(stacked).reshape(len(rows), 1, *stacked.shape[-2:])
             mask_inputs = mask_inputs.to(self.model.device)
-        return self._network(prompts, mask_inputs)
+        return self._network(image, prompts, mask_inputs)
 
     def _network(
-        self, prompts: Prompts, mask_inputs: torch.Tensor | None
+        self, image: ImageEmbedding, prompts: Prompts, mask_inputs: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``SAM.decode`` up to its low-res logits: prompts mapped to the input frame, then
         the prompt encoder and mask decoder in the backend (the full-frame upscaling is
         ours to do). Low-res logits (B, 1, g, g) and scores (B, 1), float32 on the device."""
-        if self.image is None:  # cannot happen: checked by __call__
-            raise RuntimeError("no frame embedding set")
-        size, long_side = self.image.original_size, self.model.img_size
+        size, long_side = image.original_size, self.model.img_size
         boxes = points = None
         if prompts.boxes is not None:
             boxes = scale_boxes(prompts.boxes, size, long_side)
         if prompts.points is not None and prompts.labels is not None:
             points = (scale_coords(prompts.points, size, long_side), prompts.labels)
         low_res, scores = self.backend.decode(
-            self.image.embedding, boxes=boxes, points=points, mask_input=mask_inputs
+            image.embedding, boxes=boxes, points=points, mask_input=mask_inputs
         )
         device = self.model.device
         return low_res.to(device), scores.to(device)

@@ -40,7 +40,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
@@ -48,8 +48,11 @@ from filterpy.kalman import KalmanFilter
 
 from pipeline.config import RunConfig, TrackerConfig, validate_config
 from pipeline.masks import RegionMask, as_region_masks, tight_box
-from pipeline.messages import TrackState
+from pipeline.messages import TrackRecord, TrackState
 from pipeline.prompts import check_box
+
+if TYPE_CHECKING:  # the tracker runs any decoder; only SAM's needs torch
+    from pipeline.predictor import ImageEmbedding
 
 Box = tuple[float, float, float, float]
 
@@ -557,12 +560,14 @@ class MaskDecoderFn(Protocol):
 
     def __call__(
         self,
+        image: ImageEmbedding | None,
         boxes: np.ndarray,
         mask_logits: list[np.ndarray | None],
         points: list[tuple[np.ndarray, np.ndarray] | None] | None = None,
     ) -> DecodedMasks:
         """Decode N prompts.
 
+        image: the frame's embedding, as ``PromptTracker.step`` was given it.
         boxes: (N, 4) float32 ``x1, y1, x2, y2`` in original-frame pixels; a row is NaN for a
             points-only prompt.
         mask_logits: N entries, each the track's previous (h, w) low-res logits or None.
@@ -575,12 +580,13 @@ class MaskDecoderFn(Protocol):
 
 @dataclass(frozen=True)
 class TrackOutput:
-    """What the tracker publishes for one track and one frame.
+    """What the tracker publishes for one track and one frame: its record, as the wire
+    carries it (``MaskMessage.tracks``), and its mask.
 
-    box: the measured box when the measurement was trusted, else the prediction clipped to
-        the frame (a track that left the frame reports its unclipped prediction).
-    score: the decoder's predicted IoU score this frame (0.0 when not decoded).
-    innovation: Mahalanobis distance of the latest measured box from the prediction
+    record.box: the measured box when the measurement was trusted, else the prediction
+        clipped to the frame (a track that left the frame reports its unclipped prediction).
+    record.score: the decoder's predicted IoU score this frame (0.0 when not decoded).
+    record.innovation: Mahalanobis distance of the latest measured box from the prediction
         (kept from the previous frame when this frame's mask was empty).
     mask: the (H, W) bool mask as a RegionMask (its window; ``numpy.asarray`` or ``dense()``
         gives the full frame). A COASTING track still publishes the decoder's mask for its
@@ -589,12 +595,7 @@ class TrackOutput:
         pixels) no pixel is in two tracks' masks of one frame.
     """
 
-    track_id: int
-    box: Box
-    score: float
-    state: TrackState
-    frames_since_update: int
-    innovation: float
+    record: TrackRecord
     mask: RegionMask = field(repr=False, compare=False)
 
 
@@ -814,17 +815,24 @@ class PromptTracker:
             for tid, track in sorted(self._tracks.items())
         ]
         for output in outputs:
-            self._drop(output.track_id)
+            self._drop(output.record.track_id)
         return outputs
 
     # ------------------------------------------------------------------ the frame
 
     def step(
-        self, frame_index: int, *, between: Callable[[], object] | None = None
+        self,
+        frame_index: int,
+        image: ImageEmbedding | None = None,
+        *,
+        between: Callable[[], object] | None = None,
     ) -> list[TrackOutput]:
         """Track every object into frame ``frame_index``; outputs sorted by track id.
 
         Frame indices must increase; gaps (frames dropped in live mode) are predicted over.
+
+        image: the frame's embedding, handed to the decoder as it is (a scripted decoder in
+            tests may need none).
 
         between: called again and again while the frame is worked on (every
             ``between_interval_s`` while the decoder runs, in a worker thread then, and after
@@ -846,11 +854,16 @@ class PromptTracker:
         self._not_stepping("step")
         self._stepping, self._touched = True, set()
         try:
-            return self._step(frame_index, between)
+            return self._step(frame_index, image, between)
         finally:
             self._stepping, self._touched = False, set()
 
-    def _step(self, frame_index: int, between: Callable[[], object] | None) -> list[TrackOutput]:
+    def _step(
+        self,
+        frame_index: int,
+        image: ImageEmbedding | None,
+        between: Callable[[], object] | None,
+    ) -> list[TrackOutput]:
         due = {
             tid: p for tid, p in self._pending.items() if p.frame is None or p.frame <= frame_index
         }
@@ -887,15 +900,15 @@ class PromptTracker:
             box = None if prompt.box is None else _clip(prompt.box, size)
             slots.append(_Slot(tid, None, prompt, box, True, 0))
 
-        decoded = self._decode_batch(slots, between) if slots else None
+        decoded = self._decode_batch(slots, image, between) if slots else None
 
         # Phase 2: commit. Ids a command touched meanwhile (``self._touched``, filled by
         # commands that ``between`` served) stay as the command left them.
         touched = self._touched
         self._current_frame = frame_index
         for out in rejected:
-            if out.track_id not in touched:
-                self._drop(out.track_id)
+            if out.record.track_id not in touched:
+                self._drop(out.record.track_id)
         committed: list[tuple[int, TrackOutput]] = []  # (decoded row, output)
         for row, slot in enumerate(slots):
             if decoded is None:  # cannot happen: slots is non-empty here
@@ -924,9 +937,9 @@ class PromptTracker:
         outputs = [
             out
             for out in (*rejected, *(out for _, out in committed))
-            if out.track_id not in touched
+            if out.record.track_id not in touched
         ]
-        outputs.sort(key=lambda out: out.track_id)
+        outputs.sort(key=lambda out: out.record.track_id)
         return outputs
 
     @staticmethod
@@ -955,20 +968,23 @@ class PromptTracker:
                 contested = ContestedPixels(index=contested.index, logits=contested.logits[rows])
         priority = [
             -1
-            if out.state is TrackState.LOST or out.track_id in touched
+            if out.record.state is TrackState.LOST or out.record.track_id in touched
             else 1
-            if out.state is TrackState.COASTING
+            if out.record.state is TrackState.COASTING
             else 0
             for _, out in committed
         ]
         masks = exclusive_masks([decoded.masks[row] for row in rows], contested, priority)
         return [
-            (row, out if out.state is TrackState.LOST else dataclasses.replace(out, mask=mask))
+            (row, out if out.record.state is TrackState.LOST else TrackOutput(out.record, mask))
             for (row, out), mask in zip(committed, masks, strict=True)
         ]
 
     def _decode_batch(
-        self, slots: list[_Slot], between: Callable[[], object] | None = None
+        self,
+        slots: list[_Slot],
+        image: ImageEmbedding | None,
+        between: Callable[[], object] | None = None,
     ) -> DecodedMasks:
         """The decoder's answer for every slot, in one call (with ``between``, run in a worker
         thread while this one calls ``between``)."""
@@ -992,13 +1008,14 @@ class PromptTracker:
                 for s in slots
             ]
         if between is None:
-            decoded = self._decode(boxes, logits, points=points)
+            decoded = self._decode(image, boxes, logits, points=points)
         else:
-            decoded = self._decode_meanwhile(boxes, logits, points, between)
+            decoded = self._decode_meanwhile(image, boxes, logits, points, between)
         return _checked_decoded(decoded, len(slots), self._frame_size)
 
     def _decode_meanwhile(
         self,
+        image: ImageEmbedding | None,
         boxes: np.ndarray,
         logits: list[np.ndarray | None],
         points: list[tuple[np.ndarray, np.ndarray] | None] | None,
@@ -1017,7 +1034,7 @@ class PromptTracker:
 
         def work() -> None:
             try:
-                outcome.append((self._decode(boxes, logits, points=points), None))
+                outcome.append((self._decode(image, boxes, logits, points=points), None))
             except BaseException as err:  # handed to the caller's thread, raised there
                 outcome.append((None, err))
 
@@ -1103,15 +1120,15 @@ class PromptTracker:
         if track.state is TrackState.LOST:
             self._drop(slot.track_id)
             mask = RegionMask.empty(size)
-        return TrackOutput(
+        record = TrackRecord(
             track_id=slot.track_id,
             box=_as_box(reported),
             score=score,
             state=track.state,
-            frames_since_update=track.frames_since_update,
-            innovation=track.last_innovation,
-            mask=mask,
+            frames_since_update=int(track.frames_since_update),
+            innovation=float(track.last_innovation),
         )
+        return TrackOutput(record, mask)
 
     def _lost_output(
         self,
@@ -1123,15 +1140,15 @@ class PromptTracker:
     ) -> TrackOutput:
         if self._frame_size is None:  # cannot happen: checked by step()
             raise RuntimeError("prompt tracker invariant broken: self._frame_size is None")
-        return TrackOutput(
+        record = TrackRecord(
             track_id=track_id,
             box=_as_box(box),
-            score=score,
+            score=float(score),
             state=TrackState.LOST,
             frames_since_update=frames_since_update,
-            innovation=innovation,
-            mask=RegionMask.empty(self._frame_size),
+            innovation=float(innovation),
         )
+        return TrackOutput(record, RegionMask.empty(self._frame_size))
 
     def _drop(self, track_id: int) -> None:
         """Forget a track reported lost (``update_box`` can bring it back)."""

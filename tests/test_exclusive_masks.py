@@ -66,17 +66,12 @@ def row_logits(
     return logits[0, 0].numpy()
 
 
-def decoder_for(sam: SAM, embedded: ImageEmbedding, *, exclusive: bool) -> SamMaskDecoder:
+def track_frame(sam: SAM, embedded: ImageEmbedding, *, exclusive: bool) -> list[TrackOutput]:
     decoder = SamMaskDecoder(sam, exclusive=exclusive)
-    decoder.image = embedded
-    return decoder
-
-
-def track_frame(decoder: SamMaskDecoder) -> list[TrackOutput]:
     tracker = PromptTracker(decoder, frame_size=SIZE, settings=OPEN)
     for box in BOXES:
         tracker.add(box=box)
-    return tracker.step(0)
+    return tracker.step(0, embedded)
 
 
 def expected_owner(logits: np.ndarray, threshold: float) -> np.ndarray:
@@ -95,14 +90,17 @@ def test_exclusive_tracker_masks_give_each_pixel_to_the_highest_logit(sam, embed
     assert overlap.sum() > 100
     assert (overlap & (logits[0] > logits[1])).any() and (overlap & (logits[1] > logits[0])).any()
 
-    shared = track_frame(decoder_for(sam, embedded, exclusive=False))
-    assert all(o.state is TrackState.TENTATIVE and o.frames_since_update == 0 for o in shared)
+    shared = track_frame(sam, embedded, exclusive=False)
+    assert all(
+        o.record.state is TrackState.TENTATIVE and o.record.frames_since_update == 0 for o in shared
+    )
     shared_masks = np.stack([o.mask for o in shared])
     assert np.array_equal(shared_masks, own)  # false: each track keeps its own mask
     assert (shared_masks.sum(axis=0) > 1).any()
 
-    outputs = track_frame(decoder_for(sam, embedded, exclusive=True))
-    assert all(o.state is TrackState.TENTATIVE and o.frames_since_update == 0 for o in outputs)
+    outputs = track_frame(sam, embedded, exclusive=True)
+    assert all(o.record.state is TrackState.TENTATIVE for o in outputs)
+    assert all(o.record.frames_since_update == 0 for o in outputs)
     masks = np.stack([o.mask for o in outputs])
     assert masks.sum(axis=0).max() == 1  # no pixel in two masks
     assert np.array_equal(masks.any(axis=0), shared_masks.any(axis=0))  # same union
@@ -110,7 +108,7 @@ def test_exclusive_tracker_masks_give_each_pixel_to_the_highest_logit(sam, embed
     assert np.array_equal(owner, expected_owner(logits, threshold))
     # The measurement is the object's own mask, not its exclusive share (see _commit): the
     # boxes are the same as without exclusivity.
-    assert [o.box for o in outputs] == [o.box for o in shared]
+    assert [o.record.box for o in outputs] == [o.record.box for o in shared]
 
 
 def test_contested_pixels_span_the_decoders_separate_calls(sam, embedded):
@@ -120,8 +118,8 @@ def test_contested_pixels_span_the_decoders_separate_calls(sam, embedded):
     previous = low[0, 0].numpy()
     points = (np.array([[50.0, 48.0], [5.0, 90.0]]), np.array([1, 0]))
     boxes = np.array([BOXES[0], BOXES[1], [np.nan] * 4], dtype=np.float32)
-    decoded = decoder_for(sam, embedded, exclusive=True)(
-        boxes, [None, previous, None], [None, None, (points[0], points[1])]
+    decoded = SamMaskDecoder(sam, exclusive=True)(
+        embedded, boxes, [None, previous, None], [None, None, (points[0], points[1])]
     )
     logits = np.stack(
         [
@@ -154,7 +152,7 @@ def test_contested_pixels_span_the_decoders_separate_calls(sam, embedded):
 
 
 def test_not_exclusive_reports_no_contested_pixels(sam, embedded):
-    decoded = decoder_for(sam, embedded, exclusive=False)(BOXES, [None, None])
+    decoded = SamMaskDecoder(sam, exclusive=False)(embedded, BOXES, [None, None])
     assert decoded.contested is None
     assert (decoded.masks[0].dense() & decoded.masks[1].dense()).any()
 

@@ -116,8 +116,7 @@ def test_batched_decoder_is_the_sam_paths_bit_for_bit(sam, decoder_model) -> Non
     results = []
     for model in (decoder_model, sam):
         decoder = SamMaskDecoder(model, exclusive=True)
-        decoder.image = embedded
-        results.append(decoder(boxes, [None, previous, None], points))
+        results.append(decoder(embedded, boxes, [None, previous, None], points))
     got, expected = results
     assert np.array_equal(got.scores, expected.scores)
     assert np.array_equal(got.low_res_logits, expected.low_res_logits)

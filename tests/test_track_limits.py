@@ -48,7 +48,7 @@ class BoxDecoder:
         self.size = size
         self.calls: list[int] = []  # rows per call
 
-    def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:
+    def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
         self.calls.append(len(boxes))
         height, width = self.size
         masks, windows = [], []
@@ -76,10 +76,7 @@ def grid_box(i: int, size: tuple[int, int] = SIZE, cell: int = 8) -> tuple[int, 
 
 
 def summary(outputs: list[TrackOutput]) -> list[tuple]:
-    return [
-        (o.track_id, o.box, o.state, o.score, o.frames_since_update, o.mask.dense().tobytes())
-        for o in outputs
-    ]
+    return [(o.record, o.mask.dense().tobytes()) for o in outputs]
 
 
 def test_a_frame_decoded_while_commands_are_served_gives_the_same_outputs() -> None:
@@ -103,17 +100,17 @@ def test_between_runs_while_the_decoder_works() -> None:
     served = threading.Event()
 
     class WaitingDecoder(BoxDecoder):
-        def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:
+        def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
             assert served.wait(30), "between never ran while the decoder worked"
-            return super().__call__(boxes, mask_logits, points)
+            return super().__call__(image, boxes, mask_logits, points)
 
     tracker = PromptTracker(WaitingDecoder(), frame_size=SIZE)
     tracker.add(box=grid_box(0))
     outputs = tracker.step(0, between=served.set)
-    assert [o.track_id for o in outputs] == [1]
+    assert [o.record.track_id for o in outputs] == [1]
 
     class FailingDecoder(BoxDecoder):
-        def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:
+        def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
             raise RuntimeError("CUDA out of memory")
 
     failing = PromptTracker(FailingDecoder(), frame_size=SIZE)
@@ -128,10 +125,10 @@ class GatedDecoder(BoxDecoder):
 
     gate: threading.Event | None = None
 
-    def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:
+    def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
         if self.gate is not None:
             assert self.gate.wait(30), "between never ran while the decoder worked"
-        return super().__call__(boxes, mask_logits, points)
+        return super().__call__(image, boxes, mask_logits, points)
 
 
 def test_commands_in_the_middle_of_a_frame_leave_their_tracks_as_they_made_them() -> None:
@@ -139,7 +136,7 @@ def test_commands_in_the_middle_of_a_frame_leave_their_tracks_as_they_made_them(
     tracker = PromptTracker(decoder, frame_size=SIZE)
     left, right = (10, 10, 40, 40), (30, 10, 60, 40)  # overlapping: right's logits win
     ids = [tracker.add(box=box) for box in (left, right, (80, 10, 100, 30), (80, 60, 100, 80))]
-    first = {o.track_id: o for o in tracker.step(0)}
+    first = {o.record.track_id: o for o in tracker.step(0)}
     assert not first[1].mask.dense()[20, 35]  # the overlap went to track 2
     added: list[int] = []
     decoder.gate = threading.Event()
@@ -163,7 +160,7 @@ def test_commands_in_the_middle_of_a_frame_leave_their_tracks_as_they_made_them(
             tracker.remove(3)  # just after its frame was committed
             removed_after_commit = True
 
-    outputs = {o.track_id: o for o in tracker.step(1, between=between)}
+    outputs = {o.record.track_id: o for o in tracker.step(1, between=between)}
     assert ids == [1, 2, 3, 4] and added == [5] and removed_after_commit
     # The touched tracks are not in the frame's outputs; the others are, as usual.
     assert set(outputs) == {1}
@@ -172,10 +169,10 @@ def test_commands_in_the_middle_of_a_frame_leave_their_tracks_as_they_made_them(
     assert [row["id"] for row in tracker.list()] == [1, 4, 5]
     # Next frame: the corrected track starts at its new box, the new one is there.
     decoder.gate = None
-    later = {o.track_id: o for o in tracker.step(2, between=lambda: None)}
+    later = {o.record.track_id: o for o in tracker.step(2, between=lambda: None)}
     assert set(later) == {1, 4, 5}
-    assert later[4].box == (100.0, 70.0, 130.0, 100.0)
-    assert later[5].box == (120.0, 10.0, 140.0, 30.0)
+    assert later[4].record.box == (100.0, 70.0, 130.0, 100.0)
+    assert later[5].record.box == (120.0, 10.0, 140.0, 30.0)
 
 
 # --------------------------------------------------------------------------- a real node

@@ -69,7 +69,7 @@ class SceneDecoder:
         self.calls: list[Call] = []
         self.fault: str | None = None  # "raise" or "malformed", to test failure handling
 
-    def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:
+    def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
         if self.fault == "raise":
             raise RuntimeError("CUDA out of memory")
         self.calls.append(Call(boxes.copy(), list(mask_logits), points))
@@ -107,7 +107,7 @@ def make(settings: TrackerConfig | None = None) -> tuple[PromptTracker, SceneDec
 
 
 def by_id(outputs: list[TrackOutput]) -> dict[int, TrackOutput]:
-    return {out.track_id: out for out in outputs}
+    return {out.record.track_id: out for out in outputs}
 
 
 def close(a, b, tol: float) -> bool:
@@ -159,11 +159,11 @@ def test_follows_constant_velocity_and_learns_it():
     for frame in range(30):
         decoder.objects = {"a": (moving_box(frame), 0.9)}
         (out,) = tracker.step(frame)
-        assert out.track_id == tid
-        assert out.state is (TrackState.TENTATIVE if frame == 0 else TrackState.TRACKED)
-        assert close(out.box, moving_box(frame), 1.0)
+        assert out.record.track_id == tid
+        assert out.record.state is (TrackState.TENTATIVE if frame == 0 else TrackState.TRACKED)
+        assert close(out.record.box, moving_box(frame), 1.0)
         assert out.mask.frame_size == SIZE and out.mask.any()
-        assert math.isfinite(out.innovation)
+        assert math.isfinite(out.record.innovation)
         if frame >= 3:  # the prompt is the prediction: it already moves with the object
             assert close(decoder.calls[-1].boxes[0], moving_box(frame), 2.0)
     velocity = tracker.tracks[tid].kf.x[4:8, 0]
@@ -189,13 +189,13 @@ def test_occlusion_coasts_on_learnt_velocity_and_recovers():
         decoder.objects = {"a": (moving_box(frame), 0.1 if frame in occluded else 0.9)}
         out = by_id(tracker.step(frame))[tid]
         if frame in occluded:
-            assert out.state is TrackState.COASTING
-            assert out.frames_since_update == frame - occluded.start + 1
+            assert out.record.state is TrackState.COASTING
+            assert out.record.frames_since_update == frame - occluded.start + 1
             assert out.mask.any()  # coasting still publishes the decoder's mask
-            assert close(out.box, moving_box(frame), 2.0)  # the prediction keeps moving
+            assert close(out.record.box, moving_box(frame), 2.0)  # the prediction keeps moving
         elif frame >= 1:
-            assert out.state is TrackState.TRACKED and out.frames_since_update == 0
-            assert close(out.box, moving_box(frame), 1.0)
+            assert out.record.state is TrackState.TRACKED and out.record.frames_since_update == 0
+            assert close(out.record.box, moving_box(frame), 1.0)
 
 
 def test_lost_after_max_coast_frames_then_dropped():
@@ -206,8 +206,8 @@ def test_lost_after_max_coast_frames_then_dropped():
         tracker.step(frame)
     decoder.objects = {}  # the object vanishes: empty masks
     states = [by_id(tracker.step(frame))[tid] for frame in range(5, 9)]
-    assert [o.state for o in states] == [TrackState.COASTING] * 3 + [TrackState.LOST]
-    assert [o.frames_since_update for o in states] == [1, 2, 3, 4]
+    assert [o.record.state for o in states] == [TrackState.COASTING] * 3 + [TrackState.LOST]
+    assert [o.record.frames_since_update for o in states] == [1, 2, 3, 4]
     assert not states[-1].mask.any()
     calls = len(decoder.calls)
     assert tracker.step(9) == []
@@ -222,11 +222,11 @@ def test_track_leaving_the_frame_is_lost():
         box = moving_box(frame, start=(200, 100, 240, 140), velocity=(12, 0))
         decoder.objects = {"a": (box, 0.9)}
         out = by_id(tracker.step(frame)).get(tid)
-        if out is None or out.state is TrackState.LOST:
+        if out is None or out.record.state is TrackState.LOST:
             break
-    assert out is not None and out.state is TrackState.LOST
-    assert out.box[0] >= SIZE[1]  # its prediction has left the frame
-    assert out.frames_since_update < tracker.settings.max_coast_frames
+    assert out is not None and out.record.state is TrackState.LOST
+    assert out.record.box[0] >= SIZE[1]  # its prediction has left the frame
+    assert out.record.frames_since_update < tracker.settings.max_coast_frames
     assert tid not in tracker.tracks
 
 
@@ -244,9 +244,9 @@ def test_two_objects_batched_in_one_decode_per_step():
         assert len(decoder.calls) == frame + 1  # exactly one call per step
         assert decoder.calls[-1].boxes.shape == (2, 4)
         assert decoder.calls[-1].boxes.dtype == np.float32
-        assert [o.track_id for o in outputs] == [a, b]
-        assert close(outputs[0].box, moving_box(frame), 1.0)
-        assert close(outputs[1].box, moving_box(frame, start_b, velocity_b), 1.0)
+        assert [o.record.track_id for o in outputs] == [a, b]
+        assert close(outputs[0].record.box, moving_box(frame), 1.0)
+        assert close(outputs[1].record.box, moving_box(frame, start_b, velocity_b), 1.0)
     assert np.allclose(tracker.tracks[b].kf.x[4:6, 0], velocity_b, atol=0.1)
 
 
@@ -256,7 +256,7 @@ def test_dropped_frames_are_predicted_over():
     for frame in [0, 1, 2, 3, 4, 7, 10, 15, 16]:
         decoder.objects = {"a": (moving_box(frame), 0.9)}
         out = by_id(tracker.step(frame))[tid]
-        assert out.state is not TrackState.COASTING
+        assert out.record.state is not TrackState.COASTING
         if frame >= 4:
             assert close(decoder.calls[-1].boxes[0], moving_box(frame), 2.0)
 
@@ -319,8 +319,8 @@ def test_stray_fragments_do_not_move_the_measurement():
         decoder.objects = {"a": (moving_box(frame), 0.9)}
         decoder.fragments = [fragment] if frame == 0 or frame >= 5 else []
         out = by_id(tracker.step(frame))[tid]
-        assert out.state is (TrackState.TENTATIVE if frame == 0 else TrackState.TRACKED)
-        assert close(out.box, moving_box(frame), 1.0)
+        assert out.record.state is (TrackState.TENTATIVE if frame == 0 else TrackState.TRACKED)
+        assert close(out.record.box, moving_box(frame), 1.0)
         if decoder.fragments:
             fx1, fy1, fx2, fy2 = fragment
             # The published mask is the decoder's.
@@ -337,7 +337,7 @@ def test_points_only_prompt_measures_the_component_under_its_point():
     decoder.objects = {"a": (moving_box(0), 0.9)}
     decoder.fragments = [(280, 200, 300, 220)]
     (out,) = tracker.step(0)
-    assert out.track_id == tid and out.box == moving_box(0)
+    assert out.record.track_id == tid and out.record.box == moving_box(0)
 
 
 # --------------------------------------------------------------------------- exclusive masks
@@ -360,9 +360,9 @@ class ContestDecoder(SceneDecoder):
         self._names.append(names[0] if target is not None else None)
         return target
 
-    def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:
+    def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
         self._names = []
-        decoded = super().__call__(boxes, mask_logits, points)
+        decoded = super().__call__(image, boxes, mask_logits, points)
         flat = decoded.masks.reshape(len(boxes), -1)
         index = np.flatnonzero(flat.sum(axis=0) >= 2)
         values = np.array([self.logits.get(name, 0.0) for name in self._names], np.float32)
@@ -411,10 +411,10 @@ def test_exclusive_masks_measure_on_the_own_mask_and_favour_trusted_tracks():
         assert not (out[a].mask.dense() & out[b].mask.dense()).any()
         assert np.array_equal(out[a].mask, rect(A_BOX) & ~rect(B_BOX))
         assert np.array_equal(out[b].mask, rect(B_BOX))
-        assert out[a].box == A_BOX and out[b].box == B_BOX  # not (20, 30, 50, 90)
+        assert out[a].record.box == A_BOX and out[b].record.box == B_BOX  # not (20, 30, 50, 90)
         assert (
-            out[a].state
-            is out[b].state
+            out[a].record.state
+            is out[b].record.state
             is (TrackState.TENTATIVE if frame == 0 else TrackState.TRACKED)
         )
     assert close(tracker.tracks[a].predicted_box, A_BOX, 0.5)
@@ -422,7 +422,7 @@ def test_exclusive_masks_measure_on_the_own_mask_and_favour_trusted_tracks():
     decoder.logits = {"a": 9.0, "b": 5.0}  # A now outbids B, but A is not trusted
     decoder.objects = {"a": (A_BOX, 0.1), "b": (B_BOX, 0.9)}
     out = by_id(tracker.step(4))
-    assert out[a].state is TrackState.COASTING and out[b].state is TrackState.TRACKED
+    assert out[a].record.state is TrackState.COASTING and out[b].record.state is TrackState.TRACKED
     assert np.array_equal(out[b].mask, rect(B_BOX))
     assert np.array_equal(out[a].mask, rect(A_BOX) & ~rect(B_BOX))
 
@@ -438,7 +438,7 @@ def test_a_lost_track_takes_no_pixels():
     for frame, (score_a, score_b) in enumerate(scores):
         decoder.objects = {"a": (A_BOX, score_a), "b": (B_BOX, score_b)}
         out = by_id(tracker.step(frame))
-    assert out[a].state is TrackState.LOST and out[b].state is TrackState.COASTING
+    assert out[a].record.state is TrackState.LOST and out[b].record.state is TrackState.COASTING
     assert not out[a].mask.any()
     assert np.array_equal(out[b].mask, rect(B_BOX))
 
@@ -459,7 +459,7 @@ def test_prompt_added_mid_stream_appears_exactly_at_its_frame():
             "a": (moving_box(frame), 0.9),
             "b": (moving_box(frame, start=(200, 150, 240, 200)), 0.9),
         }
-        assert [o.track_id for o in tracker.step(frame)] == [late, early]
+        assert [o.record.track_id for o in tracker.step(frame)] == [late, early]
 
 
 def test_points_only_prompt_starts_from_its_mask():
@@ -474,13 +474,13 @@ def test_points_only_prompt_starts_from_its_mask():
     assert np.isnan(first.boxes[0]).all()
     coords, labels = first.points[0]
     assert coords.shape == (2, 2) and labels.tolist() == [1, 0]
-    assert out.track_id == tid and out.state is TrackState.TENTATIVE
-    assert out.box == moving_box(2)
+    assert out.record.track_id == tid and out.record.state is TrackState.TENTATIVE
+    assert out.record.box == moving_box(2)
     decoder.objects = {"a": (moving_box(3), 0.9)}
     (out,) = tracker.step(3)
     assert decoder.calls[1].points is None  # points hold for the first frame only
     assert close(decoder.calls[1].boxes[0], moving_box(2), 0.5)
-    assert out.state is TrackState.TRACKED and out.box == moving_box(3)
+    assert out.record.state is TrackState.TRACKED and out.record.box == moving_box(3)
 
 
 def test_points_only_prompt_on_nothing_is_lost_once():
@@ -488,7 +488,7 @@ def test_points_only_prompt_on_nothing_is_lost_once():
     tid = tracker.add(points=[[300, 200]], labels=[1])
     decoder.objects = {"a": (moving_box(0), 0.9)}
     (out,) = tracker.step(0)
-    assert out.track_id == tid and out.state is TrackState.LOST and not out.mask.any()
+    assert out.record.track_id == tid and out.record.state is TrackState.LOST and not out.mask.any()
     assert tracker.step(1) == []
 
 
@@ -504,10 +504,14 @@ def test_update_box_moves_a_track():
     (out,) = tracker.step(5)
     assert decoder.calls[-1].mask_logits == [None]  # old logits describe the old place
     assert close(decoder.calls[-1].boxes[0], jumped, 0.0)
-    assert out.track_id == tid and out.state is TrackState.TRACKED and out.box == jumped
+    assert (out.record.track_id, out.record.state, out.record.box) == (
+        tid,
+        TrackState.TRACKED,
+        jumped,
+    )
     decoder.objects = {"a": (jumped, 0.9)}
     (out,) = tracker.step(6)
-    assert out.box == jumped and out.state is TrackState.TRACKED
+    assert out.record.box == jumped and out.record.state is TrackState.TRACKED
 
 
 def test_mask_prompt_only_after_a_trusted_measurement():
@@ -542,8 +546,8 @@ def test_disagreeing_measurement_is_not_trusted():
     x1, y1, _, _ = moving_box(5)
     decoder.objects = {"a": ((x1, y1, x1 + 200, y1 + 140), 0.95)}
     out = by_id(tracker.step(5))[tid]
-    assert out.state is TrackState.COASTING
-    assert close(out.box, moving_box(5), 2.0)
+    assert out.record.state is TrackState.COASTING
+    assert close(out.record.box, moving_box(5), 2.0)
 
 
 def test_track_id_limit():
@@ -632,7 +636,7 @@ def test_bad_commands_raise_and_leave_tracks_alone(command, message):
         assert np.array_equal(tracker.tracks[tid].kf.x, x)
         assert np.array_equal(tracker.tracks[tid].kf.P, p)
     scene(3)
-    assert [o.state for o in tracker.step(3)] == [TrackState.TRACKED] * 2
+    assert [o.record.state for o in tracker.step(3)] == [TrackState.TRACKED] * 2
     assert tracker.add(box=OK_BOX) == 4  # a rejected add used up no id
 
 
@@ -654,7 +658,7 @@ def test_failing_decoder_changes_nothing_and_the_frame_can_be_retried(fault, mes
     assert np.array_equal(tracker.tracks[tid].kf.x, x) and tracker.list() == before
     decoder.fault = None
     (out,) = tracker.step(3)
-    assert out.state is TrackState.TRACKED and out.box == moving_box(3)
+    assert out.record.state is TrackState.TRACKED and out.record.box == moving_box(3)
 
 
 def test_frame_size_known_only_at_the_first_frame():
@@ -667,8 +671,8 @@ def test_frame_size_known_only_at_the_first_frame():
     tracker.set_frame_size(SIZE)
     decoder.objects = {"a": (moving_box(0), 0.9)}
     outputs = by_id(tracker.step(0))
-    assert outputs[good].state is TrackState.TENTATIVE
-    assert outputs[outside].state is TrackState.LOST and not outputs[outside].mask.any()
+    assert outputs[good].record.state is TrackState.TENTATIVE
+    assert outputs[outside].record.state is TrackState.LOST and not outputs[outside].mask.any()
     assert [row["id"] for row in tracker.list()] == [good]
     with pytest.raises(ValueError, match="frame_size"):
         tracker.set_frame_size((0, 320))
@@ -706,9 +710,9 @@ def test_frame_size_change_rescales_tracks_and_pending_prompts():
             "c": ((280, 10, 320, 60), 0.9),
         }
         out = by_id(tracker.step(frame))
-        assert out[tid].state is TrackState.TRACKED
+        assert out[tid].record.state is TrackState.TRACKED
         assert out[tid].mask.frame_size == new_size
-        assert close(out[tid].box, scaled(moving_box(frame), sx, sy), 1.5)
+        assert close(out[tid].record.box, scaled(moving_box(frame), sx, sy), 1.5)
         if frame == 10:
             assert decoder.calls[-1].mask_logits == [None]
             assert close(decoder.calls[-1].boxes[0], scaled(moving_box(frame), sx, sy), 3.0)
@@ -716,8 +720,8 @@ def test_frame_size_change_rescales_tracks_and_pending_prompts():
     call = decoder.calls[-1]
     assert np.array_equal(call.boxes[1], [200, 150, 280, 225])
     assert np.allclose(call.points[2][0], [[300, 30], [10, 7.5]])
-    assert out[later_box].box == (200, 150, 280, 225)
-    assert out[later_points].box == (280, 10, 320, 60)
+    assert out[later_box].record.box == (200, 150, 280, 225)
+    assert out[later_points].record.box == (280, 10, 320, 60)
 
 
 # --------------------------------------------------------------------------- lose_all
@@ -733,7 +737,7 @@ def test_lose_all_reports_running_tracks_lost_and_keeps_pending_prompts():
         decoder.objects = {**still, "a": (moving_box(frame), 0.9)}
         tracker.step(frame)
     decoder.objects = {"a": (moving_box(4), 0.9), "b": ((200, 150, 260, 210), 0.2)}
-    assert by_id(tracker.step(4))[b].state is TrackState.COASTING
+    assert by_id(tracker.step(4))[b].record.state is TrackState.COASTING
     expected = {
         tid: (
             tracker.tracks[tid].predicted_box,
@@ -747,16 +751,17 @@ def test_lose_all_reports_running_tracks_lost_and_keeps_pending_prompts():
 
     lost = tracker.lose_all()
 
-    assert [out.track_id for out in lost] == [a, b]
+    assert [out.record.track_id for out in lost] == [a, b]
     for out in lost:
-        box, frames_since_update, score, innovation = expected[out.track_id]
-        assert out.state is TrackState.LOST
+        box, frames_since_update, score, innovation = expected[out.record.track_id]
+        assert out.record.state is TrackState.LOST
         assert out.mask.frame_size == SIZE and out.mask.window.dtype == bool
         assert not out.mask.any()
-        assert close(out.box, box, 1e-6)
-        assert out.frames_since_update == frames_since_update
-        assert out.score == score and out.innovation == innovation
-    assert by_id(lost)[b].frames_since_update == 1 and by_id(lost)[b].score == pytest.approx(0.2)
+        assert close(out.record.box, box, 1e-6)
+        assert out.record.frames_since_update == frames_since_update
+        assert out.record.score == score and out.record.innovation == innovation
+    lost_b = by_id(lost)[b].record
+    assert lost_b.frames_since_update == 1 and lost_b.score == pytest.approx(0.2)
     assert len(decoder.calls) == calls  # nothing decoded
     assert dict(tracker.tracks) == {}
     assert [(row["id"], row["pending"]) for row in tracker.list()] == [(later, True)]
@@ -773,7 +778,7 @@ def test_lose_all_reports_running_tracks_lost_and_keeps_pending_prompts():
     assert tracker.step(5) == []
     assert len(decoder.calls) == calls
     (out,) = tracker.step(50)
-    assert out.track_id == later and out.state is TrackState.TENTATIVE
+    assert out.record.track_id == later and out.record.state is TrackState.TENTATIVE
     assert tracker.add(box=moving_box(0)) == later + 1
 
 
@@ -793,8 +798,8 @@ def test_lose_all_forgets_a_corrected_track():
     tracker.step(0)
     tracker.update_box(tid, moving_box(3))  # restarts there at the next step
     (out,) = tracker.lose_all()
-    assert out.track_id == tid and out.state is TrackState.LOST
-    assert close(out.box, moving_box(3), 1e-6)  # the corrected box, not the old one
+    assert out.record.track_id == tid and out.record.state is TrackState.LOST
+    assert close(out.record.box, moving_box(3), 1e-6)  # the corrected box, not the old one
     calls = len(decoder.calls)
     assert tracker.step(1) == []  # no stale restart left behind
     assert len(decoder.calls) == calls
@@ -828,11 +833,11 @@ def test_tracker_node_coasts_through_a_short_outage_and_loses_tracks_after_a_lon
     # Reconnected 2 s later: nothing is lost, the track is still followed.
     assert node._after_outage(_embedding_message(4, 1, 102.3)) == []
     decoder.objects = {"a": (moving_box(4), 0.9)}
-    assert by_id(tracker.step(4))[tid].state is TrackState.TRACKED
+    assert by_id(tracker.step(4))[tid].record.state is TrackState.TRACKED
     assert node.counters == {"outages_coasted": 1}
     # Reconnected 8 s after the last frame: the track is reported lost and forgotten.
     lost = node._after_outage(_embedding_message(5, 2, 110.3))
-    assert [(out.track_id, out.state) for out in lost] == [(tid, TrackState.LOST)]
+    assert [(out.record.track_id, out.record.state) for out in lost] == [(tid, TrackState.LOST)]
     assert not lost[0].mask.any()
     assert dict(tracker.tracks) == {}
     assert node.counters["tracks_lost_to_outages"] == 1
@@ -841,14 +846,13 @@ def test_tracker_node_coasts_through_a_short_outage_and_loses_tracks_after_a_lon
 
 class NodeSceneDecoder(SceneDecoder):
     """SceneDecoder in SamMaskDecoder's place in a TrackerNode: the frame size is that of
-    the embedding the node sets before each step."""
+    the embedding the node hands it with each step."""
 
     model = SimpleNamespace(device=torch.device("cpu"))
-    image = None
 
-    def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:
-        self.size = tuple(self.image.original_size)
-        return super().__call__(boxes, mask_logits, points)
+    def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
+        self.size = tuple(image.original_size)
+        return super().__call__(image, boxes, mask_logits, points)
 
 
 def test_tracker_node_follows_a_mid_stream_resolution_change():
@@ -899,12 +903,7 @@ def test_snapshot_restore_continues_exactly():
     for frame in range(8, 20):
         decoder.objects = restored_decoder.objects = scene(frame)
         expected, got = original.step(frame), restored.step(frame)
-        assert [
-            (o.track_id, o.box, o.state, o.score, o.innovation, o.frames_since_update) for o in got
-        ] == [
-            (o.track_id, o.box, o.state, o.score, o.innovation, o.frames_since_update)
-            for o in expected
-        ]
+        assert [o.record for o in got] == [o.record for o in expected]
         assert all(np.array_equal(a.mask, b.mask) for a, b in zip(got, expected, strict=True))
         if frame == 8:  # the saved logits are the first frame's mask prompts, bit for bit
             prompts = zip(
@@ -912,7 +911,7 @@ def test_snapshot_restore_continues_exactly():
             )
             assert all((a is None and b is None) or np.array_equal(a, b) for a, b in prompts)
             assert any(a is not None for a in restored_decoder.calls[-1].mask_logits)
-    assert {o.track_id for o in got} == {1, 2, 3}
+    assert {o.record.track_id for o in got} == {1, 2, 3}
     with pytest.raises(ValueError, match="not a prompt tracker snapshot"):
         restored.restore({"tracks": [{"id": 1}]}, {})
 
@@ -923,7 +922,7 @@ def test_a_lost_track_comes_back_with_update_box():
     decoder.objects = {"a": (moving_box(0), 0.9)}
     tracker.step(0)
     decoder.objects = {}  # gone: coasts, then lost
-    states = [by_id(tracker.step(frame))[tid].state for frame in (1, 2)]
+    states = [by_id(tracker.step(frame))[tid].record.state for frame in (1, 2)]
     assert states == [TrackState.COASTING, TrackState.LOST]
     assert tid not in tracker.tracks
     with pytest.raises(ValueError, match="unknown track id 9"):
@@ -931,7 +930,7 @@ def test_a_lost_track_comes_back_with_update_box():
     tracker.update_box(tid, moving_box(3))  # the user points at it again
     decoder.objects = {"a": (moving_box(3), 0.9)}
     (out,) = tracker.step(3)
-    assert out.track_id == tid and out.state is TrackState.TENTATIVE
-    assert close(out.box, moving_box(3), 1.0)
+    assert out.record.track_id == tid and out.record.state is TrackState.TENTATIVE
+    assert close(out.record.box, moving_box(3), 1.0)
     with pytest.raises(ValueError, match="already in use"):
         tracker.add(box=moving_box(3), track_id=tid)

@@ -200,13 +200,13 @@ class OldDecoder:
     """The tracker's decoder as it was before windows: SAM.decode's full-frame logits per
     row, own masks their threshold, contested pixels where two full-frame masks are True."""
 
-    def __init__(self, sam: SAM, image: ImageEmbedding, *, exclusive: bool = True) -> None:
-        self.sam, self.image, self.exclusive = sam, image, exclusive
+    def __init__(self, sam: SAM, *, exclusive: bool = True) -> None:
+        self.sam, self.exclusive = sam, exclusive
 
     @torch.inference_mode()
-    def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:
+    def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
         n = len(boxes)
-        h, w = self.image.original_size
+        h, w = image.original_size
         logits = torch.zeros((n, h, w))
         scores = np.zeros(n, np.float32)
         low_res = None
@@ -229,7 +229,7 @@ class OldDecoder:
                 stacked = np.stack([mask_logits[i] for i in rows]).astype(np.float32)
                 mask_inputs = torch.from_numpy(stacked)[:, None]
             batch, batch_scores, batch_low = self.sam.decode(
-                self.image, prompts, mask_inputs=mask_inputs
+                image, prompts, mask_inputs=mask_inputs
             )
             logits[rows] = batch[:, 0]
             scores[rows] = batch_scores[:, 0].numpy()
@@ -316,10 +316,9 @@ def test_decoder_masks_are_the_full_frame_masks(sam, exclusive, windowed) -> Non
     nearly all of it; plain, mask-prompted and points rows in one frame."""
     size = (96, 128)
     image = embedding(sam, size, seed=1)
-    old = OldDecoder(sam, image, exclusive=exclusive)
+    old = OldDecoder(sam, exclusive=exclusive)
     new = SamMaskDecoder(sam, exclusive=exclusive, windowed=windowed)
-    new.image = image
-    first = old(BOXES_96x128, [None] * 5)
+    first = old(image, BOXES_96x128, [None] * 5)
     previous = [first.low_res_logits[i] for i in range(5)]
     points = (np.array([[50.0, 48.0], [5.0, 90.0]], np.float32), np.array([1, 0], np.int32))
     boxes = np.vstack([BOXES_96x128, np.full((1, 4), np.nan, np.float32)])
@@ -333,8 +332,8 @@ def test_decoder_masks_are_the_full_frame_masks(sam, exclusive, windowed) -> Non
         ),
     ]
     for case_boxes, logits, case_points in cases:
-        want = old(case_boxes, logits, case_points)
-        got = new(case_boxes, logits, case_points)
+        want = old(image, case_boxes, logits, case_points)
+        got = new(image, case_boxes, logits, case_points)
         assert_same_decoded(got, want, old.full_logits)
     if windowed:
         assert new.upscaler_for(64, size, image.input_size) is not None  # windows were used
@@ -349,7 +348,7 @@ class ScriptedLowRes(SamMaskDecoder):
         super().__init__(sam, **kwargs)
         self.lows = lows
 
-    def _network(self, prompts, mask_inputs):
+    def _network(self, image, prompts, mask_inputs):
         count = 0 if prompts.boxes is None else len(prompts.boxes)
         rows = [int(v) for v in prompts.boxes[:, 0]] if count else []
         low = torch.from_numpy(self.lows[rows])[:, None]
@@ -386,8 +385,7 @@ def test_scripted_masks_of_every_shape_are_the_full_frame_masks(sam, sam_1024, s
     own = full > 0
     for exclusive in (True, False):
         decoder = ScriptedLowRes(model_sam, lows, exclusive=exclusive)
-        decoder.image = image
-        got = decoder(boxes, [None] * len(lows))
+        got = decoder(image, boxes, [None] * len(lows))
         assert np.array_equal(np.stack([m.dense() for m in got.masks]), own)
         assert not got.masks[0].any() and got.masks[0].box == EMPTY_BOX
         assert got.masks[-1].box == (0, 0, size[1], size[0])
@@ -434,8 +432,7 @@ def test_tracks_with_windows_are_the_tracks_with_full_frames(sam, exclusive) -> 
     decoder and with the old full-frame one: the same boxes, states, scores and masks."""
     size = (96, 128)
     new = SamMaskDecoder(sam, exclusive=exclusive)
-    image = embedding(sam, size, seed=10)
-    old = OldDecoder(sam, image, exclusive=exclusive)
+    old = OldDecoder(sam, exclusive=exclusive)
     trackers = [
         PromptTracker(new, frame_size=size, settings=OPEN),
         PromptTracker(old, frame_size=size, settings=OPEN),
@@ -444,11 +441,9 @@ def test_tracks_with_windows_are_the_tracks_with_full_frames(sam, exclusive) -> 
         for box in BOXES_96x128:
             tracker.add(box=box)
     for frame in range(4):
-        new.image = old.image = embedding(sam, size, seed=10 + frame)
-        got, want = (tracker.step(frame) for tracker in trackers)
-        assert [(o.track_id, o.box, o.state, o.score, o.innovation) for o in got] == [
-            (o.track_id, o.box, o.state, o.score, o.innovation) for o in want
-        ]
+        image = embedding(sam, size, seed=10 + frame)
+        got, want = (tracker.step(frame, image) for tracker in trackers)
+        assert [o.record for o in got] == [o.record for o in want]
         for a, b in zip(got, want, strict=True):
             assert isinstance(a.mask, RegionMask)
             assert np.array_equal(a.mask.dense(), b.mask.dense())

@@ -113,10 +113,9 @@ class BoxMaskDecoder:
     prompt's a square around its first point; score 0.9."""
 
     model = SimpleNamespace(device=torch.device("cpu"))
-    image = None  # the node sets the frame's ImageEmbedding before each step
 
-    def __call__(self, boxes, mask_logits, points=None) -> DecodedMasks:
-        height, width = self.image.original_size
+    def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
+        height, width = image.original_size  # the frame's ImageEmbedding, from the node
         masks = np.zeros((len(boxes), height, width), bool)
         for row, box in enumerate(boxes):
             if np.isnan(box).any():
