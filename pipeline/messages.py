@@ -112,6 +112,9 @@ class TrackState(str, Enum):
     COASTING = "coasting"  # no trustworthy measurement this frame: box is the prediction
     LOST = "lost"  # reported once, then dropped
 
+    def __str__(self) -> str:  # "lost", not "TrackState.LOST", in text and f-strings
+        return self.value
+
 
 _SourceState = Literal["stalled", "lost", "reconnecting"]  # a live source's, from the decoder
 StatusState = Literal[

@@ -40,7 +40,6 @@ Frame sizes are ``(height, width)`` throughout, like numpy shapes and COCO's RLE
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -48,7 +47,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Protocol
+from typing import IO
 
 import av
 import cv2
@@ -59,13 +58,12 @@ from pycocotools import mask as coco_mask
 from pipeline import tracking
 from pipeline.drawing import PALETTE, draw_overlay
 from pipeline.masks import RegionMask, as_region_masks
-from pipeline.messages import TrackState
+from pipeline.messages import TrackRecord, TrackState
 
 __all__ = [
     "MOT_STATES",
     "PALETTE",
     "MaskWriter",
-    "TrackLike",
     "decode_rle",
     "encode_rle",
     "id_mask",
@@ -78,26 +76,6 @@ MAX_8BIT_ID = 255
 
 # Track states whose boxes go into the MOT file: a lost track's box is a stale prediction.
 MOT_STATES = frozenset(s.value for s in TrackState if s is not TrackState.LOST)
-
-
-class TrackLike(Protocol):
-    """What the writer reads from a track (duck-typed; the tracker's own class fits)."""
-
-    @property
-    def track_id(self) -> int: ...
-
-    @property
-    def box(self) -> Sequence[float] | None:
-        """``(x1, y1, x2, y2)`` in pixels, x2/y2 exclusive; None when the track has no box."""
-        ...
-
-    @property
-    def score(self) -> float: ...
-
-    @property
-    def state(self) -> Any:
-        """One of "tentative", "tracked", "coasting", "lost" (a str, or an Enum of them)."""
-        ...
 
 
 # -- mask encodings -------------------------------------------------------------------------
@@ -250,16 +228,6 @@ def _check_masks(
 # -- the writer -----------------------------------------------------------------------------
 
 
-def _state_name(state: Any) -> str:
-    return str(getattr(state, "value", state))
-
-
-def _finite_or_none(value: float) -> float | None:
-    # JSON has no NaN/Infinity; Python would write them anyway and break other readers.
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def _umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it: put it back at once
     os.umask(mask)
@@ -367,7 +335,7 @@ class MaskWriter:
         pts: int | None,
         time_base: tuple[int, int],
         frame_size: tuple[int, int],
-        tracks: Sequence[TrackLike],
+        tracks: Sequence[TrackRecord],
         masks: np.ndarray | Sequence[RegionMask],
         image: np.ndarray | None,
         source_pts: int | None = None,
@@ -416,8 +384,6 @@ class MaskWriter:
                     f"{(height, width)} (height, width)"
                 )
 
-        boxes = [_box_list(track) for track in tracks]
-        states = [_state_name(track.state) for track in tracks]
         if "masks.jsonl" in self._text:
             line = {
                 "frame": int(frame_index),
@@ -427,29 +393,27 @@ class MaskWriter:
                 **({} if source_pts is None else {"source_pts": int(source_pts)}),
                 "tracks": [
                     {
-                        "id": track_id,
-                        "box": box,
-                        "score": _finite_or_none(track.score),
-                        "state": state,
+                        "id": track.track_id,
+                        "box": list(track.box),
+                        "score": track.score,
+                        "state": track.state,
                         "rle": encode_rle(mask),
                     }
-                    for track, track_id, box, state, mask in zip(
-                        tracks, ids, boxes, states, masks, strict=True
-                    )
+                    for track, mask in zip(tracks, masks, strict=True)
                 ],
             }
             self._text["masks.jsonl"][1].write(json.dumps(line, allow_nan=False) + "\n")
         if "tracks.txt" in self._text:
             lines = [
-                _mot_line(frame_index, track_id, box, track.score)
-                for track, track_id, box, state in zip(tracks, ids, boxes, states, strict=True)
-                if box is not None and state in MOT_STATES
+                _mot_line(frame_index, track.track_id, track.box, track.score)
+                for track in tracks
+                if track.state in MOT_STATES
             ]
             self._text["tracks.txt"][1].write("".join(lines))
         if painted is not None:
             self._write_png(frame_index, painted)
         if overlay_timing is not None and image is not None:
-            self._write_overlay_frame(image, ids, boxes, states, masks, *overlay_timing)
+            self._write_overlay_frame(image, tracks, masks, *overlay_timing)
         self.frames_written += 1
 
     def _write_png(self, frame_index: int, painted: np.ndarray) -> None:
@@ -581,9 +545,7 @@ class MaskWriter:
     def _write_overlay_frame(
         self,
         image: np.ndarray,
-        ids: Sequence[int],
-        boxes: Sequence[list[float] | None],
-        states: Sequence[str],
+        tracks: Sequence[TrackRecord],
         masks: Sequence[RegionMask],
         out_pts: int,
         time_base: Fraction,
@@ -592,11 +554,11 @@ class MaskWriter:
         canvas = draw_overlay(
             image,
             masks,
-            ids,
-            [None if state == "lost" else box for box, state in zip(boxes, states, strict=True)],
+            [t.track_id for t in tracks],
+            [None if t.state == TrackState.LOST else t.box for t in tracks],
             labels=[
-                str(i) if state == "tracked" else f"{i} {state}"
-                for i, state in zip(ids, states, strict=True)
+                str(t.track_id) if t.state == TrackState.TRACKED else f"{t.track_id} {t.state}"
+                for t in tracks
             ],
         )
         height, width = self._overlay_size or image.shape[:2]
@@ -697,23 +659,11 @@ class MaskWriter:
             self.abort()
 
 
-def _box_list(track: TrackLike) -> list[float] | None:
-    box = track.box
-    if box is None:
-        return None
-    values = [float(v) for v in box]
-    if len(values) != 4:
-        raise ValueError(f"track {track.track_id}: box must be (x1, y1, x2, y2), got {box!r}")
-    # A NaN/inf box carries no position; treat it as no box rather than write invalid JSON.
-    return values if all(map(math.isfinite, values)) else None
-
-
 def _mot_line(frame_index: int, track_id: int, box: Sequence[float], score: float) -> str:
     x1, y1, x2, y2 = box
-    conf = float(score) if math.isfinite(float(score)) else -1.0
     return (
         f"{frame_index + 1},{track_id},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},"
-        f"{conf:.4f},-1,-1,-1\n"
+        f"{score:.4f},-1,-1,-1\n"
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -21,6 +20,7 @@ from pycocotools import mask as coco_mask
 
 from pipeline.drawing import OVERLAY_ALPHA, PALETTE, draw_overlay, track_color
 from pipeline.masks import RegionMask
+from pipeline.messages import TrackRecord, TrackState
 from pipeline.outputs import MaskWriter, decode_rle, encode_rle, id_mask
 
 pytestmark = pytest.mark.timeout(120)
@@ -164,12 +164,11 @@ def test_rle_from_windows_on_random_masks() -> None:
         assert encode_rle(region)["counts"] == full_frame_rle(mask), (trial, region)
 
 
-@dataclass(frozen=True)
-class Track:
-    track_id: int
-    box: tuple[float, float, float, float] | None
-    score: float
-    state: str
+def Track(
+    track_id: int, box: tuple[float, float, float, float], score: float, state: str
+) -> TrackRecord:
+    """A track's record as the tracker sends it (how it got there is not the writer's)."""
+    return TrackRecord(track_id, box, score, TrackState(state), 0, 0.0)
 
 
 def test_writer_files_from_windows_are_the_full_frame_files(tmp_path: Path) -> None:
