@@ -1,8 +1,9 @@
-"""Small layers shared by SAM's prompt encoder and mask decoder."""
+"""Small layers shared by SAM's prompt encoder, mask decoder and the image encoder's neck."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -36,3 +37,15 @@ class MLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin2(torch.relu(self.lin1(x)))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NxCxHxW tensor (SAM's necks and mask upscaling),
+    as timm's LayerNorm2d computes it (channels last, layer_norm, back). Ours, so that a
+    process that only decodes (the tracker) need not import timm: with torchvision that is
+    2-3 s of every start. Its parameters are ``weight`` and ``bias``, as SAM's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
-from timm.layers import LayerNorm2d
 from timm.models.tiny_vit import ConvLayer, ConvNorm, PatchEmbed, TinyVitStage
 from torch import nn
+
+from pipeline.model.common import LayerNorm2d
 
 
 class PatchMerging(nn.Module):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import LayerNorm2d
 from torch import nn
 
-from pipeline.model.common import MLP
+from pipeline.model.common import MLP, LayerNorm2d
 from pipeline.model.transformer import TwoWayTransformer
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.layers import LayerNorm2d
 from torch import nn
+
+from pipeline.model.common import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):

@@ -3,14 +3,20 @@ SamDecoder: the prompt encoder + mask decoder alone."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.image_encoder import TinyViTEncoder
 from pipeline.model.mask_decoder import MaskDecoder
 from pipeline.model.prompt_encoder import PromptEncoder
 from pipeline.model.transformer import TwoWayTransformer
+
+if TYPE_CHECKING:
+    # Imported where a MobileSAM is built: TinyViT comes from timm, whose import (with
+    # torchvision's) takes seconds that a decoder-only process (the tracker) never needs.
+    from pipeline.model.image_encoder import TinyViTEncoder
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -158,6 +164,8 @@ def build_sam_decoder(*, img_size: int = 1024) -> SamDecoder:
 
 
 def build_mobile_sam(*, img_size: int = 1024) -> MobileSAM:
+    from pipeline.model.image_encoder import TinyViTEncoder
+
     """MobileSAM with the official architecture, at an input size that is a multiple of 16."""
     networks = _decoder_networks(img_size)
     return MobileSAM(image_encoder=TinyViTEncoder(img_size=img_size), **networks)
