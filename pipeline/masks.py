@@ -153,6 +153,22 @@ def tight_box(mask: np.ndarray) -> WindowBox | None:
     return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
+def mask_box(mask: np.ndarray | RegionMask) -> tuple[float, float, float, float] | None:
+    """``(x1, y1, x2, y2)`` around the True pixels of an (H, W) mask (a bool array or a
+    RegionMask), x2/y2 exclusive, in frame pixels; None when it is empty."""
+    if isinstance(mask, RegionMask):
+        box, (ox, oy) = tight_box(mask.window), mask.box[:2]
+    else:
+        mask = np.asarray(mask)
+        if mask.ndim != 2:
+            raise ValueError(f"mask must have 2 dimensions, got shape {mask.shape}")
+        box, (ox, oy) = tight_box(mask.astype(bool, copy=False)), (0, 0)
+    if box is None:
+        return None
+    x1, y1, x2, y2 = box
+    return (float(x1 + ox), float(y1 + oy), float(x2 + ox), float(y2 + oy))
+
+
 def as_region_masks(
     masks: np.ndarray | Sequence[RegionMask], frame_size: tuple[int, int], what: str = "masks"
 ) -> tuple[RegionMask, ...]:

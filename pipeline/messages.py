@@ -101,6 +101,11 @@ from pipeline.masks import RegionMask, as_region_masks, stack_dense
 
 SCHEMA_VERSION = 2
 MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes per track: 1 MiB is ~thousands
+MAX_TRACK_ID = 65535
+"""Track ids are 1..65535: the instance-id PNGs hold one id per pixel, 0 being background, in
+8 bits (a palette PNG, the DAVIS convention) while every id of a frame is at most 255, in 16
+bits past that (``pipeline.outputs``). Ids are never reused within a run, so this is also
+how many objects a run can be given (without naming ids explicitly)."""
 
 
 class TrackState(str, Enum):

@@ -10,7 +10,7 @@ Layout under ``out_dir``:
 - ``masks/NNNNNN.png``: one PNG per frame, 6-digit 0-based frame index; the pixel value is
   the track id, 0 is background. While every id in the frame is at most 255 it is an 8-bit
   palette PNG (mode "P", the DAVIS convention, read by its tools); a frame with a track id
-  above 255 (ids go up to ``tracking.MAX_TRACK_ID``, 65535) is a 16-bit grayscale PNG
+  above 255 (ids go up to ``messages.MAX_TRACK_ID``, 65535) is a 16-bit grayscale PNG
   instead, with the ids as they are. ``read_id_mask`` (or ``cv2.imread(path,
   cv2.IMREAD_UNCHANGED)``, or ``numpy.asarray(PIL.Image.open(path))``) gives the ids of
   either kind; a reader that takes only palette PNGs keeps working for runs of up to 255
@@ -55,10 +55,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from pipeline import tracking
 from pipeline.drawing import PALETTE, draw_overlay
 from pipeline.masks import RegionMask, as_region_masks
-from pipeline.messages import TrackRecord, TrackState
+from pipeline.messages import MAX_TRACK_ID, TrackRecord, TrackState
 
 __all__ = [
     "MOT_STATES",
@@ -67,7 +66,6 @@ __all__ = [
     "decode_rle",
     "encode_rle",
     "id_mask",
-    "mask_box",
     "read_id_mask",
 ]
 
@@ -149,13 +147,6 @@ def decode_rle(rle: dict) -> np.ndarray:
     return np.ascontiguousarray(decoded, dtype=bool)
 
 
-def mask_box(mask: np.ndarray | RegionMask) -> tuple[float, float, float, float] | None:
-    """``(x1, y1, x2, y2)`` around the mask's pixels, x2/y2 exclusive; None if it is empty."""
-    if isinstance(mask, RegionMask):
-        return tracking.mask_box(mask)
-    return tracking.mask_box(_as_bool_mask(mask, 2, "mask"))
-
-
 def id_mask(
     masks: np.ndarray | Sequence[RegionMask],
     track_ids: Sequence[int],
@@ -175,10 +166,9 @@ def id_mask(
     height, width = frame_size
     regions = _check_masks(masks, len(track_ids), frame_size)
     for track_id in track_ids:
-        if not 1 <= int(track_id) <= tracking.MAX_TRACK_ID:
+        if not 1 <= int(track_id) <= MAX_TRACK_ID:
             raise ValueError(
-                f"track id {track_id} cannot be stored in an id mask: ids must be "
-                f"1..{tracking.MAX_TRACK_ID}"
+                f"track id {track_id} cannot be stored in an id mask: ids must be 1..{MAX_TRACK_ID}"
             )
     wide = any(int(track_id) > MAX_8BIT_ID for track_id in track_ids)
     painted = np.zeros((height, width), dtype=np.uint16 if wide else np.uint8)

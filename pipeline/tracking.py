@@ -47,20 +47,14 @@ import numpy as np
 from filterpy.kalman import KalmanFilter
 
 from pipeline.config import RunConfig, TrackerConfig, validate_config
-from pipeline.masks import RegionMask, as_region_masks, tight_box
-from pipeline.messages import TrackRecord, TrackState
+from pipeline.masks import RegionMask, as_region_masks
+from pipeline.messages import MAX_TRACK_ID, TrackRecord, TrackState
 from pipeline.prompts import check_box
 
 if TYPE_CHECKING:  # the tracker runs any decoder; only SAM's needs torch
     from pipeline.predictor import ImageEmbedding
 
 Box = tuple[float, float, float, float]
-
-MAX_TRACK_ID = 65535
-"""Track ids are 1..65535: the instance-id PNGs hold one id per pixel, 0 being background, in
-8 bits (a palette PNG, the DAVIS convention) while every id of a frame is at most 255, in 16
-bits past that (``pipeline.outputs``). Ids are never reused within a run, so this is also
-how many objects a run can be given (without naming ids explicitly)."""
 
 MAX_TRACKS_AT_ONCE = 4096
 """Tracks and pending prompts a tracker holds at one time; an add past it is refused. A
@@ -109,18 +103,6 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
         - inter
     )
     return inter / union if union > 0.0 else 0.0
-
-
-def mask_box(mask: np.ndarray | RegionMask) -> Box | None:
-    """Box of the True pixels of an (H, W) mask (exclusive x2/y2), None for an empty mask."""
-    if isinstance(mask, RegionMask):
-        box = tight_box(mask.window)
-        if box is None:
-            return None
-        ox, oy = mask.box[0], mask.box[1]
-        return (float(box[0] + ox), float(box[1] + oy), float(box[2] + ox), float(box[3] + oy))
-    box = tight_box(mask)
-    return None if box is None else _as_box(box)
 
 
 def measure_box(mask: np.ndarray | RegionMask, reference: Sequence[float] | None) -> Box | None:

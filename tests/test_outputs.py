@@ -14,6 +14,7 @@ from media import clip_box, make_clip
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from pipeline.masks import mask_box
 from pipeline.messages import TrackRecord, TrackState
 from pipeline.outputs import (
     PALETTE,
@@ -21,7 +22,6 @@ from pipeline.outputs import (
     decode_rle,
     encode_rle,
     id_mask,
-    mask_box,
     read_id_mask,
 )
 from pipeline.sources import DecodedFrame, VideoSource, parse_source

@@ -22,12 +22,11 @@ import zmq
 from nodes.tracker import TrackerNode
 from pipeline.config import TrackerConfig
 from pipeline.masks import RegionMask
-from pipeline.messages import EmbeddingMessage, FrameMeta, MaskMessage, decode, encode
+from pipeline.messages import MAX_TRACK_ID, EmbeddingMessage, FrameMeta, MaskMessage, decode, encode
 from pipeline.model.transforms import resized_shape
 from pipeline.outputs import MaskWriter, id_mask, read_id_mask
 from pipeline.runtime import NodeEndpoints, NodeRunner
 from pipeline.tracking import (
-    MAX_TRACK_ID,
     ContestedPixels,
     DecodedMasks,
     PromptTracker,

@@ -14,10 +14,9 @@ import torch
 
 from nodes.tracker import TrackerNode
 from pipeline.config import TrackerConfig
-from pipeline.messages import EmbeddingMessage, FrameMeta, MaskMessage
+from pipeline.messages import MAX_TRACK_ID, EmbeddingMessage, FrameMeta, MaskMessage
 from pipeline.model.transforms import resized_shape
 from pipeline.tracking import (
-    MAX_TRACK_ID,
     MAX_TRACKS_AT_ONCE,
     ContestedPixels,
     DecodedMasks,
