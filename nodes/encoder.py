@@ -15,6 +15,7 @@ class EncoderNode(Node):
     """FrameMessage -> EmbeddingMessage. Up to `batch_size` waiting frames go in one batch."""
 
     name = "encoder"
+    preload = ("pipeline.model.image_encoder", "onnxruntime", "openvino")
     inputs = (FrameMessage,)
     outputs = (EmbeddingMessage,)
 

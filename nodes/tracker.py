@@ -83,6 +83,7 @@ class TrackerNode(Node):
     """EmbeddingMessage -> MaskMessage (every track's mask, box, score, state, health)."""
 
     name = "tracker"
+    preload = ("onnxruntime", "openvino")
     inputs = (EmbeddingMessage,)
     outputs = (MaskMessage,)
 

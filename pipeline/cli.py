@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -281,7 +282,14 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
         help="run one node alone (e.g. on another host over tcp)",
     )
     p.add_argument("name", choices=NODE_NAMES, help="which node to run")
-    p.add_argument("--config", required=True, help="YAML or JSON config with explicit endpoints")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--config", help="YAML or JSON config with explicit endpoints")
+    how.add_argument(
+        "--standby",
+        action="store_true",
+        help="a launcher's spare: import what the node needs, then read the --config path "
+        "from stdin and run (a restart that skips the imports)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -301,6 +309,11 @@ def _node(args: argparse.Namespace) -> int:
     from pipeline.launcher import LAUNCHER_PID_ENV, die_with_launcher, node_runner
     from pipeline.runtime import install_signal_handlers
 
+    if args.standby:
+        die_with_launcher()  # a spare too is gone with its launcher
+        args.config = _standby(args.name)
+        if not args.config:
+            return 0  # the launcher closed the pipe: not needed after all
     config = load_config(args.config, args.set)
     if LAUNCHER_PID_ENV not in os.environ:  # started by hand: the launcher warns otherwise
         for warning in exposure_warnings(config.transport, node_spec(args.name).binds):
@@ -316,6 +329,26 @@ def _node(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _standby(name: str) -> str:
+    """A spare's wait: import the node's module and what its setup imports (``preload``:
+    torch, timm and the backends come with them), say so on the launcher's pipe, then block
+    until the launcher writes the config path on stdin. Returns that path ("" when stdin
+    closes first)."""
+    import importlib
+
+    from pipeline.graph import node_class
+    from pipeline.launcher import SPARE_READY_FD_ENV
+
+    for module in node_class(name).preload:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    ready = os.environ.get(SPARE_READY_FD_ENV)
+    if ready is not None:
+        os.write(int(ready), b"1")
+        os.close(int(ready))
+    return sys.stdin.readline().strip()
 
 
 def _add_prompt(sub: argparse._SubParsersAction) -> None:

@@ -2,8 +2,10 @@
 
 `run_pipeline` starts every node as its own process (`samstream node NAME --config FILE`),
 or as threads of this process over inproc:// (tests, small machines), then watches the
-status messages every node sends: a node that fails or dies ends the run loudly, a signal
-ends it cleanly within seconds, and nothing is left running.
+status messages every node sends: a node that fails or dies is restarted (a live run's
+alone, the others running on, from a spare process that has done its imports where there
+is one; an offline run's from the outputs written so far), past the restart budget the run
+fails loudly, a signal ends it cleanly within seconds, and nothing is left running.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -49,6 +52,10 @@ STOP_GRACE_S = 2.0
 # one more death in that window fails the run, with the history.
 MAX_RESTARTS = 10
 RESTART_WINDOW_S = 60.0
+# A live run keeps a spare process of each of these nodes, started ahead with its imports
+# done (torch and the rest: 2-5 s on a CPU, most of a cold restart), so that a restart only
+# loads the model. The decoder and the publisher start in well under a second anyway.
+SPARE_NODES = ("encoder", "tracker")
 
 
 class RunFailed(RuntimeError):
@@ -287,6 +294,8 @@ LAUNCHER_PID_ENV = "SAMSTREAM_LAUNCHER_PID"
 # A secret per run, handed to the nodes it starts: a status without it is not believed
 # (anyone who can reach the status endpoint could otherwise say a node "failed").
 RUN_TOKEN_ENV = "SAMSTREAM_RUN_TOKEN"
+# A spare's end of the pipe on which it says that its imports are done.
+SPARE_READY_FD_ENV = "SAMSTREAM_SPARE_READY_FD"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -359,16 +368,47 @@ NODE_COMMAND = (
 
 
 class _ProcessWorker:
-    def __init__(self, name: str, config_path: Path, log_path: Path, env: dict[str, str]) -> None:
+    """A node process. ``config_path`` None: a spare (``samstream node NAME --standby``),
+    which imports what the node needs, says so on a pipe, and waits for `activate`."""
+
+    def __init__(
+        self, name: str, config_path: Path | None, log_path: Path, env: dict[str, str]
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab")  # a restarted node's log follows its last one
+        self._ready: int | None = None  # a spare's pipe: readable once its imports are done
+        if config_path is not None:
+            args, fds, stdin = ["--config", str(config_path)], (), None
+        else:
+            self._ready, writer = os.pipe()
+            env = {**env, SPARE_READY_FD_ENV: str(writer)}
+            args, fds, stdin = ["--standby"], (writer,), subprocess.PIPE
         self.proc = subprocess.Popen(
-            [*NODE_COMMAND, "node", name, "--config", str(config_path)],
+            [*NODE_COMMAND, "node", name, *args],
+            stdin=stdin,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
+            pass_fds=fds,
         )
+        for fd in fds:
+            os.close(fd)  # the child's end
+
+    @property
+    def spare_ready(self) -> bool:
+        """A spare whose imports are done (or that died: then `exit_code` says so)."""
+        if self._ready is None:
+            return False
+        readable, _, _ = select.select([self._ready], [], [], 0)
+        return bool(readable)
+
+    def activate(self, config_path: Path) -> None:
+        """Make a spare the node: it reads its config from ``config_path`` and runs."""
+        if self.proc.stdin is None:
+            raise RuntimeError(f"the {self.name} process is not a spare")
+        self.proc.stdin.write(f"{config_path}\n".encode())
+        self.proc.stdin.close()  # raises BrokenPipeError when the spare has died
 
     def exit_code(self) -> int | None:
         return self.proc.poll()
@@ -395,6 +435,12 @@ class _ProcessWorker:
 
     def close(self) -> None:
         self._log.close()
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()  # a spare never taken: its wait ends
+        if self._ready is not None:
+            os.close(self._ready)
+            self._ready = None
 
 
 class _ThreadWorker:
@@ -471,6 +517,9 @@ def run_pipeline(
     forged = [0]  # status messages without the run's token
     restarts = _Restarts()
     attempt_start = [config.resume.frames_done]  # frames complete when this attempt began
+    spares: dict[str, _ProcessWorker] = {}  # live: a waiting process per SPARE_NODES node
+    started: dict[str, float] = {}  # per node: when its current process started (time.time)
+    no_spare: set[str] = set()  # nodes whose spare died on its own
     start = time.monotonic()
     bar = None
     stopped_by: str | None = None
@@ -508,13 +557,69 @@ def run_pipeline(
                     failures[msg.node] = str(msg.detail.get("error"))
             msg = statuses.recv(0)
 
-    def start_process(name: str, node_config: RunConfig) -> _ProcessWorker:
-        path = run_dir / f"config-{name}.json"
-        path.write_text(json.dumps(config_to_dict(node_config)))
-        env = node_environment(name, node_config, token)
+    def node_process(name: str, node_config: RunConfig | None) -> _ProcessWorker:
+        """The ``name`` node started with ``node_config``; None: a spare of it."""
+        env = node_environment(name, config, token)
         if name == "decoder" and live:
             env[POSITION_FILE_ENV] = str(run_dir / "decoder.position")
-        return _ProcessWorker(name, path, run_dir / f"{name}.log", env)
+        return _ProcessWorker(name, write_config(name, node_config), run_dir / f"{name}.log", env)
+
+    def write_config(name: str, node_config: RunConfig | None) -> Path | None:
+        if node_config is None:
+            return None
+        path = run_dir / f"config-{name}.json"
+        path.write_text(json.dumps(config_to_dict(node_config)))
+        return path
+
+    def start_process(name: str, node_config: RunConfig) -> _ProcessWorker:
+        """The ``name`` node running ``node_config``: a live run's spare of it if there is
+        one (its imports are done, or under way), else a new process."""
+        spare = spares.pop(name, None)
+        if spare is not None:
+            path = write_config(name, node_config)
+            try:
+                ready = spare.spare_ready
+                if path is None or spare.exit_code() is not None:
+                    raise BrokenPipeError
+                spare.activate(path)
+                log.warning("node %s: a spare took over (%s)", name, _spare_word(ready))
+                started[name] = time.time()
+                return spare
+            except BrokenPipeError:
+                log.warning("node %s: its spare had died; starting a new process", name)
+                spare.kill()
+                spare.close()
+        started[name] = time.time()
+        return node_process(name, node_config)
+
+    def keep_spares() -> None:
+        """A live run's spares: one per SPARE_NODES node once that node runs, started one
+        at a time (importing torch takes a core for seconds: two at once would slow the
+        running nodes twice as long)."""
+        if in_process or not live:
+            return
+        for name, spare in list(spares.items()):
+            if spare.exit_code() is not None:  # nothing killed it: it cannot start here
+                log.warning(
+                    "a spare %s process died (%s): restarts of it start a new process",
+                    name,
+                    spare.describe_exit(),
+                )
+                spares.pop(name).close()
+                no_spare.add(name)
+        if any(not s.spare_ready for s in spares.values()):
+            return
+        for name in SPARE_NODES:
+            status = last.get(name)
+            if (
+                name not in spares
+                and name not in no_spare
+                and status is not None
+                and status.state == "running"
+                and status.time >= started.get(name, float("inf"))
+            ):
+                spares[name] = node_process(name, None)
+                return
 
     def restart(dead: Any, how: str) -> list[Any]:
         """The workers after ``dead`` died: it restarted alone (live), every node
@@ -624,6 +729,7 @@ def run_pipeline(
         feed_announced = False
         while True:
             collect(100)
+            keep_spares()
             publisher = last.get("publisher")
             if not feed_announced and publisher is not None and "publish" in publisher.detail:
                 # Known once the publisher has bound it ("auto": the first free port).
@@ -668,8 +774,8 @@ def run_pipeline(
         _stop_all(workers)
         raise
     finally:
-        _stop_all(workers)
-        for w in workers:
+        _stop_all([*workers, *spares.values()])
+        for w in [*workers, *spares.values()]:
             w.close()
         if bar is not None:
             bar.close()
@@ -707,6 +813,10 @@ def _update_progress(bar: tqdm | None, last: dict[str, StatusMessage], live: boo
             )
         bar.update(done - bar.n)
     return bar
+
+
+def _spare_word(ready: bool) -> str:
+    return "its imports were done" if ready else "it was still importing"
 
 
 def _stop_all(workers: list[Any]) -> None:

@@ -102,6 +102,10 @@ class Node:
     name: ClassVar[str] = "node"
     inputs: ClassVar[tuple[type[Message], ...]] = ()
     outputs: ClassVar[tuple[type[Message], ...]] = ()
+    # Modules `setup` imports (a model's, a backend's): a live run's spare process of the
+    # node imports them ahead, so that a restart only loads the model. One that is not
+    # installed (an optional backend) is passed over.
+    preload: ClassVar[tuple[str, ...]] = ()
     max_batch: int = 1
     # Set by the NodeRunner: answers the prompt commands waiting on its control socket.
     _command_server: Callable[[], int] | None = None

@@ -158,10 +158,11 @@ class LiveRun:
         )
 
     def node_pid(self, name: str) -> int:
+        """The running ``name`` node's pid (not its spare's: ``--standby``)."""
         return next(
             pid
             for pid in _children(self.proc.pid)
-            if name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+            if f"node\0{name}\0--config".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
         )
 
     def finish(self) -> None:

@@ -23,9 +23,17 @@ from pipeline.launcher import MAX_RESTARTS
 pytestmark = pytest.mark.slow
 
 
-def _node_pid(launcher: int, name: str, *, not_pid: int | None = None, wait_s: float = 60) -> int:
+def _node_pid(
+    launcher: int,
+    name: str,
+    *,
+    not_pid: int | None = None,
+    wait_s: float = 60,
+    role: str = "--config",
+) -> int:
     """The pid of the launcher's ``name`` node (other than ``not_pid``, one killed before),
-    waiting for it: after a death the launcher is restarting the nodes for a while."""
+    waiting for it: after a death the launcher is restarting the nodes for a while.
+    ``role``: "--config" the running node, "--standby" its spare."""
     deadline = time.monotonic() + wait_s
     while True:
         for pid in _children(launcher):
@@ -33,11 +41,31 @@ def _node_pid(launcher: int, name: str, *, not_pid: int | None = None, wait_s: f
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
             except OSError:
                 continue
-            if f"node {name} ".encode() in cmdline and pid != not_pid:
+            if f"node {name} {role}".encode() in cmdline and pid != not_pid:
                 return pid
         if time.monotonic() > deadline:
-            raise AssertionError(f"no {name} process under {launcher} within {wait_s} s")
+            raise AssertionError(f"no {name} {role} process under {launcher} within {wait_s} s")
         time.sleep(0.05)
+
+
+def _ready_spare(launcher: int, name: str, running: int, wait_s: float = 120) -> int:
+    """The pid of the launcher's spare ``name`` process once it has done its imports: it
+    then blocks reading its config path from the launcher's pipe (the kernel's wait
+    channel says so). ``running``: the node's running process (a spare that took over
+    keeps its --standby command line)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        for pid in _children(launcher):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                waiting = Path(f"/proc/{pid}/wchan").read_text()
+            except OSError:
+                continue  # it went away
+            if pid != running and f"node {name} --standby".encode() in cmdline:
+                if "pipe_read" in waiting:
+                    return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no ready spare {name} under {launcher} within {wait_s} s")
 
 
 def _start(args: list[str]) -> subprocess.Popen:
@@ -75,10 +103,13 @@ def _offline_args(clip: Path, checkpoint: Path) -> list[str]:
     ]
 
 
-def _kill_and_follow(launcher: int, name: str, sub: MaskSubscriber) -> list[tuple[float, Any]]:
-    """SIGKILL the launcher's ``name`` node; every event of the feed (with the
-    time.monotonic() it came), up to the masks of a frame captured after the kill."""
-    os.kill(_node_pid(launcher, name), signal.SIGKILL)
+def _kill_and_follow(
+    launcher: int, name: str, sub: MaskSubscriber, pid: int | None = None
+) -> list[tuple[float, Any]]:
+    """SIGKILL the launcher's ``name`` node (process ``pid``; None: the one started with
+    --config); every event of the feed (with the time.monotonic() it came), up to the
+    masks of a frame captured after the kill."""
+    os.kill(pid or _node_pid(launcher, name), signal.SIGKILL)
     killed, killed_wall = time.monotonic(), time.time()
     events = []
     while True:
@@ -107,20 +138,33 @@ def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
             first = sub.recv(120_000)
             assert first is not None
             seqs.append(first.seq)
+            encoder = _node_pid(proc.pid, "encoder")
             for _ in range(kills):
-                killed = time.monotonic()
-                events = _kill_and_follow(proc.pid, "encoder", sub)
+                # What a rare death meets: a spare whose imports are done (killing before
+                # would measure a spare still importing). The spare takes over.
+                spare = _ready_spare(proc.pid, "encoder", running=encoder)
+                killed, killed_wall = time.monotonic(), time.time()
+                events = _kill_and_follow(proc.pid, "encoder", sub, pid=encoder)
+                encoder = spare
                 seqs += [e.seq for _, e in events if isinstance(e, MaskFrame)]
                 degraded += [node for _, node in _states(events, "degraded")]
                 done = events[-1][0]
                 resumed_after.append(done - killed)
-                # Its first status after setup(): the model is loaded.
-                loaded = [t for t, node in _states(events, "running") if node == "encoder"]
+                # Its first status after setup(): the model is loaded. (Not one its
+                # predecessor sent just before the kill.)
+                loaded = [
+                    t
+                    for t, e in events
+                    if getattr(e, "state", None) == "running"
+                    and e.node == "encoder"
+                    and e.time > killed_wall
+                ]
                 if loaded:
                     after_load.append(done - loaded[0])
             assert proc.poll() is None, "the run ended"
+        children = _children(proc.pid)  # the four nodes and the spares
         proc.send_signal(signal.SIGTERM)
-        stdout, _stderr = proc.communicate(timeout=30)
+        stdout, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -134,6 +178,9 @@ def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
     assert all(b > a for a, b in itertools.pairwise(seqs)), "seq went backwards"
     assert degraded.count("encoder") >= 1, "consumers were not told"
     assert "nodes restarted after dying" in stdout, stdout
+    assert len(children) >= 5, "no spare process"
+    assert not [pid for pid in children if _alive(pid)], "a node or a spare outlived the run"
+    assert stderr.count("node encoder: a spare took over (its imports were done)") == kills
 
 
 def test_live_run_survives_decoder_and_publisher_kills(checkpoint: Path) -> None:
