@@ -8,10 +8,13 @@ frame by frame, and the ONNX decoder export.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm.layers
 import torch
 from test_exclusive_masks import embedding_message
 
@@ -20,8 +23,9 @@ from pipeline import export
 from pipeline.config import PromptConfig, TrackerConfig
 from pipeline.decoder_backends import TorchDecoder, build_decoder, calibration_prompts
 from pipeline.mask_decoder import SamMaskDecoder
-from pipeline.model import sam as sam_module
+from pipeline.model import image_encoder
 from pipeline.model.checkpoint import CheckpointError, load_sam_decoder
+from pipeline.model.common import LayerNorm2d
 from pipeline.model.sam import MobileSAM, SamDecoder
 from pipeline.predictor import SAM
 
@@ -62,13 +66,31 @@ def test_tracker_setup_builds_no_image_encoder(
     def no_tinyvit(*args, **kwargs):
         raise AssertionError("the tracker built a TinyViT")
 
-    monkeypatch.setattr(sam_module, "TinyViTEncoder", no_tinyvit)
+    monkeypatch.setattr(image_encoder, "TinyViTEncoder", no_tinyvit)
     node = TrackerNode(
         TrackerConfig(device="cpu", backend="torch"), weights=str(checkpoint), image_size=SIZE
     )
     node.setup()
     assert node.decoder is not None and type(node.decoder.model) is SamDecoder
     assert node.detail["backend"]["backend"] == "torch"
+
+
+def test_the_tracker_node_starts_without_timm() -> None:
+    """timm (with torchvision and torch._dynamo) is 2-3 s of every start on a CPU: only
+    the image encoder needs it, and the tracker builds none."""
+    code = "import sys, nodes.tracker; print(sorted({'timm', 'torchvision'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_layer_norm_2d_is_timms_bit_for_bit() -> None:
+    ours, timms = LayerNorm2d(32, eps=1e-6), timm.layers.LayerNorm2d(32, eps=1e-6)
+    with torch.no_grad():
+        timms.weight.normal_()
+        timms.bias.normal_()
+    ours.load_state_dict(timms.state_dict())  # the same keys: weight, bias
+    x = torch.randn(2, 32, 17, 9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ours(x), timms(x))
 
 
 def test_decode_is_the_whole_models_bit_for_bit(sam, decoder_model) -> None:
