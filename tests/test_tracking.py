@@ -26,7 +26,6 @@ from pipeline.tracking import (
     box_iou,
     box_to_state,
     exclusive_masks,
-    mask_box,
     measure_box,
     state_to_box,
 )
