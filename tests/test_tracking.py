@@ -14,6 +14,7 @@ import torch
 
 from nodes.tracker import TrackerNode
 from pipeline.config import TrackerConfig
+from pipeline.masks import mask_box
 from pipeline.messages import MAX_TRACK_ID, EmbeddingMessage, FrameMeta, MaskMessage
 from pipeline.model.transforms import resized_shape
 from pipeline.tracking import (
