@@ -557,39 +557,39 @@ def run_pipeline(
                     failures[msg.node] = str(msg.detail.get("error"))
             msg = statuses.recv(0)
 
+    def write_config(name: str, node_config: RunConfig) -> Path:
+        path = run_dir / f"config-{name}.json"
+        path.write_text(json.dumps(config_to_dict(node_config)))
+        return path
+
     def node_process(name: str, node_config: RunConfig | None) -> _ProcessWorker:
         """The ``name`` node started with ``node_config``; None: a spare of it."""
         env = node_environment(name, config, token)
         if name == "decoder" and live:
             env[POSITION_FILE_ENV] = str(run_dir / "decoder.position")
-        return _ProcessWorker(name, write_config(name, node_config), run_dir / f"{name}.log", env)
-
-    def write_config(name: str, node_config: RunConfig | None) -> Path | None:
-        if node_config is None:
-            return None
-        path = run_dir / f"config-{name}.json"
-        path.write_text(json.dumps(config_to_dict(node_config)))
-        return path
+        path = None if node_config is None else write_config(name, node_config)
+        return _ProcessWorker(name, path, run_dir / f"{name}.log", env)
 
     def start_process(name: str, node_config: RunConfig) -> _ProcessWorker:
         """The ``name`` node running ``node_config``: a live run's spare of it if there is
         one (its imports are done, or under way), else a new process."""
+        started[name] = time.time()
         spare = spares.pop(name, None)
         if spare is not None:
-            path = write_config(name, node_config)
+            ready = spare.spare_ready
             try:
-                ready = spare.spare_ready
-                if path is None or spare.exit_code() is not None:
-                    raise BrokenPipeError
-                spare.activate(path)
-                log.warning("node %s: a spare took over (%s)", name, _spare_word(ready))
-                started[name] = time.time()
-                return spare
-            except BrokenPipeError:
+                spare.activate(write_config(name, node_config))
+            except BrokenPipeError:  # nobody reads the pipe: the spare has died
                 log.warning("node %s: its spare had died; starting a new process", name)
                 spare.kill()
                 spare.close()
-        started[name] = time.time()
+            else:
+                log.warning(
+                    "node %s: a spare took over (%s)",
+                    name,
+                    "its imports were done" if ready else "it was still importing",
+                )
+                return spare
         return node_process(name, node_config)
 
     def keep_spares() -> None:
@@ -813,10 +813,6 @@ def _update_progress(bar: tqdm | None, last: dict[str, StatusMessage], live: boo
             )
         bar.update(done - bar.n)
     return bar
-
-
-def _spare_word(ready: bool) -> str:
-    return "its imports were done" if ready else "it was still importing"
 
 
 def _stop_all(workers: list[Any]) -> None:

@@ -159,11 +159,16 @@ class LiveRun:
 
     def node_pid(self, name: str) -> int:
         """The running ``name`` node's pid (not its spare's: ``--standby``)."""
-        return next(
-            pid
-            for pid in _children(self.proc.pid)
-            if f"node\0{name}\0--config".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
-        )
+        return self.node_pids()[name]
+
+    def node_pids(self) -> dict[str, int]:
+        """The pids of the nodes started with --config (not the spares), by name."""
+        pids = {}
+        for pid in _children(self.proc.pid):
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"--config" in args:
+                pids[args[args.index(b"node") + 1].decode()] = pid
+        return pids
 
     def finish(self) -> None:
         """SIGTERM the launcher (the usual end of a live run) and keep its output."""
@@ -209,8 +214,8 @@ def test_rtsp_masks_flow_and_survive_three_server_restarts(
         LiveRun(server.url, checkpoint, "--out", str(out), server=server) as run,
     ):
         run.wait_until("first masks", lambda: len(run.frames) >= 5, STARTUP_S)
-        children = _children(run.proc.pid)
-        decoder = run.node_pid("decoder")
+        nodes = run.node_pids()
+        decoder = nodes["decoder"]
         # Each node process runs with its torch thread budget (a quarter of the cores for
         # the tracker, leaving the rest to the encoder).
         tracker_env = Path(f"/proc/{run.node_pid('tracker')}/environ").read_bytes().split(b"\0")
@@ -242,9 +247,11 @@ def test_rtsp_masks_flow_and_survive_three_server_restarts(
                 f"connection {session}: lost reported {lost_s:.2f} s after the stop, "
                 f"masks again {back_s:.2f} s after the restart"
             )
-        # Same processes, and the decoder closed every connection it opened.
-        assert sorted(_children(run.proc.pid)) == sorted(children)
+        # The same node processes (none restarted), and the decoder closed every connection
+        # it opened.
+        assert run.node_pids() == nodes
         assert fd_count(decoder) <= fds_before + 2
+        children = _children(run.proc.pid)  # the nodes and the spares
         run.finish()
     assert not [pid for pid in children if _alive(pid)], "node processes outlived the run"
 
