@@ -13,11 +13,16 @@ a frame (in a worker thread), the node answers the waiting commands every
 ``tracking.BETWEEN_INTERVAL_S``, and again after each track's update, so a command waits
 milliseconds, not a frame of hundreds of tracks (seconds on a CPU). What a command does to
 a track whose frame is under way: ``PromptTracker.step``.
+
+State: an offline run's tracker saves its states after its last frames when it is stopped
+(for ``--resume``); a live run's saves its latest state about every second (and after a
+command changed the tracks), so that a tracker restarted after a death goes on with them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 
@@ -52,6 +57,11 @@ log = logging.getLogger(__name__)
 # tracker and the publisher (their queues hold 2 x transport.hwm), so the state after the
 # publisher's last frame is among them. Small: a track's filter and its low-res logits.
 SNAPSHOTS_KEPT = 64
+
+# A live run's tracker (under the launcher: resume.LIVE_STATE_ENV names the directory) saves
+# its tracks at most this often, and after a command changed them; a tracker started again
+# after a death restores the latest, so the tracks go on with their ids.
+LIVE_STATE_INTERVAL_S = 1.0
 
 EMBEDDING_CHANNELS = 256  # MobileSAM's image embedding: 256 x (S/16) x (S/16)
 MAX_FRAME_SIDE = 16384
@@ -97,6 +107,7 @@ class TrackerNode(Node):
             image_size=config.encoder.image_size,
             resume_dir=None if live or not config.publisher.out else config.publisher.out,
             resume_from=config.resume.tracker_frame,
+            live_state=os.environ.get(resume.LIVE_STATE_ENV) if live else None,
         )
 
     def __init__(
@@ -107,19 +118,23 @@ class TrackerNode(Node):
         image_size: int,
         resume_dir: str | None = None,
         resume_from: int | None = None,
+        live_state: str | os.PathLike[str] | None = None,
         decoder: SamMaskDecoder | None = None,
     ) -> None:
         """``resume_dir``: an offline run's output directory, where the tracker's states
         after its last frames are saved when it is stopped (for ``--resume``);
         ``resume_from``: start from the state saved there after that frame, not afresh.
-        ``decoder``: what makes the masks (None: `setup` loads it from ``weights``; tests
-        give a scripted one)."""
+        ``live_state``: a live run's directory where the tracks are kept while it runs
+        (``LIVE_STATE_INTERVAL_S``); a tracker that finds a state there continues from it
+        instead of the configured prompts. ``decoder``: what makes the masks (None: `setup`
+        loads it from ``weights``; tests give a scripted one)."""
         super().__init__()
         self.config = config
         self.weights = weights
         self.image_size = image_size
         self.resume_dir = resume_dir
         self.resume_from = resume_from
+        self.live_state = live_state
         self.decoder = decoder
         self.tracker: PromptTracker | None = None
         self._last_session: int | None = None
@@ -128,6 +143,8 @@ class TrackerNode(Node):
         # while: the one after its last written frame is among them).
         self._snapshots: deque[tuple[int, resume.Snapshot]] = deque(maxlen=SNAPSHOTS_KEPT)
         self._rejected_logged: set[str] = set()
+        self._live_saved = -float("inf")  # time.monotonic() of the last live state saved
+        self._live_due = False  # a command changed the tracks since
 
     def setup(self) -> None:
         if self.decoder is None:
@@ -137,6 +154,13 @@ class TrackerNode(Node):
             # The prompts are in the saved state, with what became of them.
             self.tracker.restore(*resume.load_tracker_snapshot(self.resume_dir, self.resume_from))
             self.detail["resumed_after_frame"] = self.resume_from
+            return
+        saved = [] if self.live_state is None else resume.saved_tracker_frames(self.live_state)
+        if saved:
+            # A restart: the tracks of the tracker that died, as of its last saved frame.
+            self.tracker.restore(*resume.load_tracker_snapshot(self.live_state, saved[-1]))
+            self.detail["restored_after_frame"] = saved[-1]
+            log.info("tracker: tracks restored as they were after frame %d", saved[-1])
             return
         for prompt in self.config.prompts:
             self.tracker.add(prompt.box, prompt.points, prompt.labels, frame=prompt.frame)
@@ -192,6 +216,10 @@ class TrackerNode(Node):
         self.count("frames")
         if self.resume_dir is not None:
             self._snapshots.append((msg.meta.frame_index, self.tracker.snapshot()))
+        if self.live_state is not None and (
+            self._live_due or time.monotonic() - self._live_saved >= LIVE_STATE_INTERVAL_S
+        ):
+            self._save_live_state(msg.meta.frame_index)
         ms = (time.perf_counter() - start) * 1000
         return [
             MaskMessage(
@@ -263,6 +291,15 @@ class TrackerNode(Node):
         except OSError:
             log.exception("tracker: could not save its state; --resume will start it afresh")
 
+    def _save_live_state(self, frame_index: int) -> None:
+        if self.tracker is None or self.live_state is None:
+            return
+        try:
+            resume.save_tracker_snapshots(self.live_state, {frame_index: self.tracker.snapshot()})
+        except OSError as err:
+            log.warning("tracker: could not save its live state (%s); retrying later", err)
+        self._live_saved, self._live_due = time.monotonic(), False
+
     def _after_outage(self, msg: EmbeddingMessage) -> list[TrackOutput]:
         """A new source session means the camera was gone in between. After a short outage
         the tracks carry on (the filter predicts one step, the next measurement decides);
@@ -303,6 +340,7 @@ class TrackerNode(Node):
                     raise ValueError("remove needs track_id")
                 self.tracker.remove(command.track_id)
             self.count(f"commands_{command.op}")
+            self._live_due |= command.op != "list"
             return PromptReply(
                 ok=True, error=None, track_id=track_id, tracks=tuple(self.tracker.list())
             )

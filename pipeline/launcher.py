@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -567,6 +568,8 @@ def run_pipeline(
         env = node_environment(name, config, token)
         if name == "decoder" and live:
             env[POSITION_FILE_ENV] = str(run_dir / "decoder.position")
+        if name == "tracker" and live:
+            env[resume.LIVE_STATE_ENV] = str(run_dir / "tracker")
         path = None if node_config is None else write_config(name, node_config)
         return _ProcessWorker(name, path, run_dir / f"{name}.log", env)
 
@@ -652,15 +655,12 @@ def run_pipeline(
         failures.pop(dead.name, None)
         if live:
             # The others run on; the new node binds the same endpoints (ZeroMQ reconnects).
-            # A new tracker starts without tracks: its predecessor's are reported lost
-            # by this status, and consumers prompt again.
+            # A new tracker restores the tracks its predecessor last saved (within a second
+            # of its death; resume.LIVE_STATE_ENV), or, when it died before its first
+            # frame, starts from the configured prompts.
             # A new decoder continues the stream's numbering (see pipeline.stream_position);
             # a new publisher binds the port its predecessor had ("auto" picked one).
             node_config = config
-            if dead.name == "tracker":
-                node_config = msgspec.structs.replace(
-                    config, tracker=msgspec.structs.replace(config.tracker, prompts=())
-                )
             bound = last.get("publisher")
             if dead.name == "publisher" and bound is not None and "publish" in bound.detail:
                 node_config = msgspec.structs.replace(
@@ -827,6 +827,4 @@ def _stop_all(workers: list[Any]) -> None:
 
 
 def _remove_run_dir(run_dir: Path) -> None:
-    for path in run_dir.iterdir():
-        path.unlink(missing_ok=True)
-    os.rmdir(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)

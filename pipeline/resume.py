@@ -12,6 +12,10 @@ An offline run keeps a small state directory, ``.samstream/`` under its output d
   the ones an uninterrupted run would have written; without that state the tracker starts
   afresh at frame 0 and the publisher skips the frames it already has.
 
+A live run keeps the same tracker state (its latest only, saved about every second) in its
+run directory while it runs, so that a tracker restarted after a death goes on with the
+tracks (``LIVE_STATE_ENV``).
+
 Everything here is plain JSON and ``numpy.savez`` arrays (no pickle: the files may be edited
 or planted by anyone who can write the output directory).
 """
@@ -211,6 +215,10 @@ def plan_resume(out_dir: str | Path, identity: Mapping[str, Any]) -> ResumePoint
 
 Snapshot = tuple[dict[str, Any], dict[str, np.ndarray]]
 """A tracker's state after one frame: JSON-ready data and named arrays."""
+
+LIVE_STATE_ENV = "SAMSTREAM_TRACKER_STATE"
+"""Where a live run's tracker keeps its latest state (set by the launcher): the directory a
+restarted tracker restores its tracks from (``nodes.tracker``)."""
 
 
 def save_tracker_snapshots(out_dir: str | Path, snapshots: Mapping[int, Snapshot]) -> Path:

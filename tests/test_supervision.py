@@ -77,7 +77,7 @@ def _start(args: list[str]) -> subprocess.Popen:
     )
 
 
-def _start_live(checkpoint: Path, endpoint: str) -> subprocess.Popen:
+def _start_live(checkpoint: Path, endpoint: str, *extra: str) -> subprocess.Popen:
     """A live run of a 10 fps test source, one object, masks on ``endpoint``."""
     return _start(
         [
@@ -89,6 +89,7 @@ def _start_live(checkpoint: Path, endpoint: str) -> subprocess.Popen:
             *("--weights", str(checkpoint)),
             *FAST,
             *("--set", f"transport.publish={json.dumps(endpoint)}"),
+            *extra,
         ]
     )
 
@@ -183,23 +184,36 @@ def test_live_run_survives_encoder_kills(checkpoint: Path) -> None:
     assert stderr.count("node encoder: a spare took over (its imports were done)") == kills
 
 
-def test_live_run_survives_decoder_and_publisher_kills(checkpoint: Path) -> None:
+def test_live_run_survives_decoder_publisher_and_tracker_kills(checkpoint: Path) -> None:
     """A new decoder continues the stream (sequence numbers, frame indices and timestamps
     go on, never back); a new publisher binds the same feed, and the subscriber that was
-    there gets masks again without doing anything."""
+    there gets masks again without doing anything; a new tracker goes on with the tracks
+    (the one object keeps its id and is still followed)."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = _start_live(checkpoint, endpoint)
+    # Every measurement trusted: the random-weight masks keep the one track alive, so what
+    # a tracker restart does to it shows.
+    trust = ("tracker.min_score=0", "tracker.min_agreement=0", "tracker.max_coast_frames=100000")
+    proc = _start_live(checkpoint, endpoint, *(a for kv in trust for a in ("--set", kv)))
     frames: list[MaskFrame] = []
     degraded: set[str] = set()
+    restored: list[int] = []
     try:
         with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
-            for victim in ("decoder", "publisher", "decoder"):
+            for victim in ("decoder", "publisher", "tracker", "decoder"):
                 first = sub.recv(120_000)
                 assert first is not None, f"no masks before the {victim} kill"
                 frames.append(first)
                 events = _kill_and_follow(proc.pid, victim, sub)
                 frames += [e for _, e in events if isinstance(e, MaskFrame)]
                 degraded |= {node for _, node in _states(events, "degraded")}
+                restored += [
+                    e.detail["restored_after_frame"]
+                    for _, e in events
+                    if getattr(e, "node", None) == "tracker" and "restored_after_frame" in e.detail
+                ]
+                if victim == "tracker":
+                    after = [e for _, e in events if isinstance(e, MaskFrame)][-1]
+                    assert [t.track_id for t in after.tracks] == [1], after.tracks
                 assert proc.poll() is None, "the run ended"
         proc.send_signal(signal.SIGTERM)
         stdout, _stderr = proc.communicate(timeout=30)
@@ -214,6 +228,9 @@ def test_live_run_survives_decoder_and_publisher_kills(checkpoint: Path) -> None
     assert frames[-1].session >= 2, "each new decoder is a new session of the stream"
     assert "decoder" in degraded, "consumers were not told"
     assert stdout.count("decoder died") == 2 and "publisher died" in stdout, stdout
+    assert "tracker died" in stdout, stdout
+    assert restored, "the new tracker did not restore the tracks"
+    assert all(f.tracks and f.tracks[0].track_id == 1 for f in frames), "the track was lost"
 
 
 def test_offline_run_resumes_exactly_after_encoder_kills(checkpoint: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
@@ -12,10 +13,17 @@ import numpy as np
 import pytest
 import torch
 
+from nodes import tracker as tracker_node
 from nodes.tracker import TrackerNode
-from pipeline.config import TrackerConfig
+from pipeline.config import PromptConfig, TrackerConfig
 from pipeline.masks import mask_box
-from pipeline.messages import MAX_TRACK_ID, EmbeddingMessage, FrameMeta, MaskMessage
+from pipeline.messages import (
+    MAX_TRACK_ID,
+    EmbeddingMessage,
+    FrameMeta,
+    MaskMessage,
+    PromptCommand,
+)
 from pipeline.model.transforms import resized_shape
 from pipeline.tracking import (
     MAX_TRACKS_AT_ONCE,
@@ -876,6 +884,50 @@ def test_tracker_node_follows_a_mid_stream_resolution_change():
         assert close(record.box, scaled(moving_box(frame), sx, sy), 2.0)
     assert node.tracker.frame_size == (480, 640)
     assert node.counters["frame_size_changes"] == 1
+
+
+def test_a_restarted_live_tracker_goes_on_with_the_tracks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live tracker keeps its tracks in its state directory (every frame here: the
+    interval is 0); one started after it died restores them and goes on with the same ids,
+    boxes and states as the one that died would have. A tracker that finds no state there
+    starts from its prompts."""
+    monkeypatch.setattr(tracker_node, "LIVE_STATE_INTERVAL_S", 0.0)
+    state = tmp_path / "tracker"
+    config = TrackerConfig(prompts=(PromptConfig(box=moving_box(0)),))
+
+    def node_on(decoder: NodeSceneDecoder) -> TrackerNode:
+        node = TrackerNode(
+            config,
+            weights="unused.pt",
+            image_size=32,
+            live_state=state,
+            decoder=decoder,  # type: ignore[arg-type]
+        )
+        node.setup()
+        return node
+
+    first_decoder = NodeSceneDecoder()
+    first = node_on(first_decoder)
+    assert "restored_after_frame" not in first.detail  # no state yet: the prompts
+    added = first.handle_command(PromptCommand(op="add", box=(60, 10, 90, 40)))
+    assert added.ok
+    for frame in range(5):
+        first_decoder.objects = {"a": (moving_box(frame), 0.9), "b": ((60, 10, 90, 40), 0.8)}
+        first.process(_embedding_message(frame, 0, 100.0 + frame))
+    # The first tracker dies here: a new one restores the state saved after frame 4, and
+    # publishes what the first would have published next.
+    second_decoder = NodeSceneDecoder()
+    second = node_on(second_decoder)
+    assert second.detail["restored_after_frame"] == 4
+    first_decoder.objects = {"a": (moving_box(5), 0.9), "b": ((60, 10, 90, 40), 0.8)}
+    second_decoder.objects = first_decoder.objects
+    (expected,) = first.process(_embedding_message(5, 0, 105.0))
+    (got,) = second.process(_embedding_message(5, 0, 105.0))
+    assert [t.track_id for t in got.tracks] == [1, added.track_id]
+    assert got.tracks == expected.tracks
+    assert all(t.state == "tracked" for t in got.tracks)
 
 
 def test_snapshot_restore_continues_exactly():
