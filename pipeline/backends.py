@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -177,11 +178,24 @@ def native_bf16() -> bool:
     return bool(_cpuinfo()[1] & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def import_package(name: str) -> ModuleType:
+    """Import a backend's package (ImportError when it is not installed).
+
+    OpenVINO's import sends a usage event to Google Analytics from a process that a thread
+    forks (``openvino_telemetry``, on unless opted out): a run must not phone home, and that
+    fork, made while the import holds its locks, can deadlock and outlive the node that made
+    it (seen: orphaned copies of killed nodes). Without ``openvino_telemetry`` importable,
+    OpenVINO uses its own no-op stub."""
+    if name == "openvino":
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    return importlib.import_module(name)
+
+
 def _import(backend: str, setting: str = "encoder.backend") -> ModuleType:
     """The backend's package, or a RuntimeError that says how to install it (`setting`:
     the config key that asked for it)."""
     try:
-        return importlib.import_module(backend)
+        return import_package(backend)
     except ImportError as err:
         raise RuntimeError(
             f"{setting} {backend} needs the {backend} package, which is not installed: "
@@ -202,7 +216,7 @@ def backend_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"torch": torch.__version__}
     for name in ("onnxruntime", "openvino"):
         try:
-            versions[name] = str(importlib.import_module(name).__version__)
+            versions[name] = str(import_package(name).__version__)
         except ImportError:
             versions[name] = None
     return versions

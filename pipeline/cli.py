@@ -336,14 +336,13 @@ def _standby(name: str) -> str:
     torch, timm and the backends come with them), say so on the launcher's pipe, then block
     until the launcher writes the config path on stdin. Returns that path ("" when stdin
     closes first)."""
-    import importlib
-
+    from pipeline.backends import import_package
     from pipeline.graph import node_class
     from pipeline.launcher import SPARE_READY_FD_ENV
 
     for module in node_class(name).preload:
         with contextlib.suppress(ImportError):
-            importlib.import_module(module)
+            import_package(module)
     ready = os.environ.get(SPARE_READY_FD_ENV)
     if ready is not None:
         os.write(int(ready), b"1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -385,3 +386,21 @@ def test_encoder_node_reports_its_backend(checkpoint: Path, seeded: Path) -> Non
     image = np.zeros((120, 160, 3), np.uint8)
     [out] = node.process_batch([FrameMessage(meta=meta, image=image)])
     assert isinstance(out, EmbeddingMessage) and out.embedding.shape == (256, 16, 16)
+
+
+def test_openvino_is_imported_without_its_telemetry() -> None:
+    """OpenVINO's import would fork a process that sends a usage event to Google Analytics:
+    through samstream it forks nothing (a fresh interpreter, so the import really runs)."""
+    pytest.importorskip("openvino")
+    code = (
+        "import os, sys, time\n"
+        "forks = []\n"
+        "real = os.fork\n"
+        "os.fork = lambda: forks.append(1) or real()\n"
+        "from pipeline.backends import import_package\n"
+        "import_package('openvino')\n"
+        "time.sleep(1)  # the telemetry is sent from a thread\n"
+        "print(len(forks), sys.modules.get('openvino_telemetry'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "None"], out.stdout + out.stderr
