@@ -50,20 +50,22 @@ def _node_pid(
 
 def _ready_spare(launcher: int, name: str, running: int, wait_s: float = 120) -> int:
     """The pid of the launcher's spare ``name`` process once it has done its imports: it
-    then blocks reading its config path from the launcher's pipe (the kernel's wait
-    channel says so). ``running``: the node's running process (a spare that took over
-    keeps its --standby command line)."""
+    then has closed its end of the launcher's ready pipe (and waits for its config path).
+    ``running``: the node's running process (a spare that took over keeps its --standby
+    command line)."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         for pid in _children(launcher):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                waiting = Path(f"/proc/{pid}/wchan").read_text()
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:
                 continue  # it went away
-            if pid != running and f"node {name} --standby".encode() in cmdline:
-                if "pipe_read" in waiting:
-                    return pid
+            if pid == running or f"node {name} --standby".encode() not in cmdline:
+                continue
+            ready_fd = next(v for v in env if v.startswith(b"SAMSTREAM_SPARE_READY_FD="))
+            if not Path(f"/proc/{pid}/fd/{int(ready_fd.split(b'=')[1])}").exists():
+                return pid
         time.sleep(0.1)
     raise AssertionError(f"no ready spare {name} under {launcher} within {wait_s} s")
 
