@@ -143,6 +143,7 @@ class TrackerNode(Node):
         # while: the one after its last written frame is among them).
         self._snapshots: deque[tuple[int, resume.Snapshot]] = deque(maxlen=SNAPSHOTS_KEPT)
         self._rejected_logged: set[str] = set()
+        self._live_writer = None if live_state is None else resume.LiveStateWriter(live_state)
         self._live_saved = -float("inf")  # time.monotonic() of the last live state saved
         self._live_due = False  # a command changed the tracks since
 
@@ -292,12 +293,9 @@ class TrackerNode(Node):
             log.exception("tracker: could not save its state; --resume will start it afresh")
 
     def _save_live_state(self, frame_index: int) -> None:
-        if self.tracker is None or self.live_state is None:
+        if self.tracker is None or self._live_writer is None:
             return
-        try:
-            resume.save_tracker_snapshots(self.live_state, {frame_index: self.tracker.snapshot()})
-        except OSError as err:
-            log.warning("tracker: could not save its live state (%s); retrying later", err)
+        self._live_writer.submit(frame_index, self.tracker.snapshot())
         self._live_saved, self._live_due = time.monotonic(), False
 
     def _after_outage(self, msg: EmbeddingMessage) -> list[TrackOutput]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import msgspec
@@ -91,6 +92,68 @@ def test_tracker_snapshots_round_trip(tmp_path: Path) -> None:
     assert np.array_equal(arrays["logits"], logits) and arrays["logits"].dtype == np.float32
     with pytest.raises(ResumeError, match="no tracker state after frame 4"):
         resume.load_tracker_snapshot(tmp_path, 4)
+
+
+def test_the_live_state_writer_never_blocks_and_ends_with_the_latest_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """submit returns while a write is under way; the states handed over meanwhile collapse
+    into the latest; a failing write is logged once and the writer goes on."""
+    real_save = resume.save_tracker_snapshots
+    release = threading.Event()
+    written: list[int] = []
+    failures = {"left": 0}
+
+    def slow_save(out_dir: Path, snapshots: dict) -> Path:
+        release.wait(timeout=60)
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError("No space left on device")
+        written.extend(snapshots)
+        return real_save(out_dir, snapshots)
+
+    monkeypatch.setattr(resume, "save_tracker_snapshots", slow_save)
+    writer = resume.LiveStateWriter(tmp_path)
+
+    def state(frame: int) -> resume.Snapshot:
+        return {"frame": frame}, {"logits": np.full((4, 4), frame, dtype=np.float32)}
+
+    writer.submit(1, state(1))
+    assert not writer.wait(timeout=0.2)  # frame 1 is being written (held by slow_save)
+    for frame in range(2, 6):
+        writer.submit(frame, state(frame))  # returns at once: the writer is busy
+    release.set()
+    assert writer.wait(timeout=60)
+    assert written == [1, 5]  # 2-4 were replaced while 1 was written
+    data, arrays = resume.load_tracker_snapshot(tmp_path, 5)
+    assert data == {"frame": 5} and arrays["logits"][0, 0] == 5
+
+    failures["left"] = 3
+    with caplog.at_level("INFO", logger="pipeline.resume"):
+        for frame in range(6, 10):
+            writer.submit(frame, state(frame))
+            assert writer.wait(timeout=60)
+    assert [r.getMessage() for r in caplog.records] == [
+        "tracker: could not save its live state (No space left on device); retrying",
+        "tracker: live state saved again (after frame 9)",
+    ]
+    assert resume.saved_tracker_frames(tmp_path) == [9]
+
+
+def test_a_failed_state_write_leaves_the_previous_state_and_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resume.save_tracker_snapshots(tmp_path, {1: ({"frame": 1}, {})})
+
+    def disk_full(file, **arrays) -> None:
+        file.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(resume.np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        resume.save_tracker_snapshots(tmp_path, {2: ({"frame": 2}, {})})
+    assert sorted(p.name for p in resume.state_dir(tmp_path).iterdir()) == [resume.TRACKER_FILE]
+    assert resume.saved_tracker_frames(tmp_path) == [1]
 
 
 def test_a_damaged_tracker_state_only_costs_the_shortcut(tmp_path: Path) -> None:

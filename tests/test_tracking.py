@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ import torch
 
 from nodes import tracker as tracker_node
 from nodes.tracker import TrackerNode
+from pipeline import resume
 from pipeline.config import PromptConfig, TrackerConfig
 from pipeline.masks import mask_box
 from pipeline.messages import (
@@ -916,8 +918,12 @@ def test_a_restarted_live_tracker_goes_on_with_the_tracks(
     for frame in range(5):
         first_decoder.objects = {"a": (moving_box(frame), 0.9), "b": ((60, 10, 90, 40), 0.8)}
         first.process(_embedding_message(frame, 0, 100.0 + frame))
-    # The first tracker dies here: a new one restores the state saved after frame 4, and
-    # publishes what the first would have published next.
+    # The first tracker dies here, once its writer thread has saved the state after frame 4
+    # (the latest): a new one restores it and publishes what the first would have next.
+    deadline = time.monotonic() + 60
+    while resume.saved_tracker_frames(state) != [4] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert resume.saved_tracker_frames(state) == [4]
     second_decoder = NodeSceneDecoder()
     second = node_on(second_decoder)
     assert second.detail["restored_after_frame"] == 4
@@ -933,7 +939,6 @@ def test_a_restarted_live_tracker_goes_on_with_the_tracks(
 def test_snapshot_restore_continues_exactly():
     """A tracker restored from a snapshot (through the files --resume uses) goes on exactly
     as the one that made it: same boxes, states, scores, innovations and mask prompts."""
-    from pipeline import resume
 
     def scene(frame: int) -> dict:
         occluded = 0.1 if frame in range(9, 12) else 0.9
