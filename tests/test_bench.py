@@ -31,6 +31,8 @@ def test_bench_prints_every_figure_and_the_ratios(checkpoint: Path) -> None:
             "256",
             "--live-seconds",
             "2",
+            "--encoder-sizes",
+            "256",  # the backend table at the run's size (1024 and 512 cost 20 s more here)
         ],
         capture_output=True,
         text=True,
@@ -50,8 +52,13 @@ def test_bench_prints_every_figure_and_the_ratios(checkpoint: Path) -> None:
         "live_latency_ms_median",
         "live_latency_ms_p95",
         "live_share_within_budget",
+        "official_encoder_ms_1024",
+        "encoder_ms_torch_float32_256",
+        "encoder_ms_onnxruntime_float32_256",
+        "encoder_ms_openvino_float32_256",
     ):
         assert re.fullmatch(r"\d+\.\d+", figures.get(name, "")), f"{name}: {figures.get(name)}"
+    assert re.search(r"ratio official fp32 1024 / torch_float32_256 +\d+\.\d+", proc.stdout)
     assert float(figures["live_frames_in"]) == 20  # 2 s of a 10 fps source, played live
     published, dropped = (
         float(figures["live_frames_published"]),

@@ -220,18 +220,29 @@ def _overlay_times(out: Path) -> list[Fraction]:
         return [f.pts * stream.time_base for f in container.decode(stream)]
 
 
+RESUMED_FRAMES = 36
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A clip and an uninterrupted run's outputs on it: what a resumed run must equal."""
+    work = tmp_path_factory.mktemp("uninterrupted")
+    clip = make_pts_as_dts_mp4(work / "clip.mp4", frames=RESUMED_FRAMES)
+    full = work / "full"
+    common = ["--source", str(clip), *_flat(BOXES), "--weights", str(checkpoint), *FAST]
+    proc = samstream("run", *common, "--out", str(full))
+    assert proc.returncode == 0, proc.stderr
+    return clip, full
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
 def test_interrupt_then_resume_equals_an_uninterrupted_run(
-    checkpoint: Path, tmp_path: Path, how: str
+    checkpoint: Path, tmp_path: Path, how: str, uninterrupted: tuple[Path, Path]
 ) -> None:
-    frames = 36
-    clip = make_pts_as_dts_mp4(tmp_path / "clip.mp4", frames=frames)
+    frames = RESUMED_FRAMES
+    clip, full = uninterrupted
     common = ["--source", str(clip), *_flat(BOXES), "--weights", str(checkpoint), *FAST]
-
-    full = tmp_path / "full"
-    proc = samstream("run", *common, "--out", str(full))
-    assert proc.returncode == 0, proc.stderr
 
     out = tmp_path / "resumed"
     stop_after = random.Random(how).randint(4, frames - 8)
