@@ -287,8 +287,8 @@ class LiveStateWriter:
     def _write_forever(self) -> None:
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._waiting is not None)
-                assert self._waiting is not None
+                while self._waiting is None:
+                    self._changed.wait()
                 (frame, snapshot), self._waiting = self._waiting, None
                 self._writing = True
             try:

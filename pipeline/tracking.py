@@ -1299,14 +1299,14 @@ class PromptTracker:
         return sorted(rows, key=lambda row: row["id"])  # type: ignore[arg-type, return-value]
 
 
-# --------------------------------------------------------------------------- validation
-
-
 def _frozen(logits: np.ndarray) -> np.ndarray:
     """A read-only float32 copy: a track's mask prompt, which snapshots share, not copy."""
     frozen = np.array(logits, dtype=np.float32, copy=True)
     frozen.setflags(write=False)
     return frozen
+
+
+# --------------------------------------------------------------------------- validation
 
 
 def _check_frame_size(frame_size: object) -> tuple[int, int]:
