@@ -390,12 +390,18 @@ def compile_openvino(ov: ModuleType, path: str | os.PathLike[str], config: dict[
     """An ONNX model compiled by OpenVINO's CPU plugin with ``config``, through OpenVINO's
     model cache (under samstream's cache dir): a compile OpenVINO has done before, for this
     model, config and version, is loaded instead (0.57 -> 0.18 s for the 256 px encoder
-    here), which is most of what a restarted node waits for."""
+    here), which is most of what a restarted node waits for.
+
+    Each config has a cache directory of its own: OpenVINO's cache key leaves out the
+    precision hint (2026.4 names the bf16 and the f32 compile of a model the same blob), and
+    on a CPU with AMX a bf16 compile that loaded the f32 blob crashed the process on its
+    first inference."""
     from pipeline.model.weights import cache_dir
 
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     try:
         return ov.Core().compile_model(
-            str(path), "CPU", {**config, "CACHE_DIR": str(cache_dir() / "openvino")}
+            str(path), "CPU", {**config, "CACHE_DIR": str(cache_dir() / "openvino" / key)}
         )
     except Exception as err:  # openvino raises RuntimeError or its own types
         raise RuntimeError(

@@ -404,3 +404,35 @@ def test_openvino_is_imported_without_its_telemetry() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["0", "None"], out.stdout + out.stderr
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+def test_each_openvino_precision_has_its_own_compile_cache(seeded: Path) -> None:
+    """OpenVINO's model cache names a model's f32 and bf16 compiles the same blob: a bf16
+    compile that found the f32 one crashed the process on its first inference (a CPU with
+    AMX, OpenVINO 2026.4). f32 then bf16 through samstream's cache, in a fresh interpreter
+    (a crash must fail this test, not end the suite), then f32 again from the cache."""
+    [onnx] = (seeded / "onnx").glob("image_encoder-*.onnx")
+    code = (
+        "import sys, numpy as np\n"
+        "from pipeline.backends import OpenVinoEncoder, calibration_input\n"
+        "x = calibration_input(int(sys.argv[2]))\n"
+        "out = {}\n"
+        "for precision in ('float32', 'bfloat16', 'float32'):\n"
+        "    enc = OpenVinoEncoder(path=sys.argv[1], image_size=int(sys.argv[2]), threads=1,"
+        " precision=precision)\n"
+        "    out.setdefault(precision, []).append(enc.encode(x))\n"
+        "ref = out['float32'][0]\n"
+        "err = lambda a: float(np.abs(a - ref).max() / np.abs(ref).max())\n"
+        "print(err(out['float32'][1]), err(out['bfloat16'][0]))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", code, str(onnx), str(SIZE)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-3000:]}"
+    f32_again, bf16 = (float(v) for v in run.stdout.split())
+    assert f32_again == 0.0  # the cached f32 compile is the f32 compile
+    assert bf16 < TOLERANCES["bfloat16"]
+    assert len(list((seeded / "openvino").iterdir())) == 2  # one cache per config
