@@ -625,8 +625,15 @@ def _prune(
     return kept
 
 
-def calibrate(calibration: Calibration) -> tuple[dict[str, Any], Any]:
+def calibrate(
+    calibration: Calibration, crash_record: Path | None = None
+) -> tuple[dict[str, Any], Any]:
     """Time and parity-check every candidate of `calibration` on this machine.
+
+    A backend's native code can crash the process (OpenVINO did, on a CPU with AMX): with a
+    `crash_record`, each candidate's first run is noted there before it starts and cleared
+    after it ends, so a candidate that was being tried when the process died is skipped
+    from then on, and a restarted node calibrates without it instead of dying again.
 
     Each candidate's first run of every input is the parity check against the torch fp32
     reference (and its warm-up); the ones within tolerance and not far slower than the
@@ -652,12 +659,17 @@ def calibrate(calibration: Calibration) -> tuple[dict[str, Any], Any]:
     expected = {name: cal.run(reference, x) for name, x in inputs.items()}
     reference_ms = (time.perf_counter() - first) * 1000
     candidates = cal.candidates()
+    crashed = _crashed(crash_record)
     for cand in candidates:
         if cand.skipped:
             continue
         if cand.label == cal.reference_label:
             cand.runner, cand.rel_error, cand.first_ms = reference, 0.0, reference_ms
             continue
+        if cand.label in crashed:
+            cand.skipped = "crashed the process in an earlier calibration on this machine"
+            continue
+        _note_trying(crash_record, [*crashed, cand.label])
         try:
             cand.runner = cal.make(cand.backend, cand.precision)
             first = time.perf_counter()
@@ -668,6 +680,7 @@ def calibrate(calibration: Calibration) -> tuple[dict[str, Any], Any]:
             # A backend that cannot load or run the model is not chosen; the run goes on.
             cand.runner, cand.error = None, str(err)
             log.warning("%s backend %s failed in calibration: %s", cal.what, cand.label, err)
+        _note_trying(crash_record, crashed)
         if cand.runner is not None and not cand.ok:
             log.info(
                 "%s backend %s is off by %.2g (tolerance %.0e): not a candidate",
@@ -702,6 +715,25 @@ def calibrate(calibration: Calibration) -> tuple[dict[str, Any], Any]:
         "seconds": round(time.perf_counter() - start, 2),
     }
     return result, winner.runner
+
+
+def _crashed(record: Path | None) -> list[str]:
+    """The candidates that were being tried when a calibration's process died."""
+    try:
+        crashed = json.loads(record.read_text(encoding="utf-8")) if record else []
+    except (OSError, ValueError):
+        return []  # none yet (or a torn write): nothing known to crash
+    if crashed:
+        log.warning("skipping %s: crashed the process in an earlier calibration", crashed)
+    return [str(label) for label in crashed] if isinstance(crashed, list) else []
+
+
+def _note_trying(record: Path | None, labels: list[str]) -> None:
+    if record is not None:
+        from pipeline.export import atomic_write_json
+
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(record, labels)
 
 
 def calibration_key(
@@ -821,7 +853,7 @@ def choose_backend(calibration: Calibration, cache: Path) -> tuple[Any, dict[str
             cal.image_size,
             cal.threads,
         )
-        result, runner = calibrate(cal)
+        result, runner = calibrate(cal, crash_record=path.with_suffix(".crashed.json"))
         data = {"key": cal.key, **result}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -436,3 +437,55 @@ def test_each_openvino_precision_has_its_own_compile_cache(seeded: Path) -> None
     assert f32_again == 0.0  # the cached f32 compile is the f32 compile
     assert bf16 < TOLERANCES["bfloat16"]
     assert len(list((seeded / "openvino").iterdir())) == 2  # one cache per config
+
+
+_CRASHING_CALIBRATION = """
+import logging, os, signal, sys
+from pathlib import Path
+import numpy as np
+from pipeline import backends
+logging.basicConfig(level=logging.INFO)
+
+class Scaled:  # a backend: its output is the input times a factor
+    def __init__(self, name, precision, factor):
+        self.name, self.precision, self.threads, self.factor = name, precision, 1, factor
+
+def make(backend, precision):
+    if backend == "openvino":
+        os.kill(os.getpid(), signal.SIGSEGV)  # native code crashing, as OpenVINO's did
+    return Scaled(backend, precision, 1.0)
+
+cal = backends.Calibration(
+    what="encoder", name="encoder", key={"test": 1}, image_size=16, threads=1,
+    precisions=("float32",),
+    candidates=lambda: [backends.candidate(b, "float32", 1e-4) for b in ("torch", "openvino")],
+    inputs={"image": lambda: np.ones(4, np.float32)},
+    run=lambda backend, x: x * backend.factor,
+    make=make,
+    reference=lambda: Scaled("torch", "float32", 1.0),
+    reference_label="torch/float32",
+)
+runner, report = backends.choose_backend(cal, Path(sys.argv[1]))
+print(runner.name, [row.get("skipped") for row in report["candidates"]])
+"""
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+def test_a_backend_that_crashes_the_calibration_is_skipped_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """A candidate whose native code kills the process during its first run: the process
+    dies (as a node would), and the next calibration, on the same machine and key, skips
+    that candidate and chooses among the rest, so a restarted node does not die again."""
+    run = [sys.executable, "-c", _CRASHING_CALIBRATION, str(tmp_path)]
+    first = subprocess.run(run, capture_output=True, text=True)
+    assert first.returncode == -signal.SIGSEGV, first.stderr
+    second = subprocess.run(run, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    name, skipped = second.stdout.split(" ", 1)
+    assert name == "torch"
+    assert "crashed the process in an earlier calibration" in skipped
+    assert "skipping ['openvino/float32']" in second.stderr and "calibrating" in second.stderr
+    # The finished calibration is cached: a third start neither calibrates nor crashes.
+    third = subprocess.run(run, capture_output=True, text=True)
+    assert third.returncode == 0 and "calibrating" not in third.stderr, third.stderr
