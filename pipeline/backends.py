@@ -226,12 +226,10 @@ def backend_versions() -> dict[str, str | None]:
 # The backends.
 
 
-class EncoderBackend:
-    """One way to run the image encoder: Bx3xSxS float32 (see `preprocess`) -> BxCxhxw float32.
-
-    `name`, `precision` ("float32", "bfloat16", "float16"), `threads` (intra-op threads),
-    `image_size` (S); `report` says how it was chosen (filled in by `build_encoder`).
-    """
+class Backend:
+    """What every backend (encoder, mask decoder) says of itself: `name`, `precision`
+    ("float32", "bfloat16", "float16"), `threads` (intra-op threads), `image_size`, the
+    package `version`; `report` says how it was chosen (filled in by whoever built it)."""
 
     name: ClassVar[str] = "backend"
 
@@ -250,6 +248,11 @@ class EncoderBackend:
             "image_size": self.image_size,
             "version": self.version,
         }
+
+
+class EncoderBackend(Backend):
+    """One way to run the image encoder: Bx3xSxS float32 (see `preprocess`) -> BxCxhxw float32
+    (S: `image_size`)."""
 
     def _check(self, batch: np.ndarray) -> np.ndarray:
         s = self.image_size
@@ -631,9 +634,10 @@ def calibrate(
     """Time and parity-check every candidate of `calibration` on this machine.
 
     A backend's native code can crash the process (OpenVINO did, on a CPU with AMX): with a
-    `crash_record`, each candidate's first run is noted there before it starts and cleared
-    after it ends, so a candidate that was being tried when the process died is skipped
-    from then on, and a restarted node calibrates without it instead of dying again.
+    `crash_record` (a file, absent when nothing crashed), each candidate's first run is
+    noted there before it starts and cleared after it ends, so a candidate that was being
+    tried when the process died is skipped from then on, and a restarted node calibrates
+    without it instead of dying again.
 
     Each candidate's first run of every input is the parity check against the torch fp32
     reference (and its warm-up); the ones within tolerance and not far slower than the
@@ -729,11 +733,17 @@ def _crashed(record: Path | None) -> list[str]:
 
 
 def _note_trying(record: Path | None, labels: list[str]) -> None:
-    if record is not None:
-        from pipeline.export import atomic_write_json
+    """`labels` (the ones known to crash, and the one about to run) in the crash record;
+    none: no record."""
+    if record is None:
+        return
+    if not labels:
+        record.unlink(missing_ok=True)
+        return
+    from pipeline.export import atomic_write_json
 
-        record.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(record, labels)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, labels)
 
 
 def calibration_key(
@@ -853,7 +863,7 @@ def choose_backend(calibration: Calibration, cache: Path) -> tuple[Any, dict[str
             cal.image_size,
             cal.threads,
         )
-        result, runner = calibrate(cal, crash_record=path.with_suffix(".crashed.json"))
+        result, runner = calibrate(cal, crash_record=path.with_suffix(".crashes"))
         data = {"key": cal.key, **result}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, data)

@@ -33,7 +33,7 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ import torch
 from pipeline.backends import (
     _OV_PRECISION,
     BACKENDS,
+    Backend,
     Calibration,
     _Candidate,
     _import,
@@ -66,31 +67,14 @@ CALIBRATION_COUNTS = (1, 8)  # prompts per timed call: one object, and a crowded
 CANDIDATES = ("torch", "onnxruntime", "openvino")
 
 
-class DecoderBackend:
-    """One way to run the prompt encoder + mask decoder on one frame's prompts.
-
-    `name`, `precision`, `threads` (intra-op threads), `image_size`; `report` says how it
-    was chosen (filled in by `build_decoder`).
-    """
-
-    name: ClassVar[str] = "backend"
+class DecoderBackend(Backend):
+    """One way to run the prompt encoder + mask decoder on one frame's prompts."""
 
     def __init__(self, *, model: SamDecoder, precision: str, threads: int, version: str) -> None:
-        self.image_size = model.img_size
         self.low_size = tuple(model.prompt_encoder.mask_input_size)
-        self.precision = precision
-        self.threads = threads
-        self.version = version
-        self.report: dict[str, Any] = self.describe()
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "backend": self.name,
-            "precision": self.precision,
-            "threads": self.threads,
-            "image_size": self.image_size,
-            "version": self.version,
-        }
+        super().__init__(
+            image_size=model.img_size, precision=precision, threads=threads, version=version
+        )
 
     def decode(
         self,

@@ -486,6 +486,8 @@ def test_a_backend_that_crashes_the_calibration_is_skipped_after_the_restart(
     assert name == "torch"
     assert "crashed the process in an earlier calibration" in skipped
     assert "skipping ['openvino/float32']" in second.stderr and "calibrating" in second.stderr
+    [record] = (tmp_path / "calibration").glob("*.crashes")
+    assert json.loads(record.read_text()) == ["openvino/float32"]
     # The finished calibration is cached: a third start neither calibrates nor crashes.
     third = subprocess.run(run, capture_output=True, text=True)
     assert third.returncode == 0 and "calibrating" not in third.stderr, third.stderr

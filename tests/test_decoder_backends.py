@@ -216,10 +216,10 @@ def fast_calibration(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = backends.calibrate  # the encoder's and the decoder's
 
-    def counting(calibration: backends.Calibration):
+    def counting(calibration: backends.Calibration, **kwargs):
         calls.append(1)
         assert calibration.name == "decoder"
-        return real(calibration)
+        return real(calibration, **kwargs)
 
     monkeypatch.setattr(backends, "calibrate", counting)
     return calls
