@@ -270,17 +270,4 @@ class SAM:
         )
         return results
 
-    def __call__(
-        self,
-        source: ImageSource,
-        bboxes: Any = None,
-        points: Any = None,
-        labels: Any = None,
-        multimask_output: bool = False,
-        *,
-        image_format: ImageFormat = "RGB",
-    ) -> Results:
-        """``model(...)`` is ``model.predict(...)``, as in Ultralytics."""
-        return self.predict(
-            source, bboxes, points, labels, multimask_output, image_format=image_format
-        )
+    __call__ = predict  # ``model(...)`` is ``model.predict(...)``, as in Ultralytics

@@ -15,7 +15,7 @@ import zmq
 
 from pipeline.config import PromptConfig, RunConfig
 from pipeline.curve import check_key_files
-from pipeline.prompts import check_box
+from pipeline.prompts import check_box, check_points
 from pipeline.sources import SourceError, VideoSource, check_device, parse_source
 
 
@@ -68,17 +68,13 @@ def check_devices(config: RunConfig) -> None:
 
 
 def check_prompts(prompts: tuple[PromptConfig, ...], frame_size: tuple[int, int]) -> None:
-    """Each prompt on the first frame it applies to, with `predict`'s error for a box."""
-    height, width = frame_size
+    """Each prompt on the first frame it applies to, with `predict`'s errors."""
     for i, prompt in enumerate(prompts):
         name = f"prompt {i + 1} (tracker.prompts[{i}])"
         if prompt.box is not None:
             check_box(prompt.box, f"{name} box", frame_size)
-        for x, y in prompt.points or ():
-            if not (0 <= x <= width and 0 <= y <= height):
-                raise PreflightError(
-                    f"{name}: point [{x:g}, {y:g}] lies outside the {width}x{height} frame"
-                )
+        if prompt.points is not None:
+            check_points(prompt.points, prompt.labels, f"{name} points", frame_size)
 
 
 def _bindable(context: zmq.Context, endpoint: str) -> bool:

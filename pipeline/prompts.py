@@ -61,6 +61,38 @@ def check_box(
     return (x1, y1, x2, y2)
 
 
+def check_points(
+    points: Any, labels: Any, name: str = "points", frame_size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``points`` as (K, 2) float32 x/y and ``labels`` as (K,) int32 (1 foreground, 0
+    background; None: every point foreground); ValueError naming them unless they are K >= 1
+    finite points with one 0/1 label each, inside the (H, W) ``frame_size`` (when known).
+
+    The one point check: `predict`'s prompts and the tracker's commands.
+    """
+    if points is None:
+        raise ValueError(f"labels were given without {name}")
+    coords = _as_float_array(points, name)
+    if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) == 0:
+        raise ValueError(f"{name} must have shape (K, 2) with K >= 1, got shape {coords.shape}")
+    marks = np.ones(len(coords)) if labels is None else _as_float_array(labels, "labels")
+    if marks.shape != (len(coords),):
+        raise ValueError(
+            f"labels must have one entry per point: {len(coords)} points, labels of shape "
+            f"{marks.shape}"
+        )
+    if not np.isin(marks, (0, 1)).all():
+        raise ValueError(f"labels must be 1 (foreground) or 0 (background), got {marks.tolist()}")
+    for j, (x, y) in enumerate(coords):
+        point = f"point {j} of {name}" if len(coords) > 1 else name
+        if not (np.isfinite(x) and np.isfinite(y)):
+            raise ValueError(f"{point} [{x}, {y}] has a NaN or infinite coordinate")
+        if frame_size is not None and not (0 <= x <= frame_size[1] and 0 <= y <= frame_size[0]):
+            h, w = frame_size
+            raise ValueError(f"{point} [{x:g}, {y:g}] lies outside the {w}x{h} image")
+    return coords.astype(np.float32), marks.astype(np.int32)
+
+
 def parse_prompts(
     image_size: tuple[int, int],
     bboxes: Any = None,
@@ -68,7 +100,6 @@ def parse_prompts(
     labels: Any = None,
 ) -> Prompts:
     """Normalise and validate prompts for an image of `image_size` (H, W)."""
-    h, w = image_size
     boxes_arr: np.ndarray | None = None
     points_arr: np.ndarray | None = None
     labels_arr: np.ndarray | None = None
@@ -95,25 +126,23 @@ def parse_prompts(
                 "points must be [x, y], [[x, y], ...] or [[[x, y], ...]], "
                 f"got shape {np.shape(points)}"
             )
-        if labels is None:
-            labels_arr = np.ones(points_arr.shape[:2], dtype=np.int32)
-        else:
-            raw = _as_float_array(labels, "labels")
-            if raw.size != points_arr.shape[0] * points_arr.shape[1]:
-                raise ValueError(
-                    f"labels ({raw.size}) do not match points "
-                    f"({points_arr.shape[0] * points_arr.shape[1]}): give one label per point"
-                )
-            if not np.isin(raw, (0, 1)).all():
-                raise ValueError(f"labels must be 1 (foreground) or 0 (background), got {raw}")
-            labels_arr = raw.reshape(points_arr.shape[:2]).astype(np.int32)
-        for i, obj in enumerate(points_arr):
-            for j, (x, y) in enumerate(obj):
-                name = f"point {j} of object {i}" if obj.shape[0] > 1 else f"point {i}"
-                if not (np.isfinite(x) and np.isfinite(y)):
-                    raise ValueError(f"{name} [{x}, {y}] has a NaN or infinite coordinate")
-                if not (0 <= x <= w and 0 <= y <= h):
-                    raise ValueError(f"{name} [{x:g}, {y:g}] lies outside the {w}x{h} image")
+        if labels is not None and np.size(labels) != points_arr.shape[0] * points_arr.shape[1]:
+            raise ValueError(
+                f"labels ({np.size(labels)}) do not match points "
+                f"({points_arr.shape[0] * points_arr.shape[1]}): give one label per point"
+            )
+        flat_labels = None if labels is None else np.reshape(labels, points_arr.shape[:2])
+        labels_arr = np.stack(
+            [
+                check_points(
+                    obj,
+                    None if flat_labels is None else flat_labels[i],
+                    f"object {i}" if len(obj) > 1 else f"point {i}",
+                    image_size,
+                )[1]
+                for i, obj in enumerate(points_arr)
+            ]
+        )
     elif labels is not None:
         raise ValueError("labels were given without points")
 

@@ -49,7 +49,7 @@ from filterpy.kalman import KalmanFilter
 from pipeline.config import RunConfig, TrackerConfig, validate_config
 from pipeline.masks import RegionMask, as_region_masks
 from pipeline.messages import MAX_TRACK_ID, TrackRecord, TrackState
-from pipeline.prompts import check_box
+from pipeline.prompts import check_box, check_points
 
 if TYPE_CHECKING:  # the tracker runs any decoder; only SAM's needs torch
     from pipeline.predictor import ImageEmbedding
@@ -717,7 +717,9 @@ class PromptTracker:
         checked_box = None if box is None else check_box(box, "box", self._frame_size)
         checked_points, checked_labels = (None, None)
         if points is not None or labels is not None:
-            checked_points, checked_labels = _check_points(points, labels, self._frame_size)
+            checked_points, checked_labels = check_points(
+                points, labels, "points", self._frame_size
+            )
             if checked_box is None and not np.any(checked_labels == 1):
                 raise ValueError("points-only prompt needs at least one foreground point (label 1)")
         if frame is not None and (not _is_int(frame) or frame < 0):
@@ -1319,47 +1321,10 @@ def _check_frame_size(frame_size: object) -> tuple[int, int]:
     return (int(frame_size[0]), int(frame_size[1]))
 
 
-def _numeric(value: object, name: str) -> np.ndarray:
-    """Array of a user-given number list; rejects strings, bools and ragged input."""
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be numbers, got {value!r}") from None
-    if array.dtype.kind not in "iuf":
-        raise ValueError(f"{name} must be numbers, got {value!r}")
-    return array.astype(np.float64)
-
-
-def _check_points(
-    points: object, labels: object, frame_size: tuple[int, int] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    if points is None or labels is None:
-        raise ValueError("points and labels must be given together")
-    coords = _numeric(points, "points")
-    if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] == 0:
-        raise ValueError(f"points must have shape (K, 2) with K >= 1, got shape {coords.shape}")
-    if not np.all(np.isfinite(coords)):
-        raise ValueError("points have a NaN or infinite coordinate")
-    marks = _numeric(labels, "labels")
-    if marks.ndim != 1 or marks.shape[0] != coords.shape[0]:
-        raise ValueError(
-            f"labels must have one entry per point: {coords.shape[0]} points, "
-            f"labels of shape {marks.shape}"
-        )
-    if not np.all((marks == 0) | (marks == 1)):
-        raise ValueError(f"labels must be 0 (background) or 1 (foreground), got {labels!r}")
-    if frame_size is not None and not _points_inside(coords, frame_size):
-        height, width = frame_size
-        raise ValueError(f"points lie outside the {width}x{height} frame")
-    return coords.astype(np.float32), marks.astype(np.int32)
-
-
 def _points_inside(points: np.ndarray, frame_size: tuple[int, int]) -> bool:
+    """`prompts.check_points`' frame check, for prompts that came before the frame size."""
     height, width = frame_size
-    return bool(
-        np.all((points[:, 0] >= 0) & (points[:, 0] < width))
-        and np.all((points[:, 1] >= 0) & (points[:, 1] < height))
-    )
+    return bool(np.all((points >= 0) & (points <= (width, height))))
 
 
 def _points_box(prompt: _Prompt) -> Box:

@@ -604,10 +604,10 @@ BAD_COMMANDS = [
     (lambda t: t.add(box=(-50, -50, 0, -1)), "lies outside"),
     (lambda t: t.add(points=[1, 2], labels=[1]), r"points must have shape \(K, 2\)"),
     (lambda t: t.add(points=[[1, 2], [3, 4]], labels=[1]), "one entry per point"),
-    (lambda t: t.add(points=[[1, 2]], labels=[2]), r"0 \(background\) or 1"),
-    (lambda t: t.add(points=[[1, 2]]), "points and labels must be given together"),
+    (lambda t: t.add(points=[[1, 2]], labels=[2]), r"1 \(foreground\) or 0 \(background\)"),
+    (lambda t: t.add(box=OK_BOX, labels=[1]), "labels were given without points"),
     (lambda t: t.add(points=[[1, 2]], labels=[0]), "foreground point"),
-    (lambda t: t.add(points=[[1000, 2]], labels=[1]), "points lie outside"),
+    (lambda t: t.add(points=[[1000, 2]], labels=[1]), "points .* lies outside the 320x240"),
     (lambda t: t.add(box=OK_BOX, track_id=1), "track_id 1 is already in use"),
     (
         lambda t: t.add(box=OK_BOX, track_id=MAX_TRACK_ID + 1),
@@ -990,3 +990,22 @@ def test_a_lost_track_comes_back_with_update_box():
     assert close(out.record.box, moving_box(3), 1.0)
     with pytest.raises(ValueError, match="already in use"):
         tracker.add(box=moving_box(3), track_id=tid)
+
+
+def test_a_configured_points_prompt_without_labels_is_foreground() -> None:
+    """`tracker.prompts` documents labels None as every point foreground (as `predict`
+    reads points): the tracker node starts such a prompt's track, where the tracker's own
+    point check used to refuse points without labels and fail the node's setup."""
+    config = TrackerConfig(prompts=(PromptConfig(points=((70.0, 20.0), (75.0, 30.0))),))
+    node = TrackerNode(
+        config,
+        weights="unused.pt",
+        image_size=32,
+        decoder=NodeSceneDecoder(),  # type: ignore[arg-type]
+    )
+    node.setup()
+    [listing] = node.tracker.list()
+    assert listing["pending"] is True
+    prompt = node.tracker._pending[listing["id"]]
+    assert prompt.labels.tolist() == [1, 1]
+    assert prompt.points.tolist() == [[70.0, 20.0], [75.0, 30.0]]
