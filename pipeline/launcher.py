@@ -44,7 +44,13 @@ from pipeline.preflight import check_source, preflight
 from pipeline.resume import ResumeError
 from pipeline.runtime import STATUS_TOKEN_KEY, NodeRunner, Shutdown
 from pipeline.stream_position import POSITION_FILE_ENV
-from pipeline.transport import MessageReceiver, SocketOptions, open_socket, send_message
+from pipeline.transport import (
+    STATUS_LINK_OPTIONS,
+    MessageReceiver,
+    SocketOptions,
+    open_socket,
+    send_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -497,7 +503,7 @@ def run_pipeline(
         zmq.PULL,
         config.transport.status,
         bind=True,
-        options=SocketOptions(linger_ms=0, sndhwm=1000, rcvhwm=1000),
+        options=STATUS_LINK_OPTIONS,
         security=security.server(config.transport.status, link=True) if security else None,
     )
     statuses = MessageReceiver(status_sock)

@@ -55,6 +55,7 @@ from pipeline.messages import (
 )
 from pipeline.stats import SequenceGaps, percentiles
 from pipeline.transport import (
+    STATUS_LINK_OPTIONS,
     MessageReceiver,
     SocketOptions,
     bind_auto,
@@ -338,14 +339,12 @@ def _open(
             s.publish_endpoint = endpoints.publish
         s.all.append(s.publish)
     if endpoints.status:
-        # Status must never block a node: drop when the launcher is slow or gone.
-        status_opts = SocketOptions(linger_ms=0, sndhwm=1000, rcvhwm=1000)
         s.status = open_socket(
             ctx,
             zmq.PUSH,
             endpoints.status,
             bind=False,
-            options=status_opts,
+            options=STATUS_LINK_OPTIONS,
             security=client(endpoints.status),
         )
         s.all.append(s.status)

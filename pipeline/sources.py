@@ -27,7 +27,6 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from types import TracebackType
 from typing import Any
 
 import av
@@ -385,12 +384,7 @@ class VideoSource:
         self.open()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.close()
 
     # -- stream facts ------------------------------------------------------------------------

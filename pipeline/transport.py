@@ -61,6 +61,11 @@ class SocketOptions:
     rcvtimeo_ms: int = -1
 
 
+# The status link, both ends: a status must never block a node, so a slow or gone launcher
+# makes the nodes drop statuses (1000 queued), not wait.
+STATUS_LINK_OPTIONS = SocketOptions(sndhwm=1000, rcvhwm=1000)
+
+
 def _tcp_host_port(endpoint: str) -> tuple[str, str]:
     host, sep, port = endpoint[len("tcp://") :].rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
