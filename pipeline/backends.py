@@ -21,6 +21,7 @@ CUDA graphs (`TorchEncoder`, pipeline.gpu).
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import functools
 import hashlib
 import importlib
@@ -31,7 +32,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -634,10 +635,9 @@ def calibrate(
     """Time and parity-check every candidate of `calibration` on this machine.
 
     A backend's native code can crash the process (OpenVINO did, on a CPU with AMX): with a
-    `crash_record` (a file, absent when nothing crashed), each candidate's first run is
-    noted there before it starts and cleared after it ends, so a candidate that was being
-    tried when the process died is skipped from then on, and a restarted node calibrates
-    without it instead of dying again.
+    `crash_record` (a file, absent when nothing crashed), a candidate whose first run ended
+    in a fatal signal is skipped from then on, so a restarted node calibrates without it
+    instead of dying again; one that was stopped or killed meanwhile is tried again.
 
     Each candidate's first run of every input is the parity check against the torch fp32
     reference (and its warm-up); the ones within tolerance and not far slower than the
@@ -673,18 +673,17 @@ def calibrate(
         if cand.label in crashed:
             cand.skipped = "crashed the process in an earlier calibration on this machine"
             continue
-        _note_trying(crash_record, [*crashed, cand.label])
         try:
-            cand.runner = cal.make(cand.backend, cand.precision)
-            first = time.perf_counter()
-            outputs = {name: cal.run(cand.runner, x) for name, x in inputs.items()}
-            cand.first_ms = (time.perf_counter() - first) * 1000
+            with _crash_watch(crash_record, crashed, cand.label):
+                cand.runner = cal.make(cand.backend, cand.precision)
+                first = time.perf_counter()
+                outputs = {name: cal.run(cand.runner, x) for name, x in inputs.items()}
+                cand.first_ms = (time.perf_counter() - first) * 1000
             cand.rel_error = max(relative_error(outputs[n], expected[n]) for n in inputs)
         except (RuntimeError, ValueError) as err:
             # A backend that cannot load or run the model is not chosen; the run goes on.
             cand.runner, cand.error = None, str(err)
             log.warning("%s backend %s failed in calibration: %s", cal.what, cand.label, err)
-        _note_trying(crash_record, crashed)
         if cand.runner is not None and not cand.ok:
             log.info(
                 "%s backend %s is off by %.2g (tolerance %.0e): not a candidate",
@@ -722,28 +721,48 @@ def calibrate(
 
 
 def _crashed(record: Path | None) -> list[str]:
-    """The candidates that were being tried when a calibration's process died."""
+    """The candidates that crashed the process (a fatal signal) in an earlier calibration."""
+    if record is None or not record.is_file():
+        return []
     try:
-        crashed = json.loads(record.read_text(encoding="utf-8")) if record else []
-    except (OSError, ValueError):
-        return []  # none yet (or a torn write): nothing known to crash
+        head, _, trace = record.read_text(encoding="utf-8").partition("\n")
+        noted = json.loads(head)
+        crashed = [str(label) for label in noted["crashed"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # a torn record: nothing known to crash
+    if noted.get("trying") and "Fatal Python error" in trace:
+        # faulthandler wrote this: a fatal signal, not a stop or a kill (which retry it).
+        crashed.append(str(noted["trying"]))
     if crashed:
         log.warning("skipping %s: crashed the process in an earlier calibration", crashed)
-    return [str(label) for label in crashed] if isinstance(crashed, list) else []
+    return crashed
 
 
-def _note_trying(record: Path | None, labels: list[str]) -> None:
-    """`labels` (the ones known to crash, and the one about to run) in the crash record;
-    none: no record."""
+@contextlib.contextmanager
+def _crash_watch(record: Path | None, crashed: list[str], label: str) -> Iterator[None]:
+    """While candidate ``label`` runs: the record names it, and a fatal signal (SIGSEGV,
+    SIGABRT, ...) appends faulthandler's traceback to it, which is what `_crashed` reads as
+    a crash. After it, the record holds the crashes only (no file when there are none)."""
     if record is None:
+        yield
         return
-    if not labels:
-        record.unlink(missing_ok=True)
-        return
-    from pipeline.export import atomic_write_json
-
     record.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(record, labels)
+    was_enabled = faulthandler.is_enabled()
+    with open(record, "w", encoding="utf-8") as file:
+        file.write(json.dumps({"crashed": crashed, "trying": label}) + "\n")
+        file.flush()
+        faulthandler.enable(file=file, all_threads=True)
+        try:
+            yield
+        finally:
+            faulthandler.disable()
+            if was_enabled:  # on stderr again (where python -X faulthandler or pytest had it)
+                with contextlib.suppress(RuntimeError, ValueError, OSError, AttributeError):
+                    faulthandler.enable()
+    if crashed:
+        record.write_text(json.dumps({"crashed": crashed}) + "\n", encoding="utf-8")
+    else:
+        record.unlink(missing_ok=True)
 
 
 def calibration_key(

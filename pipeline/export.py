@@ -581,7 +581,7 @@ def export_key(
     return key
 
 
-def atomic_write_json(path: Path, data: dict[str, Any] | list[Any]) -> None:
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     """`data` as JSON at `path`, through a temporary file: readers see all of it or none."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
