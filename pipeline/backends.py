@@ -734,7 +734,11 @@ def _crashed(record: Path | None) -> list[str]:
         # faulthandler wrote this: a fatal signal, not a stop or a kill (which retry it).
         crashed.append(str(noted["trying"]))
     if crashed:
-        log.warning("skipping %s: crashed the process in an earlier calibration", crashed)
+        log.warning(
+            "skipping %s: crashed the process in an earlier calibration (traceback in %s)",
+            crashed,
+            record,
+        )
     return crashed
 
 
