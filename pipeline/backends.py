@@ -733,12 +733,9 @@ def _crashed(record: Path | None) -> list[str]:
     if noted.get("trying") and "Fatal Python error" in trace:
         # faulthandler wrote this: a fatal signal, not a stop or a kill (which retry it).
         crashed.append(str(noted["trying"]))
+        log.warning("%s crashed the process in the last calibration:\n%s", crashed[-1], trace)
     if crashed:
-        log.warning(
-            "skipping %s: crashed the process in an earlier calibration (traceback in %s)",
-            crashed,
-            record,
-        )
+        log.warning("skipping %s: crashed the process in an earlier calibration", crashed)
     return crashed
 
 

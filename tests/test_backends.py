@@ -496,6 +496,7 @@ def test_a_backend_that_crashes_the_calibration_is_skipped_after_the_restart(
     third = subprocess.run(run, capture_output=True, text=True)
     assert third.returncode == 0, third.stderr
     assert "skipping ['openvino/float32']" in third.stderr and "calibrating" in third.stderr
+    assert "Segmentation fault" in third.stderr  # the crash's traceback, in the node's log
     name, skipped = third.stdout.split(" ", 1)
     assert name in ("torch", "onnxruntime")
     assert skipped.strip() == str(
