@@ -126,17 +126,18 @@ def parse_prompts(
                 "points must be [x, y], [[x, y], ...] or [[[x, y], ...]], "
                 f"got shape {np.shape(points)}"
             )
-        if labels is not None and np.size(labels) != points_arr.shape[0] * points_arr.shape[1]:
+        raw = None if labels is None else _as_float_array(labels, "labels")
+        if raw is not None and raw.size != points_arr.shape[0] * points_arr.shape[1]:
             raise ValueError(
-                f"labels ({np.size(labels)}) do not match points "
+                f"labels ({raw.size}) do not match points "
                 f"({points_arr.shape[0] * points_arr.shape[1]}): give one label per point"
             )
-        flat_labels = None if labels is None else np.reshape(labels, points_arr.shape[:2])
+        per_object = None if raw is None else raw.reshape(points_arr.shape[:2])
         labels_arr = np.stack(
             [
                 check_points(
                     obj,
-                    None if flat_labels is None else flat_labels[i],
+                    None if per_object is None else per_object[i],
                     f"object {i}" if len(obj) > 1 else f"point {i}",
                     image_size,
                 )[1]

@@ -1323,8 +1323,11 @@ def _check_frame_size(frame_size: object) -> tuple[int, int]:
 
 def _points_inside(points: np.ndarray, frame_size: tuple[int, int]) -> bool:
     """`prompts.check_points`' frame check, for prompts that came before the frame size."""
-    height, width = frame_size
-    return bool(np.all((points >= 0) & (points <= (width, height))))
+    try:
+        check_points(points, None, frame_size=frame_size)
+    except ValueError:
+        return False
+    return True
 
 
 def _points_box(prompt: _Prompt) -> Box:
