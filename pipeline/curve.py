@@ -21,6 +21,7 @@ Key files are `zmq.auth`'s certificates: ``NAME.key`` holds the public key, and
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -54,6 +55,7 @@ _HANDSHAKE_FAILED = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
 _MECHANISM_MISMATCH = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+_HUNG_UP = (errno.EPIPE, errno.ECONNRESET)  # the peer closed the connection mid-handshake
 _REFUSAL_LOG_INTERVAL_S = 10.0  # a refused peer that keeps retrying is logged this often
 _Z85_KEY_LENGTH = 40  # a 32-byte CURVE key in Z85 text
 
@@ -327,6 +329,10 @@ def _refusal_reason(event: int, value: int) -> str:
         return "key_not_allowed"
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
         return "no_curve"
+    # The side that sees a mismatch first closes at once, so the other one often fails only
+    # on a closed connection: a keyless client meets either this or a mismatch, by chance.
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and value in _HUNG_UP:
+        return "hung_up"
     return "bad_handshake"
 
 
@@ -334,6 +340,8 @@ _SERVER_WORDS = {
     "key_not_allowed": "a client key that is not among the allowed clients",
     "no_curve": "a client without CURVE keys",
     "bad_handshake": "a handshake that failed (wrong server key?)",
+    "hung_up": "a client that hung up during the handshake (one without CURVE keys, or with "
+    "the wrong server key?)",
 }
 
 
@@ -523,9 +531,10 @@ class HandshakeWatch:
                 break
             self.failures += 1
             reason = _refusal_reason(event["event"], event["value"])
-            if self.reason is None:
+            # A specific reason is kept over a later hang-up, which could be any of them.
+            if self.reason in (None, "hung_up") and reason != self.reason:
                 log.warning("%s: %s", self._what, _CLIENT_WORDS[reason])
-            self.reason = reason
+                self.reason = reason
         return self.failures
 
     def hint(self) -> str:
@@ -552,6 +561,8 @@ _CLIENT_WORDS = {
     "no_curve": "the server and this client disagree on CURVE: one of them has keys and "
     "the other none (give the client key and the server key, or remove them)",
     "bad_handshake": "the CURVE handshake failed: is the server key the server's public .key file?",
+    "hung_up": "the server hung up during the handshake: do the server and this client agree "
+    "on CURVE (both with keys or neither), and is the server key the server's public .key file?",
 }
 
 
