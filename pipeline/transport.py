@@ -219,19 +219,6 @@ class MessageReceiver:
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
 
-    def _recv_nowait(self) -> Message | None:
-        """The next queued message, skipping malformed ones; None when the queue is empty."""
-        while True:
-            try:
-                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return None
-            try:
-                return decode(frames)
-            except MessageError as exc:
-                self.rejected += 1
-                log.warning("rejected a malformed message (%d so far): %s", self.rejected, exc)
-
     def recv(self, timeout_ms: int | None) -> Message | None:
         """The next well-formed message, or None after ``timeout_ms`` (None: wait forever)."""
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
@@ -239,7 +226,14 @@ class MessageReceiver:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self._poller.poll(None if remaining is None else remaining * 1000):
                 return None
-            msg = self._recv_nowait()
-            if msg is not None:
-                return msg
-            # Only malformed messages were queued: wait again for the rest of the time.
+            # Drain what is queued; if it was all malformed, wait again for the rest of the time.
+            while True:
+                try:
+                    frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    return decode(frames)
+                except MessageError as exc:
+                    self.rejected += 1
+                    log.warning("rejected a malformed message (%d so far): %s", self.rejected, exc)
