@@ -76,20 +76,10 @@ class PositionFile:
     def write(self, position: StreamPosition) -> None:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
-        pts = position.pts
-        os.pwrite(
-            self._fd,
-            _LAYOUT.pack(
-                position.next_seq,
-                position.next_frame_index,
-                position.session,
-                pts is not None,
-                0 if pts is None else pts,
-                *position.time_base,
-                position.capture_time,
-            ),
-            0,
-        )
+        # The fields in the record's order (`_LAYOUT`), with a flag for a missing pts.
+        seq, index, session, pts, (num, den), capture = dataclasses.astuple(position)
+        record = _LAYOUT.pack(seq, index, session, pts is not None, pts or 0, num, den, capture)
+        os.pwrite(self._fd, record, 0)
 
     def close(self) -> None:
         if self._fd is not None:
