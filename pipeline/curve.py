@@ -209,16 +209,6 @@ class CurveClient:
     keys: KeyPair
     server_public: bytes
 
-    @classmethod
-    def from_files(
-        cls, client_key: str | os.PathLike[str], server_key: str | os.PathLike[str]
-    ) -> CurveClient:
-        """From the client's ``.key_secret`` file and the server's public ``.key`` file."""
-        return cls(
-            keys=load_key_pair(client_key, what="client key file"),
-            server_public=load_public_key(server_key, what="server key file"),
-        )
-
     def apply(self, sock: zmq.Socket) -> None:
         sock.curve_serverkey = self.server_public
         sock.curve_publickey = self.keys.public
@@ -235,7 +225,10 @@ def client_from_files(
         raise ValueError(
             "CURVE needs both keys: the client's .key_secret file and the server's public .key file"
         )
-    return CurveClient.from_files(client_key, server_key)
+    return CurveClient(
+        keys=load_key_pair(client_key, what="client key file"),
+        server_public=load_public_key(server_key, what="server key file"),
+    )
 
 
 class CurveServer:
