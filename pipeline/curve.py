@@ -29,7 +29,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -264,22 +264,18 @@ class CurveServer:
 # endpoint), shared by every CurveSecurity of that context and stopped with the last.
 
 
-class _AllowedKeys:
-    """`zmq.auth` credentials provider: the client keys admitted per ZAP domain."""
+@dataclass
+class _Handler:
+    """A context's ZAP thread and, as its `zmq.auth` credentials provider, the client keys
+    admitted per ZAP domain."""
 
-    def __init__(self) -> None:
-        self.by_domain: dict[str, set[bytes]] = {}
+    context: zmq.Context
+    auth: ThreadAuthenticator
+    by_domain: dict[str, set[bytes]] = field(default_factory=dict)
+    users: int = 0
 
     def callback(self, domain: str, key: bytes) -> bool:
         return key in self.by_domain.get(domain, ())
-
-
-@dataclass
-class _Handler:
-    context: zmq.Context
-    auth: ThreadAuthenticator
-    keys: _AllowedKeys
-    users: int = 0
 
 
 _handlers: dict[int, _Handler] = {}
@@ -292,10 +288,10 @@ def _acquire_handler(context: zmq.Context, domain: str, allowed: Iterable[bytes]
         if handler is None or handler.context is not context:
             auth = ThreadAuthenticator(context, log=logging.getLogger("pipeline.curve.zap"))
             auth.start()
-            handler = _handlers[id(context)] = _Handler(context, auth, _AllowedKeys())
-        if domain not in handler.keys.by_domain:
-            handler.auth.configure_curve_callback(domain, handler.keys)
-        handler.keys.by_domain.setdefault(domain, set()).update(allowed)
+            handler = _handlers[id(context)] = _Handler(context, auth)
+        if domain not in handler.by_domain:
+            handler.auth.configure_curve_callback(domain, handler)
+        handler.by_domain.setdefault(domain, set()).update(allowed)
         handler.users += 1
 
 
