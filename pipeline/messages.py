@@ -697,8 +697,21 @@ def _unpack_windows(header: MasksHeader, bits: np.ndarray) -> tuple[RegionMask, 
     return tuple(masks)
 
 
+class _HeaderOnlyMessage(_WireMessage):
+    """A message that is its header alone: its dataclass fields, the same-named header
+    fields, no buffers."""
+
+    def to_frames(self) -> list[bytes | memoryview]:
+        return _pack(self.kind, vars(self), [])  # its fields: kind is a ClassVar
+
+    @classmethod
+    def _from_header(cls: type[_M], header: Any, frames: Sequence[Part]) -> _M:
+        _require(len(frames) == 1, f"'{cls.kind}' message must have 1 part, got {len(frames)}")
+        return cls(**{f.name: getattr(header, f.name) for f in dataclasses.fields(cls)})
+
+
 @dataclass(frozen=True)
-class StatusMessage(_WireMessage):
+class StatusMessage(_HeaderOnlyMessage):
     """A node's heartbeat: ``state`` (one of STATUS_STATES, module docs), wall-clock
     ``time``, counters and JSON-able ``detail``."""
 
@@ -714,17 +727,9 @@ class StatusMessage(_WireMessage):
         # Checked at the sender too: a state no reader knows is refused where it is made.
         _require(self.state in STATUS_STATES, f"status state {self.state!r} not in {STATUS_STATES}")
 
-    def to_frames(self) -> list[bytes | memoryview]:
-        return _pack(self.kind, vars(self), [])  # its fields: kind is a ClassVar
-
-    @classmethod
-    def _from_header(cls, header: StatusHeader, frames: Sequence[Part]) -> StatusMessage:
-        _require(len(frames) == 1, f"'{cls.kind}' message must have 1 part, got {len(frames)}")
-        return cls(header.node, header.state, header.time, header.counters, header.detail)
-
 
 @dataclass(frozen=True)
-class EndOfStream(_WireMessage):
+class EndOfStream(_HeaderOnlyMessage):
     """A stream ended after ``frames`` frames; ``reason``: "eof", "max_frames",
     "error: ...", "stopped"."""
 
@@ -734,21 +739,10 @@ class EndOfStream(_WireMessage):
     frames: int
     reason: str
 
-    def to_frames(self) -> list[bytes | memoryview]:
-        return _pack(self.kind, vars(self), [])  # its fields: kind is a ClassVar
-
-    @classmethod
-    def _from_header(cls, header: EndHeader, frames: Sequence[Part]) -> EndOfStream:
-        _require(len(frames) == 1, f"'{cls.kind}' message must have 1 part, got {len(frames)}")
-        return cls(header.stream_id, header.frames, header.reason)
-
 
 Message = FrameMessage | EmbeddingMessage | MaskMessage | StatusMessage | EndOfStream
 
-_KINDS: dict[str, type[_WireMessage]] = {
-    cls.kind: cls
-    for cls in (FrameMessage, EmbeddingMessage, MaskMessage, StatusMessage, EndOfStream)
-}
+_KINDS: dict[str, type[_WireMessage]] = {cls.kind: cls for cls in get_args(Message)}
 
 
 def encode(msg: Message) -> list[bytes | memoryview]:
