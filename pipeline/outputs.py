@@ -217,12 +217,6 @@ def _check_masks(
 # -- the writer -----------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it: put it back at once
-    os.umask(mask)
-    return mask
-
-
 class MaskWriter:
     """Writes the file outputs of a run, frame by frame, in the order frames are given.
 
@@ -262,7 +256,7 @@ class MaskWriter:
         self.write_png = write_png
         self.write_overlay = write_overlay
         self.overlay_fps = Fraction(overlay_fps) if overlay_fps is not None else None
-        self.frames_written = 0
+        self.frames_written = resume_frames  # an interrupted run's frames count as written
         self.overlay_rescaled_frames = 0  # frames scaled to the overlay's (first) size
         self.overlay_retimed_frames = 0  # frames moved one tick to keep timestamps increasing
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,7 +293,6 @@ class MaskWriter:
             raise
         if write_overlay and resume_frames:
             self._overlay_prefix = self.out_dir / "overlay.mp4"
-        self.frames_written = resume_frames
 
     def _temp_path(self, directory: Path, final_name: str) -> tuple[int, Path]:
         # Same directory as the final file, so os.replace is a rename, never a copy; hidden
@@ -307,7 +300,9 @@ class MaskWriter:
         fd, name = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=directory)
         # mkstemp makes the file 0600; outputs get what any new file gets (0644 under the
         # usual umask), so other users and tools can read them once they are in place.
-        os.fchmod(fd, 0o666 & ~_umask())
+        umask = os.umask(0)  # the only way to read it is to set it: put it back at once
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         return fd, Path(name)
 
     def _open_text_temp(self, final_name: str) -> tuple[Path, IO[str]]:
