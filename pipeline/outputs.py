@@ -43,7 +43,6 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import IO
@@ -273,7 +272,7 @@ class MaskWriter:
         self._overlay_last_pts: int | None = None
         self._overlay_prefix: Path | None = None  # an interrupted run's overlay, to carry on
         self.first_frame = resume_frames  # the index the next write() must have
-        prefix = _check_prefix(
+        jsonl_prefix, mot_prefix = _check_prefix(
             self.out_dir,
             resume_frames,
             png=write_png,
@@ -284,10 +283,10 @@ class MaskWriter:
         try:
             if write_jsonl:
                 self._text["masks.jsonl"] = self._open_text_temp("masks.jsonl")
-                self._text["masks.jsonl"][1].writelines(prefix.jsonl)
+                self._text["masks.jsonl"][1].writelines(jsonl_prefix)
             if write_mot:
                 self._text["tracks.txt"] = self._open_text_temp("tracks.txt")
-                self._text["tracks.txt"][1].writelines(prefix.mot)
+                self._text["tracks.txt"][1].writelines(mot_prefix)
         except BaseException:
             self.abort()
             raise
@@ -659,20 +658,13 @@ def remove_unfinished(out_dir: str | Path) -> list[Path]:
     return found
 
 
-@dataclass(frozen=True)
-class _Prefix:
-    """The complete first frames of an interrupted run's outputs."""
-
-    jsonl: list[str]
-    mot: list[str]
-
-
 def _check_prefix(
     out_dir: Path, frames: int, *, png: bool, jsonl: bool, mot: bool, overlay: bool
-) -> _Prefix:
-    """The first ``frames`` frames of each output in ``out_dir``, checked to be all there."""
+) -> tuple[list[str], list[str]]:
+    """The JSON lines and MOT lines of the first ``frames`` frames of the outputs in
+    ``out_dir`` (each [] when not written), every output checked to be all there."""
     if frames == 0:
-        return _Prefix(jsonl=[], mot=[])
+        return [], []
     problem = f"cannot continue the outputs in {out_dir} from frame {frames}"
     jsonl_lines: list[str] = []
     if jsonl:
@@ -706,4 +698,4 @@ def _check_prefix(
             raise ValueError(f"{problem}: masks/{missing[0]:06d}.png is missing")
     if overlay and not (out_dir / "overlay.mp4").is_file():
         raise ValueError(f"{problem}: {out_dir / 'overlay.mp4'} is missing")
-    return _Prefix(jsonl=jsonl_lines, mot=mot_lines)
+    return jsonl_lines, mot_lines
