@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 
 from pipeline.sources import DecodedFrame, SourceError, SourceSpec, SourceStalled, VideoSource
@@ -55,14 +55,8 @@ class SourceEvent:
     error: str | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "state": self.state,
-            "session": self.session,
-            "attempt": self.attempt,
-            "next_try_in_s": self.next_try_in_s,
-            "down_s": round(self.down_s, 3),
-            "error": self.error,
-        }
+        # Every field in declaration order (the keys status messages have), down_s rounded.
+        return {**asdict(self), "down_s": round(self.down_s, 3)}
 
 
 @dataclass(frozen=True)
