@@ -39,6 +39,7 @@ Frame sizes are ``(height, width)`` throughout, like numpy shapes and COCO's RLE
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -405,12 +406,12 @@ class MaskWriter:
             masks_dir.mkdir()
             self._created_masks_dir = True
         final = masks_dir / f"{frame_index:06d}.png"
-        height, width = painted.shape
-        encoded: bytes | None = None
-        png = None
         if painted.dtype == np.uint8:
-            png = Image.frombytes("P", (width, height), np.ascontiguousarray(painted).tobytes())
+            png = Image.fromarray(painted)  # mode "L", which the palette makes "P"
             png.putpalette(PALETTE)
+            with io.BytesIO() as stream:
+                png.save(stream, format="PNG")
+                encoded = stream.getvalue()
         else:
             # An id above 255: a palette holds 256 entries, so 16-bit grayscale, ids as they
             # are (OpenCV writes 16-bit PNGs as such; a viewer sees them nearly black).
@@ -421,10 +422,7 @@ class MaskWriter:
         fd, temp = self._temp_path(masks_dir, final.name)
         try:
             with os.fdopen(fd, "wb") as file:
-                if png is not None:
-                    png.save(file, format="PNG")
-                else:
-                    file.write(encoded or b"")
+                file.write(encoded)
             os.replace(temp, final)
         except BaseException:
             temp.unlink(missing_ok=True)
