@@ -232,13 +232,6 @@ class LiveSource:
             self.on_event(SourceEvent("connected", self.session, attempt=attempt, down_s=down_s))
             return
 
-    def _ticks_since_last(self, capture_time: float) -> int:
-        """Wall-clock time since the previous frame, in time-base ticks (at least 1)."""
-        if self._time_base is None:
-            raise RuntimeError("live source has no time base yet")
-        gap = Fraction(max(0.0, capture_time - self._last_capture))
-        return max(1, round(gap / self._time_base))
-
     def _stamp(self, frame: DecodedFrame) -> DecodedFrame:
         """One index sequence and one monotonic timeline in one time base, over sessions.
 
@@ -251,12 +244,12 @@ class LiveSource:
             self._time_base = time_base
         pts = None
         if self._time_base is not None:
-            # Where the wall clock puts this frame: right after the previous one.
-            by_clock = (
-                0
-                if self._last_pts is None
-                else (self._last_pts + self._ticks_since_last(frame.capture_time))
-            )
+            # Where the wall clock puts this frame: after the previous one by the wall time
+            # between them, in time-base ticks (at least 1).
+            by_clock = 0
+            if self._last_pts is not None:
+                gap = Fraction(max(0.0, frame.capture_time - self._last_capture))
+                by_clock = self._last_pts + max(1, round(gap / self._time_base))
             if frame.pts is None or time_base is None:
                 pts = by_clock
             else:
