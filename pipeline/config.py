@@ -90,17 +90,6 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     (Each section says kw_only=True itself: msgspec applies it to a class's own fields.)"""
 
 
-def _is_box(value: Any) -> bool:
-    """A box `pipeline.prompts.check_box` takes (where it lies is checked per frame)."""
-    from pipeline.prompts import check_box  # the one definition; imports numpy
-
-    try:
-        check_box(value)
-    except ValueError:
-        return False
-    return True
-
-
 def _is_endpoint(value: str) -> bool:
     """A ZeroMQ endpoint pipeline.transport accepts."""
     from pipeline.transport import validate_endpoint  # the one definition; imports zmq
@@ -172,8 +161,14 @@ class PromptConfig(_Section, kw_only=True):
     def __post_init__(self) -> None:
         if self.box is None and self.points is None:
             raise ConfigError("box: a prompt needs a box or points (or both)")
-        if self.box is not None and not _is_box(self.box):
-            raise ConfigError(f"box: must be {_BOX_RULE}, got {list(self.box)!r}")
+        if self.box is not None:
+            # The one box check (where the box lies: per frame); imported here, it imports numpy.
+            from pipeline.prompts import check_box
+
+            try:
+                check_box(self.box)
+            except ValueError:
+                raise ConfigError(f"box: must be {_BOX_RULE}, got {list(self.box)!r}") from None
         n_points = len(self.points or ())
         if self.labels is not None and len(self.labels) != n_points:
             raise ConfigError(
