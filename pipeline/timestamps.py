@@ -133,10 +133,7 @@ class TimestampRepairer(Generic[ItemT]):
         frame's own duration in ticks, when the container gives one."""
         self._count_faults(pts, dts)
         self._pending.append((item, pts, dts, duration))
-        decided = []
-        while len(self._pending) > self.lookahead:
-            decided.append(self._emit(*self._pending.popleft()))
-        return decided
+        return self.flush(limit=max(0, len(self._pending) - self.lookahead))
 
     def flush(self, *, limit: int | None = None) -> list[RepairedTimestamp[ItemT]]:
         """The frames still held back by the look-ahead, at the end of the stream; at most
