@@ -446,16 +446,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _parse_yaml(text: str) -> Any:
-    """yaml.safe_load (with unique keys); errors become one line: where, and what is wrong."""
+def _parse_yaml(text: str, context: str) -> Any:
+    """yaml.safe_load (with unique keys); errors become one line: ``context`` (what the text
+    is, e.g. "<file>: "), where, and what is wrong."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"not valid YAML{where}: {error.problem or error.context}") from None
+        problem = error.problem or error.context
+        raise ConfigError(f"{context}not valid YAML{where}: {problem}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"not valid YAML: {error}") from None
+        raise ConfigError(f"{context}not valid YAML: {error}") from None
 
 
 def _apply_override(cfg: RunConfig, override: str) -> RunConfig:
@@ -474,10 +476,7 @@ def _apply_override(cfg: RunConfig, override: str) -> RunConfig:
         if part not in keys:
             raise ConfigError(f"{source}: {dotted}: unknown key (valid keys: {', '.join(keys)})")
         tp = keys[part]
-    try:
-        value = _parse_yaml(text)
-    except ConfigError as error:
-        raise ConfigError(f"{source}: {key}: value is {error}") from None
+    value = _parse_yaml(text, f"{source}: {key}: value is ")
     is_text = isinstance(_unwrapped(tp), msgspec.inspect.StrType)
     if is_text and value is not None and not isinstance(value, str | list | dict):
         value = text.strip()  # `decoder.stream_id=7` means the string "7", not an error
@@ -509,10 +508,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{source}: config file not found") from None
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"{source}: cannot read config file: {error}") from None
-        try:
-            data = _parse_yaml(text)
-        except ConfigError as error:
-            raise ConfigError(f"{source}: {error}") from None
+        data = _parse_yaml(text, f"{source}: ")
         data = {} if data is None else data  # an empty (or all-comment) file is all defaults
     cfg = config_from_dict(data, source=source)
     for override in overrides:
