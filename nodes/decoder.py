@@ -166,7 +166,7 @@ class DecoderNode(Node):
                     time.sleep(min(0.05, left))
                     yield None
             # Stamped now, as a camera would: capture-to-publish latency starts here.
-            yield _restamped(frame)
+            yield replace(frame, capture_time=time.time())
 
     def _camera_frames(self, source: LiveSource) -> Iterator[DecodedFrame | None]:
         """A camera's frames, read in a thread of their own (see ThreadedReader)."""
@@ -250,7 +250,3 @@ class DecoderNode(Node):
             self.reader.close()  # the reader thread closes the source after its read
         elif self.source is not None:
             self.source.close()
-
-
-def _restamped(frame: DecodedFrame) -> DecodedFrame:
-    return replace(frame, capture_time=time.time())
