@@ -30,9 +30,9 @@ import os
 import tempfile
 import threading
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -118,12 +118,23 @@ def _differences(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [path]
 
 
+def _replace(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """``path`` written by ``write`` whole or not at all: a temporary file beside it (so
+    os.replace is a rename) replaces it once complete; a reader never sees half a file."""
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+        os.replace(temp, path)
+    except BaseException:
+        # A full disk must not fill up further with a partial file each time it is tried.
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as file:
-        json.dump(data, file, indent=1)
-    os.replace(temp, path)
+    _replace(path, lambda file: file.write(json.dumps(data, indent=1).encode()))
 
 
 def _read_run(out_dir: Path) -> dict[str, Any] | None:
@@ -237,15 +248,7 @@ def save_tracker_snapshots(out_dir: str | Path, snapshots: Mapping[int, Snapshot
             arrays[f"{frame}/{name}"] = np.ascontiguousarray(array)
     arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
     path = directory / TRACKER_FILE
-    fd, temp = tempfile.mkstemp(prefix=f".{TRACKER_FILE}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temp, path)
-    except BaseException:
-        # A full disk must not fill up further with a partial file each time it is tried.
-        Path(temp).unlink(missing_ok=True)
-        raise
+    _replace(path, lambda file: np.savez(file, **arrays))
     return path
 
 

@@ -156,6 +156,18 @@ def test_a_failed_state_write_leaves_the_previous_state_and_no_partial_file(
     assert resume.saved_tracker_frames(tmp_path) == [1]
 
 
+def test_a_failed_run_state_write_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(resume.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        resume.begin_run(tmp_path, {"a": 1})
+    assert list(resume.state_dir(tmp_path).iterdir()) == []
+
+
 def test_a_damaged_tracker_state_only_costs_the_shortcut(tmp_path: Path) -> None:
     path = resume.state_dir(tmp_path) / resume.TRACKER_FILE
     path.parent.mkdir(parents=True)
