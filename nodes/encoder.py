@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from itertools import groupby
 
 from pipeline.config import EncoderConfig, RunConfig
 from pipeline.embedding_codec import embedding_to_wire
@@ -59,10 +58,17 @@ class EncoderNode(Node):
 
     def process_batch(self, msgs: list[Message]) -> list[Message]:
         out: list[Message] = []
-        # Frames of one stream share a size; a size change (rare) starts a new batch. `map`
-        # is lazy: a message that is no frame raises after the batches closed before it.
-        for _, batch in groupby(map(_as_frame, msgs), key=lambda frame: frame.image.shape):
-            out.extend(self._encode(list(batch)))
+        # Frames of one stream share a size; a size change (rare) starts a new batch.
+        group: list[FrameMessage] = []
+        for msg in msgs:
+            if not isinstance(msg, FrameMessage):  # the runtime passes only FrameMessage
+                raise TypeError(f"encoder takes FrameMessage, not {type(msg).__name__}")
+            if group and msg.image.shape != group[0].image.shape:
+                out.extend(self._encode(group))
+                group = []
+            group.append(msg)
+        if group:
+            out.extend(self._encode(group))
         return out
 
     def _encode(self, frames: list[FrameMessage]) -> list[Message]:
@@ -86,9 +92,3 @@ class EncoderNode(Node):
             )
             for i, f in enumerate(frames)
         ]
-
-
-def _as_frame(msg: Message) -> FrameMessage:
-    if not isinstance(msg, FrameMessage):  # the runtime passes only FrameMessage
-        raise TypeError(f"encoder takes FrameMessage, not {type(msg).__name__}")
-    return msg
