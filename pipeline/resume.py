@@ -316,12 +316,16 @@ def _open_tracker_file(out_dir: str | Path) -> tuple[Any, dict[str, Any]] | None
         return None
     try:
         archive = np.load(path, allow_pickle=False)
-        manifest = json.loads(archive["manifest"].tobytes().decode())
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    except (OSError, ValueError, zipfile.BadZipFile):
         return None  # a damaged state costs the resume its shortcut, not its correctness
-    if not isinstance(manifest, dict) or manifest.get("version") != STATE_VERSION:
-        return None
-    return archive, manifest
+    try:
+        manifest = json.loads(archive["manifest"].tobytes().decode())
+        if isinstance(manifest, dict) and manifest.get("version") == STATE_VERSION:
+            return archive, manifest
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass  # damaged as well
+    archive.close()  # an archive that is no usable state is not left open
+    return None
 
 
 def saved_tracker_frames(out_dir: str | Path) -> list[int]:
@@ -336,13 +340,13 @@ def saved_tracker_frames(out_dir: str | Path) -> list[int]:
 
 def load_tracker_snapshot(out_dir: str | Path, frame: int) -> Snapshot:
     """The tracker's state saved after ``frame``; ResumeError when there is none."""
+    missing = f"no tracker state after frame {frame} in {state_dir(out_dir)}"
     opened = _open_tracker_file(out_dir)
-    entry = None if opened is None else opened[1].get("frames", {}).get(str(frame))
-    if opened is None or entry is None:
-        raise ResumeError(f"no tracker state after frame {frame} in {state_dir(out_dir)}")
-    archive, _ = opened
-    try:
-        arrays = {name: archive[f"{frame}/{name}"] for name in entry["arrays"]}
-    finally:
-        archive.close()
-    return entry["data"], arrays
+    if opened is None:
+        raise ResumeError(missing)
+    archive, manifest = opened
+    with archive:  # closed on every way out, a missing frame's too
+        entry = manifest.get("frames", {}).get(str(frame))
+        if entry is None:
+            raise ResumeError(missing)
+        return entry["data"], {name: archive[f"{frame}/{name}"] for name in entry["arrays"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -173,6 +174,28 @@ def test_a_damaged_tracker_state_only_costs_the_shortcut(tmp_path: Path) -> None
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not an npz file")
     assert resume.saved_tracker_frames(tmp_path) == []
+
+
+def test_the_tracker_file_is_closed_when_it_has_no_such_frame_or_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[Any] = []
+    real_load = np.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        opened.append(real_load(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(resume.np, "load", load)
+    resume.save_tracker_snapshots(tmp_path, {3: ({"frame": 3}, {"logits": np.zeros(2)})})
+    with pytest.raises(ResumeError, match="no tracker state after frame 4"):
+        resume.load_tracker_snapshot(tmp_path, 4)
+    # A manifest of another version is no state either.
+    path = resume.state_dir(tmp_path) / resume.TRACKER_FILE
+    manifest = json.dumps({"version": resume.STATE_VERSION + 1, "frames": {}}).encode()
+    np.savez(path, manifest=np.frombuffer(manifest, dtype=np.uint8))
+    assert resume.saved_tracker_frames(tmp_path) == []
+    assert len(opened) == 2 and all(archive.zip is None for archive in opened)  # closed
 
 
 def test_run_prompts_read_like_predict() -> None:
