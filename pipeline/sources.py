@@ -249,12 +249,8 @@ def parse_source(
         return SourceSpec(url=graph, kind="lavfi", options=user_options, format="lavfi")
 
     if text.lower().startswith(("rtsp://", "rtsps://")):
-        return SourceSpec(
-            url=_with_env_credentials(text),
-            kind="rtsp",
-            options={**RTSP_DEFAULT_OPTIONS, **user_options},
-            format=None,
-        )
+        rtsp_options = {**RTSP_DEFAULT_OPTIONS, **user_options}
+        return SourceSpec(url=_with_env_credentials(text), kind="rtsp", options=rtsp_options)
 
     if text.isdigit():
         text = f"/dev/video{int(text)}"
