@@ -899,18 +899,7 @@ class PromptTracker:
                 raise RuntimeError("prompt tracker invariant broken: decoded is None")
             if slot.track_id in touched:
                 continue
-            committed.append(
-                (
-                    row,
-                    self._commit(
-                        slot,
-                        decoded.masks[row],
-                        float(decoded.scores[row]),
-                        decoded.low_res_logits[row],
-                        frame_index,
-                    ),
-                )
-            )
+            committed.append((row, self._commit(slot, decoded, row, frame_index)))
             if between is not None:
                 between()
         # Phase 3: exclusive masks, once every track's state is known. The measurements
@@ -1037,8 +1026,10 @@ class PromptTracker:
         return decoded
 
     def _commit(
-        self, slot: _Slot, mask: RegionMask, score: float, logits: np.ndarray, frame_index: int
+        self, slot: _Slot, decoded: DecodedMasks, row: int, frame_index: int
     ) -> TrackOutput:
+        mask: RegionMask = decoded.masks[row]
+        score, logits = float(decoded.scores[row]), decoded.low_res_logits[row]
         settings, size = self._settings, self._frame_size
         if size is None:  # cannot happen: checked by step()
             raise RuntimeError("prompt tracker invariant broken: size is None")
