@@ -85,12 +85,7 @@ class Results:
 
     def _box_list(self) -> list[tuple[float, float, float, float] | None]:
         """``boxes`` as tuples, None for an empty mask (what the renderer and JSON take)."""
-        return [
-            None
-            if np.isnan(box).any()
-            else (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
-            for box in self.boxes
-        ]
+        return [None if np.isnan(box).any() else tuple(box.tolist()) for box in self.boxes]
 
     def plot(self, *, boxes: bool = True, labels: bool = True) -> np.ndarray:
         """A new (H, W, 3) uint8 RGB image: the masks over the image, each object in its id's
