@@ -770,16 +770,11 @@ class PromptTracker:
 
     def remove(self, track_id: int) -> None:
         """Forget a track or pending prompt; it is not reported again."""
-        if _is_int(track_id) and track_id in self._lost:
-            self._lost.discard(track_id)
-            self._touch(track_id)
-            return
-        self._check_known(track_id)
+        if not (_is_int(track_id) and track_id in self._lost):
+            self._check_known(track_id)
         self._touch(track_id)
-        self._pending.pop(track_id, None)
-        self._tracks.pop(track_id, None)
-        self._restarted.discard(track_id)
-        self._last_frame.pop(track_id, None)
+        self._drop(track_id)
+        self._lost.discard(track_id)  # removed, not lost: update_box does not bring it back
 
     def lose_all(self) -> builtins.list[TrackOutput]:
         """Mark every running track lost, e.g. after the camera was gone so long that the
