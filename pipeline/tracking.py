@@ -47,7 +47,7 @@ import numpy as np
 from filterpy.kalman import KalmanFilter
 
 from pipeline.config import RunConfig, TrackerConfig, validate_config
-from pipeline.masks import RegionMask, as_region_masks
+from pipeline.masks import RegionMask, _is_int, as_region_masks
 from pipeline.messages import MAX_TRACK_ID, TrackRecord, TrackState
 from pipeline.prompts import check_box, check_points
 
@@ -233,10 +233,6 @@ def _clip(box: Box, frame_size: tuple[int, int]) -> Box:
 
 
 # --------------------------------------------------------------------------- settings
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_real(value: object) -> bool:
