@@ -77,27 +77,24 @@ def check_prompts(prompts: tuple[PromptConfig, ...], frame_size: tuple[int, int]
             check_points(prompt.points, prompt.labels, f"{name} points", frame_size)
 
 
-def _bindable(context: zmq.Context, endpoint: str) -> bool:
-    sock = context.socket(zmq.PUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.bind(endpoint)
-        return True
-    except zmq.ZMQError:
-        return False
-    finally:
-        sock.close(linger=0)
-
-
 def check_publish(endpoint: str) -> None:
     """A tcp endpoint someone already has (another run): say which key changes it, now
     rather than when the publisher fails. (``auto`` binds the first free port itself.)"""
-    if endpoint.startswith("tcp://") and not _bindable(zmq.Context.instance(), endpoint):
-        raise PreflightError(
-            f"transport.publish {endpoint} cannot be bound: the port is in use (another "
-            "samstream run?) or the address is not this machine's; set transport.publish to "
-            "another endpoint, or to auto for the first free port from 5555"
-        )
+    if not endpoint.startswith("tcp://"):
+        return
+    sock = zmq.Context.instance().socket(zmq.PUB)
+    try:
+        sock.bind(endpoint)
+        return  # bindable; closing unbinds it for the publisher
+    except zmq.ZMQError:
+        pass
+    finally:
+        sock.close(linger=0)
+    raise PreflightError(
+        f"transport.publish {endpoint} cannot be bound: the port is in use (another "
+        "samstream run?) or the address is not this machine's; set transport.publish to "
+        "another endpoint, or to auto for the first free port from 5555"
+    )
 
 
 def check_curve(config: RunConfig) -> RunConfig:
