@@ -224,12 +224,9 @@ def _inside(box: Box, frame_size: tuple[int, int]) -> bool:
 
 def _clip(box: Box, frame_size: tuple[int, int]) -> Box:
     height, width = frame_size
-    return (
-        min(max(box[0], 0.0), width),
-        min(max(box[1], 0.0), height),
-        min(max(box[2], 0.0), width),
-        min(max(box[3], 0.0), height),
-    )
+    # Python's min/max, not np.clip: this runs per track per frame, np.clip costs ~5x more.
+    x1, y1, x2, y2 = (min(max(v, 0.0), hi) for v, hi in zip(box, (width, height) * 2, strict=True))
+    return (x1, y1, x2, y2)
 
 
 # --------------------------------------------------------------------------- settings
@@ -1317,12 +1314,7 @@ def _points_box(prompt: _Prompt) -> Box:
     if prompt.points is None or prompt.labels is None:  # only called for points prompts
         raise RuntimeError("prompt tracker invariant broken: a points prompt has no points")
     fg = prompt.points[prompt.labels == 1]
-    return (
-        float(fg[:, 0].min()),
-        float(fg[:, 1].min()),
-        float(fg[:, 0].max() + 1),
-        float(fg[:, 1].max() + 1),
-    )
+    return _as_box((*fg.min(axis=0), *(fg.max(axis=0) + 1)))
 
 
 def _checked_decoded(
