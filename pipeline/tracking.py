@@ -1058,9 +1058,9 @@ class PromptTracker:
             and (slot.first or box_iou(predicted, measured) >= settings.min_agreement)
         )
         track.last_score = score
-        if trusted:
-            if measured is None:  # cannot happen: invariant
-                raise RuntimeError("prompt tracker invariant broken: measured is None")
+        if (
+            trusted and measured is not None
+        ):  # trusted implies measured; the type checker needs both
             track.update(measured)
             track.last_mask_logits = _frozen(logits)
             track.state = (
