@@ -1058,9 +1058,7 @@ class PromptTracker:
             and (slot.first or box_iou(predicted, measured) >= settings.min_agreement)
         )
         track.last_score = score
-        if (
-            trusted and measured is not None
-        ):  # trusted implies measured; the type checker needs both
+        if trusted and measured is not None:  # trusted implies measured: for the type checker
             track.update(measured)
             track.last_mask_logits = _frozen(logits)
             track.state = (
