@@ -77,13 +77,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """A torch dtype from its name (or itself); "auto" is float32 here, as for the decoder."""
     if dtype == "auto":
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not one of {sorted(DTYPES)}")
-        return dtype
-    if dtype not in DTYPES:
+    found = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(dtype)
+    if found not in DTYPES.values():  # a torch dtype's repr is its str: one message for both
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    return found
 
 
 def load_image(source: ImageSource, image_format: ImageFormat = "RGB") -> np.ndarray:
