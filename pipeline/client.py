@@ -171,9 +171,10 @@ class MaskSubscriber:
             session=meta.session,
         )
 
-    def _next_event(self, timeout_ms: int | None) -> MaskFrame | Message | None:
-        """The next message, a MaskMessage turned into a MaskFrame, with its bookkeeping
-        done; None when ``timeout_ms`` passes without any message."""
+    def recv_event(self, timeout_ms: int | None) -> MaskFrame | Message | None:
+        """The next message of any kind (MaskFrame, StatusMessage, EndOfStream), or None when
+        none came within ``timeout_ms``; for consumers that follow the pipeline's health.
+        ``last_status``, ``statuses``, ``last_end`` and the gap count are kept up to date."""
         msg = self._receiver.recv(timeout_ms)
         if isinstance(msg, MaskMessage):
             return self._to_frame(msg, time.time())
@@ -187,11 +188,6 @@ class MaskSubscriber:
             log.warning("ignored a '%s' message on a mask feed", msg.kind)
         return msg
 
-    def recv_event(self, timeout_ms: int | None) -> MaskFrame | Message | None:
-        """The next message of any kind (MaskFrame, StatusMessage, EndOfStream), or None when
-        none came within ``timeout_ms``; for consumers that follow the pipeline's health."""
-        return self._next_event(timeout_ms)
-
     def recv(self, timeout_ms: int | None) -> MaskFrame | None:
         """The next MaskFrame, or None when none came within ``timeout_ms`` (None: wait
         forever).
@@ -202,14 +198,14 @@ class MaskSubscriber:
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         while True:
             remaining = None if deadline is None else max(0, deadline - time.monotonic())
-            event = self._next_event(None if remaining is None else int(remaining * 1000))
+            event = self.recv_event(None if remaining is None else int(remaining * 1000))
             if event is None or isinstance(event, MaskFrame):
                 return event
 
     def __iter__(self) -> Iterator[MaskFrame]:
         while True:
             # Any message, status included, proves the publisher alive and restarts the wait.
-            event = self._next_event(self.timeout_ms)
+            event = self.recv_event(self.timeout_ms)
             if event is None:
                 raise TimeoutError(
                     f"no message from the mask feed in {self.timeout_ms} ms"
