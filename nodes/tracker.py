@@ -34,22 +34,13 @@ from pipeline.decoder_backends import build_decoder
 from pipeline.embedding_codec import embedding_from_wire
 from pipeline.live import is_live
 from pipeline.mask_decoder import SamMaskDecoder
-from pipeline.messages import (
-    EmbeddingMessage,
-    MaskMessage,
-    Message,
-    PromptCommand,
-    PromptReply,
-)
+from pipeline.messages import EmbeddingMessage, MaskMessage, Message, PromptCommand, PromptReply
 from pipeline.model.checkpoint import load_sam_decoder
 from pipeline.model.transforms import resized_shape
 from pipeline.model.weights import resolve_weights
 from pipeline.predictor import ImageEmbedding, resolve_device
 from pipeline.runtime import Node
-from pipeline.tracking import (
-    PromptTracker,
-    TrackOutput,
-)
+from pipeline.tracking import PromptTracker, TrackOutput
 
 log = logging.getLogger(__name__)
 
