@@ -106,9 +106,8 @@ class SamMaskDecoder:
             raise RuntimeError("mask decoder invariant broken: a row was not decoded")
         low_host = low_res.cpu().numpy()
         windows, logits = self._upscale(low_res, low_host, size, image.input_size)
-        threshold = self.model.mask_threshold
         masks = tuple(
-            RegionMask(size, box, window > threshold)
+            RegionMask(size, box, window > self.model.mask_threshold)
             for box, window in zip(windows, logits, strict=True)
         )
         return DecodedMasks(
@@ -159,21 +158,20 @@ class SamMaskDecoder:
         key = (size, (int(input_size[0]), int(input_size[1])))
         if key in self._upscalers:
             return self._upscalers[key]
-        model, device = self.model, self.model.device
-        upscaler: Upscaler | None
+        model = self.model
+        upscaler: Upscaler | None = None
         try:
             upscaler = Upscaler(
                 low_size=low_size, padded_size=model.img_size, input_size=key[1], original_size=size
             )
         except ValueError as err:
             log.info("mask upscaling over the whole frame: %s", err)
-            upscaler = None
-        if upscaler is not None:
+        else:
 
             def full_frame(low: torch.Tensor) -> torch.Tensor:
                 return model.upscale_masks(low[None, None], key[1], size)[0, 0]
 
-            if not matches_full_frame(upscaler, full_frame, device, probe_windows(size)):
+            if not matches_full_frame(upscaler, full_frame, model.device, probe_windows(size)):
                 log.warning(
                     "mask upscaling over the whole frame: this PyTorch's resize kernel gives "
                     "windows of a %dx%d frame other values than the whole frame",
@@ -227,8 +225,7 @@ class SamMaskDecoder:
         low_res, scores = self.backend.decode(
             image.embedding, boxes=boxes, points=points, mask_input=mask_inputs
         )
-        device = self.model.device
-        return low_res.to(device), scores.to(device)
+        return low_res.to(self.model.device), scores.to(self.model.device)
 
 
 def probe_windows(size: tuple[int, int]) -> list[WindowBox]:
