@@ -47,7 +47,7 @@ import numpy as np
 from filterpy.kalman import KalmanFilter
 
 from pipeline.config import RunConfig, TrackerConfig, validate_config
-from pipeline.masks import RegionMask, _is_int, as_region_masks
+from pipeline.masks import RegionMask, _is_int, as_region_masks, tight_box
 from pipeline.messages import MAX_TRACK_ID, TrackRecord, TrackState
 from pipeline.prompts import check_box, check_points
 
@@ -177,13 +177,12 @@ def _kept_components_box(
     """(box of the kept components shifted by ``offset`` (x, y), whether any overlapped
     ``ref`` (pixel bounds x1, y1, x2, y2 in ``mask``)); (None, False) for an empty mask."""
     # Labelling costs per pixel it sees: first cut the mask down to the box of its pixels
-    # (two cheap reductions), often a small part of the crop or frame.
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
+    # (``tight_box``: two cheap reductions), often a small part of the crop or frame.
+    bounds = tight_box(mask)
+    if bounds is None:
         return None, False
-    cols = np.flatnonzero(mask.any(axis=0))
-    top, left = int(rows[0]), int(cols[0])
-    tight = mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1]
+    left, top, right, bottom = bounds
+    tight = mask[top:bottom, left:right]
     count, labels, stats, _ = cv2.connectedComponentsWithStats(
         tight.astype(np.uint8), connectivity=8
     )
