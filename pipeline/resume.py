@@ -318,9 +318,15 @@ def _open_tracker_file(out_dir: str | Path) -> tuple[Any, dict[str, Any]] | None
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile):
         return None  # a damaged state costs the resume its shortcut, not its correctness
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        return None  # a plain .npy array under the state's name, no archive to close
     try:
         manifest = json.loads(archive["manifest"].tobytes().decode())
-        if isinstance(manifest, dict) and manifest.get("version") == STATE_VERSION:
+        if (
+            isinstance(manifest, dict)
+            and manifest.get("version") == STATE_VERSION
+            and isinstance(manifest.get("frames"), dict)
+        ):
             return archive, manifest
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         pass  # damaged as well

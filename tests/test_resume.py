@@ -174,6 +174,14 @@ def test_a_damaged_tracker_state_only_costs_the_shortcut(tmp_path: Path) -> None
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not an npz file")
     assert resume.saved_tracker_frames(tmp_path) == []
+    with path.open("wb") as file:  # a plain array planted under the name
+        np.save(file, np.arange(3))
+    assert resume.saved_tracker_frames(tmp_path) == []
+    manifest = json.dumps({"version": resume.STATE_VERSION, "frames": [3]}).encode()
+    np.savez(path, manifest=np.frombuffer(manifest, dtype=np.uint8))
+    assert resume.saved_tracker_frames(tmp_path) == []
+    with pytest.raises(ResumeError, match="no tracker state after frame 3"):
+        resume.load_tracker_snapshot(tmp_path, 3)
 
 
 def test_the_tracker_file_is_closed_when_it_has_no_such_frame_or_state(
