@@ -289,75 +289,45 @@ def _open(
     security: CurveSecurity | None = None,
 ) -> _Sockets:
     opts = SocketOptions(linger_ms=0, sndhwm=hwm, rcvhwm=hwm, maxmsgsize=max_message_bytes)
-
-    # The CURVE role of each socket (None: NULL, as without keys): pipeline.curve.
-    def server(endpoint: str, link: bool) -> CurveServer | None:
-        return security.server(endpoint, link=link) if security is not None else None
-
-    def client(endpoint: str) -> CurveClient | None:
-        return security.client(endpoint) if security is not None else None
-
     s = _Sockets()
-    if endpoints.input:
+
+    # The CURVE role of each socket (None: NULL, as without keys): pipeline.curve. A bound
+    # socket serves (``link``: an internal link's receiving end), a connected one is a client.
+    def role(endpoint: str, bind: bool, link: bool) -> CurveServer | CurveClient | None:
+        if security is None:
+            return None
+        return security.server(endpoint, link=link) if bind else security.client(endpoint)
+
+    def add(
+        kind: int, endpoint: str, options: SocketOptions, *, bind: bool, link: bool = False
+    ) -> zmq.Socket:
         sock = open_socket(
-            ctx,
-            zmq.PULL,
-            endpoints.input,
-            bind=True,
-            options=opts,
-            security=server(endpoints.input, True),
+            ctx, kind, endpoint, bind=bind, options=options, security=role(endpoint, bind, link)
         )
-        s.input = MessageReceiver(sock)
         s.all.append(sock)
+        return sock
+
+    if endpoints.input:
+        s.input = MessageReceiver(add(zmq.PULL, endpoints.input, opts, bind=True, link=True))
     if endpoints.output:
-        s.output = open_socket(
-            ctx,
-            zmq.PUSH,
-            endpoints.output,
-            bind=False,
-            options=opts,
-            security=client(endpoints.output),
-        )
-        s.all.append(s.output)
+        s.output = add(zmq.PUSH, endpoints.output, opts, bind=False)
     if endpoints.publish:
         # Bounded memory per subscriber: a slow consumer loses messages (it sees the gap in
         # sequence numbers), it never slows the pipeline or grows the publisher.
         pub_opts = SocketOptions(linger_ms=0, sndhwm=max(hwm, 64), rcvhwm=1)
         if endpoints.publish == "auto":
             s.publish, s.publish_endpoint = bind_auto(
-                ctx, zmq.PUB, options=pub_opts, security=server("tcp://auto", False)
+                ctx, zmq.PUB, options=pub_opts, security=role("tcp://auto", True, False)
             )
+            s.all.append(s.publish)
         else:
-            s.publish = open_socket(
-                ctx,
-                zmq.PUB,
-                endpoints.publish,
-                bind=True,
-                options=pub_opts,
-                security=server(endpoints.publish, False),
-            )
+            s.publish = add(zmq.PUB, endpoints.publish, pub_opts, bind=True)
             s.publish_endpoint = endpoints.publish
-        s.all.append(s.publish)
     if endpoints.status:
-        s.status = open_socket(
-            ctx,
-            zmq.PUSH,
-            endpoints.status,
-            bind=False,
-            options=STATUS_LINK_OPTIONS,
-            security=client(endpoints.status),
-        )
-        s.all.append(s.status)
+        s.status = add(zmq.PUSH, endpoints.status, STATUS_LINK_OPTIONS, bind=False)
     if endpoints.control:
-        s.control = open_socket(
-            ctx,
-            zmq.REP,
-            endpoints.control,
-            bind=True,
-            options=SocketOptions(linger_ms=0, sndhwm=100, rcvhwm=100, maxmsgsize=1 << 20),
-            security=server(endpoints.control, False),
-        )
-        s.all.append(s.control)
+        control_opts = SocketOptions(linger_ms=0, sndhwm=100, rcvhwm=100, maxmsgsize=1 << 20)
+        s.control = add(zmq.REP, endpoints.control, control_opts, bind=True)
     return s
 
 
