@@ -21,7 +21,7 @@ import msgspec
 
 from pipeline.config import RunConfig
 from pipeline.sources import SourceError, parse_source
-from pipeline.stats import percentiles
+from pipeline.stats import WINDOW, percentiles
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,6 @@ CPU_BUDGET_MS = 400.0  # a 512 encode (~230 ms here) + one object's masks on 2 c
 CPU_LIVE_IMAGE_SIZE = 512  # 4x fewer pixels than 1024: about 5x faster on a CPU
 GPU_BATCH = 4  # frames encoded together on a GPU when several are waiting (offline)
 STAGES = ("decode", "encoder", "tracker", "publish")
-# Frames kept for the statistics (the most recent): sorted at every status message, so
-# small enough to cost about a millisecond, large enough for a stable p95.
-WINDOW = 10_000
 
 
 def _cuda_available() -> bool:

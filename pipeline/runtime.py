@@ -53,7 +53,7 @@ from pipeline.messages import (
     StatusMessage,
     encode,
 )
-from pipeline.stats import SequenceGaps, percentiles
+from pipeline.stats import WINDOW, SequenceGaps, percentiles
 from pipeline.transport import (
     STATUS_LINK_OPTIONS,
     MessageReceiver,
@@ -74,8 +74,6 @@ LIVE_WAIT_S = 0.02  # live loop's wait for a frame: also how soon it answers a p
 # Prompt commands answered at one go before the node goes back to its frames: every client
 # waiting gets its answer, a flood of commands still cannot starve the stream.
 MAX_COMMANDS_AT_ONCE = 100
-STATS_WINDOW = 10_000  # per-message times kept for statistics (the most recent; sorted at
-# every status message, so kept small enough to cost about a millisecond)
 # After a clean end every queued output message must reach the next node, however late that
 # node started (a decoder can finish a short clip before the encoder has imported torch):
 # linger forever. A node that never comes is the launcher's business: it stops the run.
@@ -116,7 +114,7 @@ class Node:
         self.detail: dict[str, Any] = {}
         # Recent per-message times for the median/p95 in status and summary; bounded, since a
         # live run can last for weeks.
-        self.durations_ms: deque[float] = deque(maxlen=STATS_WINDOW)
+        self.durations_ms: deque[float] = deque(maxlen=WINDOW)
         # What the heartbeat says ("running" unless the node knows better, e.g. a decoder
         # whose camera is "reconnecting"); `notify` sends it at once instead of next beat.
         self.state = "running"
