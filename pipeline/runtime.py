@@ -151,10 +151,7 @@ class Node:
         raise NotImplementedError(f"{self.name} does not process messages")
 
     def process_batch(self, msgs: list[Message]) -> list[Message]:
-        out: list[Message] = []
-        for msg in msgs:
-            out.extend(self.process(msg))
-        return out
+        return [out for msg in msgs for out in self.process(msg)]
 
     def finish(self, end: EndOfStream) -> list[Message]:
         """End of stream: flush and pass the end marker on."""
@@ -169,9 +166,7 @@ class Node:
         self.abort()
 
     def handle_command(self, command: PromptCommand) -> PromptReply:
-        return PromptReply(
-            ok=False, error=f"{self.name} takes no commands", track_id=None, tracks=()
-        )
+        return PromptReply(ok=False, error=f"{self.name} takes no commands")
 
     def serve_commands(self) -> int:
         """Answer the prompt commands waiting on the control socket now (each through
@@ -490,7 +485,7 @@ class NodeRunner:
             reply = self.node.handle_command(PromptCommand.from_json(parts[0]))
         except MessageError as err:
             self.node.count("bad_commands")
-            reply = PromptReply(ok=False, error=str(err), track_id=None, tracks=())
+            reply = PromptReply(ok=False, error=str(err))
         ctl.send(reply.to_json())
 
     def _serve_waiting_commands(self) -> int:
