@@ -1,6 +1,6 @@
-"""The pipeline's graph, declared once: which nodes exist, which class and config section each
-is, and which transport endpoints link them. The launcher, the CLI (``samstream node``'s
-choices, its exposure warnings) and the run summary all read this table.
+"""The pipeline's graph, declared once: which nodes exist, which class each is, and which
+transport endpoints link them. The launcher, the CLI (``samstream node``'s choices, its
+exposure warnings) and the run summary all read this table.
 
 ::
 
@@ -28,15 +28,13 @@ if TYPE_CHECKING:
 class NodeSpec:
     """One node of the graph.
 
-    node: ``module:Class`` of its `pipeline.runtime.Node`; section: the RunConfig section
-    it is configured by; input / output: the transport keys it binds and reads / connects
-    and writes; control / publish: the keys of its prompt socket and of the consumers'
-    feed.
+    node: ``module:Class`` of its `pipeline.runtime.Node` (its `from_config` reads its own
+    RunConfig section); input / output: the transport keys it binds and reads / connects
+    and writes; control / publish: the keys of its prompt socket and of the consumers' feed.
     """
 
     name: str
     node: str
-    section: str
     input: str | None = None
     output: str | None = None
     control: str | None = None
@@ -49,25 +47,16 @@ class NodeSpec:
 
 
 GRAPH: tuple[NodeSpec, ...] = (
-    NodeSpec("decoder", "nodes.decoder:DecoderNode", "decoder", output="frames"),
-    NodeSpec(
-        "encoder",
-        "nodes.encoder:EncoderNode",
-        "encoder",
-        input="frames",
-        output="embeddings",
-    ),
+    NodeSpec("decoder", "nodes.decoder:DecoderNode", output="frames"),
+    NodeSpec("encoder", "nodes.encoder:EncoderNode", input="frames", output="embeddings"),
     NodeSpec(
         "tracker",
         "nodes.tracker:TrackerNode",
-        "tracker",
         input="embeddings",
         output="masks",
         control="control",
     ),
-    NodeSpec(
-        "publisher", "nodes.publisher:PublisherNode", "publisher", input="masks", publish="publish"
-    ),
+    NodeSpec("publisher", "nodes.publisher:PublisherNode", input="masks", publish="publish"),
 )
 
 NODE_NAMES: tuple[str, ...] = tuple(spec.name for spec in GRAPH)
