@@ -132,7 +132,6 @@ def node_runner(
     config: RunConfig,
     *,
     context: zmq.Context | None = None,
-    stop: threading.Event | None = None,
     status_token: str | None = None,
 ) -> NodeRunner:
     """The runner of one node; ``status_token`` (default: the one the launcher put in the
@@ -146,7 +145,6 @@ def node_runner(
         hwm=config.transport.hwm,
         max_message_bytes=config.transport.max_message_bytes,
         status_interval_s=config.publisher.status_interval_s,
-        stop=stop,
         live=is_live(config),
         status_token=status_token or os.environ.get(RUN_TOKEN_ENV),
         security=CurveSecurity.from_config(config.transport.curve, context),
@@ -711,17 +709,8 @@ def run_pipeline(
     try:
         if in_process:
             for name in reversed(NODE_NAMES):  # consumers first: their inputs are bound
-                workers.append(
-                    _ThreadWorker(
-                        node_runner(
-                            name,
-                            config,
-                            context=context,
-                            stop=threading.Event(),
-                            status_token=token,
-                        )
-                    )
-                )
+                runner = node_runner(name, config, context=context, status_token=token)
+                workers.append(_ThreadWorker(runner))  # the runner has its own stop event
         else:
             workers = [start_process(name, config) for name in NODE_NAMES]
         print(
