@@ -740,25 +740,18 @@ def run_pipeline(
                 for name, code in codes.items()
             ):
                 collect(200)  # a clean exit can be seen before its last status arrives
-            dead = None
             for w in workers:
                 code = codes[w.name]
-                state = last.get(w.name).state if w.name in last else "never reported"
+                state = last[w.name].state if w.name in last else "never reported"
                 if code is not None and (code != 0 or state not in ("done", "stopped")):
-                    dead, how = (
-                        w,
-                        (
-                            f"failed: {failures[w.name]}"
-                            if w.name in failures
-                            else f"died ({w.describe_exit()}, last state: {state})"
-                        ),
-                    )
-                    break
-            if dead is not None:
-                workers = restart(dead, how)
-                continue
-            if all(code == 0 for code in codes.values()):
-                break
+                    if w.name in failures:
+                        workers = restart(w, f"failed: {failures[w.name]}")
+                    else:
+                        workers = restart(w, f"died ({w.describe_exit()}, last state: {state})")
+                    break  # one death at a time: the next look sees the new workers
+            else:
+                if all(code == 0 for code in codes.values()):
+                    break  # no node died, and every one has ended cleanly: the run is over
     except (Shutdown, KeyboardInterrupt) as stop:
         # The usual end of a live run: stop every node, then report what they did.
         stopped_by = str(stop) or "SIGINT"
