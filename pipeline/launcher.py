@@ -773,7 +773,7 @@ def run_pipeline(
             security.close()
         if in_process:
             context.term()
-        _remove_run_dir(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
     summary = summarize(last, time.monotonic() - start, config.live.mode, stopped_by)
     summary.restarts = restarts.describe()
     return summary
@@ -812,7 +812,3 @@ def _stop_all(workers: list[Any]) -> None:
         time.sleep(0.02)
     for w in workers:
         w.kill()
-
-
-def _remove_run_dir(run_dir: Path) -> None:
-    shutil.rmtree(run_dir, ignore_errors=True)
