@@ -554,13 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_predict(sub)
-    _add_run(sub)
-    _add_node(sub)
-    _add_prompt(sub)
-    _add_keys(sub)
-    _add_bench(sub)
-    _add_export(sub)
+    for add in (_add_predict, _add_run, _add_node, _add_prompt, _add_keys, _add_bench, _add_export):
+        add(sub)  # in this order: the order of --help's list of commands
     return parser
 
 
