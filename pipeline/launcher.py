@@ -758,10 +758,7 @@ def run_pipeline(
         _stop_all(workers)
         with contextlib.suppress(RunFailed):
             collect(0)
-    except RunFailed:
-        _stop_all(workers)
-        raise
-    finally:
+    finally:  # also after a RunFailed: stop every node and spare, then raise it
         _stop_all([*workers, *spares.values()])
         for w in [*workers, *spares.values()]:
             w.close()
