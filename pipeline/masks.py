@@ -23,7 +23,8 @@ WindowBox = tuple[int, int, int, int]
 _EMPTY_BOX: WindowBox = (0, 0, 0, 0)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """An integer of Python's or numpy's, not a bool (which Python counts as an int)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
@@ -48,9 +49,9 @@ class RegionMask:
 
     def __post_init__(self) -> None:
         size, box, window = self.frame_size, self.box, self.window
-        if len(size) != 2 or not all(_is_int(v) and v > 0 for v in size):
+        if len(size) != 2 or not all(is_int(v) and v > 0 for v in size):
             raise ValueError(f"frame_size must be (H, W) positive integers, got {size!r}")
-        if len(box) != 4 or not all(_is_int(v) for v in box):
+        if len(box) != 4 or not all(is_int(v) for v in box):
             raise ValueError(f"box must be 4 integers (x1, y1, x2, y2), got {box!r}")
         height, width = (int(v) for v in size)
         x1, y1, x2, y2 = (int(v) for v in box)

@@ -47,7 +47,7 @@ import numpy as np
 from filterpy.kalman import KalmanFilter
 
 from pipeline.config import RunConfig, TrackerConfig, validate_config
-from pipeline.masks import RegionMask, _is_int, as_region_masks, tight_box
+from pipeline.masks import RegionMask, as_region_masks, is_int, tight_box
 from pipeline.messages import MAX_TRACK_ID, TrackRecord, TrackState
 from pipeline.prompts import check_box, check_points
 
@@ -232,7 +232,7 @@ def _clip(box: Box, frame_size: tuple[int, int]) -> Box:
 
 
 def _is_real(value: object) -> bool:
-    return _is_int(value) or isinstance(value, (float, np.floating))
+    return is_int(value) or isinstance(value, (float, np.floating))
 
 
 # --------------------------------------------------------------------------- one track
@@ -714,7 +714,7 @@ class PromptTracker:
             )
             if checked_box is None and not np.any(checked_labels == 1):
                 raise ValueError("points-only prompt needs at least one foreground point (label 1)")
-        if frame is not None and (not _is_int(frame) or frame < 0):
+        if frame is not None and (not is_int(frame) or frame < 0):
             raise ValueError(f"frame must be a frame index >= 0, got {frame!r}")
         self._check_room()
         if track_id is None:
@@ -725,7 +725,7 @@ class PromptTracker:
                 )
             new_id = self._next_id
         else:
-            if not _is_int(track_id) or not 1 <= track_id <= MAX_TRACK_ID:
+            if not is_int(track_id) or not 1 <= track_id <= MAX_TRACK_ID:
                 raise ValueError(
                     f"track_id must be an integer in 1..{MAX_TRACK_ID}, got {track_id!r}"
                 )
@@ -743,7 +743,7 @@ class PromptTracker:
     def update_box(self, track_id: int, box: Sequence[float] | np.ndarray) -> None:
         """Correct an object's box: the filter restarts there (same id, hits and state).
         A track that was lost comes back under its id, as a new prompt at that box."""
-        if _is_int(track_id) and track_id in self._lost:
+        if is_int(track_id) and track_id in self._lost:
             checked = check_box(box, "box", self._frame_size)
             self._check_room()
             self._lost.discard(track_id)
@@ -762,7 +762,7 @@ class PromptTracker:
 
     def remove(self, track_id: int) -> None:
         """Forget a track or pending prompt; it is not reported again."""
-        if not (_is_int(track_id) and track_id in self._lost):
+        if not (is_int(track_id) and track_id in self._lost):
             self._check_known(track_id)
         self._touch(track_id)
         self._drop(track_id)
@@ -816,7 +816,7 @@ class PromptTracker:
             others' exclusive masks. The decoder call is the same either way (one batch of
             every track, on arrays built before it starts), so are the masks.
         """
-        if not _is_int(frame_index) or frame_index < 0:
+        if not is_int(frame_index) or frame_index < 0:
             raise ValueError(f"frame_index must be an integer >= 0, got {frame_index!r}")
         if self._current_frame is not None and frame_index <= self._current_frame:
             raise ValueError(
@@ -1136,7 +1136,7 @@ class PromptTracker:
             raise RuntimeError(f"{what}() cannot run in the middle of step()")
 
     def _check_known(self, track_id: int) -> None:
-        known = _is_int(track_id) and (track_id in self._tracks or track_id in self._pending)
+        known = is_int(track_id) and (track_id in self._tracks or track_id in self._pending)
         if not known:
             raise ValueError(f"unknown track id {track_id!r}")
 
@@ -1291,7 +1291,7 @@ def _check_frame_size(frame_size: object) -> tuple[int, int]:
     if (
         not isinstance(frame_size, (tuple, builtins.list))
         or len(frame_size) != 2
-        or not all(_is_int(v) and v > 0 for v in frame_size)
+        or not all(is_int(v) and v > 0 for v in frame_size)
     ):
         raise ValueError(f"frame_size must be (H, W) positive integers, got {frame_size!r}")
     return (int(frame_size[0]), int(frame_size[1]))
