@@ -18,9 +18,13 @@ from pipeline.stream_position import POSITION_FILE_ENV, Continuation, PositionFi
 
 log = logging.getLogger(__name__)
 
-# Decoder status states for a live source's condition (consumers see them relayed): a
-# connected source is a running decoder, the other conditions are states of their own.
-SOURCE_STATES = {"connected": "running", **{s: s for s in ("stalled", "lost", "reconnecting")}}
+# Decoder status states for a live source's condition (consumers see them relayed).
+SOURCE_STATES = {
+    "connected": "running",
+    "stalled": "stalled",
+    "lost": "lost",
+    "reconnecting": "reconnecting",
+}
 
 
 def spec_for(config: DecoderConfig) -> SourceSpec:

@@ -223,9 +223,14 @@ def _inside(box: Box, frame_size: tuple[int, int]) -> bool:
 
 def _clip(box: Box, frame_size: tuple[int, int]) -> Box:
     height, width = frame_size
-    # Python's min/max, not np.clip: this runs per track per frame, np.clip costs ~5x more.
-    x1, y1, x2, y2 = (min(max(v, 0.0), hi) for v, hi in zip(box, (width, height) * 2, strict=True))
-    return (x1, y1, x2, y2)
+    # Written out, not np.clip or a loop: this runs per track per frame (1.2 us; a
+    # generator over the four coordinates took 2.3 us, np.clip more still).
+    return (
+        min(max(box[0], 0.0), width),
+        min(max(box[1], 0.0), height),
+        min(max(box[2], 0.0), width),
+        min(max(box[3], 0.0), height),
+    )
 
 
 # --------------------------------------------------------------------------- settings
