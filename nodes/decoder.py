@@ -9,12 +9,17 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from pipeline.config import DecoderConfig, RunConfig
-from pipeline.live import is_live
-from pipeline.live_source import TICK_S, Backoff, LiveSource, SourceEvent, ThreadedReader
-from pipeline.messages import EndOfStream, FrameMessage, FrameMeta, Message
-from pipeline.runtime import Node
-from pipeline.sources import DecodedFrame, SourceSpec, VideoSource, parse_source
-from pipeline.stream_position import POSITION_FILE_ENV, Continuation, PositionFile, StreamPosition
+from pipeline.run.live import is_live
+from pipeline.run.runtime import Node
+from pipeline.run.stream_position import (
+    POSITION_FILE_ENV,
+    Continuation,
+    PositionFile,
+    StreamPosition,
+)
+from pipeline.video.live_source import TICK_S, Backoff, LiveSource, SourceEvent, ThreadedReader
+from pipeline.video.sources import DecodedFrame, SourceSpec, VideoSource, parse_source
+from pipeline.wire.messages import EndOfStream, FrameMessage, FrameMeta, Message
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 from pipeline.config import EncoderConfig, RunConfig
-from pipeline.embedding_codec import embedding_to_wire
-from pipeline.messages import EmbeddingMessage, FrameMessage, Message
+from pipeline.infer.embedding_codec import embedding_to_wire
 from pipeline.predictor import SAM
-from pipeline.runtime import Node
+from pipeline.run.runtime import Node
+from pipeline.wire.messages import EmbeddingMessage, FrameMessage, Message
 
 
 class EncoderNode(Node):
@@ -35,7 +35,7 @@ class EncoderNode(Node):
         # The frame travels on only when a later node draws on it (the overlay video).
         self.carry_images = carry_images
         if config.batch_size is None:
-            raise ValueError("encoder.batch_size must be resolved (pipeline.live) first")
+            raise ValueError("encoder.batch_size must be resolved (pipeline.run.live) first")
         self.max_batch = config.batch_size
         self.sam = sam
 

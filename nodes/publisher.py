@@ -7,12 +7,12 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline import resume
 from pipeline.config import PublisherConfig, RunConfig
-from pipeline.live import FrameTimings, is_live
-from pipeline.messages import EndOfStream, MaskMessage, Message
-from pipeline.outputs import MaskWriter
-from pipeline.runtime import Node, shutdown_deferred
+from pipeline.outputs.files import MaskWriter
+from pipeline.run import resume
+from pipeline.run.live import FrameTimings, is_live
+from pipeline.run.runtime import Node, shutdown_deferred
+from pipeline.wire.messages import EndOfStream, MaskMessage, Message
 
 log = logging.getLogger(__name__)
 

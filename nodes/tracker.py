@@ -28,19 +28,25 @@ from collections import deque
 
 import numpy as np
 
-from pipeline import resume
 from pipeline.config import RunConfig, TrackerConfig
-from pipeline.decoder_backends import build_decoder
-from pipeline.embedding_codec import embedding_from_wire
-from pipeline.live import is_live
-from pipeline.mask_decoder import SamMaskDecoder
-from pipeline.messages import EmbeddingMessage, MaskMessage, Message, PromptCommand, PromptReply
+from pipeline.infer.decoder_backends import build_decoder
+from pipeline.infer.embedding_codec import embedding_from_wire
+from pipeline.infer.mask_decoder import SamMaskDecoder
 from pipeline.model.checkpoint import load_sam_decoder
 from pipeline.model.transforms import resized_shape
 from pipeline.model.weights import resolve_weights
 from pipeline.predictor import ImageEmbedding, resolve_device
-from pipeline.runtime import Node
-from pipeline.tracking import PromptTracker, TrackOutput
+from pipeline.run import resume
+from pipeline.run.live import is_live
+from pipeline.run.runtime import Node
+from pipeline.track.tracking import PromptTracker, TrackOutput
+from pipeline.wire.messages import (
+    EmbeddingMessage,
+    MaskMessage,
+    Message,
+    PromptCommand,
+    PromptReply,
+)
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(predictor, name)
     if name == "MaskSubscriber":
-        from pipeline.client import MaskSubscriber
+        from pipeline.wire.client import MaskSubscriber
 
         return MaskSubscriber
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

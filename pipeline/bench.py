@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from pipeline.config import load_config
-from pipeline.launcher import run_pipeline
 from pipeline.predictor import SAM
-from pipeline.prompts import parse_prompts
-from pipeline.sources import VideoSource, parse_source
+from pipeline.run.launcher import run_pipeline
+from pipeline.track.prompts import parse_prompts
+from pipeline.video.sources import VideoSource, parse_source
 
 DEFAULT_SOURCE = "lavfi:testsrc2=size=1280x720:rate=25"
 
@@ -128,7 +128,7 @@ def per_object_ms(
     from nodes.publisher import PublisherNode
     from nodes.tracker import TrackerNode
     from pipeline.config import EncoderConfig, PromptConfig, PublisherConfig, TrackerConfig
-    from pipeline.messages import FrameMessage, FrameMeta
+    from pipeline.wire.messages import FrameMessage, FrameMeta
 
     encoder = EncoderNode(
         EncoderConfig(device=device, image_size=image_size, batch_size=1),
@@ -193,7 +193,7 @@ def decoder_backend_rows(
     """The tracker per mask decoder backend on this CPU (``tracker.backend``), at 1, 8,
     32, 50 objects, with each backend's 8 vs 1 object ratio: the per-object cost that
     `auto` chose by, as the node sees it. A backend that is not installed says so."""
-    from pipeline.backends import _installed
+    from pipeline.infer.backends import _installed
 
     results: dict[str, float | str | None] = {}
     for backend in DECODER_BACKENDS:
@@ -235,7 +235,7 @@ def encoder_table(
     """Encoder ms per frame for every backend x precision x image size on this CPU, and the
     choice ``encoder.backend: auto`` makes (its calibration, cached, as a run would see it).
     bf16 is skipped where the CPU would emulate it (12x slower than fp32 measured)."""
-    from pipeline.backends import build_encoder, native_bf16, preprocess
+    from pipeline.infer.backends import build_encoder, native_bf16, preprocess
     from pipeline.model.transforms import resize_longest_side
 
     results: dict[str, float | str | None] = {}
@@ -311,7 +311,7 @@ def _official_encoders(
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor] | str]:
     """The official image encoder as fp32 eager and as fp16 in a CUDA graph (half weights
     under autocast, as ours), each a callable or the reason it cannot run here."""
-    from pipeline.gpu import CudaGraphRunner, half_copy
+    from pipeline.infer.gpu import CudaGraphRunner, half_copy
 
     names = ("official_fp32_eager", "official_fp16_graph")
     if image_size != 1024:
@@ -356,8 +356,8 @@ def gpu_encoder_table(
     ``encoder_finite_<variant>``, ``encode_frames_ms_<variant>_batch1``,
     ``mask_decoder_ms_<fp32|fp16>_<N>_tracks``.
     """
-    from pipeline.backends import TorchEncoder, native_bf16, relative_error
-    from pipeline.gpu import device_preprocess, upload
+    from pipeline.infer.backends import TorchEncoder, native_bf16, relative_error
+    from pipeline.infer.gpu import device_preprocess, upload
 
     sam = SAM(weights, device=device, image_size=image_size, backend="torch", dtype="float32")
     dev = sam.device
@@ -434,9 +434,9 @@ def compiled_encoder_rows(
     replayed from CUDA graphs) at batch 1: the seconds its first call takes (the compile,
     cached by torch under its cache dir for later processes), then ms as in
     `gpu_encoder_table`, and its relative error vs fp32 eager. The alternative to
-    `pipeline.gpu.CudaGraphRunner`, measured beside it, not used by the pipeline."""
-    from pipeline.backends import TorchEncoder, relative_error
-    from pipeline.gpu import device_preprocess, upload
+    `pipeline.infer.gpu.CudaGraphRunner`, measured beside it, not used by the pipeline."""
+    from pipeline.infer.backends import TorchEncoder, relative_error
+    from pipeline.infer.gpu import device_preprocess, upload
 
     sam = SAM(weights, device=device, image_size=image_size, backend="torch", dtype="float32")
     if sam.device.type != "cuda":
@@ -656,7 +656,7 @@ def run_bench(
         [
             *overrides,
             # Long enough for the steady rate to be measured after the backlog that queues
-            # while the slowest node loads (pipeline.live.FrameTimings.steady_fps).
+            # while the slowest node loads (pipeline.run.live.FrameTimings.steady_fps).
             f"decoder.max_frames={run_frames}",
             "live.mode=offline",
             f"transport.publish={json.dumps(_free_publish_endpoint())}",

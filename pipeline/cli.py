@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.graph import NODE_NAMES
+from pipeline.run.graph import NODE_NAMES
 
 log = logging.getLogger("samstream")
 
@@ -236,7 +236,7 @@ def run_prompts(
 ) -> list[dict]:
     """`samstream run`'s objects, as `predict` reads the same options: each --box is one
     object; the --point values are one more object, or the box's when there is one box."""
-    from pipeline.prompts import check_box
+    from pipeline.track.prompts import check_box
 
     for i, box in enumerate(boxes or []):
         # Predict's error for a box that is no box (the frame check comes before the run).
@@ -260,11 +260,11 @@ def run_prompts(
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.launcher import run_pipeline
-    from pipeline.runtime import install_signal_handlers
+    from pipeline.run.launcher import run_pipeline
+    from pipeline.run.runtime import install_signal_handlers
 
     config = run_config_from_args(args)
-    if not config.tracker.prompts:  # an offline run refuses this (pipeline.preflight)
+    if not config.tracker.prompts:  # an offline run refuses this (pipeline.run.preflight)
         log.warning("no --box or --point given: add objects with `samstream prompt add`")
     install_signal_handlers()
     summary = run_pipeline(config, in_process=args.in_process, progress=sys.stderr.isatty())
@@ -304,10 +304,10 @@ def _node(args: argparse.Namespace) -> int:
     import zmq
 
     from pipeline.config import load_config
-    from pipeline.curve import exposure_warnings
-    from pipeline.graph import node_spec
-    from pipeline.launcher import LAUNCHER_PID_ENV, die_with_launcher, node_runner
-    from pipeline.runtime import install_signal_handlers
+    from pipeline.run.graph import node_spec
+    from pipeline.run.launcher import LAUNCHER_PID_ENV, die_with_launcher, node_runner
+    from pipeline.run.runtime import install_signal_handlers
+    from pipeline.wire.curve import exposure_warnings
 
     if args.standby:
         die_with_launcher()  # a spare too is gone with its launcher
@@ -336,9 +336,9 @@ def _standby(name: str) -> str:
     torch, timm and the backends come with them), say so on the launcher's pipe, then block
     until the launcher writes the config path on stdin. Returns that path ("" when stdin
     closes first)."""
-    from pipeline.backends import import_package
-    from pipeline.graph import node_class
-    from pipeline.launcher import SPARE_READY_FD_ENV
+    from pipeline.infer.backends import import_package
+    from pipeline.run.graph import node_class
+    from pipeline.run.launcher import SPARE_READY_FD_ENV
 
     for module in node_class(name).preload:
         with contextlib.suppress(ImportError):
@@ -388,8 +388,8 @@ def _add_prompt(sub: argparse._SubParsersAction) -> None:
 
 
 def _prompt(args: argparse.Namespace) -> int:
-    from pipeline.control import send_prompt
-    from pipeline.messages import PromptCommand
+    from pipeline.wire.control import send_prompt
+    from pipeline.wire.messages import PromptCommand
 
     labels = None
     if args.point:
@@ -433,7 +433,7 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from pipeline.curve import create_key_pair
+    from pipeline.wire.curve import create_key_pair
 
     try:
         public, secret = create_key_pair(args.out, args.name, force=args.force)
@@ -530,7 +530,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_models, file_sha256
+    from pipeline.infer.export import export_models, file_sha256
     from pipeline.model.checkpoint import load_checkpoint
     from pipeline.model.sam import build_mobile_sam
     from pipeline.model.weights import resolve_weights
@@ -574,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as err:
-        from pipeline.runtime import Shutdown
+        from pipeline.run.runtime import Shutdown
 
         if isinstance(err, Shutdown):
             print("samstream: stopped", file=sys.stderr)

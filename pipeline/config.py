@@ -9,7 +9,7 @@ raises :class:`ConfigError` naming the key by its dotted path (``encoder.batch_s
 Endpoints: ``tcp://0.0.0.0:PORT`` and ``tcp://*:PORT`` are accepted, but without keys they
 expose the feed (frames, masks, the prompt control socket) to anyone who can reach the
 host: by default the pipeline's ZeroMQ sockets carry no authentication or encryption (the
-launcher warns at start). ``transport.curve`` turns on CURVE (`pipeline.curve`); otherwise
+launcher warns at start). ``transport.curve`` turns on CURVE (`pipeline.wire.curve`); otherwise
 keep 127.0.0.1 unless the network is trusted.
 
 ``config_schema()`` (or ``python -m pipeline.config``) gives a config file's JSON Schema,
@@ -91,8 +91,8 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def _is_endpoint(value: str) -> bool:
-    """A ZeroMQ endpoint pipeline.transport accepts."""
-    from pipeline.transport import validate_endpoint  # the one definition; imports zmq
+    """A ZeroMQ endpoint pipeline.wire.transport accepts."""
+    from pipeline.wire.transport import validate_endpoint  # the one definition; imports zmq
 
     try:
         validate_endpoint(value)
@@ -138,7 +138,7 @@ class EncoderConfig(_Section, kw_only=True):
 
     device: _Device = "auto"  # auto (cuda when there is a GPU) | cpu | cuda | cuda:N
     # auto: the fastest installed backend within tolerance of torch fp32 on this machine
-    # (measured once, cached: pipeline.backends); torch on a GPU.
+    # (measured once, cached: pipeline.infer.backends); torch on a GPU.
     backend: _Backend = "auto"  # openvino: CPU only
     # auto: the backend's measured best within tolerance (bf16 only where native) on a CPU,
     # float32 on a GPU; a named one is used as it is (autocast for torch).
@@ -163,7 +163,7 @@ class PromptConfig(_Section, kw_only=True):
             raise ConfigError("box: a prompt needs a box or points (or both)")
         if self.box is not None:
             # The one box check (where the box lies: per frame); imported here, it imports numpy.
-            from pipeline.prompts import check_box
+            from pipeline.track.prompts import check_box
 
             try:
                 check_box(self.box)
@@ -192,7 +192,7 @@ class TrackerConfig(_Section, kw_only=True):
     lost_after_gap_s: _Positive = 5.0  # a live source gone longer than this: every track is lost
     # Torch threads of its process on a CPU; None: a quarter of the cores.
     threads: _AtLeast1 | None = None
-    # The mask decoder's backend (pipeline.decoder_backends); auto: the fastest installed one
+    # The mask decoder's backend (pipeline.infer.decoder_backends); auto: the fastest installed one
     # within tolerance of torch fp32 on this machine (measured once, cached); torch on a GPU.
     backend: _Backend = "auto"  # openvino: CPU only
 
@@ -209,7 +209,7 @@ class PublisherConfig(_Section, kw_only=True):
 
 
 class CurveConfig(_Section, kw_only=True):
-    """CURVE authentication and encryption (`pipeline.curve`), under ``transport.curve``:
+    """CURVE authentication and encryption (`pipeline.wire.curve`), under ``transport.curve``:
     beside the endpoints it guards, and like them not part of a run's identity (a resumed
     run may use other keys). All null, the default: no keys, every socket as before (NULL
     mechanism: keep endpoints on 127.0.0.1 or ipc://). Key files are zmq.auth certificates,

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.backends import EncoderBackend, autocast, build_encoder
+from pipeline.infer.backends import EncoderBackend, autocast, build_encoder
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.model.sam import MobileSAM, build_mobile_sam
 from pipeline.model.transforms import scale_boxes, scale_coords
 from pipeline.model.weights import resolve_weights
-from pipeline.prompts import Prompts, parse_prompts
 from pipeline.results import Results
+from pipeline.track.prompts import Prompts, parse_prompts
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class SAM:
     a GPU, as in `samstream run`), "cpu", "cuda", "cuda:1".
     dtype: "float32" (exact), "bfloat16" or "float16" (autocast: faster, less exact), for
     the encoder and the decoder; "auto": the encoder's precision is the backend's choice
-    (see pipeline.backends), the decoder's float32.
+    (see pipeline.infer.backends), the decoder's float32.
     image_size: the encoder's input side, 1024 as trained; 512 or 768 for speed.
     backend: how the image encoder runs: "torch" (this model), "onnxruntime", "openvino"
     (the model exported to ONNX once and cached; CPU only), or "auto" (the fastest one
@@ -180,7 +180,7 @@ class SAM:
         """Encode same-sized HxWx3 uint8 RGB frames -> (BxCxhxw float embeddings, input size).
 
         The encoder backend does the preprocessing: on the host (PIL's resize, as the
-        reference does) or, for torch on CUDA, all of it on the device (`pipeline.gpu`).
+        reference does) or, for torch on CUDA, all of it on the device (`pipeline.infer.gpu`).
         """
         if not images:
             raise ValueError("encode_batch needs at least one image")
@@ -239,7 +239,7 @@ class SAM:
         *,
         image_format: ImageFormat = "RGB",
     ) -> Results:
-        """Segment the prompted objects of one image (see `pipeline.prompts` for nesting;
+        """Segment the prompted objects of one image (see `pipeline.track.prompts` for nesting;
         `load_image` for the sources and ``image_format``)."""
         start = perf_counter()
         image = load_image(source, image_format)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.masks import tight_box
+from pipeline.wire.masks import tight_box
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class Results:
         """A new (H, W, 3) uint8 RGB image: the masks over the image, each object in its id's
         colour (object i is id i + 1), with its box and label: the renderer of a run's
         overlay video, so both look the same."""
-        from pipeline.drawing import draw_overlay  # OpenCV: only when drawing
+        from pipeline.outputs.drawing import draw_overlay  # OpenCV: only when drawing
 
         ids = list(range(1, len(self) + 1))
         drawn_boxes = self._box_list() if boxes else None
@@ -110,7 +110,7 @@ class Results:
     def to_json(self) -> str:
         """The objects as a JSON list: ``{"object": i (1-based), "score", "box" (or null),
         "segmentation": COCO compressed RLE {"size": [H, W], "counts": str}}``."""
-        from pipeline.outputs import encode_rle  # pycocotools: only when asked for
+        from pipeline.outputs.files import encode_rle  # pycocotools: only when asked for
 
         records = [
             {

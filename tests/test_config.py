@@ -431,7 +431,7 @@ def test_live_yamls_comment_every_key(path: Path) -> None:
 
 @pytest.mark.parametrize("path", LIVE_YAMLS, ids=lambda p: p.name)
 def test_live_yamls_load_and_resolve_to_live(path: Path) -> None:
-    from pipeline.live import CPU_BUDGET_MS, CPU_LIVE_IMAGE_SIZE, resolve_run_config
+    from pipeline.run.live import CPU_BUDGET_MS, CPU_LIVE_IMAGE_SIZE, resolve_run_config
 
     cfg = load_config(path)
     assert cfg.live.mode == "live"

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from pipeline import SAM, Results
-from pipeline.drawing import draw_overlay, track_color
-from pipeline.outputs import decode_rle
-from pipeline.prompts import parse_prompts
+from pipeline.outputs.drawing import draw_overlay, track_color
+from pipeline.outputs.files import decode_rle
+from pipeline.track.prompts import parse_prompts
 
 
 @pytest.fixture(scope="module")

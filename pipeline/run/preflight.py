@@ -1,0 +1,138 @@
+"""Checks made before any node starts, so that a run that cannot work fails in seconds with
+a message a user can act on, not minutes later from deep inside a node.
+
+`preflight` checks the source (it exists and decodes: its first frame gives the size the
+prompts are checked against), the weights (found and a checkpoint), the devices, the prompts
+(an offline run needs one; each must lie on the first frame, with the error `predict` gives)
+the feed's endpoint (a tcp port nobody has) and the CURVE key files (`pipeline.wire.curve`). It
+returns the config with the weights' and the key files' paths made concrete.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import zmq
+
+from pipeline.config import PromptConfig, RunConfig
+from pipeline.track.prompts import check_box, check_points
+from pipeline.video.sources import SourceError, VideoSource, check_device, parse_source
+from pipeline.wire.curve import check_key_files
+
+
+class PreflightError(ValueError):
+    """A run that cannot work; the message says what to change."""
+
+
+def first_frame_size(source: str, open_timeout_s: float) -> tuple[int, int] | None:
+    """(height, width) of the source's first frame; None for a camera (checked by the
+    decoder, with its timeouts and reconnects). Raises SourceError when it cannot decode."""
+    spec = parse_source(source)
+    if spec.kind == "webcam":
+        check_device(spec.url)
+        return None
+    if spec.is_live:
+        return None
+    with VideoSource(spec, max_frames=1, open_timeout_s=open_timeout_s) as video:
+        for frame in video:
+            return frame.image.shape[:2]
+    raise SourceError(f"video source {spec.display_name!r} has no decodable frame")
+
+
+def check_weights(weights: str) -> str:
+    """The checkpoint's path, after checking that it is one (found, and plain tensors)."""
+    from pipeline.model.checkpoint import read_state_dict
+    from pipeline.model.weights import resolve_weights
+
+    path = resolve_weights(weights)
+    read_state_dict(path)  # raises CheckpointError naming the file and the problem
+    return str(path.resolve())
+
+
+def check_devices(config: RunConfig) -> None:
+    """A CUDA device asked for where there is none (or not that many)."""
+    wanted = {f"encoder.device={config.encoder.device}", f"tracker.device={config.tracker.device}"}
+    cuda = [d for d in (config.encoder.device, config.tracker.device) if d.startswith("cuda")]
+    if not cuda:
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for device in cuda:
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA GPU (or no CUDA build of torch)"
+            raise PreflightError(
+                f"{device} was asked for ({', '.join(sorted(wanted))}) but this machine has "
+                f"{have}: use --device cpu or --device auto"
+            )
+
+
+def check_prompts(prompts: tuple[PromptConfig, ...], frame_size: tuple[int, int]) -> None:
+    """Each prompt on the first frame it applies to, with `predict`'s errors."""
+    for i, prompt in enumerate(prompts):
+        name = f"prompt {i + 1} (tracker.prompts[{i}])"
+        if prompt.box is not None:
+            check_box(prompt.box, f"{name} box", frame_size)
+        if prompt.points is not None:
+            check_points(prompt.points, prompt.labels, f"{name} points", frame_size)
+
+
+def check_publish(endpoint: str) -> None:
+    """A tcp endpoint someone already has (another run): say which key changes it, now
+    rather than when the publisher fails. (``auto`` binds the first free port itself.)"""
+    if not endpoint.startswith("tcp://"):
+        return
+    sock = zmq.Context.instance().socket(zmq.PUB)
+    try:
+        sock.bind(endpoint)
+        return  # bindable; closing unbinds it for the publisher
+    except zmq.ZMQError:
+        pass
+    finally:
+        sock.close(linger=0)
+    raise PreflightError(
+        f"transport.publish {endpoint} cannot be bound: the port is in use (another "
+        "samstream run?) or the address is not this machine's; set transport.publish to "
+        "another endpoint, or to auto for the first free port from 5555"
+    )
+
+
+def check_curve(config: RunConfig) -> RunConfig:
+    """The CURVE key files exist and hold keys (CurveKeyError names the first bad one, and
+    the key it was given for), before any node loads a model; ``config`` with their paths
+    made absolute (a node may run in another directory)."""
+    curve = config.transport.curve
+    paths = check_key_files(curve)
+    if not paths:
+        return config
+    transport = msgspec.structs.replace(
+        config.transport, curve=msgspec.structs.replace(curve, **paths)
+    )
+    return msgspec.structs.replace(config, transport=transport)
+
+
+def check_source(config: RunConfig) -> None:
+    """The source and the prompts on its first frame: the checks that need no torch, made
+    before anything imports it (a missing file or camera is reported in milliseconds)."""
+    if not config.decoder.source:
+        raise SourceError("no video source given: use --source or decoder.source")
+    size = first_frame_size(config.decoder.source, config.decoder.open_timeout_s)
+    if size is not None:
+        check_prompts(config.tracker.prompts, size)
+
+
+def preflight(config: RunConfig, *, live: bool) -> RunConfig:
+    """Every other check that needs no node (after `check_source`); ``config`` with the
+    weights' path made concrete.
+
+    Raises PreflightError, FileNotFoundError or CheckpointError with the problem and what
+    to change."""
+    if not live and not config.tracker.prompts:
+        raise PreflightError(
+            "no object to follow: give --box X1 Y1 X2 Y2 or --point X Y (an offline run "
+            "without a prompt would write empty masks for every frame)"
+        )
+    check_devices(config)
+    check_publish(config.transport.publish)
+    config = check_curve(config)
+    return msgspec.structs.replace(config, weights=check_weights(config.weights))

@@ -1,0 +1,127 @@
+"""Where a live stream stands, kept across a decoder restart.
+
+A decoder that dies in a live run is started again by the launcher, the other nodes running
+on. The new process would number its frames from 0 again: sequence numbers and frame indices
+would repeat (PNGs overwritten, consumers told of a stream going back) and timestamps jump
+back. So the decoder records, after every frame it sends, the next sequence number and frame
+index, its connection number and the frame's pts and wall-clock time (`PositionFile`: one
+``pwrite`` of a few bytes, which a SIGKILL cannot tear), and a restarted decoder continues
+from there (`Continuation`), as `pipeline.video.live_source.LiveSource` does after a reconnect: a
+new session, its pts rebased to follow the last frame by the wall time in between.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import struct
+from fractions import Fraction
+from pathlib import Path
+
+from pipeline.wire.messages import FrameMeta
+
+# The launcher tells a live run's decoder where its position file is (in the run directory).
+POSITION_FILE_ENV = "SAMSTREAM_STREAM_POSITION"
+
+# seq, frame_index, session, has_pts, pts, time_base num / den, capture_time
+_LAYOUT = struct.Struct("<qqqqqqqd")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPosition:
+    """The stream after its last frame sent: what the next frame continues."""
+
+    next_seq: int
+    next_frame_index: int
+    session: int
+    pts: int | None
+    time_base: tuple[int, int]
+    capture_time: float
+
+    @classmethod
+    def after(cls, meta: FrameMeta) -> StreamPosition:
+        return cls(
+            next_seq=meta.seq + 1,
+            next_frame_index=meta.frame_index + 1,
+            session=meta.session,
+            pts=meta.pts,
+            time_base=meta.time_base,
+            capture_time=meta.capture_time,
+        )
+
+
+class PositionFile:
+    """A file holding one StreamPosition, rewritten in place after every frame."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def read(self) -> StreamPosition | None:
+        """The position a previous decoder left, or None (no file: this is the first one).
+        Raises ValueError for a file that is not a position (a run directory is private
+        to its launcher: that would be a bug, not something to continue from)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) != _LAYOUT.size:
+            raise ValueError(f"{self.path} is not a stream position ({len(data)} bytes)")
+        seq, index, session, has_pts, pts, num, den, capture = _LAYOUT.unpack(data)
+        if min(seq, index, session) < 0 or num <= 0 or den <= 0 or not math.isfinite(capture):
+            raise ValueError(f"{self.path} holds an impossible stream position")
+        return StreamPosition(seq, index, session, pts if has_pts else None, (num, den), capture)
+
+    def write(self, position: StreamPosition) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        # The fields in the record's order (`_LAYOUT`), with a flag for a missing pts.
+        seq, index, session, pts, (num, den), capture = dataclasses.astuple(position)
+        record = _LAYOUT.pack(seq, index, session, pts is not None, pts or 0, num, den, capture)
+        os.pwrite(self._fd, record, 0)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Continuation:
+    """Renumbers a restarted decoder's frames to follow ``after``: sequence numbers and
+    frame indices go on, every session of the new process comes after the old one's, and
+    pts continue from the last frame's plus the wall time between the two frames (in the
+    old time base), strictly increasing."""
+
+    def __init__(self, after: StreamPosition) -> None:
+        self.after = after
+        self._first: FrameMeta | None = None  # the new process's first frame
+        self._pts_origin: FrameMeta | None = None  # and its first with a pts
+        self._last_pts = after.pts
+
+    def apply(self, meta: FrameMeta) -> FrameMeta:
+        after = self.after
+        if self._first is None:
+            self._first = meta
+        first = self._first
+        pts, time_base = meta.pts, meta.time_base
+        if after.pts is not None and meta.pts is not None:
+            if self._pts_origin is None:
+                self._pts_origin = meta
+            origin = self._pts_origin
+            time_base = after.time_base
+            tick = Fraction(*time_base)
+            wall = Fraction(max(0.0, origin.capture_time - after.capture_time))
+            elapsed = Fraction(meta.pts - origin.pts) * Fraction(*meta.time_base)
+            pts = after.pts + max(1, round(wall / tick)) + round(elapsed / tick)
+            if self._last_pts is not None and pts <= self._last_pts:
+                pts = self._last_pts + 1  # the source's clock stepped back: keep the order
+            self._last_pts = pts
+        return dataclasses.replace(
+            meta,
+            seq=after.next_seq + meta.seq - first.seq,
+            frame_index=after.next_frame_index + meta.frame_index - first.frame_index,
+            session=after.session + 1 + meta.session - first.session,
+            pts=pts,
+            time_base=time_base,
+        )

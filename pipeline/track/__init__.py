@@ -1,0 +1,1 @@
+"""Tracking: prompts, the Kalman-filtered prompt tracker, measurement and exclusive masks."""

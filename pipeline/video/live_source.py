@@ -1,0 +1,331 @@
+"""A camera that comes back: RTSP and webcam reading with stall detection and reconnects.
+
+A live source fails in two ways that a file never does: it *drops* (the server goes away,
+the cable is pulled: the read ends or errors) and it *stalls* (the connection stays up but no
+data comes: only the read timeout notices). Either way `LiveSource` closes the container,
+reports the state, and reconnects with capped exponential back-off until the source is back
+(or ``give_up_after_s`` has passed). While it waits it yields ``None`` ticks, so the node
+around it keeps sending heartbeats and notices a stop.
+
+The first open is not retried (except a few times when the server answers with an error,
+as a busy one does): a wrong URL or a missing device should fail the run at once with a
+clear error, not retry silently forever.
+
+Timestamps start at 0 and stay monotonic across reconnects: a new connection's pts restart
+(RTSP starts each session near 0), so each session is rebased to continue from the previous
+frame's pts plus the wall-clock time in between (the time the source was down).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
+
+from pipeline.video.sources import DecodedFrame, SourceError, SourceSpec, SourceStalled, VideoSource
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.1  # longest wait between ticks while the source is down
+FIRST_OPEN_ATTEMPTS = 3  # for a server that answers "not now" to the very first request
+
+
+@dataclass(frozen=True)
+class SourceEvent:
+    """A change in a live source's state, for status messages.
+
+    state: "connected", "stalled" (connected but silent past the read timeout), "lost" (the
+        stream ended or failed) or "reconnecting" (waiting to try again).
+    session: connection number (0 for the first connection, +1 per reconnect).
+    attempt: reconnect attempts so far in this outage (0 when connected).
+    next_try_in_s: seconds to the next attempt ("reconnecting" only).
+    down_s: seconds since the last frame before the outage (0 when connected).
+    error: what went wrong, credentials masked.
+    """
+
+    state: str
+    session: int
+    attempt: int = 0
+    next_try_in_s: float | None = None
+    down_s: float = 0.0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        # Every field in declaration order (the keys status messages have), down_s rounded.
+        return {**asdict(self), "down_s": round(self.down_s, 3)}
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Waits between reconnect attempts: ``initial_s``, doubling, capped at ``max_s``."""
+
+    initial_s: float = 0.5
+    max_s: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        """Wait before attempt ``attempt`` (1-based)."""
+        # Exponent capped: 2 ** 1024 no longer converts to a float (an outage of ~35 min).
+        return min(self.max_s, self.initial_s * 2 ** min(attempt - 1, 1000))
+
+
+class LiveSource:
+    """Reads a live source forever: yields DecodedFrame, or None while waiting to reconnect.
+
+    ``on_event`` is called at every state change. Raises SourceError when the first open
+    fails, or when the source has been gone for ``give_up_after_s``.
+    """
+
+    def __init__(
+        self,
+        spec: SourceSpec,
+        *,
+        open_timeout_s: float,
+        read_timeout_s: float,
+        backoff: Backoff,
+        give_up_after_s: float | None = None,
+        max_consecutive_errors: int = 50,
+        on_event: Callable[[SourceEvent], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.open_timeout_s = open_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.backoff = backoff
+        self.give_up_after_s = give_up_after_s
+        self.max_consecutive_errors = max_consecutive_errors
+        self.on_event = on_event or (lambda event: None)
+        self.session = 0
+        self.frames = 0
+        self._corrupt_closed = 0  # corrupt packets of connections already closed
+        self.reconnects = 0
+        self._source: VideoSource | None = None
+        self._closed = False
+        # pts bookkeeping for monotonic timestamps across sessions
+        self._time_base: Fraction | None = None
+        self._last_pts: int | None = None
+        self._session_first_pts: int | None = None
+        self._session_offset = 0
+        self._last_capture = 0.0
+
+    def _new_source(self) -> VideoSource:
+        return VideoSource(
+            self.spec,
+            max_consecutive_errors=self.max_consecutive_errors,
+            open_timeout_s=self.open_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+        )
+
+    def open(self) -> VideoSource:
+        """The first connection; its failure is the caller's error, not a reconnect.
+
+        Only a server that answered with an error (it may be busy: GStreamer's RTSP server
+        replies 503 while it prepares a stream under load) gets ``FIRST_OPEN_ATTEMPTS``
+        tries; a refused connection, a silent server or a missing device fail at once."""
+        attempt = 0
+        while self._source is None:
+            attempt += 1
+            source = self._new_source()
+            try:
+                source.open()
+            except SourceError as error:
+                if not error.busy or attempt >= FIRST_OPEN_ATTEMPTS:
+                    raise
+                log.info("%s: %s; trying again", self.spec.display_name, error)
+                time.sleep(self.backoff.delay(attempt))
+                continue
+            self._source = source
+            self.on_event(SourceEvent("connected", session=0))
+        return self._source
+
+    def close(self) -> None:
+        self._closed = True
+        self._close_source()
+
+    def _close_source(self) -> None:
+        source, self._source = self._source, None
+        if source is not None:
+            self._corrupt_closed += source.corrupt_packets
+            source.close()
+
+    @property
+    def corrupt_packets(self) -> int:
+        """Damaged packets skipped over all connections."""
+        current = self._source.corrupt_packets if self._source is not None else 0
+        return self._corrupt_closed + current
+
+    def __iter__(self) -> Iterator[DecodedFrame | None]:
+        self.open()
+        while not self._closed:
+            source = self._source
+            if source is None:
+                raise RuntimeError("live source lost its container")
+            last_frame = time.monotonic()
+            try:
+                for frame in source:
+                    last_frame = time.monotonic()
+                    yield self._stamp(frame)
+                error, state = "the stream ended (the server closed it)", "lost"
+            except SourceStalled as stall:
+                error, state = str(stall), "stalled"
+            except SourceError as failure:
+                error, state = str(failure), "lost"
+            if self._closed:
+                return
+            self._close_source()
+            log.warning("%s: %s", self.spec.display_name, error)
+            self.on_event(
+                SourceEvent(state, self.session, down_s=time.monotonic() - last_frame, error=error)
+            )
+            yield None
+            yield from self._reconnect(last_frame, error)
+
+    def _reconnect(self, down_since: float, error: str) -> Iterator[None]:
+        """Try again with back-off until a connection opens; ticks while waiting."""
+        attempt = 0
+        while not self._closed:
+            attempt += 1
+            delay = self.backoff.delay(attempt)
+            down_s = time.monotonic() - down_since
+            if self.give_up_after_s is not None:
+                if down_s >= self.give_up_after_s:
+                    raise SourceError(
+                        f"video source {self.spec.display_name!r} has been gone for "
+                        f"{down_s:.1f} s (give_up_after_s {self.give_up_after_s:g}); "
+                        f"last error: {error}"
+                    )
+                delay = min(delay, self.give_up_after_s - down_s)  # a last try at the limit
+            self.on_event(
+                SourceEvent(
+                    "reconnecting",
+                    self.session,
+                    attempt=attempt,
+                    next_try_in_s=round(delay, 3),
+                    down_s=down_s,
+                    error=error,
+                )
+            )
+            deadline = time.monotonic() + delay
+            while (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(TICK_S, left))
+                yield None
+            source = self._new_source()
+            try:
+                source.open()
+            except SourceError as failure:
+                error = str(failure)
+                log.info(
+                    "%s: reconnect attempt %d failed: %s", self.spec.display_name, attempt, error
+                )
+                yield None
+                continue
+            self._source = source
+            self.session += 1
+            self.reconnects += 1
+            self._session_first_pts = None  # the next frame with pts starts the rebasing
+            down_s = time.monotonic() - down_since
+            log.info(
+                "%s: reconnected after %.1f s (attempt %d)", self.spec.display_name, down_s, attempt
+            )
+            self.on_event(SourceEvent("connected", self.session, attempt=attempt, down_s=down_s))
+            return
+
+    def _stamp(self, frame: DecodedFrame) -> DecodedFrame:
+        """One index sequence and one monotonic timeline in one time base, over sessions.
+
+        Each session's pts are rebased to continue from the previous frame plus the wall
+        time between them, so an outage shows as a gap of its real length. A frame without
+        pts (FFmpeg gives the first frame of an RTSP session none) is placed by the wall
+        clock the same way."""
+        time_base = Fraction(*frame.time_base) if frame.time_base[0] > 0 else None
+        if self._time_base is None and time_base:
+            self._time_base = time_base
+        pts = None
+        if self._time_base is not None:
+            # Where the wall clock puts this frame: after the previous one by the wall time
+            # between them, in time-base ticks (at least 1).
+            by_clock = 0
+            if self._last_pts is not None:
+                gap = Fraction(max(0.0, frame.capture_time - self._last_capture))
+                by_clock = self._last_pts + max(1, round(gap / self._time_base))
+            if frame.pts is None or time_base is None:
+                pts = by_clock
+            else:
+                if self._session_first_pts is None:  # a session's first timestamped frame
+                    self._session_first_pts, self._session_offset = frame.pts, by_clock
+                elapsed = Fraction(frame.pts - self._session_first_pts) * time_base
+                pts = self._session_offset + round(elapsed / self._time_base)
+            if self._last_pts is not None and pts <= self._last_pts:
+                pts = self._last_pts + 1  # a camera's clock stepped back: keep the order
+            self._last_pts = pts
+        self._last_capture = frame.capture_time
+        base = self._time_base
+        stamped = replace(
+            frame,
+            index=self.frames,
+            pts=pts,
+            time_base=(base.numerator, base.denominator) if base else frame.time_base,
+            session=self.session,
+        )
+        self.frames += 1
+        return stamped
+
+
+class ThreadedReader:
+    """Reads a `LiveSource` in a thread of its own.
+
+    FFmpeg blocks in a read until data comes or the read timeout passes, and Python runs
+    signal handlers only between its own instructions: a decoder reading a stalled camera
+    in its main thread heard SIGTERM only seconds later (after 2.4 s the launcher killed
+    it). Here the main thread waits on a queue, in steps of at most ``timeout_s``, so it
+    stops at once; the reader thread closes the source when its read returns.
+
+    `get` returns ("frame", DecodedFrame), ("event", SourceEvent), ("error", exception) or
+    ("end", None), or None when nothing came within the timeout.
+    """
+
+    def __init__(self, source: LiveSource, capacity: int = 8) -> None:
+        self._source = source
+        self._queue: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=capacity)
+        self._closing = threading.Event()
+        source.on_event = lambda event: self._put(("event", event))
+        self._thread = threading.Thread(target=self._read, name="samstream-camera", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: tuple[str, object]) -> None:
+        while not self._closing.is_set():
+            try:
+                self._queue.put(item, timeout=TICK_S)
+                return
+            except queue.Full:
+                continue
+
+    def _read(self) -> None:
+        try:
+            for frame in self._source:
+                if self._closing.is_set():
+                    return
+                if frame is not None:
+                    self._put(("frame", frame))
+            self._put(("end", None))
+        except Exception as error:  # the source gave up: the node fails with this error
+            self._put(("error", error))
+        finally:
+            self._source.close()  # here, never while this thread may be inside a read
+
+    def get(self, timeout_s: float) -> tuple[str, object] | None:
+        try:
+            return self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    @property
+    def running(self) -> bool:
+        """The reader thread is still going (once it ends, the source is closed)."""
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop reading; the thread closes the source once its current read returns."""
+        self._closing.set()

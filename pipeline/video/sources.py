@@ -1,0 +1,685 @@
+"""Where frames come from: video files, FFmpeg test sources, RTSP cameras and webcams, via PyAV.
+
+`parse_source` turns what a user typed into a `SourceSpec`; `VideoSource` opens it and yields
+`DecodedFrame`s in decode order with their pts and time base, so time is always
+``pts * time_base`` (variable frame rate safe), never derived from the frame index.
+
+The pts handed out are the container's where they are well-formed, and repaired where they are
+not (reordered, missing, jumping back: see pipeline/video/timestamps.py), so they always increase
+strictly; a repaired frame keeps the container's value in ``source_pts``.
+
+Broken input is reported as `SourceError` with the source and the problem in the message.
+Damaged packets in the middle of a stream are skipped and counted rather than ending the
+stream, because one bad packet in an hour of camera footage should cost one frame, not the run.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import logging
+import math
+import os
+import re
+import struct
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import av
+import numpy as np
+
+from pipeline.video.timestamps import RepairedTimestamp, TimestampRepairer
+
+__all__ = [
+    "DecodedFrame",
+    "SourceError",
+    "SourceSpec",
+    "SourceStalled",
+    "VideoSource",
+    "check_device",
+    "parse_source",
+    "redact",
+]
+
+log = logging.getLogger(__name__)
+
+SOURCE_KINDS = ("file", "lavfi", "rtsp", "webcam")
+
+# Frames a file's decoder runs ahead of what it hands out, so that the timestamp repair sees
+# the faults just ahead (Megamind.avi's first reordered pts shows one frame later). Frames
+# wait as decoded pictures, converted to RGB only when handed out, to keep the memory small.
+# Live sources wait for nothing: their latency matters more.
+TIMESTAMP_LOOKAHEAD = 8
+# A jump back of more than this is a restart of the timeline (concatenated files), not a
+# reordering glitch: a second, or a few frames, whichever is less. (Nudged one tick at a
+# time, a short clip joined after a long one came out as frames a tick apart.)
+DISCONTINUITY_S = 1
+DISCONTINUITY_FRAMES = 4
+
+# FFmpeg's built-in test pattern generators that may be named without the "lavfi:" prefix.
+_TESTSRC_RE = re.compile(r"^(testsrc2?)(?:[=:](.*))?$")
+_WEBCAM_RE = re.compile(r"^/dev/video\d+$")
+
+# Demuxer options every RTSP source gets unless the caller overrides them: UDP loses packets
+# (smeared frames) on any busy network and is blocked by most NATs, TCP does neither.
+RTSP_DEFAULT_OPTIONS = {"rtsp_transport": "tcp"}
+# Credentials for an RTSP URL that carries none, so passwords stay out of configs and shell
+# history. They are put into the URL handed to FFmpeg, never into anything printed.
+RTSP_USER_ENV = "SAMSTREAM_RTSP_USER"
+RTSP_PASSWORD_ENV = "SAMSTREAM_RTSP_PASSWORD"
+# An RTSP server's error replies, as FFmpeg reports them, and what to tell the user.
+_RTSP_REPLIES: tuple[tuple[type[Exception], str], ...] = (
+    (
+        av.error.HTTPUnauthorizedError,
+        "401 Unauthorized: wrong or missing credentials (in the "
+        f"URL, or ${RTSP_USER_ENV} / ${RTSP_PASSWORD_ENV})",
+    ),
+    (av.error.HTTPForbiddenError, "403 Forbidden: this user may not open this stream"),
+    (av.error.HTTPNotFoundError, "404 Not Found: the server has no stream at that path"),
+    (av.error.HTTPServerError, "the server answered with a 5XX error: busy or failing"),
+)
+
+
+def _server_busy(spec: SourceSpec, error: Exception) -> bool:
+    """An RTSP error reply that a retry may get past (5XX, or one FFmpeg has no code for)."""
+    if spec.kind != "rtsp":
+        return False
+    no_code = getattr(error, "errno", None) == errno.EPERM
+    return isinstance(error, av.error.HTTPServerError) or no_code
+
+
+class SourceError(RuntimeError):
+    """A video source cannot be opened or read; the message names the source and the problem.
+
+    ``busy``: the source answered but refused for now (an RTSP server's error reply), so a
+    retry can work, unlike a refused connection or a missing device."""
+
+    def __init__(self, message: str, *, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
+
+
+class SourceStalled(SourceError):
+    """A live source sent nothing for the read timeout (connected, but silent)."""
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (and the URL's credentials) masked."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        text = text.replace(url, _redacted_url(url))
+        text = text.replace(parts.password, "***")
+        quoted = urllib.parse.quote(parts.password, safe="")
+        text = text.replace(quoted, "***")
+    return text
+
+
+def _redacted_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6: keep the brackets the URL needs
+        host = f"[{host}]"
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username or ''}:***@{host}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _with_env_credentials(url: str) -> str:
+    """``url`` with $SAMSTREAM_RTSP_USER / $SAMSTREAM_RTSP_PASSWORD when it has no user."""
+    parts = urllib.parse.urlsplit(url)
+    user = os.environ.get(RTSP_USER_ENV)
+    if parts.username or not user:
+        return url
+    userinfo = urllib.parse.quote(user, safe="")
+    password = os.environ.get(RTSP_PASSWORD_ENV)
+    if password:
+        userinfo += ":" + urllib.parse.quote(password, safe="")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    """One decoded video frame.
+
+    Attributes:
+        image: HxWx3 uint8 RGB, C-contiguous. Its size can change within a stream (a file
+            made of parts of different sizes).
+        index: 0-based position in decode order.
+        pts: presentation timestamp in ``time_base`` units, strictly greater than the previous
+            frame's: the container's pts where they are well-formed, repaired where they are
+            reordered, missing or jump back (`VideoSource` always sets it).
+        time_base: ``(numerator, denominator)`` of the pts unit in seconds.
+        capture_time: ``time.time()`` when the source handed the frame out.
+        decode_ms: time spent decoding and converting this frame (not waiting for data).
+        session: the live source's connection number (0, +1 per reconnect).
+        source_pts: the container's pts where the repair changed it (None: ``pts`` is the
+            container's own, or the container had none).
+    """
+
+    image: np.ndarray
+    index: int
+    pts: int | None
+    time_base: tuple[int, int]
+    capture_time: float
+    decode_ms: float = 0.0
+    session: int = 0
+    source_pts: int | None = None
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed source: what to hand to ``av.open``.
+
+    Attributes:
+        url: path, RTSP URL (credentials included: never print it, print ``display_name``),
+            device node, or (for kind "lavfi") a filter graph.
+        kind: "file", "lavfi", "rtsp" or "webcam".
+        options: FFmpeg demuxer options (``rtsp_transport``, ``video_size``, ...).
+        format: FFmpeg input format to force ("lavfi", "v4l2"), None to probe.
+    """
+
+    url: str = field(repr=False)
+    kind: str
+    options: dict[str, str] = field(default_factory=dict)
+    format: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"source kind {self.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+
+    @property
+    def display_name(self) -> str:
+        """The source as a user would write it, for messages, with any password masked."""
+        if self.kind == "lavfi":
+            return f"lavfi:{self.url}"
+        return _redacted_url(self.url) if self.kind == "rtsp" else self.url
+
+    @property
+    def is_live(self) -> bool:
+        """A camera (RTSP, webcam): it can stall or drop, and it does not wait for us."""
+        return self.kind in ("rtsp", "webcam")
+
+    def __repr__(self) -> str:
+        return (
+            f"SourceSpec(display_name={self.display_name!r}, kind={self.kind!r}, "
+            f"options={self.options!r}, format={self.format!r})"
+        )
+
+
+def parse_source(
+    source: str | os.PathLike[str], *, options: dict[str, str] | None = None
+) -> SourceSpec:
+    """Classify a user-supplied source string.
+
+    - ``lavfi:GRAPH`` (e.g. ``lavfi:testsrc2=size=320x240:rate=25``): an FFmpeg filter-graph
+      source. ``testsrc``/``testsrc2`` may also be written bare, with ``=`` or ``:`` after the
+      name (``testsrc2:size=320x240`` means ``testsrc2=size=320x240``).
+    - ``rtsp://...`` / ``rtsps://...``: an RTSP camera, with ``rtsp_transport=tcp`` unless
+      ``options`` says otherwise. Without a user in the URL, ``$SAMSTREAM_RTSP_USER`` and
+      ``$SAMSTREAM_RTSP_PASSWORD`` supply the credentials.
+    - ``/dev/videoN`` or a bare integer N: a V4L2 webcam (``/dev/videoN``).
+    - anything else: a file, which must exist.
+
+    ``options`` are FFmpeg demuxer options; they override the defaults of the kind.
+
+    Raises:
+        SourceError: empty source, empty filter graph, or a file that does not exist.
+    """
+    text = os.fspath(source).strip()
+    user_options = {str(k): str(v) for k, v in (options or {}).items()}
+    if not text:
+        raise SourceError("no video source given (empty string)")
+
+    if text.startswith("lavfi:"):
+        graph = text[len("lavfi:") :]
+        if not graph:
+            raise SourceError(f"video source {text!r} has an empty filter graph after 'lavfi:'")
+        return SourceSpec(url=graph, kind="lavfi", options=user_options, format="lavfi")
+    testsrc = _TESTSRC_RE.match(text)
+    if testsrc:
+        name, args = testsrc.groups()
+        graph = f"{name}={args}" if args else name
+        return SourceSpec(url=graph, kind="lavfi", options=user_options, format="lavfi")
+
+    if text.lower().startswith(("rtsp://", "rtsps://")):
+        rtsp_options = {**RTSP_DEFAULT_OPTIONS, **user_options}
+        return SourceSpec(url=_with_env_credentials(text), kind="rtsp", options=rtsp_options)
+
+    if text.isdigit():
+        text = f"/dev/video{int(text)}"
+    if _WEBCAM_RE.match(text):
+        return SourceSpec(url=text, kind="webcam", options=user_options, format="v4l2")
+
+    if not os.path.exists(text):
+        raise SourceError(f"video file {text!r} does not exist")
+    return SourceSpec(url=text, kind="file", options=user_options, format=None)
+
+
+class VideoSource:
+    """Decodes one source into `DecodedFrame`s, in order, with threaded decoding.
+
+    Usage::
+
+        with VideoSource(parse_source("clip.mp4")) as source:
+            for frame in source:
+                ...
+
+    A packet the decoder rejects (``av.InvalidDataError`` and other per-packet FFmpeg errors)
+    is skipped and counted in ``corrupt_packets``; ``max_consecutive_errors`` such packets in
+    a row raise `SourceError`, because by then the stream is garbage, not damaged.
+    The source is read once: iterating again continues reading, it does not rewind.
+
+    Timestamps: every frame's ``pts`` is strictly greater than the previous one's. Where the
+    container's are reordered, missing or jump back they are repaired (`TimestampRepairer`;
+    a file is decoded `TIMESTAMP_LOOKAHEAD` frames ahead for it), the first repair is logged
+    once as a warning, and `timestamp_report` sums them up.
+    """
+
+    def __init__(
+        self,
+        spec: SourceSpec,
+        *,
+        max_frames: int | None = None,
+        max_consecutive_errors: int = 50,
+        open_timeout_s: float = 10.0,
+        read_timeout_s: float | None = None,
+    ) -> None:
+        """``read_timeout_s``: a live source that delivers no packet for this long raises
+        `SourceStalled` (None: wait forever, right for files)."""
+        if max_frames is not None and max_frames < 0:
+            raise ValueError(f"max_frames must be >= 0 or None, got {max_frames}")
+        if max_consecutive_errors < 1:
+            raise ValueError(f"max_consecutive_errors must be >= 1, got {max_consecutive_errors}")
+        if open_timeout_s <= 0:
+            raise ValueError(f"open_timeout_s must be > 0, got {open_timeout_s}")
+        if read_timeout_s is not None and read_timeout_s <= 0:
+            raise ValueError(f"read_timeout_s must be > 0 or None, got {read_timeout_s}")
+        self.spec = spec
+        self.read_timeout_s = read_timeout_s
+        self.max_frames = max_frames
+        self.max_consecutive_errors = max_consecutive_errors
+        self.open_timeout_s = open_timeout_s
+        self.frames_decoded = 0
+        self.corrupt_packets = 0
+        self._container: av.container.InputContainer | None = None
+        self._stream: av.VideoStream | None = None
+        self._closed = False
+        self._repairer: TimestampRepairer[_PendingFrame] | None = None
+        self._repair_logged = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the source and select its first video stream.
+
+        Raises:
+            SourceError: the source cannot be opened, is not a video FFmpeg can read, or has no
+                video stream.
+        """
+        if self._closed:
+            raise RuntimeError(f"video source {self.spec.display_name!r} is closed")
+        if self._container is not None:
+            return
+        name = self.spec.display_name
+        if self.spec.kind == "file":
+            _check_file(self.spec.url)
+        if self.spec.kind == "webcam":
+            check_device(self.spec.url)
+        started = time.monotonic()
+        try:
+            container = av.open(
+                self.spec.url,
+                mode="r",
+                format=self.spec.format,
+                container_options=dict(self.spec.options),
+                timeout=(self.open_timeout_s, self._ffmpeg_read_timeout()),
+            )
+        except (av.FFmpegError, OSError, ValueError) as error:
+            if time.monotonic() - started >= self.open_timeout_s:
+                # When the timeout interrupts it, FFmpeg reports whatever error the protocol
+                # was left with (RTSP says "invalid data"), so the clock is the reliable sign.
+                problem = f"no answer within the open timeout of {self.open_timeout_s:g} s"
+                raise SourceStalled(f"cannot open video source {name!r}: {problem}") from None
+            problem = redact(_open_problem(self.spec, error), self.spec.url)
+            busy = _server_busy(self.spec, error)
+            # `from None` here and below: FFmpeg's exception text holds the URL, password
+            # included, and a logged traceback would print it; the message says the problem.
+            raise SourceError(f"cannot open video source {name!r}: {problem}", busy=busy) from None
+
+        if not container.streams.video:
+            found = ", ".join(f"{s.type} stream" for s in container.streams) or "no streams at all"
+            container.close()
+            raise SourceError(f"video source {name!r} has no video stream (found: {found})")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame + slice threads: the decoder otherwise uses one core
+        self._container, self._stream = container, stream
+        self._repairer = _repairer_for(stream, live=self.spec.is_live)
+
+    def _ffmpeg_read_timeout(self) -> float | None:
+        """The per-read timeout handed to FFmpeg: half of ours. When a read times out,
+        FFmpeg first flushes its parser (handing out one more packet) and raises only when
+        the next read times out too, so a stall surfaces after two timeouts (measured with
+        PyAV 18 / FFmpeg 8 over RTSP: 2.0 s for a 1 s timeout)."""
+        return None if self.read_timeout_s is None else self.read_timeout_s / 2
+
+    def close(self) -> None:
+        """Release the container. Safe to call more than once."""
+        self._closed = True
+        container, self._container, self._stream = self._container, None, None
+        if container is not None:
+            container.close()
+
+    def __enter__(self) -> VideoSource:
+        self.open()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- stream facts ------------------------------------------------------------------------
+
+    def _opened(self) -> tuple[av.container.InputContainer, av.VideoStream]:
+        if self._container is None or self._stream is None:
+            raise RuntimeError(f"video source {self.spec.display_name!r} is not open; call open()")
+        return self._container, self._stream
+
+    def _opened_stream(self) -> av.VideoStream:
+        return self._opened()[1]
+
+    @property
+    def width(self) -> int:
+        """Frame width in pixels (after open)."""
+        return self._opened_stream().codec_context.width
+
+    @property
+    def height(self) -> int:
+        """Frame height in pixels (after open)."""
+        return self._opened_stream().codec_context.height
+
+    @property
+    def average_rate(self) -> Fraction | None:
+        """The container's average frame rate, None if unknown. Use pts for time, not this."""
+        return self._opened_stream().average_rate
+
+    @property
+    def frame_count_hint(self) -> int | None:
+        """How many frames this source will probably yield, for progress bars; None if unknown.
+
+        The container's frame count when it stores one, else duration x average rate (an
+        estimate for variable frame rate), capped by ``max_frames``.
+        """
+        container, stream = self._opened()
+        hint: int | None = stream.frames or None
+        if hint is None and stream.average_rate:
+            seconds: Fraction | None = None
+            if stream.duration and stream.time_base:
+                seconds = stream.duration * stream.time_base
+            elif container.duration:
+                seconds = Fraction(container.duration, av.time_base)
+            if seconds:
+                hint = round(seconds * stream.average_rate) or None
+        if self.max_frames is not None:
+            hint = self.max_frames if hint is None else min(hint, self.max_frames)
+        return hint
+
+    @property
+    def timestamp_report(self) -> dict[str, Any]:
+        """What the timestamp repair changed so far: ``{"repaired_frames": n, "first_frame":
+        index or None, "methods": {method: n}}`` with the methods of
+        `pipeline.video.timestamps.REPAIR_METHODS` that were used (none when no pts was changed)."""
+        if self._repairer is None:
+            return {"repaired_frames": 0, "first_frame": None, "methods": {}}
+        return self._repairer.report
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[DecodedFrame]:
+        self.open()
+        repairer = self._repairer
+        if repairer is None:
+            raise RuntimeError(f"video source {self.spec.display_name!r} has no timestamp state")
+        if self._budget_spent():
+            return
+        try:
+            for pending in self._decoded_frames():
+                frame = pending.frame
+                decided = repairer.push(
+                    pending, pts=frame.pts, dts=frame.dts, duration=_frame_duration(frame)
+                )
+                for repaired in decided:  # one frame once the look-ahead is full
+                    yield self._to_decoded(repaired)
+                    if self._budget_spent():
+                        return
+        except SourceError:
+            # The frames decoded before the failure are good: hand them out, then fail
+            # (unless the budget ends first: without the look-ahead, no error would be seen).
+            yield from self._held_back(repairer)
+            if self._budget_spent():
+                return
+            raise
+        yield from self._held_back(repairer)
+
+    def _held_back(self, repairer: TimestampRepairer[_PendingFrame]) -> Iterator[DecodedFrame]:
+        """The look-ahead's frames at the end, one at a time: those not taken stay held."""
+        while repairer.pending and not self._budget_spent():
+            (repaired,) = repairer.flush(limit=1)
+            yield self._to_decoded(repaired)
+
+    def _budget_spent(self) -> bool:
+        return self.max_frames is not None and self.frames_decoded >= self.max_frames
+
+    def _decoded_frames(self) -> Iterator[_PendingFrame]:
+        """Every decoded picture, still in the decoder's format, until the stream ends."""
+        consecutive_errors = 0
+        packets = self._demux()
+        last_data = time.monotonic()
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                return
+            except av.FFmpegError as error:
+                self._check_stall(error, last_data)
+                if not isinstance(error, av.InvalidDataError):
+                    raise SourceError(
+                        f"reading video source {self.spec.display_name!r} failed: "
+                        f"{redact(str(error), self.spec.url)}"
+                    ) from None
+                # Damaged container data. PyAV's demux generator ends at an error, so resume
+                # reading with a new one: the demuxer continues after the bad bytes.
+                consecutive_errors = self._count_corrupt(error, consecutive_errors)
+                packets = self._demux()
+                continue
+            last_data = time.monotonic()
+            start = time.perf_counter()
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as error:
+                consecutive_errors = self._count_corrupt(error, consecutive_errors)
+                continue
+            consecutive_errors = 0
+            decode_ms = (time.perf_counter() - start) * 1000
+            for frame in frames:
+                yield _PendingFrame(frame=frame, decode_ms=decode_ms)
+                decode_ms = 0.0  # the packet's decoding is counted once, with its first frame
+
+    def _check_stall(self, error: Exception, last_data: float) -> None:
+        """Raise SourceStalled when a read failed because the read timeout ran out.
+
+        FFmpeg reports an interrupted read as whatever error the protocol was left with, so,
+        as for the open, the clock since the last packet is the reliable sign."""
+        if self.read_timeout_s is None:
+            return
+        silent = time.monotonic() - last_data
+        # ExitError is FFmpeg's answer to the timeout's interrupt: nothing else raises it.
+        if isinstance(error, av.ExitError) or silent >= 0.9 * self.read_timeout_s:
+            raise SourceStalled(
+                f"video source {self.spec.display_name!r} stalled: no data within the read "
+                f"timeout of {self.read_timeout_s:g} s"
+            ) from None
+
+    def _demux(self) -> Iterator[av.Packet]:
+        """The video stream's packets, ending with the empty packet that flushes the decoder."""
+        container, stream = self._opened()
+        return container.demux(stream)
+
+    def _count_corrupt(self, error: Exception, consecutive_errors: int) -> int:
+        """Count one corrupt packet; raise once too many came in a row."""
+        self.corrupt_packets += 1
+        consecutive_errors += 1
+        if consecutive_errors >= self.max_consecutive_errors:
+            raise SourceError(
+                f"video source {self.spec.display_name!r}: {consecutive_errors} corrupt packets "
+                f"in a row ({self.corrupt_packets} in total, {self.frames_decoded} frames "
+                f"decoded); giving up. Last error: {redact(str(error), self.spec.url)}"
+            ) from None
+        return consecutive_errors
+
+    def _to_decoded(self, repaired: RepairedTimestamp[_PendingFrame]) -> DecodedFrame:
+        """The RGB frame with its repaired timestamp; logs the first repair of the source."""
+        start = time.perf_counter()
+        frame = repaired.item.frame
+        # Converted per frame with the frame's own size: a file's parts may differ in size.
+        image = np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
+        time_base = frame.time_base or self._opened_stream().time_base or Fraction(0, 1)
+        if repaired.repaired and not self._repair_logged:
+            # Once per source: a broken file has the same fault in thousands of frames.
+            self._repair_logged = True
+            log.warning(
+                "%s: timestamps repaired from frame %d: %s",
+                self.spec.display_name,
+                self.frames_decoded,
+                repaired.reason,
+            )
+        decoded = DecodedFrame(
+            image=image,
+            index=self.frames_decoded,
+            pts=repaired.pts,
+            time_base=(time_base.numerator, time_base.denominator),
+            capture_time=time.time(),
+            decode_ms=repaired.item.decode_ms + (time.perf_counter() - start) * 1000,
+            source_pts=repaired.source_pts if repaired.repaired else None,
+        )
+        self.frames_decoded += 1
+        return decoded
+
+
+@dataclass(frozen=True)
+class _PendingFrame:
+    """A decoded picture waiting for its timestamp to be decided."""
+
+    frame: av.VideoFrame
+    decode_ms: float
+
+
+def _frame_duration(frame: av.VideoFrame) -> int | None:
+    """The frame's duration in pts ticks when the container gives one (PyAV >= 14)."""
+    duration = getattr(frame, "duration", None)
+    return duration if isinstance(duration, int) and duration > 0 else None
+
+
+def _repairer_for(stream: av.VideoStream, *, live: bool) -> TimestampRepairer[_PendingFrame]:
+    """A timestamp repairer in the stream's time base: a frame is one tick of the average
+    rate (at least one tick), a discontinuity a jump back of more than `DISCONTINUITY_S` or
+    `DISCONTINUITY_FRAMES` frames, whichever is less."""
+    time_base = stream.time_base
+    rate = stream.average_rate or stream.guessed_rate
+    frame_duration = 1
+    if time_base and rate:
+        frame_duration = max(1, round(1 / (rate * time_base)))
+    # Without a time base there are no seconds: count about a second of frames instead.
+    ticks_per_second = math.ceil(1 / time_base) if time_base else 25 * frame_duration
+    return TimestampRepairer(
+        frame_duration=frame_duration,
+        discontinuity_ticks=max(
+            1, min(DISCONTINUITY_S * ticks_per_second, DISCONTINUITY_FRAMES * frame_duration)
+        ),
+        lookahead=0 if live else TIMESTAMP_LOOKAHEAD,
+    )
+
+
+def _check_file(path: str) -> None:
+    """Problems with a file that FFmpeg would only report as a bare errno."""
+    if not os.path.exists(path):
+        raise SourceError(f"cannot open video file {path!r}: it does not exist")
+    if os.path.isdir(path):
+        raise SourceError(f"cannot open video file {path!r}: it is a directory")
+    if os.path.getsize(path) == 0:
+        raise SourceError(f"cannot open video file {path!r}: the file is empty (0 bytes)")
+
+
+def check_device(path: str) -> None:
+    """A missing webcam, named with the devices that do exist (FFmpeg says only ENOENT)."""
+    if os.path.exists(path):
+        return
+    found = sorted(glob.glob("/dev/video*"))
+    have = ", ".join(found) if found else "none: no camera connected, or its driver not loaded"
+    raise SourceError(f"webcam {path!r} does not exist (video devices here: {have})")
+
+
+def _open_problem(spec: SourceSpec, error: Exception) -> str:
+    """A sentence saying why ``av.open`` failed, more useful than FFmpeg's errno text."""
+    code = getattr(error, "errno", None)
+    if spec.kind == "webcam" and code == errno.EBUSY:
+        return f"the device is busy: another program is using it ({error})"
+    if spec.kind == "webcam" and code in (errno.EACCES, errno.EPERM):
+        return f"permission denied: add the user to the 'video' group ({error})"
+    if spec.kind == "webcam" and code in (errno.ENODEV, errno.ENXIO, errno.ENOTTY):
+        return f"not a working video capture device ({error})"
+    if spec.kind == "rtsp" and code == errno.ECONNREFUSED:
+        return f"connection refused: no RTSP server is listening there ({error})"
+    if spec.kind == "rtsp":
+        for kind, problem in _RTSP_REPLIES:
+            if isinstance(error, kind):
+                return f"{problem} ({error})"
+        if code == errno.EPERM:  # what FFmpeg makes of an error reply it has no code for
+            return f"the server refused the request (an RTSP error reply) ({error})"
+    if isinstance(error, av.InvalidDataError):
+        if spec.kind == "file" and _mp4_without_moov(spec.url):
+            return (
+                "MP4 'moov atom not found': the file is truncated or was never finalised "
+                "(its writer was stopped before closing it); re-record or re-copy it"
+            )
+        return f"not a video FFmpeg can read, or its header is corrupt ({error})"
+    if isinstance(error, av.error.FileNotFoundError):
+        return f"no such file or device ({error})"
+    if isinstance(error, av.error.PermissionError):
+        return f"permission denied ({error})"
+    return str(error)
+
+
+def _mp4_without_moov(path: str) -> bool:
+    """True when ``path`` starts like an MP4/MOV file but has no top-level 'moov' box.
+
+    That is the signature of a recording cut short: the sample tables ('moov') are written
+    last, so a truncated file has the media data but no index to it.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as file:
+            offset, first = 0, True
+            while offset + 8 <= size:
+                file.seek(offset)
+                box_size, box_type = struct.unpack(">I4s", file.read(8))
+                if first and box_type not in (b"ftyp", b"free", b"wide", b"mdat", b"skip"):
+                    return False  # not an ISO media file at all
+                first = False
+                if box_type == b"moov":
+                    return False
+                if box_size == 1:  # 64-bit size follows the type
+                    (box_size,) = struct.unpack(">Q", file.read(8))
+                elif box_size == 0:  # box runs to the end of the file
+                    break
+                if box_size < 8:
+                    break  # corrupt size; stop rather than loop
+                offset += box_size
+            return not first
+    except OSError:
+        return False

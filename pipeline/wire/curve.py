@@ -1,0 +1,639 @@
+"""CURVE authentication and encryption for the pipeline's ZeroMQ sockets (`zmq.auth`).
+
+Without keys the sockets carry no authentication and no encryption (ZeroMQ's NULL
+mechanism): fine on loopback and ipc://, where only this machine's users reach them, and
+the default. With ``transport.curve`` set:
+
+- the feed (the publisher's PUB socket) and the tracker's prompt control socket are CURVE
+  servers with ``server_secret_key``; a client must know the server's public key and
+  present a key pair whose public half is one of the ``*.key`` files in
+  ``allowed_clients`` (the directory layout `zmq.auth` uses). Anyone else is refused by
+  the ZAP handler (`zmq.auth.ThreadAuthenticator`) during the handshake, before a single
+  message passes, and counted: the node's status says ``refused_connections``;
+- internal links (frames, embeddings, masks, status) that are tcp:// use the one
+  ``link_secret_key`` pair at both ends: a node on another host needs that file. ipc://
+  and inproc:// links never use CURVE: the run directory's permissions guard them, and
+  inproc has no handshake.
+
+Key files are `zmq.auth`'s certificates: ``NAME.key`` holds the public key, and
+``NAME.key_secret`` both halves (`samstream keys` writes a pair, the secret one 0600).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
+
+if TYPE_CHECKING:
+    from pipeline.config import CurveConfig, TransportConfig
+
+log = logging.getLogger(__name__)
+
+# ZAP domains: the feed's clients and the pipeline's own nodes are allowed different keys.
+FEED_DOMAIN = "samstream-feed"
+LINK_DOMAIN = "samstream-links"
+
+# What a CURVE server counts as a refused connection, and what a client learns from them.
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_MECHANISM_MISMATCH = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+_HUNG_UP = (errno.EPIPE, errno.ECONNRESET)  # the peer closed the connection mid-handshake
+_REFUSAL_LOG_INTERVAL_S = 10.0  # a refused peer that keeps retrying is logged this often
+_Z85_KEY_LENGTH = 40  # a 32-byte CURVE key in Z85 text
+
+
+class CurveKeyError(ValueError):
+    """A key file or folder that is missing or not what it should be; the message names it."""
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A CURVE key pair, both halves as Z85 text (what ZeroMQ's socket options take)."""
+
+    public: bytes
+    secret: bytes
+
+
+def _check_key(key: bytes, path: Path, what: str, half: str) -> bytes:
+    try:
+        ok = len(key) == _Z85_KEY_LENGTH and len(z85.decode(key)) == 32
+    except (ValueError, KeyError, IndexError):
+        ok = False
+    if not ok:
+        raise CurveKeyError(
+            f"{what} {path}: the {half} key is not a CURVE key (40 Z85 characters); "
+            "make key files with `samstream keys`"
+        )
+    return key
+
+
+def _read_key_file(path: str | os.PathLike[str], what: str) -> tuple[Path, bytes, bytes | None]:
+    """(path, public key, secret key or None) of a `zmq.auth` certificate file."""
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a directory, not a key file" if path.is_dir() else "no such file"
+        raise CurveKeyError(f"{what} {path}: {problem} (make key files with `samstream keys`)")
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except ValueError:
+        raise CurveKeyError(
+            f"{what} {path}: not a CURVE key file (no public-key line); make key files "
+            "with `samstream keys`"
+        ) from None
+    except OSError as err:
+        raise CurveKeyError(f"{what} {path}: cannot read it: {err.strerror or err}") from None
+    return path, _check_key(public, path, what, "public"), secret
+
+
+def load_public_key(path: str | os.PathLike[str], *, what: str = "public key file") -> bytes:
+    """The public key in ``path`` (a ``.key`` file; a ``.key_secret`` one holds it too)."""
+    return _read_key_file(path, what)[1]
+
+
+def load_key_pair(path: str | os.PathLike[str], *, what: str = "secret key file") -> KeyPair:
+    """Both halves from a ``.key_secret`` file, checked to belong together.
+
+    A secret file that others may read is used, with a warning: the key in it is no secret.
+    """
+    path, public, secret = _read_key_file(path, what)
+    if secret is None:
+        raise CurveKeyError(
+            f"{what} {path}: holds only a public key; give the .key_secret file of the pair"
+        )
+    _check_key(secret, path, what, "secret")
+    if zmq.curve_public(secret) != public:
+        raise CurveKeyError(f"{what} {path}: its public and secret keys are not one pair")
+    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s %s can be read by other users: chmod 600 it", what, path)
+    return KeyPair(public=public, secret=secret)
+
+
+def load_allowed_keys(
+    directory: str | os.PathLike[str], *, what: str = "allowed clients"
+) -> frozenset[bytes]:
+    """The public keys of the ``*.key`` files in ``directory`` (as `zmq.auth` reads it)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        problem = "is a file, not a folder" if directory.exists() else "no such folder"
+        raise CurveKeyError(
+            f"{what} {directory}: {problem} (it holds the clients' public .key files)"
+        )
+    files = sorted(directory.glob("*.key"))
+    if not files:
+        raise CurveKeyError(
+            f"{what} {directory}: holds no public key (*.key file): no client could connect"
+        )
+    return frozenset(load_public_key(f, what=f"{what} key") for f in files)
+
+
+def _write_private(path: Path, text: str, mode: int) -> None:
+    """``text`` into ``path`` with ``mode`` from the first byte (never world-readable while
+    being written), then moved into place whole."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _certificate(public: bytes, secret: bytes | None) -> str:
+    # The layout of zmq.auth's certificates (and czmq's), so either side can read the files.
+    kind = "Secret" if secret else "Public"
+    lines = [
+        f"#   ****  Generated by samstream keys on {time.strftime('%Y-%m-%d %H:%M:%S')}  ****",
+        f"#   ZeroMQ CURVE {kind} Certificate",
+        "#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions."
+        if secret
+        else "#   Give this file to the other side (its allowed-clients folder, or --server-key).",
+        "",
+        "metadata",
+        "curve",
+        f'    public-key = "{public.decode("ascii")}"',
+    ]
+    if secret:
+        lines.append(f'    secret-key = "{secret.decode("ascii")}"')
+    return "\n".join(lines) + "\n"
+
+
+def create_key_pair(
+    out_dir: str | os.PathLike[str], name: str, *, force: bool = False
+) -> tuple[Path, Path]:
+    """A new key pair as ``out_dir/NAME.key`` (public, 0644) and ``NAME.key_secret`` (0600);
+    returns (public path, secret path). Existing files are kept unless ``force``: replacing
+    a key locks out every peer that has the old one."""
+    if not name or name.startswith(".") or "/" in name or os.sep in name:
+        raise ValueError(f"bad key name {name!r}: a file name without '/' or a leading '.'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    public_path, secret_path = out / f"{name}.key", out / f"{name}.key_secret"
+    for path in (public_path, secret_path):
+        if path.exists() and not force:
+            raise FileExistsError(f"{path} exists: keeping it (--force replaces the pair)")
+    public, secret = zmq.curve_keypair()
+    _write_private(secret_path, _certificate(public, secret), 0o600)
+    _write_private(public_path, _certificate(public, None), 0o644)
+    return public_path, secret_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Roles: what a socket sets before it binds or connects (pipeline.wire.transport.open_socket).
+
+
+@dataclass(frozen=True)
+class CurveClient:
+    """A connecting socket's keys: its own pair and the public key of the server it trusts."""
+
+    keys: KeyPair
+    server_public: bytes
+
+    def apply(self, sock: zmq.Socket) -> None:
+        sock.curve_serverkey = self.server_public
+        sock.curve_publickey = self.keys.public
+        sock.curve_secretkey = self.keys.secret
+
+
+def client_from_files(
+    client_key: str | os.PathLike[str] | None, server_key: str | os.PathLike[str] | None
+) -> CurveClient | None:
+    """None without keys; a CurveClient with both; ValueError with one of the two."""
+    if client_key is None and server_key is None:
+        return None
+    if client_key is None or server_key is None:
+        raise ValueError(
+            "CURVE needs both keys: the client's .key_secret file and the server's public .key file"
+        )
+    return CurveClient(
+        keys=load_key_pair(client_key, what="client key file"),
+        server_public=load_public_key(server_key, what="server key file"),
+    )
+
+
+class CurveServer:
+    """A bound socket's keys and the client keys it admits, made by `CurveSecurity.server`.
+
+    Applying it also makes sure the context's ZAP handler runs (without one libzmq lets any
+    client with the server's public key in) and counts the handshakes it refuses.
+    """
+
+    def __init__(
+        self, owner: CurveSecurity, keys: KeyPair, domain: str, allowed: frozenset[bytes]
+    ) -> None:
+        self._owner = owner
+        self.keys = keys
+        self.domain = domain
+        self.allowed = allowed
+
+    def apply(self, sock: zmq.Socket) -> None:
+        # Measured with libzmq 4.3.5: a CURVE server whose RCVHWM is 1 never takes in what
+        # a client sends after the handshake (a PUB never sees the subscription, so it
+        # sends nothing), while 2 works; the feed's PUB asks for 1.
+        if 0 < sock.getsockopt(zmq.RCVHWM) < 2:
+            sock.setsockopt(zmq.RCVHWM, 2)
+        self._owner._serve(sock, self)
+        sock.curve_publickey = self.keys.public
+        sock.curve_secretkey = self.keys.secret
+        sock.zap_domain = self.domain.encode()
+        sock.curve_server = True
+
+
+# ---------------------------------------------------------------------------------------------
+# The ZAP handler: one per context (ZeroMQ sends every context's requests to one inproc
+# endpoint), shared by every CurveSecurity of that context and stopped with the last.
+
+
+@dataclass
+class _Handler:
+    """A context's ZAP thread and, as its `zmq.auth` credentials provider, the client keys
+    admitted per ZAP domain."""
+
+    context: zmq.Context
+    auth: ThreadAuthenticator
+    by_domain: dict[str, set[bytes]] = field(default_factory=dict)
+    users: int = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.by_domain.get(domain, ())
+
+
+_handlers: dict[int, _Handler] = {}
+_handlers_lock = threading.Lock()
+
+
+def _acquire_handler(context: zmq.Context, domain: str, allowed: Iterable[bytes]) -> None:
+    with _handlers_lock:
+        handler = _handlers.get(id(context))
+        if handler is None or handler.context is not context:
+            auth = ThreadAuthenticator(context, log=logging.getLogger("pipeline.wire.curve.zap"))
+            auth.start()
+            handler = _handlers[id(context)] = _Handler(context, auth)
+        if domain not in handler.by_domain:
+            handler.auth.configure_curve_callback(domain, handler)
+        handler.by_domain.setdefault(domain, set()).update(allowed)
+        handler.users += 1
+
+
+def _release_handler(context: zmq.Context) -> None:
+    with _handlers_lock:
+        handler = _handlers.get(id(context))
+        if handler is None or handler.context is not context:
+            return
+        handler.users -= 1
+        if handler.users <= 0:
+            del _handlers[id(context)]
+            try:
+                handler.auth.stop()  # its sockets must close before the context can terminate
+            except zmq.ZMQError:
+                pass  # the context was destroyed first: its sockets are gone already
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting refusals (server side) and explaining them (client side).
+
+
+def _refusal_reason(event: int, value: int) -> str:
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return "key_not_allowed"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
+        return "no_curve"
+    # The side that sees a mismatch first closes at once, so the other one often fails only
+    # on a closed connection: a keyless client meets either this or a mismatch, by chance.
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and value in _HUNG_UP:
+        return "hung_up"
+    return "bad_handshake"
+
+
+_SERVER_WORDS = {
+    "key_not_allowed": "a client key that is not among the allowed clients",
+    "no_curve": "a client without CURVE keys",
+    "bad_handshake": "a handshake that failed (wrong server key?)",
+    "hung_up": "a client that hung up during the handshake (one without CURVE keys, or with "
+    "the wrong server key?)",
+}
+
+
+class _RefusalWatch:
+    """A thread counting the handshakes one bound CURVE socket refused (its monitor).
+
+    The monitor socket is made in the socket's thread and then used only by this one."""
+
+    def __init__(self, sock: zmq.Socket, owner: CurveSecurity) -> None:
+        self._monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+        self._owner = owner
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="samstream-curve", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._monitor.poll(100):
+                    continue
+                event = recv_monitor_message(self._monitor)
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return  # the socket closed
+                self._owner._count(
+                    _refusal_reason(event["event"], event["value"]),
+                    event.get("endpoint", b"").decode(errors="replace"),
+                )
+        except zmq.ZMQError:
+            return  # the context is going away
+        finally:
+            self._monitor.close(linger=0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+
+
+class CurveSecurity:
+    """The CURVE keys of one process's sockets (a node, or the launcher), from
+    ``transport.curve``, and the handshakes its CURVE servers refused.
+
+    `server` and `client` give the role for a socket (None: that socket stays NULL);
+    `refused` counts refusals since start, `status` is the figure for a status message,
+    and `close` stops what CURVE started (after the sockets are closed, before the context
+    terminates).
+    """
+
+    def __init__(self, config: CurveConfig, context: zmq.Context) -> None:
+        """Loads every key file named in ``config``: CurveKeyError names a bad one."""
+        # A server key without a list of clients would let no one in; a list without one
+        # would guard nothing.
+        if config.server_secret_key and not config.allowed_clients:
+            raise CurveKeyError(
+                "transport.curve.allowed_clients: needed with server_secret_key: the folder "
+                "of the public .key files of the clients allowed on the feed and the control "
+                "socket"
+            )
+        if config.allowed_clients and not config.server_secret_key:
+            raise CurveKeyError(
+                "transport.curve.server_secret_key: needed with allowed_clients: the "
+                "server's .key_secret file"
+            )
+        self.context = context
+        self.feed_keys: KeyPair | None = None  # the feed's and the control socket's pair
+        self.feed_allowed: frozenset[bytes] | None = None  # the clients they admit
+        self.link_keys: KeyPair | None = None  # the internal tcp links' one pair
+        if config.server_secret_key:
+            self.feed_keys = load_key_pair(
+                config.server_secret_key, what="transport.curve.server_secret_key"
+            )
+        if config.allowed_clients:
+            self.feed_allowed = load_allowed_keys(
+                config.allowed_clients, what="transport.curve.allowed_clients"
+            )
+        if config.link_secret_key:
+            self.link_keys = load_key_pair(
+                config.link_secret_key, what="transport.curve.link_secret_key"
+            )
+        self.refused = 0
+        self.refused_by_reason: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._watches: list[_RefusalWatch] = []
+        self._handler_users = 0
+        self._last_log = 0.0
+
+    @classmethod
+    def from_config(cls, config: CurveConfig, context: zmq.Context) -> CurveSecurity | None:
+        """None when ``config`` names no key: every socket as before, NULL."""
+        if not (config.server_secret_key or config.allowed_clients or config.link_secret_key):
+            return None
+        return cls(config, context)
+
+    @staticmethod
+    def _curve_capable(endpoint: str) -> bool:
+        return not endpoint.startswith("inproc://")  # inproc has no handshake
+
+    def server(self, endpoint: str, *, link: bool = False) -> CurveServer | None:
+        """The role of a socket bound at ``endpoint``: the feed or the control socket, or
+        (``link``) an internal link's receiving end, CURVE only over tcp."""
+        if link:
+            if self.link_keys is None or not endpoint.startswith("tcp://"):
+                return None
+            return CurveServer(
+                self, self.link_keys, LINK_DOMAIN, frozenset({self.link_keys.public})
+            )
+        if self.feed_keys is None or not self._curve_capable(endpoint):
+            return None
+        return CurveServer(self, self.feed_keys, FEED_DOMAIN, self.feed_allowed or frozenset())
+
+    def client(self, endpoint: str) -> CurveClient | None:
+        """The role of a node's socket connecting to an internal link at ``endpoint``."""
+        if self.link_keys is None or not endpoint.startswith("tcp://"):
+            return None
+        return CurveClient(keys=self.link_keys, server_public=self.link_keys.public)
+
+    def _serve(self, sock: zmq.Socket, server: CurveServer) -> None:
+        _acquire_handler(sock.context, server.domain, server.allowed)
+        with self._lock:
+            self._handler_users += 1
+            self._watches.append(_RefusalWatch(sock, self))
+
+    def _count(self, reason: str, endpoint: str) -> None:
+        with self._lock:
+            self.refused += 1
+            self.refused_by_reason[reason] = self.refused_by_reason.get(reason, 0) + 1
+            refused, now = self.refused, time.monotonic()
+            due = now - self._last_log >= _REFUSAL_LOG_INTERVAL_S
+            if due:
+                self._last_log = now
+        if due:
+            log.warning(
+                "refused a connection on %s: %s (%d refused so far)",
+                endpoint or "a CURVE socket",
+                _SERVER_WORDS[reason],
+                refused,
+            )
+
+    def status(self) -> dict[str, Any]:
+        """For a status message's detail: refusals in all, and by reason."""
+        with self._lock:
+            return {
+                "refused_connections": self.refused,
+                "refused_by_reason": dict(self.refused_by_reason),
+            }
+
+    @property
+    def serving(self) -> bool:
+        """Whether any socket of this process is a CURVE server (and so counts refusals)."""
+        return bool(self._watches)
+
+    def close(self) -> None:
+        """Stop counting and release the ZAP handler; the sockets should be closed first."""
+        with self._lock:
+            watches, self._watches = self._watches, []
+            users, self._handler_users = self._handler_users, 0
+        for watch in watches:
+            watch.close()
+        for _ in range(users):
+            _release_handler(self.context)
+
+
+class HandshakeWatch:
+    """The failed handshakes of a connecting socket: a refused client hears nothing at all
+    (ZeroMQ retries quietly, or not at all after a refused key), so this is how it can
+    tell why. Given to `open_socket` as its ``security``: it applies ``curve`` (None: no
+    keys) and starts watching before the socket connects, so no refusal is missed."""
+
+    def __init__(self, curve: CurveClient | None, what: str) -> None:
+        self._curve = curve
+        self._what = what
+        self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self.failures = 0
+        self.reason: str | None = None
+
+    def apply(self, sock: zmq.Socket) -> None:
+        if self._curve is not None:
+            self._curve.apply(sock)
+        self._sock = sock
+        self._monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+
+    def poll(self) -> int:
+        """Take the events seen so far (never waits); the failures in all."""
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                break
+            self.failures += 1
+            reason = _refusal_reason(event["event"], event["value"])
+            # A specific reason is kept over a later hang-up, which could be any of them.
+            if self.reason in (None, "hung_up") and reason != self.reason:
+                log.warning("%s: %s", self._what, _CLIENT_WORDS[reason])
+                self.reason = reason
+        return self.failures
+
+    def hint(self) -> str:
+        """Why the other side refused this socket, for an error message ("" if it did not)."""
+        self.poll()
+        if self.reason is None:
+            return ""
+        return f" ({_CLIENT_WORDS[self.reason]}; {self.failures} handshake(s) failed)"
+
+    def close(self) -> None:
+        """Stop watching (before the socket closes)."""
+        if self._monitor is not None and self._sock is not None:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass  # the socket is already closed
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+
+_CLIENT_WORDS = {
+    "key_not_allowed": "the server refused this client's key: its public .key file is not "
+    "in the server's transport.curve.allowed_clients folder",
+    "no_curve": "the server and this client disagree on CURVE: one of them has keys and "
+    "the other none (give the client key and the server key, or remove them)",
+    "bad_handshake": "the CURVE handshake failed: is the server key the server's public .key file?",
+    "hung_up": "the server hung up during the handshake: do the server and this client agree "
+    "on CURVE (both with keys or neither), and is the server key the server's public .key file?",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Endpoints reachable from other hosts without CURVE.
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", a host or interface name: other hosts may reach it
+
+
+def reachable_from_network(endpoint: str) -> bool:
+    """Whether a socket bound at ``endpoint`` may be reached from other hosts: tcp:// on a
+    wildcard (``*``, ``0.0.0.0``, ``::``), a LAN address, or a host or interface name."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://") :].rpartition(":")[0]
+    return not _is_loopback(host)
+
+
+_LINKS = ("frames", "embeddings", "masks", "status")
+_EXPOSES = {
+    "publish": "read every mask and status",
+    "control": "add, change and remove the tracked objects",
+    "frames": "read and inject video frames",
+    "embeddings": "read and inject embeddings",
+    "masks": "inject masks into the feed",
+    "status": "read the nodes' status",
+}
+
+
+def exposure_warnings(transport: TransportConfig, names: Iterable[str] | None = None) -> list[str]:
+    """One warning per endpoint (of ``names``, default all) bound beyond loopback without
+    CURVE: what anyone who can reach it could do, and the keys that stop them."""
+    curve = transport.curve
+    warnings: list[str] = []
+    seen: set[str] = set()
+    for name in names or _EXPOSES:
+        endpoint = getattr(transport, name)
+        if endpoint in seen or not reachable_from_network(endpoint):
+            continue
+        seen.add(endpoint)
+        link = name in _LINKS
+        if curve.link_secret_key if link else curve.server_secret_key:
+            continue
+        port = endpoint.rpartition(":")[2]
+        key = (
+            "transport.curve.link_secret_key"
+            if link
+            else "transport.curve.server_secret_key and allowed_clients"
+        )
+        warnings.append(
+            f"transport.{name} {endpoint} can be reached from other hosts without CURVE: "
+            f"anyone who reaches port {port} can {_EXPOSES[name]}; set {key} (README: "
+            "Securing a tcp feed), or bind 127.0.0.1"
+        )
+    return warnings
+
+
+def prompt_key_hint(transport: TransportConfig) -> str:
+    """The key options `samstream prompt` needs for a control socket with CURVE ("" without)."""
+    curve = transport.curve
+    if not curve.server_secret_key or not CurveSecurity._curve_capable(transport.control):
+        return ""
+    secret = curve.server_secret_key
+    public = secret[: -len("_secret")] if secret.endswith(".key_secret") else "SERVER.key"
+    return f" --client-key CLIENT.key_secret --server-key {public}"
+
+
+def check_key_files(curve: CurveConfig) -> dict[str, str]:
+    """Every key file and folder of ``curve`` loaded and checked (CurveKeyError names a bad
+    one); returns their absolute paths by field, so that nodes started elsewhere in the
+    file system read the same files."""
+    CurveSecurity(curve, zmq.Context.instance())  # loads and checks; opens nothing
+    return {
+        name: str(Path(value).resolve())
+        for name in ("server_secret_key", "allowed_clients", "link_secret_key")
+        if (value := getattr(curve, name))
+    }

@@ -1,0 +1,1 @@
+"""What the tests share: generated media, RTSP servers, subprocess helpers, the oracle."""
