@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import statistics
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.config import load_config
+from pipeline.infer.machine import available_cores, cpu_facts
 from pipeline.predictor import SAM
 from pipeline.run.launcher import run_pipeline
 from pipeline.track.prompts import parse_prompts
@@ -63,23 +63,8 @@ PER_OBJECT_COUNTS = (1, 8, 32, 50)
 def cpu_info() -> dict[str, object]:
     """The CPU this runs on: model name, the vector extensions that decide which precision
     and backend are fast (native bf16 or not), and the cores this process may use."""
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            for line in file:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass  # not Linux: the model name is all platform gives
-    if model == "unknown":
-        import platform
-
-        model = platform.processor() or platform.machine()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cores": cores, "flags": [f for f in CPU_FLAGS if f in flags]}
+    model, flags = cpu_facts()
+    return {"cpu": model, "cores": available_cores(), "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
 def _grid_boxes(count: int, size: tuple[int, int]) -> list[list[float]]:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from pipeline.infer.gpu import CudaGraphRunner, device_preprocess, half_copy, upload
+from pipeline.infer.machine import available_cores, cpu_facts, native_bf16
 from pipeline.model.sam import PIXEL_MEAN, PIXEL_STD, MobileSAM
 from pipeline.model.transforms import resize_longest_side
 
@@ -155,28 +156,7 @@ def encoder_threads(requested: int | None, *, what: str = "encoder") -> int:
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) >= 1:
         return int(env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores or 1)
-
-
-def _cpuinfo() -> tuple[str, frozenset[str]]:
-    """(CPU model name, feature flags) from /proc/cpuinfo; ("", {}) where there is none."""
-    model, flags = "", frozenset()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if key in ("model name", "cpu model") and not model:
-                model = value.strip()
-            elif key in ("flags", "features") and not flags:  # x86 / Arm
-                flags = frozenset(value.split())
-    return model or platform.processor() or platform.machine(), flags
-
-
-def native_bf16() -> bool:
-    """Whether this CPU does bf16 arithmetic in hardware (x86 AVX512_BF16 or AMX-BF16, Arm
-    BF16). Elsewhere torch and OpenVINO emulate it, 12x slower than fp32 (measured)."""
-    return bool(_cpuinfo()[1] & {"avx512_bf16", "amx_bf16", "bf16"})
+    return available_cores()
 
 
 def import_package(name: str) -> ModuleType:
@@ -805,7 +785,7 @@ def machine_key() -> dict[str, Any]:
     CPU model and flags, architecture, backend and samstream versions."""
     from pipeline.infer.export import samstream_version
 
-    model, flags = _cpuinfo()
+    model, flags = cpu_facts()
     return {
         "cpu_model": model,
         "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),

@@ -35,6 +35,7 @@ import zmq
 from tqdm import tqdm
 
 from pipeline.config import RunConfig, config_to_dict
+from pipeline.infer.machine import available_cores
 from pipeline.run import resume
 from pipeline.run.graph import NODE_NAMES, build_node, links, node_endpoints
 from pipeline.run.live import is_live, resolve_run_config
@@ -291,8 +292,7 @@ def cpu_threads(requested: int | None, share: float) -> int:
     process may use (at least 1)."""
     if requested is not None:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, int((cores or 1) * share))
+    return max(1, int(available_cores() * share))
 
 
 LAUNCHER_PID_ENV = "SAMSTREAM_LAUNCHER_PID"
