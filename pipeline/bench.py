@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import load_config, parse_set
 from pipeline.infer.machine import available_cores, cpu_facts
 from pipeline.predictor import SAM
 from pipeline.run.launcher import run_pipeline
@@ -540,15 +540,13 @@ def _live_run(overrides: list[str], source: str, seconds: float) -> dict[str, fl
     """Latency and drops of `seconds` of the source played live."""
     with VideoSource(parse_source(source)) as video:
         rate = float(video.average_rate or 25)
-    config = load_config(
-        None,
-        [
-            *overrides,
-            "live.mode=live",
-            f"decoder.max_frames={max(1, round(seconds * rate))}",
-            f"transport.publish={json.dumps(_free_publish_endpoint())}",
-        ],
-    )
+    sets = [
+        *overrides,
+        "live.mode=live",
+        f"decoder.max_frames={max(1, round(seconds * rate))}",
+        f"transport.publish={json.dumps(_free_publish_endpoint())}",
+    ]
+    config = load_config(None, [parse_set(text) for text in sets])
     summary = run_pipeline(config)
     ms = summary.timings.get("ms", {})
     latency, processing = ms.get("latency") or {}, ms.get("processing") or {}
@@ -636,17 +634,15 @@ def run_bench(
         f"encoder.image_size={image_size}",
         f"tracker.prompts={json.dumps([{'box': box}])}",
     ]
-    config = load_config(
-        None,
-        [
-            *overrides,
-            # Long enough for the steady rate to be measured after the backlog that queues
-            # while the slowest node loads (pipeline.run.live.FrameTimings.steady_fps).
-            f"decoder.max_frames={run_frames}",
-            "live.mode=offline",
-            f"transport.publish={json.dumps(_free_publish_endpoint())}",
-        ],
-    )
+    sets = [
+        *overrides,
+        # Long enough for the steady rate to be measured after the backlog that queues
+        # while the slowest node loads (pipeline.run.live.FrameTimings.steady_fps).
+        f"decoder.max_frames={run_frames}",
+        "live.mode=offline",
+        f"transport.publish={json.dumps(_free_publish_endpoint())}",
+    ]
+    config = load_config(None, [parse_set(text) for text in sets])
     summary = run_pipeline(config)
     # In its stride, like the official loop's figure (its model is loaded before its clock
     # starts); the whole run, loading included, is printed beside.

@@ -10,8 +10,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.run.graph import NODE_NAMES
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
 
 log = logging.getLogger("samstream")
 
@@ -192,33 +196,27 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def run_config_from_args(args: argparse.Namespace):
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     """Config file, then the command-line options, then --set overrides (last wins)."""
-    from pipeline.config import load_config
+    from pipeline.config import Override, load_config, parse_set
 
-    overrides: list[str] = []
-    if args.source is not None:
-        overrides.append(f"decoder.source={json.dumps(args.source)}")
-    if args.max_frames is not None:
-        overrides.append(f"decoder.max_frames={args.max_frames}")
-    if args.weights is not None:
-        overrides.append(f"weights={json.dumps(args.weights)}")
-    if args.out is not None:
-        overrides.append(f"publisher.out={json.dumps(args.out)}")
-    if args.device is not None:
-        overrides += [f"encoder.device={args.device}", f"tracker.device={args.device}"]
-    if args.image_size is not None:
-        overrides.append(f"encoder.image_size={args.image_size}")
-    if args.realtime:
-        overrides.append("live.mode=live")
-    if args.budget_ms is not None:
-        overrides.append(f"live.budget_ms={args.budget_ms}")
-    if args.resume:
-        overrides.append("resume.enabled=true")
-    prompts = run_prompts(args.box, args.point, args.label)
-    if prompts:
-        overrides.append(f"tracker.prompts={json.dumps(prompts)}")
-    return load_config(args.config, [*overrides, *args.set])
+    options = (
+        ("--source", "decoder.source", args.source),
+        ("--max-frames", "decoder.max_frames", args.max_frames),
+        ("--weights", "weights", args.weights),
+        ("--out", "publisher.out", args.out),
+        ("--device", "encoder.device", args.device),
+        ("--device", "tracker.device", args.device),
+        ("--image-size", "encoder.image_size", args.image_size),
+        ("--realtime", "live.mode", "live" if args.realtime else None),
+        ("--budget-ms", "live.budget_ms", args.budget_ms),
+        ("--resume", "resume.enabled", True if args.resume else None),
+        ("--box/--point", "tracker.prompts", run_prompts(args.box, args.point, args.label)),
+    )
+    overrides = [
+        Override(key, value, origin) for origin, key, value in options if value not in (None, [])
+    ]
+    return load_config(args.config, [*overrides, *map(parse_set, args.set)])
 
 
 def _point_labels(points: list[list[float]] | None, labels: list[int] | None) -> list[int]:
@@ -235,12 +233,8 @@ def run_prompts(
     labels: list[int] | None,
 ) -> list[dict]:
     """`samstream run`'s objects, as `predict` reads the same options: each --box is one
-    object; the --point values are one more object, or the box's when there is one box."""
-    from pipeline.track.prompts import check_box
-
-    for i, box in enumerate(boxes or []):
-        # Predict's error for a box that is no box (the frame check comes before the run).
-        check_box(box, f"--box {i + 1}")
+    object; the --point values are one more object, or the box's when there is one box.
+    (The config checks each box; preflight, that it lies on the first frame.)"""
     prompts: list[dict] = [{"box": box} for box in boxes or []]
     if not points:
         if labels:
@@ -303,7 +297,7 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
 def _node(args: argparse.Namespace) -> int:
     import zmq
 
-    from pipeline.config import load_config
+    from pipeline.config import load_config, parse_set
     from pipeline.run.graph import node_spec
     from pipeline.run.launcher import LAUNCHER_PID_ENV, die_with_launcher, node_runner
     from pipeline.run.runtime import install_signal_handlers
@@ -314,7 +308,7 @@ def _node(args: argparse.Namespace) -> int:
         args.config = _standby(args.name)
         if not args.config:
             return 0  # the launcher closed the pipe: not needed after all
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, [parse_set(text) for text in args.set])
     if LAUNCHER_PID_ENV not in os.environ:  # started by hand: the launcher warns otherwise
         for warning in exposure_warnings(config.transport, node_spec(args.name).binds):
             print(f"samstream: warning: {warning}", file=sys.stderr)

@@ -19,10 +19,12 @@ the endpoint syntax are checked on loading only.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache, reduce
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -167,8 +169,8 @@ class PromptConfig(_Section, kw_only=True):
 
             try:
                 check_box(self.box)
-            except ValueError:
-                raise ConfigError(f"box: must be {_BOX_RULE}, got {list(self.box)!r}") from None
+            except ValueError as err:  # its words: what is wrong with this box
+                raise ConfigError(f"box: must be {_BOX_RULE}; {err}") from None
         n_points = len(self.points or ())
         if self.labels is not None and len(self.labels) != n_points:
             raise ConfigError(
@@ -363,13 +365,19 @@ def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+def _located(error: msgspec.ValidationError) -> tuple[str, bool, str, list[str | int]]:
+    """msgspec's error as its text, whether it is about a mapping's key, and the path of the
+    value it is about: dotted ("tracker.prompts[0].box") and as parts."""
+    found = re.fullmatch(r"(.*?)(?: - at `(key` in `)?\$(.*)`)?", str(error), re.DOTALL)
+    at = found[3] or ""
+    parts = [name or int(index) for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", at)]
+    return found[1], bool(found[2]), at.lstrip("."), parts
+
+
 def _explain(error: msgspec.ValidationError, data: Any) -> str:
     """msgspec's "Expected `int` >= 1 - at `$.encoder.batch_size`" in this module's words:
     "encoder.batch_size: must be at least 1, got 0"."""
-    found = re.fullmatch(r"(.*?)(?: - at `(key` in `)?\$(.*)`)?", str(error), re.DOTALL)
-    text, in_key, at = found[1], found[2], found[3] or ""
-    path = at.lstrip(".")  # msgspec's path less "$.": tracker.prompts[0].box[2]
-    parts = [name or int(index) for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", at)]
+    text, in_key, path, parts = _located(error)
     if isinstance(error.__cause__, ConfigError):  # a __post_init__ rule: "key: problem"
         return _join(path, error.__cause__)
     tp = _type_at(parts)  # of the value at `path` (for an unknown key: of its mapping)
@@ -460,48 +468,72 @@ def _parse_yaml(text: str, context: str) -> Any:
         raise ConfigError(f"{context}not valid YAML: {error}") from None
 
 
-def _apply_override(cfg: RunConfig, override: str) -> RunConfig:
-    """`cfg` with one `section.key=value` override applied and the result re-validated."""
-    source = f"--set {override}"
-    key, sep, text = override.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not key.strip():
-        raise ConfigError(f"{source}: expected section.key=value, e.g. encoder.batch_size=2")
+@dataclass(frozen=True)
+class Override:
+    """One value for one key over the config file's: ``key`` dotted (``encoder.batch_size``;
+    a whole section takes a mapping, merged into the file's), ``origin`` what gave it, named
+    in errors (``--set encoder.batch_size=2``, ``--box``)."""
+
+    key: str
+    value: Any
+    origin: str = "override"
+
+
+def _key_type(key: str, origin: str) -> msgspec.inspect.Type:
+    """The type of the config key ``key``; ConfigError naming ``origin`` for an unknown key."""
+    parts = key.split(".")
     tp = _run_type()
     for depth, part in enumerate(parts):
         dotted = ".".join(parts[: depth + 1])
         if not (keys := _keys(tp)):
             parent = ".".join(parts[:depth])
-            raise ConfigError(f"{source}: {dotted}: unknown key ({parent} has no sub-keys)")
+            raise ConfigError(f"{origin}: {dotted}: unknown key ({parent} has no sub-keys)")
         if part not in keys:
-            raise ConfigError(f"{source}: {dotted}: unknown key (valid keys: {', '.join(keys)})")
+            raise ConfigError(f"{origin}: {dotted}: unknown key (valid keys: {', '.join(keys)})")
         tp = keys[part]
-    value = _parse_yaml(text, f"{source}: {key}: value is ")
+    return tp
+
+
+def parse_set(text: str) -> Override:
+    """The override of a ``--set section.key=value`` option, the value parsed as YAML so that
+    ``4``, ``true``, ``null`` and ``[1, 2, 3, 4]`` mean what they say; ConfigError for an
+    unknown key or text that is no YAML."""
+    origin = f"--set {text}"
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{origin}: expected section.key=value, e.g. encoder.batch_size=2")
+    tp = _key_type(key, origin)
+    value = _parse_yaml(value_text, f"{origin}: {key}: value is ")
     is_text = isinstance(_unwrapped(tp), msgspec.inspect.StrType)
     if is_text and value is not None and not isinstance(value, str | list | dict):
-        value = text.strip()  # `decoder.stream_id=7` means the string "7", not an error
-    data = config_to_dict(cfg)
-    section = data
-    for part in parts[:-1]:
-        section = section[part]
-    current = section[parts[-1]]
-    # A mapping given for a whole section updates it rather than resetting unnamed keys.
-    both_mappings = isinstance(current, dict) and isinstance(value, Mapping)
-    section[parts[-1]] = {**current, **value} if both_mappings else value
-    return config_from_dict(data, source=source)
+        value = value_text.strip()  # `decoder.stream_id=7` means the string "7", not an error
+    return Override(key, value, origin)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """The run's configuration: defaults, then the YAML file at `path`, then `overrides`.
+def _overridden(data: dict[str, Any], overrides: Sequence[Override], source: str) -> Any:
+    """A copy of ``data`` with every override's value at its key, in order."""
+    data = copy.deepcopy(data)
+    for override in overrides:
+        *parents, last = override.key.split(".")
+        section = data
+        for part in parents:
+            section = section.setdefault(part, {})
+            if not isinstance(section, dict):  # the file has a value where a section goes
+                config_from_dict(data, source=source)
+        current = section.get(last)
+        merge = isinstance(current, dict) and isinstance(override.value, Mapping)
+        section[last] = {**current, **override.value} if merge else override.value
+    return data
 
-    Each override is `section.key=value` (as from `--set`), the value parsed as YAML so that
-    `4`, `true`, `null` and `[1, 2, 3, 4]` mean what they say. Raises ConfigError naming the
-    file or override and the dotted key for any problem.
-    """
+
+def load_config(path: str | Path | None = None, overrides: Sequence[Override] = ()) -> RunConfig:
+    """The run's configuration: defaults, then the YAML file at ``path``, then ``overrides``
+    (the command line's, the last one winning), validated once. Raises ConfigError naming
+    the dotted key and where its value came from: the file, or the override's origin."""
     data: Any = {}
-    source = "<defaults>"
+    source = "<defaults>" if path is None else str(path)
     if path is not None:
-        source = str(path)
         try:
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -510,10 +542,22 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{source}: cannot read config file: {error}") from None
         data = _parse_yaml(text, f"{source}: ")
         data = {} if data is None else data  # an empty (or all-comment) file is all defaults
-    cfg = config_from_dict(data, source=source)
     for override in overrides:
-        cfg = _apply_override(cfg, override)
-    return cfg
+        _key_type(override.key, override.origin)
+    if overrides and isinstance(data, dict):
+        data = _overridden(data, overrides, source)
+    try:
+        return msgspec.convert(data, RunConfig)
+    except msgspec.ValidationError as error:
+        parts = _located(error)[3]
+        if isinstance(error.__cause__, ConfigError):  # a section's rule names its key
+            parts.append(str(error.__cause__).partition(":")[0])
+        given_by = (
+            o.origin
+            for o in reversed(overrides)
+            if all(a == b for a, b in zip(o.key.split("."), parts, strict=False))
+        )
+        raise ConfigError(f"{next(given_by, source)}: {_explain(error, data)}") from None
 
 
 if __name__ == "__main__":  # python -m pipeline.config > config-schema.json

@@ -11,17 +11,25 @@ import pytest
 
 from pipeline.config import (
     ConfigError,
+    DecoderConfig,
     EncoderConfig,
+    Override,
     PromptConfig,
     RunConfig,
     config_from_dict,
     config_schema,
     config_to_dict,
     load_config,
+    parse_set,
     validate_config,
 )
 
 OFFLINE_YAML = Path(__file__).parent.parent / "configs" / "offline.yaml"
+
+
+def sets(*texts: str) -> list[Override]:
+    """The overrides of ``--set`` options with these texts."""
+    return [parse_set(text) for text in texts]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -218,14 +226,14 @@ def test_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, "decoder: {max_frames: 5}\nencoder: {dtype: bfloat16}\n")
     cfg = load_config(
         path,
-        [
+        sets(
             "encoder.batch_size=2",
             "tracker.prompts=[{box: [1,2,30,40]}]",
             "decoder.max_frames=null",
             "publisher.png=false",
             "decoder.stream_id=7",  # a str field takes the text, not the int 7
             "transport={hwm: 16}",  # a whole section updates, keeping the other keys
-        ],
+        ),
     )
     assert cfg.encoder.batch_size == 2 and cfg.encoder.dtype == "bfloat16"  # file value kept
     assert cfg.tracker.prompts == (PromptConfig(box=(1.0, 2.0, 30.0, 40.0)),)
@@ -251,16 +259,16 @@ def test_overrides(tmp_path: Path) -> None:
 )
 def test_bad_overrides(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(overrides=[override])
+        load_config(overrides=sets(override))
 
 
 def test_dict_round_trip_through_json() -> None:
     cfg = load_config(
-        overrides=[
+        overrides=sets(
             "tracker.prompts=[{box: [1, 2, 30, 40]}, {points: [[3, 4]], labels: [0], frame: 2}]",
             "publisher.out=out",
             "encoder.device=cuda:0",
-        ]
+        )
     )
     data = json.loads(json.dumps(config_to_dict(cfg)))
     assert data["tracker"]["prompts"][0]["box"] == [1.0, 2.0, 30.0, 40.0]
@@ -402,12 +410,12 @@ def test_wrong_live_types_are_rejected(data: dict, key: str) -> None:
 
 def test_live_overrides() -> None:
     cfg = load_config(
-        overrides=[
+        overrides=sets(
             "live.mode=live",
             "decoder.video_size=640x480",
             "encoder.image_size=null",
             "decoder.give_up_after_s=60",
-        ]
+        )
     )
     assert cfg.live.mode == "live" and cfg.decoder.video_size == "640x480"
     assert cfg.encoder.image_size is None and cfg.decoder.give_up_after_s == 60.0
@@ -416,7 +424,7 @@ def test_live_overrides() -> None:
         match=r"--set decoder\.reconnect_max_s=0\.1: "
         r"decoder\.reconnect_max_s: must be at least",
     ):
-        load_config(overrides=["decoder.reconnect_max_s=0.1"])
+        load_config(overrides=sets("decoder.reconnect_max_s=0.1"))
 
 
 @pytest.mark.parametrize("path", LIVE_YAMLS, ids=lambda p: p.name)
@@ -446,7 +454,7 @@ def test_live_yamls_load_and_resolve_to_live(path: Path) -> None:
     validate_config(cpu)
     # With live.mode auto, the camera source alone makes the run live.
     source = "/dev/video0" if path.name == "webcam.yaml" else "rtsp://cam.local/stream"
-    auto = load_config(path, [f"decoder.source={source}", "live.mode=auto"])
+    auto = load_config(path, sets(f"decoder.source={source}", "live.mode=auto"))
     assert resolve_run_config(auto, cuda_available=lambda: False).live.mode == "live"
 
 
@@ -454,3 +462,43 @@ def test_webcam_yaml_asks_the_camera_for_its_format() -> None:
     cfg = load_config(CONFIGS / "webcam.yaml")
     assert cfg.decoder.source == "/dev/video0"
     assert cfg.decoder.video_size == "640x480" and cfg.decoder.framerate == 30.0
+
+
+def test_errors_name_what_gave_the_value(tmp_path: Path) -> None:
+    """A bad value is reported with its origin: the option or --set that gave it, else the
+    file, also when the run has overrides of other keys."""
+    path = write(tmp_path, "encoder:\n  batch_size: 0\n")
+    size = Override("encoder.image_size", 512, "--image-size")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: encoder\.batch_size: must"):
+        load_config(path, [size])
+    with pytest.raises(ConfigError, match=r"^--image-size: encoder\.image_size: must be a posit"):
+        load_config(None, [Override("encoder.image_size", 100, "--image-size")])
+    # The last override of a key is the one that counts, and the one named.
+    late = [size, *sets("encoder.image_size=20")]
+    with pytest.raises(ConfigError, match=r"^--set encoder\.image_size=20: encoder\.image_size"):
+        load_config(None, late)
+    with pytest.raises(ConfigError, match=r"^--image-size: encoder\.image_siz: unknown key"):
+        load_config(None, [Override("encoder.image_siz", 512, "--image-size")])
+
+
+def test_run_options_become_config_values() -> None:
+    from pipeline.cli import build_parser, run_config_from_args
+
+    def run_config(*argv: str) -> RunConfig:
+        return run_config_from_args(build_parser().parse_args(["run", *argv]))
+
+    cfg = run_config(
+        *("--source", "clip.mp4", "--box", "1", "2", "30", "40", "--max-frames", "9"),
+        *("--device", "cpu", "--image-size", "512", "--realtime", "--out", "o", "--resume"),
+        *("--set", "encoder.batch_size=2"),
+    )
+    assert cfg.decoder.source == "clip.mp4" and cfg.decoder.max_frames == 9
+    assert cfg.tracker.prompts == (PromptConfig(box=(1.0, 2.0, 30.0, 40.0)),)
+    assert cfg.encoder.device == cfg.tracker.device == "cpu" and cfg.encoder.image_size == 512
+    assert cfg.live.mode == "live" and cfg.publisher.out == "o" and cfg.resume.enabled
+    assert cfg.encoder.batch_size == 2
+    assert run_config("--source", "a.mp4") == RunConfig(decoder=DecoderConfig(source="a.mp4"))
+    with pytest.raises(ConfigError, match=r"^--box/--point: tracker\.prompts\[0\]\.box: must be"):
+        run_config("--box", "30", "2", "1", "40")
+    with pytest.raises(ConfigError, match=r"^--max-frames: decoder\.max_frames: must be at least"):
+        run_config("--max-frames", "0")

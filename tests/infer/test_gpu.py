@@ -11,7 +11,6 @@ checked finite on a real photo (TinyViT is known to overflow in fp16 in some run
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from support.e2e import collect, free_port
 from support.media import make_clip
 
-from pipeline.config import load_config
+from pipeline.config import Override, load_config, parse_set
 from pipeline.infer.backends import TorchEncoder, relative_error
 from pipeline.infer.gpu import device_preprocess, upload
 from pipeline.model.sam import PIXEL_STD
@@ -50,19 +49,14 @@ def test_half_precision_on_cuda_stays_close_to_float32(
 
 def _run(clip: Path, checkpoint: Path, device: str, *extra: str) -> tuple[list, object]:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    config = load_config(
-        None,
-        [
-            f"decoder.source={json.dumps(str(clip))}",
-            f"weights={json.dumps(str(checkpoint))}",
-            f"encoder.device={device}",
-            f"tracker.device={device}",
-            "encoder.image_size=1024",
-            "tracker.prompts=[{box: [30, 60, 100, 120]}]",
-            f"transport.publish={endpoint}",
-            *extra,
-        ],
-    )
+    base = [
+        Override("decoder.source", str(clip)),
+        Override("weights", str(checkpoint)),
+        Override("encoder", {"device": device, "image_size": 1024}),
+        Override("tracker", {"device": device, "prompts": [{"box": [30, 60, 100, 120]}]}),
+        Override("transport.publish", endpoint),
+    ]
+    config = load_config(None, [*base, *map(parse_set, extra)])
     received: list = []
     with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
         thread = collect(sub, received)

@@ -21,7 +21,7 @@ from pipeline.config import (
     LiveConfig,
     RunConfig,
     TrackerConfig,
-    load_config,
+    config_from_dict,
     validate_config,
 )
 from pipeline.run import live as live_module
@@ -628,7 +628,7 @@ def test_node_processes_get_a_torch_thread_budget() -> None:
     assert node_environment("decoder", config).get("OMP_NUM_THREADS") == os.environ.get(
         "OMP_NUM_THREADS"
     )
-    chosen = load_config(None, ["encoder.threads=3", "tracker.threads=2"])
+    chosen = config_from_dict({"encoder": {"threads": 3}, "tracker": {"threads": 2}})
     assert node_environment("encoder", chosen)["OMP_NUM_THREADS"] == "3"
     assert node_environment("tracker", chosen)["OMP_NUM_THREADS"] == "2"
 

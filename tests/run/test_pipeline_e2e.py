@@ -28,7 +28,7 @@ from support.e2e import (
 )
 from support.media import make_clip
 
-from pipeline.config import load_config
+from pipeline.config import config_from_dict
 from pipeline.outputs.files import decode_rle
 from pipeline.run.launcher import STOP_GRACE_S, run_pipeline
 from pipeline.wire.client import MaskSubscriber
@@ -259,18 +259,14 @@ def test_in_process_run_takes_prompts_at_run_time(checkpoint: Path, tmp_path: Pa
     clip = make_clip(tmp_path / "clip.mp4", frames=40, size=(160, 120), fps=10)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     control = f"tcp://127.0.0.1:{free_port()}"
-    config = load_config(
-        None,
-        [
-            f"decoder.source={json.dumps(str(clip))}",
-            f"weights={json.dumps(str(checkpoint))}",
-            "encoder.image_size=256",
-            "encoder.batch_size=1",
-            "transport.hwm=1",
-            "tracker.prompts=[{box: [10, 40, 50, 80]}]",
-            f"transport.publish={json.dumps(endpoint)}",
-            f"transport.control={json.dumps(control)}",
-        ],
+    config = config_from_dict(
+        {
+            "decoder": {"source": str(clip)},
+            "weights": str(checkpoint),
+            "encoder": {"image_size": 256, "batch_size": 1},
+            "tracker": {"prompts": [{"box": [10, 40, 50, 80]}]},
+            "transport": {"hwm": 1, "publish": endpoint, "control": control},
+        }
     )
     received: list = []
     replies: dict = {}

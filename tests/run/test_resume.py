@@ -13,7 +13,7 @@ import pytest
 from support.media import make_clip
 
 from pipeline.cli import run_prompts
-from pipeline.config import PromptConfig, load_config
+from pipeline.config import Override, PromptConfig, load_config, parse_set
 from pipeline.run import resume
 from pipeline.run.resume import ResumeError
 
@@ -24,15 +24,12 @@ def clip(tmp_path: Path) -> Path:
 
 
 def _config(clip: Path, out: Path, *extra: str):
-    return load_config(
-        None,
-        [
-            f"decoder.source={json.dumps(str(clip))}",
-            f"publisher.out={json.dumps(str(out))}",
-            "tracker.prompts=[{box: [1, 1, 20, 20]}]",
-            *extra,
-        ],
-    )
+    base = [
+        Override("decoder.source", str(clip)),
+        Override("publisher.out", str(out)),
+        Override("tracker.prompts", [{"box": [1, 1, 20, 20]}]),
+    ]
+    return load_config(None, [*base, *map(parse_set, extra)])
 
 
 def test_identity_ignores_what_does_not_change_masks(clip: Path, tmp_path: Path) -> None:
