@@ -11,17 +11,15 @@ from support.oracle import build_oracle
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    try:
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked gpu is skipped without a CUDA device: asked when such a test is about
+    to run, so that collecting (and running only the tests that need no torch) never
+    imports torch."""
+    if item.get_closest_marker("gpu") is not None:
         import torch
 
-        has_gpu = torch.cuda.is_available()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        has_gpu = False
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords and not has_gpu:
-            item.add_marker(skip_gpu)
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
 
 
 @pytest.fixture(scope="session")
