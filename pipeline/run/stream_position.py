@@ -19,6 +19,8 @@ import struct
 from fractions import Fraction
 from pathlib import Path
 
+import msgspec
+
 from pipeline.wire.messages import FrameMeta
 
 # The launcher tells a live run's decoder where its position file is (in the run directory).
@@ -117,7 +119,7 @@ class Continuation:
             if self._last_pts is not None and pts <= self._last_pts:
                 pts = self._last_pts + 1  # the source's clock stepped back: keep the order
             self._last_pts = pts
-        return dataclasses.replace(
+        return msgspec.structs.replace(
             meta,
             seq=after.next_seq + meta.seq - first.seq,
             frame_index=after.next_frame_index + meta.frame_index - first.frame_index,

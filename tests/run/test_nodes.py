@@ -8,12 +8,12 @@ tests/infer/test_sam_decoder.py.)
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from support.media import make_clip
@@ -51,7 +51,7 @@ def test_decoder_resumed_skips_what_was_done(tmp_path: Path) -> None:
     later = _produce(DecoderNode(DecoderConfig(source=str(clip)), start_frame=5))
 
     def same(m: FrameMessage) -> FrameMeta:
-        return dataclasses.replace(m.meta, capture_time=0.0)  # the one field that differs
+        return msgspec.structs.replace(m.meta, capture_time=0.0)  # the one field that differs
 
     assert [same(m) for m in later[:-1]] == [same(m) for m in full[5:-1]]
     assert all(np.array_equal(a.image, b.image) for a, b in zip(later, full[5:-1], strict=False))
@@ -158,4 +158,4 @@ def test_publisher_refuses_what_is_not_masks() -> None:
     node.setup()
     frame = _masks(0)
     with pytest.raises(TypeError, match="publisher takes MaskMessage"):
-        node.process(dataclasses.replace(frame.meta))  # type: ignore[arg-type]
+        node.process(msgspec.structs.replace(frame.meta))  # type: ignore[arg-type]

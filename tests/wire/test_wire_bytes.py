@@ -200,13 +200,7 @@ def digests(parts: list) -> list[str]:
 
 def fields(msg: Message) -> dict[str, object]:
     """A message's values, arrays and masks as comparable bytes."""
-    out: dict[str, object] = {}
-    for name in msgspec.structs.fields(type(msg)) if isinstance(msg, msgspec.Struct) else ():
-        out[name.name] = getattr(msg, name.name)
-    if not out:
-        import dataclasses
-
-        out = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    out = msgspec.structs.asdict(msg)
     for name, value in out.items():
         if isinstance(value, np.ndarray):
             out[name] = (value.dtype.name, value.shape, value.tobytes())
