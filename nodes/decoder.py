@@ -23,14 +23,6 @@ from pipeline.wire.messages import EndOfStream, FrameMessage, FrameMeta, Message
 
 log = logging.getLogger(__name__)
 
-# Decoder status states for a live source's condition (consumers see them relayed).
-SOURCE_STATES = {
-    "connected": "running",
-    "stalled": "stalled",
-    "lost": "lost",
-    "reconnecting": "reconnecting",
-}
-
 
 def spec_for(config: DecoderConfig) -> SourceSpec:
     """The parsed source with the FFmpeg options the config asks for its kind."""
@@ -143,7 +135,8 @@ class DecoderNode(Node):
         )
 
     def _on_source_event(self, event: SourceEvent) -> None:
-        self.state = SOURCE_STATES[event.state]
+        # A connected source is a running decoder; its outages are status states of their own.
+        self.state = "running" if event.state == "connected" else event.state
         self.detail["source_state"] = event.to_json()
         if event.state == "reconnecting":
             self.count("reconnect_attempts")

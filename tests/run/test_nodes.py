@@ -23,7 +23,16 @@ from nodes.publisher import PublisherNode
 from pipeline.config import DecoderConfig, PublisherConfig
 from pipeline.outputs.files import read_id_mask
 from pipeline.run import resume
-from pipeline.wire.messages import EndOfStream, FrameMessage, FrameMeta, MaskMessage, TrackRecord
+from pipeline.video.live_source import SourceEvent
+from pipeline.wire.messages import (
+    SOURCE_STATES,
+    STATUS_STATES,
+    EndOfStream,
+    FrameMessage,
+    FrameMeta,
+    MaskMessage,
+    TrackRecord,
+)
 
 
 def _produce(node: DecoderNode) -> list:
@@ -73,6 +82,19 @@ def test_a_restarted_live_decoder_continues_the_stream(tmp_path: Path) -> None:
     assert all(b > a for a, b in itertools.pairwise(seconds))
     assert seconds[6] - seconds[5] >= 0.2  # the wall time between the two processes
     assert second[-1].frames == 12
+
+
+def test_a_live_sources_states_are_the_decoders_status_states() -> None:
+    """One definition (SOURCE_STATES): connected is running, each outage a state of its own,
+    every one a status state a reader knows."""
+    node = DecoderNode(DecoderConfig(source="rtsp://camera/stream"), live=True)
+    seen = {}
+    for state in SOURCE_STATES:
+        node._on_source_event(SourceEvent(state, session=0))  # what LiveSource calls
+        seen[state] = node.state
+    assert seen == {s: "running" if s == "connected" else s for s in SOURCE_STATES}
+    assert set(seen.values()) <= set(STATUS_STATES)
+    assert node.counters["source_stalled"] == node.counters["source_lost"] == 1
 
 
 def test_a_decoder_without_a_source_says_so() -> None:
