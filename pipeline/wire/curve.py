@@ -39,6 +39,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
+from pipeline.wire.transport import tcp_host_port
+
 if TYPE_CHECKING:
     from pipeline.config import CurveConfig, TransportConfig
 
@@ -572,10 +574,7 @@ def _is_loopback(host: str) -> bool:
 def reachable_from_network(endpoint: str) -> bool:
     """Whether a socket bound at ``endpoint`` may be reached from other hosts: tcp:// on a
     wildcard (``*``, ``0.0.0.0``, ``::``), a LAN address, or a host or interface name."""
-    if not endpoint.startswith("tcp://"):
-        return False
-    host = endpoint[len("tcp://") :].rpartition(":")[0]
-    return not _is_loopback(host)
+    return endpoint.startswith("tcp://") and not _is_loopback(tcp_host_port(endpoint)[0])
 
 
 _LINKS = ("frames", "embeddings", "masks", "status")
@@ -603,7 +602,7 @@ def exposure_warnings(transport: TransportConfig, names: Iterable[str] | None = 
         link = name in _LINKS
         if curve.link_secret_key if link else curve.server_secret_key:
             continue
-        port = endpoint.rpartition(":")[2]
+        port = tcp_host_port(endpoint)[1]
         key = (
             "transport.curve.link_secret_key"
             if link
