@@ -95,12 +95,12 @@ import typing
 from collections.abc import Sequence
 from enum import Enum
 from functools import cache
-from typing import Annotated, Any, ClassVar, Literal, Protocol, TypedDict, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, Protocol, Self, TypedDict, TypeVar, get_args
 
 import msgspec
 import numpy as np
 
-from pipeline.wire.masks import RegionMask, as_region_masks, is_int, stack_dense
+from pipeline.wire.masks import RegionMask, as_region_masks, frame_size_of, stack_dense
 
 SCHEMA_VERSION = 2
 MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes per track: 1 MiB is ~thousands
@@ -304,8 +304,8 @@ class TrackListing(TypedDict):
 
 
 # ----------------------------------------------------------------------------- buffers
-# A message field declared ``Annotated[type, Raw(...)]`` or ``Annotated[type, MaskWindows()]``
-# travels as a buffer part, not in the header.
+# A message field declared ``Annotated[type, Raw(...)]`` (or a subclass) travels as a buffer
+# part, not in the header.
 
 
 class Raw:
@@ -332,18 +332,21 @@ class Raw:
     def to_wire(self, array: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
         return {}, array
 
-    def from_wire(self, array: np.ndarray, header: Any) -> np.ndarray:
+    def from_wire(self, array: np.ndarray, header: Any) -> Any:
         return array
 
 
 Window = tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt, NonNegativeInt]
 
 
-class MaskWindows:
+class MaskWindows(Raw):
     """RegionMasks sent as their windows: ``mask_windows`` in the header, the windows' bits
-    in the buffer (module docs)."""
+    in a uint8 [B] buffer (module docs)."""
 
     header_fields = (("mask_windows", list[Window]),)
+
+    def __init__(self) -> None:
+        super().__init__("B", "uint8")  # what the buffer must be
 
     def check(self, kind: str, name: str, masks: Any) -> None:
         """Nothing here: MaskMessage cuts and checks its masks, which needs its frame size."""
@@ -354,45 +357,33 @@ class MaskWindows:
         return {"mask_windows": [m.box for m in masks]}, bits
 
     def from_wire(self, bits: np.ndarray, header: Any) -> tuple[RegionMask, ...]:
+        super().check("buffer", "masks", bits)
         height, width = header.frame_size
-        windows, count = header.mask_windows, len(header.tracks)
-        _require(
-            len(windows) == count,
-            f"header: {len(windows)} mask_windows for {count} tracks (one window per track)",
-        )
-        _require(
-            bits.dtype == np.uint8 and bits.ndim == 1,
-            f"buffer 'masks' must be uint8 [bytes], got {bits.dtype} {list(bits.shape)}",
-        )
-        for i, (x1, y1, x2, y2) in enumerate(windows):
+        for i, (x1, y1, x2, y2) in enumerate(header.mask_windows):
             _require(
                 x1 <= x2 <= width and y1 <= y2 <= height,
-                f"header: mask_windows[{i}] {list(windows[i])} does not lie in the"
+                f"header: mask_windows[{i}] {[x1, y1, x2, y2]} does not lie in the"
                 f" {width}x{height} frame",
             )
-        sizes = [(y2 - y1) * (x2 - x1) for x1, y1, x2, y2 in windows]
-        expected = sum((size + 7) // 8 for size in sizes)
+        sizes = [(y2 - y1) * (x2 - x1) for x1, y1, x2, y2 in header.mask_windows]
+        ends = np.cumsum([(size + 7) // 8 for size in sizes], dtype=int)
         _require(
-            bits.size == expected,
+            bits.size == (expected := int(ends[-1]) if sizes else 0),
             f"buffer 'masks': {bits.size} bytes, but the mask_windows' bits take {expected}",
         )
-        masks, start = [], 0
-        for i, (box, size) in enumerate(zip(windows, sizes, strict=True)):
-            stop = start + (size + 7) // 8
-            chunk = bits[start:stop]
-            spare = -size % 8
+        masks = []
+        for i, (box, size, end) in enumerate(zip(header.mask_windows, sizes, ends, strict=True)):
+            chunk = bits[end - (size + 7) // 8 : end]
             _require(
-                spare == 0 or int(chunk[-1]) & ((1 << spare) - 1) == 0,
+                size % 8 == 0 or int(chunk[-1]) & (0xFF >> size % 8) == 0,
                 f"buffer 'masks': the unused bits after window {i} must be zero",
             )
             x1, y1, x2, y2 = box
             window = np.unpackbits(chunk, count=size, bitorder="big").view(np.bool_)
             masks.append(RegionMask(header.frame_size, box, window.reshape(y2 - y1, x2 - x1)))
-            start = stop
         return tuple(masks)
 
 
-Codec = Raw | MaskWindows
 IMAGE = Raw("HxWx3", "uint8")  # an RGB frame
 
 
@@ -431,18 +422,17 @@ class _Header(msgspec.Struct, tag_field="kind", kw_only=True):
 
 
 _NoBuffers = Annotated[list[BufferSpec], msgspec.Meta(max_length=0)]
-_M = TypeVar("_M", bound="_WireMessage")
 
 
 @cache
-def _buffers(cls: type[_WireMessage]) -> dict[str, Codec]:
+def _buffers(cls: type[_WireMessage]) -> dict[str, Raw]:
     """The fields of ``cls`` that travel as buffers, in order, and how."""
     hints = typing.get_type_hints(cls, include_extras=True)
     return {
         name: codec
         for name in cls.__struct_fields__
         for codec in getattr(hints[name], "__metadata__", ())
-        if isinstance(codec, Codec)
+        if isinstance(codec, Raw)
     }
 
 
@@ -454,27 +444,18 @@ def header_type(cls: type[_WireMessage]) -> type[msgspec.Struct]:
     hints = typing.get_type_hints(cls, include_extras=True)
     buffers = _buffers(cls)
     fields: list[tuple[Any, ...]] = []
-    parts = []  # the buffers, in words
     for f in msgspec.structs.fields(cls):
         if f.name in buffers:
             fields += buffers[f.name].header_fields
-            parts.append(f.name if f.required else f"optionally {f.name}")
         else:
             default = msgspec.field(default=f.default, default_factory=f.default_factory)
             fields.append((f.name, hints[f.name], default))
     # A kind without buffers may leave out its empty list.
     fields.append(("buffers", list[BufferSpec]) if buffers else ("buffers", _NoBuffers, []))
-    header = msgspec.defstruct(
-        f"{cls.kind.capitalize()}Header",
-        fields,
-        bases=(_Header,),
-        tag=cls.kind,
-        kw_only=True,
-        module=__name__,
-    )
-    header.__doc__ = (
-        f'Part 0 of a message of kind "{cls.kind}"; buffers: {", then ".join(parts) or "none"}.'
-    )
+    name = f"{cls.kind.capitalize()}Header"  # FrameHeader, ..., EndHeader
+    header = msgspec.defstruct(name, fields, bases=(_Header,), tag=cls.kind, kw_only=True)
+    header.__module__ = __name__
+    header.__doc__ = f'Part 0 of a "{cls.kind}" message ({cls.__name__}, pipeline.wire.messages).'
     return header
 
 
@@ -550,7 +531,7 @@ class _WireMessage(msgspec.Struct, frozen=True):
         return [_dump_json(header), *views]
 
     @classmethod
-    def _parse(cls: type[_M], view: memoryview, frames: Sequence[Part]) -> _M:
+    def _parse(cls, view: memoryview, frames: Sequence[Part]) -> Self:
         header = _decode(header_type(cls), view, "header")
         arrays = _decode_buffers(cls, header.buffers, frames)
         buffers = _buffers(cls)
@@ -561,7 +542,7 @@ class _WireMessage(msgspec.Struct, frozen=True):
         return cls(**values)
 
     @classmethod
-    def from_frames(cls: type[_M], frames: Sequence[Part]) -> _M:
+    def from_frames(cls, frames: Sequence[Part]) -> Self:
         """Rebuild the message from its parts; raises MessageError saying what is wrong."""
         kind, view = _header_of(frames)
         _require(kind == cls.kind, f"expected a '{cls.kind}' message, got kind {kind!r}")
@@ -631,16 +612,11 @@ class MaskMessage(_WireMessage):
     timings: dict[str, float] = {}
 
     def __post_init__(self) -> None:
-        size = tuple(self.frame_size)
-        _require(
-            len(size) == 2 and all(is_int(v) and v > 0 for v in size),
-            f"frame_size must be [H, W] positive integers, got {list(size)}",
-        )
-        frame_size = (int(size[0]), int(size[1]))
         try:
+            frame_size = frame_size_of(self.frame_size)
             masks = as_region_masks(self.masks, frame_size)
         except ValueError as err:
-            raise MessageError(f"masks: {err}") from None
+            raise MessageError(f"{self.kind}: {err}") from None
         _require(
             len(masks) == len(self.tracks),
             f"{len(masks)} masks for {len(self.tracks)} tracks: one mask per track",

@@ -367,7 +367,7 @@ MALFORMED = {
     ),
     "masks do not match tracks": (
         with_header(mask_parts(), tracks=[]),
-        "3 mask_windows for 0 tracks",
+        "3 masks for 0 tracks: one mask per track",
     ),
     "bad track state": (
         with_header(
@@ -428,7 +428,7 @@ MALFORMED_WINDOWS = {
     ),
     "one window too many": (
         window_parts(mask_windows=[[1, 1, 4, 4], [0, 0, 0, 0]]),
-        "2 mask_windows for 1 tracks",
+        "2 masks for 1 tracks: one mask per track",
     ),
     "bits of a smaller window": (
         window_parts(mask_windows=[[1, 1, 6, 5]]),
@@ -451,7 +451,7 @@ MALFORMED_WINDOWS = {
             ).encode(),
             window_parts()[1],
         ],
-        "must be uint8",
+        r"buffer: masks must be B uint8, got uint16 \(1,\)",
     ),
 }
 
