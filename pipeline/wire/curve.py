@@ -271,7 +271,6 @@ class _Handler:
     """A context's ZAP thread and, as its `zmq.auth` credentials provider, the client keys
     admitted per ZAP domain."""
 
-    context: zmq.Context
     auth: ThreadAuthenticator
     by_domain: dict[str, set[bytes]] = field(default_factory=dict)
     users: int = 0
@@ -280,17 +279,17 @@ class _Handler:
         return key in self.by_domain.get(domain, ())
 
 
-_handlers: dict[int, _Handler] = {}
+_handlers: dict[zmq.Context, _Handler] = {}
 _handlers_lock = threading.Lock()
 
 
 def _acquire_handler(context: zmq.Context, domain: str, allowed: Iterable[bytes]) -> None:
     with _handlers_lock:
-        handler = _handlers.get(id(context))
-        if handler is None or handler.context is not context:
+        handler = _handlers.get(context)
+        if handler is None:
             auth = ThreadAuthenticator(context, log=logging.getLogger("pipeline.wire.curve.zap"))
             auth.start()
-            handler = _handlers[id(context)] = _Handler(context, auth)
+            handler = _handlers[context] = _Handler(auth)
         if domain not in handler.by_domain:
             handler.auth.configure_curve_callback(domain, handler)
         handler.by_domain.setdefault(domain, set()).update(allowed)
@@ -299,12 +298,12 @@ def _acquire_handler(context: zmq.Context, domain: str, allowed: Iterable[bytes]
 
 def _release_handler(context: zmq.Context) -> None:
     with _handlers_lock:
-        handler = _handlers.get(id(context))
-        if handler is None or handler.context is not context:
+        handler = _handlers.get(context)
+        if handler is None:
             return
         handler.users -= 1
         if handler.users <= 0:
-            del _handlers[id(context)]
+            del _handlers[context]
             try:
                 handler.auth.stop()  # its sockets must close before the context can terminate
             except zmq.ZMQError:
@@ -414,8 +413,7 @@ class CurveSecurity:
         self.refused = 0
         self.refused_by_reason: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._watches: list[_RefusalWatch] = []
-        self._handler_users = 0
+        self._watches: list[_RefusalWatch] = []  # one per socket served, each a ZAP user
         self._last_log = 0.0
 
     @classmethod
@@ -451,7 +449,6 @@ class CurveSecurity:
     def _serve(self, sock: zmq.Socket, server: CurveServer) -> None:
         _acquire_handler(sock.context, server.domain, server.allowed)
         with self._lock:
-            self._handler_users += 1
             self._watches.append(_RefusalWatch(sock, self))
 
     def _count(self, reason: str, endpoint: str) -> None:
@@ -487,10 +484,8 @@ class CurveSecurity:
         """Stop counting and release the ZAP handler; the sockets should be closed first."""
         with self._lock:
             watches, self._watches = self._watches, []
-            users, self._handler_users = self._handler_users, 0
         for watch in watches:
             watch.close()
-        for _ in range(users):
             _release_handler(self.context)
 
 
