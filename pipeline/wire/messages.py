@@ -95,11 +95,23 @@ import typing
 from collections.abc import Sequence
 from enum import Enum
 from functools import cache
-from typing import Annotated, Any, ClassVar, Literal, Protocol, Self, TypedDict, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, Self, TypedDict, TypeVar, get_args
 
 import msgspec
 import numpy as np
 
+from pipeline.wire.buffers import (
+    IMAGE,
+    BufferSpec,
+    MaskWindows,
+    MessageError,
+    Part,
+    Raw,
+    byte_view,
+    decode_buffers,
+    raw_buffer,
+    require,
+)
 from pipeline.wire.masks import RegionMask, as_region_masks, frame_size_of, stack_dense
 
 SCHEMA_VERSION = 2
@@ -132,44 +144,20 @@ StatusState = Literal[
     "starting", "running", "over_budget", SourceOutage, "degraded", "done", "stopped", "failed"
 ]
 PromptOp = Literal["add", "update", "remove", "list"]
-RawDtype = Literal["uint8", "uint16", "float16", "float32"]
 EmbeddingDtype = Literal["float16", "bfloat16", "float32"]
 TRACK_STATES: tuple[str, ...] = tuple(state.value for state in TrackState)
 SOURCE_STATES: tuple[str, ...] = get_args(SourceState)
 STATUS_STATES: tuple[str, ...] = get_args(StatusState)
 PROMPT_OPS: tuple[str, ...] = get_args(PromptOp)
 
-NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 Box = tuple[float, float, float, float]
 
-# Raw buffer dtypes a reader accepts, pinned little-endian so the wire does not depend on
-# the sender's byte order.
-_RAW_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in get_args(RawDtype)}
 # embedding_dtype -> dtype name of the array that carries it (numpy has no bfloat16).
 _EMBEDDING_WIRE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
 
 
-class MessageError(ValueError):
-    """A message that does not follow the wire format; the text says what is wrong."""
-
-
-class _HasBuffer(Protocol):
-    """A received part such as ``zmq.Frame`` (``recv_multipart(copy=False)``)."""
-
-    @property
-    def buffer(self) -> memoryview: ...
-
-
-Part = bytes | bytearray | memoryview | _HasBuffer
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def _require(condition: bool, text: str) -> None:
-    if not condition:
-        raise MessageError(text)
 
 
 @cache
@@ -200,22 +188,13 @@ def _dump_json(obj: dict[str, Any]) -> bytes:
         raise MessageError(f"header is not valid JSON: {exc}") from exc
 
 
-def _byte_view(part: Part, what: str) -> memoryview:
-    """A flat byte view of a received part, without copying."""
-    try:
-        view = memoryview(getattr(part, "buffer", part))
-        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-    except TypeError as exc:
-        raise MessageError(f"{what} is not a byte buffer ({type(part).__name__})") from exc
-
-
 def _decode(kind: Any, data: Part | str, what: str) -> Any:
     """``data`` parsed and checked as ``kind``; whatever is wrong is a MessageError in
     msgspec's words after ``what`` ("header: Expected `int`, got `str` - at `$.meta.seq`")."""
-    text = data if isinstance(data, str) else _byte_view(data, what)
+    text = data if isinstance(data, str) else byte_view(data, what)
     size, unit = (len(text), "characters") if isinstance(text, str) else (text.nbytes, "bytes")
     # Checked before parsing: what a hostile peer sends costs no more than this.
-    _require(size <= MAX_HEADER_BYTES, f"{what} is {size} {unit}, more than {MAX_HEADER_BYTES}")
+    require(size <= MAX_HEADER_BYTES, f"{what} is {size} {unit}, more than {MAX_HEADER_BYTES}")
     try:
         return msgspec.json.decode(text, type=kind)
     # Wrong types or values, missing fields, huge integers, bad JSON or UTF-8, NaN, nesting
@@ -259,8 +238,8 @@ class FrameMeta(msgspec.Struct, frozen=True):
     source_pts: int | None = None
 
     def __post_init__(self) -> None:
-        _require(self.time_base[1] > 0, f"time_base {self.time_base} needs a positive denominator")
-        _require(self.session >= 0, f"session must be >= 0, got {self.session}")
+        require(self.time_base[1] > 0, f"time_base {self.time_base} needs a positive denominator")
+        require(self.session >= 0, f"session must be >= 0, got {self.session}")
 
     @property
     def time_seconds(self) -> float | None:
@@ -281,13 +260,11 @@ class TrackRecord(msgspec.Struct, frozen=True):
     innovation: float
 
     def __post_init__(self) -> None:
-        _require(self.state in TRACK_STATES, f"track state {self.state!r} not in {TRACK_STATES}")
-        _require(len(self.box) == 4, f"track box needs 4 numbers, got {self.box}")
+        require(self.state in TRACK_STATES, f"track state {self.state!r} not in {TRACK_STATES}")
+        require(len(self.box) == 4, f"track box needs 4 numbers, got {self.box}")
         numbers = (*self.box, self.score, self.innovation)
         # Headers are standard JSON, which has no NaN / Infinity.
-        _require(
-            all(math.isfinite(x) for x in numbers), f"track {self.track_id}: non-finite number"
-        )
+        require(all(math.isfinite(x) for x in numbers), f"track {self.track_id}: non-finite number")
 
 
 class TrackListing(TypedDict):
@@ -301,108 +278,6 @@ class TrackListing(TypedDict):
     frames_since_update: int
     pending: bool
     start_frame: int | None
-
-
-# ----------------------------------------------------------------------------- buffers
-# A message field declared ``Annotated[type, Raw(...)]`` (or a subclass) travels as a buffer
-# part, not in the header.
-
-
-class Raw:
-    """A field sent as it is: an array of one of ``dtypes`` whose shape reads ``shape``
-    ("HxWx3": three dimensions, the last of size 3; letters are any size)."""
-
-    header_fields: tuple[tuple[str, Any], ...] = ()  # what it adds to the header: nothing
-
-    def __init__(self, shape: str, *dtypes: RawDtype) -> None:
-        self.shape = shape
-        self.dims = tuple(int(d) if d.isdigit() else None for d in shape.split("x"))
-        self.dtypes = dtypes
-
-    def check(self, kind: str, name: str, array: Any) -> None:
-        ok = (
-            isinstance(array, np.ndarray)
-            and array.dtype.name in self.dtypes
-            and array.ndim == len(self.dims)
-            and all(d in (None, n) for d, n in zip(self.dims, array.shape, strict=False))
-        )
-        got = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array)
-        _require(ok, f"{kind}: {name} must be {self.shape} {'/'.join(self.dtypes)}, got {got}")
-
-    def to_wire(self, array: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
-        return {}, array
-
-    def from_wire(self, array: np.ndarray, header: Any) -> Any:
-        return array
-
-
-Window = tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt, NonNegativeInt]
-
-
-class MaskWindows(Raw):
-    """RegionMasks sent as their windows: ``mask_windows`` in the header, the windows' bits
-    in a uint8 [B] buffer (module docs)."""
-
-    header_fields = (("mask_windows", list[Window]),)
-
-    def __init__(self) -> None:
-        super().__init__("B", "uint8")  # what the buffer must be
-
-    def check(self, kind: str, name: str, masks: Any) -> None:
-        """Nothing here: MaskMessage cuts and checks its masks, which needs its frame size."""
-
-    def to_wire(self, masks: tuple[RegionMask, ...]) -> tuple[dict[str, Any], np.ndarray]:
-        packed = [np.packbits(m.window.reshape(-1), bitorder="big") for m in masks]
-        bits = np.concatenate(packed) if packed else np.zeros(0, dtype=np.uint8)
-        return {"mask_windows": [m.box for m in masks]}, bits
-
-    def from_wire(self, bits: np.ndarray, header: Any) -> tuple[RegionMask, ...]:
-        super().check("buffer", "masks", bits)
-        height, width = header.frame_size
-        for i, (x1, y1, x2, y2) in enumerate(header.mask_windows):
-            _require(
-                x1 <= x2 <= width and y1 <= y2 <= height,
-                f"header: mask_windows[{i}] {[x1, y1, x2, y2]} does not lie in the"
-                f" {width}x{height} frame",
-            )
-        sizes = [(y2 - y1) * (x2 - x1) for x1, y1, x2, y2 in header.mask_windows]
-        ends = np.cumsum([(size + 7) // 8 for size in sizes], dtype=int)
-        _require(
-            bits.size == (expected := int(ends[-1]) if sizes else 0),
-            f"buffer 'masks': {bits.size} bytes, but the mask_windows' bits take {expected}",
-        )
-        masks = []
-        for i, (box, size, end) in enumerate(zip(header.mask_windows, sizes, ends, strict=True)):
-            chunk = bits[end - (size + 7) // 8 : end]
-            _require(
-                size % 8 == 0 or int(chunk[-1]) & (0xFF >> size % 8) == 0,
-                f"buffer 'masks': the unused bits after window {i} must be zero",
-            )
-            x1, y1, x2, y2 = box
-            window = np.unpackbits(chunk, count=size, bitorder="big").view(np.bool_)
-            masks.append(RegionMask(header.frame_size, box, window.reshape(y2 - y1, x2 - x1)))
-        return tuple(masks)
-
-
-IMAGE = Raw("HxWx3", "uint8")  # an RGB frame
-
-
-class BufferSpec(msgspec.Struct):
-    """One raw buffer: the part after the previous one, ``prod(shape) * itemsize`` bytes."""
-
-    name: str
-    dtype: RawDtype
-    shape: list[NonNegativeInt]
-    # No encoding is defined: a reader refuses a buffer that names one rather than misread it.
-    encoding: None = None
-
-
-def _raw_buffer(name: str, array: np.ndarray) -> tuple[BufferSpec, memoryview]:
-    """The header spec and a zero-copy byte view of one raw buffer (of a checked dtype)."""
-    # Copies only when the array is not C-contiguous or not little-endian.
-    array = np.ascontiguousarray(array, dtype=_RAW_DTYPES[array.dtype.name])
-    spec = BufferSpec(name, array.dtype.name, list(array.shape))
-    return spec, memoryview(array.reshape(-1).view(np.uint8))
 
 
 # ----------------------------------------------------------------------------- messages
@@ -459,40 +334,12 @@ def header_type(cls: type[_WireMessage]) -> type[msgspec.Struct]:
     return header
 
 
-def _decode_buffers(
-    cls: type[_WireMessage], specs: list[BufferSpec], frames: Sequence[Part]
-) -> dict[str, np.ndarray]:
-    """The buffers of a ``cls`` message: its required ones in order, then its optional ones
-    (default None), each of which needs those before it."""
-    _require(
-        len(frames) == 1 + len(specs),
-        f"message has {len(frames)} part(s) but its header lists {len(specs)} buffer(s)"
-        f" (expected {1 + len(specs)} parts)",
-    )
-    arrays = {}
-    for i, spec in enumerate(specs):
-        view = _byte_view(frames[i + 1], f"part {i + 1}")
-        dtype = _RAW_DTYPES[spec.dtype]
-        expected = math.prod(spec.shape) * dtype.itemsize
-        _require(
-            view.nbytes == expected,
-            f"buffer '{spec.name}': {view.nbytes} bytes do not match {spec.dtype}"
-            f" {spec.shape} ({expected} bytes)",
-        )
-        arrays[spec.name] = np.frombuffer(view, dtype).reshape(spec.shape)
-    names, declared = [spec.name for spec in specs], list(_buffers(cls))
-    required = sum(f.required for f in msgspec.structs.fields(cls) if f.name in declared)
-    layouts = [declared[:n] for n in range(required, len(declared) + 1)]
-    _require(names in layouts, f"'{cls.kind}' buffers must be one of {layouts}, got {names}")
-    return arrays
-
-
 def _header_of(frames: Sequence[Part]) -> tuple[str, memoryview]:
     """The kind of a message and its part 0, after the version check."""
-    _require(len(frames) > 0, "empty message: no header part")
-    view = _byte_view(frames[0], "header (part 0)")
+    require(len(frames) > 0, "empty message: no header part")
+    view = byte_view(frames[0], "header (part 0)")
     envelope = _decode(_Envelope, view, "header")
-    _require(
+    require(
         envelope.v == SCHEMA_VERSION,
         f"schema version {envelope.v} is not supported (this reader knows {SCHEMA_VERSION})",
     )
@@ -524,7 +371,7 @@ class _WireMessage(msgspec.Struct, frozen=True):
             elif value is not None:
                 fields, array = buffers[name].to_wire(value)
                 header.update(fields)
-                spec, view = _raw_buffer(name, array)
+                spec, view = raw_buffer(name, array)
                 specs.append(spec)
                 views.append(view)
         header["buffers"] = specs
@@ -533,8 +380,12 @@ class _WireMessage(msgspec.Struct, frozen=True):
     @classmethod
     def _parse(cls, view: memoryview, frames: Sequence[Part]) -> Self:
         header = _decode(header_type(cls), view, "header")
-        arrays = _decode_buffers(cls, header.buffers, frames)
-        buffers = _buffers(cls)
+        arrays, buffers = decode_buffers(header.buffers, frames), _buffers(cls)
+        # The required buffers in order, then the optional ones, each needing those before it.
+        names, declared = [spec.name for spec in header.buffers], list(buffers)
+        required = sum(f.required for f in msgspec.structs.fields(cls) if f.name in declared)
+        layouts = [declared[:n] for n in range(required, len(declared) + 1)]
+        require(names in layouts, f"'{cls.kind}' buffers must be one of {layouts}, got {names}")
         values = {n: getattr(header, n) for n in cls.__struct_fields__ if n not in buffers}
         for name, codec in buffers.items():
             if name in arrays:  # an optional buffer left out keeps its default, None
@@ -545,7 +396,7 @@ class _WireMessage(msgspec.Struct, frozen=True):
     def from_frames(cls, frames: Sequence[Part]) -> Self:
         """Rebuild the message from its parts; raises MessageError saying what is wrong."""
         kind, view = _header_of(frames)
-        _require(kind == cls.kind, f"expected a '{cls.kind}' message, got kind {kind!r}")
+        require(kind == cls.kind, f"expected a '{cls.kind}' message, got kind {kind!r}")
         return cls._parse(view, frames)
 
 
@@ -580,12 +431,12 @@ class EmbeddingMessage(_WireMessage):
 
     def __post_init__(self) -> None:
         wire = _EMBEDDING_WIRE_DTYPE.get(self.embedding_dtype)
-        _require(
+        require(
             wire is not None,
             f"embedding_dtype {self.embedding_dtype!r} is not one of {list(_EMBEDDING_WIRE_DTYPE)}",
         )
         super().__post_init__()
-        _require(
+        require(
             self.embedding.dtype.name == wire,
             f"embedding must be a CxHxW {wire} array for embedding_dtype"
             f" {self.embedding_dtype!r}, got {self.embedding.dtype} {self.embedding.shape}",
@@ -617,7 +468,7 @@ class MaskMessage(_WireMessage):
             masks = as_region_masks(self.masks, frame_size)
         except ValueError as err:
             raise MessageError(f"{self.kind}: {err}") from None
-        _require(
+        require(
             len(masks) == len(self.tracks),
             f"{len(masks)} masks for {len(self.tracks)} tracks: one mask per track",
         )
@@ -645,7 +496,7 @@ class StatusMessage(_WireMessage):
 
     def __post_init__(self) -> None:
         # Checked at the sender too: a state no reader knows is refused where it is made.
-        _require(self.state in STATUS_STATES, f"status state {self.state!r} not in {STATUS_STATES}")
+        require(self.state in STATUS_STATES, f"status state {self.state!r} not in {STATUS_STATES}")
 
 
 class EndOfStream(_WireMessage):
@@ -677,7 +528,7 @@ def decode(frames: Sequence[Part]) -> Message:
     """The message in ``frames``, whatever its kind; raises MessageError when malformed."""
     kind, view = _header_of(frames)
     cls = _KINDS.get(kind)
-    _require(cls is not None, f"unknown message kind {kind!r} (known: {sorted(_KINDS)})")
+    require(cls is not None, f"unknown message kind {kind!r} (known: {sorted(_KINDS)})")
     return cls._parse(view, frames)
 
 
@@ -721,14 +572,14 @@ class PromptCommand(_ControlMessage):
     frame: int | None = None
 
     def __post_init__(self) -> None:
-        _require(self.op in PROMPT_OPS, f"prompt op {self.op!r} is not one of {PROMPT_OPS}")
+        require(self.op in PROMPT_OPS, f"prompt op {self.op!r} is not one of {PROMPT_OPS}")
         has_prompt = self.box is not None or self.points is not None
         if self.op in ("update", "remove"):
-            _require(self.track_id is not None, f"prompt op '{self.op}' needs a track_id")
+            require(self.track_id is not None, f"prompt op '{self.op}' needs a track_id")
         if self.op in ("add", "update"):
-            _require(has_prompt, f"prompt op '{self.op}' needs a box or points")
+            require(has_prompt, f"prompt op '{self.op}' needs a box or points")
         if self.labels is not None:
-            _require(
+            require(
                 self.points is not None and len(self.labels) == len(self.points),
                 "prompt labels need points, one label per point",
             )
