@@ -11,25 +11,12 @@ from dataclasses import replace
 from pipeline.config import DecoderConfig, RunConfig
 from pipeline.run.live import is_live
 from pipeline.run.runtime import Node
-from pipeline.run.stream_position import (
-    POSITION_FILE_ENV,
-    Continuation,
-    PositionFile,
-    StreamPosition,
-)
+from pipeline.run.stream_position import POSITION_FILE_ENV, Continuation, PositionFile
 from pipeline.video.live_source import TICK_S, Backoff, LiveSource, SourceEvent, ThreadedReader
 from pipeline.video.sources import DecodedFrame, SourceSpec, VideoSource, parse_source
 from pipeline.wire.messages import EndOfStream, FrameMessage, FrameMeta, Message
 
 log = logging.getLogger(__name__)
-
-# Decoder status states for a live source's condition (consumers see them relayed).
-SOURCE_STATES = {
-    "connected": "running",
-    "stalled": "stalled",
-    "lost": "lost",
-    "reconnecting": "reconnecting",
-}
 
 
 def spec_for(config: DecoderConfig) -> SourceSpec:
@@ -100,15 +87,15 @@ class DecoderNode(Node):
     def setup(self) -> None:
         if not self.config.source:
             raise ValueError("decoder.source is empty: give --source VIDEO")
-        after = self.position.read() if self.position is not None else None
+        after = self.position.read(self.config.stream_id) if self.position is not None else None
         if after is not None:
             # A decoder of this run died: the stream goes on from its last frame.
             self.continuation = Continuation(after)
-            self.detail["continued_at_seq"] = after.next_seq
+            self.detail["continued_at_seq"] = after.seq + 1
             log.warning(
                 "decoder: continuing the stream after a restart at seq %d, frame %d",
-                after.next_seq,
-                after.next_frame_index,
+                after.seq + 1,
+                after.frame_index + 1,
             )
         spec = spec_for(self.config)
         if spec.is_live:
@@ -143,7 +130,8 @@ class DecoderNode(Node):
         )
 
     def _on_source_event(self, event: SourceEvent) -> None:
-        self.state = SOURCE_STATES[event.state]
+        # A connected source is a running decoder; its outages are status states of their own.
+        self.state = "running" if event.state == "connected" else event.state
         self.detail["source_state"] = event.to_json()
         if event.state == "reconnecting":
             self.count("reconnect_attempts")
@@ -223,7 +211,7 @@ class DecoderNode(Node):
                 meta = self.continuation.apply(meta)
             if self.position is not None:
                 # Before the send: a death in between leaves a gap, never a repeat.
-                self.position.write(StreamPosition.after(meta))
+                self.position.write(meta)
             frames = meta.seq + 1
             yield FrameMessage(
                 meta=meta, image=decoded.image, timings={"decode": decoded.decode_ms}

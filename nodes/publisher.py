@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
+
+import msgspec
 
 from pipeline.config import PublisherConfig, RunConfig
 from pipeline.outputs.files import MaskWriter
@@ -102,7 +103,7 @@ class PublisherNode(Node):
         if self.timings.add(timings) > self.timings.budget_ms:
             self.count("over_budget")
         # Consumers get masks and metadata; the frame itself stays here (megabytes each).
-        return [dataclasses.replace(msg, image=None, timings=timings)]
+        return [msgspec.structs.replace(msg, image=None, timings=timings)]
 
     def before_status(self) -> None:
         interval = self.timings.interval()

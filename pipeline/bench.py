@@ -106,8 +106,9 @@ def per_object_ms(
     backend: the tracker's mask decoder backend (``tracker.backend``); a named one's rows
     are ``tracker_ms_<backend>_<N>_objects`` (the publisher's only with publisher_rows),
     auto's the plain ``tracker_ms_<N>_objects``."""
-    import dataclasses
     import tempfile
+
+    import msgspec
 
     from nodes.encoder import EncoderNode
     from nodes.publisher import PublisherNode
@@ -142,9 +143,9 @@ def per_object_ms(
             publisher.setup()
             tracker_ms, publisher_ms = [], []
             for index in range(repeats + 1):  # frame 0 starts the tracks: not timed
-                msg = dataclasses.replace(
+                msg = msgspec.structs.replace(
                     embedded,
-                    meta=dataclasses.replace(meta, seq=index, frame_index=index, pts=index),
+                    meta=msgspec.structs.replace(meta, seq=index, frame_index=index, pts=index),
                 )
                 start = time.perf_counter()
                 (masks,) = tracker.process(msg)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import json
 import logging
 import os
@@ -551,7 +550,7 @@ def run_pipeline(
                         )
                     msg = statuses.recv(0)
                     continue
-                msg = dataclasses.replace(
+                msg = msgspec.structs.replace(
                     msg, detail={k: v for k, v in msg.detail.items() if k != STATUS_TOKEN_KEY}
                 )
                 last[msg.node] = msg

@@ -27,7 +27,6 @@ out on that node's PUB socket, so consumers see the health of the whole pipeline
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import signal
 import threading
@@ -37,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -382,7 +382,7 @@ class NodeRunner:
         # the feed's never does: subscribers must not learn it.
         signed = msg
         if self.status_token is not None:
-            signed = dataclasses.replace(
+            signed = msgspec.structs.replace(
                 msg, detail={**msg.detail, STATUS_TOKEN_KEY: self.status_token}
             )
         for sock, out in ((self._sockets.status, signed), (self._sockets.publish, msg)):

@@ -3,21 +3,22 @@
 A decoder that dies in a live run is started again by the launcher, the other nodes running
 on. The new process would number its frames from 0 again: sequence numbers and frame indices
 would repeat (PNGs overwritten, consumers told of a stream going back) and timestamps jump
-back. So the decoder records, after every frame it sends, the next sequence number and frame
-index, its connection number and the frame's pts and wall-clock time (`PositionFile`: one
-``pwrite`` of a few bytes, which a SIGKILL cannot tear), and a restarted decoder continues
+back. So the decoder records, after every frame it sends, that frame's FrameMeta (its
+sequence number and frame index, connection number, pts and wall-clock time; `PositionFile`:
+one ``pwrite`` of a few bytes, which a SIGKILL cannot tear), and a restarted decoder continues
 from there (`Continuation`), as `pipeline.video.live_source.LiveSource` does after a reconnect: a
 new session, its pts rebased to follow the last frame by the wall time in between.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import struct
 from fractions import Fraction
 from pathlib import Path
+
+import msgspec
 
 from pipeline.wire.messages import FrameMeta
 
@@ -28,40 +29,19 @@ POSITION_FILE_ENV = "SAMSTREAM_STREAM_POSITION"
 _LAYOUT = struct.Struct("<qqqqqqqd")
 
 
-@dataclasses.dataclass(frozen=True)
-class StreamPosition:
-    """The stream after its last frame sent: what the next frame continues."""
-
-    next_seq: int
-    next_frame_index: int
-    session: int
-    pts: int | None
-    time_base: tuple[int, int]
-    capture_time: float
-
-    @classmethod
-    def after(cls, meta: FrameMeta) -> StreamPosition:
-        return cls(
-            next_seq=meta.seq + 1,
-            next_frame_index=meta.frame_index + 1,
-            session=meta.session,
-            pts=meta.pts,
-            time_base=meta.time_base,
-            capture_time=meta.capture_time,
-        )
-
-
 class PositionFile:
-    """A file holding one StreamPosition, rewritten in place after every frame."""
+    """A file holding the FrameMeta of a stream's last frame sent, rewritten in place after
+    every frame (less the stream id, which the decoder knows, and source_pts)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._fd: int | None = None
 
-    def read(self) -> StreamPosition | None:
-        """The position a previous decoder left, or None (no file: this is the first one).
-        Raises ValueError for a file that is not a position (a run directory is private
-        to its launcher: that would be a bug, not something to continue from)."""
+    def read(self, stream_id: str) -> FrameMeta | None:
+        """The last frame a previous decoder of ``stream_id`` sent, or None (no file: this
+        is the first one). Raises ValueError for a file that is not a position (a run
+        directory is private to its launcher: that would be a bug, not something to continue
+        from)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -71,13 +51,14 @@ class PositionFile:
         seq, index, session, has_pts, pts, num, den, capture = _LAYOUT.unpack(data)
         if min(seq, index, session) < 0 or num <= 0 or den <= 0 or not math.isfinite(capture):
             raise ValueError(f"{self.path} holds an impossible stream position")
-        return StreamPosition(seq, index, session, pts if has_pts else None, (num, den), capture)
+        pts = pts if has_pts else None
+        return FrameMeta(stream_id, seq, index, pts, (num, den), capture, session=session)
 
-    def write(self, position: StreamPosition) -> None:
+    def write(self, meta: FrameMeta) -> None:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
         # The fields in the record's order (`_LAYOUT`), with a flag for a missing pts.
-        seq, index, session, pts, (num, den), capture = dataclasses.astuple(position)
+        _, seq, index, pts, (num, den), capture, session, _ = msgspec.structs.astuple(meta)
         record = _LAYOUT.pack(seq, index, session, pts is not None, pts or 0, num, den, capture)
         os.pwrite(self._fd, record, 0)
 
@@ -88,12 +69,12 @@ class PositionFile:
 
 
 class Continuation:
-    """Renumbers a restarted decoder's frames to follow ``after``: sequence numbers and
-    frame indices go on, every session of the new process comes after the old one's, and
-    pts continue from the last frame's plus the wall time between the two frames (in the
-    old time base), strictly increasing."""
+    """Renumbers a restarted decoder's frames to follow ``after``, the last frame the old
+    process sent: sequence numbers and frame indices go on, every session of the new process
+    comes after the old one's, and pts continue from the last frame's plus the wall time
+    between the two frames (in the old time base), strictly increasing."""
 
-    def __init__(self, after: StreamPosition) -> None:
+    def __init__(self, after: FrameMeta) -> None:
         self.after = after
         self._first: FrameMeta | None = None  # the new process's first frame
         self._pts_origin: FrameMeta | None = None  # and its first with a pts
@@ -117,10 +98,10 @@ class Continuation:
             if self._last_pts is not None and pts <= self._last_pts:
                 pts = self._last_pts + 1  # the source's clock stepped back: keep the order
             self._last_pts = pts
-        return dataclasses.replace(
+        return msgspec.structs.replace(
             meta,
-            seq=after.next_seq + meta.seq - first.seq,
-            frame_index=after.next_frame_index + meta.frame_index - first.frame_index,
+            seq=after.seq + 1 + meta.seq - first.seq,
+            frame_index=after.frame_index + 1 + meta.frame_index - first.frame_index,
             session=after.session + 1 + meta.session - first.session,
             pts=pts,
             time_base=time_base,

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 
 from pipeline.video.sources import DecodedFrame, SourceError, SourceSpec, SourceStalled, VideoSource
+from pipeline.wire.messages import SourceState
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ FIRST_OPEN_ATTEMPTS = 3  # for a server that answers "not now" to the very first
 class SourceEvent:
     """A change in a live source's state, for status messages.
 
-    state: "connected", "stalled" (connected but silent past the read timeout), "lost" (the
-        stream ended or failed) or "reconnecting" (waiting to try again).
+    state: one of SOURCE_STATES (`pipeline.wire.messages`): "connected", "stalled"
+        (connected but silent past the read timeout), "lost" (the stream ended or failed) or
+        "reconnecting" (waiting to try again).
     session: connection number (0 for the first connection, +1 per reconnect).
     attempt: reconnect attempts so far in this outage (0 when connected).
     next_try_in_s: seconds to the next attempt ("reconnecting" only).
@@ -47,7 +49,7 @@ class SourceEvent:
     error: what went wrong, credentials masked.
     """
 
-    state: str
+    state: SourceState
     session: int
     attempt: int = 0
     next_try_in_s: float | None = None

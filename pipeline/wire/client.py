@@ -29,15 +29,22 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import cached_property
 
+import msgspec
 import numpy as np
 import zmq
 
 from pipeline.wire.curve import HandshakeWatch, client_from_files
 from pipeline.wire.masks import RegionMask, stack_dense
-from pipeline.wire.messages import EndOfStream, MaskMessage, Message, StatusMessage, TrackRecord
+from pipeline.wire.messages import (
+    EndOfStream,
+    FrameMeta,
+    MaskMessage,
+    Message,
+    StatusMessage,
+    TrackRecord,
+)
 from pipeline.wire.stats import SequenceGaps
 from pipeline.wire.transport import MessageReceiver, SocketOptions, open_socket
 
@@ -50,36 +57,28 @@ RCVHWM = 16
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class MaskFrame:
-    """The masks of one frame.
+class MaskFrame(FrameMeta, frozen=True, kw_only=True, dict=True):
+    """The masks of one frame, and the frame's FrameMeta: ``stream_id``, ``seq``,
+    ``frame_index``, ``pts``, ``time_base``, ``capture_time`` (the wall clock when the frame
+    was decoded), ``session`` (the source's connection number: it grows at every camera
+    reconnect), ``source_pts``, and ``time_seconds`` (pts * time_base, None without pts).
 
     ``masks`` is N x H x W bool, mask i belonging to ``tracks[i]``; ``frame_size`` is
     (H, W). The feed carries each mask as the window of the frame that holds it:
     ``regions`` are those N RegionMask (``box`` (x1, y1, x2, y2), ``window`` bool inside
     it), and ``masks`` is built from them on first access (N frames of bools: a consumer
-    that only needs the objects' pixels can stay with ``regions``).
-    ``time_seconds`` is pts * time_base (None without pts); ``capture_time`` the
-    wall clock when the frame was decoded. ``gap``: sequence numbers missed right before
-    this frame (0 normally). ``latency_s``: receipt time minus capture time. ``timings``:
-    milliseconds per stage ("decode", "encoder", "tracker", "publish") and "latency"
-    (capture to publish), as the pipeline measured them. ``session``: the source's
-    connection number (it grows at every camera reconnect).
+    that only needs the objects' pixels can stay with ``regions``). ``gap``: sequence
+    numbers missed right before this frame (0 normally). ``latency_s``: receipt time minus
+    capture time. ``timings``: milliseconds per stage ("decode", "encoder", "tracker",
+    "publish") and "latency" (capture to publish), as the pipeline measured them.
     """
 
-    stream_id: str
-    seq: int
-    frame_index: int
-    pts: int | None
-    time_seconds: float | None
-    capture_time: float
     frame_size: tuple[int, int]
     tracks: tuple[TrackRecord, ...]
     regions: tuple[RegionMask, ...]
     gap: int
     latency_s: float
     timings: dict[str, float]
-    session: int = 0
 
     @cached_property
     def masks(self) -> np.ndarray:
@@ -156,19 +155,13 @@ class MaskSubscriber:
                 "stream %s: seq went back to %d (publisher restarted?)", meta.stream_id, meta.seq
             )
         return MaskFrame(
-            stream_id=meta.stream_id,
-            seq=meta.seq,
-            frame_index=meta.frame_index,
-            pts=meta.pts,
-            time_seconds=meta.time_seconds,
-            capture_time=meta.capture_time,
+            **msgspec.structs.asdict(meta),
             frame_size=msg.frame_size,
             tracks=msg.tracks,
             regions=msg.masks,
             gap=gap,
             latency_s=received - meta.capture_time,
             timings=dict(msg.timings),
-            session=meta.session,
         )
 
     def recv_event(self, timeout_ms: int | None) -> MaskFrame | Message | None:

@@ -28,6 +28,13 @@ def is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def frame_size_of(size: Sequence[Any]) -> tuple[int, int]:
+    """``size`` as ``(H, W)`` plain ints; ValueError unless it is two positive integers."""
+    if len(size) != 2 or not all(is_int(v) and v > 0 for v in size):
+        raise ValueError(f"frame_size must be (H, W) positive integers, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
 @dataclass(frozen=True, eq=False)
 class RegionMask:
     """An (H, W) bool mask that is False outside ``box``.
@@ -48,12 +55,10 @@ class RegionMask:
     window: np.ndarray
 
     def __post_init__(self) -> None:
-        size, box, window = self.frame_size, self.box, self.window
-        if len(size) != 2 or not all(is_int(v) and v > 0 for v in size):
-            raise ValueError(f"frame_size must be (H, W) positive integers, got {size!r}")
+        box, window = self.box, self.window
+        height, width = frame_size_of(self.frame_size)
         if len(box) != 4 or not all(is_int(v) for v in box):
             raise ValueError(f"box must be 4 integers (x1, y1, x2, y2), got {box!r}")
-        height, width = (int(v) for v in size)
         x1, y1, x2, y2 = (int(v) for v in box)
         if not (0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height):
             raise ValueError(
@@ -175,7 +180,7 @@ def as_region_masks(
 ) -> tuple[RegionMask, ...]:
     """Masks as RegionMasks of ``frame_size``: an (N, H, W) bool (or integer) array is cut
     into tight windows; a sequence of RegionMask is checked. Raises ValueError."""
-    size = (int(frame_size[0]), int(frame_size[1]))
+    size = frame_size_of(frame_size)
     if isinstance(masks, np.ndarray):
         if masks.ndim != 3:
             raise ValueError(f"{what} must be (N, H, W), got shape {masks.shape}")

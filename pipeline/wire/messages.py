@@ -15,7 +15,8 @@ Every header holds::
 
 A buffer is a raw C-contiguous (row-major) array of ``prod(shape)`` elements of ``dtype``,
 little-endian; dtype is one of ``uint8``, ``uint16``, ``float16`` (IEEE half), ``float32``.
-Its part is exactly ``prod(shape) * itemsize`` bytes.
+Its part is exactly ``prod(shape) * itemsize`` bytes. A kind's buffers come in the order
+listed below; the optional ones come last, and a message without them simply ends earlier.
 
 The fields beside ``kind``/``v``/``buffers``, per kind. ``meta`` is
 ``{"stream_id": str, "seq": int, "frame_index": int, "pts": int | null,
@@ -50,14 +51,17 @@ pts of a frame whose timestamp was repaired; only such frames carry it.
   ``(y - y1) * w + (x - x1)`` is 1.
 - ``"status"``: ``node`` str, ``state`` (below), ``time`` float (Unix seconds), ``counters``
   {str: int}, ``detail`` {str: any JSON}. No buffers.
-- ``"end"``: ``stream_id`` str, ``frames`` int, ``reason`` str ("eof", "max_frames",
-  "error: ...", "stopped"). No buffers.
+- ``"end"``: ``stream_id`` str, ``frames`` int, ``reason`` str: the decoder sends "eof" (the
+  source ended) or "max_frames" (``decoder.max_frames`` reached), and the nodes pass it on.
+  No buffers. A stream that is stopped or fails gets no end message: the nodes' statuses
+  say "stopped" or "failed" instead.
 
 A status ``state`` is one of (STATUS_STATES): "starting" (setting up, models loading),
 "running", "over_budget" (live publisher: frames over the per-frame budget since the last
 status), "stalled" / "lost" / "reconnecting" (decoder: the live source is silent, gone,
-being reconnected), "degraded" (sent by the launcher: a node died and is being restarted),
-"done" (the stream ended), "stopped" (a stop request), "failed" (``detail["error"]`` says why).
+being reconnected; SOURCE_STATES), "degraded" (sent by the launcher: a node died and is
+being restarted), "done" (the stream ended), "stopped" (a stop request), "failed"
+(``detail["error"]`` says why).
 
 Readers ignore header fields they do not know. ``seq`` counts 0, 1, 2, ... per stream id, so
 a consumer detects loss by gaps.
@@ -85,19 +89,30 @@ unpacked mask windows.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Sequence
 from enum import Enum
-from typing import Annotated, Any, ClassVar, Literal, Protocol, TypedDict, TypeVar, get_args
+from functools import cache
+from typing import Annotated, Any, ClassVar, Literal, Self, TypedDict, TypeVar, get_args
 
 import msgspec
 import numpy as np
 
-from pipeline.wire.masks import RegionMask, as_region_masks, stack_dense
+from pipeline.wire.buffers import (
+    IMAGE,
+    BufferSpec,
+    MaskWindows,
+    MessageError,
+    Part,
+    Raw,
+    byte_view,
+    decode_buffers,
+    raw_buffer,
+    require,
+)
+from pipeline.wire.masks import RegionMask, as_region_masks, frame_size_of, stack_dense
 
 SCHEMA_VERSION = 2
 MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes per track: 1 MiB is ~thousands
@@ -121,51 +136,41 @@ class TrackState(str, Enum):
         return self.value
 
 
-_SourceState = Literal["stalled", "lost", "reconnecting"]  # a live source's, from the decoder
+# A live source's states (`pipeline.video.live_source`, one definition): while "connected"
+# the decoder's status is "running"; the others are decoder status states of their own.
+SourceOutage = Literal["stalled", "lost", "reconnecting"]
+SourceState = Literal["connected", SourceOutage]
 StatusState = Literal[
-    "starting", "running", "over_budget", _SourceState, "degraded", "done", "stopped", "failed"
+    "starting", "running", "over_budget", SourceOutage, "degraded", "done", "stopped", "failed"
 ]
 PromptOp = Literal["add", "update", "remove", "list"]
-RawDtype = Literal["uint8", "uint16", "float16", "float32"]
 EmbeddingDtype = Literal["float16", "bfloat16", "float32"]
 TRACK_STATES: tuple[str, ...] = tuple(state.value for state in TrackState)
+SOURCE_STATES: tuple[str, ...] = get_args(SourceState)
 STATUS_STATES: tuple[str, ...] = get_args(StatusState)
 PROMPT_OPS: tuple[str, ...] = get_args(PromptOp)
 
-NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 Box = tuple[float, float, float, float]
 
-# Raw buffer dtypes a reader accepts, pinned little-endian so the wire does not depend on
-# the sender's byte order.
-_RAW_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in get_args(RawDtype)}
 # embedding_dtype -> dtype name of the array that carries it (numpy has no bfloat16).
 _EMBEDDING_WIRE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
-
-
-class MessageError(ValueError):
-    """A message that does not follow the wire format; the text says what is wrong."""
-
-
-class _HasBuffer(Protocol):
-    """A received part such as ``zmq.Frame`` (``recv_multipart(copy=False)``)."""
-
-    @property
-    def buffer(self) -> memoryview: ...
-
-
-Part = bytes | bytearray | memoryview | _HasBuffer
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _require(condition: bool, text: str) -> None:
-    if not condition:
-        raise MessageError(text)
+@cache
+def _left_out_when_none(cls: type[msgspec.Struct]) -> frozenset[str]:
+    """The optional fields (default None) of a header record: absent, not null, while None."""
+    return frozenset(f.name for f in msgspec.structs.fields(cls) if f.default is None)
 
 
 def _json_default(value: Any) -> Any:
+    if isinstance(value, msgspec.Struct):  # FrameMeta, TrackRecord: their fields, in order
+        skip = _left_out_when_none(type(value))
+        items = zip(value.__struct_fields__, msgspec.structs.astuple(value), strict=True)
+        return {name: v for name, v in items if v is not None or name not in skip}
     # Producers often hand over numpy scalars (np.float32 scores, np.int64 ids).
     if isinstance(value, np.generic):
         return value.item()
@@ -183,92 +188,41 @@ def _dump_json(obj: dict[str, Any]) -> bytes:
         raise MessageError(f"header is not valid JSON: {exc}") from exc
 
 
-def _byte_view(part: Part, what: str) -> memoryview:
-    """A flat byte view of a received part, without copying."""
-    try:
-        view = memoryview(getattr(part, "buffer", part))
-        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-    except TypeError as exc:
-        raise MessageError(f"{what} is not a byte buffer ({type(part).__name__})") from exc
-
-
-def _explain(err: msgspec.ValidationError, what: str) -> str:
-    """msgspec's "Expected `int`, got `str` - at `$.meta.seq`" in this module's words:
-    "header: field 'meta.seq' must be int, got str"."""
-    text, _, path = str(err).partition(" - at `$")
-    path = path.rstrip("`").lstrip(".")
-    for pattern, words in (
-        (r"Object missing required field `(\w+)`", r"missing field '\1'"),
-        (r"Object contains unknown field `(\w+)`", r"unknown field '\1'"),
-        (r"Expected `array` of length ([^,]+)(, got \d+)?", r"must have \1 items"),
-        (r"Invalid enum value (.+)", r"is \1, not one of the values it may have"),
-        (r"Expected `([^`]+?)(?: \| null)?`", r"must be \1"),  # a wrong value is not null
-        (r"got `([^`]+)`", r"got \1"),
-    ):
-        text = re.sub(pattern, words, text)
-    sep = " " if text.startswith(("must", "is ")) else ": "
-    return f"{what}: field '{path}'{sep}{text}" if path else f"{what}{sep}{text}"
-
-
 def _decode(kind: Any, data: Part | str, what: str) -> Any:
-    """``data`` parsed and checked as ``kind``; whatever is wrong is a MessageError."""
-    text = data if isinstance(data, str) else _byte_view(data, what)
+    """``data`` parsed and checked as ``kind``; whatever is wrong is a MessageError in
+    msgspec's words after ``what`` ("header: Expected `int`, got `str` - at `$.meta.seq`")."""
+    text = data if isinstance(data, str) else byte_view(data, what)
     size, unit = (len(text), "characters") if isinstance(text, str) else (text.nbytes, "bytes")
     # Checked before parsing: what a hostile peer sends costs no more than this.
-    _require(size <= MAX_HEADER_BYTES, f"{what} is {size} {unit}, more than {MAX_HEADER_BYTES}")
+    require(size <= MAX_HEADER_BYTES, f"{what} is {size} {unit}, more than {MAX_HEADER_BYTES}")
     try:
         return msgspec.json.decode(text, type=kind)
-    except msgspec.ValidationError as err:  # wrong types, missing fields, huge integers
-        raise MessageError(_explain(err, what)) from None
-    except msgspec.DecodeError as err:
-        if not isinstance(text, str):
-            try:
-                text = str(text, "utf-8")
-            except UnicodeDecodeError as exc:
-                raise MessageError(f"{what} is not UTF-8: {exc}") from None
-        nan = " (standard JSON has no NaN or Infinity)" if re.search("NaN|Infinity", text) else ""
-        raise MessageError(f"{what} is not valid JSON{nan}: {err}") from None
-    except RecursionError:
-        raise MessageError(f"{what} is nested too deeply to be a samstream header") from None
+    # Wrong types or values, missing fields, huge integers, bad JSON or UTF-8, NaN, nesting
+    # deeper than Python's recursion limit.
+    except (msgspec.MsgspecError, RecursionError) as err:
+        raise MessageError(f"{what}: {err}") from None
 
 
-def _raw_buffer(name: str, array: np.ndarray) -> tuple[dict[str, Any], memoryview]:
-    """The header spec and a zero-copy byte view of one raw buffer."""
-    wire_dtype = _RAW_DTYPES.get(array.dtype.name)
-    _require(wire_dtype is not None, f"buffer '{name}': dtype {array.dtype} cannot be sent")
-    # Copies only when the array is not C-contiguous or not little-endian.
-    array = np.ascontiguousarray(array, dtype=wire_dtype)
-    spec = {"name": name, "dtype": array.dtype.name, "shape": list(array.shape)}
-    return spec, memoryview(array.reshape(-1).view(np.uint8))
-
-
-def _pack(kind: str, fields: dict[str, Any], buffers: list[tuple[dict[str, Any], memoryview]]):
-    header = {"kind": kind, "v": SCHEMA_VERSION, **fields, "buffers": [s for s, _ in buffers]}
-    return [_dump_json(header), *(view for _, view in buffers)]
-
-
-def _check_image(image: np.ndarray, size: tuple[int, int] | None, where: str) -> None:
-    _require(
-        image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3,
-        f"{where}: image must be HxWx3 uint8, got {image.dtype} {image.shape}",
-    )
-    _require(
-        size is None or tuple(image.shape[:2]) == tuple(size),
-        f"{where}: image is {image.shape[0]}x{image.shape[1]} but the size says {size}",
-    )
+def _check_size(kind: str, image: np.ndarray | None, size: tuple[int, int]) -> None:
+    if image is not None and tuple(image.shape[:2]) != tuple(size):
+        raise MessageError(
+            f"{kind}: image is {image.shape[0]}x{image.shape[1]} but the size says {size}"
+        )
 
 
 # ----------------------------------------------------------------------------- records
+# The header's own types: msgspec checks them as it parses, and decoding gives them directly.
 
 
-@dataclass(frozen=True)
-class FrameMeta:
+class FrameMeta(msgspec.Struct, frozen=True):
     """Identity and timing of one video frame, carried by every per-frame message.
 
     ``pts`` is the decoder's repaired timestamp, strictly increasing within a stream;
     ``source_pts`` is the container's pts where the repair changed it (None otherwise), so a
     frame can still be found in the original file by the timestamp a player shows.
     """
+
+    # A changed copy is msgspec.structs.replace(meta, seq=...): its checks run again.
 
     stream_id: str
     seq: int  # 0, 1, 2, ... per stream: a gap means messages were lost
@@ -279,12 +233,13 @@ class FrameMeta:
     # The source's connection number: 0, then +1 at every reconnect of a live source. A
     # change tells the tracker that the camera was gone for a while in between.
     session: int = 0
-    # Optional: headers of senders from before the timestamp repair have none.
+    # Optional, and left out of the header while None: only repaired frames carry it, and
+    # headers of senders from before the timestamp repair have none.
     source_pts: int | None = None
 
     def __post_init__(self) -> None:
-        _require(self.time_base[1] > 0, f"time_base {self.time_base} needs a positive denominator")
-        _require(self.session >= 0, f"session must be >= 0, got {self.session}")
+        require(self.time_base[1] > 0, f"time_base {self.time_base} needs a positive denominator")
+        require(self.session >= 0, f"session must be >= 0, got {self.session}")
 
     @property
     def time_seconds(self) -> float | None:
@@ -293,24 +248,8 @@ class FrameMeta:
             return None
         return self.pts * self.time_base[0] / self.time_base[1]
 
-    def to_json(self) -> dict[str, Any]:
-        # Not msgspec.to_builtins: it skips defaults that msgspec's decoding left to the class.
-        fields = dataclasses.asdict(self)
-        if self.source_pts is None:  # only repaired frames carry it: headers stay small
-            del fields["source_pts"]
-        return fields
 
-    @classmethod
-    def from_json(cls, header: Mapping[str, Any]) -> FrameMeta:
-        """The ``meta`` of a parsed header; raises MessageError naming a wrong field."""
-        try:
-            return msgspec.convert(header.get("meta"), cls)
-        except msgspec.ValidationError as err:
-            raise MessageError(_explain(err, "meta")) from None
-
-
-@dataclass(frozen=True)
-class TrackRecord:
+class TrackRecord(msgspec.Struct, frozen=True):
     """One tracked object in one frame; ``box`` is (x1, y1, x2, y2) in pixels."""
 
     track_id: int
@@ -321,16 +260,11 @@ class TrackRecord:
     innovation: float
 
     def __post_init__(self) -> None:
-        _require(self.state in TRACK_STATES, f"track state {self.state!r} not in {TRACK_STATES}")
-        _require(len(self.box) == 4, f"track box needs 4 numbers, got {self.box}")
+        require(self.state in TRACK_STATES, f"track state {self.state!r} not in {TRACK_STATES}")
+        require(len(self.box) == 4, f"track box needs 4 numbers, got {self.box}")
         numbers = (*self.box, self.score, self.innovation)
         # Headers are standard JSON, which has no NaN / Infinity.
-        _require(
-            all(math.isfinite(x) for x in numbers), f"track {self.track_id}: non-finite number"
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        require(all(math.isfinite(x) for x in numbers), f"track {self.track_id}: non-finite number")
 
 
 class TrackListing(TypedDict):
@@ -346,19 +280,7 @@ class TrackListing(TypedDict):
     start_frame: int | None
 
 
-# ----------------------------------------------------------------------------- headers
-# What part 0 of each kind holds, checked by msgspec as it is parsed. Unknown fields pass
-# (readers ignore them); the buffer checks that JSON cannot express follow in the messages.
-
-
-class BufferSpec(msgspec.Struct):
-    """One raw buffer: the part after the previous one, ``prod(shape) * itemsize`` bytes."""
-
-    name: str
-    dtype: RawDtype
-    shape: list[NonNegativeInt]
-    # No encoding is defined: a reader refuses a buffer that names one rather than misread it.
-    encoding: None = None
+# ----------------------------------------------------------------------------- messages
 
 
 class _Envelope(msgspec.Struct):
@@ -374,154 +296,120 @@ class _Header(msgspec.Struct, tag_field="kind", kw_only=True):
     v: Literal[2]  # SCHEMA_VERSION, which _Envelope has checked already
 
 
-class FrameHeader(_Header, tag="frame", kw_only=True):
-    """Part 0 of a "frame" message; buffers: image."""
-
-    meta: FrameMeta
-    timings: dict[str, float] = {}
-    buffers: list[BufferSpec]
-
-
-class EmbeddingHeader(_Header, tag="embedding", kw_only=True):
-    """Part 0 of an "embedding" message; buffers: embedding, then optionally image."""
-
-    meta: FrameMeta
-    embedding_dtype: EmbeddingDtype
-    original_size: tuple[int, int]
-    input_size: tuple[int, int]
-    timings: dict[str, float] = {}
-    buffers: list[BufferSpec]
-
-
-class MasksHeader(_Header, tag="masks", kw_only=True):
-    """Part 0 of a "masks" message; buffers: masks (the windows' bits), then optionally image."""
-
-    meta: FrameMeta
-    frame_size: tuple[PositiveInt, PositiveInt]
-    tracks: list[TrackRecord]
-    mask_windows: list[tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt, NonNegativeInt]]
-    timings: dict[str, float] = {}
-    buffers: list[BufferSpec]
-
-
 _NoBuffers = Annotated[list[BufferSpec], msgspec.Meta(max_length=0)]
 
 
-class StatusHeader(_Header, tag="status", kw_only=True):
-    """Part 0 (and the only part) of a "status" message."""
-
-    node: str
-    state: StatusState
-    time: float
-    counters: dict[str, int] = {}
-    detail: dict[str, Any] = {}
-    buffers: _NoBuffers = []
-
-
-class EndHeader(_Header, tag="end", kw_only=True):
-    """Part 0 (and the only part) of an "end" message."""
-
-    stream_id: str
-    frames: int
-    reason: str
-    buffers: _NoBuffers = []
+@cache
+def _buffers(cls: type[_WireMessage]) -> dict[str, Raw]:
+    """The fields of ``cls`` that travel as buffers, in order, and how."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {
+        name: codec
+        for name in cls.__struct_fields__
+        for codec in getattr(hints[name], "__metadata__", ())
+        if isinstance(codec, Raw)
+    }
 
 
-Header = FrameHeader | EmbeddingHeader | MasksHeader | StatusHeader | EndHeader
-_HEADERS: dict[str, type[_Header]] = {h.__struct_config__.tag: h for h in get_args(Header)}
-
-
-def _decode_buffers(
-    kind: str, specs: list[BufferSpec], frames: Sequence[Part], layouts: list[list[str]]
-) -> dict[str, np.ndarray]:
-    """The buffers of a message whose buffer names must be one of ``layouts``."""
-    _require(
-        len(frames) == 1 + len(specs),
-        f"message has {len(frames)} part(s) but its header lists {len(specs)} buffer(s)"
-        f" (expected {1 + len(specs)} parts)",
-    )
-    arrays = {}
-    for i, spec in enumerate(specs):
-        view = _byte_view(frames[i + 1], f"part {i + 1}")
-        dtype = _RAW_DTYPES[spec.dtype]
-        expected = math.prod(spec.shape) * dtype.itemsize
-        _require(
-            view.nbytes == expected,
-            f"buffer '{spec.name}': {view.nbytes} bytes do not match {spec.dtype}"
-            f" {spec.shape} ({expected} bytes)",
-        )
-        arrays[spec.name] = np.frombuffer(view, dtype).reshape(spec.shape)
-    names = [spec.name for spec in specs]
-    _require(names in layouts, f"'{kind}' buffers must be one of {layouts}, got {names}")
-    return arrays
+@cache
+def header_type(cls: type[_WireMessage]) -> type[msgspec.Struct]:
+    """The Struct that part 0 of a ``cls`` message is parsed and checked as (and the JSON
+    Schema is made of): the fields of ``cls`` that are not buffers, what its buffers add
+    (``mask_windows``), and the buffer specs. Unknown fields pass: readers ignore them."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    buffers = _buffers(cls)
+    fields: list[tuple[Any, ...]] = []
+    for f in msgspec.structs.fields(cls):
+        if f.name in buffers:
+            fields += buffers[f.name].header_fields
+        else:
+            default = msgspec.field(default=f.default, default_factory=f.default_factory)
+            fields.append((f.name, hints[f.name], default))
+    # A kind without buffers may leave out its empty list.
+    fields.append(("buffers", list[BufferSpec]) if buffers else ("buffers", _NoBuffers, []))
+    name = f"{cls.kind.capitalize()}Header"  # FrameHeader, ..., EndHeader
+    header = msgspec.defstruct(name, fields, bases=(_Header,), tag=cls.kind, kw_only=True)
+    header.__module__ = __name__
+    header.__doc__ = f'Part 0 of a "{cls.kind}" message ({cls.__name__}, pipeline.wire.messages).'
+    return header
 
 
 def _header_of(frames: Sequence[Part]) -> tuple[str, memoryview]:
     """The kind of a message and its part 0, after the version check."""
-    _require(len(frames) > 0, "empty message: no header part")
-    view = _byte_view(frames[0], "header (part 0)")
+    require(len(frames) > 0, "empty message: no header part")
+    view = byte_view(frames[0], "header (part 0)")
     envelope = _decode(_Envelope, view, "header")
-    _require(
+    require(
         envelope.v == SCHEMA_VERSION,
         f"schema version {envelope.v} is not supported (this reader knows {SCHEMA_VERSION})",
     )
     return envelope.kind, view
 
 
-# ----------------------------------------------------------------------------- messages
-
-_M = TypeVar("_M", bound="_WireMessage")
-
-
-class _WireMessage:
-    """Shared ``from_frames``; subclasses set ``kind`` (their header's tag) and the hooks."""
+class _WireMessage(msgspec.Struct, frozen=True):
+    """One message kind, the whole of its definition: ``kind``, then its fields in header
+    order, those declared with a codec (`Raw`, `MaskWindows`) sent as the buffer parts in
+    the same order (an optional one defaults to None, after the required ones). Encoding,
+    decoding and the header's type (`header_type`) follow from the declaration."""
 
     kind: ClassVar[str]
 
+    def __post_init__(self) -> None:
+        for name, codec in _buffers(type(self)).items():
+            if (value := getattr(self, name)) is not None:
+                codec.check(self.kind, name, value)
+
     def to_frames(self) -> list[bytes | memoryview]:
         """Header then buffers, ready for ``send_multipart(copy=False)`` (no array copy)."""
-        raise NotImplementedError
+        buffers = _buffers(type(self))
+        header: dict[str, Any] = {"kind": self.kind, "v": SCHEMA_VERSION}
+        specs, views = [], []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name not in buffers:
+                header[name] = value
+            elif value is not None:
+                fields, array = buffers[name].to_wire(value)
+                header.update(fields)
+                spec, view = raw_buffer(name, array)
+                specs.append(spec)
+                views.append(view)
+        header["buffers"] = specs
+        return [_dump_json(header), *views]
 
     @classmethod
-    def _from_header(cls: type[_M], header: Any, frames: Sequence[Part]) -> _M:
-        raise NotImplementedError
+    def _parse(cls, view: memoryview, frames: Sequence[Part]) -> Self:
+        header = _decode(header_type(cls), view, "header")
+        arrays, buffers = decode_buffers(header.buffers, frames), _buffers(cls)
+        # The required buffers in order, then the optional ones, each needing those before it.
+        names, declared = [spec.name for spec in header.buffers], list(buffers)
+        required = sum(f.required for f in msgspec.structs.fields(cls) if f.name in declared)
+        layouts = [declared[:n] for n in range(required, len(declared) + 1)]
+        require(names in layouts, f"'{cls.kind}' buffers must be one of {layouts}, got {names}")
+        values = {n: getattr(header, n) for n in cls.__struct_fields__ if n not in buffers}
+        for name, codec in buffers.items():
+            if name in arrays:  # an optional buffer left out keeps its default, None
+                values[name] = codec.from_wire(arrays[name], header)
+        return cls(**values)
 
     @classmethod
-    def _parse(cls: type[_M], view: memoryview, frames: Sequence[Part]) -> _M:
-        return cls._from_header(_decode(_HEADERS[cls.kind], view, "header"), frames)
-
-    @classmethod
-    def from_frames(cls: type[_M], frames: Sequence[Part]) -> _M:
+    def from_frames(cls, frames: Sequence[Part]) -> Self:
         """Rebuild the message from its parts; raises MessageError saying what is wrong."""
         kind, view = _header_of(frames)
-        _require(kind == cls.kind, f"expected a '{cls.kind}' message, got kind {kind!r}")
+        require(kind == cls.kind, f"expected a '{cls.kind}' message, got kind {kind!r}")
         return cls._parse(view, frames)
 
 
-@dataclass(frozen=True)
 class FrameMessage(_WireMessage):
     """A decoded frame: ``image`` is HxWx3 uint8 RGB; ``timings``: stage -> milliseconds."""
 
     kind: ClassVar[str] = "frame"
 
     meta: FrameMeta
-    image: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _check_image(self.image, None, "frame")
-
-    def to_frames(self) -> list[bytes | memoryview]:
-        fields = {"meta": self.meta.to_json(), "timings": self.timings}
-        return _pack(self.kind, fields, [_raw_buffer("image", self.image)])
-
-    @classmethod
-    def _from_header(cls, header: FrameHeader, frames: Sequence[Part]) -> FrameMessage:
-        arrays = _decode_buffers(cls.kind, header.buffers, frames, [["image"]])
-        return cls(meta=header.meta, image=arrays["image"], timings=header.timings)
+    image: Annotated[np.ndarray, IMAGE]
+    timings: dict[str, float] = {}
 
 
-@dataclass(frozen=True)
 class EmbeddingMessage(_WireMessage):
     """The image encoder's output for one frame.
 
@@ -534,56 +422,28 @@ class EmbeddingMessage(_WireMessage):
     kind: ClassVar[str] = "embedding"
 
     meta: FrameMeta
-    embedding: np.ndarray
+    embedding: Annotated[np.ndarray, Raw("CxHxW", *_EMBEDDING_WIRE_DTYPE.values())]
     embedding_dtype: EmbeddingDtype
     original_size: tuple[int, int]
     input_size: tuple[int, int]
-    image: np.ndarray | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    image: Annotated[np.ndarray | None, IMAGE] = None
+    timings: dict[str, float] = {}
 
     def __post_init__(self) -> None:
         wire = _EMBEDDING_WIRE_DTYPE.get(self.embedding_dtype)
-        _require(
+        require(
             wire is not None,
             f"embedding_dtype {self.embedding_dtype!r} is not one of {list(_EMBEDDING_WIRE_DTYPE)}",
         )
-        _require(
-            self.embedding.ndim == 3 and self.embedding.dtype.name == wire,
+        super().__post_init__()
+        require(
+            self.embedding.dtype.name == wire,
             f"embedding must be a CxHxW {wire} array for embedding_dtype"
             f" {self.embedding_dtype!r}, got {self.embedding.dtype} {self.embedding.shape}",
         )
-        if self.image is not None:
-            _check_image(self.image, self.original_size, "embedding")
-
-    def to_frames(self) -> list[bytes | memoryview]:
-        buffers = [_raw_buffer("embedding", self.embedding)]
-        if self.image is not None:
-            buffers.append(_raw_buffer("image", self.image))
-        fields = {
-            "meta": self.meta.to_json(),
-            "embedding_dtype": self.embedding_dtype,
-            "original_size": list(self.original_size),
-            "input_size": list(self.input_size),
-            "timings": self.timings,
-        }
-        return _pack(self.kind, fields, buffers)
-
-    @classmethod
-    def _from_header(cls, header: EmbeddingHeader, frames: Sequence[Part]) -> EmbeddingMessage:
-        layouts = [["embedding"], ["embedding", "image"]]
-        arrays = _decode_buffers(cls.kind, header.buffers, frames, layouts)
-        return cls(
-            meta=header.meta,
-            embedding=arrays["embedding"],
-            embedding_dtype=header.embedding_dtype,
-            original_size=header.original_size,
-            input_size=header.input_size,
-            image=arrays.get("image"),
-            timings=header.timings,
-        )
+        _check_size(self.kind, self.image, self.original_size)
 
 
-@dataclass(frozen=True)
 class MaskMessage(_WireMessage):
     """The tracker's result for one frame.
 
@@ -596,122 +456,33 @@ class MaskMessage(_WireMessage):
     kind: ClassVar[str] = "masks"
 
     meta: FrameMeta
-    frame_size: tuple[int, int]
+    frame_size: tuple[PositiveInt, PositiveInt]
     tracks: tuple[TrackRecord, ...]
-    masks: tuple[RegionMask, ...]
-    image: np.ndarray | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    masks: Annotated[tuple[RegionMask, ...], MaskWindows()]
+    image: Annotated[np.ndarray | None, IMAGE] = None
+    timings: dict[str, float] = {}
 
     def __post_init__(self) -> None:
-        size = tuple(self.frame_size)
-        _require(
-            len(size) == 2
-            and all(
-                isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size
-            ),
-            f"frame_size must be [H, W] positive integers, got {list(size)}",
-        )
-        frame_size = (int(size[0]), int(size[1]))
         try:
+            frame_size = frame_size_of(self.frame_size)
             masks = as_region_masks(self.masks, frame_size)
         except ValueError as err:
-            raise MessageError(f"masks: {err}") from None
-        _require(
+            raise MessageError(f"{self.kind}: {err}") from None
+        require(
             len(masks) == len(self.tracks),
             f"{len(masks)} masks for {len(self.tracks)} tracks: one mask per track",
         )
-        object.__setattr__(self, "frame_size", frame_size)
-        object.__setattr__(self, "masks", masks)
-        if self.image is not None:
-            _check_image(self.image, self.frame_size, "masks")
+        msgspec.structs.force_setattr(self, "frame_size", frame_size)
+        msgspec.structs.force_setattr(self, "masks", masks)
+        super().__post_init__()
+        _check_size(self.kind, self.image, frame_size)
 
     def dense_masks(self) -> np.ndarray:
         """(N, H, W) bool: every track's mask over the whole frame."""
-        return stack_dense(self.masks, (self.frame_size[0], self.frame_size[1]))
-
-    def to_frames(self) -> list[bytes | memoryview]:
-        packed = [np.packbits(m.window.reshape(-1), bitorder="big") for m in self.masks]
-        bits = np.concatenate(packed) if packed else np.zeros(0, dtype=np.uint8)
-        buffers = [_raw_buffer("masks", bits)]
-        if self.image is not None:
-            buffers.append(_raw_buffer("image", self.image))
-        fields = {
-            "meta": self.meta.to_json(),
-            "frame_size": list(self.frame_size),
-            "tracks": [track.to_json() for track in self.tracks],
-            "mask_windows": [list(m.box) for m in self.masks],
-            "timings": self.timings,
-        }
-        return _pack(self.kind, fields, buffers)
-
-    @classmethod
-    def _from_header(cls, header: MasksHeader, frames: Sequence[Part]) -> MaskMessage:
-        arrays = _decode_buffers(cls.kind, header.buffers, frames, [["masks"], ["masks", "image"]])
-        return cls(
-            meta=header.meta,
-            frame_size=header.frame_size,
-            tracks=tuple(header.tracks),
-            masks=_unpack_windows(header, arrays["masks"]),
-            image=arrays.get("image"),
-            timings=header.timings,
-        )
+        return stack_dense(self.masks, self.frame_size)
 
 
-def _unpack_windows(header: MasksHeader, bits: np.ndarray) -> tuple[RegionMask, ...]:
-    """The RegionMasks of a masks message: ``mask_windows`` and the ``masks`` buffer."""
-    height, width = header.frame_size
-    windows, count = header.mask_windows, len(header.tracks)
-    _require(
-        len(windows) == count,
-        f"header: {len(windows)} mask_windows for {count} tracks (one window per track)",
-    )
-    _require(
-        bits.dtype == np.uint8 and bits.ndim == 1,
-        f"buffer 'masks' must be uint8 [bytes], got {bits.dtype} {list(bits.shape)}",
-    )
-    for i, (x1, y1, x2, y2) in enumerate(windows):
-        _require(
-            x1 <= x2 <= width and y1 <= y2 <= height,
-            f"header: mask_windows[{i}] {list(windows[i])} does not lie in the {width}x{height}"
-            " frame",
-        )
-    sizes = [(y2 - y1) * (x2 - x1) for x1, y1, x2, y2 in windows]
-    expected = sum((size + 7) // 8 for size in sizes)
-    _require(
-        bits.size == expected,
-        f"buffer 'masks': {bits.size} bytes, but the mask_windows' bits take {expected}",
-    )
-    masks, start = [], 0
-    for i, (box, size) in enumerate(zip(windows, sizes, strict=True)):
-        stop = start + (size + 7) // 8
-        chunk = bits[start:stop]
-        spare = -size % 8
-        _require(
-            spare == 0 or int(chunk[-1]) & ((1 << spare) - 1) == 0,
-            f"buffer 'masks': the unused bits after window {i} must be zero",
-        )
-        x1, y1, x2, y2 = box
-        window = np.unpackbits(chunk, count=size, bitorder="big").view(np.bool_)
-        masks.append(RegionMask(header.frame_size, box, window.reshape(y2 - y1, x2 - x1)))
-        start = stop
-    return tuple(masks)
-
-
-class _HeaderOnlyMessage(_WireMessage):
-    """A message that is its header alone: its dataclass fields, the same-named header
-    fields, no buffers."""
-
-    def to_frames(self) -> list[bytes | memoryview]:
-        return _pack(self.kind, vars(self), [])  # its fields: kind is a ClassVar
-
-    @classmethod
-    def _from_header(cls: type[_M], header: Any, frames: Sequence[Part]) -> _M:
-        _require(len(frames) == 1, f"'{cls.kind}' message must have 1 part, got {len(frames)}")
-        return cls(**{f.name: getattr(header, f.name) for f in dataclasses.fields(cls)})
-
-
-@dataclass(frozen=True)
-class StatusMessage(_HeaderOnlyMessage):
+class StatusMessage(_WireMessage):
     """A node's heartbeat: ``state`` (one of STATUS_STATES, module docs), wall-clock
     ``time``, counters and JSON-able ``detail``."""
 
@@ -720,18 +491,17 @@ class StatusMessage(_HeaderOnlyMessage):
     node: str
     state: StatusState
     time: float
-    counters: dict[str, int] = field(default_factory=dict)
-    detail: dict[str, Any] = field(default_factory=dict)
+    counters: dict[str, int] = {}
+    detail: dict[str, Any] = {}
 
     def __post_init__(self) -> None:
         # Checked at the sender too: a state no reader knows is refused where it is made.
-        _require(self.state in STATUS_STATES, f"status state {self.state!r} not in {STATUS_STATES}")
+        require(self.state in STATUS_STATES, f"status state {self.state!r} not in {STATUS_STATES}")
 
 
-@dataclass(frozen=True)
-class EndOfStream(_HeaderOnlyMessage):
-    """A stream ended after ``frames`` frames; ``reason``: "eof", "max_frames",
-    "error: ...", "stopped"."""
+class EndOfStream(_WireMessage):
+    """A stream ended after ``frames`` frames; ``reason``: "eof" (the source ended) or
+    "max_frames" (``decoder.max_frames`` reached), the decoder's two (module docs)."""
 
     kind: ClassVar[str] = "end"
 
@@ -743,6 +513,8 @@ class EndOfStream(_HeaderOnlyMessage):
 Message = FrameMessage | EmbeddingMessage | MaskMessage | StatusMessage | EndOfStream
 
 _KINDS: dict[str, type[_WireMessage]] = {cls.kind: cls for cls in get_args(Message)}
+# What part 0 of a data message may be: the header types of every kind (the JSON Schema's).
+Header = typing.Union[tuple(header_type(cls) for cls in _KINDS.values())]  # noqa: UP007
 
 
 def encode(msg: Message) -> list[bytes | memoryview]:
@@ -756,7 +528,7 @@ def decode(frames: Sequence[Part]) -> Message:
     """The message in ``frames``, whatever its kind; raises MessageError when malformed."""
     kind, view = _header_of(frames)
     cls = _KINDS.get(kind)
-    _require(cls is not None, f"unknown message kind {kind!r} (known: {sorted(_KINDS)})")
+    require(cls is not None, f"unknown message kind {kind!r} (known: {sorted(_KINDS)})")
     return cls._parse(view, frames)
 
 
@@ -800,14 +572,14 @@ class PromptCommand(_ControlMessage):
     frame: int | None = None
 
     def __post_init__(self) -> None:
-        _require(self.op in PROMPT_OPS, f"prompt op {self.op!r} is not one of {PROMPT_OPS}")
+        require(self.op in PROMPT_OPS, f"prompt op {self.op!r} is not one of {PROMPT_OPS}")
         has_prompt = self.box is not None or self.points is not None
         if self.op in ("update", "remove"):
-            _require(self.track_id is not None, f"prompt op '{self.op}' needs a track_id")
+            require(self.track_id is not None, f"prompt op '{self.op}' needs a track_id")
         if self.op in ("add", "update"):
-            _require(has_prompt, f"prompt op '{self.op}' needs a box or points")
+            require(has_prompt, f"prompt op '{self.op}' needs a box or points")
         if self.labels is not None:
-            _require(
+            require(
                 self.points is not None and len(self.labels) == len(self.points),
                 "prompt labels need points, one label per point",
             )

@@ -66,7 +66,9 @@ class SocketOptions:
 STATUS_LINK_OPTIONS = SocketOptions(sndhwm=1000, rcvhwm=1000)
 
 
-def _tcp_host_port(endpoint: str) -> tuple[str, str]:
+def tcp_host_port(endpoint: str) -> tuple[str, str]:
+    """``(host, port)`` of ``tcp://host:port`` (the host may be ``*`` or ``[v6]``); ValueError
+    for anything else."""
     host, sep, port = endpoint[len("tcp://") :].rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(
@@ -85,7 +87,7 @@ def validate_endpoint(endpoint: str) -> str:
     rather than every socket that opens it.
     """
     if endpoint.startswith("tcp://"):
-        _tcp_host_port(endpoint)
+        tcp_host_port(endpoint)
         return endpoint
     for scheme in ("ipc://", "inproc://"):
         if endpoint.startswith(scheme) and len(endpoint) > len(scheme):
@@ -143,7 +145,7 @@ def open_socket(
     validate_endpoint(endpoint)
     if socket_type != zmq.SUB and subscribe is not None:
         raise ValueError("subscribe is only for SUB sockets")
-    if not bind and endpoint.startswith("tcp://") and _tcp_host_port(endpoint)[0] == "*":
+    if not bind and endpoint.startswith("tcp://") and tcp_host_port(endpoint)[0] == "*":
         raise ValueError(f"cannot connect to {endpoint!r}: '*' is only for binding")
     sock = ctx.socket(socket_type)
     try:

@@ -8,12 +8,12 @@ tests/infer/test_sam_decoder.py.)
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from support.media import make_clip
@@ -23,7 +23,16 @@ from nodes.publisher import PublisherNode
 from pipeline.config import DecoderConfig, PublisherConfig
 from pipeline.outputs.files import read_id_mask
 from pipeline.run import resume
-from pipeline.wire.messages import EndOfStream, FrameMessage, FrameMeta, MaskMessage, TrackRecord
+from pipeline.video.live_source import SourceEvent
+from pipeline.wire.messages import (
+    SOURCE_STATES,
+    STATUS_STATES,
+    EndOfStream,
+    FrameMessage,
+    FrameMeta,
+    MaskMessage,
+    TrackRecord,
+)
 
 
 def _produce(node: DecoderNode) -> list:
@@ -51,7 +60,7 @@ def test_decoder_resumed_skips_what_was_done(tmp_path: Path) -> None:
     later = _produce(DecoderNode(DecoderConfig(source=str(clip)), start_frame=5))
 
     def same(m: FrameMessage) -> FrameMeta:
-        return dataclasses.replace(m.meta, capture_time=0.0)  # the one field that differs
+        return msgspec.structs.replace(m.meta, capture_time=0.0)  # the one field that differs
 
     assert [same(m) for m in later[:-1]] == [same(m) for m in full[5:-1]]
     assert all(np.array_equal(a.image, b.image) for a, b in zip(later, full[5:-1], strict=False))
@@ -73,6 +82,19 @@ def test_a_restarted_live_decoder_continues_the_stream(tmp_path: Path) -> None:
     assert all(b > a for a, b in itertools.pairwise(seconds))
     assert seconds[6] - seconds[5] >= 0.2  # the wall time between the two processes
     assert second[-1].frames == 12
+
+
+def test_a_live_sources_states_are_the_decoders_status_states() -> None:
+    """One definition (SOURCE_STATES): connected is running, each outage a state of its own,
+    every one a status state a reader knows."""
+    node = DecoderNode(DecoderConfig(source="rtsp://camera/stream"), live=True)
+    seen = {}
+    for state in SOURCE_STATES:
+        node._on_source_event(SourceEvent(state, session=0))  # what LiveSource calls
+        seen[state] = node.state
+    assert seen == {s: "running" if s == "connected" else s for s in SOURCE_STATES}
+    assert set(seen.values()) <= set(STATUS_STATES)
+    assert node.counters["source_stalled"] == node.counters["source_lost"] == 1
 
 
 def test_a_decoder_without_a_source_says_so() -> None:
@@ -158,4 +180,4 @@ def test_publisher_refuses_what_is_not_masks() -> None:
     node.setup()
     frame = _masks(0)
     with pytest.raises(TypeError, match="publisher takes MaskMessage"):
-        node.process(dataclasses.replace(frame.meta))  # type: ignore[arg-type]
+        node.process(msgspec.structs.replace(frame.meta))  # type: ignore[arg-type]

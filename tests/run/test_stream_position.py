@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from pipeline.run.stream_position import Continuation, PositionFile, StreamPosition
+from pipeline.run.stream_position import Continuation, PositionFile
 from pipeline.wire.messages import FrameMeta
 
 
@@ -26,37 +27,32 @@ def meta(
 
 def test_position_file_round_trip_and_rewrite(tmp_path: Path) -> None:
     file = PositionFile(tmp_path / "decoder.position")
-    assert file.read() is None  # the first decoder of a run finds none
-    first = StreamPosition.after(meta(41, 3600 * 41, 1000.5, session=2))
-    file.write(first)
-    file.write(StreamPosition.after(meta(42, None, 1000.6)))
-    file.close()
-    again = PositionFile(tmp_path / "decoder.position").read()
-    assert again == StreamPosition(
-        next_seq=43,
-        next_frame_index=43,
-        session=0,
-        pts=None,
-        time_base=(1, 90000),
-        capture_time=1000.6,
+    assert file.read("cam0") is None  # the first decoder of a run finds none
+    file.write(meta(41, 3600 * 41, 1000.5, session=2))
+    assert PositionFile(tmp_path / "decoder.position").read("cam0") == meta(
+        41, 3600 * 41, 1000.5, session=2
     )
-    assert first.next_seq == 42 and first.pts == 3600 * 41 and first.session == 2
+    last = msgspec.structs.replace(meta(42, None, 1000.6), source_pts=7)
+    file.write(last)  # in place of the first
+    file.close()
+    again = PositionFile(tmp_path / "decoder.position").read("cam0")
+    # The last frame's meta, less its source_pts (a continuation has no use for it).
+    assert again == msgspec.structs.replace(last, source_pts=None) == meta(42, None, 1000.6)
 
 
 def test_a_file_that_is_not_a_position_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "decoder.position"
     path.write_bytes(b"not a position")
     with pytest.raises(ValueError, match="is not a stream position"):
-        PositionFile(path).read()
+        PositionFile(path).read("cam0")
     path.write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="impossible stream position"):
-        PositionFile(path).read()
+        PositionFile(path).read("cam0")
 
 
 def test_continuation_follows_the_last_frame() -> None:
     # The old decoder sent seq 99 (frame 99, session 1) at pts 9000 (1/100 s), at t=500.0.
-    after = StreamPosition.after(meta(99, 9000, 500.0, session=1, tb=(1, 100)))
-    cont = Continuation(after)
+    cont = Continuation(meta(99, 9000, 500.0, session=1, tb=(1, 100)))
     # The new process numbers from 0 in its own time base; its first frame comes 2.5 s
     # after the last old one, the next 40 ms later (3600 ticks of 1/90000).
     a = cont.apply(meta(0, 123_456, 502.5))
@@ -72,6 +68,6 @@ def test_continuation_follows_the_last_frame() -> None:
 
 
 def test_continuation_without_timestamps_keeps_the_new_ones() -> None:
-    cont = Continuation(StreamPosition.after(meta(5, None, 10.0)))
+    cont = Continuation(meta(5, None, 10.0))
     first = cont.apply(meta(0, 77, 11.0))
     assert (first.seq, first.pts, first.time_base) == (6, 77, (1, 90000))

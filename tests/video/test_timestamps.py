@@ -8,6 +8,7 @@ stands for (reordered, missing or backward pts), so a passing test means a repai
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 from support.media import make_b_frame_avi, make_clip, make_concatenated_ts, make_pts_as_dts_mp4
 
@@ -29,7 +31,7 @@ from pipeline.video.sources import (
     parse_source,
 )
 from pipeline.video.timestamps import REPAIR_METHODS, RepairedTimestamp, TimestampRepairer
-from pipeline.wire.messages import FrameMessage, FrameMeta, MessageError
+from pipeline.wire.messages import FrameMessage, FrameMeta, MessageError, decode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -538,15 +540,28 @@ def test_decoder_node_carries_source_pts_and_the_report(media: Path) -> None:
 
 
 def test_frame_meta_source_pts_on_the_wire() -> None:
-    meta = FrameMeta("cam0", 3, 3, 4, (125, 2997), 1.5, source_pts=5)
-    assert meta.to_json()["source_pts"] == 5
-    assert FrameMeta.from_json({"meta": meta.to_json()}) == meta
-    # Not repaired: no field, as headers from before the repair existed, which still parse.
+    image = np.zeros((1, 1, 3), np.uint8)
     plain = FrameMeta("cam0", 3, 3, 4, (125, 2997), 1.5)
-    assert "source_pts" not in plain.to_json()
-    assert FrameMeta.from_json({"meta": plain.to_json()}).source_pts is None
-    assert FrameMeta.from_json({"meta": {**plain.to_json(), "source_pts": None}}) == plain
-    with pytest.raises(MessageError, match="source_pts' must be int, got str"):
-        FrameMeta.from_json({"meta": {**plain.to_json(), "source_pts": "5"}})
-    with pytest.raises(MessageError, match="source_pts' must be int, got bool"):
-        FrameMeta.from_json({"meta": {**plain.to_json(), "source_pts": True}})
+
+    def header(meta: FrameMeta) -> dict:
+        return json.loads(FrameMessage(meta, image).to_frames()[0])
+
+    def parsed(fields: dict) -> FrameMeta:  # a frame header whose meta holds these fields
+        parts = [json.dumps({**header(plain), "meta": fields}).encode(), image.tobytes()]
+        return decode(parts).meta
+
+    meta = FrameMeta("cam0", 3, 3, 4, (125, 2997), 1.5, source_pts=5)
+    assert header(meta)["meta"]["source_pts"] == 5
+    assert parsed(header(meta)["meta"]) == meta
+    # Not repaired: no field, as headers from before the repair existed, which still parse.
+    assert "source_pts" not in header(plain)["meta"]
+    assert parsed(header(plain)["meta"]).source_pts is None
+    assert parsed({**header(plain)["meta"], "source_pts": None}) == plain
+    with pytest.raises(
+        MessageError, match=r"Expected `int \| null`, got `str` - at `\$.meta.source_pts`"
+    ):
+        parsed({**header(plain)["meta"], "source_pts": "5"})
+    with pytest.raises(
+        MessageError, match=r"Expected `int \| null`, got `bool` - at `\$.meta.source_pts`"
+    ):
+        parsed({**header(plain)["meta"], "source_pts": True})

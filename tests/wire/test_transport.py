@@ -171,7 +171,7 @@ def test_receiver_skips_and_counts_malformed_messages(pair, caplog) -> None:
     assert receiver.rejected == 3
     reasons = [r.getMessage() for r in caplog.records]
     assert len(reasons) == 3
-    assert "not valid JSON" in reasons[0] and "schema version 99" in reasons[1]
+    assert "JSON is malformed" in reasons[0] and "schema version 99" in reasons[1]
     assert "3 part(s)" in reasons[2]
 
 
