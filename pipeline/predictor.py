@@ -38,10 +38,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-# The name this API's results had before they became Ultralytics-shaped.
-Prediction = Results
-
 ImageSource = str | os.PathLike[str] | np.ndarray | Image.Image
 ImageFormat = Literal["RGB", "BGR"]
 
