@@ -9,7 +9,8 @@ from pathlib import Path
 import msgspec
 
 from pipeline.config import PublisherConfig, RunConfig
-from pipeline.outputs.files import MaskWriter
+from pipeline.outputs.sinks import OverlaySink
+from pipeline.outputs.writer import MaskWriter
 from pipeline.run import resume
 from pipeline.run.live import FrameTimings, is_live
 from pipeline.run.runtime import Node, shutdown_deferred
@@ -83,17 +84,7 @@ class PublisherNode(Node):
         if self.writer is not None:
             # One frame's files are written whole or not at all: a stop waits for them.
             with shutdown_deferred():
-                self.writer.write(
-                    frame_index=msg.meta.frame_index,
-                    seq=msg.meta.seq,
-                    pts=msg.meta.pts,
-                    time_base=msg.meta.time_base,
-                    frame_size=msg.frame_size,
-                    tracks=msg.tracks,
-                    masks=msg.masks,
-                    image=msg.image,
-                    source_pts=msg.meta.source_pts,
-                )
+                self.writer.write(msg)
         self.count("frames")
         timings = {
             **msg.timings,
@@ -115,7 +106,9 @@ class PublisherNode(Node):
     def _finished_outputs(self) -> None:
         if self.writer is not None:
             self.detail["outputs"] = {kind: str(path) for kind, path in self.writer.close().items()}
-            self.detail["overlay_rescaled_frames"] = self.writer.overlay_rescaled_frames
+            overlay = self.writer.sinks.get("overlay")
+            rescaled = overlay.rescaled_frames if isinstance(overlay, OverlaySink) else 0
+            self.detail["overlay_rescaled_frames"] = rescaled
 
     def finish(self, end: EndOfStream) -> list[Message]:
         self._finished_outputs()

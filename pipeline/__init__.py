@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SAM", "MaskSubscriber", "Prediction", "Results"]
+__all__ = ["SAM", "MaskSubscriber", "Results"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("SAM", "Prediction", "Results"):
+    if name in ("SAM", "Results"):
         from pipeline import predictor
 
         return getattr(predictor, name)

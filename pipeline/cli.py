@@ -98,22 +98,23 @@ def _predict(args: argparse.Namespace) -> int:
     if not args.box and not points:
         raise ValueError("give at least one --box or --point")
     model = SAM(args.weights, device=args.device, dtype=args.dtype, image_size=args.image_size)
-    results = model(
+    [result] = model(
         image, bboxes=args.box, points=points, labels=labels, multimask_output=args.multimask
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    for i, (obj, box) in enumerate(zip(results, results.boxes, strict=True), start=1):
+    objects = zip(result.masks.data, result.boxes.xyxy, result.scores, strict=True)
+    for i, (mask, box, score) in enumerate(objects, start=1):
         mask_path = args.out / f"mask_{i:02d}.png"
-        Image.fromarray(obj.masks[0].astype(np.uint8) * 255).save(mask_path)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
         record = {
             "object": i,
-            "score": round(float(obj.scores[0]), 4),
+            "score": round(float(score), 4),
             "box": None if np.isnan(box).any() else [float(v) for v in box],
             "mask": str(mask_path),
         }
         print(json.dumps(record))
-    results.save(args.out / "overlay.png")
-    print(f"wrote {len(results)} mask(s) and overlay.png to {args.out}")
+    result.save(args.out / "overlay.png")
+    print(f"wrote {len(result)} mask(s) and overlay.png to {args.out}")
     return 0
 
 

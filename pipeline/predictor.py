@@ -3,8 +3,9 @@
 from pipeline import SAM
 model = SAM("mobile_sam.pt")
 results = model("zidane.jpg", bboxes=[439, 437, 524, 709])  # or model.predict(...)
-results.masks  # (N, H, W) bool at the image's size; results[0], for r in results: per object
-results.save("zidane_masks.png")  # results.plot(), results.to_json(), results.speed
+result = results[0]  # a list of one Results per image, as in Ultralytics
+result.masks.data  # (N, H, W) bool at the image's size; result[0], for obj in result: per object
+result.save("zidane_masks.png")  # result.plot(), result.to_json(), result.speed
 
 Images: a path, a PIL image, or an (H, W, 3) uint8 numpy array in RGB order (SAM's
 convention); pass ``image_format="BGR"`` for OpenCV's arrays (cv2.imread). Ultralytics reads
@@ -30,16 +31,12 @@ from pipeline.model.checkpoint import load_checkpoint
 from pipeline.model.sam import MobileSAM, build_mobile_sam
 from pipeline.model.transforms import scale_boxes, scale_coords
 from pipeline.model.weights import resolve_weights
-from pipeline.results import Results
+from pipeline.results import Masks, Results
 from pipeline.track.prompts import Prompts, parse_prompts
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# The name this API's results had before they became Ultralytics-shaped.
-Prediction = Results
 
 ImageSource = str | os.PathLike[str] | np.ndarray | Image.Image
 ImageFormat = Literal["RGB", "BGR"]
@@ -238,9 +235,10 @@ class SAM:
         multimask_output: bool = False,
         *,
         image_format: ImageFormat = "RGB",
-    ) -> Results:
-        """Segment the prompted objects of one image (see `pipeline.track.prompts` for nesting;
-        `load_image` for the sources and ``image_format``)."""
+    ) -> list[Results]:
+        """Segment the prompted objects of one image: a list of one `Results`, as Ultralytics
+        gives one per image (see `pipeline.track.prompts` for nesting; `load_image` for the
+        sources and ``image_format``)."""
         start = perf_counter()
         image = load_image(source, image_format)
         # Validate before the (slow) encode so a bad prompt costs nothing.
@@ -253,7 +251,7 @@ class SAM:
         decoded = perf_counter()
         masks = logits > self.model.mask_threshold
         results = Results(
-            masks=masks.flatten(0, 1).cpu().numpy(),
+            masks=Masks(masks.flatten(0, 1).cpu().numpy()),
             scores=scores.flatten().cpu().numpy(),
             logits=low_res.flatten(0, 1).cpu().numpy(),
             image=image,
@@ -265,6 +263,6 @@ class SAM:
             inference=(decoded - encoded) * 1000,
             postprocess=(done - decoded) * 1000,
         )
-        return results
+        return [results]
 
     __call__ = predict  # ``model(...)`` is ``model.predict(...)``, as in Ultralytics

@@ -15,7 +15,10 @@ from PIL import Image
 from pipeline import SAM, Results
 from pipeline.outputs.drawing import draw_overlay, track_color
 from pipeline.outputs.files import decode_rle
+from pipeline.results import Masks
 from pipeline.track.prompts import parse_prompts
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -43,26 +46,65 @@ def test_seed_examples_work_as_written(model: SAM, zidane: Path, monkeypatch, ch
     # The seed passes the bare name "mobile_sam.pt": found here through SAMSTREAM_WEIGHTS.
     monkeypatch.setenv("SAMSTREAM_WEIGHTS", str(checkpoint))
     seed_model = SAM("mobile_sam.pt")
-    result = seed_model.predict(str(zidane), points=[900, 370], labels=[1])
-    assert result.masks.shape == (1, 720, 1280) and result.masks.dtype == bool
+    results = seed_model.predict(str(zidane), points=[900, 370], labels=[1])
+    assert isinstance(results, list) and len(results) == 1  # one Results per image
+    result = results[0]
+    assert result.masks.data.shape == (1, 720, 1280) and result.masks.data.dtype == bool
     assert result.scores.shape == (1,) and result.logits.shape == (1, 256, 256)
-    result = seed_model.predict(str(zidane), bboxes=[439, 437, 524, 709])
-    assert result.masks.shape == (1, 720, 1280)
-    assert np.isfinite(result.scores).all()
+    results = seed_model.predict(str(zidane), bboxes=[439, 437, 524, 709])
+    assert results[0].masks.data.shape == (1, 720, 1280)
+    assert np.isfinite(results[0].scores).all()
+
+
+def test_the_ultralytics_idioms_give_arrays_or_a_clear_error(small_model: SAM, zidane: Path):
+    """``results[0].masks.data`` is the masks (not numpy's memoryview of an array's bytes);
+    what Ultralytics has and samstream does not raises, never answers something else."""
+    results = small_model(str(zidane), bboxes=[[439, 437, 524, 709], [10, 10, 200, 200]])
+    masks = results[0].masks.data
+    assert isinstance(masks, np.ndarray) and masks.dtype == bool and masks.shape == (2, 720, 1280)
+    boxes = results[0].boxes
+    assert boxes.xyxy.shape == (2, 4) and boxes.xyxy.dtype == np.float32
+    assert np.array_equal(boxes.conf, results[0].scores)
+    for mask, box in zip(masks, boxes.xyxy, strict=True):
+        if mask.any():
+            ys, xs = np.nonzero(mask)
+            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    with pytest.raises(AttributeError):
+        results[0].boxes.data  # noqa: B018
+    with pytest.raises(AttributeError):
+        masks.cpu()  # numpy already: no .cpu().numpy() needed
+
+
+def test_readme_python_example_runs_as_written(
+    small_model: SAM, zidane: Path, tmp_path: Path, monkeypatch, checkpoint
+) -> None:
+    """The README's image API snippet, run as it stands (zidane.jpg in the working directory,
+    the weights found through SAMSTREAM_WEIGHTS)."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("### Images, from Python") :]
+    snippet = section[section.index("```python\n") + 10 : section.index("```\n", 10)]
+    assert "results[0]" in snippet and "masks.data" in snippet
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAMSTREAM_WEIGHTS", str(checkpoint))
+    (tmp_path / "zidane.jpg").write_bytes(zidane.read_bytes())
+    names: dict[str, object] = {}
+    exec(compile(snippet, "README.md", "exec"), names)
+    assert isinstance(names["results"], list) and len(names["results"]) == 1
+    assert (tmp_path / "zidane_masks.png").is_file()
 
 
 def test_prompt_nesting_like_ultralytics(small_model: SAM, zidane: Path) -> None:
     image = np.asarray(Image.open(zidane))
-    assert small_model.predict(image, points=[[100, 100], [900, 370]]).masks.shape[0] == 2
-    assert small_model.predict(image, points=[[[100, 100], [900, 370]]]).masks.shape[0] == 1
+    assert len(small_model.predict(image, points=[[100, 100], [900, 370]])[0]) == 2
+    assert len(small_model.predict(image, points=[[[100, 100], [900, 370]]])[0]) == 1
     boxes = [[10, 10, 200, 200], [439, 437, 524, 709]]
-    assert small_model.predict(image, bboxes=boxes).masks.shape[0] == 2
-    multi = small_model.predict(image, bboxes=boxes, multimask_output=True)
-    assert multi.masks.shape[0] == 6 and multi.scores.shape == (6,)
-    one = small_model.predict(
+    assert small_model.predict(image, bboxes=boxes)[0].masks.data.shape[0] == 2
+    [multi] = small_model.predict(image, bboxes=boxes, multimask_output=True)
+    assert multi.masks.data.shape[0] == 6 and multi.scores.shape == (6,)
+    [one] = small_model.predict(
         image, bboxes=boxes[1], points=[[480, 500], [100, 100]], labels=[1, 0]
     )
-    assert one.masks.shape[0] == 1
+    assert one.masks.data.shape[0] == 1
 
 
 def test_parse_prompts_shapes() -> None:
@@ -140,11 +182,11 @@ def test_smaller_input_sizes_run_end_to_end(checkpoint: Path, real_image, size, 
     embedded = model.set_image(real_image)
     assert embedded.embedding.shape == (1, 256, grid, grid)
     assert torch.isfinite(embedded.embedding).all()
-    result = model.predict(
+    [result] = model.predict(
         real_image, bboxes=[[200, 40, 330, 330], [10, 200, 150, 330]], multimask_output=True
     )
     h, w = real_image.shape[:2]
-    assert result.masks.shape == (6, h, w)
+    assert result.masks.data.shape == (6, h, w)
     assert result.logits.shape == (6, 4 * grid, 4 * grid)
     assert np.isfinite(result.logits).all() and np.isfinite(result.scores).all()
 
@@ -168,8 +210,8 @@ def test_bfloat16_autocast_stays_close(checkpoint: Path, real_image) -> None:
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu(checkpoint: Path, real_image) -> None:
-    cpu = SAM(checkpoint).predict(real_image, bboxes=[200, 40, 330, 330])
-    gpu = SAM(checkpoint, device="cuda").predict(real_image, bboxes=[200, 40, 330, 330])
+    [cpu] = SAM(checkpoint).predict(real_image, bboxes=[200, 40, 330, 330])
+    [gpu] = SAM(checkpoint, device="cuda").predict(real_image, bboxes=[200, 40, 330, 330])
     err = np.linalg.norm(gpu.logits - cpu.logits) / np.linalg.norm(cpu.logits)
     assert err < 1e-3
 
@@ -245,7 +287,7 @@ def _two_object_results() -> Results:
     masks[1, 20:35, 40:45] = True
     masks[1, 30:35, 40:55] = True
     return Results(
-        masks=masks,
+        masks=Masks(masks),
         scores=np.array([0.9, 0.5, 0.1], dtype=np.float32),
         logits=np.zeros((3, 16, 16), dtype=np.float32),
         image=image,
@@ -256,19 +298,21 @@ def test_results_per_object_boxes_and_json() -> None:
     results = _two_object_results()
     assert len(results) == 3
     objects = list(results)
-    assert [o.masks.shape for o in objects] == [(1, 40, 60)] * 3
-    assert np.array_equal(results[1].masks[0], results.masks[1])
-    assert np.array_equal(results[-1].masks, results.masks[2:])
+    assert [o.masks.data.shape for o in objects] == [(1, 40, 60)] * 3
+    assert np.array_equal(results[1].masks.data[0], results.masks.data[1])
+    assert np.array_equal(results[-1].masks.data, results.masks.data[2:])
     assert len(results[0:2]) == 2 and results[0:2].scores.tolist() == pytest.approx([0.9, 0.5])
     with pytest.raises(IndexError, match="out of range"):
         results[3]
     # Boxes: exclusive ends around the pixels; an empty mask has a NaN row.
-    assert results.boxes[:2].tolist() == [[10, 5, 30, 15], [40, 20, 55, 35]]
-    assert np.isnan(results.boxes[2]).all()
+    assert results.boxes.xyxy[:2].tolist() == [[10, 5, 30, 15], [40, 20, 55, 35]]
+    assert np.isnan(results.boxes.xyxy[2]).all()
+    assert results[1].boxes.xyxy.tolist() == [[40, 20, 55, 35]]
+    assert np.array_equal(results[0:2].boxes.conf, np.array([0.9, 0.5], dtype=np.float32))
     records = json.loads(results.to_json())
     assert [r["object"] for r in records] == [1, 2, 3]
     assert records[2]["box"] is None and records[0]["box"] == [10, 5, 30, 15]
-    for record, mask in zip(records, results.masks, strict=True):
+    for record, mask in zip(records, results.masks.data, strict=True):
         assert record["segmentation"]["size"] == [40, 60]
         assert np.array_equal(decode_rle(record["segmentation"]), mask)
 
@@ -276,7 +320,10 @@ def test_results_per_object_boxes_and_json() -> None:
 def test_results_plot_is_the_overlay_renderer(tmp_path: Path) -> None:
     results = _two_object_results()
     expected = draw_overlay(
-        results.image, results.masks, [1, 2, 3], [tuple(b) for b in results.boxes[:2]] + [None]
+        results.image,
+        results.masks.data,
+        [1, 2, 3],
+        [tuple(b) for b in results.boxes.xyxy[:2]] + [None],
     )
     plotted = results.plot()
     assert np.array_equal(plotted, expected)
@@ -296,17 +343,17 @@ def test_results_plot_is_the_overlay_renderer(tmp_path: Path) -> None:
 def test_call_pil_and_bgr_sources_are_the_same_image(small_model: SAM, zidane: Path) -> None:
     rgb = np.asarray(Image.open(zidane))
     box = [439, 437, 524, 709]
-    reference = small_model.predict(rgb, bboxes=box)
-    called = small_model(rgb, bboxes=box)
-    from_pil = small_model(Image.open(zidane), bboxes=box)
-    from_bgr = small_model(np.ascontiguousarray(rgb[..., ::-1]), bboxes=box, image_format="BGR")
+    [reference] = small_model.predict(rgb, bboxes=box)
+    [called] = small_model(rgb, bboxes=box)
+    [from_pil] = small_model(Image.open(zidane), bboxes=box)
+    [from_bgr] = small_model(np.ascontiguousarray(rgb[..., ::-1]), bboxes=box, image_format="BGR")
     for other in (called, from_pil, from_bgr):
         assert np.array_equal(other.logits, reference.logits)
-        assert np.array_equal(other.masks, reference.masks)
+        assert np.array_equal(other.masks.data, reference.masks.data)
         assert np.array_equal(other.image, rgb)
     assert set(reference.speed) == {"preprocess", "inference", "postprocess"}
     assert all(v >= 0 for v in reference.speed.values()) and reference.speed["inference"] > 0
-    assert small_model(str(zidane), bboxes=box).path == str(zidane)
+    assert small_model(str(zidane), bboxes=box)[0].path == str(zidane)
     with pytest.raises(ValueError, match="image_format must be 'RGB' or 'BGR'"):
         small_model(rgb, bboxes=box, image_format="HSV")
     with pytest.raises(TypeError, match="path, a PIL image or a numpy array"):

@@ -29,7 +29,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.sam import MobileSAM, SamDecoder
+from pipeline.outputs.atomic import AtomicFile, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ DECODER_OUTPUTS = ("low_res_logits", "scores")
 # The decoder graph's revision: 2 = DecoderOnnxModel's reordered arithmetic (shared work once
 # per call, channels-last upscaling); 1 (no "graph" in the key) = MobileSAM.decode's order.
 DECODER_GRAPH = 2
-# mkstemp makes files private (0600); exported models are no secret and may be shared.
+# Exported models are no secret and may be shared (the umask still applies).
 FILE_MODE = 0o644
 
 
@@ -583,15 +583,7 @@ def export_key(
 
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     """`data` as JSON at `path`, through a temporary file: readers see all of it or none."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), mode=FILE_MODE)
 
 
 def write_model(
@@ -610,20 +602,14 @@ def write_model(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx.part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        export_onnx(model, tmp, kind=kind, opset=opset)
+    with AtomicFile(path, mode=FILE_MODE) as out:
+        out.file.close()  # the exporter writes the file by its path
+        export_onnx(model, out.temp, kind=kind, opset=opset)
         if check:
             import onnx
 
-            onnx.checker.check_model(str(tmp))
-        digest = file_sha256(tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            onnx.checker.check_model(str(out.temp))
+        digest = file_sha256(out.temp)
     info = sidecar(
         model, kind=kind, checkpoint_sha256=checkpoint_sha256, opset=opset, file_sha256_hex=digest
     )

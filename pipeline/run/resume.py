@@ -27,16 +27,16 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import RunConfig, config_to_dict
+from pipeline.outputs.atomic import AtomicFile, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -118,23 +118,10 @@ def _differences(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [path]
 
 
-def _replace(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """``path`` written by ``write`` whole or not at all: a temporary file beside it (so
-    os.replace is a rename) replaces it once complete; a reader never sees half a file."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-        os.replace(temp, path)
-    except BaseException:
-        # A full disk must not fill up further with a partial file each time it is tried.
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace(path, lambda file: file.write(json.dumps(data, indent=1).encode()))
+    # 0o600: the run's identity holds its whole config (sources, paths): the owner's only.
+    write_atomic(path, json.dumps(data, indent=1).encode(), mode=0o600)
 
 
 def _read_run(out_dir: Path) -> dict[str, Any] | None:
@@ -248,7 +235,8 @@ def save_tracker_snapshots(out_dir: str | Path, snapshots: Mapping[int, Snapshot
             arrays[f"{frame}/{name}"] = np.ascontiguousarray(array)
     arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
     path = directory / TRACKER_FILE
-    _replace(path, lambda file: np.savez(file, **arrays))
+    with AtomicFile(path, mode=0o600) as out:
+        np.savez(out.file, **arrays)
     return path
 
 

@@ -140,7 +140,10 @@ def test_sam_with_onnxruntime_predicts_like_torch(
     sam = SAM(checkpoint, image_size=SIZE, backend="onnxruntime")
     assert sam.backend_report["backend"] == "onnxruntime"
     box = [200, 40, 330, 330]
-    got, expected = sam.predict(real_image, bboxes=box), torch_sam.predict(real_image, bboxes=box)
+    [got], [expected] = (
+        sam.predict(real_image, bboxes=box),
+        torch_sam.predict(real_image, bboxes=box),
+    )
     assert relative_error(got.logits, expected.logits) <= 1e-4
     embedded = sam.set_image(real_image)
     assert embedded.embedding.dtype == torch.float32

@@ -123,7 +123,7 @@ def test_full_path_masks_match_sam_predictor(sam, real_image, oracle_predictor, 
     """predict() end to end (pre-processing, decode, upscaling) against SamPredictor.predict."""
     box = np.array([200, 40, 330, 330], dtype=np.float32)
     point, label = np.array([[260, 150], [120, 300]]), np.array([1, 0])
-    result = sam.predict(
+    [result] = sam.predict(
         real_image, bboxes=box, points=point, labels=label, multimask_output=multimask
     )
     ref_logits, ref_scores, ref_low_res = oracle_predictor.predict(
@@ -135,11 +135,11 @@ def test_full_path_masks_match_sam_predictor(sam, real_image, oracle_predictor, 
     )
     count = 3 if multimask else 1
     h, w = real_image.shape[:2]
-    assert result.masks.shape == (count, h, w) and result.masks.dtype == bool
+    assert result.masks.data.shape == (count, h, w) and result.masks.data.dtype == bool
     assert result.scores.shape == (count,)
     assert result.logits.shape == (count, 256, 256)
     ambiguous = np.abs(ref_logits) <= MASK_MARGIN
-    differing = (result.masks != (ref_logits > 0)) & ~ambiguous
+    differing = (result.masks.data != (ref_logits > 0)) & ~ambiguous
     assert not differing.any(), f"{differing.sum()} mask pixels differ away from the threshold"
     assert rel_error(result.scores, ref_scores) <= DECODER_TOL
     assert rel_error(result.logits, ref_low_res) <= DECODER_TOL

@@ -1,4 +1,4 @@
-"""MaskWriter and the mask encodings, checked by reading every output back."""
+"""MaskWriter, its sinks and the mask encodings, checked by reading every output back."""
 
 from __future__ import annotations
 
@@ -14,17 +14,12 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from support.media import clip_box, make_clip
 
-from pipeline.outputs.files import (
-    PALETTE,
-    MaskWriter,
-    decode_rle,
-    encode_rle,
-    id_mask,
-    read_id_mask,
-)
+from pipeline.outputs.drawing import PALETTE
+from pipeline.outputs.files import decode_rle, encode_rle, id_mask, read_id_mask, remove_unfinished
+from pipeline.outputs.writer import MaskWriter
 from pipeline.video.sources import DecodedFrame, VideoSource, parse_source
 from pipeline.wire.masks import mask_box
-from pipeline.wire.messages import TrackRecord, TrackState
+from pipeline.wire.messages import FrameMeta, MaskMessage, TrackRecord, TrackState
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,6 +35,25 @@ def Track(
 ) -> TrackRecord:
     """A track's record as the tracker sends it (how it got there is not the writer's)."""
     return TrackRecord(track_id, box, score, TrackState(state), 0, 0.0)
+
+
+def mask_message(
+    *,
+    frame_index: int,
+    seq: int,
+    pts: int | None,
+    time_base: tuple[int, int],
+    frame_size: tuple[int, int],
+    tracks: list[TrackRecord],
+    masks: np.ndarray,
+    image: np.ndarray | None,
+    source_pts: int | None = None,
+) -> MaskMessage:
+    """One frame's MaskMessage, as the tracker sends it to the publisher."""
+    meta = FrameMeta("cam0", seq, frame_index, pts, time_base, 0.0, source_pts=source_pts)
+    return MaskMessage(
+        meta=meta, frame_size=frame_size, tracks=tuple(tracks), masks=masks, image=image
+    )
 
 
 # -- encodings ----------------------------------------------------------------------------
@@ -69,7 +83,7 @@ def test_rle_round_trip_empty_and_full(fill: bool) -> None:
 def test_rle_rejects_float_and_wrong_rank() -> None:
     with pytest.raises(ValueError, match="bool or integer"):
         encode_rle(np.zeros((4, 4), dtype=np.float32))
-    with pytest.raises(ValueError, match="2 dimensions"):
+    with pytest.raises(ValueError, match=r"\(H, W\) array, got shape \(1, 4, 4\)"):
         encode_rle(np.zeros((1, 4, 4), dtype=bool))
 
 
@@ -148,17 +162,19 @@ def run_writer(clip: Path, out_dir: Path, **writer_args: object) -> Written:
         for frame in frames:
             tracks, masks = frame_tracks(frame, len(frames))
             writer.write(
-                frame_index=frame.index,
-                seq=100 + frame.index,
-                pts=frame.pts,
-                time_base=frame.time_base,
-                frame_size=frame.image.shape[:2],
-                tracks=tracks,
-                masks=masks,
-                image=frame.image,
+                mask_message(
+                    frame_index=frame.index,
+                    seq=100 + frame.index,
+                    pts=frame.pts,
+                    time_base=frame.time_base,
+                    frame_size=frame.image.shape[:2],
+                    tracks=tracks,
+                    masks=masks,
+                    image=frame.image,
+                )
             )
             listings.append(sorted(os.listdir(out_dir)))
-            if writer.write_png:  # each PNG is in place, complete, as soon as it is written
+            if "masks" in writer.sinks:  # each PNG is in place, complete, as soon as it is written
                 pngs = sorted(os.listdir(out_dir / "masks"))
                 assert pngs == [f"{i:06d}.png" for i in range(frame.index + 1)]
     result = writer.close()  # a second close returns the same outputs
@@ -293,7 +309,7 @@ def write_blank(writer: MaskWriter, index: int, **overrides: object) -> None:
         "image": np.zeros((24, 32, 3), dtype=np.uint8),
     }
     args.update(overrides)
-    writer.write(**args)  # type: ignore[arg-type]
+    writer.write(mask_message(**args))  # type: ignore[arg-type]
 
 
 def test_abort_leaves_no_files(tmp_path: Path) -> None:
@@ -316,15 +332,48 @@ def test_exception_in_context_aborts(tmp_path: Path) -> None:
 
 
 def test_overlay_needs_an_image_and_bad_frames_write_nothing(tmp_path: Path) -> None:
+    """Every sink checks a frame before any writes it: a frame one of them refuses leaves
+    no line in the others' files either."""
     with MaskWriter(tmp_path) as writer:
         write_blank(writer, 0)
         with pytest.raises(ValueError, match="needs the frame's image"):
             write_blank(writer, 1, image=None)
+        with pytest.raises(ValueError, match=r"ids must be 1\.\.65535"):  # the PNG's refusal
+            write_blank(writer, 1, tracks=[Track(70000, (0.0, 0.0, 4.0, 4.0), 1.0, "tracked")])
+        with pytest.raises(ValueError, match="time_base must be two positive ints"):
+            write_blank(writer, 1, time_base=(0, 25))
+        with pytest.raises(ValueError, match="bad frame_index -1"):
+            write_blank(writer, -1)
+        # Masks of another size than the frame's: the message itself refuses them.
         with pytest.raises(ValueError, match=r"\(height, width\)"):
             write_blank(writer, 1, frame_size=(32, 24))
         write_blank(writer, 1)
     assert len((tmp_path / "masks.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "tracks.txt").read_text().splitlines()) == 2
     assert sorted(os.listdir(tmp_path / "masks")) == ["000000.png", "000001.png"]
+    with av.open(str(tmp_path / "overlay.mp4")) as container:
+        assert len(list(container.decode(video=0))) == 2
+    with pytest.raises(RuntimeError, match="closed; create a new one"):
+        write_blank(writer, 2)
+
+
+def test_a_killed_writer_leaves_only_temporaries_that_remove_unfinished_clears(
+    tmp_path: Path,
+) -> None:
+    with MaskWriter(tmp_path) as writer:  # an earlier, complete run
+        write_blank(writer, 0)
+    before = {name: (tmp_path / name).read_bytes() for name in FINAL_NAMES}
+    writer = MaskWriter(tmp_path)  # killed after two frames: never closed nor aborted
+    write_blank(writer, 0)
+    write_blank(writer, 1)
+    writer.sinks["overlay"].finish()  # FFmpeg's file handle, as a killed process closes it
+    temporaries = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+    assert [name.split(".")[1] for name in temporaries] == ["masks", "overlay", "tracks"]
+    removed = remove_unfinished(tmp_path)
+    assert sorted(p.name for p in removed) == temporaries
+    assert {name: (tmp_path / name).read_bytes() for name in FINAL_NAMES} == before
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+    assert remove_unfinished(tmp_path) == []
 
 
 def test_overlay_never_fails_on_a_repeated_timestamp(tmp_path: Path) -> None:
@@ -334,7 +383,7 @@ def test_overlay_never_fails_on_a_repeated_timestamp(tmp_path: Path) -> None:
         write_blank(writer, 0, pts=0)
         write_blank(writer, 1, pts=0)
         write_blank(writer, 2, pts=5)
-        assert writer.overlay_retimed_frames == 1
+        assert writer.sinks["overlay"].retimed_frames == 1  # type: ignore[attr-defined]
     with av.open(str(tmp_path / "overlay.mp4")) as container:
         stream = container.streams.video[0]
         pts = [f.pts for f in container.decode(stream)]
@@ -351,7 +400,7 @@ def test_overlay_keeps_its_size_when_frames_change_size(tmp_path: Path) -> None:
             masks=np.ones((1, 48, 64), dtype=bool),
             image=np.zeros((48, 64, 3), dtype=np.uint8),
         )
-        assert writer.overlay_rescaled_frames == 1
+        assert writer.sinks["overlay"].rescaled_frames == 1  # type: ignore[attr-defined]
     with av.open(str(tmp_path / "overlay.mp4")) as container:
         sizes = [(f.height, f.width) for f in container.decode(video=0)]
     first = np.asarray(Image.open(tmp_path / "masks" / "000000.png")).shape
@@ -419,16 +468,16 @@ def test_resumed_outputs_equal_an_uninterrupted_run(tmp_path: Path) -> None:
     frames = _moving_frames(10)
     with MaskWriter(tmp_path / "full") as writer:
         for frame in frames:
-            writer.write(**frame)  # type: ignore[arg-type]
+            writer.write(mask_message(**frame))  # type: ignore[arg-type]
     # An interrupted run: frames 0..3 complete, then closed (as the publisher does on stop).
     with MaskWriter(tmp_path / "resumed") as writer:
         for frame in frames[:4]:
-            writer.write(**frame)  # type: ignore[arg-type]
+            writer.write(mask_message(**frame))  # type: ignore[arg-type]
     with MaskWriter(tmp_path / "resumed", resume_frames=4) as writer:
         with pytest.raises(ValueError, match="before frame 4"):
-            writer.write(**frames[3])  # type: ignore[arg-type]
+            writer.write(mask_message(**frames[3]))  # type: ignore[arg-type]
         for frame in frames[4:]:
-            writer.write(**frame)  # type: ignore[arg-type]
+            writer.write(mask_message(**frame))  # type: ignore[arg-type]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     for name in ("masks.jsonl", "tracks.txt"):
         assert (resumed / name).read_bytes() == (full / name).read_bytes(), name
@@ -448,7 +497,7 @@ def test_resume_needs_a_complete_prefix(tmp_path: Path) -> None:
     frames = _moving_frames(3)
     with MaskWriter(tmp_path) as writer:
         for frame in frames:
-            writer.write(**frame)  # type: ignore[arg-type]
+            writer.write(mask_message(**frame))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"masks\.jsonl has only 3 frames"):
         MaskWriter(tmp_path, resume_frames=5)
     (tmp_path / "masks" / "000001.png").unlink()
@@ -501,8 +550,8 @@ def test_16_bit_pngs_hold_ids_past_255_exactly(tmp_path: Path) -> None:
     small = _many_tracks_frame(0, list(range(1, 201)))
     large = _many_tracks_frame(1, [*range(1, 300), 40000, 65535])
     with MaskWriter(tmp_path, write_overlay=True) as writer:
-        writer.write(**small)  # type: ignore[arg-type]
-        writer.write(**large)  # type: ignore[arg-type]
+        writer.write(mask_message(**small))  # type: ignore[arg-type]
+        writer.write(mask_message(**large))  # type: ignore[arg-type]
     png0, png1 = tmp_path / "masks" / "000000.png", tmp_path / "masks" / "000001.png"
     assert Image.open(png0).mode == "P"
     expected0 = id_mask(small["masks"], list(range(1, 201)), (40, 256))  # type: ignore[arg-type]
@@ -530,13 +579,13 @@ def test_resume_across_16_bit_pngs(tmp_path: Path) -> None:
     frames = [_many_tracks_frame(i, ids) for i in range(4)]
     with MaskWriter(tmp_path / "full") as writer:
         for frame in frames:
-            writer.write(**frame)  # type: ignore[arg-type]
+            writer.write(mask_message(**frame))  # type: ignore[arg-type]
     with MaskWriter(tmp_path / "resumed") as writer:
         for frame in frames[:2]:
-            writer.write(**frame)  # type: ignore[arg-type]
+            writer.write(mask_message(**frame))  # type: ignore[arg-type]
     with MaskWriter(tmp_path / "resumed", resume_frames=2) as writer:
         for frame in frames[2:]:
-            writer.write(**frame)  # type: ignore[arg-type]
+            writer.write(mask_message(**frame))  # type: ignore[arg-type]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     for name in ("masks.jsonl", "tracks.txt"):
         assert (resumed / name).read_bytes() == (full / name).read_bytes(), name

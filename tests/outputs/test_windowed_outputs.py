@@ -19,9 +19,10 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from pipeline.outputs.drawing import OVERLAY_ALPHA, PALETTE, draw_overlay, track_color
-from pipeline.outputs.files import MaskWriter, decode_rle, encode_rle, id_mask
+from pipeline.outputs.files import decode_rle, encode_rle, id_mask
+from pipeline.outputs.writer import MaskWriter
 from pipeline.wire.masks import RegionMask
-from pipeline.wire.messages import TrackRecord, TrackState
+from pipeline.wire.messages import FrameMeta, MaskMessage, TrackRecord, TrackState
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,15 +189,11 @@ def test_writer_files_from_windows_are_the_full_frame_files(tmp_path: Path) -> N
         with MaskWriter(out) as writer:
             for frame, (masks, image) in enumerate(zip(frames, images, strict=True)):
                 given = [RegionMask.from_dense(m) for m in masks] if kind == "windows" else masks
+                meta = FrameMeta("cam0", frame, frame, frame * 40, (1, 1000), 0.0)
                 writer.write(
-                    frame_index=frame,
-                    seq=frame,
-                    pts=frame * 40,
-                    time_base=(1, 1000),
-                    frame_size=size,
-                    tracks=tracks,
-                    masks=given,
-                    image=image,
+                    MaskMessage(
+                        meta=meta, frame_size=size, tracks=tuple(tracks), masks=given, image=image
+                    )
                 )
         outputs[kind] = out
     for frame, masks in enumerate(frames):

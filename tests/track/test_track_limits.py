@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from support.trackers import FRAME, LiveTracker, embedding_message
 
-from pipeline.outputs.files import MaskWriter, id_mask, read_id_mask
+from pipeline.outputs.files import id_mask, read_id_mask
+from pipeline.outputs.writer import MaskWriter
 from pipeline.track.tracking import (
     ContestedPixels,
     DecodedMasks,
@@ -225,17 +226,8 @@ def test_300_objects_through_the_control_socket(live_tracker: LiveTracker, tmp_p
     # Those masks written as files: the frame's PNG is 16-bit and holds every id exactly.
     msg = later[-1]
     with MaskWriter(tmp_path / "files", write_overlay=False) as writer:
-        writer.write(
-            frame_index=0,
-            seq=msg.meta.seq,
-            pts=msg.meta.pts,
-            time_base=msg.meta.time_base,
-            frame_size=msg.frame_size,
-            tracks=msg.tracks,
-            masks=msg.masks,
-            image=None,
-        )
-    painted = read_id_mask(tmp_path / "files" / "masks" / "000000.png")
+        writer.write(msg)
+    painted = read_id_mask(tmp_path / "files" / "masks" / f"{msg.meta.frame_index:06d}.png")
     expected = id_mask(msg.masks, [t.track_id for t in msg.tracks], msg.frame_size)
     assert painted.dtype == np.uint16 and np.array_equal(painted, expected)
     assert int(painted.max()) > 255
