@@ -23,38 +23,37 @@ Per frame (``PromptTracker.step``):
    logits), the published masks are made exclusive (``exclusive_masks``): each such pixel
    goes to one track, so an instance-id PNG and per-track RLE masks say the same thing.
 
-Masks are ``RegionMask`` (``pipeline.wire.masks``): the window of the frame that holds an object's
-pixels and the bool array inside it. Measurement and exclusivity work on the windows, so what
-an object costs here follows its area, not the frame's.
-
-Coordinates are ``(x1, y1, x2, y2)`` pixels of the original frame with exclusive ``x2``/``y2``
-(a mask whose True pixels span columns 3..7 has ``x1 = 3, x2 = 8``).
+Its parts: ``kalman`` (boxes, the Kalman track), ``measure`` (``measure_box``), ``exclusive``
+(what the decoder answers, exclusive masks), ``prompts`` (prompt checks).
 """
 
 from __future__ import annotations
 
 import builtins
-import dataclasses
-import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
-from filterpy.kalman import KalmanFilter
 
 from pipeline.config import RunConfig, TrackerConfig, validate_config
+from pipeline.track.exclusive import (
+    ContestedPixels,
+    DecodedMasks,
+    MaskDecoderFn,
+    checked_decoded,
+    exclusive_masks,
+)
+from pipeline.track.kalman import Box, Track, as_box, box_iou, clip_box, overlaps_frame
+from pipeline.track.measure import measure_box
 from pipeline.track.prompts import check_box, check_points
-from pipeline.wire.masks import RegionMask, as_region_masks, is_int, tight_box
+from pipeline.wire.masks import RegionMask, is_int
 from pipeline.wire.messages import MAX_TRACK_ID, TrackRecord, TrackState
 
 if TYPE_CHECKING:  # the tracker runs any decoder; only SAM's needs torch
     from pipeline.predictor import ImageEmbedding
-
-Box = tuple[float, float, float, float]
 
 MAX_TRACKS_AT_ONCE = 4096
 """Tracks and pending prompts a tracker holds at one time; an add past it is refused. A
@@ -66,495 +65,6 @@ BETWEEN_INTERVAL_S = 0.01
 """When ``step`` is given ``between``, it is called about this often while the decoder works
 on the frame (in a worker thread): a control command waits for this, not for a frame of
 hundreds of tracks (seconds on a CPU)."""
-
-_MIN_SIZE = 1.0  # pixels; a box narrower than one pixel cannot prompt the decoder
-_INIT_POSITION_SCALE = 10.0  # a prompt box is this many measurement-noise stds uncertain
-_INIT_VELOCITY_STD = 50.0  # pixels per frame; unknown at creation, learnt from two measurements
-# measure_box labels components on the mask cropped to the reference box grown by this many
-# of its longer sides (plus _CROP_PAD pixels) on every side: far more than an object moves
-# between frames, and a kept component that reaches the crop's edge is redone on the frame.
-_CROP_MARGIN = 1.0
-_CROP_PAD = 16
-
-
-# --------------------------------------------------------------------------- box helpers
-
-
-def box_to_state(box: Sequence[float] | np.ndarray) -> np.ndarray:
-    """``(x1, y1, x2, y2)`` -> ``[cx, cy, w, h]`` (float64, shape (4,))."""
-    x1, y1, x2, y2 = (float(v) for v in np.asarray(box, dtype=np.float64).reshape(4))
-    return np.array([(x1 + x2) / 2.0, (y1 + y2) / 2.0, x2 - x1, y2 - y1])
-
-
-def state_to_box(z: Sequence[float] | np.ndarray) -> Box:
-    """``[cx, cy, w, h, ...]`` (extra entries such as velocities are ignored) -> box."""
-    cx, cy, w, h = (float(v) for v in np.asarray(z, dtype=np.float64).reshape(-1)[:4])
-    return (cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0)
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two boxes; 0.0 when both are empty."""
-    ax1, ay1, ax2, ay2 = (float(v) for v in a)
-    bx1, by1, bx2, by2 = (float(v) for v in b)
-    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
-    union = (
-        max(0.0, ax2 - ax1) * max(0.0, ay2 - ay1)
-        + max(0.0, bx2 - bx1) * max(0.0, by2 - by1)
-        - inter
-    )
-    return inter / union if union > 0.0 else 0.0
-
-
-def measure_box(mask: np.ndarray | RegionMask, reference: Sequence[float] | None) -> Box | None:
-    """Box of the parts of an (H, W) bool mask that agree with ``reference``; None if empty.
-
-    The parts are the mask's 8-connected components. Kept: every component with a pixel in
-    ``reference`` (a track's predicted box, or its prompt box on its first frame); when none
-    has one (or ``reference`` is None), the largest component. The box is the union of the
-    kept components' boxes, exclusive x2/y2, like ``mask_box`` (which measures every pixel).
-    A RegionMask is measured on its window: the answer is the one its full frame would give.
-    """
-    if isinstance(mask, RegionMask):
-        region = mask
-    else:
-        if mask.ndim != 2:
-            raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
-        if mask.shape[0] == 0 or mask.shape[1] == 0:
-            return None
-        height, width = mask.shape
-        region = RegionMask(mask.shape, (0, 0, width, height), mask.astype(bool, copy=False))
-    height, width = region.frame_size
-    wx1, wy1, wx2, wy2 = region.box
-    window = region.window
-    if reference is None:
-        return _kept_components_box(window, None, (wx1, wy1))[0]
-    rx1, ry1, rx2, ry2 = (float(v) for v in reference)
-    # Pixels the reference box touches (pixel c spans [c, c + 1)), clipped to the frame.
-    ref = (
-        min(max(math.floor(rx1), 0), width),
-        min(max(math.floor(ry1), 0), height),
-        min(max(math.ceil(rx2), 0), width),
-        min(max(math.ceil(ry2), 0), height),
-    )
-    margin = _CROP_MARGIN * max(rx2 - rx1, ry2 - ry1) + _CROP_PAD
-    crop = (
-        max(math.floor(rx1 - margin), 0),
-        max(math.floor(ry1 - margin), 0),
-        min(math.ceil(rx2 + margin), width),
-        min(math.ceil(ry2 + margin), height),
-    )
-    if crop[2] > crop[0] and crop[3] > crop[1] and crop != (0, 0, width, height):
-        # Labelling is linear in the pixels it sees: on the crop it costs a fraction of the
-        # frame. The answer is exact unless a kept component reaches a cut edge of the crop
-        # (it may go on outside) or no component overlaps (the largest may be outside).
-        # Outside the window the mask is False: the crop's part of the window holds all of
-        # the crop's pixels, and so gives the crop's components.
-        sx1, sy1 = max(crop[0], wx1), max(crop[1], wy1)
-        sx2, sy2 = max(min(crop[2], wx2), sx1), max(min(crop[3], wy2), sy1)
-        part = window[sy1 - wy1 : sy2 - wy1, sx1 - wx1 : sx2 - wx1]
-        local_ref = (ref[0] - sx1, ref[1] - sy1, ref[2] - sx1, ref[3] - sy1)
-        box, overlapped = _kept_components_box(part, local_ref, (sx1, sy1))
-        if box is not None and overlapped:
-            cut = (crop[0] > 0, crop[1] > 0, crop[2] < width, crop[3] < height)
-            at_cut = (
-                (cut[0] and box[0] <= crop[0])
-                or (cut[1] and box[1] <= crop[1])
-                or (cut[2] and box[2] >= crop[2])
-                or (cut[3] and box[3] >= crop[3])
-            )
-            if not at_cut:
-                return box
-        elif box is None and not window.any():
-            return None
-    # The whole mask: its window holds every pixel.
-    local_ref = (ref[0] - wx1, ref[1] - wy1, ref[2] - wx1, ref[3] - wy1)
-    return _kept_components_box(window, local_ref, (wx1, wy1))[0]
-
-
-def _kept_components_box(
-    mask: np.ndarray, ref: tuple[int, int, int, int] | None, offset: tuple[int, int]
-) -> tuple[Box | None, bool]:
-    """(box of the kept components shifted by ``offset`` (x, y), whether any overlapped
-    ``ref`` (pixel bounds x1, y1, x2, y2 in ``mask``)); (None, False) for an empty mask."""
-    # Labelling costs per pixel it sees: first cut the mask down to the box of its pixels
-    # (``tight_box``: two cheap reductions), often a small part of the crop or frame.
-    bounds = tight_box(mask)
-    if bounds is None:
-        return None, False
-    left, top, right, bottom = bounds
-    tight = mask[top:bottom, left:right]
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(
-        tight.astype(np.uint8), connectivity=8
-    )
-    kept = np.zeros(0, dtype=np.int64)
-    if ref is not None:
-        x1, y1 = max(ref[0] - left, 0), max(ref[1] - top, 0)
-        x2, y2 = min(ref[2] - left, tight.shape[1]), min(ref[3] - top, tight.shape[0])
-        if x2 > x1 and y2 > y1:
-            seen = np.bincount(labels[y1:y2, x1:x2].ravel(), minlength=count)
-            kept = np.flatnonzero(seen[1:]) + 1  # label 0 is the background
-    overlapped = kept.size > 0
-    if not overlapped:
-        kept = np.array([1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))])
-    chosen = stats[kept]
-    x1s, y1s = chosen[:, cv2.CC_STAT_LEFT], chosen[:, cv2.CC_STAT_TOP]
-    x2s = x1s + chosen[:, cv2.CC_STAT_WIDTH]
-    y2s = y1s + chosen[:, cv2.CC_STAT_HEIGHT]
-    ox, oy = offset[0] + left, offset[1] + top
-    box = (
-        float(x1s.min() + ox),
-        float(y1s.min() + oy),
-        float(x2s.max() + ox),
-        float(y2s.max() + oy),
-    )
-    return box, overlapped
-
-
-def _as_box(values: Sequence[float]) -> Box:
-    x1, y1, x2, y2 = (float(v) for v in values)
-    return (x1, y1, x2, y2)
-
-
-def _inside(box: Box, frame_size: tuple[int, int]) -> bool:
-    """True when the box overlaps the frame with positive area."""
-    height, width = frame_size
-    return box[2] > 0 and box[3] > 0 and box[0] < width and box[1] < height
-
-
-def _clip(box: Box, frame_size: tuple[int, int]) -> Box:
-    height, width = frame_size
-    # Written out, not np.clip or a loop: this runs per track per frame (1.2 us; a
-    # generator over the four coordinates took 2.3 us, np.clip more still).
-    return (
-        min(max(box[0], 0.0), width),
-        min(max(box[1], 0.0), height),
-        min(max(box[2], 0.0), width),
-        min(max(box[3], 0.0), height),
-    )
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def _is_real(value: object) -> bool:
-    return is_int(value) or isinstance(value, (float, np.floating))
-
-
-# --------------------------------------------------------------------------- one track
-
-
-def _transition(dt: int, process_noise: float) -> tuple[np.ndarray, np.ndarray]:
-    """Constant-velocity F and Q for a step of ``dt`` frames (frames may be dropped live).
-
-    Q is the discrete white-noise-acceleration model per coordinate, so the uncertainty of a
-    track grows with the time it coasts, not with the number of calls.
-    """
-    f = np.eye(8)
-    f[:4, 4:] = dt * np.eye(4)
-    var = process_noise**2
-    q = np.zeros((8, 8))
-    q[:4, :4] = np.eye(4) * var * dt**4 / 4.0
-    q[:4, 4:] = q[4:, :4] = np.eye(4) * var * dt**3 / 2.0
-    q[4:, 4:] = np.eye(4) * var * dt**2
-    return f, q
-
-
-def _keep_size_positive(x: np.ndarray) -> np.ndarray:
-    """Clamp w/h of a state column to _MIN_SIZE; a clamped size also stops shrinking."""
-    for size, rate in ((2, 6), (3, 7)):
-        if x[size, 0] < _MIN_SIZE:
-            x[size, 0] = _MIN_SIZE
-            x[rate, 0] = max(x[rate, 0], 0.0)
-    return x
-
-
-class Track:
-    """One object: a Kalman filter over its box plus the bookkeeping the tracker publishes.
-
-    ``kf`` state: ``[cx, cy, w, h, vcx, vcy, vw, vh]`` (pixels, pixels/frame), measurement
-    ``[cx, cy, w, h]``.
-    """
-
-    def __init__(self, track_id: int, box: Box, *, settings: TrackerConfig | None = None) -> None:
-        self.track_id = track_id
-        self.state = TrackState.TENTATIVE
-        self.frames_since_update = 0
-        self.hits = 0
-        self.last_score = 0.0
-        self.last_innovation = 0.0
-        self.last_mask_logits: np.ndarray | None = None
-        self._settings = settings if settings is not None else TrackerConfig()
-        self.kf = KalmanFilter(dim_x=8, dim_z=4)
-        self.kf.F, self.kf.Q = _transition(1, self._settings.process_noise)
-        self.kf.H = np.hstack([np.eye(4), np.zeros((4, 4))])
-        self.kf.R = np.eye(4) * self._settings.measurement_noise**2
-        self.reset(box)
-
-    @property
-    def predicted_box(self) -> Box:
-        """Box of the filter's current state (after ``predict()``, the prediction)."""
-        return state_to_box(self.kf.x)
-
-    def reset(self, box: Box) -> None:
-        """Restart the filter at ``box`` with unknown velocity (used by corrections)."""
-        r = self._settings.measurement_noise
-        self.kf.x = _keep_size_positive(np.concatenate([box_to_state(box), np.zeros(4)])[:, None])
-        self.kf.P = np.diag([(_INIT_POSITION_SCALE * r) ** 2] * 4 + [_INIT_VELOCITY_STD**2] * 4)
-        self.last_mask_logits = None  # they describe the old position
-
-    def peek(self, dt: int = 1) -> Box:
-        """The box ``predict(dt)`` would return, without changing the filter."""
-        f, _ = _transition(dt, self._settings.process_noise)
-        return state_to_box(_keep_size_positive(f @ self.kf.x))
-
-    def predict(self, dt: int = 1) -> Box:
-        """Advance the filter by ``dt`` frames; returns the predicted box."""
-        f, q = _transition(dt, self._settings.process_noise)
-        self.kf.predict(F=f, Q=q)
-        self.kf.x = _keep_size_positive(self.kf.x)
-        return self.predicted_box
-
-    def innovation(self, box: Box) -> float:
-        """Mahalanobis distance of a measured box from the current state (no update)."""
-        y = box_to_state(box)[:, None] - self.kf.H @ self.kf.x
-        s = self.kf.H @ self.kf.P @ self.kf.H.T + self.kf.R
-        return math.sqrt(max(0.0, float((y.T @ np.linalg.solve(s, y)).item())))
-
-    def update(self, box: Box) -> None:
-        """Fuse a trusted measured box."""
-        self.last_innovation = self.innovation(box)
-        self.kf.update(box_to_state(box)[:, None])
-        self.kf.x = _keep_size_positive(self.kf.x)
-        self.hits += 1
-        self.frames_since_update = 0
-
-    def rescale(self, sx: float, sy: float) -> None:
-        """Express the filter in a frame resized by ``sx`` (x) and ``sy`` (y).
-
-        The state is linear in pixels, so ``x' = S x`` and ``P' = S P S^T`` with
-        ``S = diag(sx, sy, sx, sy, sx, sy, sx, sy)``: positions, sizes, their rates and every
-        covariance between them stay consistent. R and Q stay: they are the noise of one
-        mask box coordinate and of the motion in pixels, whatever the resolution.
-        """
-        scale = np.diag([sx, sy, sx, sy] * 2)
-        self.kf.x = _keep_size_positive(scale @ self.kf.x)
-        self.kf.P = scale @ self.kf.P @ scale.T
-        # The low-res logits lie on the decoder's grid of the old frame (padded to a square);
-        # after a resize they would prompt a shifted mask. One box-only frame is cheap.
-        self.last_mask_logits = None
-
-
-# --------------------------------------------------------------------------- decoder protocol
-
-
-@dataclass
-class ContestedPixels:
-    """What decides who gets a pixel that two or more rows' masks claim: every claiming
-    row's full-resolution mask logit there. In one of two forms:
-
-    windows: N float32 arrays, row i's logits over its mask's window (``masks[i].box``), as
-        a decoder that works on windows has them; the pixels claimed twice lie where windows
-        overlap, and are found there.
-    index, logits: (P,) int64 flat (row-major) indices into the (H, W) frame of the pixels
-        two or more rows' masks claim (ascending), and the (N, P) float32 logit of every row
-        at them, as a decoder that works on whole frames has them.
-    """
-
-    index: np.ndarray | None = None
-    logits: np.ndarray | None = None
-    windows: Sequence[np.ndarray] | None = None
-
-
-@dataclass
-class DecodedMasks:
-    """One decoder call's answer, rows in the order of the prompts.
-
-    masks: N RegionMask of the frame, each row's own mask (its logits above the threshold,
-        whatever the other rows say), or an (N, H, W) bool array (the tracker cuts it into
-        windows).
-    scores: (N,) predicted IoU scores.
-    low_res_logits: (N, h, w) float32 low-res mask logits (SAM: 256x256), fed back as mask
-        prompt on the next frame.
-    contested: None, or the logits that decide the pixels two or more rows of ``masks``
-        claim: then the tracker publishes exclusive masks (``exclusive_masks``); None keeps
-        them overlapping.
-    """
-
-    masks: Sequence[RegionMask] | np.ndarray
-    scores: np.ndarray
-    low_res_logits: np.ndarray
-    contested: ContestedPixels | None = None
-
-
-def exclusive_masks(
-    masks: Sequence[RegionMask] | np.ndarray, contested: ContestedPixels, priority: Sequence[int]
-) -> builtins.list[RegionMask]:
-    """Own masks -> masks in which no pixel belongs to two rows.
-
-    masks: N RegionMask of one frame (or an (N, H, W) bool array), the rows' own masks;
-        contested: the logits where two or more of them are True (either form).
-    priority: N classes, 0 first; a negative class takes no pixels (its row comes back
-        empty). A contested pixel goes to the row with the highest logit among the rows of
-        the best class that claim it (ties: the earlier row); an uncontested pixel stays with
-        the one row that claims it. So the union of the result is the union of the own masks
-        of the rows that take pixels.
-    Returns N RegionMask in the rows' windows; a row that loses nothing is its own mask
-    itself (the same object, or for an array a view of it).
-    """
-    if isinstance(masks, np.ndarray):
-        if masks.ndim != 3:
-            raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
-        height, width = masks.shape[1:]
-        regions: Sequence[RegionMask] = [
-            RegionMask((height, width), (0, 0, width, height), mask.astype(bool, copy=False))
-            for mask in masks
-        ]
-    else:
-        regions = masks
-    count = len(regions)
-    if len(priority) != count:
-        raise ValueError(f"priority needs one class per mask: {count} masks, {len(priority)}")
-    classes = np.asarray(priority, dtype=np.int64)
-    out = [
-        region if classes[row] >= 0 else RegionMask.empty(region.frame_size)
-        for row, region in enumerate(regions)
-    ]
-    if count == 0:
-        return out
-    if contested.windows is not None:
-        return _exclusive_in_windows(regions, contested.windows, classes, out)
-    if contested.index is None or contested.logits is None:
-        raise ValueError("contested pixels need windows, or index and logits")
-    return _exclusive_at_pixels(regions, contested.index, contested.logits, classes, out)
-
-
-def _exclusive_in_windows(
-    regions: Sequence[RegionMask],
-    windows: Sequence[np.ndarray],
-    classes: np.ndarray,
-    out: builtins.list[RegionMask],
-) -> builtins.list[RegionMask]:
-    """``exclusive_masks`` from every row's logits in its window.
-
-    Rows go one by one over a canvas that keeps, per pixel, the best (class, logit) so far
-    and its row: a row takes a pixel it claims when its class is better, or equal with a
-    higher logit (so on a tie the earlier row keeps it). Only rows whose window overlaps
-    another's can lose pixels, and only those are drawn, on the canvas of their union box.
-    """
-    if len(windows) != len(regions):
-        raise ValueError(f"one logit window per mask: {len(regions)} masks, {len(windows)}")
-    active = [
-        row
-        for row, region in enumerate(regions)
-        if classes[row] >= 0 and region.width and region.height
-    ]
-    if len(active) < 2:
-        return out
-    boxes = np.array([regions[row].box for row in active], dtype=np.int64)
-    overlap = (
-        np.minimum(boxes[:, None, 2], boxes[None, :, 2])
-        > np.maximum(boxes[:, None, 0], boxes[None, :, 0])
-    ) & (
-        np.minimum(boxes[:, None, 3], boxes[None, :, 3])
-        > np.maximum(boxes[:, None, 1], boxes[None, :, 1])
-    )
-    np.fill_diagonal(overlap, False)
-    rows = [row for row, hit in zip(active, overlap.any(axis=1), strict=True) if hit]
-    if not rows:
-        return out
-    boxes = np.array([regions[row].box for row in rows], dtype=np.int64)
-    ox, oy = int(boxes[:, 0].min()), int(boxes[:, 1].min())
-    shape = (int(boxes[:, 3].max()) - oy, int(boxes[:, 2].max()) - ox)
-    best_class = np.full(shape, np.iinfo(np.int64).max, dtype=np.int64)
-    best_logit = np.full(shape, -np.inf, dtype=np.float32)
-    owner = np.full(shape, -1, dtype=np.int64)
-    places = {}
-    for row in rows:
-        region, logits = regions[row], windows[row]
-        if logits.shape != region.window.shape:
-            raise ValueError(
-                f"row {row}: logits of {logits.shape} for a {region.window.shape} window"
-            )
-        x1, y1, x2, y2 = region.box
-        place = (slice(y1 - oy, y2 - oy), slice(x1 - ox, x2 - ox))
-        places[row] = place
-        claimed, here = best_class[place], best_logit[place]
-        cls = classes[row]
-        takes = region.window & ((cls < claimed) | ((cls == claimed) & (logits > here)))
-        claimed[takes] = cls
-        here[takes] = logits[takes]
-        owner[place][takes] = row
-    for row in rows:
-        region = regions[row]
-        kept = region.window & (owner[places[row]] == row)
-        if not np.array_equal(kept, region.window):
-            out[row] = RegionMask(region.frame_size, region.box, kept)
-    return out
-
-
-def _exclusive_at_pixels(
-    regions: Sequence[RegionMask],
-    index: np.ndarray,
-    logits: np.ndarray,
-    classes: np.ndarray,
-    out: builtins.list[RegionMask],
-) -> builtins.list[RegionMask]:
-    """``exclusive_masks`` from every row's logit at the listed contested pixels."""
-    count = len(regions)
-    if index.size == 0:
-        return out
-    width = regions[0].frame_size[1]
-    ys, xs = np.divmod(index, width)
-    claims = np.zeros((count, index.size), dtype=bool)  # (N, P)
-    where: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for row, region in enumerate(regions):
-        if classes[row] < 0:
-            continue
-        x1, y1, x2, y2 = region.box
-        inside = np.flatnonzero((xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2))
-        if inside.size:
-            local_y, local_x = ys[inside] - y1, xs[inside] - x1
-            claims[row, inside] = region.window[local_y, local_x]
-            where[row] = (inside, local_y, local_x)
-    ranked = np.where(claims, classes[:, None], np.iinfo(np.int64).max)
-    eligible = claims & (ranked == ranked.min(axis=0, keepdims=True))
-    winner = np.where(eligible, logits, -np.inf).argmax(axis=0)
-    taken = eligible.any(axis=0)
-    for row, region in enumerate(regions):
-        if classes[row] < 0 or not claims[row].any():
-            continue
-        lost = claims[row] & ~(taken & (winner == row))
-        if not lost.any():
-            continue  # won every pixel it claims
-        inside, local_y, local_x = where[row]
-        gone = lost[inside]
-        window = region.window.copy()
-        window[local_y[gone], local_x[gone]] = False
-        out[row] = RegionMask(region.frame_size, region.box, window)
-    return out
-
-
-class MaskDecoderFn(Protocol):
-    """Decodes all tracks' prompts of one frame in one batch (on that frame's embedding)."""
-
-    def __call__(
-        self,
-        image: ImageEmbedding | None,
-        boxes: np.ndarray,
-        mask_logits: list[np.ndarray | None],
-        points: list[tuple[np.ndarray, np.ndarray] | None] | None = None,
-    ) -> DecodedMasks:
-        """Decode N prompts.
-
-        image: the frame's embedding, as ``PromptTracker.step`` was given it.
-        boxes: (N, 4) float32 ``x1, y1, x2, y2`` in original-frame pixels; a row is NaN for a
-            points-only prompt.
-        mask_logits: N entries, each the track's previous (h, w) low-res logits or None.
-        points: None when no prompt has points, else N entries, each None or
-            ``(coords (K, 2) float32 x/y pixels, labels (K,) int32 1=foreground 0=background)``.
-        Returns each row's own mask; with ``contested`` set when masks are to be exclusive.
-        """
-        ...
 
 
 @dataclass(frozen=True)
@@ -637,7 +147,10 @@ class PromptTracker:
         self._last_frame: dict[int, int] = {}  # per track, for the prediction's time step
         self._current_frame: int | None = None
         self._next_id = 1
-        if not _is_real(between_interval_s) or not between_interval_s > 0:
+        if (
+            not (is_int(between_interval_s) or isinstance(between_interval_s, (float, np.floating)))
+            or not between_interval_s > 0
+        ):
             raise ValueError(
                 f"between_interval_s must be a positive number, got {between_interval_s!r}"
             )
@@ -854,26 +367,26 @@ class PromptTracker:
         for tid, track in self._tracks.items():
             dt = frame_index - self._last_frame[tid]
             if tid in self._restarted:
-                slots.append(_Slot(tid, track, None, _clip(track.predicted_box, size), True, dt))
+                slots.append(_Slot(tid, track, None, clip_box(track.predicted_box, size), True, dt))
                 continue
             predicted = track.peek(dt)
-            if not _inside(predicted, size):
+            if not overlaps_frame(predicted, size):
                 rejected.append(
                     self._lost_output(
                         tid, predicted, track.last_innovation, track.frames_since_update + dt
                     )
                 )
                 continue
-            slots.append(_Slot(tid, track, None, _clip(predicted, size), False, dt))
+            slots.append(_Slot(tid, track, None, clip_box(predicted, size), False, dt))
         for tid, prompt in due.items():
             # The frame check was deferred when the prompt came before the frame size.
-            box_ok = prompt.box is None or _inside(prompt.box, size)
+            box_ok = prompt.box is None or overlaps_frame(prompt.box, size)
             points_ok = prompt.points is None or _points_inside(prompt.points, size)
             if not (box_ok and points_ok):
                 shown = prompt.box if prompt.box is not None else _points_box(prompt)
                 rejected.append(self._lost_output(tid, shown, 0.0, 0))
                 continue
-            box = None if prompt.box is None else _clip(prompt.box, size)
+            box = None if prompt.box is None else clip_box(prompt.box, size)
             slots.append(_Slot(tid, None, prompt, box, True, 0))
 
         decoded = self._decode_batch(slots, image, between) if slots else None
@@ -976,7 +489,7 @@ class PromptTracker:
             decoded = self._decode(image, boxes, logits, points=points)
         else:
             decoded = self._decode_meanwhile(image, boxes, logits, points, between)
-        return _checked_decoded(decoded, len(slots), self._frame_size)
+        return checked_decoded(decoded, len(slots), self._frame_size)
 
     def _decode_meanwhile(
         self,
@@ -1054,7 +567,7 @@ class PromptTracker:
             track.predict(slot.dt)
         self._restarted.discard(slot.track_id)
         self._last_frame[slot.track_id] = frame_index
-        predicted = _clip(track.predicted_box, size)
+        predicted = clip_box(track.predicted_box, size)
 
         trusted = (
             measured is not None
@@ -1087,7 +600,7 @@ class PromptTracker:
             mask = RegionMask.empty(size)
         record = TrackRecord(
             track_id=slot.track_id,
-            box=_as_box(reported),
+            box=as_box(reported),
             score=score,
             state=track.state,
             frames_since_update=int(track.frames_since_update),
@@ -1107,7 +620,7 @@ class PromptTracker:
             raise RuntimeError("prompt tracker invariant broken: self._frame_size is None")
         record = TrackRecord(
             track_id=track_id,
-            box=_as_box(box),
+            box=as_box(box),
             score=float(score),
             state=TrackState.LOST,
             frames_since_update=frames_since_update,
@@ -1229,7 +742,7 @@ class PromptTracker:
                 points = arrays.get(f"pending{tid}.points")
                 labels = arrays.get(f"pending{tid}.labels")
                 pending[tid] = _Prompt(
-                    None if row["box"] is None else _as_box(row["box"]),
+                    None if row["box"] is None else as_box(row["box"]),
                     None if points is None else np.array(points, dtype=np.float32),
                     None if labels is None else np.array(labels, dtype=np.int32),
                     None if row["frame"] is None else int(row["frame"]),
@@ -1316,83 +829,4 @@ def _points_box(prompt: _Prompt) -> Box:
     if prompt.points is None or prompt.labels is None:  # only called for points prompts
         raise RuntimeError("prompt tracker invariant broken: a points prompt has no points")
     fg = prompt.points[prompt.labels == 1]
-    return _as_box((*fg.min(axis=0), *(fg.max(axis=0) + 1)))
-
-
-def _checked_decoded(
-    decoded: DecodedMasks, count: int, frame_size: tuple[int, int] | None
-) -> DecodedMasks:
-    """The decoder's answer with its masks as RegionMasks. The decoder is ours, so a bad
-    answer is a bug: RuntimeError, tracks untouched."""
-    masks = getattr(decoded, "masks", None)
-    scores = getattr(decoded, "scores", None)
-    logits = getattr(decoded, "low_res_logits", None)
-    contested = getattr(decoded, "contested", None)
-    problems = []
-    regions: tuple[RegionMask, ...] = ()
-    if frame_size is None:
-        problems.append("the frame size is unknown")
-    elif isinstance(masks, np.ndarray) and (
-        masks.dtype != np.bool_ or masks.shape != (count, *frame_size)
-    ):
-        problems.append(f"masks must be bool {(count, *frame_size)}, got {_describe(masks)}")
-    elif not isinstance(masks, (np.ndarray, Sequence)) or len(masks) != count:
-        problems.append(f"masks must be {count} RegionMask, got {_describe(masks)}")
-    else:
-        try:
-            regions = as_region_masks(masks, frame_size)
-        except ValueError as err:
-            problems.append(str(err))
-    if (
-        not isinstance(scores, np.ndarray)
-        or scores.shape != (count,)
-        or not np.all(np.isfinite(scores))
-    ):
-        problems.append(f"scores must be {count} finite numbers, got {_describe(scores)}")
-    if not isinstance(logits, np.ndarray) or logits.ndim != 3 or logits.shape[0] != count:
-        problems.append(f"low_res_logits must be ({count}, h, w), got {_describe(logits)}")
-    if contested is not None:
-        problems.extend(_contested_problems(contested, count, regions, frame_size))
-    if problems:
-        raise RuntimeError("mask decoder returned a malformed batch: " + "; ".join(problems))
-    return dataclasses.replace(decoded, masks=regions)
-
-
-def _contested_problems(
-    contested: object,
-    count: int,
-    regions: tuple[RegionMask, ...],
-    frame_size: tuple[int, int] | None,
-) -> builtins.list[str]:
-    windows = getattr(contested, "windows", None)
-    if windows is not None:
-        shapes = [getattr(w, "shape", None) for w in windows]
-        wanted = [m.window.shape for m in regions]
-        if (
-            len(shapes) != count
-            or (regions and shapes != wanted)
-            or not all(isinstance(w, np.ndarray) and w.dtype == np.float32 for w in windows)
-        ):
-            return [f"contested.windows must be float32 logits of the {count} mask windows"]
-        return []
-    index = getattr(contested, "index", None)
-    logits = getattr(contested, "logits", None)
-    pixels = frame_size[0] * frame_size[1] if frame_size is not None else 0
-    if (
-        not isinstance(index, np.ndarray)
-        or index.ndim != 1
-        or index.dtype.kind not in "iu"
-        or (index.size > 0 and (int(index.min()) < 0 or int(index.max()) >= pixels))
-    ):
-        return [f"contested.index must be flat pixel indices < {pixels}, got {_describe(index)}"]
-    if not isinstance(logits, np.ndarray) or logits.shape != (count, index.size):
-        return [f"contested.logits must be ({count}, {index.size}), got {_describe(logits)}"]
-    return []
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, np.ndarray):
-        return f"{value.dtype} {value.shape}"
-    if isinstance(value, (tuple, builtins.list)):
-        return f"{type(value).__name__} of {len(value)}"
-    return type(value).__name__
+    return as_box((*fg.min(axis=0), *(fg.max(axis=0) + 1)))

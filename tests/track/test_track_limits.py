@@ -19,12 +19,8 @@ import pytest
 from support.trackers import FRAME, LiveTracker, embedding_message
 
 from pipeline.outputs.files import MaskWriter, id_mask, read_id_mask
-from pipeline.track.tracking import (
-    ContestedPixels,
-    DecodedMasks,
-    PromptTracker,
-    TrackOutput,
-)
+from pipeline.track.exclusive import ContestedPixels, DecodedMasks
+from pipeline.track.tracking import PromptTracker, TrackOutput
 from pipeline.wire.masks import RegionMask
 from pipeline.wire.messages import (
     MAX_TRACK_ID,

@@ -19,19 +19,10 @@ from nodes.tracker import TrackerNode
 from pipeline.config import PromptConfig, TrackerConfig
 from pipeline.model.transforms import resized_shape
 from pipeline.run import resume
-from pipeline.track.tracking import (
-    MAX_TRACKS_AT_ONCE,
-    ContestedPixels,
-    DecodedMasks,
-    PromptTracker,
-    TrackOutput,
-    TrackState,
-    box_iou,
-    box_to_state,
-    exclusive_masks,
-    measure_box,
-    state_to_box,
-)
+from pipeline.track.exclusive import ContestedPixels, DecodedMasks, exclusive_masks
+from pipeline.track.kalman import box_iou, box_to_state, state_to_box
+from pipeline.track.measure import measure_box
+from pipeline.track.tracking import MAX_TRACKS_AT_ONCE, PromptTracker, TrackOutput
 from pipeline.wire.masks import mask_box
 from pipeline.wire.messages import (
     MAX_TRACK_ID,
@@ -39,6 +30,7 @@ from pipeline.wire.messages import (
     FrameMeta,
     MaskMessage,
     PromptCommand,
+    TrackState,
 )
 
 pytestmark = pytest.mark.timeout(60)

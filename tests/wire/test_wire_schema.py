@@ -29,7 +29,7 @@ from nodes.publisher import PublisherNode
 from nodes.tracker import TrackerNode
 from pipeline.config import DecoderConfig, EncoderConfig, PublisherConfig, TrackerConfig
 from pipeline.run.runtime import NodeEndpoints, NodeRunner
-from pipeline.track.tracking import DecodedMasks
+from pipeline.track.exclusive import DecodedMasks
 from pipeline.wire.messages import (
     EmbeddingMessage,
     EndOfStream,
