@@ -6,6 +6,9 @@ passed in as a callable, so tests can script it.
 
 Per frame (``PromptTracker.step``):
 
+0. the prompt commands queued since the last frame are applied, in order (``commands``:
+   they are checked and answered at once, from any thread, and never change a frame in
+   progress);
 1. prompts whose start frame has come become tracks;
 2. every track's Kalman filter predicts its box (constant velocity, SORT-style state
    ``[cx, cy, w, h, vcx, vcy, vw, vh]``, all in original-frame pixels and pixels per frame);
@@ -24,14 +27,15 @@ Per frame (``PromptTracker.step``):
    goes to one track, so an instance-id PNG and per-track RLE masks say the same thing.
 
 Its parts: ``kalman`` (boxes, the Kalman track), ``measure`` (``measure_box``), ``exclusive``
-(what the decoder answers, exclusive masks), ``prompts`` (prompt checks).
+(what the decoder answers, exclusive masks), ``commands`` (prompt commands, queued),
+``prompts`` (prompt checks).
 """
 
 from __future__ import annotations
 
 import builtins
-import threading
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -39,32 +43,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.config import RunConfig, TrackerConfig, validate_config
-from pipeline.track.exclusive import (
-    ContestedPixels,
-    DecodedMasks,
-    MaskDecoderFn,
-    checked_decoded,
-    exclusive_masks,
-)
+from pipeline.track.commands import CommandQueue, Prompt, Roster, pending_row
+from pipeline.track.exclusive import DecodedMasks, MaskDecoderFn, checked_decoded, exclusive_masks
 from pipeline.track.kalman import Box, Track, as_box, box_iou, clip_box, overlaps_frame
 from pipeline.track.measure import measure_box
-from pipeline.track.prompts import check_box, check_points
+from pipeline.track.prompts import check_points
 from pipeline.wire.masks import RegionMask, is_int
-from pipeline.wire.messages import MAX_TRACK_ID, TrackRecord, TrackState
+from pipeline.wire.messages import TrackListing, TrackRecord, TrackState
 
 if TYPE_CHECKING:  # the tracker runs any decoder; only SAM's needs torch
     from pipeline.predictor import ImageEmbedding
-
-MAX_TRACKS_AT_ONCE = 4096
-"""Tracks and pending prompts a tracker holds at one time; an add past it is refused. A
-frame's masks message describes every track in its header (about 200 bytes each), and a
-header is at most ``messages.MAX_HEADER_BYTES`` (1 MiB, some 5000 tracks): past that the
-next node would reject the frame's masks."""
-
-BETWEEN_INTERVAL_S = 0.01
-"""When ``step`` is given ``between``, it is called about this often while the decoder works
-on the frame (in a worker thread): a control command waits for this, not for a frame of
-hundreds of tracks (seconds on a CPU)."""
 
 
 @dataclass(frozen=True)
@@ -88,26 +76,13 @@ class TrackOutput:
     mask: RegionMask = field(repr=False, compare=False)
 
 
-# --------------------------------------------------------------------------- the tracker
-
-
-@dataclass
-class _Prompt:
-    """A validated prompt waiting for its start frame."""
-
-    box: Box | None  # as given; clipped at activation
-    points: np.ndarray | None  # (K, 2) float32
-    labels: np.ndarray | None  # (K,) int32
-    frame: int | None  # None: the next step
-
-
 @dataclass
 class _Slot:
     """One row of this frame's decoder batch."""
 
     track_id: int
     track: Track | None  # None: a prompt becoming a track this frame
-    prompt: _Prompt | None
+    prompt: Prompt | None
     box: Box | None  # prompt box (clipped); None for points-only
     first: bool  # no prediction to agree with: trust by score only
     dt: int
@@ -116,10 +91,13 @@ class _Slot:
 class PromptTracker:
     """Follows prompted objects from frame to frame.
 
-    Commands (``add``, ``update_box``, ``remove``) validate everything before changing
-    anything: a bad one raises ValueError naming the problem and leaves every track as it
-    was. ``step`` changes nothing when the decoder raises or returns malformed output, so a
-    caller may retry the frame.
+    Commands (``add``, ``update_box``, ``remove``; ``commands.answer`` for the control
+    socket) may come from any thread, also while ``step`` runs in another: each is checked
+    at once (a bad one raises ValueError naming the problem and changes nothing) and queued
+    (``pipeline.track.commands``). Everything else is for one thread, the tracker's, and
+    applies the queued commands, in order, before it does anything: ``step``, ``lose_all``,
+    ``set_frame_size``, ``snapshot``. ``step`` changes nothing but that when the decoder
+    raises or returns malformed output, so a caller may retry the frame.
     """
 
     def __init__(
@@ -128,11 +106,9 @@ class PromptTracker:
         *,
         frame_size: tuple[int, int] | None = None,
         settings: TrackerConfig | None = None,
-        between_interval_s: float = BETWEEN_INTERVAL_S,
     ) -> None:
         """``frame_size`` is (H, W); None when known only at the first frame (then call
-        ``set_frame_size`` before the first ``step`` that activates a prompt).
-        ``between_interval_s``: how often ``step``'s ``between`` runs while the decoder works."""
+        ``set_frame_size`` before the first ``step`` that activates a prompt)."""
         if settings is not None and not isinstance(settings, TrackerConfig):
             raise TypeError(f"settings must be a TrackerConfig, got {type(settings).__name__}")
         # The gates and noise figures checked as a config file's are (a bad value names
@@ -141,24 +117,14 @@ class PromptTracker:
         self._decode = decode
         self._frame_size = None if frame_size is None else _check_frame_size(frame_size)
         self._tracks: dict[int, Track] = {}
-        self._pending: dict[int, _Prompt] = {}
+        self._pending: dict[int, Prompt] = {}
         self._restarted: set[int] = set()  # corrected by update_box: next frame is a first frame
         self._lost: set[int] = set()  # reported lost and dropped: update_box brings one back
         self._last_frame: dict[int, int] = {}  # per track, for the prediction's time step
         self._current_frame: int | None = None
         self._next_id = 1
-        if (
-            not (is_int(between_interval_s) or isinstance(between_interval_s, (float, np.floating)))
-            or not between_interval_s > 0
-        ):
-            raise ValueError(
-                f"between_interval_s must be a positive number, got {between_interval_s!r}"
-            )
-        self._between_interval_s = float(between_interval_s)
-        # While a step runs with ``between``, commands may come in the middle of it; the ids
-        # they touched are left as the commands made them (see ``step``).
-        self._stepping = False
-        self._touched: set[int] = set()
+        self.commands = CommandQueue(Roster(frame_size=self._frame_size))
+        self.commands_applied = 0  # how many so far: a caller sees that they changed tracks
 
     @property
     def settings(self) -> TrackerConfig:
@@ -176,7 +142,8 @@ class PromptTracker:
 
     @property
     def tracks(self) -> Mapping[int, Track]:
-        """Active tracks by id (read-only view; pending prompts are not tracks yet)."""
+        """Active tracks by id (read-only view, for the tracker's thread; pending prompts
+        and queued commands are not tracks yet)."""
         return MappingProxyType(self._tracks)
 
     def set_frame_size(self, frame_size: tuple[int, int]) -> None:
@@ -185,21 +152,17 @@ class PromptTracker:
         A change rescales every track (its Kalman state and covariance, ``Track.rescale``)
         and every pending prompt's box and points to the new size, as the same scene seen at
         the new resolution: the next ``step`` predicts, prompts and measures in new pixels.
+        The queued commands are applied first, in the old pixels they were checked in.
         """
-        self._not_stepping("set_frame_size")
         new = _check_frame_size(frame_size)
+        self._apply_commands(frame_size=new)
         old, self._frame_size = self._frame_size, new
-        if old is None or old == new:
-            return
-        sx, sy = new[1] / old[1], new[0] / old[0]
-        for track in self._tracks.values():
-            track.rescale(sx, sy)
-        for prompt in self._pending.values():
-            if prompt.box is not None:
-                x1, y1, x2, y2 = prompt.box
-                prompt.box = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
-            if prompt.points is not None:
-                prompt.points = (prompt.points * np.array([sx, sy])).astype(np.float32)
+        if old is not None and old != new:
+            sx, sy = new[1] / old[1], new[0] / old[0]
+            for track in self._tracks.values():
+                track.rescale(sx, sy)
+            self._pending = {tid: p.rescaled(sx, sy) for tid, p in self._pending.items()}
+        self._settle()
 
     # ------------------------------------------------------------------ commands
 
@@ -222,75 +185,33 @@ class PromptTracker:
             id (past MAX_TRACK_ID: ValueError "track id limit reached", nothing changed).
         frame: first frame index to apply it at; default the next ``step``.
         """
-        if box is None and points is None:
-            raise ValueError("prompt needs a box or points, got neither")
-        checked_box = None if box is None else check_box(box, "box", self._frame_size)
-        checked_points, checked_labels = (None, None)
-        if points is not None or labels is not None:
-            checked_points, checked_labels = check_points(
-                points, labels, "points", self._frame_size
-            )
-            if checked_box is None and not np.any(checked_labels == 1):
-                raise ValueError("points-only prompt needs at least one foreground point (label 1)")
-        if frame is not None and (not is_int(frame) or frame < 0):
-            raise ValueError(f"frame must be a frame index >= 0, got {frame!r}")
-        self._check_room()
-        if track_id is None:
-            if self._next_id > MAX_TRACK_ID:
-                raise ValueError(
-                    f"track id limit reached: ids 1..{MAX_TRACK_ID} are used up (ids are never "
-                    "reused; an add with an explicit free track_id still works)"
-                )
-            new_id = self._next_id
-        else:
-            if not is_int(track_id) or not 1 <= track_id <= MAX_TRACK_ID:
-                raise ValueError(
-                    f"track_id must be an integer in 1..{MAX_TRACK_ID}, got {track_id!r}"
-                )
-            if track_id in self._tracks or track_id in self._pending:
-                raise ValueError(f"track_id {track_id} is already in use")
-            new_id = int(track_id)
-        self._pending[new_id] = _Prompt(
-            checked_box, checked_points, checked_labels, None if frame is None else int(frame)
-        )
-        self._next_id = max(self._next_id, new_id + 1)
-        self._lost.discard(new_id)
-        self._touch(new_id)
-        return new_id
+        return self.commands.add(box, points, labels, track_id=track_id, frame=frame).track_id
 
     def update_box(self, track_id: int, box: Sequence[float] | np.ndarray) -> None:
-        """Correct an object's box: the filter restarts there (same id, hits and state).
-        A track that was lost comes back under its id, as a new prompt at that box."""
-        if is_int(track_id) and track_id in self._lost:
-            checked = check_box(box, "box", self._frame_size)
-            self._check_room()
-            self._lost.discard(track_id)
-            self._pending[int(track_id)] = _Prompt(checked, None, None, None)
-            self._touch(track_id)
-            return
-        self._check_known(track_id)
-        checked = check_box(box, "box", self._frame_size)
-        self._touch(track_id)
-        if track_id in self._pending:
-            self._pending[track_id].box = checked
-            return
-        track = self._tracks[track_id]
-        track.reset(checked)
-        self._restarted.add(track_id)
+        """Queue a correction of an object's box: at the next frame the filter restarts
+        there (same id, hits and state). A lost track comes back under its id, as a new
+        prompt at that box."""
+        self.commands.update(track_id, box)
 
     def remove(self, track_id: int) -> None:
-        """Forget a track or pending prompt; it is not reported again."""
-        if not (is_int(track_id) and track_id in self._lost):
-            self._check_known(track_id)
-        self._touch(track_id)
-        self._drop(track_id)
-        self._lost.discard(track_id)  # removed, not lost: update_box does not bring it back
+        """Queue forgetting a track, pending prompt or lost track; it is not reported again."""
+        self.commands.remove(track_id)
+
+    def list(self) -> builtins.list[TrackListing]:
+        """Tracks and pending prompts as plain data (JSON-ready), sorted by id: the tracker
+        after its last finished frame with the queued commands applied.
+
+        Keys: track_id, state, box (None for a pending points-only prompt), score,
+        frames_since_update, pending (True for a prompt or correction that no frame has
+        run yet: an add until its start frame), start_frame.
+        """
+        return self.commands.listing()
 
     def lose_all(self) -> builtins.list[TrackOutput]:
         """Mark every running track lost, e.g. after the camera was gone so long that the
         filters' predictions mean nothing; returns their last outputs (state "lost", empty
         masks). Pending prompts stay pending."""
-        self._not_stepping("lose_all")
+        self._apply_commands()
         if self._frame_size is None:
             return []
         outputs = [
@@ -305,34 +226,63 @@ class PromptTracker:
         ]
         for output in outputs:
             self._drop(output.record.track_id)
+        self._settle()
         return outputs
+
+    def _apply_commands(
+        self, *, next_frame: int | None = None, frame_size: tuple[int, int] | None = None
+    ) -> int:
+        """Apply the queued commands, in order (``CommandQueue.take`` for the arguments);
+        returns how many. They were checked against this state plus those before them."""
+        changes = self.commands.take(next_frame=next_frame, frame_size=frame_size)
+        for change in changes:
+            tid, prompt = change.track_id, change.prompt
+            if prompt is None:  # remove
+                self._drop(tid)
+                self._lost.discard(tid)  # removed, not lost: update_box does not bring it back
+            elif change.op == "add" or tid in self._lost:  # a new prompt, or a comeback
+                self._lost.discard(tid)
+                self._pending[tid] = prompt
+                self._next_id = max(self._next_id, tid + 1)
+            elif tid in self._pending:
+                self._pending[tid] = dataclasses.replace(self._pending[tid], box=prompt.box)
+            elif prompt.box is not None:  # an update always has a box
+                self._tracks[tid].reset(prompt.box)
+                self._restarted.add(tid)
+        self.commands_applied += len(changes)
+        return len(changes)
+
+    def _settle(self) -> None:
+        """Hand the command side this state: it checks the commands from now on against it."""
+        rows = {tid: pending_row(tid, prompt) for tid, prompt in self._pending.items()}
+        for tid, track in self._tracks.items():
+            rows[tid] = {
+                "track_id": tid,
+                "state": track.state,
+                "box": [float(v) for v in track.predicted_box],
+                "score": track.last_score,
+                "frames_since_update": track.frames_since_update,
+                "pending": tid in self._restarted,  # corrected: the next frame runs it
+                "start_frame": None,
+            }
+        current = self._current_frame
+        roster = Roster(rows, set(self._lost), self._next_id, self._frame_size)
+        roster.next_frame = 0 if current is None else current + 1
+        self.commands.settle(roster)
 
     # ------------------------------------------------------------------ the frame
 
-    def step(
-        self,
-        frame_index: int,
-        image: ImageEmbedding | None = None,
-        *,
-        between: Callable[[], object] | None = None,
-    ) -> list[TrackOutput]:
-        """Track every object into frame ``frame_index``; outputs sorted by track id.
+    def step(self, frame_index: int, image: ImageEmbedding | None = None) -> list[TrackOutput]:
+        """Apply the queued commands, then track every object into frame ``frame_index``;
+        outputs sorted by track id.
 
         Frame indices must increase; gaps (frames dropped in live mode) are predicted over.
 
         image: the frame's embedding, handed to the decoder as it is (a scripted decoder in
             tests may need none).
 
-        between: called again and again while the frame is worked on (every
-            ``between_interval_s`` while the decoder runs, in a worker thread then, and after
-            each track's update), so that a caller can serve commands in the middle of a
-            frame of many tracks instead of after it. Commands (``add``, ``update_box``,
-            ``remove``) may then be called from it. A track a command touches while its frame
-            is worked on is left as the command made it and is not in this frame's outputs:
-            a removed track is gone, a corrected one starts from its new box at the next
-            frame, an added prompt waits for the next frame; it takes no pixels from the
-            others' exclusive masks. The decoder call is the same either way (one batch of
-            every track, on arrays built before it starts), so are the masks.
+        A command that comes while this runs is queued for the next frame (its ``Change``
+        says ``frame_index + 1``): this frame is decoded and committed as it began.
         """
         if not is_int(frame_index) or frame_index < 0:
             raise ValueError(f"frame_index must be an integer >= 0, got {frame_index!r}")
@@ -340,30 +290,43 @@ class PromptTracker:
             raise ValueError(
                 f"frame_index must increase: got {frame_index} after {self._current_frame}"
             )
-        self._not_stepping("step")
-        self._stepping, self._touched = True, set()
-        try:
-            return self._step(frame_index, image, between)
-        finally:
-            self._stepping, self._touched = False, set()
+        self._apply_commands(next_frame=frame_index + 1)
+        # Phase 1: build the batch without touching any track, so a failing decoder leaves
+        # the tracker as it was.
+        slots, rejected = self._batch(frame_index)
+        decoded = self._decode_batch(slots, image) if slots else None
+        # Phase 2: commit.
+        self._current_frame = frame_index
+        for out in rejected:
+            self._drop(out.record.track_id)
+        committed = []
+        if decoded is not None:
+            committed = [
+                self._commit(slot, decoded, row, frame_index) for row, slot in enumerate(slots)
+            ]
+            # Phase 3: exclusive masks, once every track's state is known. The measurements
+            # above used each track's own mask (see _commit), so this changes only what is
+            # published.
+            if decoded.contested is not None:
+                committed = self._exclusive(committed, decoded)
+        self._settle()
+        return sorted([*rejected, *committed], key=lambda out: out.record.track_id)
 
-    def _step(
-        self,
-        frame_index: int,
-        image: ImageEmbedding | None,
-        between: Callable[[], object] | None,
-    ) -> list[TrackOutput]:
+    def _batch(self, frame_index: int) -> tuple[list[_Slot], list[TrackOutput]]:
+        """This frame's decoder rows, and the outputs of what cannot be decoded (a track
+        whose prediction leaves the frame, a prompt outside it); changes nothing."""
         due = {
             tid: p for tid, p in self._pending.items() if p.frame is None or p.frame <= frame_index
         }
-        if (due or self._tracks) and self._frame_size is None:
-            raise RuntimeError("frame size is unknown: call set_frame_size((H, W)) before step()")
         size = self._frame_size
-
-        # Phase 1: build the batch without touching any track, so a failing decoder leaves
-        # the tracker as it was.
+        if size is None:
+            if due or self._tracks:
+                raise RuntimeError(
+                    "frame size is unknown: call set_frame_size((H, W)) before step()"
+                )
+            return [], []
         slots: list[_Slot] = []
-        rejected: list[TrackOutput] = []  # leave the frame / prompt outside the frame
+        rejected: list[TrackOutput] = []
         for tid, track in self._tracks.items():
             dt = frame_index - self._last_frame[tid]
             if tid in self._restarted:
@@ -388,84 +351,38 @@ class PromptTracker:
                 continue
             box = None if prompt.box is None else clip_box(prompt.box, size)
             slots.append(_Slot(tid, None, prompt, box, True, 0))
-
-        decoded = self._decode_batch(slots, image, between) if slots else None
-
-        # Phase 2: commit. Ids a command touched meanwhile (``self._touched``, filled by
-        # commands that ``between`` served) stay as the command left them.
-        touched = self._touched
-        self._current_frame = frame_index
-        for out in rejected:
-            if out.record.track_id not in touched:
-                self._drop(out.record.track_id)
-        committed: list[tuple[int, TrackOutput]] = []  # (decoded row, output)
-        for row, slot in enumerate(slots):
-            if decoded is None:  # cannot happen: slots is non-empty here
-                raise RuntimeError("prompt tracker invariant broken: decoded is None")
-            if slot.track_id in touched:
-                continue
-            committed.append((row, self._commit(slot, decoded, row, frame_index)))
-            if between is not None:
-                between()
-        # Phase 3: exclusive masks, once every track's state is known. The measurements
-        # above used each track's own mask (see _commit), so this changes only what is
-        # published.
-        if decoded is not None and decoded.contested is not None:
-            committed = self._exclusive(committed, decoded, touched)
-        outputs = [
-            out
-            for out in (*rejected, *(out for _, out in committed))
-            if out.record.track_id not in touched
-        ]
-        outputs.sort(key=lambda out: out.record.track_id)
-        return outputs
+        return slots, rejected
 
     @staticmethod
-    def _exclusive(
-        committed: list[tuple[int, TrackOutput]], decoded: DecodedMasks, touched: set[int]
-    ) -> list[tuple[int, TrackOutput]]:
-        """Publish exclusive masks; ``committed`` holds (decoded row, output) pairs.
+    def _exclusive(committed: list[TrackOutput], decoded: DecodedMasks) -> list[TrackOutput]:
+        """Publish exclusive masks; ``committed`` holds the outputs of the decoded rows.
 
         Who competes for a contested pixel:
         - a LOST track takes none: it publishes an empty mask, so a pixel it won would vanish
-          from every output although another track's mask covers it; nor does a track a
-          command touched during the frame (it is not published this frame);
+          from every output although another track's mask covers it;
         - a COASTING track takes only pixels no trusted track claims: its mask is the one the
           tracker just judged untrustworthy, and during an occlusion it is usually a piece of
           the occluder, which must not carve the occluder's own, trusted mask;
         - trusted tracks (TRACKED / TENTATIVE this frame) compete by logit (SAM 2's rule).
         """
-        contested = decoded.contested
-        if contested is None:  # cannot happen: checked by step()
+        if decoded.contested is None:  # cannot happen: checked by step()
             raise RuntimeError("prompt tracker invariant broken: no contested pixels")
-        rows = [row for row, _ in committed]
-        if len(rows) != len(decoded.masks):  # some rows were touched: only the others compete
-            if contested.windows is not None:
-                contested = ContestedPixels(windows=[contested.windows[row] for row in rows])
-            elif contested.logits is not None:
-                contested = ContestedPixels(index=contested.index, logits=contested.logits[rows])
         priority = [
             -1
-            if out.record.state is TrackState.LOST or out.record.track_id in touched
+            if out.record.state is TrackState.LOST
             else 1
             if out.record.state is TrackState.COASTING
             else 0
-            for _, out in committed
+            for out in committed
         ]
-        masks = exclusive_masks([decoded.masks[row] for row in rows], contested, priority)
+        masks = exclusive_masks(decoded.masks, decoded.contested, priority)
         return [
-            (row, out if out.record.state is TrackState.LOST else TrackOutput(out.record, mask))
-            for (row, out), mask in zip(committed, masks, strict=True)
+            out if out.record.state is TrackState.LOST else TrackOutput(out.record, mask)
+            for out, mask in zip(committed, masks, strict=True)
         ]
 
-    def _decode_batch(
-        self,
-        slots: list[_Slot],
-        image: ImageEmbedding | None,
-        between: Callable[[], object] | None = None,
-    ) -> DecodedMasks:
-        """The decoder's answer for every slot, in one call (with ``between``, run in a worker
-        thread while this one calls ``between``)."""
+    def _decode_batch(self, slots: list[_Slot], image: ImageEmbedding | None) -> DecodedMasks:
+        """The decoder's answer for every slot, in one call."""
         boxes = np.array(
             [s.box if s.box is not None else (np.nan,) * 4 for s in slots], dtype=np.float32
         ).reshape(len(slots), 4)
@@ -485,50 +402,8 @@ class PromptTracker:
                 else None
                 for s in slots
             ]
-        if between is None:
-            decoded = self._decode(image, boxes, logits, points=points)
-        else:
-            decoded = self._decode_meanwhile(image, boxes, logits, points, between)
+        decoded = self._decode(image, boxes, logits, points=points)
         return checked_decoded(decoded, len(slots), self._frame_size)
-
-    def _decode_meanwhile(
-        self,
-        image: ImageEmbedding | None,
-        boxes: np.ndarray,
-        logits: list[np.ndarray | None],
-        points: list[tuple[np.ndarray, np.ndarray] | None] | None,
-        between: Callable[[], object],
-    ) -> DecodedMasks:
-        """The decoder call in a worker thread, ``between`` in this one every
-        ``between_interval_s`` until it returns; its exception, if any, is raised here.
-
-        The decoder (torch or ONNX Runtime) computes without the GIL, so the commands
-        ``between`` serves meanwhile cost it little. It reads only the arrays built for it,
-        which no command changes (a correction rebinds a track's logits, it does not write
-        into them), so what it decodes is what it would have decoded alone. A batch in one
-        call rather than slices keeps its throughput: a call has a fixed cost, several
-        milliseconds on a CPU, that slices would pay again and again."""
-        outcome: list[tuple[DecodedMasks | None, BaseException | None]] = []
-
-        def work() -> None:
-            try:
-                outcome.append((self._decode(image, boxes, logits, points=points), None))
-            except BaseException as err:  # handed to the caller's thread, raised there
-                outcome.append((None, err))
-
-        worker = threading.Thread(target=work, name="samstream-decode", daemon=True)
-        worker.start()
-        while True:  # once at least, however fast the decoder
-            worker.join(self._between_interval_s)
-            between()
-            if not worker.is_alive():
-                break
-        decoded, error = outcome[0]
-        if error is not None:
-            raise error
-        if decoded is None:  # cannot happen: work() hands over one or the other
-            raise RuntimeError("prompt tracker invariant broken: the decoder returned nothing")
-        return decoded
 
     def _commit(
         self, slot: _Slot, decoded: DecodedMasks, row: int, frame_index: int
@@ -636,35 +511,16 @@ class PromptTracker:
         self._restarted.discard(track_id)
         self._last_frame.pop(track_id, None)
 
-    def _check_room(self) -> None:
-        held = len(self._tracks) + len(self._pending)
-        if held >= MAX_TRACKS_AT_ONCE:
-            raise ValueError(
-                f"too many tracks at once: {held} tracks and prompts, at most "
-                f"{MAX_TRACKS_AT_ONCE} (one frame's masks message holds no more); remove some"
-            )
-
-    def _touch(self, track_id: int) -> None:
-        """A command changed this id: if a step is under way, it leaves the id alone."""
-        if self._stepping:
-            self._touched.add(int(track_id))
-
-    def _not_stepping(self, what: str) -> None:
-        if self._stepping:
-            raise RuntimeError(f"{what}() cannot run in the middle of step()")
-
-    def _check_known(self, track_id: int) -> None:
-        known = is_int(track_id) and (track_id in self._tracks or track_id in self._pending)
-        if not known:
-            raise ValueError(f"unknown track id {track_id!r}")
-
     # ------------------------------------------------------------------ saved state
 
     def snapshot(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
         """Everything the next ``step`` depends on, as JSON-ready data and named arrays
         (later steps do not change them: copies, or read-only arrays that later steps
         replace). ``restore`` on a tracker with the same settings and decoder continues
-        exactly as this one would."""
+        exactly as this one would. The queued commands are applied first, as the next
+        ``step`` would (nothing comes between), so the snapshot holds them."""
+        if self._apply_commands():
+            self._settle()
         tracks = []
         arrays: dict[str, np.ndarray] = {}
         for tid, track in self._tracks.items():
@@ -711,10 +567,9 @@ class PromptTracker:
         return data, arrays
 
     def restore(self, data: Mapping[str, object], arrays: Mapping[str, np.ndarray]) -> None:
-        """Replace every track and prompt with those of a ``snapshot``.
+        """Replace every track, prompt and queued command with those of a ``snapshot``.
 
         Raises ValueError when the snapshot is malformed (nothing is changed then)."""
-        self._not_stepping("restore")
         try:
             tracks: dict[int, Track] = {}
             last_frame: dict[int, int] = {}
@@ -736,12 +591,12 @@ class PromptTracker:
                 if row["restarted"]:
                     restarted.add(tid)
                 tracks[tid] = track
-            pending: dict[int, _Prompt] = {}
+            pending: dict[int, Prompt] = {}
             for row in data["pending"]:  # type: ignore[attr-defined]
                 tid = int(row["id"])
                 points = arrays.get(f"pending{tid}.points")
                 labels = arrays.get(f"pending{tid}.labels")
-                pending[tid] = _Prompt(
+                pending[tid] = Prompt(
                     None if row["box"] is None else as_box(row["box"]),
                     None if points is None else np.array(points, dtype=np.float32),
                     None if labels is None else np.array(labels, dtype=np.int32),
@@ -760,39 +615,8 @@ class PromptTracker:
         self._current_frame = None if current is None else int(current)  # type: ignore[call-overload]
         self._next_id = next_id
         self._lost = lost
-
-    def list(self) -> builtins.list[dict[str, object]]:
-        """Tracks and pending prompts as plain data (JSON-ready), sorted by id.
-
-        Keys: id, state, box (None for a pending points-only prompt), score,
-        frames_since_update, pending (True until the start frame), start_frame.
-        """
-        rows: builtins.list[dict[str, object]] = []
-        for tid, track in self._tracks.items():
-            rows.append(
-                {
-                    "id": tid,
-                    "state": track.state.value,
-                    "box": [float(v) for v in track.predicted_box],
-                    "score": track.last_score,
-                    "frames_since_update": track.frames_since_update,
-                    "pending": False,
-                    "start_frame": None,
-                }
-            )
-        for tid, prompt in self._pending.items():
-            rows.append(
-                {
-                    "id": tid,
-                    "state": TrackState.TENTATIVE.value,
-                    "box": None if prompt.box is None else [float(v) for v in prompt.box],
-                    "score": 0.0,
-                    "frames_since_update": 0,
-                    "pending": True,
-                    "start_frame": prompt.frame,
-                }
-            )
-        return sorted(rows, key=lambda row: row["id"])  # type: ignore[arg-type, return-value]
+        self.commands.take()  # they were checked against the state replaced here
+        self._settle()
 
 
 def _frozen(logits: np.ndarray) -> np.ndarray:
@@ -824,7 +648,7 @@ def _points_inside(points: np.ndarray, frame_size: tuple[int, int]) -> bool:
     return True
 
 
-def _points_box(prompt: _Prompt) -> Box:
+def _points_box(prompt: Prompt) -> Box:
     """Box around a prompt's foreground points, reported when it could not start."""
     if prompt.points is None or prompt.labels is None:  # only called for points prompts
         raise RuntimeError("prompt tracker invariant broken: a points prompt has no points")

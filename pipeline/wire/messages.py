@@ -70,11 +70,30 @@ Prompt control (REQ/REP, one part, UTF-8 JSON)
 ----------------------------------------------
 Request (PromptCommand): ``{"op": "add" | "update" | "remove" | "list", "track_id": int |
 null, "box": [x1, y1, x2, y2] | null, "points": [[x, y], ...] | null, "labels": [int, ...] |
-null, "frame": int | null}``; only ``op`` is required. Reply (PromptReply): ``{"ok": bool,
-"error": str | null, "track_id": int | null, "tracks": [TrackListing, ...]}``, a listing
-being ``{"id": int, "state": str, "box": [x1, y1, x2, y2] | null, "score": float,
-"frames_since_update": int, "pending": bool, "start_frame": int | null}``. Both reject fields
-they do not know (a typo must not pass for an absent field).
+null, "frame": int | null}``; only ``op`` is required.
+
+Reply (PromptReply): ``{"ok": bool, "error": str | null, "track_id": int | null, "frame":
+int | null, "tracks": [TrackListing, ...]}``, a listing being ``{"track_id": int, "state":
+str, "box": [x1, y1, x2, y2] | null, "score": float, "frames_since_update": int, "pending":
+bool, "start_frame": int | null}``. Both reject fields they do not know (a typo must not pass
+for an absent field).
+
+A command is checked and answered at once, also while the tracker is in the middle of a
+frame, and applied between frames, in the order the commands came: no frame in progress
+changes. ``ok`` means it is queued, checked against the tracker as it will be when the
+command applies (after the last finished frame and the commands before it); ``frame`` is the
+first frame index it changes (an "add" with a later ``frame``: that one), for "list" the
+frame the listing leads into. A live tracker may skip frames, so the first frame published
+with the change may come later; none before ``frame`` has it. The checks that need the
+frame's size wait for the first frame when the tracker has seen none yet: a prompt outside
+it then shows as a track reported "lost" once, at its start frame. A queued prompt is
+rescaled with the tracks when the resolution changes. A command queued when the tracker
+dies is lost with it. ``tracks``: every track and prompt as the tracker will enter
+``frame``: rows of commands not yet through a frame say ``pending``.
+
+Changes to the control protocol (it has no version number: a client must match the
+tracker, as each side refuses fields it does not know): replies carry ``frame``; listing rows
+key the id ``track_id`` (it was ``id``), as every other record does.
 
 ``wire_schema()`` (or ``python -m pipeline.wire.messages``) gives all of this as a JSON Schema
 for consumers in other languages, less what JSON Schema cannot say (byte lengths, windows).
@@ -334,10 +353,10 @@ class TrackRecord:
 
 
 class TrackListing(TypedDict):
-    """One row of a "list" reply: a track, or a prompt waiting for its start frame
-    (``pending``). Keyed ``id``, where a TrackRecord says ``track_id``."""
+    """One row of a "list" reply: a track, or a prompt waiting for its start frame;
+    ``pending`` for a prompt or correction that no frame has run yet."""
 
-    id: int
+    track_id: int
     state: TrackState
     box: Annotated[list[float], msgspec.Meta(min_length=4, max_length=4)] | None
     score: float
@@ -814,14 +833,17 @@ class PromptCommand(_ControlMessage):
 
 
 class PromptReply(_ControlMessage):
-    """The control socket's answer: ``ok`` or an ``error`` sentence; the new or affected
-    ``track_id``; ``tracks`` lists the tracks (TrackListing dicts) for "list"."""
+    """The control socket's answer: ``ok`` (the command is checked and queued) or an
+    ``error`` sentence (nothing changed); the new or affected ``track_id``; ``frame``, the
+    first frame index the command changes (for "list": the one the listing leads into);
+    ``tracks``, every track and prompt (TrackListing dicts) with the command applied."""
 
     _what: ClassVar[str] = "prompt reply"
 
     ok: bool
     error: str | None = None
     track_id: int | None = None
+    frame: NonNegativeInt | None = None
     tracks: tuple[TrackListing, ...] = ()
 
 

@@ -19,10 +19,11 @@ from nodes.tracker import TrackerNode
 from pipeline.config import PromptConfig, TrackerConfig
 from pipeline.model.transforms import resized_shape
 from pipeline.run import resume
+from pipeline.track.commands import MAX_TRACKS_AT_ONCE
 from pipeline.track.exclusive import ContestedPixels, DecodedMasks, exclusive_masks
 from pipeline.track.kalman import box_iou, box_to_state, state_to_box
 from pipeline.track.measure import measure_box
-from pipeline.track.tracking import MAX_TRACKS_AT_ONCE, PromptTracker, TrackOutput
+from pipeline.track.tracking import PromptTracker, TrackOutput
 from pipeline.wire.masks import mask_box
 from pipeline.wire.messages import (
     MAX_TRACK_ID,
@@ -171,7 +172,7 @@ def test_follows_constant_velocity_and_learns_it():
     assert np.allclose(velocity, [*VELOCITY, 0, 0], atol=0.1)
     assert tracker.list() == [
         {
-            "id": tid,
+            "track_id": tid,
             "state": "tracked",
             "box": pytest.approx(list(moving_box(29)), abs=1.0),
             "score": 0.9,
@@ -674,7 +675,7 @@ def test_frame_size_known_only_at_the_first_frame():
     outputs = by_id(tracker.step(0))
     assert outputs[good].record.state is TrackState.TENTATIVE
     assert outputs[outside].record.state is TrackState.LOST and not outputs[outside].mask.any()
-    assert [row["id"] for row in tracker.list()] == [good]
+    assert [row["track_id"] for row in tracker.list()] == [good]
     with pytest.raises(ValueError, match="frame_size"):
         tracker.set_frame_size((0, 320))
 
@@ -765,7 +766,7 @@ def test_lose_all_reports_running_tracks_lost_and_keeps_pending_prompts():
     assert lost_b.frames_since_update == 1 and lost_b.score == pytest.approx(0.2)
     assert len(decoder.calls) == calls  # nothing decoded
     assert dict(tracker.tracks) == {}
-    assert [(row["id"], row["pending"]) for row in tracker.list()] == [(later, True)]
+    assert [(row["track_id"], row["pending"]) for row in tracker.list()] == [(later, True)]
     assert tracker.lose_all() == []  # already gone: reported once
     for tid in (a, b):
         # A lost track could come back with update_box; removed, it is forgotten.
@@ -787,7 +788,7 @@ def test_lose_all_without_tracks():
     tracker = PromptTracker(SceneDecoder())  # frame size unknown yet
     pending = tracker.add(box=moving_box(0))
     assert tracker.lose_all() == []
-    assert [row["id"] for row in tracker.list()] == [pending]
+    assert [row["track_id"] for row in tracker.list()] == [pending]
     tracker, _ = make()
     assert tracker.lose_all() == []
 
@@ -989,15 +990,19 @@ def test_a_configured_points_prompt_without_labels_is_foreground() -> None:
     reads points): the tracker node starts such a prompt's track, where the tracker's own
     point check used to refuse points without labels and fail the node's setup."""
     config = TrackerConfig(prompts=(PromptConfig(points=((70.0, 20.0), (75.0, 30.0))),))
+    decoder = NodeSceneDecoder()
     node = TrackerNode(
         config,
         weights="unused.pt",
         image_size=32,
-        decoder=NodeSceneDecoder(),  # type: ignore[arg-type]
+        decoder=decoder,  # type: ignore[arg-type]
     )
     node.setup()
     [listing] = node.tracker.list()
-    assert listing["pending"] is True
-    prompt = node.tracker._pending[listing["id"]]
-    assert prompt.labels.tolist() == [1, 1]
-    assert prompt.points.tolist() == [[70.0, 20.0], [75.0, 30.0]]
+    assert listing["pending"] is True and listing["box"] is None
+    decoder.objects = {"a": ((60, 10, 90, 40), 0.9)}
+    (msg,) = node.process(_embedding_message(0, 0, 100.0))
+    coords, labels = decoder.calls[0].points[0]  # what the prompt started with
+    assert labels.tolist() == [1, 1]
+    assert coords.tolist() == [[70.0, 20.0], [75.0, 30.0]]
+    assert [(t.track_id, t.state) for t in msg.tracks] == [(listing["track_id"], "tentative")]
