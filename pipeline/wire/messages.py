@@ -70,7 +70,10 @@ Prompt control (REQ/REP, one part, UTF-8 JSON)
 ----------------------------------------------
 Request (PromptCommand): ``{"op": "add" | "update" | "remove" | "list", "track_id": int |
 null, "box": [x1, y1, x2, y2] | null, "points": [[x, y], ...] | null, "labels": [int, ...] |
-null, "frame": int | null}``; only ``op`` is required.
+null, "frame": int | null}``; only ``op`` is required. "add" takes a box and/or points (with
+their labels, 1 foreground / 0 background), a free ``track_id`` and a start ``frame``, all
+optional but the prompt; "update" a ``track_id`` and a box (no points: a correction restarts
+the track at the box); "remove" a ``track_id``; ``frame`` is for "add" only.
 
 Reply (PromptReply): ``{"ok": bool, "error": str | null, "track_id": int | null, "frame":
 int | null, "tracks": [TrackListing, ...]}``, a listing being ``{"track_id": int, "state":
@@ -93,7 +96,9 @@ dies is lost with it. ``tracks``: every track and prompt as the tracker will ent
 
 Changes to the control protocol (it has no version number: a client must match the
 tracker, as each side refuses fields it does not know): replies carry ``frame``; listing rows
-key the id ``track_id`` (it was ``id``), as every other record does.
+key the id ``track_id`` (it was ``id``), as every other record does; "update" with points and
+a ``frame`` on any op but "add" are refused (the tracker used to refuse the one and ignore the
+other).
 
 ``wire_schema()`` (or ``python -m pipeline.wire.messages``) gives all of this as a JSON Schema
 for consumers in other languages, less what JSON Schema cannot say (byte lengths, windows).
@@ -803,10 +808,12 @@ class _ControlMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class PromptCommand(_ControlMessage):
     """A run-time prompt request on the control socket.
 
-    ``op``: "add" (needs box or points), "update" (needs track_id and box or points),
-    "remove" (needs track_id), "list". ``points`` are (x, y) pixels with one SAM label each
-    in ``labels`` (1 foreground, 0 background). ``frame``: apply from this frame index
-    (None: the next frame). Whether boxes lie inside the frame is the tracker's check.
+    ``op``: "add" (needs box or points), "update" (needs track_id and box; points are
+    refused: a correction restarts the track at a box, and a new points prompt is an "add",
+    after a "remove" under the same track_id if need be), "remove" (needs track_id), "list".
+    ``points`` are (x, y) pixels with one SAM label each in ``labels`` (1 foreground, 0
+    background). ``frame``: "add" only, start the object at this frame index (None: the next
+    frame). Whether boxes lie inside the frame is the tracker's check.
     """
 
     _what: ClassVar[str] = "prompt command"
@@ -820,11 +827,25 @@ class PromptCommand(_ControlMessage):
 
     def __post_init__(self) -> None:
         _require(self.op in PROMPT_OPS, f"prompt op {self.op!r} is not one of {PROMPT_OPS}")
-        has_prompt = self.box is not None or self.points is not None
         if self.op in ("update", "remove"):
             _require(self.track_id is not None, f"prompt op '{self.op}' needs a track_id")
-        if self.op in ("add", "update"):
-            _require(has_prompt, f"prompt op '{self.op}' needs a box or points")
+        if self.op == "add":
+            _require(
+                self.box is not None or self.points is not None,
+                "prompt op 'add' needs a box or points",
+            )
+        if self.op == "update":
+            _require(
+                self.box is not None and self.points is None,
+                "prompt op 'update' needs a box, and takes no points: a correction restarts "
+                "the track at a box (for a new points prompt: remove, then add with the same "
+                "track_id)",
+            )
+        _require(
+            self.frame is None or self.op == "add",
+            f"prompt op '{self.op}' takes no frame: it applies at the next frame (an add may "
+            "wait for a frame)",
+        )
         if self.labels is not None:
             _require(
                 self.points is not None and len(self.labels) == len(self.points),

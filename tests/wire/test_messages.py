@@ -567,6 +567,12 @@ BAD_COMMANDS = {
     "float label": (b'{"op": "add", "points": [[1, 2]], "labels": [1.0]}', "must be int"),
     "remove without id": (b'{"op": "remove"}', "'remove' needs a track_id"),
     "add without prompt": (b'{"op": "add", "track_id": 3}', "'add' needs a box or points"),
+    "update without box": (b'{"op": "update", "track_id": 3}', "'update' needs a box"),
+    "update with points": (
+        b'{"op": "update", "track_id": 3, "box": [1, 2, 3, 4], "points": [[2, 3]]}',
+        "takes no points",
+    ),
+    "remove at a frame": (b'{"op": "remove", "track_id": 3, "frame": 9}', "takes no frame"),
     "frame float": (b'{"op": "list", "frame": 1.5}', "'frame' must be int"),
 }
 
