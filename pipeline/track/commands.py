@@ -4,7 +4,7 @@ The control socket's thread hands each command to `CommandQueue.answer` while th
 own thread may be in the middle of a frame. A command is checked against the tracker as it
 will be when the command applies: its state after the last finished frame (the `Roster` the
 tracker hands over after each frame) plus the commands queued before it. A good one is
-queued and answered with the frame it takes effect on (`Change.frame`); the tracker applies
+queued and answered with the frame it takes effect on; the tracker applies
 every queued command, in order, before its next frame (`PromptTracker.step`). So no command
 changes a frame in progress, and only the tracker's thread touches a track: this side holds
 ids and listing rows only, behind one lock.
@@ -55,19 +55,19 @@ class Prompt:
     """A checked prompt, in pixels of the frame size it was checked against."""
 
     box: Box | None  # as given; clipped to the frame when it starts
-    points: np.ndarray | None  # (K, 2) float32 x/y pixels
-    labels: np.ndarray | None  # (K,) int32: 1 foreground, 0 background
+    # (K, 2) float32 x/y pixels and (K,) int32 labels (1 foreground, 0 background), as the
+    # mask decoder takes them
+    points: tuple[np.ndarray, np.ndarray] | None
     frame: int | None = None  # the first frame index it may start at; None: the next frame
 
     def rescaled(self, sx: float, sy: float) -> Prompt:
         """The same prompt in a frame resized by ``sx`` (x) and ``sy`` (y)."""
-        box = self.box
+        box, points = self.box, self.points
         if box is not None:
             box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        points = self.points
         if points is not None:
-            points = (points * np.array([sx, sy])).astype(np.float32)
-        return Prompt(box, points, self.labels, self.frame)
+            points = ((points[0] * np.array([sx, sy])).astype(np.float32), points[1])
+        return Prompt(box, points, self.frame)
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,13 @@ class Change:
 
     op "add": ``prompt`` waits under ``track_id`` for its start frame; "update": the box of
     ``prompt`` corrects that id (a running track restarts there, a pending prompt takes it,
-    a lost track comes back as a new prompt at it); "remove": the id is forgotten.
-    frame: the first frame index the change can alter (frames before it never show it).
+    a lost track comes back as a new prompt at it); "remove" (``prompt`` None): the id is
+    forgotten.
     """
 
     op: Literal["add", "update", "remove"]
     track_id: int
-    frame: int
-    prompt: Prompt | None = None  # None for "remove"
+    prompt: Prompt | None
 
 
 def pending_row(track_id: int, prompt: Prompt) -> TrackListing:
@@ -134,11 +133,11 @@ class CommandQueue:
     """Prompt commands from any thread, queued for the tracker's; see the module docs.
 
     The checks (``add``, ``update``, ``remove``) raise ValueError naming the problem and
-    change nothing; a good command is queued and returned as its `Change`.
+    change nothing; a good command is queued.
     """
 
     def __init__(self, roster: Roster) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # ``answer`` holds it across a check and its reply
         self._roster = roster
         self._queued: list[Change] = []
 
@@ -152,8 +151,8 @@ class CommandQueue:
         *,
         track_id: int | None = None,
         frame: int | None = None,
-    ) -> Change:
-        """A new object (``PromptTracker.add`` says what the arguments mean)."""
+    ) -> int:
+        """A new object; its track id (``PromptTracker.add`` says what the arguments mean)."""
         if box is None and points is None:
             raise ValueError("prompt needs a box or points, got neither")
         if frame is not None and (not is_int(frame) or frame < 0):
@@ -161,29 +160,28 @@ class CommandQueue:
         with self._lock:
             size = self._roster.frame_size
             checked_box = None if box is None else check_box(box, "box", size)
-            checked_points, checked_labels = (None, None)
+            checked_points = None
             if points is not None or labels is not None:
-                checked_points, checked_labels = check_points(points, labels, "points", size)
-                if checked_box is None and not np.any(checked_labels == 1):
+                checked_points = check_points(points, labels, "points", size)
+                if checked_box is None and not np.any(checked_points[1] == 1):
                     raise ValueError(
                         "points-only prompt needs at least one foreground point (label 1)"
                     )
             self._check_room()
             new_id = self._new_id(track_id)
             start = None if frame is None else int(frame)
-            prompt = Prompt(checked_box, checked_points, checked_labels, start)
-            return self._queue("add", new_id, prompt, start or 0)
+            return self._queue("add", new_id, Prompt(checked_box, checked_points, start))
 
-    def update(self, track_id: int | None, box: Sequence[float] | np.ndarray | None) -> Change:
+    def update(self, track_id: int | None, box: Sequence[float] | np.ndarray | None) -> int:
         """A corrected box for a track or pending prompt, or a lost track's comeback."""
         with self._lock:
             self._check_known(track_id)
             checked = check_box(box, "box", self._roster.frame_size)
             if track_id in self._roster.lost:
                 self._check_room()
-            return self._queue("update", int(track_id), Prompt(checked, None, None))  # type: ignore[arg-type]
+            return self._queue("update", int(track_id), Prompt(checked, None))  # type: ignore[arg-type]
 
-    def remove(self, track_id: int | None) -> Change:
+    def remove(self, track_id: int | None) -> int:
         """A track, pending prompt or lost track to forget (it is not reported again)."""
         with self._lock:
             self._check_known(track_id)
@@ -197,33 +195,28 @@ class CommandQueue:
 
     def answer(self, command: PromptCommand) -> PromptReply:
         """A control-socket command checked and queued, and its reply: the track id, the
-        frame it takes effect on (for "list": the frame the listing leads into) and the
+        first frame it changes (for "list": the frame the listing leads into) and the
         listing after it. A refused command changes nothing."""
         try:
-            if command.op == "add":
-                change: Change | None = self.add(
-                    command.box,
-                    command.points,
-                    command.labels,
-                    track_id=command.track_id,
-                    frame=command.frame,
-                )
-            elif command.op == "update":
-                change = self.update(command.track_id, command.box)
-            elif command.op == "remove":
-                change = self.remove(command.track_id)
-            else:
-                change = None
+            with self._lock:  # the frame and listing are those of this command
+                track_id = command.track_id
+                if command.op == "add":
+                    track_id = self.add(
+                        command.box,
+                        command.points,
+                        command.labels,
+                        track_id=command.track_id,
+                        frame=command.frame,
+                    )
+                elif command.op == "update":
+                    self.update(command.track_id, command.box)
+                elif command.op == "remove":
+                    self.remove(command.track_id)
+                frame = max(command.frame or 0, self._roster.next_frame)
+                tracks = tuple(self.listing())
         except ValueError as err:
             return PromptReply(ok=False, error=str(err))
-        with self._lock:
-            frame = self._roster.next_frame if change is None else change.frame
-        return PromptReply(
-            ok=True,
-            track_id=command.track_id if change is None else change.track_id,
-            frame=frame,
-            tracks=tuple(self.listing()),
-        )
+        return PromptReply(ok=True, track_id=track_id, frame=frame, tracks=tracks)
 
     # -- the tracker's thread --------------------------------------------------------------
 
@@ -253,21 +246,17 @@ class CommandQueue:
     # -- checks, under the lock ------------------------------------------------------------
 
     def _queue(
-        self,
-        op: Literal["add", "update", "remove"],
-        track_id: int,
-        prompt: Prompt | None,
-        start: int = 0,
-    ) -> Change:
+        self, op: Literal["add", "update", "remove"], track_id: int, prompt: Prompt | None
+    ) -> int:
         if len(self._queued) >= MAX_COMMANDS_AT_ONCE:
             raise ValueError(
                 f"too many commands waiting for the next frame ({MAX_COMMANDS_AT_ONCE}): "
                 "send this one again after it"
             )
-        change = Change(op, track_id, max(start, self._roster.next_frame), prompt)
+        change = Change(op, track_id, prompt)
         self._roster.record(change)
         self._queued.append(change)
-        return change
+        return track_id
 
     def _new_id(self, track_id: object) -> int:
         if track_id is None:

@@ -31,7 +31,8 @@ class ContestedPixels:
         overlap, and are found there.
     index, logits: (P,) int64 flat (row-major) indices into the (H, W) frame of the pixels
         two or more rows' masks claim (ascending), and the (N, P) float32 logit of every row
-        at them, as a decoder that works on whole frames has them.
+        at them, as a decoder that works on whole frames has them; ``exclusive_masks``
+        turns them into windows (a row's logits at the listed pixels, 0 elsewhere).
     """
 
     index: np.ndarray | None = None
@@ -95,11 +96,28 @@ def exclusive_masks(
     ]
     if count == 0:
         return out
-    if contested.windows is not None:
-        return _exclusive_in_windows(regions, contested.windows, classes, out)
-    if contested.index is None or contested.logits is None:
-        raise ValueError("contested pixels need windows, or index and logits")
-    return _exclusive_at_pixels(regions, contested.index, contested.logits, classes, out)
+    windows = contested.windows
+    if windows is None:
+        if contested.index is None or contested.logits is None:
+            raise ValueError("contested pixels need windows, or index and logits")
+        windows = _windows_of(regions, contested.index, contested.logits)
+    return _exclusive_in_windows(regions, windows, classes, out)
+
+
+def _windows_of(
+    regions: Sequence[RegionMask], index: np.ndarray, logits: np.ndarray
+) -> list[np.ndarray]:
+    """The pixel-listed form as logit windows: each row's logits at the contested pixels in
+    its window, 0 elsewhere (a pixel only one row claims goes to it whatever its logit)."""
+    ys, xs = np.divmod(index, regions[0].frame_size[1])
+    windows = []
+    for row, region in enumerate(regions):
+        x1, y1, x2, y2 = region.box
+        window = np.zeros(region.window.shape, np.float32)
+        inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+        window[ys[inside] - y1, xs[inside] - x1] = logits[row, inside]
+        windows.append(window)
+    return windows
 
 
 def _exclusive_in_windows(
@@ -163,48 +181,6 @@ def _exclusive_in_windows(
         kept = region.window & (owner[places[row]] == row)
         if not np.array_equal(kept, region.window):
             out[row] = RegionMask(region.frame_size, region.box, kept)
-    return out
-
-
-def _exclusive_at_pixels(
-    regions: Sequence[RegionMask],
-    index: np.ndarray,
-    logits: np.ndarray,
-    classes: np.ndarray,
-    out: list[RegionMask],
-) -> list[RegionMask]:
-    """``exclusive_masks`` from every row's logit at the listed contested pixels."""
-    count = len(regions)
-    if index.size == 0:
-        return out
-    width = regions[0].frame_size[1]
-    ys, xs = np.divmod(index, width)
-    claims = np.zeros((count, index.size), dtype=bool)  # (N, P)
-    where: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for row, region in enumerate(regions):
-        if classes[row] < 0:
-            continue
-        x1, y1, x2, y2 = region.box
-        inside = np.flatnonzero((xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2))
-        if inside.size:
-            local_y, local_x = ys[inside] - y1, xs[inside] - x1
-            claims[row, inside] = region.window[local_y, local_x]
-            where[row] = (inside, local_y, local_x)
-    ranked = np.where(claims, classes[:, None], np.iinfo(np.int64).max)
-    eligible = claims & (ranked == ranked.min(axis=0, keepdims=True))
-    winner = np.where(eligible, logits, -np.inf).argmax(axis=0)
-    taken = eligible.any(axis=0)
-    for row, region in enumerate(regions):
-        if classes[row] < 0 or not claims[row].any():
-            continue
-        lost = claims[row] & ~(taken & (winner == row))
-        if not lost.any():
-            continue  # won every pixel it claims
-        inside, local_y, local_x = where[row]
-        gone = lost[inside]
-        window = region.window.copy()
-        window[local_y[gone], local_x[gone]] = False
-        out[row] = RegionMask(region.frame_size, region.box, window)
     return out
 
 

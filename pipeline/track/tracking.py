@@ -38,7 +38,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,6 +53,14 @@ from pipeline.wire.messages import TrackListing, TrackRecord, TrackState
 
 if TYPE_CHECKING:  # the tracker runs any decoder; only SAM's needs torch
     from pipeline.predictor import ImageEmbedding
+
+# A track's figures that a snapshot keeps beside its filter, and their types.
+_SAVED: dict[str, type] = {
+    "hits": int,
+    "frames_since_update": int,
+    "last_score": float,
+    "last_innovation": float,
+}
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class _Slot:
     track: Track | None  # None: a prompt becoming a track this frame
     prompt: Prompt | None
     box: Box | None  # prompt box (clipped); None for points-only
+    reference: Box  # what the measured parts must meet: the box, else the foreground points'
     first: bool  # no prediction to agree with: trust by score only
     dt: int
 
@@ -185,7 +194,7 @@ class PromptTracker:
             id (past MAX_TRACK_ID: ValueError "track id limit reached", nothing changed).
         frame: first frame index to apply it at; default the next ``step``.
         """
-        return self.commands.add(box, points, labels, track_id=track_id, frame=frame).track_id
+        return self.commands.add(box, points, labels, track_id=track_id, frame=frame)
 
     def update_box(self, track_id: int, box: Sequence[float] | np.ndarray) -> None:
         """Queue a correction of an object's box: at the next frame the filter restarts
@@ -212,17 +221,14 @@ class PromptTracker:
         filters' predictions mean nothing; returns their last outputs (state "lost", empty
         masks). Pending prompts stay pending."""
         self._apply_commands()
-        if self._frame_size is None:
+        size = self._frame_size
+        if size is None:
             return []
         outputs = [
-            self._lost_output(
-                tid,
-                track.predicted_box,
-                track.last_innovation,
-                track.frames_since_update,
-                track.last_score,
+            _lost(
+                size, tid, t.predicted_box, t.frames_since_update, t.last_innovation, t.last_score
             )
-            for tid, track in sorted(self._tracks.items())
+            for tid, t in sorted(self._tracks.items())
         ]
         for output in outputs:
             self._drop(output.record.track_id)
@@ -281,8 +287,8 @@ class PromptTracker:
         image: the frame's embedding, handed to the decoder as it is (a scripted decoder in
             tests may need none).
 
-        A command that comes while this runs is queued for the next frame (its ``Change``
-        says ``frame_index + 1``): this frame is decoded and committed as it began.
+        A command that comes while this runs is queued for the next frame (its reply says
+        ``frame_index + 1``): this frame is decoded and committed as it began.
         """
         if not is_int(frame_index) or frame_index < 0:
             raise ValueError(f"frame_index must be an integer >= 0, got {frame_index!r}")
@@ -329,28 +335,23 @@ class PromptTracker:
         rejected: list[TrackOutput] = []
         for tid, track in self._tracks.items():
             dt = frame_index - self._last_frame[tid]
-            if tid in self._restarted:
-                slots.append(_Slot(tid, track, None, clip_box(track.predicted_box, size), True, dt))
+            first = tid in self._restarted
+            predicted = track.predicted_box if first else track.peek(dt)
+            if not (first or overlaps_frame(predicted, size)):
+                fsu = track.frames_since_update + dt
+                rejected.append(_lost(size, tid, predicted, fsu, track.last_innovation))
                 continue
-            predicted = track.peek(dt)
-            if not overlaps_frame(predicted, size):
-                rejected.append(
-                    self._lost_output(
-                        tid, predicted, track.last_innovation, track.frames_since_update + dt
-                    )
-                )
-                continue
-            slots.append(_Slot(tid, track, None, clip_box(predicted, size), False, dt))
+            box = clip_box(predicted, size)
+            slots.append(_Slot(tid, track, None, box, box, first, dt))
         for tid, prompt in due.items():
+            reference = prompt.box if prompt.box is not None else _points_box(prompt)
             # The frame check was deferred when the prompt came before the frame size.
             box_ok = prompt.box is None or overlaps_frame(prompt.box, size)
-            points_ok = prompt.points is None or _points_inside(prompt.points, size)
-            if not (box_ok and points_ok):
-                shown = prompt.box if prompt.box is not None else _points_box(prompt)
-                rejected.append(self._lost_output(tid, shown, 0.0, 0))
+            if not (box_ok and (prompt.points is None or _points_inside(prompt.points[0], size))):
+                rejected.append(_lost(size, tid, reference))
                 continue
             box = None if prompt.box is None else clip_box(prompt.box, size)
-            slots.append(_Slot(tid, None, prompt, box, True, 0))
+            slots.append(_Slot(tid, None, prompt, box, reference if box is None else box, True, 0))
         return slots, rejected
 
     @staticmethod
@@ -392,17 +393,9 @@ class PromptTracker:
             else None
             for s in slots
         ]
-        points: list[tuple[np.ndarray, np.ndarray] | None] | None = None
-        if any(s.prompt is not None and s.prompt.points is not None for s in slots):
-            points = [
-                (s.prompt.points, s.prompt.labels)
-                if s.prompt is not None
-                and s.prompt.points is not None
-                and s.prompt.labels is not None
-                else None
-                for s in slots
-            ]
-        decoded = self._decode(image, boxes, logits, points=points)
+        points = [None if s.prompt is None else s.prompt.points for s in slots]
+        # The decoder is told there are none when no prompt has points.
+        decoded = self._decode(image, boxes, logits, points=points if any(points) else None)
         return checked_decoded(decoded, len(slots), self._frame_size)
 
     def _commit(
@@ -410,9 +403,7 @@ class PromptTracker:
     ) -> TrackOutput:
         mask: RegionMask = decoded.masks[row]
         score, logits = float(decoded.scores[row]), decoded.low_res_logits[row]
-        settings, size = self._settings, self._frame_size
-        if size is None:  # cannot happen: checked by step()
-            raise RuntimeError("prompt tracker invariant broken: size is None")
+        settings, size = self._settings, mask.frame_size
         # The measurement is taken on the track's own mask, not on its exclusive share: a box
         # cut down by a neighbour's mask shrinks the filter's size, the next prompt with it,
         # and the next mask (a feedback loop that outlasts the overlap), and it would make a
@@ -420,21 +411,15 @@ class PromptTracker:
         # masks for its memory and applies the non-overlap rule to its output only. Only the
         # components that agree with the box prompt count (the prediction; on a first frame
         # the prompt box, or the foreground points): a stray fragment does not move the box.
-        if slot.box is not None:
-            reference: Box | None = slot.box
-        elif slot.prompt is not None and slot.prompt.points is not None:
-            reference = _points_box(slot.prompt)
-        else:
-            reference = None
-        measured = measure_box(mask, reference)
+        measured = measure_box(mask, slot.reference)
         track = slot.track
         if track is None:
             start = slot.box if slot.box is not None else measured
             if start is None:  # points-only prompt and nothing segmented: nothing to follow
-                if slot.prompt is None:  # cannot happen: invariant
-                    raise RuntimeError("prompt tracker invariant broken: slot.prompt is None")
                 self._pending.pop(slot.track_id, None)
-                return self._lost_output(slot.track_id, _points_box(slot.prompt), 0.0, 1, score)
+                return _lost(
+                    size, slot.track_id, slot.reference, frames_since_update=1, score=score
+                )
             track = Track(slot.track_id, start, settings=settings)
             self._tracks[slot.track_id] = track
             self._pending.pop(slot.track_id, None)
@@ -473,35 +458,9 @@ class PromptTracker:
         if track.state is TrackState.LOST:
             self._drop(slot.track_id)
             mask = RegionMask.empty(size)
-        record = TrackRecord(
-            track_id=slot.track_id,
-            box=as_box(reported),
-            score=score,
-            state=track.state,
-            frames_since_update=int(track.frames_since_update),
-            innovation=float(track.last_innovation),
-        )
+        fsu, innovation = int(track.frames_since_update), float(track.last_innovation)
+        record = TrackRecord(slot.track_id, as_box(reported), score, track.state, fsu, innovation)
         return TrackOutput(record, mask)
-
-    def _lost_output(
-        self,
-        track_id: int,
-        box: Box,
-        innovation: float,
-        frames_since_update: int,
-        score: float = 0.0,
-    ) -> TrackOutput:
-        if self._frame_size is None:  # cannot happen: checked by step()
-            raise RuntimeError("prompt tracker invariant broken: self._frame_size is None")
-        record = TrackRecord(
-            track_id=track_id,
-            box=as_box(box),
-            score=float(score),
-            state=TrackState.LOST,
-            frames_since_update=frames_since_update,
-            innovation=float(innovation),
-        )
-        return TrackOutput(record, RegionMask.empty(self._frame_size))
 
     def _drop(self, track_id: int) -> None:
         """Forget a track reported lost (``update_box`` can bring it back)."""
@@ -521,17 +480,14 @@ class PromptTracker:
         ``step`` would (nothing comes between), so the snapshot holds them."""
         if self._apply_commands():
             self._settle()
-        tracks = []
-        arrays: dict[str, np.ndarray] = {}
+        tracks, arrays = [], {}
         for tid, track in self._tracks.items():
+            saved = {key: kind(getattr(track, key)) for key, kind in _SAVED.items()}
             tracks.append(
                 {
                     "id": tid,
                     "state": track.state.value,
-                    "hits": track.hits,
-                    "frames_since_update": track.frames_since_update,
-                    "last_score": float(track.last_score),
-                    "last_innovation": float(track.last_innovation),
+                    **saved,
                     "last_frame": self._last_frame.get(tid),
                     "restarted": tid in self._restarted,
                     "has_logits": track.last_mask_logits is not None,
@@ -544,18 +500,14 @@ class PromptTracker:
                 # copied: they are read-only, and replaced, never changed, by later steps
                 # (200 tracks' logits are 50 MB, a snapshot is taken every frame).
                 arrays[f"track{tid}.logits"] = track.last_mask_logits
-        pending = []
         for tid, prompt in self._pending.items():
-            pending.append(
-                {
-                    "id": tid,
-                    "frame": prompt.frame,
-                    "box": None if prompt.box is None else [float(v) for v in prompt.box],
-                }
-            )
-            if prompt.points is not None and prompt.labels is not None:
-                arrays[f"pending{tid}.points"] = prompt.points.copy()
-                arrays[f"pending{tid}.labels"] = prompt.labels.copy()
+            if prompt.points is not None:
+                arrays[f"pending{tid}.points"] = prompt.points[0].copy()
+                arrays[f"pending{tid}.labels"] = prompt.points[1].copy()
+        pending = [
+            {"id": tid, "frame": p.frame, "box": None if p.box is None else list(p.box)}
+            for tid, p in self._pending.items()
+        ]
         data: dict[str, object] = {
             "frame_size": None if self._frame_size is None else list(self._frame_size),
             "current_frame": self._current_frame,
@@ -566,57 +518,65 @@ class PromptTracker:
         }
         return data, arrays
 
-    def restore(self, data: Mapping[str, object], arrays: Mapping[str, np.ndarray]) -> None:
+    def restore(self, data: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
         """Replace every track, prompt and queued command with those of a ``snapshot``.
 
         Raises ValueError when the snapshot is malformed (nothing is changed then)."""
         try:
             tracks: dict[int, Track] = {}
-            last_frame: dict[int, int] = {}
-            restarted: set[int] = set()
-            for row in data["tracks"]:  # type: ignore[attr-defined]
+            for row in data["tracks"]:
                 tid = int(row["id"])
-                track = Track(tid, (0.0, 0.0, 1.0, 1.0), settings=self._settings)
+                track = tracks[tid] = Track(tid, (0.0, 0.0, 1.0, 1.0), settings=self._settings)
                 track.kf.x = np.array(arrays[f"track{tid}.x"], dtype=np.float64).reshape(8, 1)
                 track.kf.P = np.array(arrays[f"track{tid}.P"], dtype=np.float64).reshape(8, 8)
                 track.state = TrackState(row["state"])
-                track.hits = int(row["hits"])
-                track.frames_since_update = int(row["frames_since_update"])
-                track.last_score = float(row["last_score"])
-                track.last_innovation = float(row["last_innovation"])
+                for key, kind in _SAVED.items():
+                    setattr(track, key, kind(row[key]))
                 if row["has_logits"]:
                     track.last_mask_logits = _frozen(arrays[f"track{tid}.logits"])
-                if row["last_frame"] is not None:
-                    last_frame[tid] = int(row["last_frame"])
-                if row["restarted"]:
-                    restarted.add(tid)
-                tracks[tid] = track
+            rows = data["tracks"]
+            last_frame = {
+                int(r["id"]): int(r["last_frame"]) for r in rows if r["last_frame"] is not None
+            }
+            restarted = {int(r["id"]) for r in rows if r["restarted"]}
             pending: dict[int, Prompt] = {}
-            for row in data["pending"]:  # type: ignore[attr-defined]
+            for row in data["pending"]:
                 tid = int(row["id"])
-                points = arrays.get(f"pending{tid}.points")
-                labels = arrays.get(f"pending{tid}.labels")
+                points = None
+                if f"pending{tid}.points" in arrays:
+                    coords = np.array(arrays[f"pending{tid}.points"], dtype=np.float32)
+                    points = (coords, np.array(arrays[f"pending{tid}.labels"], dtype=np.int32))
                 pending[tid] = Prompt(
                     None if row["box"] is None else as_box(row["box"]),
-                    None if points is None else np.array(points, dtype=np.float32),
-                    None if labels is None else np.array(labels, dtype=np.int32),
+                    points,
                     None if row["frame"] is None else int(row["frame"]),
                 )
-            size = data["frame_size"]
-            frame_size = None if size is None else _check_frame_size(tuple(size))  # type: ignore[arg-type]
-            current = data["current_frame"]
-            next_id = int(data["next_id"])  # type: ignore[call-overload]
-            lost = {int(tid) for tid in data["lost"]}  # type: ignore[attr-defined]
+            size, current = data["frame_size"], data["current_frame"]
+            frame_size = None if size is None else _check_frame_size(tuple(size))
+            current = None if current is None else int(current)
+            next_id, lost = int(data["next_id"]), {int(tid) for tid in data["lost"]}
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a prompt tracker snapshot: {err!r}") from None
         self._tracks, self._pending = tracks, pending
         self._last_frame, self._restarted = last_frame, restarted
-        self._frame_size = frame_size
-        self._current_frame = None if current is None else int(current)  # type: ignore[call-overload]
-        self._next_id = next_id
-        self._lost = lost
+        self._frame_size, self._current_frame = frame_size, current
+        self._next_id, self._lost = next_id, lost
         self.commands.take()  # they were checked against the state replaced here
         self._settle()
+
+
+def _lost(
+    size: tuple[int, int],
+    track_id: int,
+    box: Box,
+    frames_since_update: int = 0,
+    innovation: float = 0.0,
+    score: float = 0.0,
+) -> TrackOutput:
+    """A LOST output: reported once, with an empty mask."""
+    state = TrackState.LOST
+    record = TrackRecord(track_id, as_box(box), score, state, frames_since_update, innovation)
+    return TrackOutput(record, RegionMask.empty(size))
 
 
 def _frozen(logits: np.ndarray) -> np.ndarray:
@@ -650,7 +610,8 @@ def _points_inside(points: np.ndarray, frame_size: tuple[int, int]) -> bool:
 
 def _points_box(prompt: Prompt) -> Box:
     """Box around a prompt's foreground points, reported when it could not start."""
-    if prompt.points is None or prompt.labels is None:  # only called for points prompts
+    if prompt.points is None:  # only called for points prompts
         raise RuntimeError("prompt tracker invariant broken: a points prompt has no points")
-    fg = prompt.points[prompt.labels == 1]
+    coords, labels = prompt.points
+    fg = coords[labels == 1]
     return as_box((*fg.min(axis=0), *(fg.max(axis=0) + 1)))

@@ -104,16 +104,20 @@ def test_commands_during_a_frame_change_only_the_frames_after_it() -> None:
     for i in range(40):
         assert between.add(box=grid_box(i)) == during.add(box=grid_box(i))
 
-    def commands(tracker: PromptTracker, frame: int) -> list[int]:
+    def commands(tracker: PromptTracker, frame: int) -> list[int | None]:
         """The same commands for both trackers; the frame each takes effect on."""
-        changes = [
-            tracker.commands.add(box=grid_box(40 + frame)),
-            tracker.commands.update(3 + frame, grid_box(60 + frame)),
-            tracker.commands.remove(10 + frame),
+        replies = [
+            tracker.commands.answer(command)
+            for command in (
+                PromptCommand(op="add", box=grid_box(40 + frame)),
+                PromptCommand(op="update", track_id=3 + frame, box=grid_box(60 + frame)),
+                PromptCommand(op="remove", track_id=10 + frame),
+            )
         ]
+        assert all(reply.ok for reply in replies), replies
         with pytest.raises(ValueError, match=f"unknown track id {10 + frame}"):
             tracker.remove(10 + frame)  # removed by the queued command: refused, nothing changes
-        return [change.frame for change in changes]
+        return [reply.frame for reply in replies]
 
     frames: list[int] = []  # what the commands during a frame were answered with
     for frame in range(4):
