@@ -14,7 +14,9 @@ or pending to lost, never back, and frees room. The one check a frame can still 
 frame size's, while the tracker has seen no frame yet: a prompt outside the first frame is
 then reported lost at its start frame (state "lost", empty mask) instead of refused. A
 queued prompt keeps its place across a resolution change: it is applied first, and then
-rescaled with the tracks, so a box inside the old frame is inside the new one.
+rescaled with the tracks, so a box inside the old frame is inside the new one. (A frame
+whose decoder fails and that is tried again takes the commands that came during the failed
+try, although they were answered with the frame after it.)
 """
 
 from __future__ import annotations

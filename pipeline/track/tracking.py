@@ -246,15 +246,15 @@ class PromptTracker:
             if prompt is None:  # remove
                 self._drop(tid)
                 self._lost.discard(tid)  # removed, not lost: update_box does not bring it back
-            elif change.op == "add" or tid in self._lost:  # a new prompt, or a comeback
+            elif change.op == "update" and tid in self._pending:
+                self._pending[tid] = dataclasses.replace(self._pending[tid], box=prompt.box)
+            elif change.op == "update" and tid in self._tracks and prompt.box is not None:
+                self._tracks[tid].reset(prompt.box)
+                self._restarted.add(tid)
+            else:  # an add, or a lost track's comeback (also one lost since the check)
                 self._lost.discard(tid)
                 self._pending[tid] = prompt
                 self._next_id = max(self._next_id, tid + 1)
-            elif tid in self._pending:
-                self._pending[tid] = dataclasses.replace(self._pending[tid], box=prompt.box)
-            elif prompt.box is not None:  # an update always has a box
-                self._tracks[tid].reset(prompt.box)
-                self._restarted.add(tid)
         self.commands_applied += len(changes)
         return len(changes)
 
@@ -416,7 +416,7 @@ class PromptTracker:
         if track is None:
             start = slot.box if slot.box is not None else measured
             if start is None:  # points-only prompt and nothing segmented: nothing to follow
-                self._pending.pop(slot.track_id, None)
+                self._drop(slot.track_id)
                 return _lost(
                     size, slot.track_id, slot.reference, frames_since_update=1, score=score
                 )

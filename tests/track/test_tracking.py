@@ -70,8 +70,11 @@ class SceneDecoder:
         self.fragments: list[tuple[int, int, int, int]] = []
         self.calls: list[Call] = []
         self.fault: str | None = None  # "raise" or "malformed", to test failure handling
+        self.during = None  # called as the decoder starts: a command in the middle of a frame
 
     def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
+        if self.during is not None:
+            self.during()
         if self.fault == "raise":
             raise RuntimeError("CUDA out of memory")
         self.calls.append(Call(boxes.copy(), list(mask_logits), points))
@@ -492,6 +495,22 @@ def test_points_only_prompt_on_nothing_is_lost_once():
     (out,) = tracker.step(0)
     assert out.record.track_id == tid and out.record.state is TrackState.LOST and not out.mask.any()
     assert tracker.step(1) == []
+
+
+def test_a_correction_queued_while_its_points_prompt_fails_brings_it_back() -> None:
+    """The points-only prompt finds nothing in the frame under way (lost) while a correction
+    of it is queued: the correction starts it again, at the box, at the next frame."""
+    tracker, decoder = make()
+    tid = tracker.add(points=[[300, 200]], labels=[1])
+    decoder.objects = {"a": (moving_box(0), 0.9)}
+    decoder.during = lambda: tracker.update_box(tid, moving_box(1))
+    (out,) = tracker.step(0)
+    assert out.record.state is TrackState.LOST
+    decoder.during = None
+    decoder.objects = {"a": (moving_box(1), 0.9)}
+    (out,) = tracker.step(1)
+    assert out.record.track_id == tid and out.record.state is TrackState.TENTATIVE
+    assert out.record.box == moving_box(1)
 
 
 def test_update_box_moves_a_track():
