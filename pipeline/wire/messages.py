@@ -97,8 +97,8 @@ dies is lost with it. ``tracks``: every track and prompt as the tracker will ent
 Changes to the control protocol (it has no version number: a client must match the
 tracker, as each side refuses fields it does not know): replies carry ``frame``; listing rows
 key the id ``track_id`` (it was ``id``), as every other record does; "update" with points and
-a ``frame`` on any op but "add" are refused (the tracker used to refuse the one and ignore the
-other).
+a ``frame`` on any op but "add" are refused (the tracker used to ignore both, and to refuse
+an update with points but no box).
 
 ``wire_schema()`` (or ``python -m pipeline.wire.messages``) gives all of this as a JSON Schema
 for consumers in other languages, less what JSON Schema cannot say (byte lengths, windows).
