@@ -207,20 +207,15 @@ class MaskDecoderFn(Protocol):
         ...
 
 
-def checked_decoded(
-    decoded: DecodedMasks, count: int, frame_size: tuple[int, int] | None
-) -> DecodedMasks:
-    """The decoder's answer with its masks as RegionMasks. The decoder is ours, so a bad
-    answer is a bug: RuntimeError, tracks untouched."""
-    masks = getattr(decoded, "masks", None)
-    scores = getattr(decoded, "scores", None)
+def checked_decoded(decoded: DecodedMasks, count: int, frame_size: tuple[int, int]) -> DecodedMasks:
+    """The decoder's answer for ``count`` rows of an (H, W) frame, with its masks as
+    RegionMasks. The decoder is ours, so a bad answer is a bug: RuntimeError."""
+    masks, scores = getattr(decoded, "masks", None), getattr(decoded, "scores", None)
     logits = getattr(decoded, "low_res_logits", None)
     contested = getattr(decoded, "contested", None)
     problems = []
     regions: tuple[RegionMask, ...] = ()
-    if frame_size is None:
-        problems.append("the frame size is unknown")
-    elif isinstance(masks, np.ndarray) and (
+    if isinstance(masks, np.ndarray) and (
         masks.dtype != np.bool_ or masks.shape != (count, *frame_size)
     ):
         problems.append(f"masks must be bool {(count, *frame_size)}, got {_describe(masks)}")
@@ -247,10 +242,7 @@ def checked_decoded(
 
 
 def _contested_problems(
-    contested: object,
-    count: int,
-    regions: tuple[RegionMask, ...],
-    frame_size: tuple[int, int] | None,
+    contested: object, count: int, regions: tuple[RegionMask, ...], frame_size: tuple[int, int]
 ) -> list[str]:
     windows = getattr(contested, "windows", None)
     if windows is not None:
@@ -265,7 +257,7 @@ def _contested_problems(
         return []
     index = getattr(contested, "index", None)
     logits = getattr(contested, "logits", None)
-    pixels = frame_size[0] * frame_size[1] if frame_size is not None else 0
+    pixels = frame_size[0] * frame_size[1]
     if (
         not isinstance(index, np.ndarray)
         or index.ndim != 1

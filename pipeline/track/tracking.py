@@ -54,6 +54,10 @@ from pipeline.wire.messages import TrackListing, TrackRecord, TrackState
 if TYPE_CHECKING:  # the tracker runs any decoder; only SAM's needs torch
     from pipeline.predictor import ImageEmbedding
 
+# The class of a track's mask in exclusive_masks (``PromptTracker._exclusive`` says why);
+# the trusted states are 0, first.
+_PRIORITY = {TrackState.LOST: -1, TrackState.COASTING: 1}
+
 # A track's figures that a snapshot keeps beside its filter, and their types.
 _SAVED: dict[str, type] = {
     "hits": int,
@@ -300,7 +304,8 @@ class PromptTracker:
         # Phase 1: build the batch without touching any track, so a failing decoder leaves
         # the tracker as it was.
         slots, rejected = self._batch(frame_index)
-        decoded = self._decode_batch(slots, image) if slots else None
+        size = self._frame_size
+        decoded = self._decode_batch(slots, image, size) if slots and size else None
         # Phase 2: commit.
         self._current_frame = frame_index
         for out in rejected:
@@ -368,21 +373,16 @@ class PromptTracker:
         """
         if decoded.contested is None:  # cannot happen: checked by step()
             raise RuntimeError("prompt tracker invariant broken: no contested pixels")
-        priority = [
-            -1
-            if out.record.state is TrackState.LOST
-            else 1
-            if out.record.state is TrackState.COASTING
-            else 0
-            for out in committed
-        ]
+        priority = [_PRIORITY.get(out.record.state, 0) for out in committed]
         masks = exclusive_masks(decoded.masks, decoded.contested, priority)
         return [
             out if out.record.state is TrackState.LOST else TrackOutput(out.record, mask)
             for out, mask in zip(committed, masks, strict=True)
         ]
 
-    def _decode_batch(self, slots: list[_Slot], image: ImageEmbedding | None) -> DecodedMasks:
+    def _decode_batch(
+        self, slots: list[_Slot], image: ImageEmbedding | None, size: tuple[int, int]
+    ) -> DecodedMasks:
         """The decoder's answer for every slot, in one call."""
         boxes = np.array(
             [s.box if s.box is not None else (np.nan,) * 4 for s in slots], dtype=np.float32
@@ -396,7 +396,7 @@ class PromptTracker:
         points = [None if s.prompt is None else s.prompt.points for s in slots]
         # The decoder is told there are none when no prompt has points.
         decoded = self._decode(image, boxes, logits, points=points if any(points) else None)
-        return checked_decoded(decoded, len(slots), self._frame_size)
+        return checked_decoded(decoded, len(slots), size)
 
     def _commit(
         self, slot: _Slot, decoded: DecodedMasks, row: int, frame_index: int
