@@ -827,25 +827,19 @@ class PromptCommand(_ControlMessage):
 
     def __post_init__(self) -> None:
         _require(self.op in PROMPT_OPS, f"prompt op {self.op!r} is not one of {PROMPT_OPS}")
+        has_prompt = self.box is not None or self.points is not None
         if self.op in ("update", "remove"):
             _require(self.track_id is not None, f"prompt op '{self.op}' needs a track_id")
         if self.op == "add":
-            _require(
-                self.box is not None or self.points is not None,
-                "prompt op 'add' needs a box or points",
-            )
-        if self.op == "update":
+            _require(has_prompt, "prompt op 'add' needs a box or points")
+        if self.op == "update":  # a correction restarts the track at a box
             _require(
                 self.box is not None and self.points is None,
-                "prompt op 'update' needs a box, and takes no points: a correction restarts "
-                "the track at a box (for a new points prompt: remove, then add with the same "
-                "track_id)",
+                "prompt op 'update' needs a box and takes no points (to prompt with points: "
+                "remove, then add with the same track_id)",
             )
-        _require(
-            self.frame is None or self.op == "add",
-            f"prompt op '{self.op}' takes no frame: it applies at the next frame (an add may "
-            "wait for a frame)",
-        )
+        no_frame = f"prompt op '{self.op}' takes no frame: only an add waits for one"
+        _require(self.frame is None or self.op == "add", no_frame)
         if self.labels is not None:
             _require(
                 self.points is not None and len(self.labels) == len(self.points),
