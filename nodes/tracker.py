@@ -8,11 +8,10 @@ one of the wrong shape or with NaN / infinite values is rejected: counted by kin
 status detail (``"rejected": {kind: n}``, plus the ``embeddings_rejected`` counter), logged
 once per kind, and the run goes on as if it had not come.
 
-Prompt commands are answered in the middle of a frame too: while the mask decoder works on
-a frame (in a worker thread), the node answers the waiting commands every
-``tracking.BETWEEN_INTERVAL_S``, and again after each track's update, so a command waits
-milliseconds, not a frame of hundreds of tracks (seconds on a CPU). What a command does to
-a track whose frame is under way: ``PromptTracker.step``.
+Prompt commands come on the runtime's control thread, also while a frame is being decoded:
+each is checked and answered at once, with the frame it takes effect on, and applied before
+the tracker's next frame (``pipeline.track.commands``), so a command waits milliseconds, not
+a frame of hundreds of tracks (seconds on a CPU), and never changes a frame in progress.
 
 State: an offline run's tracker saves its states after its last frames when it is stopped
 (for ``--resume``); a live run's saves its latest state about every second (and after a
@@ -142,7 +141,7 @@ class TrackerNode(Node):
         self._rejected_logged: set[str] = set()
         self._live_writer = None if live_state is None else resume.LiveStateWriter(live_state)
         self._live_saved = -float("inf")  # time.monotonic() of the last live state saved
-        self._live_due = False  # a command changed the tracks since
+        self._live_applied = 0  # the tracker's commands_applied then
 
     def setup(self) -> None:
         if self.decoder is None:
@@ -206,7 +205,7 @@ class TrackerNode(Node):
             self.tracker.set_frame_size(size)
         outputs = [
             *self._after_outage(msg),
-            *self.tracker.step(msg.meta.frame_index, image, between=self.serve_commands),
+            *self.tracker.step(msg.meta.frame_index, image),
         ]
         # The smallest windows go out: every later stage works per pixel of them.
         masks = tuple(o.mask.tight() for o in outputs)
@@ -215,7 +214,8 @@ class TrackerNode(Node):
         if self.resume_dir is not None:
             self._snapshots.append((msg.meta.frame_index, self.tracker.snapshot()))
         if self.live_state is not None and (
-            self._live_due or time.monotonic() - self._live_saved >= LIVE_STATE_INTERVAL_S
+            self.tracker.commands_applied != self._live_applied
+            or time.monotonic() - self._live_saved >= LIVE_STATE_INTERVAL_S
         ):
             self._save_live_state(msg.meta.frame_index)
         ms = (time.perf_counter() - start) * 1000
@@ -293,7 +293,7 @@ class TrackerNode(Node):
         if self.tracker is None or self._live_writer is None:
             return
         self._live_writer.submit(frame_index, self.tracker.snapshot())
-        self._live_saved, self._live_due = time.monotonic(), False
+        self._live_saved, self._live_applied = time.monotonic(), self.tracker.commands_applied
 
     def _after_outage(self, msg: EmbeddingMessage) -> list[TrackOutput]:
         """A new source session means the camera was gone in between. After a short outage
@@ -313,32 +313,10 @@ class TrackerNode(Node):
         return lost
 
     def handle_command(self, command: PromptCommand) -> PromptReply:
-        """Add / update / remove / list tracks; a bad command changes nothing."""
+        """Add / update / remove / list tracks, from the runtime's control thread: checked
+        and queued at once, applied before the next frame; a bad command changes nothing."""
         if self.tracker is None:
-            return PromptReply(ok=False, error="tracker not ready", track_id=None, tracks=())
-        try:
-            track_id = command.track_id
-            if command.op == "add":
-                track_id = self.tracker.add(
-                    command.box,
-                    command.points,
-                    command.labels,
-                    track_id=command.track_id,
-                    frame=command.frame,
-                )
-            elif command.op == "update":
-                if command.track_id is None or command.box is None:
-                    raise ValueError("update needs track_id and box")
-                self.tracker.update_box(command.track_id, command.box)
-            elif command.op == "remove":
-                if command.track_id is None:
-                    raise ValueError("remove needs track_id")
-                self.tracker.remove(command.track_id)
-            self.count(f"commands_{command.op}")
-            self._live_due |= command.op != "list"
-            return PromptReply(
-                ok=True, error=None, track_id=track_id, tracks=tuple(self.tracker.list())
-            )
-        except ValueError as err:
-            self.count("bad_commands")
-            return PromptReply(ok=False, error=str(err), track_id=None, tracks=())
+            return PromptReply(ok=False, error="tracker not ready")
+        reply = self.tracker.commands.answer(command)
+        self.count(f"commands_{command.op}" if reply.ok else "bad_commands")
+        return reply

@@ -358,14 +358,14 @@ def _add_prompt(sub: argparse._SubParsersAction) -> None:
         "remove one, or list them",
     )
     p.add_argument("--endpoint", required=True, help="the tracker's control endpoint")
-    p.add_argument("--id", type=int, dest="track_id", help="track id (update, remove)")
+    p.add_argument("--id", type=int, dest="track_id", help="track id (update, remove; add: free)")
     _add_prompt_options(
         p,
         box="the object's box in source-frame pixels (add, update)",
         point="a point on the object (add; repeatable, all for one object)",
         repeat_box=False,
     )
-    p.add_argument("--frame", type=int, help="apply from this frame index (default: next)")
+    p.add_argument("--frame", type=int, help="add: start at this frame index (default: the next)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
     p.add_argument(
         "--client-key",

@@ -14,8 +14,8 @@ from pipeline.infer.upscale import EMPTY_BOX, Upscaler, matches_full_frame
 from pipeline.model.sam import SamDecoder
 from pipeline.model.transforms import scale_boxes, scale_coords
 from pipeline.predictor import SAM, ImageEmbedding
+from pipeline.track.exclusive import ContestedPixels, DecodedMasks
 from pipeline.track.prompts import Prompts
-from pipeline.track.tracking import ContestedPixels, DecodedMasks
 from pipeline.wire.masks import RegionMask, WindowBox
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,9 @@ A node is a class with declared ports and per-message methods that never touch a
 - a *source* (the decoder) implements `produce()`, yielding messages;
 - every other node implements `process(msg) -> list[Message]` (or `process_batch` when it
   gains from several waiting messages), `finish(end) -> list[Message]` at end of stream,
-  and, if it takes prompt commands, `handle_command(cmd) -> PromptReply`.
+  and, if it takes prompt commands, `handle_command(cmd) -> PromptReply`: the control
+  socket's own thread calls it as each command comes, also while `process` works on a
+  frame, so it must touch only what is made to be shared (the tracker's command queue).
 
 `NodeRunner` owns the rest. Between nodes, PUSH -> PULL in one of two modes:
 
@@ -32,7 +34,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -70,10 +72,7 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 100  # how often a blocked loop looks at the stop flag
 MAX_QUEUED_STATUSES = 1000  # a live node takes them every few ms; this bounds a flood only
-LIVE_WAIT_S = 0.02  # live loop's wait for a frame: also how soon it answers a prompt command
-# Prompt commands answered at one go before the node goes back to its frames: every client
-# waiting gets its answer, a flood of commands still cannot starve the stream.
-MAX_COMMANDS_AT_ONCE = 100
+LIVE_WAIT_S = 0.02  # live loop's wait for a frame
 # After a clean end every queued output message must reach the next node, however late that
 # node started (a decoder can finish a short clip before the encoder has imported torch):
 # linger forever. A node that never comes is the launcher's business: it stops the run.
@@ -106,8 +105,6 @@ class Node:
     # installed (an optional backend) is passed over.
     preload: ClassVar[tuple[str, ...]] = ()
     max_batch: int = 1
-    # Set by the NodeRunner: answers the prompt commands waiting on its control socket.
-    _command_server: Callable[[], int] | None = None
 
     def __init__(self) -> None:
         self.counters: dict[str, int] = {}
@@ -166,14 +163,8 @@ class Node:
         self.abort()
 
     def handle_command(self, command: PromptCommand) -> PromptReply:
+        """One prompt command, in the control socket's thread (see the module docs)."""
         return PromptReply(ok=False, error=f"{self.name} takes no commands")
-
-    def serve_commands(self) -> int:
-        """Answer the prompt commands waiting on the control socket now (each through
-        `handle_command`); returns how many. For a `process` that takes long (a frame of
-        hundreds of tracks): called between pieces of its work, a command waits for a
-        piece, not for the frame. Cheap when none waits (one poll); 0 outside a runner."""
-        return 0 if self._command_server is None else self._command_server()
 
     def stats(self) -> dict[str, Any]:
         """Per-message milliseconds: count, median, p95."""
@@ -359,7 +350,6 @@ class NodeRunner:
         self._last_status = 0.0
         self._sockets = _Sockets()
         self._output_monitor: zmq.Socket | None = None
-        node._command_server = self._serve_waiting_commands
 
     # -- status ---------------------------------------------------------------------------
     def send_status(self, state: str | None = None, **detail: Any) -> None:
@@ -432,11 +422,9 @@ class NodeRunner:
                 out.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
                 return
             except zmq.Again:
-                # Lossless: the next node is busy; wait for room, heartbeating and answering
-                # prompt commands meanwhile (a slow writer must not hold commands up).
+                # Lossless: the next node is busy; wait for room, heartbeating meanwhile.
                 out.poll(POLL_MS, zmq.POLLOUT)
                 self._heartbeat()
-                self._serve_waiting_commands()
 
     def _of_input_kinds(self, batch: list[Message]) -> list[Message]:
         """The messages of a kind the node takes; the others counted and dropped (a node
@@ -474,41 +462,51 @@ class NodeRunner:
             if self.stop.is_set():
                 raise Shutdown
 
-    def _serve_command(self) -> None:
-        ctl = self._sockets.control
-        # All parts, so that a multipart request cannot leave the REP socket expecting a
-        # reply to a message it has not finished reading (the node died of that).
-        parts = ctl.recv_multipart()
-        try:
-            if len(parts) != 1:
-                raise MessageError(f"a prompt command is one message part, got {len(parts)}")
-            reply = self.node.handle_command(PromptCommand.from_json(parts[0]))
-        except MessageError as err:
-            self.node.count("bad_commands")
-            reply = PromptReply(ok=False, error=str(err))
-        ctl.send(reply.to_json())
+    def _serve_commands(self, ctl: zmq.Socket, done: threading.Event) -> None:
+        """The control socket's thread: answers each prompt command as it comes (through
+        `Node.handle_command`), also while the node's thread is in the middle of a frame."""
+        while not done.is_set():
+            if not ctl.poll(POLL_MS):
+                continue
+            # All parts, so that a multipart request cannot leave the REP socket expecting a
+            # reply to a message it has not finished reading (the node died of that).
+            parts = ctl.recv_multipart()
+            try:
+                if len(parts) != 1:
+                    raise MessageError(f"a prompt command is one message part, got {len(parts)}")
+                reply = self.node.handle_command(PromptCommand.from_json(parts[0]))
+            except MessageError as err:
+                self.node.count("bad_commands")
+                reply = PromptReply(ok=False, error=str(err))
+            except Exception as err:  # a bug: answered (REP must reply), the thread goes on
+                log.exception("%s: a prompt command failed", self.node.name)
+                reply = PromptReply(ok=False, error=f"{type(err).__name__}: {err}")
+            ctl.send(reply.to_json())
 
-    def _serve_waiting_commands(self) -> int:
-        """Answer every command waiting on the control socket (up to MAX_COMMANDS_AT_ONCE)."""
+    @contextlib.contextmanager
+    def _commands_served(self) -> Iterator[None]:
+        """The control socket served by its own thread for the duration of the block."""
         ctl = self._sockets.control
-        served = 0
-        while ctl is not None and served < MAX_COMMANDS_AT_ONCE and ctl.poll(0, zmq.POLLIN):
-            self._serve_command()
-            served += 1
-        return served
+        if ctl is None:
+            yield
+            return
+        done = threading.Event()
+        thread = threading.Thread(
+            target=self._serve_commands, args=(ctl, done), name="samstream-control", daemon=True
+        )
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()  # within POLL_MS and one command: the socket is the runner's again
 
     def _run_consumer(self) -> None:
-        poller = zmq.Poller()
         receiver = self._sockets.input
-        poller.register(receiver.socket, zmq.POLLIN)
-        if self._sockets.control is not None:
-            poller.register(self._sockets.control, zmq.POLLIN)
         while not self.stop.is_set():
-            ready = dict(poller.poll(POLL_MS))
+            ready = receiver.socket.poll(POLL_MS)
             self.node.counters["rejected_messages"] = receiver.rejected
-            if self._sockets.control is not None and ready.get(self._sockets.control):
-                self._serve_waiting_commands()
-            if not ready.get(receiver.socket):
+            if not ready:
                 self._heartbeat()
                 continue
             batch: list[Message] = []
@@ -545,11 +543,8 @@ class NodeRunner:
     def _run_live_consumer(self, inbox: NewestInbox) -> None:
         """Newest frame wins: process whatever frame is newest when the node is free."""
         receiver = self._sockets.input
-        control = self._sockets.control
         try:
             while not self.stop.is_set():
-                if control is not None:
-                    self._serve_waiting_commands()
                 msg, end, statuses = inbox.take(LIVE_WAIT_S)
                 for status in statuses:
                     self._publish(status)  # another node's, relayed by the launcher
@@ -627,12 +622,13 @@ class NodeRunner:
                     inbox.close()
                 raise
             self.send_status()
-            if inbox is not None:
-                self._run_live_consumer(inbox)
-            elif not self.node.is_source:
-                self._run_consumer()
-            else:
-                self._run_source()
+            with self._commands_served():
+                if inbox is not None:
+                    self._run_live_consumer(inbox)
+                elif not self.node.is_source:
+                    self._run_consumer()
+                else:
+                    self._run_source()
             clean = True
             self.send_status("done")
             self._hold_until_read()

@@ -74,11 +74,35 @@ Prompt control (REQ/REP, one part, UTF-8 JSON)
 ----------------------------------------------
 Request (PromptCommand): ``{"op": "add" | "update" | "remove" | "list", "track_id": int |
 null, "box": [x1, y1, x2, y2] | null, "points": [[x, y], ...] | null, "labels": [int, ...] |
-null, "frame": int | null}``; only ``op`` is required. Reply (PromptReply): ``{"ok": bool,
-"error": str | null, "track_id": int | null, "tracks": [TrackListing, ...]}``, a listing
-being ``{"id": int, "state": str, "box": [x1, y1, x2, y2] | null, "score": float,
-"frames_since_update": int, "pending": bool, "start_frame": int | null}``. Both reject fields
-they do not know (a typo must not pass for an absent field).
+null, "frame": int | null}``; only ``op`` is required. "add" takes a box and/or points (with
+their labels, 1 foreground / 0 background), a free ``track_id`` and a start ``frame``, all
+optional but the prompt; "update" a ``track_id`` and a box (no points: a correction restarts
+the track at the box); "remove" a ``track_id``; ``frame`` is for "add" only.
+
+Reply (PromptReply): ``{"ok": bool, "error": str | null, "track_id": int | null, "frame":
+int | null, "tracks": [TrackListing, ...]}``, a listing being ``{"track_id": int, "state":
+str, "box": [x1, y1, x2, y2] | null, "score": float, "frames_since_update": int, "pending":
+bool, "start_frame": int | null}``. Both reject fields they do not know (a typo must not pass
+for an absent field).
+
+A command is checked and answered at once, also while the tracker is in the middle of a
+frame, and applied between frames, in the order the commands came: no frame in progress
+changes. ``ok`` means it is queued, checked against the tracker as it will be when the
+command applies (after the last finished frame and the commands before it); ``frame`` is the
+first frame index it changes (an "add" with a later ``frame``: that one), for "list" the
+frame the listing leads into. A live tracker may skip frames, so the first frame published
+with the change may come later; none before ``frame`` has it. The checks that need the
+frame's size wait for the first frame when the tracker has seen none yet: a prompt outside
+it then shows as a track reported "lost" once, at its start frame. A queued prompt is
+rescaled with the tracks when the resolution changes. A command queued when the tracker
+dies is lost with it. ``tracks``: every track and prompt as the tracker will enter
+``frame``: rows of commands not yet through a frame say ``pending``.
+
+Changes to the control protocol (it has no version number: a client must match the
+tracker, as each side refuses fields it does not know): replies carry ``frame``; listing rows
+key the id ``track_id`` (it was ``id``), as every other record does; "update" with points and
+a ``frame`` on any op but "add" are refused (the tracker used to ignore both, and to refuse
+an update with points but no box).
 
 ``wire_schema()`` (or ``python -m pipeline.wire.messages``) gives all of this as a JSON Schema
 for consumers in other languages, less what JSON Schema cannot say (byte lengths, windows).
@@ -105,6 +129,7 @@ from pipeline.wire.buffers import (
     BufferSpec,
     MaskWindows,
     MessageError,
+    NonNegativeInt,
     Part,
     Raw,
     byte_view,
@@ -268,10 +293,10 @@ class TrackRecord(msgspec.Struct, frozen=True):
 
 
 class TrackListing(TypedDict):
-    """One row of a "list" reply: a track, or a prompt waiting for its start frame
-    (``pending``). Keyed ``id``, where a TrackRecord says ``track_id``."""
+    """One row of a "list" reply: a track, or a prompt waiting for its start frame;
+    ``pending`` for a prompt or correction that no frame has run yet."""
 
-    id: int
+    track_id: int
     state: TrackState
     box: Annotated[list[float], msgspec.Meta(min_length=4, max_length=4)] | None
     score: float
@@ -556,10 +581,12 @@ class _ControlMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class PromptCommand(_ControlMessage):
     """A run-time prompt request on the control socket.
 
-    ``op``: "add" (needs box or points), "update" (needs track_id and box or points),
-    "remove" (needs track_id), "list". ``points`` are (x, y) pixels with one SAM label each
-    in ``labels`` (1 foreground, 0 background). ``frame``: apply from this frame index
-    (None: the next frame). Whether boxes lie inside the frame is the tracker's check.
+    ``op``: "add" (needs box or points), "update" (needs track_id and box; points are
+    refused: a correction restarts the track at a box, and a new points prompt is an "add",
+    after a "remove" under the same track_id if need be), "remove" (needs track_id), "list".
+    ``points`` are (x, y) pixels with one SAM label each in ``labels`` (1 foreground, 0
+    background). ``frame``: "add" only, start the object at this frame index (None: the next
+    frame). Whether boxes lie inside the frame is the tracker's check.
     """
 
     _what: ClassVar[str] = "prompt command"
@@ -576,8 +603,16 @@ class PromptCommand(_ControlMessage):
         has_prompt = self.box is not None or self.points is not None
         if self.op in ("update", "remove"):
             require(self.track_id is not None, f"prompt op '{self.op}' needs a track_id")
-        if self.op in ("add", "update"):
-            require(has_prompt, f"prompt op '{self.op}' needs a box or points")
+        if self.op == "add":
+            require(has_prompt, "prompt op 'add' needs a box or points")
+        if self.op == "update":  # a correction restarts the track at a box
+            require(
+                self.box is not None and self.points is None,
+                "prompt op 'update' needs a box and takes no points (to prompt with points: "
+                "remove, then add with the same track_id)",
+            )
+        no_frame = f"prompt op '{self.op}' takes no frame: only an add waits for one"
+        require(self.frame is None or self.op == "add", no_frame)
         if self.labels is not None:
             require(
                 self.points is not None and len(self.labels) == len(self.points),
@@ -586,14 +621,17 @@ class PromptCommand(_ControlMessage):
 
 
 class PromptReply(_ControlMessage):
-    """The control socket's answer: ``ok`` or an ``error`` sentence; the new or affected
-    ``track_id``; ``tracks`` lists the tracks (TrackListing dicts) for "list"."""
+    """The control socket's answer: ``ok`` (the command is checked and queued) or an
+    ``error`` sentence (nothing changed); the new or affected ``track_id``; ``frame``, the
+    first frame index the command changes (for "list": the one the listing leads into);
+    ``tracks``, every track and prompt (TrackListing dicts) with the command applied."""
 
     _what: ClassVar[str] = "prompt reply"
 
     ok: bool
     error: str | None = None
     track_id: int | None = None
+    frame: NonNegativeInt | None = None
     tracks: tuple[TrackListing, ...] = ()
 
 

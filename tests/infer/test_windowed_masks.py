@@ -20,14 +20,10 @@ from pipeline.infer.mask_decoder import SamMaskDecoder, probe_windows
 from pipeline.infer.upscale import EMPTY_BOX, Upscaler, matches_full_frame
 from pipeline.model.transforms import resized_shape
 from pipeline.predictor import SAM, ImageEmbedding
+from pipeline.track.exclusive import ContestedPixels, DecodedMasks, exclusive_masks
+from pipeline.track.measure import measure_box
 from pipeline.track.prompts import Prompts
-from pipeline.track.tracking import (
-    ContestedPixels,
-    DecodedMasks,
-    PromptTracker,
-    exclusive_masks,
-    measure_box,
-)
+from pipeline.track.tracking import PromptTracker
 from pipeline.wire.masks import RegionMask
 from pipeline.wire.messages import EmbeddingMessage, FrameMeta
 

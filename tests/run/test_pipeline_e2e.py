@@ -289,11 +289,13 @@ def test_in_process_run_takes_prompts_at_run_time(checkpoint: Path, tmp_path: Pa
     assert summary.frames_in == summary.frames_out == 40
     assert not replies["bad"].ok and "7" in replies["bad"].error
     assert replies["add"].ok and replies["add"].track_id == 2
-    assert {t["id"] for t in replies["list"].tracks} == {1, 2}
+    assert {t["track_id"] for t in replies["list"].tracks} == {1, 2}
     seqs = [f.seq for f in received]
     assert seqs == list(range(40))
-    with_two = [f.seq for f in received if {t.track_id for t in f.tracks} >= {1, 2}]
+    with_two = [f.frame_index for f in received if {t.track_id for t in f.tracks} >= {1, 2}]
     assert with_two, "the added object never appeared"
+    # First in the frame the reply named (an offline run skips none), in none before it.
+    assert with_two[0] == replies["add"].frame
     # From its first frame on, every later frame carries it (until it is lost).
     first = with_two[0]
     assert all(

@@ -18,14 +18,10 @@ from nodes.tracker import TrackerNode
 from pipeline.config import PromptConfig, TrackerConfig
 from pipeline.infer.mask_decoder import SamMaskDecoder
 from pipeline.predictor import SAM, ImageEmbedding
+from pipeline.track.exclusive import exclusive_masks
 from pipeline.track.prompts import Prompts
-from pipeline.track.tracking import (
-    PromptTracker,
-    TrackOutput,
-    TrackState,
-    exclusive_masks,
-)
-from pipeline.wire.messages import MaskMessage
+from pipeline.track.tracking import PromptTracker, TrackOutput
+from pipeline.wire.messages import MaskMessage, TrackState
 
 pytestmark = pytest.mark.timeout(120)
 

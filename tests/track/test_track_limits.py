@@ -1,5 +1,5 @@
-"""Many tracks: ids past 255, commands answered in the middle of a frame, and what a command
-does to the frame being worked on.
+"""Many tracks: ids past 255, commands answered in the middle of a frame, and that they change
+only the frames after it.
 
 The first tests drive the prompt tracker with a scripted decoder (no torch). The others run a
 real TrackerNode (a random-weight MobileSAM at 256 px) behind real sockets, with hundreds of
@@ -20,16 +20,11 @@ from support.trackers import FRAME, LiveTracker, embedding_message
 
 from pipeline.outputs.files import id_mask, read_id_mask
 from pipeline.outputs.writer import MaskWriter
-from pipeline.track.tracking import (
-    ContestedPixels,
-    DecodedMasks,
-    PromptTracker,
-    TrackOutput,
-)
+from pipeline.track.commands import MAX_COMMANDS_AT_ONCE
+from pipeline.track.exclusive import ContestedPixels, DecodedMasks
+from pipeline.track.tracking import PromptTracker, TrackOutput
 from pipeline.wire.masks import RegionMask
-from pipeline.wire.messages import (
-    MAX_TRACK_ID,
-)
+from pipeline.wire.messages import MAX_TRACK_ID, PromptCommand, PromptReply
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,35 +71,91 @@ def summary(outputs: list[TrackOutput]) -> list[tuple]:
     return [(o.record, o.mask.dense().tobytes()) for o in outputs]
 
 
-def test_a_frame_decoded_while_commands_are_served_gives_the_same_outputs() -> None:
-    whole_decoder, served_decoder = BoxDecoder(), BoxDecoder()
-    whole = PromptTracker(whole_decoder, frame_size=SIZE)
-    served = PromptTracker(served_decoder, frame_size=SIZE)
+class CommandingDecoder(BoxDecoder):
+    """While it decodes a frame, ``commands`` (a callable) runs in another thread: the
+    decoder waits for it to finish (each command answered) before it answers itself."""
+
+    commands = None
+
+    def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
+        if self.commands is not None:
+            errors: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    self.commands()
+                except BaseException as err:  # raised in the test's thread below
+                    errors.append(err)
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            thread.join(30)
+            assert not thread.is_alive(), "a command was not answered while the decoder worked"
+            if errors:
+                raise errors[0]
+        return super().__call__(image, boxes, mask_logits, points)
+
+
+def test_commands_during_a_frame_change_only_the_frames_after_it() -> None:
+    """Commands that come while a frame is decoded leave it as it began; they apply before
+    the next frame, in order, exactly as if they had come between the two frames."""
+    between_decoder, during_decoder = BoxDecoder(), CommandingDecoder()
+    between = PromptTracker(between_decoder, frame_size=SIZE)
+    during = PromptTracker(during_decoder, frame_size=SIZE)
     for i in range(40):
-        assert whole.add(box=grid_box(i)) == served.add(box=grid_box(i))
-    betweens: list[None] = []
+        assert between.add(box=grid_box(i)) == during.add(box=grid_box(i))
+
+    def commands(tracker: PromptTracker, frame: int) -> list[int | None]:
+        """The same commands for both trackers; the frame each takes effect on."""
+        replies = [
+            tracker.commands.answer(command)
+            for command in (
+                PromptCommand(op="add", box=grid_box(40 + frame)),
+                PromptCommand(op="update", track_id=3 + frame, box=grid_box(60 + frame)),
+                PromptCommand(op="remove", track_id=10 + frame),
+            )
+        ]
+        assert all(reply.ok for reply in replies), replies
+        with pytest.raises(ValueError, match=f"unknown track id {10 + frame}"):
+            tracker.remove(10 + frame)  # removed by the queued command: refused, nothing changes
+        return [reply.frame for reply in replies]
+
+    frames: list[int] = []  # what the commands during a frame were answered with
     for frame in range(4):
-        expected = whole.step(frame)
-        got = served.step(frame, between=lambda: betweens.append(None))
-        assert summary(got) == summary(expected)
-    assert whole_decoder.calls == served_decoder.calls == [40] * 4  # one batch a frame
-    assert len(betweens) >= 4 * (1 + 40)  # while decoding, then after every track
+        frames.clear()
+        during_decoder.commands = lambda frame=frame: frames.extend(commands(during, frame))
+        got = during.step(frame)
+        expected = between.step(frame)
+        assert summary(got) == summary(expected)  # the frame as it began
+        assert frames == [frame + 1] * 3  # each answered with the next frame
+        assert commands(between, frame) == [frame + 1] * 3
+        assert during.list() == between.list()
+    during_decoder.commands = None
+    assert summary(during.step(4)) == summary(between.step(4))
+    assert between_decoder.calls == during_decoder.calls  # one batch a frame, the same ones
+    assert {o.record.track_id for o in during.step(5)} == (set(range(1, 45)) - {10, 11, 12, 13})
 
 
-def test_between_runs_while_the_decoder_works() -> None:
-    """The decoder waits for a command that only `between` can serve: it must come while
-    the decoder is still at work, not after it."""
-    served = threading.Event()
-
-    class WaitingDecoder(BoxDecoder):
-        def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
-            assert served.wait(30), "between never ran while the decoder worked"
-            return super().__call__(image, boxes, mask_logits, points)
-
-    tracker = PromptTracker(WaitingDecoder(), frame_size=SIZE)
+def test_a_command_is_answered_while_the_decoder_works() -> None:
+    """The decoder waits for a command's reply, from another thread: it must come while the
+    decoder is still at work, not after the frame."""
+    decoder = CommandingDecoder()
+    tracker = PromptTracker(decoder, frame_size=SIZE)
     tracker.add(box=grid_box(0))
-    outputs = tracker.step(0, between=served.set)
+    replies: list[PromptReply] = []
+    decoder.commands = lambda: replies.append(
+        tracker.commands.answer(PromptCommand(op="add", box=grid_box(1)))
+    )
+    outputs = tracker.step(0)
     assert [o.record.track_id for o in outputs] == [1]
+    assert [(r.ok, r.track_id, r.frame) for r in replies] == [(True, 2, 1)]
+    assert [(row["track_id"], row["pending"]) for row in replies[0].tracks] == [
+        (1, True),
+        (2, True),
+    ]
+    assert [(row["track_id"], row["pending"]) for row in tracker.list()] == [(1, False), (2, True)]
+    decoder.commands = None
+    assert [o.record.track_id for o in tracker.step(1)] == [1, 2]
 
     class FailingDecoder(BoxDecoder):
         def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
@@ -113,63 +164,77 @@ def test_between_runs_while_the_decoder_works() -> None:
     failing = PromptTracker(FailingDecoder(), frame_size=SIZE)
     failing.add(box=grid_box(0))
     with pytest.raises(RuntimeError, match="CUDA out of memory"):  # raised in the caller
-        failing.step(0, between=lambda: None)
+        failing.step(0)
     assert failing.current_frame is None and [r["pending"] for r in failing.list()] == [True]
 
 
-class GatedDecoder(BoxDecoder):
-    """Holds its answer until ``gate`` is set (when one is given)."""
-
-    gate: threading.Event | None = None
-
-    def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
-        if self.gate is not None:
-            assert self.gate.wait(30), "between never ran while the decoder worked"
-        return super().__call__(image, boxes, mask_logits, points)
-
-
-def test_commands_in_the_middle_of_a_frame_leave_their_tracks_as_they_made_them() -> None:
-    decoder = GatedDecoder()
+def test_commands_in_the_middle_of_a_frame_apply_at_the_next() -> None:
+    decoder = CommandingDecoder()
     tracker = PromptTracker(decoder, frame_size=SIZE)
     left, right = (10, 10, 40, 40), (30, 10, 60, 40)  # overlapping: right's logits win
     ids = [tracker.add(box=box) for box in (left, right, (80, 10, 100, 30), (80, 60, 100, 80))]
     first = {o.record.track_id: o for o in tracker.step(0)}
     assert not first[1].mask.dense()[20, 35]  # the overlap went to track 2
-    added: list[int] = []
-    decoder.gate = threading.Event()
-    removed_after_commit = False
+    replies: list[PromptReply] = []
+    listed: list[list] = []
 
-    def between() -> None:
-        nonlocal removed_after_commit
-        if not decoder.gate.is_set():
-            # While the decoder works: tracks of this frame not committed yet.
-            tracker.remove(2)
-            tracker.update_box(4, (100, 70, 130, 100))
-            added.append(tracker.add(box=(120, 10, 140, 30)))
-            with pytest.raises(RuntimeError, match="middle of step"):
-                tracker.lose_all()
-            with pytest.raises(RuntimeError, match="middle of step"):
-                tracker.step(9)
-            with pytest.raises(ValueError, match="unknown track id 2"):
-                tracker.remove(2)  # a bad command is still refused, changing nothing
-            decoder.gate.set()
-        elif not removed_after_commit and tracker.tracks[3].hits == 2:
-            tracker.remove(3)  # just after its frame was committed
-            removed_after_commit = True
+    def commands() -> None:
+        for command in (
+            PromptCommand(op="remove", track_id=2),
+            PromptCommand(op="update", track_id=4, box=(100, 70, 130, 100)),
+            PromptCommand(op="add", box=(120, 10, 140, 30)),
+            PromptCommand(op="remove", track_id=2),  # already removed: refused
+            PromptCommand(op="update", track_id=99, box=(1, 1, 5, 5)),
+        ):
+            replies.append(tracker.commands.answer(command))
+        listed.append(tracker.list())
 
-    outputs = {o.record.track_id: o for o in tracker.step(1, between=between)}
-    assert ids == [1, 2, 3, 4] and added == [5] and removed_after_commit
-    # The touched tracks are not in the frame's outputs; the others are, as usual.
-    assert set(outputs) == {1}
-    # The removed track took no pixels: track 1 has its whole own mask back.
-    assert outputs[1].mask.dense()[10:40, 10:40].all()
-    assert [row["id"] for row in tracker.list()] == [1, 4, 5]
-    # Next frame: the corrected track starts at its new box, the new one is there.
-    decoder.gate = None
-    later = {o.record.track_id: o for o in tracker.step(2, between=lambda: None)}
-    assert set(later) == {1, 4, 5}
+    decoder.commands = commands
+    outputs = {o.record.track_id: o for o in tracker.step(1)}
+    assert ids == [1, 2, 3, 4]
+    assert [(r.ok, r.track_id, r.frame) for r in replies[:3]] == [
+        (True, 2, 2),
+        (True, 4, 2),
+        (True, 5, 2),
+    ]
+    assert [r.error for r in replies[3:]] == ["unknown track id 2", "unknown track id 99"]
+    # What the listing said during the frame: the queued commands, pending.
+    assert [(row["track_id"], row["pending"], row["box"]) for row in listed[0]] == [
+        (1, False, [10.0, 10.0, 40.0, 40.0]),
+        (3, False, [80.0, 10.0, 100.0, 30.0]),
+        (4, True, [100.0, 70.0, 130.0, 100.0]),
+        (5, True, [120.0, 10.0, 140.0, 30.0]),
+    ]
+    # Frame 1 is as it began: every track, track 2 still taking the overlap.
+    assert set(outputs) == {1, 2, 3, 4}
+    assert not outputs[1].mask.dense()[20, 35] and outputs[2].mask.dense()[20, 35]
+    assert outputs[4].record.box == (80.0, 60.0, 100.0, 80.0)
+    assert [row["track_id"] for row in tracker.list()] == [1, 3, 4, 5]
+    # Frame 2: the commands are in, in order.
+    decoder.commands = None
+    later = {o.record.track_id: o for o in tracker.step(2)}
+    assert set(later) == {1, 3, 4, 5}
+    assert later[1].mask.dense()[10:40, 10:40].all()  # track 2 is gone: no pixel taken
     assert later[4].record.box == (100.0, 70.0, 130.0, 100.0)
     assert later[5].record.box == (120.0, 10.0, 140.0, 30.0)
+    assert not any(row["pending"] for row in tracker.list())
+
+
+def test_a_flood_of_commands_waits_for_the_next_frame_in_bounded_numbers() -> None:
+    """Commands queued for one frame are bounded (MAX_COMMANDS_AT_ONCE): past it a command
+    is refused with the reason, nothing changes, and after the frame there is room again."""
+    tracker = PromptTracker(BoxDecoder(), frame_size=SIZE)
+    tid = tracker.add(box=grid_box(0))
+    tracker.step(0)
+    for i in range(MAX_COMMANDS_AT_ONCE):
+        tracker.update_box(tid, grid_box(i % 50))
+    before = tracker.list()
+    reply = tracker.commands.answer(PromptCommand(op="add", box=grid_box(7)))
+    assert not reply.ok and "too many commands waiting for the next frame" in reply.error
+    assert tracker.list() == before
+    (out,) = tracker.step(1)  # every correction applied, in order: the last one holds
+    assert out.record.box == tuple(float(v) for v in grid_box((MAX_COMMANDS_AT_ONCE - 1) % 50))
+    assert tracker.commands.answer(PromptCommand(op="add", box=grid_box(7))).ok
 
 
 # --------------------------------------------------------------------------- a real node
@@ -199,13 +264,13 @@ def test_300_objects_through_the_control_socket(live_tracker: LiveTracker, tmp_p
     run = live_tracker
     for i in range(300):
         reply = run.command({"op": "add", "box": cell_box(i, 300)})
-        assert reply["ok"] and reply["track_id"] == i + 1, reply
+        assert reply["ok"] and reply["track_id"] == i + 1 and reply["frame"] == 0, reply
     run.send(embedding_message(0))
     (first,) = run.masks(1)
     assert sorted(t.track_id for t in first.tracks) == list(range(1, 301))
     # The last id there is, then one more: refused, with the reason; nothing else changes.
     reply = run.command({"op": "add", "box": [1, 1, 20, 20], "track_id": MAX_TRACK_ID})
-    assert reply["ok"] and reply["track_id"] == MAX_TRACK_ID
+    assert reply["ok"] and reply["track_id"] == MAX_TRACK_ID and reply["frame"] == 1
     refused = run.command({"op": "add", "box": [1, 1, 20, 20]})
     assert not refused["ok"] and "track id limit reached" in refused["error"], refused
     too_big = run.command({"op": "add", "box": [1, 1, 20, 20], "track_id": MAX_TRACK_ID + 1})
@@ -306,7 +371,7 @@ def test_commands_are_answered_while_the_next_node_holds_the_tracker_back(
         began = time.perf_counter()
         reply = run.command({"op": "list"}, timeout_s=30)
         waited = time.perf_counter() - began
-        assert reply["ok"] and [t["id"] for t in reply["tracks"]] == [1]
+        assert reply["ok"] and [t["track_id"] for t in reply["tracks"]] == [1]
         assert run.node.counters["frames"] < frames  # answered while still held back
         got = run.masks(frames)
         assert [m.meta.frame_index for m in got] == list(range(frames))

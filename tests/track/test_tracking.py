@@ -19,19 +19,11 @@ from nodes.tracker import TrackerNode
 from pipeline.config import PromptConfig, TrackerConfig
 from pipeline.model.transforms import resized_shape
 from pipeline.run import resume
-from pipeline.track.tracking import (
-    MAX_TRACKS_AT_ONCE,
-    ContestedPixels,
-    DecodedMasks,
-    PromptTracker,
-    TrackOutput,
-    TrackState,
-    box_iou,
-    box_to_state,
-    exclusive_masks,
-    measure_box,
-    state_to_box,
-)
+from pipeline.track.commands import MAX_TRACKS_AT_ONCE
+from pipeline.track.exclusive import ContestedPixels, DecodedMasks, exclusive_masks
+from pipeline.track.kalman import box_iou, box_to_state, state_to_box
+from pipeline.track.measure import measure_box
+from pipeline.track.tracking import PromptTracker, TrackOutput
 from pipeline.wire.masks import mask_box
 from pipeline.wire.messages import (
     MAX_TRACK_ID,
@@ -39,6 +31,7 @@ from pipeline.wire.messages import (
     FrameMeta,
     MaskMessage,
     PromptCommand,
+    TrackState,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -77,8 +70,11 @@ class SceneDecoder:
         self.fragments: list[tuple[int, int, int, int]] = []
         self.calls: list[Call] = []
         self.fault: str | None = None  # "raise" or "malformed", to test failure handling
+        self.during = None  # called as the decoder starts: a command in the middle of a frame
 
     def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
+        if self.during is not None:
+            self.during()
         if self.fault == "raise":
             raise RuntimeError("CUDA out of memory")
         self.calls.append(Call(boxes.copy(), list(mask_logits), points))
@@ -179,7 +175,7 @@ def test_follows_constant_velocity_and_learns_it():
     assert np.allclose(velocity, [*VELOCITY, 0, 0], atol=0.1)
     assert tracker.list() == [
         {
-            "id": tid,
+            "track_id": tid,
             "state": "tracked",
             "box": pytest.approx(list(moving_box(29)), abs=1.0),
             "score": 0.9,
@@ -501,6 +497,22 @@ def test_points_only_prompt_on_nothing_is_lost_once():
     assert tracker.step(1) == []
 
 
+def test_a_correction_queued_while_its_points_prompt_fails_brings_it_back() -> None:
+    """The points-only prompt finds nothing in the frame under way (lost) while a correction
+    of it is queued: the correction starts it again, at the box, at the next frame."""
+    tracker, decoder = make()
+    tid = tracker.add(points=[[300, 200]], labels=[1])
+    decoder.objects = {"a": (moving_box(0), 0.9)}
+    decoder.during = lambda: tracker.update_box(tid, moving_box(1))
+    (out,) = tracker.step(0)
+    assert out.record.state is TrackState.LOST
+    decoder.during = None
+    decoder.objects = {"a": (moving_box(1), 0.9)}
+    (out,) = tracker.step(1)
+    assert out.record.track_id == tid and out.record.state is TrackState.TENTATIVE
+    assert out.record.box == moving_box(1)
+
+
 def test_update_box_moves_a_track():
     tracker, decoder = make()
     tid = tracker.add(box=moving_box(0))
@@ -682,7 +694,7 @@ def test_frame_size_known_only_at_the_first_frame():
     outputs = by_id(tracker.step(0))
     assert outputs[good].record.state is TrackState.TENTATIVE
     assert outputs[outside].record.state is TrackState.LOST and not outputs[outside].mask.any()
-    assert [row["id"] for row in tracker.list()] == [good]
+    assert [row["track_id"] for row in tracker.list()] == [good]
     with pytest.raises(ValueError, match="frame_size"):
         tracker.set_frame_size((0, 320))
 
@@ -773,7 +785,7 @@ def test_lose_all_reports_running_tracks_lost_and_keeps_pending_prompts():
     assert lost_b.frames_since_update == 1 and lost_b.score == pytest.approx(0.2)
     assert len(decoder.calls) == calls  # nothing decoded
     assert dict(tracker.tracks) == {}
-    assert [(row["id"], row["pending"]) for row in tracker.list()] == [(later, True)]
+    assert [(row["track_id"], row["pending"]) for row in tracker.list()] == [(later, True)]
     assert tracker.lose_all() == []  # already gone: reported once
     for tid in (a, b):
         # A lost track could come back with update_box; removed, it is forgotten.
@@ -795,7 +807,7 @@ def test_lose_all_without_tracks():
     tracker = PromptTracker(SceneDecoder())  # frame size unknown yet
     pending = tracker.add(box=moving_box(0))
     assert tracker.lose_all() == []
-    assert [row["id"] for row in tracker.list()] == [pending]
+    assert [row["track_id"] for row in tracker.list()] == [pending]
     tracker, _ = make()
     assert tracker.lose_all() == []
 
@@ -997,15 +1009,19 @@ def test_a_configured_points_prompt_without_labels_is_foreground() -> None:
     reads points): the tracker node starts such a prompt's track, where the tracker's own
     point check used to refuse points without labels and fail the node's setup."""
     config = TrackerConfig(prompts=(PromptConfig(points=((70.0, 20.0), (75.0, 30.0))),))
+    decoder = NodeSceneDecoder()
     node = TrackerNode(
         config,
         weights="unused.pt",
         image_size=32,
-        decoder=NodeSceneDecoder(),  # type: ignore[arg-type]
+        decoder=decoder,  # type: ignore[arg-type]
     )
     node.setup()
     [listing] = node.tracker.list()
-    assert listing["pending"] is True
-    prompt = node.tracker._pending[listing["id"]]
-    assert prompt.labels.tolist() == [1, 1]
-    assert prompt.points.tolist() == [[70.0, 20.0], [75.0, 30.0]]
+    assert listing["pending"] is True and listing["box"] is None
+    decoder.objects = {"a": ((60, 10, 90, 40), 0.9)}
+    (msg,) = node.process(_embedding_message(0, 0, 100.0))
+    coords, labels = decoder.calls[0].points[0]  # what the prompt started with
+    assert labels.tolist() == [1, 1]
+    assert coords.tolist() == [[70.0, 20.0], [75.0, 30.0]]
+    assert [(t.track_id, t.state) for t in msg.tracks] == [(listing["track_id"], "tentative")]

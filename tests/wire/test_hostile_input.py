@@ -120,6 +120,25 @@ def test_hostile_prompt_commands_get_an_error_reply(running) -> None:
     print(f"control socket: {len(tried)} hostile commands refused, node alive")
 
 
+def test_a_command_the_node_fails_on_is_answered_and_serving_goes_on(running, caplog) -> None:
+    """A bug in a node's handle_command (which runs in the control socket's thread) is
+    answered with its text and logged; the next command is served as usual."""
+    node, _, _, control, ctx = running
+
+    def broken(command: PromptCommand) -> PromptReply:
+        raise RuntimeError("handle_command is broken")
+
+    node.handle_command = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="pipeline.run.runtime"):
+        reply = _request(ctx, control, [b'{"op": "list"}'])
+    assert reply is not None and reply["ok"] is False
+    assert reply["error"] == "RuntimeError: handle_command is broken"
+    assert any("a prompt command failed" in r.getMessage() for r in caplog.records)
+    del node.handle_command
+    assert _request(ctx, control, [b'{"op": "list"}'])["ok"] is True
+    assert node.commands == ["list"]
+
+
 def test_hostile_messages_on_the_input_are_rejected_and_counted(running) -> None:
     node, runner, inputs, _, ctx = running
     push = ctx.socket(zmq.PUSH)

@@ -614,6 +614,12 @@ BAD_COMMANDS = {
     ),
     "remove without id": (b'{"op": "remove"}', "'remove' needs a track_id"),
     "add without prompt": (b'{"op": "add", "track_id": 3}', "'add' needs a box or points"),
+    "update without box": (b'{"op": "update", "track_id": 3}', "'update' needs a box"),
+    "update with points": (
+        b'{"op": "update", "track_id": 3, "box": [1, 2, 3, 4], "points": [[2, 3]]}',
+        "takes no points",
+    ),
+    "remove at a frame": (b'{"op": "remove", "track_id": 3, "frame": 9}', "takes no frame"),
     "frame float": (
         b'{"op": "list", "frame": 1.5}',
         r"Expected `int \| null`, got `float` - at `\$.frame`",
@@ -630,7 +636,7 @@ def test_bad_prompt_commands_are_rejected(name: str) -> None:
 
 def test_prompt_reply_round_trip() -> None:
     for reply in (
-        PromptReply(ok=True, track_id=3),
+        PromptReply(ok=True, track_id=3, frame=17),
         PromptReply(ok=False, error="box lies outside the 640x480 frame"),
         PromptReply(ok=True, tracks=LISTING),
     ):
@@ -639,7 +645,7 @@ def test_prompt_reply_round_trip() -> None:
 
 LISTING = (  # the rows of a "list" reply, as PromptTracker.list() makes them
     {
-        "id": 1,
+        "track_id": 1,
         "state": "tracked",
         "box": [0.0, 1.0, 5.0, 6.0],
         "score": 0.9,
@@ -648,7 +654,7 @@ LISTING = (  # the rows of a "list" reply, as PromptTracker.list() makes them
         "start_frame": None,
     },
     {
-        "id": 2,
+        "track_id": 2,
         "state": "tentative",
         "box": None,
         "score": 0.0,
@@ -678,8 +684,15 @@ def test_prompt_reply_tracks_are_checked_rows() -> None:
         (b'{"ok": true, "tracks": [1]}', r"Expected `object`, got `int` - at `\$.tracks\[0\]`"),
         (
             b'{"ok": true, "tracks": [{"track_id": 1}]}',
-            r"Object missing required field `id` - at `\$.tracks\[0\]`",
+            r"Object missing required field `state` - at `\$.tracks\[0\]`",
         ),
+        # A listing keyed "id", as the control protocol had it before "track_id".
+        (
+            b'{"ok": true, "tracks": [{"id": 1, "state": "tracked", "box": null, "score": 0.9,'
+            b' "frames_since_update": 0, "pending": false, "start_frame": null}]}',
+            r"Object missing required field `track_id` - at `\$.tracks\[0\]`",
+        ),
+        (b'{"ok": true, "frame": -1}', r"Expected `int` >= 0 - at `\$.frame`"),
         (b'{"ok": true, "extra": 1}', "Object contains unknown field `extra`"),
     ],
 )
@@ -793,12 +806,12 @@ GOLDEN_COMMAND = (
     b'{"op": "add", "track_id": 5, "box": null, "points": [[1.0, 2.0], [3.5, 4.0]], "labels":'
     b' [1, 0], "frame": 120}',
 )
-GOLDEN_REPLY = (
-    PromptReply(ok=True, tracks=LISTING),
-    b'{"ok": true, "error": null, "track_id": null, "tracks": [{"id": 1, "state": "tracked",'
-    b' "box": [0.0, 1.0, 5.0, 6.0], "score": 0.9, "frames_since_update": 0, "pending": false,'
-    b' "start_frame": null}, {"id": 2, "state": "tentative", "box": null, "score": 0.0,'
-    b' "frames_since_update": 0, "pending": true, "start_frame": 30}]}',
+GOLDEN_REPLY = (  # the control protocol's listing changed: "id" became "track_id", "frame" came
+    PromptReply(ok=True, frame=12, tracks=LISTING),
+    b'{"ok": true, "error": null, "track_id": null, "frame": 12, "tracks": [{"track_id": 1,'
+    b' "state": "tracked", "box": [0.0, 1.0, 5.0, 6.0], "score": 0.9, "frames_since_update": 0,'
+    b' "pending": false, "start_frame": null}, {"track_id": 2, "state": "tentative", "box":'
+    b' null, "score": 0.0, "frames_since_update": 0, "pending": true, "start_frame": 30}]}',
 )
 
 

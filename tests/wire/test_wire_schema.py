@@ -29,7 +29,7 @@ from nodes.publisher import PublisherNode
 from nodes.tracker import TrackerNode
 from pipeline.config import DecoderConfig, EncoderConfig, PublisherConfig, TrackerConfig
 from pipeline.run.runtime import NodeEndpoints, NodeRunner
-from pipeline.track.tracking import DecodedMasks
+from pipeline.track.exclusive import DecodedMasks
 from pipeline.wire.messages import (
     EmbeddingMessage,
     EndOfStream,
@@ -162,12 +162,16 @@ def node_messages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
         PromptCommand(op="remove", track_id=12345),  # refused: no such track
     ]
     replies = [tracker.handle_command(command) for command in commands]
+    # Each answered with the frame it takes effect on: before any frame, the first one (0),
+    # or the later frame an add asked for; a refused one with none.
+    assert [reply.frame for reply in replies] == [0, 2, 99, 0, None]
     masks: list[MaskMessage] = []
     for msg in embeddings[:4]:  # the float16 ones, with their frames
         masks += tracker.process(msg)
     replies.append(tracker.handle_command(PromptCommand(op="list")))
     commands.append(PromptCommand(op="list"))
     assert replies[-1].ok and len(replies[-1].tracks) == 3 and not replies[-2].ok
+    assert replies[-1].frame == masks[-1].meta.frame_index + 1  # what the listing leads into
 
     publisher = PublisherNode(PublisherConfig(out=None), budget_ms=100.0)
     published = [out for msg in masks for out in publisher.process(msg)]
