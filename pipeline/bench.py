@@ -27,33 +27,23 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 
 from pipeline.config import load_config
-from pipeline.infer.machine import available_cores, cpu_facts
+from pipeline.infer.backend import ONNX_BACKENDS, installed, relative_error
+from pipeline.infer.encoder import TorchEncoder, build_encoder, preprocess
+from pipeline.infer.gpu import CudaGraphRunner, device_preprocess, half_copy, upload
+from pipeline.infer.machine import available_cores, cpu_facts, native_bf16
+from pipeline.infer.timing import median_ms
 from pipeline.predictor import SAM
 from pipeline.run.launcher import run_pipeline
 from pipeline.track.prompts import parse_prompts
 from pipeline.video.sources import VideoSource, parse_source
 
 DEFAULT_SOURCE = "lavfi:testsrc2=size=1280x720:rate=25"
-
-
-def _timed_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median milliseconds of `fn` after one warm-up call (device synchronised)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
@@ -164,9 +154,6 @@ def per_object_ms(
     return results
 
 
-DECODER_BACKENDS = ("torch", "onnxruntime", "openvino")
-
-
 def decoder_backend_rows(
     weights: str,
     frame: np.ndarray,
@@ -178,11 +165,9 @@ def decoder_backend_rows(
     """The tracker per mask decoder backend on this CPU (``tracker.backend``), at 1, 8,
     32, 50 objects, with each backend's 8 vs 1 object ratio: the per-object cost that
     `auto` chose by, as the node sees it. A backend that is not installed says so."""
-    from pipeline.infer.backends import _installed
-
     results: dict[str, float | str | None] = {}
-    for backend in DECODER_BACKENDS:
-        if backend != "torch" and not _installed(backend):
+    for backend in ("torch", *ONNX_BACKENDS):
+        if not installed(backend):
             results[f"tracker_ms_{backend}"] = "skipped: not installed"
             continue
         rows = per_object_ms(
@@ -220,7 +205,6 @@ def encoder_table(
     """Encoder ms per frame for every backend x precision x image size on this CPU, and the
     choice ``encoder.backend: auto`` makes (its calibration, cached, as a run would see it).
     bf16 is skipped where the CPU would emulate it (12x slower than fp32 measured)."""
-    from pipeline.infer.backends import build_encoder, native_bf16, preprocess
     from pipeline.model.transforms import resize_longest_side
 
     results: dict[str, float | str | None] = {}
@@ -239,9 +223,7 @@ def encoder_table(
             except (ImportError, ValueError, RuntimeError) as err:
                 results[name] = f"skipped: {str(err).splitlines()[0][:60]}"
                 continue
-            results[name] = _timed_ms(
-                lambda e=encoder, b=batch: e.encode(b), torch.device("cpu"), repeats
-            )
+            results[name] = median_ms(lambda e=encoder, b=batch: e.encode(b), repeats=repeats)
         auto = build_encoder(
             model=sam.model, weights_path=sam.weights_path, backend="auto", dtype="auto"
         )
@@ -267,47 +249,18 @@ NO_CUDA = "n/a: no CUDA"
 EMULATED = "n/a: emulated on this CPU"
 
 
-def device_ms(
-    fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3
-) -> float:
-    """Median milliseconds of `fn` after `warmup` calls: on CUDA the device time between two
-    events around the queued work (host launch gaps included, as a caller sees them), else
-    wall time."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1000)
-    return statistics.median(times)
-
-
 def _official_encoders(
     weights: Path, device: torch.device, image_size: int
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor] | str]:
     """The official image encoder as fp32 eager and as fp16 in a CUDA graph (half weights
     under autocast, as ours), each a callable or the reason it cannot run here."""
-    from pipeline.infer.gpu import CudaGraphRunner, half_copy
-
     names = ("official_fp32_eager", "official_fp16_graph")
     if image_size != 1024:
         return dict.fromkeys(names, "n/a: the official encoder runs at 1024 only")
-    try:
-        import mobile_sam
-    except ImportError:
+    official = _official_sam(weights)
+    if official is None:
         return dict.fromkeys(names, "n/a: no mobile_sam (pip install mobilesam-mirror)")
-    model = mobile_sam.sam_model_registry["vit_t"]()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    fp32 = model.image_encoder.to(device).eval()
+    fp32 = official[1].image_encoder.to(device).eval()
     if device.type != "cuda":
         return {names[0]: fp32, names[1]: NO_CUDA}
     fp16 = half_copy(fp32, torch.float16)
@@ -341,9 +294,6 @@ def gpu_encoder_table(
     ``encoder_finite_<variant>``, ``encode_frames_ms_<variant>_batch1``,
     ``mask_decoder_ms_<fp32|fp16>_<N>_tracks``.
     """
-    from pipeline.infer.backends import TorchEncoder, native_bf16, relative_error
-    from pipeline.infer.gpu import device_preprocess, upload
-
     sam = SAM(weights, device=device, image_size=image_size, backend="torch", dtype="float32")
     dev = sam.device
     cuda = dev.type == "cuda"
@@ -381,8 +331,8 @@ def gpu_encoder_table(
                 continue
             for b in batches:
                 x = inputs[(b, dtype)]
-                results[f"encoder_ms_{name}_batch{b}"] = device_ms(
-                    lambda f=fn, x=x: f(x), dev, repeats, warmup
+                results[f"encoder_ms_{name}_batch{b}"] = median_ms(
+                    lambda f=fn, x=x: f(x), device=dev, repeats=repeats, warmup=warmup
                 )
             out = fn(inputs[(batches[0], dtype)])[:1].float()
             reference = out if reference is None else reference  # fp32 eager comes first
@@ -391,8 +341,11 @@ def gpu_encoder_table(
             )
             results[f"encoder_finite_{name}"] = str(bool(torch.isfinite(out).all()))
         for name, encoder in encoders.items():
-            results[f"encode_frames_ms_{name}_batch1"] = device_ms(
-                lambda e=encoder: e.encode_frames([frame]), dev, repeats, warmup
+            results[f"encode_frames_ms_{name}_batch1"] = median_ms(
+                lambda e=encoder: e.encode_frames([frame]),
+                device=dev,
+                repeats=repeats,
+                warmup=warmup,
             )
         embedding, input_size = encoders["fp32_eager"].encode_frames([frame])
         for label, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
@@ -406,8 +359,8 @@ def gpu_encoder_table(
                     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
                         return sam.model.decode(embedding, boxes=boxes)
 
-                results[f"mask_decoder_ms_{label}_{n}_tracks"] = device_ms(
-                    decode, dev, repeats, warmup
+                results[f"mask_decoder_ms_{label}_{n}_tracks"] = median_ms(
+                    decode, device=dev, repeats=repeats, warmup=warmup
                 )
     return results
 
@@ -420,9 +373,6 @@ def compiled_encoder_rows(
     cached by torch under its cache dir for later processes), then ms as in
     `gpu_encoder_table`, and its relative error vs fp32 eager. The alternative to
     `pipeline.infer.gpu.CudaGraphRunner`, measured beside it, not used by the pipeline."""
-    from pipeline.infer.backends import TorchEncoder, relative_error
-    from pipeline.infer.gpu import device_preprocess, upload
-
     sam = SAM(weights, device=device, image_size=image_size, backend="torch", dtype="float32")
     if sam.device.type != "cuda":
         return {"encoder_ms_fp16_compiled_batch1": NO_CUDA}
@@ -439,8 +389,8 @@ def compiled_encoder_rows(
         results: dict[str, float | str | None] = {
             "encoder_compile_s_fp16_batch1": time.perf_counter() - start
         }
-        results["encoder_ms_fp16_compiled_batch1"] = device_ms(
-            lambda: compiled(x), sam.device, repeats
+        results["encoder_ms_fp16_compiled_batch1"] = median_ms(
+            lambda: compiled(x), device=sam.device, repeats=repeats, warmup=3
         )
         results["encoder_rel_error_fp16_compiled"] = relative_error(
             out.float().cpu().numpy(), exact.run(x32).cpu().numpy()
@@ -480,16 +430,24 @@ def _read_frames(source: str, count: int) -> tuple[list[np.ndarray], float]:
     return frames, len(frames) / elapsed
 
 
-def _official_loop_fps(
-    weights: Path, frames: list[np.ndarray], box: list[float], device: str
-) -> float | None:
+def _official_sam(weights: Path) -> tuple[ModuleType, torch.nn.Module] | None:
+    """The official MobileSAM package and its model with `weights` (None: not installed)."""
     try:
         import mobile_sam
     except ImportError:
         return None
     model = mobile_sam.sam_model_registry["vit_t"]()
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    predictor = mobile_sam.SamPredictor(model.to(device).eval())
+    return mobile_sam, model
+
+
+def _official_loop_fps(
+    weights: Path, frames: list[np.ndarray], box: list[float], device: str
+) -> float | None:
+    official = _official_sam(weights)
+    if official is None:
+        return None
+    predictor = official[0].SamPredictor(official[1].to(device).eval())
     prompt = np.array(box, dtype=np.float32)
     start = time.perf_counter()
     for frame in frames:
@@ -506,16 +464,14 @@ def official_encoder_ms(
 ) -> float | None:
     """The official MobileSAM image encoder, fp32, on one frame (it runs at 1024 only):
     the reference every encoder figure is a ratio to."""
-    try:
-        import mobile_sam
-    except ImportError:
+    official = _official_sam(weights)
+    if official is None:
         return None
-    model = mobile_sam.sam_model_registry["vit_t"]()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    model = model.to(device).eval()
-    predictor = mobile_sam.SamPredictor(model)
+    predictor = official[0].SamPredictor(official[1].to(device).eval())
     with torch.inference_mode():
-        return _timed_ms(lambda: predictor.set_image(frame), torch.device(device), repeats)
+        return median_ms(
+            lambda: predictor.set_image(frame), device=torch.device(device), repeats=repeats
+        )
 
 
 def _ultralytics_fps(frames: list[np.ndarray], box: list[float], weights: Path) -> float | None:
@@ -600,17 +556,18 @@ def run_bench(
                     float(official) / value
                 )
     results["encoder_backend"] = "{backend}/{precision}".format(**sam.backend_report)
-    results["encoder_ms_batch1"] = _timed_ms(
-        lambda: sam.encode_batch(clip[:1]), sam.device, repeats
+    results["encoder_ms_batch1"] = median_ms(
+        lambda: sam.encode_batch(clip[:1]), device=sam.device, repeats=repeats
     )
     results[f"encoder_ms_per_frame_batch{batch}"] = (
-        _timed_ms(lambda: sam.encode_batch(clip[:batch]), sam.device, repeats) / batch
+        median_ms(lambda: sam.encode_batch(clip[:batch]), device=sam.device, repeats=repeats)
+        / batch
     )
     embedded = sam.set_image(clip[0])
     for n in (1, 8):
         prompts = parse_prompts((h, w), bboxes=[box] * n)
-        results[f"mask_decoder_ms_{n}_objects"] = _timed_ms(
-            lambda p=prompts: sam.decode(embedded, p), sam.device, repeats
+        results[f"mask_decoder_ms_{n}_objects"] = median_ms(
+            lambda p=prompts: sam.decode(embedded, p), device=sam.device, repeats=repeats
         )
     results.update(
         per_object_ms(

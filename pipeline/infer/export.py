@@ -5,8 +5,8 @@ that says what it is: the model, input size, checkpoint SHA-256, samstream and t
 versions, opset, and every input and output with its shape and meaning.
 
 - ``image_encoder``: ``images`` Bx3xSxS float32, *already normalised and zero-padded*
-  bottom-right to SxS (what ``MobileSAM.preprocess`` gives; ``pipeline.infer.backends.preprocess``
-  does it in numpy) -> ``embeddings`` Bx256x(S/16)x(S/16). The batch is dynamic; S is fixed
+  bottom-right to SxS (what ``MobileSAM.preprocess`` gives; ``pipeline.infer.encoder.preprocess``
+  does it on the host) -> ``embeddings`` Bx256x(S/16)x(S/16). The batch is dynamic; S is fixed
   per file (TinyViT's window padding is traced for it).
 - ``mask_decoder``: one image's embedding, N prompts of K points each (both dynamic) ->
   ``low_res_logits`` Nx1x(S/4)x(S/4) and ``scores`` Nx1 (the single-mask output the tracker
@@ -88,7 +88,7 @@ def sidecar_path(model_path: str | os.PathLike[str]) -> Path:
 
 class DecoderOnnxModel(nn.Module):
     """MobileSAM's prompt encoder + mask decoder with array prompts: what the ONNX decoder
-    and the tracker's torch decoder backend (``pipeline.infer.decoder_backends``) run.
+    and the tracker's torch decoder backend (``pipeline.infer.mask_decoder``) run.
 
     Inputs: image_embeddings 1xCxhxw; point_coords NxKx2 float32 (x, y) pixels in the
     resized input frame; point_labels NxK float32 (1 fg, 0 bg, 2 box top-left, 3 box

@@ -1,24 +1,304 @@
-"""The tracker's batched mask decoder: MobileSAM's prompt encoder + mask decoder on one frame,
-masks upscaled only in the windows where they can be (``pipeline.infer.upscale``)."""
+"""The tracker's mask decoder: MobileSAM's prompt encoder + mask decoder on every backend
+(torch, ONNX Runtime, OpenVINO, and `auto`: ``tracker.backend``), and `SamMaskDecoder`, which
+runs one frame's prompts through a backend and upscales the masks only in the windows where
+they can be (``pipeline.infer.upscale``).
+
+The tracker's cost grows with its objects: every object is one prompt through MobileSAM's
+prompt encoder + mask decoder, ~50 ms each at 1024 px in torch on one CPU core. Every
+backend runs the same function, one frame's prompts in one call: one image embedding
+1xCxhxw and N prompts (boxes and/or points in the resized input frame, an optional
+low-res mask prompt each) -> low-res logits Nx1x(4h)x(4w) and scores Nx1, float32
+(`MaskDecoderBackend.decode`). The upscaling to the frame stays in torch (`SamMaskDecoder`).
+
+- ``torch``: ``pipeline.infer.export.DecoderOnnxModel`` run in PyTorch, MobileSAM.decode's
+  function with its arithmetic reordered so that work shared by the prompts is done once
+  (exact algebra; ~1e-6 relative from MobileSAM.decode). ``TorchMaskDecoder(exact=True)``
+  is MobileSAM.decode itself, bit for bit ``SAM.decode``: the parity reference, and what
+  ``SamMaskDecoder`` runs when given no backend.
+- ``onnxruntime``, ``openvino``: that model exported to ONNX once per checkpoint and size
+  (``pipeline.infer.export.cached_onnx``, dynamic prompt and point counts), fp32 (OpenVINO's
+  precision hint set to f32: it would pick bf16 by itself on CPUs with native bf16).
+
+`auto` is the encoder's calibration (``pipeline.infer.calibration``, cached the same way)
+given the mask decoder's candidates and inputs: it times every installed candidate on this
+machine at the run's size and thread count on 1 and 8 box + mask prompts, parity-checks it
+against MobileSAM.decode in fp32 (low-res logits within `TOLERANCE` relative), and keeps
+the fastest (the sum of both timings). Reduced precision is not a candidate: the tracker
+feeds each mask back as the next frame's mask prompt, so errors compound over frames
+(OpenVINO bf16 measured 1.3e-2 relative error on the logits). On a GPU, `auto` is torch.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.infer.decoder_backends import DecoderBackend, TorchDecoder
+from pipeline.infer.backend import ONNX_BACKENDS, Backend, OnnxModel, autocast, torch_dtype
+from pipeline.infer.build import BackendBuilder
+from pipeline.infer.calibration import Candidate, candidate
+from pipeline.infer.encoder import ImageEmbedding
+from pipeline.infer.export import DECODER, DecoderOnnxModel, onnx_prompts
 from pipeline.infer.upscale import EMPTY_BOX, Upscaler, matches_full_frame
 from pipeline.model.sam import SamDecoder
 from pipeline.model.transforms import scale_boxes, scale_coords
-from pipeline.predictor import SAM, ImageEmbedding
 from pipeline.track.prompts import Prompts
 from pipeline.track.tracking import ContestedPixels, DecodedMasks
 from pipeline.wire.masks import RegionMask, WindowBox
 
 log = logging.getLogger(__name__)
+
+# Largest relative error (Frobenius norm) of the low-res logits vs MobileSAM.decode in fp32.
+# Measured on random weights at 256 and 1024 px: torch (reordered) 5e-7, ONNX Runtime and
+# OpenVINO 6e-7 to 9e-7.
+TOLERANCE = 1e-4
+CALIBRATION_COUNTS = (1, 8)  # prompts per timed call: one object, and a crowded scene
+
+
+class MaskDecoderBackend(Backend):
+    """One way to run the prompt encoder + mask decoder on one frame's prompts."""
+
+    def __init__(
+        self, *, name: str, model: SamDecoder, precision: str, threads: int, version: str
+    ) -> None:
+        self.low_size = tuple(model.prompt_encoder.mask_input_size)
+        super().__init__(
+            name=name,
+            image_size=model.img_size,
+            precision=precision,
+            threads=threads,
+            version=version,
+        )
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        *,
+        boxes: np.ndarray | None = None,
+        points: tuple[np.ndarray, np.ndarray] | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call for N prompts of one kind.
+
+        embedding: 1xCxhxw float32; boxes Nx4 (x1, y1, x2, y2) and/or points (NxKx2 coords,
+        NxK labels 1/0), in the resized input frame's pixels; mask_input Nx1x(4h)x(4w)
+        low-res logits or None. Returns low-res logits Nx1x(4h)x(4w) and scores Nx1,
+        float32, on the embedding's device.
+        """
+        raise NotImplementedError
+
+    def graph_inputs(
+        self,
+        embedding: torch.Tensor,
+        boxes: np.ndarray | None,
+        points: tuple[np.ndarray, np.ndarray] | None,
+        mask_input: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """`decode`'s arguments as the decoder graph's inputs
+        (``pipeline.infer.export.DECODER_INPUTS``), on the embedding's device."""
+        device = embedding.device
+        coords, labels = onnx_prompts(points=points, boxes=boxes)
+        has = torch.ones(1, device=device)
+        if mask_input is None:
+            mask_input = torch.zeros(1, 1, *self.low_size, device=device)
+            has = torch.zeros(1, device=device)
+        return {
+            "image_embeddings": embedding,
+            "point_coords": torch.from_numpy(coords).to(device),
+            "point_labels": torch.from_numpy(labels).to(device),
+            "mask_input": mask_input,
+            "has_mask_input": has,
+        }
+
+
+class TorchMaskDecoder(MaskDecoderBackend):
+    """The mask decoder in PyTorch on the model's device.
+
+    exact: False runs ``DecoderOnnxModel`` (the shared work done once: ~2x less per prompt
+    at 1024 px, ~1e-6 relative from MobileSAM.decode); True runs MobileSAM.decode, bit for
+    bit what ``SAM.decode`` gives. precision: float32, or bfloat16 / float16 under autocast
+    (the tracker's SAM dtype). threads: None leaves torch's intra-op pool as it is (sized
+    from $OMP_NUM_THREADS in a node process); a number sets it, for the whole process.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: SamDecoder,
+        precision: str = "float32",
+        threads: int | None = None,
+        exact: bool = False,
+    ) -> None:
+        self.model = model
+        self.exact = exact
+        self.dtype = torch_dtype(precision, model.device, threads)
+        self.network = DecoderOnnxModel(model=model, upscale_with_matmuls=False).eval()
+        super().__init__(
+            name="torch",
+            model=model,
+            precision=precision,
+            threads=torch.get_num_threads(),
+            version=torch.__version__,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "graph": "MobileSAM.decode" if self.exact else "reordered"}
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        *,
+        boxes: np.ndarray | None = None,
+        points: tuple[np.ndarray, np.ndarray] | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.model.device
+        with autocast(device, self.dtype):
+            if not self.exact:
+                low, scores = self.network(
+                    **self.graph_inputs(embedding, boxes, points, mask_input)
+                )
+                return low.float(), scores.float()
+            box_t = None if boxes is None else torch.from_numpy(boxes).to(device)
+            point_t = None
+            if points is not None:
+                point_t = (
+                    torch.from_numpy(points[0]).to(device),
+                    torch.from_numpy(points[1]).to(device),
+                )
+            low, scores = self.model.decode(
+                embedding, points=point_t, boxes=box_t, mask_inputs=mask_input
+            )
+        return low.float(), scores.float()
+
+
+class OnnxMaskDecoder(MaskDecoderBackend):
+    """The exported mask decoder in ONNX Runtime or OpenVINO (on the CPU)."""
+
+    def __init__(self, onnx: OnnxModel, *, model: SamDecoder) -> None:
+        self.onnx = onnx
+        super().__init__(
+            name=onnx.backend,
+            model=model,
+            precision=onnx.precision,
+            threads=onnx.threads,
+            version=onnx.version,
+        )
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        *,
+        boxes: np.ndarray | None = None,
+        points: tuple[np.ndarray, np.ndarray] | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if embedding.device.type != "cpu":
+            raise ValueError(f"tracker.backend {self.name} runs on the CPU only")
+        inputs = self.graph_inputs(embedding, boxes, points, mask_input)
+        feeds = {k: np.ascontiguousarray(v.detach().float().numpy()) for k, v in inputs.items()}
+        low, scores = self.onnx(feeds)
+        return torch.from_numpy(low), torch.from_numpy(scores)
+
+
+def calibration_prompts(
+    model: SamDecoder, count: int, *, seed: int = 0
+) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """The calibration and parity inputs: (a 1xCxhxw embedding, `count` boxes Nx4 of
+    100-300 px (at 1024) over a 4:3 input frame, Nx1x(4h)x(4w) mask-prompt logits).
+
+    Deterministic, so that every backend sees the same numbers; real-valued like an
+    encoder's output and a previous frame's logits (blobs with texture), no file needed.
+    """
+    rng = np.random.default_rng(seed)
+    s, grid = model.img_size, model.embedding_size
+    low = 4 * grid
+    embedding = rng.standard_normal((1, model.prompt_encoder.embed_dim, grid, grid))
+    scale = s / 1024
+    boxes = []
+    for _ in range(count):
+        w, h = rng.uniform(100, 300, 2) * scale
+        x, y = rng.uniform(0, s - w), rng.uniform(0, 0.75 * s - h)
+        boxes.append([x, y, x + w, y + h])
+    box_arr = np.asarray(boxes, np.float32)
+    yy, xx = np.mgrid[0:low, 0:low].astype(np.float32) + 0.5
+    masks = []
+    for x1, y1, x2, y2 in box_arr * (low / s):
+        cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+        blob = 12 * (1 - ((xx - cx) / rx) ** 2 - ((yy - cy) / ry) ** 2)
+        masks.append(np.maximum(blob + rng.normal(0, 1.0, blob.shape), -20))
+    device = model.device
+    return (
+        torch.from_numpy(embedding.astype(np.float32)).to(device),
+        box_arr,
+        torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)).to(device),
+    )
+
+
+class MaskDecoderBuilder(BackendBuilder[MaskDecoderBackend]):
+    """The tracker's mask decoder build (``tracker.backend``): fp32 only under `auto`."""
+
+    section = "tracker"
+    what = "tracker mask decoder"
+    name = "decoder"
+    export_kind = DECODER
+    precisions = ("float32",)
+    unit = "prompts"
+
+    def torch_backend(self, precision: str, threads: int | None) -> MaskDecoderBackend:
+        return TorchMaskDecoder(model=self.model, precision=precision, threads=threads)
+
+    def onnx_backend(self, onnx: OnnxModel) -> MaskDecoderBackend:
+        return OnnxMaskDecoder(onnx, model=self.model)
+
+    def reference(self) -> MaskDecoderBackend:
+        # MobileSAM.decode itself: the torch candidate is the reordered graph.
+        return TorchMaskDecoder(model=self.model, threads=self.threads, exact=True)
+
+    def candidates(self) -> list[Candidate]:
+        return [candidate(backend, "float32", TOLERANCE) for backend in ("torch", *ONNX_BACKENDS)]
+
+    def calibration_inputs(self) -> dict[str, Any]:
+        return {
+            str(n): functools.partial(calibration_prompts, self.model, n, seed=n)
+            for n in CALIBRATION_COUNTS
+        }
+
+    def calibration_run(self, backend: Any, x: Any) -> np.ndarray:
+        """The box + mask prompts' low-res logits, compared for parity."""
+        embedding, boxes, masks = x
+        return backend.decode(embedding, boxes=boxes, mask_input=masks)[0].cpu().numpy()
+
+    def calibration_settings(self) -> dict[str, Any]:
+        return {"counts": list(CALIBRATION_COUNTS), "tolerance": TOLERANCE}
+
+
+def build_mask_decoder(
+    *,
+    model: SamDecoder,
+    weights_path: str | os.PathLike[str],
+    backend: str = "torch",
+    threads: int | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    precision: str = "float32",
+) -> MaskDecoderBackend:
+    """The tracker's mask decoder backend for `model` (on its device), `report` saying why.
+
+    backend: auto | torch | onnxruntime | openvino. threads: intra-op threads (None: the
+    node's budget, see `pipeline.infer.backend.backend_threads`; torch's pool is then left
+    as it is). cache: where exports and calibrations live (default: the weights cache dir).
+    precision: torch's autocast dtype (float32 unless the tracker's SAM is in another).
+    """
+    builder = MaskDecoderBuilder(
+        model, weights_path, threads=threads, cache=cache, requested={"backend": backend}
+    )
+    return builder.build(backend, precision)
 
 
 class SamMaskDecoder:
@@ -40,28 +320,27 @@ class SamMaskDecoder:
     own masks come back either way: the tracker measures on them, and only it knows which
     tracks are lost or coasting by then.
 
-    sam: the decoder-only model (the tracker's: ``pipeline.model.checkpoint.load_sam_decoder``,
-    no image encoder) or a whole `SAM` (its model's decode path, at its dtype); embeddings
-    go to its device. backend: what runs the prompt encoder + mask decoder
-    (``pipeline.infer.decoder_backends``, ``tracker.backend``); None: SamDecoder.decode in torch
-    (at the SAM's dtype; float32 for a SamDecoder), bit for bit what ``SAM.decode`` gives.
+    model: the decoder-only model (the tracker's: ``pipeline.model.checkpoint.load_sam_decoder``,
+    no image encoder) or a whole MobileSAM (its decode path); embeddings go to its device.
+    backend: what runs the prompt encoder + mask decoder (`build_mask_decoder`,
+    ``tracker.backend``); None: SamDecoder.decode in torch at `precision` (a SAM's dtype:
+    float32, bfloat16, float16), bit for bit what ``SAM.decode`` gives.
     """
 
     def __init__(
         self,
-        sam: SamDecoder | SAM,
+        model: SamDecoder,
         *,
+        precision: str = "float32",
         exclusive: bool = True,
         windowed: bool = True,
-        backend: DecoderBackend | None = None,
+        backend: MaskDecoderBackend | None = None,
     ) -> None:
-        self.model: SamDecoder = sam.model if isinstance(sam, SAM) else sam
+        self.model = model
         self.exclusive = exclusive
         self.windowed = windowed
         if backend is None:
-            dtype = sam.dtype if isinstance(sam, SAM) else torch.float32
-            precision = str(dtype).removeprefix("torch.")
-            backend = TorchDecoder(model=self.model, precision=precision, exact=True)
+            backend = TorchMaskDecoder(model=model, precision=precision, exact=True)
         self.backend = backend
         # Per (original size, input size): the window upscaler, or None for the full frame.
         self._upscalers: dict[tuple[tuple[int, int], tuple[int, int]], Upscaler | None] = {}

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.infer.backends import preprocess, relative_error
+from pipeline.infer.backend import relative_error
+from pipeline.infer.encoder import preprocess
 from pipeline.infer.export import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,

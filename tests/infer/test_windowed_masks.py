@@ -16,10 +16,11 @@ import torch
 
 from nodes.tracker import TrackerNode
 from pipeline.config import TrackerConfig
+from pipeline.infer.encoder import ImageEmbedding
 from pipeline.infer.mask_decoder import SamMaskDecoder, probe_windows
 from pipeline.infer.upscale import EMPTY_BOX, Upscaler, matches_full_frame
 from pipeline.model.transforms import resized_shape
-from pipeline.predictor import SAM, ImageEmbedding
+from pipeline.predictor import SAM
 from pipeline.track.prompts import Prompts
 from pipeline.track.tracking import (
     ContestedPixels,
@@ -317,7 +318,7 @@ def test_decoder_masks_are_the_full_frame_masks(sam, exclusive, windowed) -> Non
     size = (96, 128)
     image = embedding(sam, size, seed=1)
     old = OldDecoder(sam, exclusive=exclusive)
-    new = SamMaskDecoder(sam, exclusive=exclusive, windowed=windowed)
+    new = SamMaskDecoder(sam.model, exclusive=exclusive, windowed=windowed)
     first = old(image, BOXES_96x128, [None] * 5)
     previous = [first.low_res_logits[i] for i in range(5)]
     points = (np.array([[50.0, 48.0], [5.0, 90.0]], np.float32), np.array([1, 0], np.int32))
@@ -345,7 +346,7 @@ class ScriptedLowRes(SamMaskDecoder):
     upscaling and contested pixels."""
 
     def __init__(self, sam: SAM, lows: np.ndarray, **kwargs) -> None:
-        super().__init__(sam, **kwargs)
+        super().__init__(sam.model, **kwargs)
         self.lows = lows
 
     def _network(self, image, prompts, mask_inputs):
@@ -431,7 +432,7 @@ def test_tracks_with_windows_are_the_tracks_with_full_frames(sam, exclusive) -> 
     """Whole frames of tracking (measurement, mask prompts, exclusivity) with the windowed
     decoder and with the old full-frame one: the same boxes, states, scores and masks."""
     size = (96, 128)
-    new = SamMaskDecoder(sam, exclusive=exclusive)
+    new = SamMaskDecoder(sam.model, exclusive=exclusive)
     old = OldDecoder(sam, exclusive=exclusive)
     trackers = [
         PromptTracker(new, frame_size=size, settings=OPEN),
