@@ -3,7 +3,8 @@ installed backend is fastest on this machine, at this size and thread count, wit
 tolerance of its precision of torch fp32; measured once and cached.
 
 A `Calibration` says what one kind of backend is measured on (its candidates, inputs, call,
-reference; made by `pipeline.infer.build.BackendBuilder.calibration`); `calibrate` measures,
+reference: ``pipeline.infer.encoder.build_encoder`` and
+``pipeline.infer.mask_decoder.build_mask_decoder`` give theirs); `calibrate` measures,
 `choose_backend` reads the cache or calibrates and writes it. The cache is JSON under
 <cache>/calibration/, keyed (`calibration_key`) by the CPU model and flags, the input size,
 the threads, the backend versions, the checkpoint's SHA-256 and the kind's own settings.
@@ -117,34 +118,35 @@ def candidate(backend: str, precision: str, tolerance: float) -> Candidate:
 
 @dataclass(frozen=True)
 class Calibration:
-    """What one kind of backend gives `calibrate` and `choose_backend`.
+    """What `auto` measures for one kind of backend (`calibrate`, `choose_backend`).
 
     what: its name in log lines and errors ("encoder", "tracker mask decoder"); name: its
-    cache files' ("encoder", "decoder"); key: what the result depends on
-    (`calibration_key`); image_size and threads (the budget): for the log; precisions:
-    what a cached choice may name; candidates: every candidate, skipped ones with why;
-    inputs: name -> a maker of one call's input (candidates rank by the sum of their
-    medians); run: (backend, input) -> the output compared with the reference's, and what
-    is timed; make: (backend, precision) -> a built backend (RuntimeError / ValueError
-    where it cannot be); reference: the torch fp32 backend; reference_label: the candidate
+    cache files' (``pipeline.infer.export.ENCODER``, ``DECODER``); image_size: the model's
+    input size; settings: its own part of the key (`calibration_key`: dtype, tolerances,
+    ...); precisions: what a cached choice may name; candidates: every candidate, skipped
+    ones with why; inputs: name -> a maker of one call's input (candidates rank by the sum
+    of their medians); run: (backend, input) -> the output compared with the reference's,
+    and what is timed; reference: the torch fp32 backend; reference_label: the candidate
     that reference also is (reused, not built again), or None; unit: what an input's name
     counts, for the log; hint: the end of the error when no candidate passes.
     """
 
     what: str
     name: str
-    key: dict[str, Any]
     image_size: int
-    threads: int
+    settings: dict[str, Any]
     precisions: tuple[str, ...]
     candidates: Callable[[], list[Candidate]]
     inputs: dict[str, Callable[[], Any]]
     run: Callable[[Any, Any], np.ndarray]
-    make: Callable[[str, str], Any]
     reference: Callable[[], Any]
     reference_label: str | None = None
     unit: str = ""
     hint: str = ""
+
+
+# (backend, precision) -> a built backend; RuntimeError / ValueError where it cannot be.
+Make = Callable[[str, str], Any]
 
 
 def _prune(
@@ -164,9 +166,10 @@ def _prune(
 
 
 def calibrate(
-    calibration: Calibration, crash_record: Path | None = None
+    calibration: Calibration, make: Make, crash_record: Path | None = None
 ) -> tuple[dict[str, Any], Any]:
-    """Time and parity-check every candidate of `calibration` on this machine.
+    """Time and parity-check every candidate of `calibration`, built by `make`, on this
+    machine.
 
     A backend's native code can crash the process (OpenVINO did, on a CPU with AMX): with a
     `crash_record` (a file, absent when nothing crashed), a candidate whose first run ended
@@ -186,7 +189,7 @@ def calibrate(
     start = time.perf_counter()
     inputs = {name: make() for name, make in cal.inputs.items()}
     candidates = cal.candidates()
-    _first_runs(cal, candidates, inputs, crash_record)
+    _first_runs(cal, make, candidates, inputs, crash_record)
     names = list(inputs)
     alive = [c for c in candidates if c.ok]
     if not alive:
@@ -217,7 +220,11 @@ def calibrate(
 
 
 def _first_runs(
-    cal: Calibration, candidates: list[Candidate], inputs: dict[str, Any], record: Path | None
+    cal: Calibration,
+    make: Make,
+    candidates: list[Candidate],
+    inputs: dict[str, Any],
+    record: Path | None,
 ) -> None:
     """Each candidate built and run once on every input: its first_ms and its rel_error
     against the reference (or why it has none)."""
@@ -244,7 +251,7 @@ def _first_runs(
             continue
         try:
             with _crash_watch(record, crashed, cand.label):
-                cand.runner = cal.make(cand.backend, cand.precision)
+                cand.runner = make(cand.backend, cand.precision)
                 first = time.perf_counter()
                 outputs = {name: cal.run(cand.runner, x) for name, x in inputs.items()}
                 cand.first_ms = (time.perf_counter() - first) * 1000
@@ -368,18 +375,28 @@ def _measured(row: dict[str, Any]) -> str:
     return f"{label} {' + '.join(f'{ms:.0f}' for ms in per_input or [row['ms']])} ms"
 
 
-def choose_backend(calibration: Calibration, cache: Path) -> tuple[Any, dict[str, Any]]:
-    """The backend `auto` picks for `calibration`: the cached choice for its key, else a new
-    calibration (written to `cache`); and the report's part that says so (chosen_by,
-    candidates, calibration_s, calibration_file)."""
+def choose_backend(
+    calibration: Calibration, make: Make, *, threads: int, checkpoint_sha256: str, cache: Path
+) -> tuple[Any, dict[str, Any]]:
+    """The backend `auto` picks for `calibration` with `threads` (the budget) and this
+    checkpoint: the cached choice for its key, else a new calibration (written to `cache`);
+    and the report's part that says so (chosen_by, candidates, calibration_s,
+    calibration_file)."""
     cal = calibration
-    path = calibration_path(cache, cal.name, cal.image_size, cal.key)
-    data = load_calibration(path, cal.key, what=cal.what, precisions=cal.precisions)
+    key = calibration_key(
+        cal.name,
+        image_size=cal.image_size,
+        threads=threads,
+        checkpoint_sha256=checkpoint_sha256,
+        **cal.settings,
+    )
+    path = calibration_path(cache, cal.name, cal.image_size, key)
+    data = load_calibration(path, key, what=cal.what, precisions=cal.precisions)
     runner = None
     if data is not None:
         choice = data["choice"]
         try:
-            runner = cal.make(choice["backend"], choice["precision"])
+            runner = make(choice["backend"], choice["precision"])
             chosen_by = "calibration cache"
         except (RuntimeError, ValueError) as err:
             log.warning(
@@ -395,10 +412,10 @@ def choose_backend(calibration: Calibration, cache: Path) -> tuple[Any, dict[str
             "and version; seconds) ...",
             cal.what,
             cal.image_size,
-            cal.threads,
+            threads,
         )
-        result, runner = calibrate(cal, crash_record=path.with_suffix(".crashes"))
-        data = {"key": cal.key, **result}
+        result, runner = calibrate(cal, make, crash_record=path.with_suffix(".crashes"))
+        data = {"key": key, **result}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, data)
         chosen_by = "calibration"

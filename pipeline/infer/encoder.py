@@ -34,8 +34,8 @@ from pipeline.infer.backend import (
     autocast,
     torch_dtype,
 )
-from pipeline.infer.build import BackendBuilder
-from pipeline.infer.calibration import Candidate, candidate
+from pipeline.infer.build import BackendSpec, build_backend
+from pipeline.infer.calibration import Calibration, Candidate, candidate
 from pipeline.infer.export import ENCODER
 from pipeline.infer.gpu import CudaGraphRunner, device_preprocess, half_copy, upload
 from pipeline.infer.machine import native_bf16
@@ -232,45 +232,6 @@ def candidates(dtype: str) -> list[Candidate]:
     return out
 
 
-class EncoderBuilder(BackendBuilder[EncoderBackend]):
-    """The image encoder's build (``encoder.backend``, ``encoder.dtype``)."""
-
-    model: MobileSAM
-
-    section = "encoder"
-    what = "encoder"
-    name = "encoder"
-    export_kind = ENCODER
-    dtype_setting = "encoder.dtype"
-    precisions = tuple(TOLERANCES)
-    reference_label = "torch/float32"
-
-    @property
-    def dtype(self) -> str:
-        return self.requested["dtype"]
-
-    def torch_backend(self, precision: str, threads: int | None) -> EncoderBackend:
-        return TorchEncoder(model=self.model, precision=precision, threads=threads)
-
-    def onnx_backend(self, onnx: OnnxModel) -> EncoderBackend:
-        return OnnxEncoder(onnx, image_size=self.model.img_size)
-
-    def candidates(self) -> list[Candidate]:
-        return candidates(self.dtype)
-
-    def calibration_inputs(self) -> dict[str, Any]:
-        return {"image": functools.partial(calibration_input, self.model.img_size)}
-
-    def calibration_run(self, backend: Any, x: Any) -> np.ndarray:
-        return backend.encode(x)
-
-    def calibration_settings(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "tolerances": TOLERANCES}
-
-    def calibration_hint(self) -> str:
-        return f" for encoder.dtype {self.dtype}; use encoder.dtype auto or float32"
-
-
 def build_encoder(
     *,
     model: MobileSAM,
@@ -290,11 +251,34 @@ def build_encoder(
     """
     if dtype not in PRECISIONS:
         raise ValueError(f"encoder dtype {dtype!r} is not one of {' | '.join(PRECISIONS)}")
-    builder = EncoderBuilder(
-        model,
-        weights_path,
+
+    def torch_encoder(precision: str, threads: int | None) -> EncoderBackend:
+        return TorchEncoder(model=model, precision=precision, threads=threads)
+
+    measured = Calibration(
+        what="encoder",
+        name=ENCODER,
+        image_size=model.img_size,
+        settings={"dtype": dtype, "tolerances": TOLERANCES},
+        precisions=tuple(TOLERANCES),
+        candidates=functools.partial(candidates, dtype),
+        inputs={"image": functools.partial(calibration_input, model.img_size)},
+        run=lambda encoder, x: encoder.encode(x),
+        reference=functools.partial(torch_encoder, "float32", threads),
+        reference_label="torch/float32",
+        hint=f" for encoder.dtype {dtype}; use encoder.dtype auto or float32",
+    )
+    spec = BackendSpec[EncoderBackend](
+        section="encoder",
+        kind=ENCODER,
+        model=model,
+        weights_path=weights_path,
         threads=threads,
         cache=cache,
         requested={"backend": backend, "dtype": dtype},
+        torch=torch_encoder,
+        onnx=functools.partial(OnnxEncoder, image_size=model.img_size),
+        calibration=measured,
+        dtype_setting="encoder.dtype",
     )
-    return builder.build(backend, "float32" if dtype == "auto" else dtype)
+    return build_backend(spec, backend, "float32" if dtype == "auto" else dtype)

@@ -396,80 +396,49 @@ def onnx_prompts(
     return np.concatenate(coords, axis=1), np.concatenate(labels, axis=1)
 
 
+# What each input and output of the exported models is, for their sidecars ({s}: the input
+# size).
+MEANINGS = {
+    "images": "RGB normalised with SAM's pixel mean/std, longest side resized to {s}, "
+    "zero-padded bottom-right to {s}x{s}",
+    "embeddings": "image embeddings for the mask decoder",
+    "image_embeddings": "one image's embedding (the image encoder's output)",
+    "point_coords": "(x, y) pixels in the resized input frame; a box is 2 corner points",
+    "point_labels": "1 foreground, 0 background, 2 box top-left, 3 box bottom-right, "
+    "-1 padding (one padding point when a prompt has no box)",
+    "mask_input": "low-res mask logits of each prompt (mask_prompts = prompts), or "
+    "1x1 zeros when has_mask_input is 0",
+    "has_mask_input": "1: use mask_input as a mask prompt; 0: no mask prompt",
+    "low_res_logits": "mask logits at a quarter of the padded input (threshold 0)",
+    "scores": "predicted IoU of each mask",
+}
+
+
 def _io_description(model: SamDecoder, kind: str) -> tuple[list[dict], list[dict]]:
+    """The `kind` model's inputs and outputs: name, shape, dtype (float32, all), meaning."""
     s, grid = model.img_size, model.embedding_size
     c, low = model.prompt_encoder.embed_dim, 4 * grid
-    f32 = "float32"
+    shapes: dict[str, list[int | str]] = {
+        "images": ["batch", 3, s, s],
+        "embeddings": ["batch", c, grid, grid],
+        "image_embeddings": [1, c, grid, grid],
+        "point_coords": ["prompts", "points", 2],
+        "point_labels": ["prompts", "points"],
+        "mask_input": ["mask_prompts", 1, low, low],
+        "has_mask_input": [1],
+        "low_res_logits": ["prompts", 1, low, low],
+        "scores": ["prompts", 1],
+    }
+
+    def rows(names: tuple[str, ...]) -> list[dict]:
+        return [
+            {"name": n, "shape": shapes[n], "dtype": "float32", "meaning": MEANINGS[n].format(s=s)}
+            for n in names
+        ]
+
     if kind == ENCODER:
-        return (
-            [
-                {
-                    "name": "images",
-                    "shape": ["batch", 3, s, s],
-                    "dtype": f32,
-                    "meaning": "RGB normalised with SAM's pixel mean/std, longest side resized to "
-                    f"{s}, zero-padded bottom-right to {s}x{s}",
-                }
-            ],
-            [
-                {
-                    "name": "embeddings",
-                    "shape": ["batch", c, grid, grid],
-                    "dtype": f32,
-                    "meaning": "image embeddings for the mask decoder",
-                }
-            ],
-        )
-    return (
-        [
-            {
-                "name": "image_embeddings",
-                "shape": [1, c, grid, grid],
-                "dtype": f32,
-                "meaning": "one image's embedding (the image encoder's output)",
-            },
-            {
-                "name": "point_coords",
-                "shape": ["prompts", "points", 2],
-                "dtype": f32,
-                "meaning": "(x, y) pixels in the resized input frame; a box is 2 corner points",
-            },
-            {
-                "name": "point_labels",
-                "shape": ["prompts", "points"],
-                "dtype": f32,
-                "meaning": "1 foreground, 0 background, 2 box top-left, 3 box bottom-right, "
-                "-1 padding (one padding point when a prompt has no box)",
-            },
-            {
-                "name": "mask_input",
-                "shape": ["mask_prompts", 1, low, low],
-                "dtype": f32,
-                "meaning": "low-res mask logits of each prompt (mask_prompts = prompts), or "
-                "1x1 zeros when has_mask_input is 0",
-            },
-            {
-                "name": "has_mask_input",
-                "shape": [1],
-                "dtype": f32,
-                "meaning": "1: use mask_input as a mask prompt; 0: no mask prompt",
-            },
-        ],
-        [
-            {
-                "name": "low_res_logits",
-                "shape": ["prompts", 1, low, low],
-                "dtype": f32,
-                "meaning": "mask logits at a quarter of the padded input (threshold 0)",
-            },
-            {
-                "name": "scores",
-                "shape": ["prompts", 1],
-                "dtype": f32,
-                "meaning": "predicted IoU of each mask",
-            },
-        ],
-    )
+        return rows(ENCODER_INPUTS), rows(ENCODER_OUTPUTS)
+    return rows(DECODER_INPUTS), rows(DECODER_OUTPUTS)
 
 
 @contextlib.contextmanager
@@ -601,7 +570,6 @@ def write_model(
     kind: str,
     checkpoint_sha256: str,
     opset: int = OPSET,
-    check: bool = True,
 ) -> dict[str, Any]:
     """Export `kind` to `path` through a temporary file, check it, then write its sidecar.
 
@@ -615,10 +583,9 @@ def write_model(
     tmp = Path(tmp_name)
     try:
         export_onnx(model, tmp, kind=kind, opset=opset)
-        if check:
-            import onnx
+        import onnx
 
-            onnx.checker.check_model(str(tmp))
+        onnx.checker.check_model(str(tmp))
         digest = file_sha256(tmp)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from pipeline.infer.backend import ONNX_BACKENDS, Backend, OnnxModel, autocast, torch_dtype
-from pipeline.infer.build import BackendBuilder
-from pipeline.infer.calibration import Candidate, candidate
+from pipeline.infer.build import BackendSpec, build_backend
+from pipeline.infer.calibration import Calibration, candidate
 from pipeline.infer.encoder import ImageEmbedding
 from pipeline.infer.export import DECODER, DecoderOnnxModel, onnx_prompts
 from pipeline.infer.upscale import EMPTY_BOX, Upscaler, matches_full_frame
@@ -241,44 +241,6 @@ def calibration_prompts(
     )
 
 
-class MaskDecoderBuilder(BackendBuilder[MaskDecoderBackend]):
-    """The tracker's mask decoder build (``tracker.backend``): fp32 only under `auto`."""
-
-    section = "tracker"
-    what = "tracker mask decoder"
-    name = "decoder"
-    export_kind = DECODER
-    precisions = ("float32",)
-    unit = "prompts"
-
-    def torch_backend(self, precision: str, threads: int | None) -> MaskDecoderBackend:
-        return TorchMaskDecoder(model=self.model, precision=precision, threads=threads)
-
-    def onnx_backend(self, onnx: OnnxModel) -> MaskDecoderBackend:
-        return OnnxMaskDecoder(onnx, model=self.model)
-
-    def reference(self) -> MaskDecoderBackend:
-        # MobileSAM.decode itself: the torch candidate is the reordered graph.
-        return TorchMaskDecoder(model=self.model, threads=self.threads, exact=True)
-
-    def candidates(self) -> list[Candidate]:
-        return [candidate(backend, "float32", TOLERANCE) for backend in ("torch", *ONNX_BACKENDS)]
-
-    def calibration_inputs(self) -> dict[str, Any]:
-        return {
-            str(n): functools.partial(calibration_prompts, self.model, n, seed=n)
-            for n in CALIBRATION_COUNTS
-        }
-
-    def calibration_run(self, backend: Any, x: Any) -> np.ndarray:
-        """The box + mask prompts' low-res logits, compared for parity."""
-        embedding, boxes, masks = x
-        return backend.decode(embedding, boxes=boxes, mask_input=masks)[0].cpu().numpy()
-
-    def calibration_settings(self) -> dict[str, Any]:
-        return {"counts": list(CALIBRATION_COUNTS), "tolerance": TOLERANCE}
-
-
 def build_mask_decoder(
     *,
     model: SamDecoder,
@@ -295,10 +257,45 @@ def build_mask_decoder(
     as it is). cache: where exports and calibrations live (default: the weights cache dir).
     precision: torch's autocast dtype (float32 unless the tracker's SAM is in another).
     """
-    builder = MaskDecoderBuilder(
-        model, weights_path, threads=threads, cache=cache, requested={"backend": backend}
+
+    def torch_decoder(precision: str, threads: int | None) -> MaskDecoderBackend:
+        return TorchMaskDecoder(model=model, precision=precision, threads=threads)
+
+    measured = Calibration(
+        what="tracker mask decoder",
+        name=DECODER,
+        image_size=model.img_size,
+        settings={"counts": list(CALIBRATION_COUNTS), "tolerance": TOLERANCE},
+        precisions=("float32",),  # see the module docs
+        candidates=lambda: [candidate(b, "float32", TOLERANCE) for b in ("torch", *ONNX_BACKENDS)],
+        inputs={
+            str(n): functools.partial(calibration_prompts, model, n, seed=n)
+            for n in CALIBRATION_COUNTS
+        },
+        run=_low_res,
+        # MobileSAM.decode itself: the torch candidate is the reordered graph.
+        reference=functools.partial(TorchMaskDecoder, model=model, threads=threads, exact=True),
+        unit="prompts",
     )
-    return builder.build(backend, precision)
+    spec = BackendSpec[MaskDecoderBackend](
+        section="tracker",
+        kind=DECODER,
+        model=model,
+        weights_path=weights_path,
+        threads=threads,
+        cache=cache,
+        requested={"backend": backend},
+        torch=torch_decoder,
+        onnx=functools.partial(OnnxMaskDecoder, model=model),
+        calibration=measured,
+    )
+    return build_backend(spec, backend, precision)
+
+
+def _low_res(decoder: MaskDecoderBackend, inputs: Any) -> np.ndarray:
+    """One calibration call: the box + mask prompts' low-res logits, compared for parity."""
+    embedding, boxes, masks = inputs
+    return decoder.decode(embedding, boxes=boxes, mask_input=masks)[0].cpu().numpy()
 
 
 class SamMaskDecoder:

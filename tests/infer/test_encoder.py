@@ -218,7 +218,7 @@ def test_auto_calibrates_once_and_reuses_the_result(
     first = SAM(checkpoint, image_size=SIZE, backend="auto", dtype="auto").backend_report
     assert fast_calibration == [1] and first["chosen_by"] == "calibration"
     key = json.loads(Path(first["calibration_file"]).read_text())["key"]
-    assert key["kind"] == "encoder" and key["dtype"] == "auto"
+    assert key["kind"] == export.ENCODER and key["dtype"] == "auto"
     assert key == _encoder_key(threads=key["threads"], checkpoint_sha256=key["checkpoint_sha256"])
     rows = {(r["backend"], r["precision"]): r for r in first["candidates"]}
     assert rows[("torch", "float32")]["ok"] and rows[("torch", "float32")]["rel_error"] == 0
@@ -240,7 +240,7 @@ def _encoder_key(**change: object) -> dict:
     """The encoder's calibration key (pipeline.infer.encoder.EncoderBuilder's settings)."""
     args = {"image_size": SIZE, "threads": 2, "checkpoint_sha256": "a" * 64, **change}
     settings = {"dtype": args.pop("dtype", "auto"), "tolerances": TOLERANCES}
-    return calibration.calibration_key("encoder", **args, **settings)  # type: ignore[arg-type]
+    return calibration.calibration_key(export.ENCODER, **args, **settings)  # type: ignore[arg-type]
 
 
 def test_a_calibration_for_another_key_is_never_used(tmp_path: Path) -> None:
@@ -462,18 +462,19 @@ def make(backend, precision):
     return Scaled(backend, precision, 1.0)
 
 cal = calibration.Calibration(
-    what="encoder", name="encoder", key={"test": 1}, image_size=16, threads=1,
+    what="encoder", name="image_encoder", image_size=16, settings={"test": 1},
     precisions=("float32",),
     candidates=lambda: [
         calibration.candidate(b, "float32", 1e-4) for b in ("torch", "onnxruntime", "openvino")
     ],
     inputs={"image": lambda: np.ones(4, np.float32)},
     run=lambda backend, x: x * backend.factor,
-    make=make,
     reference=lambda: Scaled("torch", "float32", 1.0),
     reference_label="torch/float32",
 )
-runner, report = calibration.choose_backend(cal, Path(sys.argv[1]))
+runner, report = calibration.choose_backend(
+    cal, make, threads=1, checkpoint_sha256="0" * 64, cache=Path(sys.argv[1])
+)
 print(runner.name, [row.get("skipped") for row in report["candidates"]])
 """
 

@@ -216,10 +216,10 @@ def fast_calibration(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = calibration.calibrate  # the encoder's and the mask decoder's
 
-    def counting(cal: calibration.Calibration, **kwargs):
+    def counting(cal: calibration.Calibration, *args, **kwargs):
         calls.append(1)
-        assert cal.name == "decoder"
-        return real(cal, **kwargs)
+        assert cal.name == export.DECODER
+        return real(cal, *args, **kwargs)
 
     monkeypatch.setattr(calibration, "calibrate", counting)
     return calls
@@ -250,7 +250,7 @@ def test_auto_calibrates_once_and_reuses_the_result(
         )
     timed = [r["ms"] for r in rows.values() if r.get("ok") and r["ms"] is not None]
     assert rows[first["backend"]]["ms"] == min(timed) and first["precision"] == "float32"
-    [path] = (seeded / "calibration").glob("decoder-*.json")
+    [path] = (seeded / "calibration").glob("mask_decoder-*.json")
     assert Path(first["calibration_file"]) == path
     second = _auto(sam)
     assert fast_calibration == [1] and second["chosen_by"] == "calibration cache"
@@ -261,7 +261,7 @@ def test_a_corrupt_calibration_is_redone_with_a_warning(
     sam: SAM, seeded: Path, fast_calibration: list[int], caplog: pytest.LogCaptureFixture
 ) -> None:
     _auto(sam)
-    [path] = (seeded / "calibration").glob("decoder-*.json")
+    [path] = (seeded / "calibration").glob("mask_decoder-*.json")
     for garbage in ('{"key": ', json.dumps({"key": None, "choice": {"backend": "tensorrt"}})):
         path.write_text(garbage)
         caplog.clear()
@@ -270,7 +270,7 @@ def test_a_corrupt_calibration_is_redone_with_a_warning(
         assert report["chosen_by"] == "calibration"
     assert fast_calibration == [1, 1, 1]
     key = json.loads(path.read_text())["key"]
-    assert key["format"] == calibration.CALIBRATION_FORMAT and key["kind"] == "decoder"
+    assert key["format"] == calibration.CALIBRATION_FORMAT and key["kind"] == export.DECODER
     assert key == _decoder_key(threads=key["threads"], checkpoint_sha256=key["checkpoint_sha256"])
 
 
@@ -279,7 +279,7 @@ def _decoder_key(**change: object) -> dict:
     settings)."""
     args = {"image_size": SIZE, "threads": 1, "checkpoint_sha256": "a" * 64, **change}
     settings = {"counts": list(mask_decoder.CALIBRATION_COUNTS), "tolerance": TOLERANCE}
-    return calibration.calibration_key("decoder", **args, **settings)  # type: ignore[arg-type]
+    return calibration.calibration_key(export.DECODER, **args, **settings)  # type: ignore[arg-type]
 
 
 def test_a_calibration_for_another_key_is_never_used(sam: SAM) -> None:
@@ -288,7 +288,7 @@ def test_a_calibration_for_another_key_is_never_used(sam: SAM) -> None:
     for change in ({"threads": 2}, {"image_size": 512}, {"checkpoint_sha256": "b" * 64}):
         assert _decoder_key(**change) != key
     encoder_key = calibration.calibration_key(
-        "encoder", image_size=SIZE, threads=1, checkpoint_sha256="a" * 64
+        export.ENCODER, image_size=SIZE, threads=1, checkpoint_sha256="a" * 64
     )
     assert encoder_key["kind"] != key["kind"]  # the two never read each other's files
 
