@@ -34,12 +34,12 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.infer.backend import ONNX_BACKENDS, installed, relative_error
-from pipeline.infer.encoder import TorchEncoder, build_encoder, preprocess
+from pipeline.infer.encoder import TorchEncoder, build_encoder, candidates, preprocess
 from pipeline.infer.gpu import CudaGraphRunner, device_preprocess, half_copy, upload
 from pipeline.infer.machine import available_cores, cpu_facts, native_bf16
-from pipeline.infer.timing import median_ms
+from pipeline.infer.timing import median_ms, time_ms
 from pipeline.predictor import SAM
-from pipeline.run.launcher import run_pipeline
+from pipeline.run.launcher import RunSummary, run_pipeline
 from pipeline.track.prompts import parse_prompts
 from pipeline.video.sources import VideoSource, parse_source
 
@@ -50,11 +50,12 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_v
 PER_OBJECT_COUNTS = (1, 8, 32, 50)
 
 
-def cpu_info() -> dict[str, object]:
-    """The CPU this runs on: model name, the vector extensions that decide which precision
-    and backend are fast (native bf16 or not), and the cores this process may use."""
+def machine_line() -> dict[str, str]:
+    """The CPU this runs on: model name, the cores this process may use, and the vector
+    extensions that decide which precision and backend are fast (native bf16 or not)."""
     model, flags = cpu_facts()
-    return {"cpu": model, "cores": available_cores(), "flags": [f for f in CPU_FLAGS if f in flags]}
+    found = ", ".join(f for f in CPU_FLAGS if f in flags) or "none of " + ", ".join(CPU_FLAGS)
+    return {"machine": f"{model}, {available_cores()} cores; {found}"}
 
 
 def _grid_boxes(count: int, size: tuple[int, int]) -> list[list[float]]:
@@ -91,11 +92,12 @@ def per_object_ms(
     publisher_rows: bool = True,
 ) -> dict[str, float | str]:
     """Tracker and publisher milliseconds per frame with 1, 8, 32, 50 objects: the nodes'
-    own code on one encoded frame, all file outputs on (PNG, RLE, MOT, overlay).
+    own code on one encoded frame, all file outputs on (PNG, RLE, MOT, overlay); and each
+    stage's 8 vs 1 object ratio, its per-object cost.
 
     backend: the tracker's mask decoder backend (``tracker.backend``); a named one's rows
-    are ``tracker_ms_<backend>_<N>_objects`` (the publisher's only with publisher_rows),
-    auto's the plain ``tracker_ms_<N>_objects``."""
+    are ``tracker_ms_<backend>_<N>_objects`` and ``tracker_<backend>_8_vs_1_object`` (the
+    publisher's only with publisher_rows), auto's the plain ``tracker_ms_<N>_objects``."""
     import dataclasses
     import tempfile
 
@@ -116,6 +118,7 @@ def per_object_ms(
     )
     (embedded,) = encoder.process_batch([FrameMessage(meta=meta, image=frame)])
     results: dict[str, float | str] = {}
+    tag = "" if backend == "auto" else f"{backend}_"
     for count in counts:
         prompts = tuple(
             PromptConfig(box=tuple(box))  # type: ignore[arg-type]
@@ -145,12 +148,15 @@ def per_object_ms(
                     tracker_ms.append((middle - start) * 1000)
                     publisher_ms.append((end - middle) * 1000)
             publisher.abort()
-        tag = "" if backend == "auto" else f"{backend}_"
         results[f"tracker_ms_{tag}{count}_objects"] = statistics.median(tracker_ms)
         if publisher_rows:
             results[f"publisher_ms_{count}_objects"] = statistics.median(publisher_ms)
     if backend == "auto":
         results["tracker_backend"] = tracker.detail["backend"]["backend"]
+    for stage, stage_tag in [("tracker", tag), ("publisher", "")][: 1 + publisher_rows]:
+        one, eight = (results.get(f"{stage}_ms_{stage_tag}{n}_objects") for n in (1, 8))
+        if isinstance(one, float) and isinstance(eight, float) and one:
+            results[f"{stage}_{stage_tag}8_vs_1_object"] = eight / one
     return results
 
 
@@ -170,51 +176,39 @@ def decoder_backend_rows(
         if not installed(backend):
             results[f"tracker_ms_{backend}"] = "skipped: not installed"
             continue
-        rows = per_object_ms(
-            weights,
-            frame,
-            image_size=image_size,
-            device="cpu",
-            counts=counts,
-            repeats=repeats,
-            backend=backend,
-            publisher_rows=False,
+        results.update(
+            per_object_ms(
+                weights,
+                frame,
+                image_size=image_size,
+                device="cpu",
+                counts=counts,
+                repeats=repeats,
+                backend=backend,
+                publisher_rows=False,
+            )
         )
-        results.update(rows)
-        one, eight = (
-            rows.get(f"tracker_ms_{backend}_1_objects"),
-            rows.get(f"tracker_ms_{backend}_8_objects"),
-        )
-        if one and eight:
-            results[f"tracker_{backend}_8_vs_1_object"] = eight / one
     return results
-
-
-ENCODER_VARIANTS = (
-    ("torch", "float32"),
-    ("torch", "bfloat16"),
-    ("onnxruntime", "float32"),
-    ("openvino", "float32"),
-    ("openvino", "bfloat16"),
-)
 
 
 def encoder_table(
     weights: str, frame: np.ndarray, *, sizes: tuple[int, ...], repeats: int
 ) -> dict[str, float | str | None]:
-    """Encoder ms per frame for every backend x precision x image size on this CPU, and the
-    choice ``encoder.backend: auto`` makes (its calibration, cached, as a run would see it).
-    bf16 is skipped where the CPU would emulate it (12x slower than fp32 measured)."""
+    """Encoder ms per frame for every backend x precision x image size on this CPU (the
+    candidates of ``encoder.backend: auto``), and the choice `auto` makes (its calibration,
+    cached, as a run would see it). A candidate `auto` would skip (not installed; bf16
+    where the CPU would emulate it, 12x slower than fp32 measured) is skipped here too."""
     from pipeline.model.transforms import resize_longest_side
 
     results: dict[str, float | str | None] = {}
     for size in sizes:
         sam = SAM(weights, device="cpu", image_size=size, backend="torch", dtype="float32")
         batch = preprocess(resize_longest_side(frame, size)[None], size)
-        for backend, precision in ENCODER_VARIANTS:
+        for cand in candidates("auto"):
+            backend, precision = cand.backend, cand.precision
             name = f"encoder_ms_{backend}_{precision}_{size}"
-            if precision == "bfloat16" and not native_bf16():
-                results[name] = "skipped: no native bf16 (emulated)"
+            if cand.skipped:
+                results[name] = f"skipped: {cand.skipped}"
                 continue
             try:
                 encoder = build_encoder(
@@ -301,13 +295,11 @@ def gpu_encoder_table(
         "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
         "encoder_image_size": str(image_size),
     }
-    inputs = {  # per batch size and dtype: the preprocessed input, made on the device
-        (b, dtype): device_preprocess(upload([frame] * b, dev), image_size=image_size, dtype=dtype)[
-            0
-        ]
-        for b in batches
-        for dtype in (torch.float32, torch.float16, torch.bfloat16)
-    }
+    inputs = {}  # per batch size and dtype: the preprocessed input, made on the device
+    for b in batches:
+        frames = upload([frame] * b, dev)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            inputs[(b, dtype)], _ = device_preprocess(frames, image_size=image_size, dtype=dtype)
     # name -> (the encoder on a preprocessed input, or why it cannot run; its input dtype)
     variants: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor] | str, torch.dtype]] = {}
     encoders: dict[str, TorchEncoder] = {}
@@ -480,32 +472,26 @@ def _ultralytics_fps(frames: list[np.ndarray], box: list[float], weights: Path) 
     except ImportError:
         return None
     model = UltralyticsSAM(str(weights))
-    start = time.perf_counter()
-    for frame in frames:
-        model.predict(frame[..., ::-1], bboxes=box, verbose=False)
-    return len(frames) / (time.perf_counter() - start)
+    [ms] = time_ms(lambda: [model.predict(f[..., ::-1], bboxes=box, verbose=False) for f in frames])
+    return 1000 * len(frames) / ms
 
 
-def _free_publish_endpoint() -> str:
-    with socket.socket() as probe:  # a free loopback port: the bench must not clash with a run
+def _run(overrides: list[str]) -> RunSummary:
+    """`samstream run` with these config overrides, publishing on a free loopback port (the
+    bench must not clash with a run)."""
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+        publish = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    return run_pipeline(load_config(None, [*overrides, f"transport.publish={json.dumps(publish)}"]))
 
 
 def _live_run(overrides: list[str], source: str, seconds: float) -> dict[str, float | None]:
     """Latency and drops of `seconds` of the source played live."""
     with VideoSource(parse_source(source)) as video:
         rate = float(video.average_rate or 25)
-    config = load_config(
-        None,
-        [
-            *overrides,
-            "live.mode=live",
-            f"decoder.max_frames={max(1, round(seconds * rate))}",
-            f"transport.publish={json.dumps(_free_publish_endpoint())}",
-        ],
+    summary = _run(
+        [*overrides, "live.mode=live", f"decoder.max_frames={max(1, round(seconds * rate))}"]
     )
-    summary = run_pipeline(config)
     ms = summary.timings.get("ms", {})
     latency, processing = ms.get("latency") or {}, ms.get("processing") or {}
     return {
@@ -542,7 +528,7 @@ def run_bench(
     h, w = clip[0].shape[:2]
     box = [w * 0.3, h * 0.3, w * 0.6, h * 0.7]
     batch = min(4, len(clip))
-    results: dict[str, float | str | None] = {**_cpu_line(), "decode_fps": decode_fps}
+    results: dict[str, float | str | None] = {**machine_line(), "decode_fps": decode_fps}
     results["official_encoder_ms_1024"] = official_encoder_ms(
         sam.weights_path, clip[0], device, repeats
     )
@@ -574,9 +560,6 @@ def run_bench(
             str(sam.weights_path), clip[0], image_size=image_size, device=device, repeats=repeats
         )
     )
-    for stage in ("tracker", "publisher"):
-        one, eight = results[f"{stage}_ms_1_objects"], results[f"{stage}_ms_8_objects"]
-        results[f"{stage}_8_vs_1_object"] = eight / one if one else None
     if device == "cpu" and decoder_backends:
         results.update(
             decoder_backend_rows(
@@ -593,18 +576,9 @@ def run_bench(
         f"encoder.image_size={image_size}",
         f"tracker.prompts={json.dumps([{'box': box}])}",
     ]
-    config = load_config(
-        None,
-        [
-            *overrides,
-            # Long enough for the steady rate to be measured after the backlog that queues
-            # while the slowest node loads (pipeline.run.live.FrameTimings.steady_fps).
-            f"decoder.max_frames={run_frames}",
-            "live.mode=offline",
-            f"transport.publish={json.dumps(_free_publish_endpoint())}",
-        ],
-    )
-    summary = run_pipeline(config)
+    # Long enough for the steady rate to be measured after the backlog that queues while the
+    # slowest node loads (pipeline.run.live.FrameTimings.steady_fps).
+    summary = _run([*overrides, f"decoder.max_frames={run_frames}", "live.mode=offline"])
     # In its stride, like the official loop's figure (its model is loaded before its clock
     # starts); the whole run, loading included, is printed beside.
     results["samstream_run_fps_with_startup"] = summary.fps
@@ -616,12 +590,6 @@ def run_bench(
         official = results["official_predictor_loop_fps"]
         results["official_loop_ms_per_frame"] = 1000 / official if official else None
     return results
-
-
-def _cpu_line() -> dict[str, str]:
-    info = cpu_info()
-    flags = ", ".join(info["flags"]) or "none of " + ", ".join(CPU_FLAGS)  # type: ignore[arg-type]
-    return {"machine": f"{info['cpu']}, {info['cores']} cores; {flags}"}
 
 
 def _value(value: float | str | None) -> str:

@@ -47,7 +47,6 @@ from pipeline.infer.export import DECODER, DecoderOnnxModel, onnx_prompts
 from pipeline.infer.upscale import EMPTY_BOX, Upscaler, matches_full_frame
 from pipeline.model.sam import SamDecoder
 from pipeline.model.transforms import scale_boxes, scale_coords
-from pipeline.track.prompts import Prompts
 from pipeline.track.tracking import ContestedPixels, DecodedMasks
 from pipeline.wire.masks import RegionMask, WindowBox
 
@@ -90,6 +89,11 @@ class MaskDecoderBackend(Backend):
         low-res logits or None. Returns low-res logits Nx1x(4h)x(4w) and scores Nx1,
         float32, on the embedding's device.
         """
+        return self.run_graph(self.graph_inputs(embedding, boxes, points, mask_input))
+
+    def run_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder graph (``pipeline.infer.export.DecoderOnnxModel``) on `graph_inputs`:
+        (low-res logits, scores), float32."""
         raise NotImplementedError
 
     def graph_inputs(
@@ -150,6 +154,12 @@ class TorchMaskDecoder(MaskDecoderBackend):
         return {**super().describe(), "graph": "MobileSAM.decode" if self.exact else "reordered"}
 
     @torch.inference_mode()
+    def run_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.model.device, self.dtype):
+            low, scores = self.network(**inputs)
+        return low.float(), scores.float()
+
+    @torch.inference_mode()
     def decode(
         self,
         embedding: torch.Tensor,
@@ -158,20 +168,17 @@ class TorchMaskDecoder(MaskDecoderBackend):
         points: tuple[np.ndarray, np.ndarray] | None = None,
         mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.exact:
+            return super().decode(embedding, boxes=boxes, points=points, mask_input=mask_input)
         device = self.model.device
+        box_t = None if boxes is None else torch.from_numpy(boxes).to(device)
+        point_t = None
+        if points is not None:
+            point_t = (
+                torch.from_numpy(points[0]).to(device),
+                torch.from_numpy(points[1]).to(device),
+            )
         with autocast(device, self.dtype):
-            if not self.exact:
-                low, scores = self.network(
-                    **self.graph_inputs(embedding, boxes, points, mask_input)
-                )
-                return low.float(), scores.float()
-            box_t = None if boxes is None else torch.from_numpy(boxes).to(device)
-            point_t = None
-            if points is not None:
-                point_t = (
-                    torch.from_numpy(points[0]).to(device),
-                    torch.from_numpy(points[1]).to(device),
-                )
             low, scores = self.model.decode(
                 embedding, points=point_t, boxes=box_t, mask_inputs=mask_input
             )
@@ -191,17 +198,9 @@ class OnnxMaskDecoder(MaskDecoderBackend):
             version=onnx.version,
         )
 
-    def decode(
-        self,
-        embedding: torch.Tensor,
-        *,
-        boxes: np.ndarray | None = None,
-        points: tuple[np.ndarray, np.ndarray] | None = None,
-        mask_input: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if embedding.device.type != "cpu":
+    def run_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if inputs["image_embeddings"].device.type != "cpu":
             raise ValueError(f"tracker.backend {self.name} runs on the CPU only")
-        inputs = self.graph_inputs(embedding, boxes, points, mask_input)
         feeds = {k: np.ascontiguousarray(v.detach().float().numpy()) for k, v in inputs.items()}
         low, scores = self.onnx(feeds)
         return torch.from_numpy(low), torch.from_numpy(scores)
@@ -465,41 +464,27 @@ class SamMaskDecoder:
         points: Sequence[tuple[np.ndarray, np.ndarray] | None] | None,
         rows: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoder call for rows that share a prompt kind: low-res logits (B, 1, g, g)
-        and scores (B, 1), float32 on the device."""
-        box_rows = boxes[rows]
-        use_boxes = not np.isnan(box_rows).any()
-        point_arr = label_arr = None
+        """One decoder call for rows that share a prompt kind, ``SAM.decode`` up to its
+        low-res logits: the prompts mapped to the input frame, then the prompt encoder and
+        mask decoder in the backend (the full-frame upscaling is ours to do). Low-res logits
+        (B, 1, g, g) and scores (B, 1), float32 on the device."""
+        size, long_side = image.original_size, self.model.img_size
+        box_rows = boxes[rows].astype(np.float32)
+        scaled_boxes = None
+        if not np.isnan(box_rows).any():
+            scaled_boxes = scale_boxes(box_rows, size, long_side)
+        scaled_points = None
         if points is not None and points[rows[0]] is not None:
             coords, labels = points[rows[0]]
-            point_arr = np.asarray(coords, dtype=np.float32)[None]
-            label_arr = np.asarray(labels, dtype=np.int32)[None]
-        prompts = Prompts(
-            boxes=box_rows.astype(np.float32) if use_boxes else None,
-            points=point_arr,
-            labels=label_arr,
-        )
+            scaled = scale_coords(np.asarray(coords, dtype=np.float32)[None], size, long_side)
+            scaled_points = (scaled, np.asarray(labels, dtype=np.int32)[None])
         mask_inputs = None
         if mask_logits[rows[0]] is not None:
             stacked = np.stack([mask_logits[i] for i in rows]).astype(np.float32)
             mask_inputs = torch.from_numpy(stacked).reshape(len(rows), 1, *stacked.shape[-2:])
             mask_inputs = mask_inputs.to(self.model.device)
-        return self._network(image, prompts, mask_inputs)
-
-    def _network(
-        self, image: ImageEmbedding, prompts: Prompts, mask_inputs: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``SAM.decode`` up to its low-res logits: prompts mapped to the input frame, then
-        the prompt encoder and mask decoder in the backend (the full-frame upscaling is
-        ours to do). Low-res logits (B, 1, g, g) and scores (B, 1), float32 on the device."""
-        size, long_side = image.original_size, self.model.img_size
-        boxes = points = None
-        if prompts.boxes is not None:
-            boxes = scale_boxes(prompts.boxes, size, long_side)
-        if prompts.points is not None and prompts.labels is not None:
-            points = (scale_coords(prompts.points, size, long_side), prompts.labels)
         low_res, scores = self.backend.decode(
-            image.embedding, boxes=boxes, points=points, mask_input=mask_inputs
+            image.embedding, boxes=scaled_boxes, points=scaled_points, mask_input=mask_inputs
         )
         return low_res.to(self.model.device), scores.to(self.model.device)
 

@@ -341,19 +341,17 @@ def test_decoder_masks_are_the_full_frame_masks(sam, exclusive, windowed) -> Non
 
 
 class ScriptedLowRes(SamMaskDecoder):
-    """The real decoder, with the network's low-res logits replaced by scripted ones: masks
-    of chosen shapes (empty, tiny, at every edge, covering the frame) through the real
-    upscaling and contested pixels."""
+    """The real decoder, with the network's low-res logits replaced by scripted ones (row i
+    of a frame's prompts: case i): masks of chosen shapes (empty, tiny, at every edge,
+    covering the frame) through the real upscaling and contested pixels."""
 
     def __init__(self, sam: SAM, lows: np.ndarray, **kwargs) -> None:
         super().__init__(sam.model, **kwargs)
         self.lows = lows
 
-    def _network(self, image, prompts, mask_inputs):
-        count = 0 if prompts.boxes is None else len(prompts.boxes)
-        rows = [int(v) for v in prompts.boxes[:, 0]] if count else []
+    def _decode(self, image, boxes, mask_logits, points, rows):
         low = torch.from_numpy(self.lows[rows])[:, None]
-        return low, torch.full((count, 1), 0.9)
+        return low, torch.full((len(rows), 1), 0.9)
 
 
 def scripted_cases(g: int, rows: float, cols: float) -> np.ndarray:
@@ -378,7 +376,7 @@ def test_scripted_masks_of_every_shape_are_the_full_frame_masks(sam, sam_1024, s
     h, w = resized_shape(*size, side)
     lows = scripted_cases(g, h / 4, w / 4)
     image = embedding(model_sam, size, seed=2)
-    # Row i of the batch is case i: the scripted network reads it from the box's x1.
+    # Row i is case i: the scripted decoder takes each row's logits by its index.
     boxes = np.array([[i, 0, i + 1, 1] for i in range(len(lows))], np.float32)
     with torch.inference_mode():
         full = model_sam.model.upscale_masks(torch.from_numpy(lows)[:, None], (h, w), size)
