@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.config import load_config
-from pipeline.infer.backend import ONNX_BACKENDS, installed, relative_error
+from pipeline.infer.backend import BACKENDS, ONNX_BACKENDS, installed, relative_error
 from pipeline.infer.encoder import TorchEncoder, build_encoder, candidates, preprocess
 from pipeline.infer.gpu import CudaGraphRunner, device_preprocess, half_copy, upload
 from pipeline.infer.machine import available_cores, cpu_facts, native_bf16
@@ -204,7 +204,8 @@ def encoder_table(
     for size in sizes:
         sam = SAM(weights, device="cpu", image_size=size, backend="torch", dtype="float32")
         batch = preprocess(resize_longest_side(frame, size)[None], size)
-        for cand in candidates("auto"):
+        # By backend, then precision: the table's order.
+        for cand in sorted(candidates("auto"), key=lambda c: BACKENDS.index(c.backend)):
             backend, precision = cand.backend, cand.precision
             name = f"encoder_ms_{backend}_{precision}_{size}"
             if cand.skipped:

@@ -195,8 +195,9 @@ class OnnxModel:
         self.precision = precision
         self.threads = threads
         self.version = str(package.__version__)
-        self.session: Any = None
-        self.compiled: Any = None
+        self.session: Any = None  # onnxruntime's
+        self.compiled: Any = None  # openvino's, and its infer request
+        self.request: Any = None
         if backend == "onnxruntime":
             self.session = _onnxruntime_session(package, path, threads)
             return

@@ -187,7 +187,7 @@ def calibrate(
     """
     cal = calibration
     start = time.perf_counter()
-    inputs = {name: make() for name, make in cal.inputs.items()}
+    inputs = {name: maker() for name, maker in cal.inputs.items()}
     candidates = cal.candidates()
     _first_runs(cal, make, candidates, inputs, crash_record)
     names = list(inputs)
@@ -236,9 +236,7 @@ def _first_runs(
         # compares fairly.
         for x in inputs.values():
             cal.run(reference, x)
-    first = time.perf_counter()
-    expected = {name: cal.run(reference, x) for name, x in inputs.items()}
-    reference_ms = (time.perf_counter() - first) * 1000
+    expected, reference_ms = _run_all(cal, reference, inputs)
     crashed = _crashed(record)
     for cand in candidates:
         if cand.skipped:
@@ -252,9 +250,7 @@ def _first_runs(
         try:
             with _crash_watch(record, crashed, cand.label):
                 cand.runner = make(cand.backend, cand.precision)
-                first = time.perf_counter()
-                outputs = {name: cal.run(cand.runner, x) for name, x in inputs.items()}
-                cand.first_ms = (time.perf_counter() - first) * 1000
+                outputs, cand.first_ms = _run_all(cal, cand.runner, inputs)
             cand.rel_error = max(relative_error(outputs[n], expected[n]) for n in inputs)
         except (RuntimeError, ValueError) as err:
             # A backend that cannot load or run the model is not chosen; the run goes on.
@@ -268,6 +264,15 @@ def _first_runs(
                 cand.rel_error,
                 cand.tolerance,
             )
+
+
+def _run_all(
+    cal: Calibration, runner: Any, inputs: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], float]:
+    """`runner`'s outputs on every input, and the milliseconds they took together."""
+    outputs: dict[str, np.ndarray] = {}
+    [ms] = time_ms(lambda: outputs.update((n, cal.run(runner, x)) for n, x in inputs.items()))
+    return outputs, ms
 
 
 def _crashed(record: Path | None) -> list[str]:
