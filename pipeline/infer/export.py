@@ -550,17 +550,27 @@ def export_key(
     return key
 
 
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    """`data` as JSON at `path`, through a temporary file: readers see all of it or none."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` for the block to write, moved onto `path` (mode
+    FILE_MODE) when the block ends without an error: readers see all of it or none."""
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f"{path.suffix}.part", dir=path.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        yield tmp
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    """`data` as JSON at `path`, through a temporary file (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def write_model(
@@ -576,21 +586,14 @@ def write_model(
     The model file is moved into place complete, and the sidecar (with the file's SHA-256)
     only after it: a file without a matching sidecar is never trusted. Returns the sidecar.
     """
+    import onnx
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx.part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         export_onnx(model, tmp, kind=kind, opset=opset)
-        import onnx
-
         onnx.checker.check_model(str(tmp))
         digest = file_sha256(tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     info = sidecar(
         model, kind=kind, checkpoint_sha256=checkpoint_sha256, opset=opset, file_sha256_hex=digest
     )
