@@ -14,9 +14,7 @@ mask decoder are adapters around it (their feeds, their outputs).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
-import json
 import os
 import sys
 from types import ModuleType
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.infer.export import key_hash
 from pipeline.infer.machine import available_cores
 from pipeline.model.weights import cache_dir
 
@@ -244,11 +243,9 @@ def compile_openvino(ov: ModuleType, path: str | os.PathLike[str], config: dict[
     precision hint (2026.4 names the bf16 and the f32 compile of a model the same blob), and
     on a CPU with AMX a bf16 compile that loaded the f32 blob crashed the process on its
     first inference."""
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    cache = cache_dir() / "openvino" / key_hash(config)
     try:
-        return ov.Core().compile_model(
-            str(path), "CPU", {**config, "CACHE_DIR": str(cache_dir() / "openvino" / key)}
-        )
+        return ov.Core().compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(cache)})
     except Exception as err:  # openvino raises RuntimeError or its own types
         raise RuntimeError(
             f"OpenVINO cannot load {path}: {err}; delete the file to export it again"

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.infer.backend import BACKENDS, INSTALL, backend_versions, installed, relative_error
-from pipeline.infer.export import atomic_write_json, samstream_version
+from pipeline.infer.export import atomic_write_json, key_hash, samstream_version
 from pipeline.infer.machine import cpu_facts
 from pipeline.infer.timing import time_ms
 
@@ -344,8 +344,7 @@ def calibration_key(
 
 def calibration_path(cache: Path, name: str, image_size: int, key: dict[str, Any]) -> Path:
     """Where a calibration with `key` is cached: <cache>/calibration/<name>-<size>-<hash>.json."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache / "calibration" / f"{name}-{image_size}-{digest}.json"
+    return cache / "calibration" / f"{name}-{image_size}-{key_hash(key)}.json"
 
 
 def load_calibration(

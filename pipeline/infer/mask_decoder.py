@@ -10,7 +10,7 @@ backend runs the same function, one frame's prompts in one call: one image embed
 low-res mask prompt each) -> low-res logits Nx1x(4h)x(4w) and scores Nx1, float32
 (`MaskDecoderBackend.decode`). The upscaling to the frame stays in torch (`SamMaskDecoder`).
 
-- ``torch``: ``pipeline.infer.export.DecoderOnnxModel`` run in PyTorch, MobileSAM.decode's
+- ``torch``: ``pipeline.infer.decoder_graph.DecoderOnnxModel`` run in PyTorch, MobileSAM.decode's
   function with its arithmetic reordered so that work shared by the prompts is done once
   (exact algebra; ~1e-6 relative from MobileSAM.decode). ``TorchMaskDecoder(exact=True)``
   is MobileSAM.decode itself, bit for bit ``SAM.decode``: the parity reference, and what
@@ -42,8 +42,9 @@ import torch
 from pipeline.infer.backend import ONNX_BACKENDS, Backend, OnnxModel, autocast, torch_dtype
 from pipeline.infer.build import BackendSpec, build_backend
 from pipeline.infer.calibration import Calibration, candidate
+from pipeline.infer.decoder_graph import DecoderOnnxModel, onnx_prompts
 from pipeline.infer.encoder import ImageEmbedding
-from pipeline.infer.export import DECODER, DecoderOnnxModel, onnx_prompts
+from pipeline.infer.export import DECODER
 from pipeline.infer.upscale import EMPTY_BOX, Upscaler, matches_full_frame
 from pipeline.model.sam import SamDecoder
 from pipeline.model.transforms import scale_boxes, scale_coords
@@ -92,7 +93,7 @@ class MaskDecoderBackend(Backend):
         return self.run_graph(self.graph_inputs(embedding, boxes, points, mask_input))
 
     def run_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder graph (``pipeline.infer.export.DecoderOnnxModel``) on `graph_inputs`:
+        """The decoder graph (``pipeline.infer.decoder_graph.DecoderOnnxModel``) on `graph_inputs`:
         (low-res logits, scores), float32."""
         raise NotImplementedError
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipeline.infer.backend import relative_error
+from pipeline.infer.decoder_graph import onnx_prompts
 from pipeline.infer.encoder import preprocess
 from pipeline.infer.export import (
     DECODER_INPUTS,
@@ -22,7 +23,6 @@ from pipeline.infer.export import (
     ENCODER_OUTPUTS,
     OPSET,
     file_sha256,
-    onnx_prompts,
     samstream_version,
 )
 from pipeline.model.checkpoint import load_checkpoint
