@@ -28,9 +28,8 @@ from collections import deque
 import numpy as np
 
 from pipeline.config import RunConfig, TrackerConfig
-from pipeline.infer.decoder_backends import build_decoder
 from pipeline.infer.embedding_codec import embedding_from_wire
-from pipeline.infer.mask_decoder import SamMaskDecoder
+from pipeline.infer.mask_decoder import SamMaskDecoder, build_mask_decoder
 from pipeline.model.checkpoint import load_sam_decoder
 from pipeline.model.transforms import resized_shape
 from pipeline.model.weights import resolve_weights
@@ -172,7 +171,7 @@ class TrackerNode(Node):
         )
         # The decoder backend (for `auto`, a calibration on a machine's first run) is chosen
         # here, in the node's own process, with its thread budget.
-        backend = build_decoder(
+        backend = build_mask_decoder(
             model=model,
             weights_path=weights_path,
             backend=self.config.backend,

@@ -20,51 +20,42 @@ and the mask decoder's per track count (`format_gpu_table` prints them).
 
 from __future__ import annotations
 
-import json
 import math
 import socket
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.config import load_config, parse_set
-from pipeline.infer.machine import available_cores, cpu_facts
+from pipeline.config import config_from_dict
+from pipeline.infer.backend import BACKENDS, ONNX_BACKENDS, installed, relative_error
+from pipeline.infer.encoder import TorchEncoder, build_encoder, candidates, preprocess
+from pipeline.infer.gpu import CudaGraphRunner, device_preprocess, half_copy, upload
+from pipeline.infer.machine import available_cores, cpu_facts, native_bf16
+from pipeline.infer.timing import median_ms, time_ms
 from pipeline.predictor import SAM
-from pipeline.run.launcher import run_pipeline
+from pipeline.run.launcher import RunSummary, run_pipeline
 from pipeline.track.prompts import parse_prompts
 from pipeline.video.sources import VideoSource, parse_source
 
 DEFAULT_SOURCE = "lavfi:testsrc2=size=1280x720:rate=25"
 
 
-def _timed_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median milliseconds of `fn` after one warm-up call (device synchronised)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
 PER_OBJECT_COUNTS = (1, 8, 32, 50)
 
 
-def cpu_info() -> dict[str, object]:
-    """The CPU this runs on: model name, the vector extensions that decide which precision
-    and backend are fast (native bf16 or not), and the cores this process may use."""
+def machine_line() -> dict[str, str]:
+    """The CPU this runs on: model name, the cores this process may use, and the vector
+    extensions that decide which precision and backend are fast (native bf16 or not)."""
     model, flags = cpu_facts()
-    return {"cpu": model, "cores": available_cores(), "flags": [f for f in CPU_FLAGS if f in flags]}
+    found = ", ".join(f for f in CPU_FLAGS if f in flags) or "none of " + ", ".join(CPU_FLAGS)
+    return {"machine": f"{model}, {available_cores()} cores; {found}"}
 
 
 def _grid_boxes(count: int, size: tuple[int, int]) -> list[list[float]]:
@@ -101,11 +92,12 @@ def per_object_ms(
     publisher_rows: bool = True,
 ) -> dict[str, float | str]:
     """Tracker and publisher milliseconds per frame with 1, 8, 32, 50 objects: the nodes'
-    own code on one encoded frame, all file outputs on (PNG, RLE, MOT, overlay).
+    own code on one encoded frame, all file outputs on (PNG, RLE, MOT, overlay); and each
+    stage's 8 vs 1 object ratio, its per-object cost.
 
     backend: the tracker's mask decoder backend (``tracker.backend``); a named one's rows
-    are ``tracker_ms_<backend>_<N>_objects`` (the publisher's only with publisher_rows),
-    auto's the plain ``tracker_ms_<N>_objects``."""
+    are ``tracker_ms_<backend>_<N>_objects`` and ``tracker_<backend>_8_vs_1_object`` (the
+    publisher's only with publisher_rows), auto's the plain ``tracker_ms_<N>_objects``."""
     import tempfile
 
     import msgspec
@@ -127,6 +119,7 @@ def per_object_ms(
     )
     (embedded,) = encoder.process_batch([FrameMessage(meta=meta, image=frame)])
     results: dict[str, float | str] = {}
+    tag = "" if backend == "auto" else f"{backend}_"
     for count in counts:
         prompts = tuple(
             PromptConfig(box=tuple(box))  # type: ignore[arg-type]
@@ -156,16 +149,16 @@ def per_object_ms(
                     tracker_ms.append((middle - start) * 1000)
                     publisher_ms.append((end - middle) * 1000)
             publisher.abort()
-        tag = "" if backend == "auto" else f"{backend}_"
         results[f"tracker_ms_{tag}{count}_objects"] = statistics.median(tracker_ms)
         if publisher_rows:
             results[f"publisher_ms_{count}_objects"] = statistics.median(publisher_ms)
     if backend == "auto":
         results["tracker_backend"] = tracker.detail["backend"]["backend"]
+    for stage, stage_tag in [("tracker", tag), ("publisher", "")][: 1 + publisher_rows]:
+        one, eight = (results.get(f"{stage}_ms_{stage_tag}{n}_objects") for n in (1, 8))
+        if isinstance(one, float) and isinstance(eight, float) and one:
+            results[f"{stage}_{stage_tag}8_vs_1_object"] = eight / one
     return results
-
-
-DECODER_BACKENDS = ("torch", "onnxruntime", "openvino")
 
 
 def decoder_backend_rows(
@@ -179,59 +172,45 @@ def decoder_backend_rows(
     """The tracker per mask decoder backend on this CPU (``tracker.backend``), at 1, 8,
     32, 50 objects, with each backend's 8 vs 1 object ratio: the per-object cost that
     `auto` chose by, as the node sees it. A backend that is not installed says so."""
-    from pipeline.infer.backends import _installed
-
     results: dict[str, float | str | None] = {}
-    for backend in DECODER_BACKENDS:
-        if backend != "torch" and not _installed(backend):
+    for backend in ("torch", *ONNX_BACKENDS):
+        if not installed(backend):
             results[f"tracker_ms_{backend}"] = "skipped: not installed"
             continue
-        rows = per_object_ms(
-            weights,
-            frame,
-            image_size=image_size,
-            device="cpu",
-            counts=counts,
-            repeats=repeats,
-            backend=backend,
-            publisher_rows=False,
+        results.update(
+            per_object_ms(
+                weights,
+                frame,
+                image_size=image_size,
+                device="cpu",
+                counts=counts,
+                repeats=repeats,
+                backend=backend,
+                publisher_rows=False,
+            )
         )
-        results.update(rows)
-        one, eight = (
-            rows.get(f"tracker_ms_{backend}_1_objects"),
-            rows.get(f"tracker_ms_{backend}_8_objects"),
-        )
-        if one and eight:
-            results[f"tracker_{backend}_8_vs_1_object"] = eight / one
     return results
-
-
-ENCODER_VARIANTS = (
-    ("torch", "float32"),
-    ("torch", "bfloat16"),
-    ("onnxruntime", "float32"),
-    ("openvino", "float32"),
-    ("openvino", "bfloat16"),
-)
 
 
 def encoder_table(
     weights: str, frame: np.ndarray, *, sizes: tuple[int, ...], repeats: int
 ) -> dict[str, float | str | None]:
-    """Encoder ms per frame for every backend x precision x image size on this CPU, and the
-    choice ``encoder.backend: auto`` makes (its calibration, cached, as a run would see it).
-    bf16 is skipped where the CPU would emulate it (12x slower than fp32 measured)."""
-    from pipeline.infer.backends import build_encoder, native_bf16, preprocess
+    """Encoder ms per frame for every backend x precision x image size on this CPU (the
+    candidates of ``encoder.backend: auto``), and the choice `auto` makes (its calibration,
+    cached, as a run would see it). A candidate `auto` would skip (not installed; bf16
+    where the CPU would emulate it, 12x slower than fp32 measured) is skipped here too."""
     from pipeline.model.transforms import resize_longest_side
 
     results: dict[str, float | str | None] = {}
     for size in sizes:
         sam = SAM(weights, device="cpu", image_size=size, backend="torch", dtype="float32")
         batch = preprocess(resize_longest_side(frame, size)[None], size)
-        for backend, precision in ENCODER_VARIANTS:
+        # By backend, then precision: the table's order.
+        for cand in sorted(candidates("auto"), key=lambda c: BACKENDS.index(c.backend)):
+            backend, precision = cand.backend, cand.precision
             name = f"encoder_ms_{backend}_{precision}_{size}"
-            if precision == "bfloat16" and not native_bf16():
-                results[name] = "skipped: no native bf16 (emulated)"
+            if cand.skipped:
+                results[name] = f"skipped: {cand.skipped}"
                 continue
             try:
                 encoder = build_encoder(
@@ -240,9 +219,7 @@ def encoder_table(
             except (ImportError, ValueError, RuntimeError) as err:
                 results[name] = f"skipped: {str(err).splitlines()[0][:60]}"
                 continue
-            results[name] = _timed_ms(
-                lambda e=encoder, b=batch: e.encode(b), torch.device("cpu"), repeats
-            )
+            results[name] = median_ms(lambda e=encoder, b=batch: e.encode(b), repeats=repeats)
         auto = build_encoder(
             model=sam.model, weights_path=sam.weights_path, backend="auto", dtype="auto"
         )
@@ -268,47 +245,18 @@ NO_CUDA = "n/a: no CUDA"
 EMULATED = "n/a: emulated on this CPU"
 
 
-def device_ms(
-    fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3
-) -> float:
-    """Median milliseconds of `fn` after `warmup` calls: on CUDA the device time between two
-    events around the queued work (host launch gaps included, as a caller sees them), else
-    wall time."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1000)
-    return statistics.median(times)
-
-
 def _official_encoders(
     weights: Path, device: torch.device, image_size: int
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor] | str]:
     """The official image encoder as fp32 eager and as fp16 in a CUDA graph (half weights
     under autocast, as ours), each a callable or the reason it cannot run here."""
-    from pipeline.infer.gpu import CudaGraphRunner, half_copy
-
     names = ("official_fp32_eager", "official_fp16_graph")
     if image_size != 1024:
         return dict.fromkeys(names, "n/a: the official encoder runs at 1024 only")
-    try:
-        import mobile_sam
-    except ImportError:
+    official = _official_sam(weights)
+    if official is None:
         return dict.fromkeys(names, "n/a: no mobile_sam (pip install mobilesam-mirror)")
-    model = mobile_sam.sam_model_registry["vit_t"]()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    fp32 = model.image_encoder.to(device).eval()
+    fp32 = official[1].image_encoder.to(device).eval()
     if device.type != "cuda":
         return {names[0]: fp32, names[1]: NO_CUDA}
     fp16 = half_copy(fp32, torch.float16)
@@ -342,9 +290,6 @@ def gpu_encoder_table(
     ``encoder_finite_<variant>``, ``encode_frames_ms_<variant>_batch1``,
     ``mask_decoder_ms_<fp32|fp16>_<N>_tracks``.
     """
-    from pipeline.infer.backends import TorchEncoder, native_bf16, relative_error
-    from pipeline.infer.gpu import device_preprocess, upload
-
     sam = SAM(weights, device=device, image_size=image_size, backend="torch", dtype="float32")
     dev = sam.device
     cuda = dev.type == "cuda"
@@ -352,13 +297,11 @@ def gpu_encoder_table(
         "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
         "encoder_image_size": str(image_size),
     }
-    inputs = {  # per batch size and dtype: the preprocessed input, made on the device
-        (b, dtype): device_preprocess(upload([frame] * b, dev), image_size=image_size, dtype=dtype)[
-            0
-        ]
-        for b in batches
-        for dtype in (torch.float32, torch.float16, torch.bfloat16)
-    }
+    inputs = {}  # per batch size and dtype: the preprocessed input, made on the device
+    for b in batches:
+        frames = upload([frame] * b, dev)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            inputs[(b, dtype)], _ = device_preprocess(frames, image_size=image_size, dtype=dtype)
     # name -> (the encoder on a preprocessed input, or why it cannot run; its input dtype)
     variants: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor] | str, torch.dtype]] = {}
     encoders: dict[str, TorchEncoder] = {}
@@ -382,8 +325,8 @@ def gpu_encoder_table(
                 continue
             for b in batches:
                 x = inputs[(b, dtype)]
-                results[f"encoder_ms_{name}_batch{b}"] = device_ms(
-                    lambda f=fn, x=x: f(x), dev, repeats, warmup
+                results[f"encoder_ms_{name}_batch{b}"] = median_ms(
+                    lambda f=fn, x=x: f(x), device=dev, repeats=repeats, warmup=warmup
                 )
             out = fn(inputs[(batches[0], dtype)])[:1].float()
             reference = out if reference is None else reference  # fp32 eager comes first
@@ -392,8 +335,11 @@ def gpu_encoder_table(
             )
             results[f"encoder_finite_{name}"] = str(bool(torch.isfinite(out).all()))
         for name, encoder in encoders.items():
-            results[f"encode_frames_ms_{name}_batch1"] = device_ms(
-                lambda e=encoder: e.encode_frames([frame]), dev, repeats, warmup
+            results[f"encode_frames_ms_{name}_batch1"] = median_ms(
+                lambda e=encoder: e.encode_frames([frame]),
+                device=dev,
+                repeats=repeats,
+                warmup=warmup,
             )
         embedding, input_size = encoders["fp32_eager"].encode_frames([frame])
         for label, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
@@ -407,8 +353,8 @@ def gpu_encoder_table(
                     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
                         return sam.model.decode(embedding, boxes=boxes)
 
-                results[f"mask_decoder_ms_{label}_{n}_tracks"] = device_ms(
-                    decode, dev, repeats, warmup
+                results[f"mask_decoder_ms_{label}_{n}_tracks"] = median_ms(
+                    decode, device=dev, repeats=repeats, warmup=warmup
                 )
     return results
 
@@ -421,9 +367,6 @@ def compiled_encoder_rows(
     cached by torch under its cache dir for later processes), then ms as in
     `gpu_encoder_table`, and its relative error vs fp32 eager. The alternative to
     `pipeline.infer.gpu.CudaGraphRunner`, measured beside it, not used by the pipeline."""
-    from pipeline.infer.backends import TorchEncoder, relative_error
-    from pipeline.infer.gpu import device_preprocess, upload
-
     sam = SAM(weights, device=device, image_size=image_size, backend="torch", dtype="float32")
     if sam.device.type != "cuda":
         return {"encoder_ms_fp16_compiled_batch1": NO_CUDA}
@@ -440,8 +383,8 @@ def compiled_encoder_rows(
         results: dict[str, float | str | None] = {
             "encoder_compile_s_fp16_batch1": time.perf_counter() - start
         }
-        results["encoder_ms_fp16_compiled_batch1"] = device_ms(
-            lambda: compiled(x), sam.device, repeats
+        results["encoder_ms_fp16_compiled_batch1"] = median_ms(
+            lambda: compiled(x), device=sam.device, repeats=repeats, warmup=3
         )
         results["encoder_rel_error_fp16_compiled"] = relative_error(
             out.float().cpu().numpy(), exact.run(x32).cpu().numpy()
@@ -481,16 +424,24 @@ def _read_frames(source: str, count: int) -> tuple[list[np.ndarray], float]:
     return frames, len(frames) / elapsed
 
 
-def _official_loop_fps(
-    weights: Path, frames: list[np.ndarray], box: list[float], device: str
-) -> float | None:
+def _official_sam(weights: Path) -> tuple[ModuleType, torch.nn.Module] | None:
+    """The official MobileSAM package and its model with `weights` (None: not installed)."""
     try:
         import mobile_sam
     except ImportError:
         return None
     model = mobile_sam.sam_model_registry["vit_t"]()
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    predictor = mobile_sam.SamPredictor(model.to(device).eval())
+    return mobile_sam, model
+
+
+def _official_loop_fps(
+    weights: Path, frames: list[np.ndarray], box: list[float], device: str
+) -> float | None:
+    official = _official_sam(weights)
+    if official is None:
+        return None
+    predictor = official[0].SamPredictor(official[1].to(device).eval())
     prompt = np.array(box, dtype=np.float32)
     start = time.perf_counter()
     for frame in frames:
@@ -507,16 +458,14 @@ def official_encoder_ms(
 ) -> float | None:
     """The official MobileSAM image encoder, fp32, on one frame (it runs at 1024 only):
     the reference every encoder figure is a ratio to."""
-    try:
-        import mobile_sam
-    except ImportError:
+    official = _official_sam(weights)
+    if official is None:
         return None
-    model = mobile_sam.sam_model_registry["vit_t"]()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    model = model.to(device).eval()
-    predictor = mobile_sam.SamPredictor(model)
+    predictor = official[0].SamPredictor(official[1].to(device).eval())
     with torch.inference_mode():
-        return _timed_ms(lambda: predictor.set_image(frame), torch.device(device), repeats)
+        return median_ms(
+            lambda: predictor.set_image(frame), device=torch.device(device), repeats=repeats
+        )
 
 
 def _ultralytics_fps(frames: list[np.ndarray], box: list[float], weights: Path) -> float | None:
@@ -525,30 +474,27 @@ def _ultralytics_fps(frames: list[np.ndarray], box: list[float], weights: Path) 
     except ImportError:
         return None
     model = UltralyticsSAM(str(weights))
-    start = time.perf_counter()
-    for frame in frames:
-        model.predict(frame[..., ::-1], bboxes=box, verbose=False)
-    return len(frames) / (time.perf_counter() - start)
+    [ms] = time_ms(lambda: [model.predict(f[..., ::-1], bboxes=box, verbose=False) for f in frames])
+    return 1000 * len(frames) / ms
 
 
-def _free_publish_endpoint() -> str:
-    with socket.socket() as probe:  # a free loopback port: the bench must not clash with a run
+def _run(run: dict[str, Any], *, max_frames: int, mode: str) -> RunSummary:
+    """`samstream run` with the config ``run`` (a config file's data) for ``max_frames`` in
+    live.mode ``mode``, publishing on a free loopback port (the bench must not clash with a
+    run)."""
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+        publish = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    extra = {"live": {"mode": mode}, "transport": {"publish": publish}}
+    run = {**run, **extra, "decoder": {**run["decoder"], "max_frames": max_frames}}
+    return run_pipeline(config_from_dict(run, source="samstream bench"))
 
 
-def _live_run(overrides: list[str], source: str, seconds: float) -> dict[str, float | None]:
+def _live_run(run: dict[str, Any], source: str, seconds: float) -> dict[str, float | None]:
     """Latency and drops of `seconds` of the source played live."""
     with VideoSource(parse_source(source)) as video:
         rate = float(video.average_rate or 25)
-    sets = [
-        *overrides,
-        "live.mode=live",
-        f"decoder.max_frames={max(1, round(seconds * rate))}",
-        f"transport.publish={json.dumps(_free_publish_endpoint())}",
-    ]
-    config = load_config(None, [parse_set(text) for text in sets])
-    summary = run_pipeline(config)
+    summary = _run(run, max_frames=max(1, round(seconds * rate)), mode="live")
     ms = summary.timings.get("ms", {})
     latency, processing = ms.get("latency") or {}, ms.get("processing") or {}
     return {
@@ -585,7 +531,7 @@ def run_bench(
     h, w = clip[0].shape[:2]
     box = [w * 0.3, h * 0.3, w * 0.6, h * 0.7]
     batch = min(4, len(clip))
-    results: dict[str, float | str | None] = {**_cpu_line(), "decode_fps": decode_fps}
+    results: dict[str, float | str | None] = {**machine_line(), "decode_fps": decode_fps}
     results["official_encoder_ms_1024"] = official_encoder_ms(
         sam.weights_path, clip[0], device, repeats
     )
@@ -599,26 +545,24 @@ def run_bench(
                     float(official) / value
                 )
     results["encoder_backend"] = "{backend}/{precision}".format(**sam.backend_report)
-    results["encoder_ms_batch1"] = _timed_ms(
-        lambda: sam.encode_batch(clip[:1]), sam.device, repeats
+    results["encoder_ms_batch1"] = median_ms(
+        lambda: sam.encode_batch(clip[:1]), device=sam.device, repeats=repeats
     )
     results[f"encoder_ms_per_frame_batch{batch}"] = (
-        _timed_ms(lambda: sam.encode_batch(clip[:batch]), sam.device, repeats) / batch
+        median_ms(lambda: sam.encode_batch(clip[:batch]), device=sam.device, repeats=repeats)
+        / batch
     )
     embedded = sam.set_image(clip[0])
     for n in (1, 8):
         prompts = parse_prompts((h, w), bboxes=[box] * n)
-        results[f"mask_decoder_ms_{n}_objects"] = _timed_ms(
-            lambda p=prompts: sam.decode(embedded, p), sam.device, repeats
+        results[f"mask_decoder_ms_{n}_objects"] = median_ms(
+            lambda p=prompts: sam.decode(embedded, p), device=sam.device, repeats=repeats
         )
     results.update(
         per_object_ms(
             str(sam.weights_path), clip[0], image_size=image_size, device=device, repeats=repeats
         )
     )
-    for stage in ("tracker", "publisher"):
-        one, eight = results[f"{stage}_ms_1_objects"], results[f"{stage}_ms_8_objects"]
-        results[f"{stage}_8_vs_1_object"] = eight / one if one else None
     if device == "cpu" and decoder_backends:
         results.update(
             decoder_backend_rows(
@@ -626,25 +570,15 @@ def run_bench(
             )
         )
 
-    overrides = [
-        f"decoder.source={json.dumps(source)}",
-        f"weights={json.dumps(str(sam.weights_path))}",
-        f"encoder.device={device}",
-        f"tracker.device={device}",
-        f"encoder.dtype={dtype}",
-        f"encoder.image_size={image_size}",
-        f"tracker.prompts={json.dumps([{'box': box}])}",
-    ]
-    sets = [
-        *overrides,
-        # Long enough for the steady rate to be measured after the backlog that queues
-        # while the slowest node loads (pipeline.run.live.FrameTimings.steady_fps).
-        f"decoder.max_frames={run_frames}",
-        "live.mode=offline",
-        f"transport.publish={json.dumps(_free_publish_endpoint())}",
-    ]
-    config = load_config(None, [parse_set(text) for text in sets])
-    summary = run_pipeline(config)
+    run = {
+        "decoder": {"source": source},
+        "weights": str(sam.weights_path),
+        "encoder": {"device": device, "dtype": dtype, "image_size": image_size},
+        "tracker": {"device": device, "prompts": [{"box": box}]},
+    }
+    # Long enough for the steady rate to be measured after the backlog that queues while the
+    # slowest node loads (pipeline.run.live.FrameTimings.steady_fps).
+    summary = _run(run, max_frames=run_frames, mode="offline")
     # In its stride, like the official loop's figure (its model is loaded before its clock
     # starts); the whole run, loading included, is printed beside.
     results["samstream_run_fps_with_startup"] = summary.fps
@@ -652,16 +586,10 @@ def run_bench(
     results["official_predictor_loop_fps"] = _official_loop_fps(sam.weights_path, clip, box, device)
     results["ultralytics_fps"] = _ultralytics_fps(clip, box, sam.weights_path)
     if live_seconds > 0:
-        results.update(_live_run(overrides, source, live_seconds))
+        results.update(_live_run(run, source, live_seconds))
         official = results["official_predictor_loop_fps"]
         results["official_loop_ms_per_frame"] = 1000 / official if official else None
     return results
-
-
-def _cpu_line() -> dict[str, str]:
-    info = cpu_info()
-    flags = ", ".join(info["flags"]) or "none of " + ", ".join(CPU_FLAGS)  # type: ignore[arg-type]
-    return {"machine": f"{info['cpu']}, {info['cores']} cores; {flags}"}
 
 
 def _value(value: float | str | None) -> str:

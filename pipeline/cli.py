@@ -331,7 +331,7 @@ def _standby(name: str) -> str:
     torch, timm and the backends come with them), say so on the launcher's pipe, then block
     until the launcher writes the config path on stdin. Returns that path ("" when stdin
     closes first)."""
-    from pipeline.infer.backends import import_package
+    from pipeline.infer.backend import import_package
     from pipeline.run.graph import node_class
     from pipeline.run.launcher import SPARE_READY_FD_ENV
 

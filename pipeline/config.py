@@ -140,7 +140,7 @@ class EncoderConfig(_Section, kw_only=True):
 
     device: _Device = "auto"  # auto (cuda when there is a GPU) | cpu | cuda | cuda:N
     # auto: the fastest installed backend within tolerance of torch fp32 on this machine
-    # (measured once, cached: pipeline.infer.backends); torch on a GPU.
+    # (measured once, cached: pipeline.infer.encoder); torch on a GPU.
     backend: _Backend = "auto"  # openvino: CPU only
     # auto: the backend's measured best within tolerance (bf16 only where native) on a CPU,
     # float32 on a GPU; a named one is used as it is (autocast for torch).
@@ -194,7 +194,7 @@ class TrackerConfig(_Section, kw_only=True):
     lost_after_gap_s: _Positive = 5.0  # a live source gone longer than this: every track is lost
     # Torch threads of its process on a CPU; None: a quarter of the cores.
     threads: _AtLeast1 | None = None
-    # The mask decoder's backend (pipeline.infer.decoder_backends); auto: the fastest installed one
+    # The mask decoder's backend (pipeline.infer.mask_decoder); auto: the fastest installed one
     # within tolerance of torch fp32 on this machine (measured once, cached); torch on a GPU.
     backend: _Backend = "auto"  # openvino: CPU only
 

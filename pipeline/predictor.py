@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Any, Literal
@@ -26,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.infer.backends import EncoderBackend, autocast, build_encoder
+from pipeline.infer.backend import autocast
+from pipeline.infer.encoder import EncoderBackend, ImageEmbedding, build_encoder
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.model.sam import MobileSAM, build_mobile_sam
 from pipeline.model.transforms import scale_boxes, scale_coords
@@ -40,15 +40,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 ImageSource = str | os.PathLike[str] | np.ndarray | Image.Image
 ImageFormat = Literal["RGB", "BGR"]
-
-
-@dataclass(frozen=True)
-class ImageEmbedding:
-    """One encoded image: embedding 1xCxhxw, its original (H, W) and resized (h, w) sizes."""
-
-    embedding: torch.Tensor
-    original_size: tuple[int, int]
-    input_size: tuple[int, int]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -124,7 +115,7 @@ class SAM:
     a GPU, as in `samstream run`), "cpu", "cuda", "cuda:1".
     dtype: "float32" (exact), "bfloat16" or "float16" (autocast: faster, less exact), for
     the encoder and the decoder; "auto": the encoder's precision is the backend's choice
-    (see pipeline.infer.backends), the decoder's float32.
+    (see pipeline.infer.encoder), the decoder's float32.
     image_size: the encoder's input side, 1024 as trained; 512 or 768 for speed.
     backend: how the image encoder runs: "torch" (this model), "onnxruntime", "openvino"
     (the model exported to ONNX once and cached; CPU only), or "auto" (the fastest one

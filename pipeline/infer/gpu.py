@@ -5,7 +5,7 @@ as they are (through pinned memory and a non-blocking copy on CUDA: 4x fewer byt
 float, no per-frame float conversion on the host), and are resized (longest side to the
 input size), normalised with SAM's constants, zero-padded to a square and cast to the
 encoder's dtype there. Every function here runs on any device; on the CPU the tests compare
-it with the host path (`pipeline.infer.backends.preprocess` after PIL's resize).
+it with the host path (`pipeline.infer.encoder.preprocess` after PIL's resize).
 
 `CudaGraphRunner` replays a function captured in one CUDA graph per input shape and dtype
 (one per batch size and image size): a graph launches the encoder's few hundred kernels in
@@ -79,7 +79,7 @@ def resize_longest_side(images: torch.Tensor, long_side: int) -> torch.Tensor:
 
 def normalise_and_pad(images: torch.Tensor, image_size: int, dtype: torch.dtype) -> torch.Tensor:
     """Bx3xhxw float (0..255, h, w <= S) -> Bx3xSxS `dtype`: SAM's (x - mean) / std in
-    float32 (the arithmetic of pipeline.infer.backends.preprocess), zero-padded bottom-right."""
+    float32 (also what pipeline.infer.encoder.preprocess runs), zero-padded bottom-right."""
     h, w = images.shape[-2:]
     if h > image_size or w > image_size:
         raise ValueError(

@@ -1,24 +1,301 @@
-"""The tracker's batched mask decoder: MobileSAM's prompt encoder + mask decoder on one frame,
-masks upscaled only in the windows where they can be (``pipeline.infer.upscale``)."""
+"""The tracker's mask decoder: MobileSAM's prompt encoder + mask decoder on every backend
+(torch, ONNX Runtime, OpenVINO, and `auto`: ``tracker.backend``), and `SamMaskDecoder`, which
+runs one frame's prompts through a backend and upscales the masks only in the windows where
+they can be (``pipeline.infer.upscale``).
+
+The tracker's cost grows with its objects: every object is one prompt through MobileSAM's
+prompt encoder + mask decoder, ~50 ms each at 1024 px in torch on one CPU core. Every
+backend runs the same function, one frame's prompts in one call: one image embedding
+1xCxhxw and N prompts (boxes and/or points in the resized input frame, an optional
+low-res mask prompt each) -> low-res logits Nx1x(4h)x(4w) and scores Nx1, float32
+(`MaskDecoderBackend.decode`). The upscaling to the frame stays in torch (`SamMaskDecoder`).
+
+- ``torch``: ``pipeline.infer.decoder_graph.DecoderOnnxModel`` run in PyTorch, MobileSAM.decode's
+  function with its arithmetic reordered so that work shared by the prompts is done once
+  (exact algebra; ~1e-6 relative from MobileSAM.decode). ``TorchMaskDecoder(exact=True)``
+  is MobileSAM.decode itself, bit for bit ``SAM.decode``: the parity reference, and what
+  ``SamMaskDecoder`` runs when given no backend.
+- ``onnxruntime``, ``openvino``: that model exported to ONNX once per checkpoint and size
+  (``pipeline.infer.export.cached_onnx``, dynamic prompt and point counts), fp32 (OpenVINO's
+  precision hint set to f32: it would pick bf16 by itself on CPUs with native bf16).
+
+`auto` is the encoder's calibration (``pipeline.infer.calibration``, cached the same way)
+given the mask decoder's candidates and inputs: it times every installed candidate on this
+machine at the run's size and thread count on 1 and 8 box + mask prompts, parity-checks it
+against MobileSAM.decode in fp32 (low-res logits within `TOLERANCE` relative), and keeps
+the fastest (the sum of both timings). Reduced precision is not a candidate: the tracker
+feeds each mask back as the next frame's mask prompt, so errors compound over frames
+(OpenVINO bf16 measured 1.3e-2 relative error on the logits). On a GPU, `auto` is torch.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.infer.decoder_backends import DecoderBackend, TorchDecoder
+from pipeline.infer.backend import ONNX_BACKENDS, Backend, OnnxModel, autocast, torch_dtype
+from pipeline.infer.build import BackendSpec, build_backend
+from pipeline.infer.calibration import Calibration, candidate
+from pipeline.infer.decoder_graph import DecoderOnnxModel, onnx_prompts
+from pipeline.infer.encoder import ImageEmbedding
+from pipeline.infer.export import DECODER
 from pipeline.infer.upscale import EMPTY_BOX, Upscaler, matches_full_frame
 from pipeline.model.sam import SamDecoder
 from pipeline.model.transforms import scale_boxes, scale_coords
-from pipeline.predictor import SAM, ImageEmbedding
 from pipeline.track.exclusive import ContestedPixels, DecodedMasks
-from pipeline.track.prompts import Prompts
 from pipeline.wire.masks import RegionMask, WindowBox
 
 log = logging.getLogger(__name__)
+
+# Largest relative error (Frobenius norm) of the low-res logits vs MobileSAM.decode in fp32.
+# Measured on random weights at 256 and 1024 px: torch (reordered) 5e-7, ONNX Runtime and
+# OpenVINO 6e-7 to 9e-7.
+TOLERANCE = 1e-4
+CALIBRATION_COUNTS = (1, 8)  # prompts per timed call: one object, and a crowded scene
+
+
+class MaskDecoderBackend(Backend):
+    """One way to run the prompt encoder + mask decoder on one frame's prompts."""
+
+    def __init__(
+        self, *, name: str, model: SamDecoder, precision: str, threads: int, version: str
+    ) -> None:
+        self.low_size = tuple(model.prompt_encoder.mask_input_size)
+        super().__init__(
+            name=name,
+            image_size=model.img_size,
+            precision=precision,
+            threads=threads,
+            version=version,
+        )
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        *,
+        boxes: np.ndarray | None = None,
+        points: tuple[np.ndarray, np.ndarray] | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call for N prompts of one kind.
+
+        embedding: 1xCxhxw float32; boxes Nx4 (x1, y1, x2, y2) and/or points (NxKx2 coords,
+        NxK labels 1/0), in the resized input frame's pixels; mask_input Nx1x(4h)x(4w)
+        low-res logits or None. Returns low-res logits Nx1x(4h)x(4w) and scores Nx1,
+        float32, on the embedding's device.
+        """
+        return self.run_graph(self.graph_inputs(embedding, boxes, points, mask_input))
+
+    def run_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder graph (``pipeline.infer.decoder_graph.DecoderOnnxModel``) on `graph_inputs`:
+        (low-res logits, scores), float32."""
+        raise NotImplementedError
+
+    def graph_inputs(
+        self,
+        embedding: torch.Tensor,
+        boxes: np.ndarray | None,
+        points: tuple[np.ndarray, np.ndarray] | None,
+        mask_input: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """`decode`'s arguments as the decoder graph's inputs
+        (``pipeline.infer.export.DECODER_INPUTS``), on the embedding's device."""
+        device = embedding.device
+        coords, labels = onnx_prompts(points=points, boxes=boxes)
+        has = torch.ones(1, device=device)
+        if mask_input is None:
+            mask_input = torch.zeros(1, 1, *self.low_size, device=device)
+            has = torch.zeros(1, device=device)
+        return {
+            "image_embeddings": embedding,
+            "point_coords": torch.from_numpy(coords).to(device),
+            "point_labels": torch.from_numpy(labels).to(device),
+            "mask_input": mask_input,
+            "has_mask_input": has,
+        }
+
+
+class TorchMaskDecoder(MaskDecoderBackend):
+    """The mask decoder in PyTorch on the model's device.
+
+    exact: False runs ``DecoderOnnxModel`` (the shared work done once: ~2x less per prompt
+    at 1024 px, ~1e-6 relative from MobileSAM.decode); True runs MobileSAM.decode, bit for
+    bit what ``SAM.decode`` gives. precision: float32, or bfloat16 / float16 under autocast
+    (the tracker's SAM dtype). threads: None leaves torch's intra-op pool as it is (sized
+    from $OMP_NUM_THREADS in a node process); a number sets it, for the whole process.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: SamDecoder,
+        precision: str = "float32",
+        threads: int | None = None,
+        exact: bool = False,
+    ) -> None:
+        self.model = model
+        self.exact = exact
+        self.dtype = torch_dtype(precision, model.device, threads)
+        self.network = DecoderOnnxModel(model=model, upscale_with_matmuls=False).eval()
+        super().__init__(
+            name="torch",
+            model=model,
+            precision=precision,
+            threads=torch.get_num_threads(),
+            version=torch.__version__,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "graph": "MobileSAM.decode" if self.exact else "reordered"}
+
+    @torch.inference_mode()
+    def run_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.model.device, self.dtype):
+            low, scores = self.network(**inputs)
+        return low.float(), scores.float()
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        *,
+        boxes: np.ndarray | None = None,
+        points: tuple[np.ndarray, np.ndarray] | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.exact:
+            return super().decode(embedding, boxes=boxes, points=points, mask_input=mask_input)
+        device = self.model.device
+        box_t = None if boxes is None else torch.from_numpy(boxes).to(device)
+        point_t = None
+        if points is not None:
+            point_t = (
+                torch.from_numpy(points[0]).to(device),
+                torch.from_numpy(points[1]).to(device),
+            )
+        with autocast(device, self.dtype):
+            low, scores = self.model.decode(
+                embedding, points=point_t, boxes=box_t, mask_inputs=mask_input
+            )
+        return low.float(), scores.float()
+
+
+class OnnxMaskDecoder(MaskDecoderBackend):
+    """The exported mask decoder in ONNX Runtime or OpenVINO (on the CPU)."""
+
+    def __init__(self, onnx: OnnxModel, *, model: SamDecoder) -> None:
+        self.onnx = onnx
+        super().__init__(
+            name=onnx.backend,
+            model=model,
+            precision=onnx.precision,
+            threads=onnx.threads,
+            version=onnx.version,
+        )
+
+    def run_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if inputs["image_embeddings"].device.type != "cpu":
+            raise ValueError(f"tracker.backend {self.name} runs on the CPU only")
+        feeds = {k: np.ascontiguousarray(v.detach().float().numpy()) for k, v in inputs.items()}
+        low, scores = self.onnx(feeds)
+        return torch.from_numpy(low), torch.from_numpy(scores)
+
+
+def calibration_prompts(
+    model: SamDecoder, count: int, *, seed: int = 0
+) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """The calibration and parity inputs: (a 1xCxhxw embedding, `count` boxes Nx4 of
+    100-300 px (at 1024) over a 4:3 input frame, Nx1x(4h)x(4w) mask-prompt logits).
+
+    Deterministic, so that every backend sees the same numbers; real-valued like an
+    encoder's output and a previous frame's logits (blobs with texture), no file needed.
+    """
+    rng = np.random.default_rng(seed)
+    s, grid = model.img_size, model.embedding_size
+    low = 4 * grid
+    embedding = rng.standard_normal((1, model.prompt_encoder.embed_dim, grid, grid))
+    scale = s / 1024
+    boxes = []
+    for _ in range(count):
+        w, h = rng.uniform(100, 300, 2) * scale
+        x, y = rng.uniform(0, s - w), rng.uniform(0, 0.75 * s - h)
+        boxes.append([x, y, x + w, y + h])
+    box_arr = np.asarray(boxes, np.float32)
+    yy, xx = np.mgrid[0:low, 0:low].astype(np.float32) + 0.5
+    masks = []
+    for x1, y1, x2, y2 in box_arr * (low / s):
+        cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+        blob = 12 * (1 - ((xx - cx) / rx) ** 2 - ((yy - cy) / ry) ** 2)
+        masks.append(np.maximum(blob + rng.normal(0, 1.0, blob.shape), -20))
+    device = model.device
+    return (
+        torch.from_numpy(embedding.astype(np.float32)).to(device),
+        box_arr,
+        torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)).to(device),
+    )
+
+
+def build_mask_decoder(
+    *,
+    model: SamDecoder,
+    weights_path: str | os.PathLike[str],
+    backend: str = "torch",
+    threads: int | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    precision: str = "float32",
+) -> MaskDecoderBackend:
+    """The tracker's mask decoder backend for `model` (on its device), `report` saying why.
+
+    backend: auto | torch | onnxruntime | openvino. threads: intra-op threads (None: the
+    node's budget, see `pipeline.infer.backend.backend_threads`; torch's pool is then left
+    as it is). cache: where exports and calibrations live (default: the weights cache dir).
+    precision: torch's autocast dtype (float32 unless the tracker's SAM is in another).
+    """
+
+    def torch_decoder(precision: str, threads: int | None) -> MaskDecoderBackend:
+        return TorchMaskDecoder(model=model, precision=precision, threads=threads)
+
+    measured = Calibration(
+        what="tracker mask decoder",
+        name=DECODER,
+        image_size=model.img_size,
+        settings={"counts": list(CALIBRATION_COUNTS), "tolerance": TOLERANCE},
+        precisions=("float32",),  # see the module docs
+        candidates=lambda: [candidate(b, "float32", TOLERANCE) for b in ("torch", *ONNX_BACKENDS)],
+        inputs={
+            str(n): functools.partial(calibration_prompts, model, n, seed=n)
+            for n in CALIBRATION_COUNTS
+        },
+        run=_low_res,
+        # MobileSAM.decode itself: the torch candidate is the reordered graph.
+        reference=functools.partial(TorchMaskDecoder, model=model, threads=threads, exact=True),
+        unit="prompts",
+    )
+    spec = BackendSpec[MaskDecoderBackend](
+        section="tracker",
+        kind=DECODER,
+        model=model,
+        weights_path=weights_path,
+        threads=threads,
+        cache=cache,
+        requested={"backend": backend},
+        torch=torch_decoder,
+        onnx=functools.partial(OnnxMaskDecoder, model=model),
+        calibration=measured,
+    )
+    return build_backend(spec, backend, precision)
+
+
+def _low_res(decoder: MaskDecoderBackend, inputs: Any) -> np.ndarray:
+    """One calibration call: the box + mask prompts' low-res logits, compared for parity."""
+    embedding, boxes, masks = inputs
+    return decoder.decode(embedding, boxes=boxes, mask_input=masks)[0].cpu().numpy()
 
 
 class SamMaskDecoder:
@@ -36,32 +313,31 @@ class SamMaskDecoder:
 
     exclusive: also report every row's full-resolution logits in its window (across all of
     the frame's decoder calls), so the tracker can give each pixel two or more rows claim to
-    one track (``tracking.exclusive_masks``); False leaves the masks overlapping. The rows'
+    one track (``track.exclusive.exclusive_masks``); False leaves the masks overlapping. The rows'
     own masks come back either way: the tracker measures on them, and only it knows which
     tracks are lost or coasting by then.
 
-    sam: the decoder-only model (the tracker's: ``pipeline.model.checkpoint.load_sam_decoder``,
-    no image encoder) or a whole `SAM` (its model's decode path, at its dtype); embeddings
-    go to its device. backend: what runs the prompt encoder + mask decoder
-    (``pipeline.infer.decoder_backends``, ``tracker.backend``); None: SamDecoder.decode in torch
-    (at the SAM's dtype; float32 for a SamDecoder), bit for bit what ``SAM.decode`` gives.
+    model: the decoder-only model (the tracker's: ``pipeline.model.checkpoint.load_sam_decoder``,
+    no image encoder) or a whole MobileSAM (its decode path); embeddings go to its device.
+    backend: what runs the prompt encoder + mask decoder (`build_mask_decoder`,
+    ``tracker.backend``); None: SamDecoder.decode in torch at `precision` (a SAM's dtype:
+    float32, bfloat16, float16), bit for bit what ``SAM.decode`` gives.
     """
 
     def __init__(
         self,
-        sam: SamDecoder | SAM,
+        model: SamDecoder,
         *,
+        precision: str = "float32",
         exclusive: bool = True,
         windowed: bool = True,
-        backend: DecoderBackend | None = None,
+        backend: MaskDecoderBackend | None = None,
     ) -> None:
-        self.model: SamDecoder = sam.model if isinstance(sam, SAM) else sam
+        self.model = model
         self.exclusive = exclusive
         self.windowed = windowed
         if backend is None:
-            dtype = sam.dtype if isinstance(sam, SAM) else torch.float32
-            precision = str(dtype).removeprefix("torch.")
-            backend = TorchDecoder(model=self.model, precision=precision, exact=True)
+            backend = TorchMaskDecoder(model=model, precision=precision, exact=True)
         self.backend = backend
         # Per (original size, input size): the window upscaler, or None for the full frame.
         self._upscalers: dict[tuple[tuple[int, int], tuple[int, int]], Upscaler | None] = {}
@@ -74,7 +350,7 @@ class SamMaskDecoder:
         mask_logits: Sequence[np.ndarray | None],
         points: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None,
     ) -> DecodedMasks:
-        """Decode N prompts on the frame's embedding (``tracking.MaskDecoderFn``)."""
+        """Decode N prompts on the frame's embedding (``track.exclusive.MaskDecoderFn``)."""
         if image is None:
             raise TypeError("SamMaskDecoder needs the frame's ImageEmbedding, got None")
         n = len(boxes)
@@ -189,41 +465,27 @@ class SamMaskDecoder:
         points: Sequence[tuple[np.ndarray, np.ndarray] | None] | None,
         rows: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoder call for rows that share a prompt kind: low-res logits (B, 1, g, g)
-        and scores (B, 1), float32 on the device."""
-        box_rows = boxes[rows]
-        use_boxes = not np.isnan(box_rows).any()
-        point_arr = label_arr = None
+        """One decoder call for rows that share a prompt kind, ``SAM.decode`` up to its
+        low-res logits: the prompts mapped to the input frame, then the prompt encoder and
+        mask decoder in the backend (the full-frame upscaling is ours to do). Low-res logits
+        (B, 1, g, g) and scores (B, 1), float32 on the device."""
+        size, long_side = image.original_size, self.model.img_size
+        box_rows = boxes[rows].astype(np.float32)
+        scaled_boxes = None
+        if not np.isnan(box_rows).any():
+            scaled_boxes = scale_boxes(box_rows, size, long_side)
+        scaled_points = None
         if points is not None and points[rows[0]] is not None:
             coords, labels = points[rows[0]]
-            point_arr = np.asarray(coords, dtype=np.float32)[None]
-            label_arr = np.asarray(labels, dtype=np.int32)[None]
-        prompts = Prompts(
-            boxes=box_rows.astype(np.float32) if use_boxes else None,
-            points=point_arr,
-            labels=label_arr,
-        )
+            scaled = scale_coords(np.asarray(coords, dtype=np.float32)[None], size, long_side)
+            scaled_points = (scaled, np.asarray(labels, dtype=np.int32)[None])
         mask_inputs = None
         if mask_logits[rows[0]] is not None:
             stacked = np.stack([mask_logits[i] for i in rows]).astype(np.float32)
             mask_inputs = torch.from_numpy(stacked).reshape(len(rows), 1, *stacked.shape[-2:])
             mask_inputs = mask_inputs.to(self.model.device)
-        return self._network(image, prompts, mask_inputs)
-
-    def _network(
-        self, image: ImageEmbedding, prompts: Prompts, mask_inputs: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``SAM.decode`` up to its low-res logits: prompts mapped to the input frame, then
-        the prompt encoder and mask decoder in the backend (the full-frame upscaling is
-        ours to do). Low-res logits (B, 1, g, g) and scores (B, 1), float32 on the device."""
-        size, long_side = image.original_size, self.model.img_size
-        boxes = points = None
-        if prompts.boxes is not None:
-            boxes = scale_boxes(prompts.boxes, size, long_side)
-        if prompts.points is not None and prompts.labels is not None:
-            points = (scale_coords(prompts.points, size, long_side), prompts.labels)
         low_res, scores = self.backend.decode(
-            image.embedding, boxes=boxes, points=points, mask_input=mask_inputs
+            image.embedding, boxes=scaled_boxes, points=scaled_points, mask_input=mask_inputs
         )
         return low_res.to(self.model.device), scores.to(self.model.device)
 

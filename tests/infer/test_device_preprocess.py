@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from pipeline.bench import compiled_encoder_rows, format_gpu_table, gpu_encoder_table
-from pipeline.infer.backends import TOLERANCES, native_bf16, preprocess, relative_error
+from pipeline.infer.backend import relative_error
+from pipeline.infer.encoder import TOLERANCES, preprocess
 from pipeline.infer.gpu import (
     CudaGraphRunner,
     device_preprocess,
@@ -26,6 +27,7 @@ from pipeline.infer.gpu import (
     normalise_and_pad,
     upload,
 )
+from pipeline.infer.machine import native_bf16
 from pipeline.model.sam import PIXEL_STD
 from pipeline.model.transforms import resize_longest_side
 from pipeline.predictor import SAM

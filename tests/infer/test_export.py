@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.infer.backends import preprocess, relative_error
+from pipeline.infer.backend import relative_error
+from pipeline.infer.decoder_graph import onnx_prompts
+from pipeline.infer.encoder import preprocess
 from pipeline.infer.export import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
@@ -21,7 +23,6 @@ from pipeline.infer.export import (
     ENCODER_OUTPUTS,
     OPSET,
     file_sha256,
-    onnx_prompts,
     samstream_version,
 )
 from pipeline.model.checkpoint import load_checkpoint

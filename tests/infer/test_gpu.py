@@ -20,7 +20,8 @@ from support.e2e import collect, free_port
 from support.media import make_clip
 
 from pipeline.config import Override, load_config, parse_set
-from pipeline.infer.backends import TorchEncoder, relative_error
+from pipeline.infer.backend import relative_error
+from pipeline.infer.encoder import TorchEncoder
 from pipeline.infer.gpu import device_preprocess, upload
 from pipeline.model.sam import PIXEL_STD
 from pipeline.predictor import SAM

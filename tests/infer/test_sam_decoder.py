@@ -21,8 +21,12 @@ from support.trackers import sam_embedding_message
 from nodes.tracker import TrackerNode
 from pipeline.config import PromptConfig, TrackerConfig
 from pipeline.infer import export
-from pipeline.infer.decoder_backends import TorchDecoder, build_decoder, calibration_prompts
-from pipeline.infer.mask_decoder import SamMaskDecoder
+from pipeline.infer.mask_decoder import (
+    SamMaskDecoder,
+    TorchMaskDecoder,
+    build_mask_decoder,
+    calibration_prompts,
+)
 from pipeline.model import image_encoder
 from pipeline.model.checkpoint import CheckpointError, load_sam_decoder
 from pipeline.model.common import LayerNorm2d
@@ -117,10 +121,10 @@ def test_decode_is_the_whole_models_bit_for_bit(sam, decoder_model) -> None:
 @pytest.mark.parametrize("exact", [True, False])
 def test_torch_backends_are_the_whole_models_bit_for_bit(sam, decoder_model, exact) -> None:
     embedding, boxes, masks = calibration_prompts(decoder_model, 4, seed=4)
-    got = TorchDecoder(model=decoder_model, exact=exact).decode(
+    got = TorchMaskDecoder(model=decoder_model, exact=exact).decode(
         embedding, boxes=boxes, mask_input=masks
     )
-    expected = TorchDecoder(model=sam.model, exact=exact).decode(
+    expected = TorchMaskDecoder(model=sam.model, exact=exact).decode(
         embedding, boxes=boxes, mask_input=masks
     )
     for a, b in zip(got, expected, strict=True):
@@ -129,14 +133,14 @@ def test_torch_backends_are_the_whole_models_bit_for_bit(sam, decoder_model, exa
 
 def test_batched_decoder_is_the_sam_paths_bit_for_bit(sam, decoder_model) -> None:
     """SamMaskDecoder on the decoder-only model (no backend: SamDecoder.decode) against
-    SamMaskDecoder on a whole SAM: masks, windows, scores, low-res and contested logits."""
+    SamMaskDecoder on a whole MobileSAM: masks, windows, scores, low-res and contested logits."""
     image = np.random.default_rng(0).integers(0, 256, (*FRAME, 3), dtype=np.uint8)
     embedded = sam.set_image(image)
     previous = np.random.default_rng(1).normal(0, 4, (64, 64)).astype(np.float32)
     points = [None, None, (np.array([[60.0, 50.0]], np.float32), np.array([1], np.int32))]
     boxes = np.concatenate([BOXES, np.full((1, 4), np.nan, np.float32)])
     results = []
-    for model in (decoder_model, sam):
+    for model in (decoder_model, sam.model):
         decoder = SamMaskDecoder(model, exclusive=True)
         results.append(decoder(embedded, boxes, [None, previous, None], points))
     got, expected = results
@@ -159,8 +163,8 @@ def test_tracker_node_is_the_whole_model_trackers_bit_for_bit(sam, checkpoint: P
     )
     new = TrackerNode(config, weights=str(checkpoint), image_size=SIZE)
     new.setup()
-    backend = build_decoder(model=sam.model, weights_path=sam.weights_path, backend="torch")
-    whole = SamMaskDecoder(sam, exclusive=config.exclusive_masks, backend=backend)
+    backend = build_mask_decoder(model=sam.model, weights_path=sam.weights_path, backend="torch")
+    whole = SamMaskDecoder(sam.model, exclusive=config.exclusive_masks, backend=backend)
     old = TrackerNode(config, weights=str(checkpoint), image_size=SIZE, decoder=whole)
     old.setup()
     for frame in range(4):

@@ -16,10 +16,11 @@ import torch
 
 from nodes.tracker import TrackerNode
 from pipeline.config import TrackerConfig
+from pipeline.infer.encoder import ImageEmbedding
 from pipeline.infer.mask_decoder import SamMaskDecoder, probe_windows
 from pipeline.infer.upscale import EMPTY_BOX, Upscaler, matches_full_frame
 from pipeline.model.transforms import resized_shape
-from pipeline.predictor import SAM, ImageEmbedding
+from pipeline.predictor import SAM
 from pipeline.track.exclusive import ContestedPixels, DecodedMasks, exclusive_masks
 from pipeline.track.measure import measure_box
 from pipeline.track.prompts import Prompts
@@ -313,7 +314,7 @@ def test_decoder_masks_are_the_full_frame_masks(sam, exclusive, windowed) -> Non
     size = (96, 128)
     image = embedding(sam, size, seed=1)
     old = OldDecoder(sam, exclusive=exclusive)
-    new = SamMaskDecoder(sam, exclusive=exclusive, windowed=windowed)
+    new = SamMaskDecoder(sam.model, exclusive=exclusive, windowed=windowed)
     first = old(image, BOXES_96x128, [None] * 5)
     previous = [first.low_res_logits[i] for i in range(5)]
     points = (np.array([[50.0, 48.0], [5.0, 90.0]], np.float32), np.array([1, 0], np.int32))
@@ -336,19 +337,17 @@ def test_decoder_masks_are_the_full_frame_masks(sam, exclusive, windowed) -> Non
 
 
 class ScriptedLowRes(SamMaskDecoder):
-    """The real decoder, with the network's low-res logits replaced by scripted ones: masks
-    of chosen shapes (empty, tiny, at every edge, covering the frame) through the real
-    upscaling and contested pixels."""
+    """The real decoder, with the network's low-res logits replaced by scripted ones (row i
+    of a frame's prompts: case i): masks of chosen shapes (empty, tiny, at every edge,
+    covering the frame) through the real upscaling and contested pixels."""
 
     def __init__(self, sam: SAM, lows: np.ndarray, **kwargs) -> None:
-        super().__init__(sam, **kwargs)
+        super().__init__(sam.model, **kwargs)
         self.lows = lows
 
-    def _network(self, image, prompts, mask_inputs):
-        count = 0 if prompts.boxes is None else len(prompts.boxes)
-        rows = [int(v) for v in prompts.boxes[:, 0]] if count else []
+    def _decode(self, image, boxes, mask_logits, points, rows):
         low = torch.from_numpy(self.lows[rows])[:, None]
-        return low, torch.full((count, 1), 0.9)
+        return low, torch.full((len(rows), 1), 0.9)
 
 
 def scripted_cases(g: int, rows: float, cols: float) -> np.ndarray:
@@ -373,7 +372,7 @@ def test_scripted_masks_of_every_shape_are_the_full_frame_masks(sam, sam_1024, s
     h, w = resized_shape(*size, side)
     lows = scripted_cases(g, h / 4, w / 4)
     image = embedding(model_sam, size, seed=2)
-    # Row i of the batch is case i: the scripted network reads it from the box's x1.
+    # Row i is case i: the scripted decoder takes each row's logits by its index.
     boxes = np.array([[i, 0, i + 1, 1] for i in range(len(lows))], np.float32)
     with torch.inference_mode():
         full = model_sam.model.upscale_masks(torch.from_numpy(lows)[:, None], (h, w), size)
@@ -427,7 +426,7 @@ def test_tracks_with_windows_are_the_tracks_with_full_frames(sam, exclusive) -> 
     """Whole frames of tracking (measurement, mask prompts, exclusivity) with the windowed
     decoder and with the old full-frame one: the same boxes, states, scores and masks."""
     size = (96, 128)
-    new = SamMaskDecoder(sam, exclusive=exclusive)
+    new = SamMaskDecoder(sam.model, exclusive=exclusive)
     old = OldDecoder(sam, exclusive=exclusive)
     trackers = [
         PromptTracker(new, frame_size=size, settings=OPEN),

@@ -104,7 +104,7 @@ class TimedNetwork:
 
 def tracker_node(weights: Path, backend: str, count: int, size: tuple[int, int], blobs: bool):
     """A TrackerNode at 1024 px with `count` boxes, its decoder network timed."""
-    from pipeline.infer.decoder_backends import TorchDecoder
+    from pipeline.infer.mask_decoder import TorchMaskDecoder
 
     config = TrackerConfig(
         device="cpu",
@@ -115,7 +115,7 @@ def tracker_node(weights: Path, backend: str, count: int, size: tuple[int, int],
     node = TrackerNode(config, weights=str(weights), image_size=1024)
     node.setup()
     if backend == "exact":  # the tracker's network before the backends: MobileSAM.decode
-        node.decoder.backend = TorchDecoder(model=node.decoder.model, exact=True)
+        node.decoder.backend = TorchMaskDecoder(model=node.decoder.model, exact=True)
     network = TimedNetwork(node.decoder.backend, node.decoder.model, blobs=blobs)
     node.decoder.backend.decode = network
     for box in boxes_for(count, size, 100, 300, seed=count):

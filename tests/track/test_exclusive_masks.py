@@ -16,8 +16,9 @@ from support.trackers import sam_embedding_message
 
 from nodes.tracker import TrackerNode
 from pipeline.config import PromptConfig, TrackerConfig
+from pipeline.infer.encoder import ImageEmbedding
 from pipeline.infer.mask_decoder import SamMaskDecoder
-from pipeline.predictor import SAM, ImageEmbedding
+from pipeline.predictor import SAM
 from pipeline.track.exclusive import exclusive_masks
 from pipeline.track.prompts import Prompts
 from pipeline.track.tracking import PromptTracker, TrackOutput
@@ -64,7 +65,7 @@ def row_logits(
 
 
 def track_frame(sam: SAM, embedded: ImageEmbedding, *, exclusive: bool) -> list[TrackOutput]:
-    decoder = SamMaskDecoder(sam, exclusive=exclusive)
+    decoder = SamMaskDecoder(sam.model, exclusive=exclusive)
     tracker = PromptTracker(decoder, frame_size=SIZE, settings=OPEN)
     for box in BOXES:
         tracker.add(box=box)
@@ -115,7 +116,7 @@ def test_contested_pixels_span_the_decoders_separate_calls(sam, embedded):
     previous = low[0, 0].numpy()
     points = (np.array([[50.0, 48.0], [5.0, 90.0]]), np.array([1, 0]))
     boxes = np.array([BOXES[0], BOXES[1], [np.nan] * 4], dtype=np.float32)
-    decoded = SamMaskDecoder(sam, exclusive=True)(
+    decoded = SamMaskDecoder(sam.model, exclusive=True)(
         embedded, boxes, [None, previous, None], [None, None, (points[0], points[1])]
     )
     logits = np.stack(
@@ -149,7 +150,7 @@ def test_contested_pixels_span_the_decoders_separate_calls(sam, embedded):
 
 
 def test_not_exclusive_reports_no_contested_pixels(sam, embedded):
-    decoded = SamMaskDecoder(sam, exclusive=False)(embedded, BOXES, [None, None])
+    decoded = SamMaskDecoder(sam.model, exclusive=False)(embedded, BOXES, [None, None])
     assert decoded.contested is None
     assert (decoded.masks[0].dense() & decoded.masks[1].dense()).any()
 

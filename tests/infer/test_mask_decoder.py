@@ -3,7 +3,7 @@ node on ONNX Runtime, `tracker.backend: auto`'s calibration and its cache.
 
 At 256 px on the random-weight checkpoint (16x16 embeddings, 64x64 low-res logits), so the
 module runs in seconds. Tolerance: low-res logits within 1e-4 relative (Frobenius norm) of
-torch fp32 (`decoder_backends.TOLERANCE`; measured 5e-7 to 9e-7), and the masks equal
+torch fp32 (`mask_decoder.TOLERANCE`; measured 5e-7 to 9e-7), and the masks equal
 wherever the reference logit is not within 1e-3 of the threshold.
 """
 
@@ -20,20 +20,20 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, TrackerConfig, config_from_dict
-from pipeline.infer import backends, decoder_backends, export
-from pipeline.infer.backends import relative_error
-from pipeline.infer.decoder_backends import (
+from pipeline.infer import calibration, export, mask_decoder
+from pipeline.infer.backend import installed, relative_error
+from pipeline.infer.mask_decoder import (
     TOLERANCE,
-    TorchDecoder,
-    build_decoder,
+    TorchMaskDecoder,
+    build_mask_decoder,
     calibration_prompts,
 )
 from pipeline.predictor import SAM
 
 SIZE = 256
 NEAR_THRESHOLD = 1e-3  # |logit| below this may flip between backends; nowhere else may
-HAS_OPENVINO = backends._installed("openvino")
-HAS_ORT = backends._installed("onnxruntime")
+HAS_OPENVINO = installed("openvino")
+HAS_ORT = installed("onnxruntime")
 
 
 def _installed_backends() -> list:
@@ -76,12 +76,12 @@ def seeded(shared_cache: Path, _cache: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def decoders(sam: SAM, shared_cache: Path) -> dict[str, decoder_backends.DecoderBackend]:
+def decoders(sam: SAM, shared_cache: Path) -> dict[str, mask_decoder.MaskDecoderBackend]:
     """Every installed backend, built once for the module (sessions load in ~0.1 s)."""
-    out: dict[str, decoder_backends.DecoderBackend] = {}
+    out: dict[str, mask_decoder.MaskDecoderBackend] = {}
     for name in ("torch", "onnxruntime", "openvino"):
-        if name == "torch" or backends._installed(name):
-            out[name] = build_decoder(
+        if installed(name):
+            out[name] = build_mask_decoder(
                 model=sam.model, weights_path=sam.weights_path, backend=name, cache=shared_cache
             )
     return out
@@ -107,7 +107,7 @@ def test_boxes_match_torch_fp32(
     sam: SAM, decoders: dict, backend: str, count: int, with_mask: bool
 ) -> None:
     embedding, boxes, masks = calibration_prompts(sam.model, count, seed=count)
-    reference = TorchDecoder(model=sam.model, exact=True)
+    reference = TorchMaskDecoder(model=sam.model, exact=True)
     mask_input = masks if with_mask else None
     want = reference.decode(embedding, boxes=boxes, mask_input=mask_input)
     got = decoders[backend].decode(embedding, boxes=boxes, mask_input=mask_input)
@@ -123,7 +123,7 @@ def test_points_match_torch_fp32(sam: SAM, decoders: dict, backend: str, with_bo
     embedding, boxes, masks = calibration_prompts(sam.model, 3, seed=5)
     coords = np.array([[[60.0, 80.0], [120.0, 40.0]]] * 3, np.float32) + np.arange(3)[:, None, None]
     labels = np.array([[1, 0]] * 3, np.int32)
-    reference = TorchDecoder(model=sam.model, exact=True)
+    reference = TorchMaskDecoder(model=sam.model, exact=True)
     for mask_input in (None, masks):
         kwargs = {"points": (coords, labels), "boxes": boxes if with_box else None}
         want = reference.decode(embedding, mask_input=mask_input, **kwargs)
@@ -140,7 +140,7 @@ def test_exact_torch_is_sam_decode_bit_for_bit(sam: SAM, real_image: np.ndarray)
     box = [[50.0, 40.0, 300.0, 280.0], [200.0, 10.0, 500.0, 330.0]]
     _, scores, low = sam.decode(embedded, parse_prompts(real_image.shape[:2], bboxes=box))
     scaled = scale_boxes(np.array(box, np.float32), real_image.shape[:2], SIZE)
-    got_low, got_scores = TorchDecoder(model=sam.model, exact=True).decode(
+    got_low, got_scores = TorchMaskDecoder(model=sam.model, exact=True).decode(
         embedded.embedding, boxes=scaled
     )
     assert torch.equal(got_low, low) and torch.equal(got_scores, scores)
@@ -212,21 +212,21 @@ def test_tracker_node_on_onnxruntime_gives_torchs_masks(checkpoint: Path, seeded
 @pytest.fixture
 def fast_calibration(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """One timed round (tests check the mechanism, not the timings); counts calibrations."""
-    monkeypatch.setattr(backends, "CALIBRATION_ROUNDS", 1)
+    monkeypatch.setattr(calibration, "CALIBRATION_ROUNDS", 1)
     calls: list[int] = []
-    real = backends.calibrate  # the encoder's and the decoder's
+    real = calibration.calibrate  # the encoder's and the mask decoder's
 
-    def counting(calibration: backends.Calibration, **kwargs):
+    def counting(cal: calibration.Calibration, *args, **kwargs):
         calls.append(1)
-        assert calibration.name == "decoder"
-        return real(calibration, **kwargs)
+        assert cal.name == export.DECODER
+        return real(cal, *args, **kwargs)
 
-    monkeypatch.setattr(backends, "calibrate", counting)
+    monkeypatch.setattr(calibration, "calibrate", counting)
     return calls
 
 
 def _auto(sam: SAM) -> dict:
-    return build_decoder(model=sam.model, weights_path=sam.weights_path, backend="auto").report
+    return build_mask_decoder(model=sam.model, weights_path=sam.weights_path, backend="auto").report
 
 
 def test_auto_calibrates_once_and_reuses_the_result(
@@ -250,7 +250,7 @@ def test_auto_calibrates_once_and_reuses_the_result(
         )
     timed = [r["ms"] for r in rows.values() if r.get("ok") and r["ms"] is not None]
     assert rows[first["backend"]]["ms"] == min(timed) and first["precision"] == "float32"
-    [path] = (seeded / "calibration").glob("decoder-*.json")
+    [path] = (seeded / "calibration").glob("mask_decoder-*.json")
     assert Path(first["calibration_file"]) == path
     second = _auto(sam)
     assert fast_calibration == [1] and second["chosen_by"] == "calibration cache"
@@ -261,30 +261,36 @@ def test_a_corrupt_calibration_is_redone_with_a_warning(
     sam: SAM, seeded: Path, fast_calibration: list[int], caplog: pytest.LogCaptureFixture
 ) -> None:
     _auto(sam)
-    [path] = (seeded / "calibration").glob("decoder-*.json")
+    [path] = (seeded / "calibration").glob("mask_decoder-*.json")
     for garbage in ('{"key": ', json.dumps({"key": None, "choice": {"backend": "tensorrt"}})):
         path.write_text(garbage)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="pipeline.infer.backends"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.infer.calibration"):
             report = _auto(sam)
         assert report["chosen_by"] == "calibration"
     assert fast_calibration == [1, 1, 1]
     key = json.loads(path.read_text())["key"]
-    assert key["format"] == decoder_backends.CALIBRATION_FORMAT
+    assert key["format"] == calibration.CALIBRATION_FORMAT and key["kind"] == export.DECODER
+    assert key == _decoder_key(threads=key["threads"], checkpoint_sha256=key["checkpoint_sha256"])
+
+
+def _decoder_key(**change: object) -> dict:
+    """The mask decoder's calibration key (pipeline.infer.mask_decoder.MaskDecoderBuilder's
+    settings)."""
+    args = {"image_size": SIZE, "threads": 1, "checkpoint_sha256": "a" * 64, **change}
+    settings = {"counts": list(mask_decoder.CALIBRATION_COUNTS), "tolerance": TOLERANCE}
+    return calibration.calibration_key(export.DECODER, **args, **settings)  # type: ignore[arg-type]
 
 
 def test_a_calibration_for_another_key_is_never_used(sam: SAM) -> None:
-    key = decoder_backends.decoder_calibration_key(
-        image_size=SIZE, threads=1, checkpoint_sha256="a" * 64
-    )
+    key = _decoder_key()
     assert {"cpu_model", "cpu_flags_sha256", "versions", "tolerance"} <= key.keys()
     for change in ({"threads": 2}, {"image_size": 512}, {"checkpoint_sha256": "b" * 64}):
-        args = {"image_size": SIZE, "threads": 1, "checkpoint_sha256": "a" * 64, **change}
-        assert decoder_backends.decoder_calibration_key(**args) != key
-    encoder_key = backends.encoder_calibration_key(
-        image_size=SIZE, threads=1, dtype="auto", checkpoint_sha256="a" * 64
+        assert _decoder_key(**change) != key
+    encoder_key = calibration.calibration_key(
+        export.ENCODER, image_size=SIZE, threads=1, checkpoint_sha256="a" * 64
     )
-    assert encoder_key["format"] != key["format"]  # the two never read each other's files
+    assert encoder_key["kind"] != key["kind"]  # the two never read each other's files
 
 
 def test_auto_without_openvino_uses_what_is_there(
@@ -300,12 +306,12 @@ def test_auto_without_openvino_uses_what_is_there(
 def test_openvino_missing_names_the_extra(sam: SAM, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(RuntimeError, match=r"tracker\.backend openvino .*samstream\[openvino\]"):
-        build_decoder(model=sam.model, weights_path=sam.weights_path, backend="openvino")
+        build_mask_decoder(model=sam.model, weights_path=sam.weights_path, backend="openvino")
 
 
 def test_bad_backend_arguments(sam: SAM) -> None:
     with pytest.raises(ValueError, match="not one of auto"):
-        build_decoder(model=sam.model, weights_path=sam.weights_path, backend="tensorrt")
+        build_mask_decoder(model=sam.model, weights_path=sam.weights_path, backend="tensorrt")
 
 
 def test_config_backend_key() -> None:
@@ -322,17 +328,17 @@ def test_threads_come_from_the_budget(
     sam: SAM, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the launcher sets for the tracker
-    decoder = build_decoder(
+    decoder = build_mask_decoder(
         model=sam.model, weights_path=sam.weights_path, backend="onnxruntime", cache=shared_cache
     )
     assert decoder.threads == 1 and decoder.report["threads"] == 1
-    assert decoder.session.get_session_options().intra_op_num_threads == 1
+    assert decoder.onnx.session.get_session_options().intra_op_num_threads == 1
     if HAS_OPENVINO:
-        decoder = build_decoder(
+        decoder = build_mask_decoder(
             model=sam.model,
             weights_path=sam.weights_path,
             backend="openvino",
             threads=2,
             cache=shared_cache,
         )
-        assert decoder.compiled.get_property("INFERENCE_NUM_THREADS") == 2
+        assert decoder.onnx.compiled.get_property("INFERENCE_NUM_THREADS") == 2

@@ -1,7 +1,7 @@
 """Encoder backends: parity with torch fp32, the export cache, `auto`'s calibration, threads.
 
 At 256 px on the random-weight checkpoint. Tolerances (relative error of the embedding,
-pipeline.infer.backends.TOLERANCES): fp32 1e-4 (measured ~1e-6 for ONNX Runtime and OpenVINO),
+pipeline.infer.encoder.TOLERANCES): fp32 1e-4 (measured ~1e-6 for ONNX Runtime and OpenVINO),
 bf16 3e-2 (measured ~1.6e-2).
 """
 
@@ -20,19 +20,14 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.infer import backends, export
-from pipeline.infer.backends import (
-    TOLERANCES,
-    build_encoder,
-    calibration_input,
-    encoder_threads,
-    native_bf16,
-    relative_error,
-)
+from pipeline.infer import calibration, encoder, export
+from pipeline.infer.backend import backend_threads, installed, relative_error
+from pipeline.infer.encoder import TOLERANCES, build_encoder, calibration_input
+from pipeline.infer.machine import native_bf16
 from pipeline.predictor import SAM
 
 SIZE = 256
-HAS_OPENVINO = backends._installed("openvino")
+HAS_OPENVINO = installed("openvino")
 
 
 @pytest.fixture(autouse=True)
@@ -208,15 +203,15 @@ def test_a_corrupt_export_is_rebuilt_with_a_warning(
 @pytest.fixture
 def fast_calibration(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """One timed round (tests check the mechanism, not the timings); counts calibrations."""
-    monkeypatch.setattr(backends, "CALIBRATION_ROUNDS", 1)
+    monkeypatch.setattr(calibration, "CALIBRATION_ROUNDS", 1)
     calls: list[int] = []
-    real = backends.calibrate
+    real = calibration.calibrate
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backends, "calibrate", counting)
+    monkeypatch.setattr(calibration, "calibrate", counting)
     return calls
 
 
@@ -225,6 +220,9 @@ def test_auto_calibrates_once_and_reuses_the_result(
 ) -> None:
     first = SAM(checkpoint, image_size=SIZE, backend="auto", dtype="auto").backend_report
     assert fast_calibration == [1] and first["chosen_by"] == "calibration"
+    key = json.loads(Path(first["calibration_file"]).read_text())["key"]
+    assert key["kind"] == export.ENCODER and key["dtype"] == "auto"
+    assert key == _encoder_key(threads=key["threads"], checkpoint_sha256=key["checkpoint_sha256"])
     rows = {(r["backend"], r["precision"]): r for r in first["candidates"]}
     assert rows[("torch", "float32")]["ok"] and rows[("torch", "float32")]["rel_error"] == 0
     for row in rows.values():
@@ -241,21 +239,22 @@ def test_auto_calibrates_once_and_reuses_the_result(
     assert second["candidates"] == first["candidates"]
 
 
+def _encoder_key(**change: object) -> dict:
+    """The encoder's calibration key (pipeline.infer.encoder.EncoderBuilder's settings)."""
+    args = {"image_size": SIZE, "threads": 2, "checkpoint_sha256": "a" * 64, **change}
+    settings = {"dtype": args.pop("dtype", "auto"), "tolerances": TOLERANCES}
+    return calibration.calibration_key(export.ENCODER, **args, **settings)  # type: ignore[arg-type]
+
+
 def test_a_calibration_for_another_key_is_never_used(tmp_path: Path) -> None:
-    key = backends.encoder_calibration_key(
-        image_size=SIZE, threads=2, dtype="auto", checkpoint_sha256="a" * 64
-    )
-    for change in ({"threads": 1}, {"image_size": 512}, {"checkpoint_sha256": "b" * 64}):
-        other = backends.encoder_calibration_key(
-            **{
-                "image_size": SIZE,
-                "threads": 2,
-                "dtype": "auto",
-                "checkpoint_sha256": "a" * 64,
-                **change,
-            }
-        )
-        assert other != key
+    key = _encoder_key()
+    for change in (
+        {"threads": 1},
+        {"image_size": 512},
+        {"checkpoint_sha256": "b" * 64},
+        {"dtype": "float32"},
+    ):
+        assert _encoder_key(**change) != key
     assert {"cpu_model", "cpu_flags_sha256", "versions"} <= key.keys()
     assert {"torch", "onnxruntime", "openvino", "samstream"} <= key["versions"].keys()
     path = tmp_path / "calibration.json"
@@ -263,7 +262,7 @@ def test_a_calibration_for_another_key_is_never_used(tmp_path: Path) -> None:
     path.write_text(json.dumps({"key": {**key, "threads": 1}, "choice": choice}))
 
     def load() -> dict | None:
-        return backends.load_calibration(path, key, what="encoder", precisions=("float32",))
+        return calibration.load_calibration(path, key, what="encoder", precisions=("float32",))
 
     assert load() is None
     path.write_text(json.dumps({"key": key, "choice": choice}))
@@ -276,7 +275,7 @@ def test_a_corrupt_calibration_is_redone_with_a_warning(
     SAM(checkpoint, image_size=SIZE, backend="auto", dtype="float32")
     [path] = (seeded / "calibration").glob("*.json")
     path.write_text('{"key": ')
-    with caplog.at_level(logging.WARNING, logger="pipeline.infer.backends"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.infer.calibration"):
         report = SAM(checkpoint, image_size=SIZE, backend="auto", dtype="float32").backend_report
     assert fast_calibration == [1, 1] and report["chosen_by"] == "calibration"
     assert "corrupt" in caplog.text
@@ -288,7 +287,7 @@ def test_auto_without_openvino_uses_what_is_there(
     checkpoint: Path, seeded: Path, monkeypatch: pytest.MonkeyPatch, fast_calibration: list[int]
 ) -> None:
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` -> ImportError
-    monkeypatch.setattr(backends, "native_bf16", lambda: False)
+    monkeypatch.setattr(encoder, "native_bf16", lambda: False)
     report = SAM(checkpoint, image_size=SIZE, backend="auto", dtype="auto").backend_report
     assert report["backend"] in ("torch", "onnxruntime") and report["precision"] == "float32"
     rows = {(r["backend"], r["precision"]): r for r in report["candidates"]}
@@ -336,7 +335,8 @@ def test_threads_come_from_the_budget(
     torch_sam: SAM, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the launcher sets for a node
-    assert encoder_threads(None) == 1 and encoder_threads(3) == 3
+    assert backend_threads(None, what="encoder") == 1
+    assert backend_threads(3, what="encoder") == 3
     ort_encoder = build_encoder(
         model=torch_sam.model,
         weights_path=torch_sam.weights_path,
@@ -344,7 +344,7 @@ def test_threads_come_from_the_budget(
         cache=shared_cache,
     )
     assert ort_encoder.threads == 1 and ort_encoder.report["threads"] == 1
-    assert ort_encoder.session.get_session_options().intra_op_num_threads == 1
+    assert ort_encoder.onnx.session.get_session_options().intra_op_num_threads == 1
     if HAS_OPENVINO:
         ov_encoder = build_encoder(
             model=torch_sam.model,
@@ -353,12 +353,12 @@ def test_threads_come_from_the_budget(
             threads=2,
             cache=shared_cache,
         )
-        assert ov_encoder.compiled.get_property("INFERENCE_NUM_THREADS") == 2
+        assert ov_encoder.onnx.compiled.get_property("INFERENCE_NUM_THREADS") == 2
         import openvino as ov
 
-        assert ov_encoder.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+        assert ov_encoder.onnx.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert encoder_threads(None) >= 1
+    assert backend_threads(None, what="encoder") >= 1
 
 
 def test_config_backend_key() -> None:
@@ -401,7 +401,7 @@ def test_openvino_is_imported_without_its_telemetry() -> None:
         "forks = []\n"
         "real = os.fork\n"
         "os.fork = lambda: forks.append(1) or real()\n"
-        "from pipeline.infer.backends import import_package\n"
+        "from pipeline.infer.backend import import_package\n"
         "import_package('openvino')\n"
         "time.sleep(1)  # the telemetry is sent from a thread\n"
         "print(len(forks), sys.modules.get('openvino_telemetry'))\n"
@@ -419,12 +419,14 @@ def test_each_openvino_precision_has_its_own_compile_cache(seeded: Path) -> None
     [onnx] = (seeded / "onnx").glob("image_encoder-*.onnx")
     code = (
         "import sys, numpy as np\n"
-        "from pipeline.infer.backends import OpenVinoEncoder, calibration_input\n"
+        "from pipeline.infer.backend import OnnxModel\n"
+        "from pipeline.infer.encoder import OnnxEncoder, calibration_input\n"
         "x = calibration_input(int(sys.argv[2]))\n"
         "out = {}\n"
         "for precision in ('float32', 'bfloat16', 'float32'):\n"
-        "    enc = OpenVinoEncoder(path=sys.argv[1], image_size=int(sys.argv[2]), threads=1,"
-        " precision=precision)\n"
+        "    model = OnnxModel('openvino', sys.argv[1], precision=precision, threads=1,"
+        " setting='encoder.backend')\n"
+        "    enc = OnnxEncoder(model, image_size=int(sys.argv[2]))\n"
         "    out.setdefault(precision, []).append(enc.encode(x))\n"
         "ref = out['float32'][0]\n"
         "err = lambda a: float(np.abs(a - ref).max() / np.abs(ref).max())\n"
@@ -446,7 +448,7 @@ _CRASHING_CALIBRATION = """
 import logging, os, signal, sys
 from pathlib import Path
 import numpy as np
-from pipeline.infer import backends
+from pipeline.infer import calibration
 logging.basicConfig(level=logging.INFO)
 
 class Scaled:  # a backend: its output is the input times a factor
@@ -462,19 +464,20 @@ def make(backend, precision):
         os.kill(os.getpid(), signal.SIGKILL)  # a launcher's kill: not the backend's fault
     return Scaled(backend, precision, 1.0)
 
-cal = backends.Calibration(
-    what="encoder", name="encoder", key={"test": 1}, image_size=16, threads=1,
+cal = calibration.Calibration(
+    what="encoder", name="image_encoder", image_size=16, settings={"test": 1},
     precisions=("float32",),
     candidates=lambda: [
-        backends.candidate(b, "float32", 1e-4) for b in ("torch", "onnxruntime", "openvino")
+        calibration.candidate(b, "float32", 1e-4) for b in ("torch", "onnxruntime", "openvino")
     ],
     inputs={"image": lambda: np.ones(4, np.float32)},
     run=lambda backend, x: x * backend.factor,
-    make=make,
     reference=lambda: Scaled("torch", "float32", 1.0),
     reference_label="torch/float32",
 )
-runner, report = backends.choose_backend(cal, Path(sys.argv[1]))
+runner, report = calibration.choose_backend(
+    cal, make, threads=1, checkpoint_sha256="0" * 64, cache=Path(sys.argv[1])
+)
 print(runner.name, [row.get("skipped") for row in report["candidates"]])
 """
 
