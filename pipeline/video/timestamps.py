@@ -13,17 +13,22 @@ counting the faults of the next few frames too, so a file whose pts go wrong at 
 dts from frame 3 on instead of emitting one bad pts before it notices. Whatever it chose is
 then guarded: a value not after the previous output is moved after it.
 
-The class is pure logic on plain ints (no PyAV), so it is tested with number sequences; the
-frames it is handed travel through it as opaque items.
+`Timeline` is the other half: one timeline over pieces of a stream whose own pts restart (a
+camera's reconnect, a restarted decoder), each piece shifted to follow the last frame before it
+by the wall-clock time in between.
+
+Both are pure logic on plain numbers (no PyAV), so they are tested with number sequences; the
+frames the repairer is handed travel through it as opaque items.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Generic, TypeVar
 
-__all__ = ["REPAIR_METHODS", "RepairedTimestamp", "TimestampRepairer"]
+__all__ = ["REPAIR_METHODS", "RepairedTimestamp", "Timeline", "TimestampRepairer"]
 
 # How a repaired timestamp was made, as counted in `TimestampRepairer.report`:
 # "dts": the frame's dts, because its pts is missing or the pts are out of order;
@@ -116,8 +121,7 @@ class TimestampRepairer(Generic[ItemT]):
         self._last_out: int | None = None
         self._step = frame_duration  # the duration of the last frame handed out
         self._offset = 0  # added to every chosen value since the last discontinuity
-        self._repaired = 0
-        self._first_repaired: int | None = None
+        self.first_repaired: int | None = None  # the index of the first frame repaired
         self._methods = dict.fromkeys(REPAIR_METHODS, 0)
 
     def push(
@@ -156,8 +160,8 @@ class TimestampRepairer(Generic[ItemT]):
         methods only where they were used: ``repaired_frames`` 0 and no methods when every
         frame kept its own pts."""
         return {
-            "repaired_frames": self._repaired,
-            "first_frame": self._first_repaired,
+            "repaired_frames": sum(self._methods.values()),
+            "first_frame": self.first_repaired,
             "methods": {name: n for name, n in self._methods.items() if n},
         }
 
@@ -192,10 +196,9 @@ class TimestampRepairer(Generic[ItemT]):
         if duration is not None and duration > 0:
             self._step = duration
         if method is not None:
-            self._repaired += 1
             self._methods[method] += 1
-            if self._first_repaired is None:
-                self._first_repaired = index
+            if self.first_repaired is None:
+                self.first_repaired = index
         return RepairedTimestamp(
             item=item, index=index, pts=value, source_pts=pts, method=method, reason=reason
         )
@@ -238,3 +241,50 @@ class TimestampRepairer(Generic[ItemT]):
             return last + self._step, "discontinuity", reason
         reason = "timestamp not after the previous frame's, moved one tick after it"
         return last + 1, "nudged", reason
+
+
+class Timeline:
+    """One strictly increasing pts timeline, in one time base, over pieces of a stream whose
+    own pts restart: a live source's connections (RTSP starts each session near 0), or the
+    frames of a restarted decoder after those of the one before.
+
+    A piece's first frame is placed after the last frame before it by the wall-clock time
+    between their captures (at least one tick), so an outage shows as a gap of its real
+    length; the piece's later frames keep their own spacing from there. A frame that would
+    not come after the previous one (a camera's clock stepped back) is moved one tick after
+    it. Without a frame before (``last_pts`` None), the first piece starts at 0.
+    """
+
+    def __init__(
+        self,
+        time_base: Fraction | None = None,
+        *,
+        last_pts: int | None = None,
+        last_capture: float = 0.0,
+    ) -> None:
+        """``time_base``: the timeline's unit in seconds (None: the first frame's).
+        ``last_pts``, ``last_capture`` (``time.time()`` seconds): the frame to follow."""
+        self.time_base = time_base
+        self.last_pts = last_pts
+        self.last_capture = last_capture
+        self._origin: tuple[int, int] | None = None  # the piece's first pts, and its place
+
+    def new_piece(self) -> None:
+        """The next frame starts a piece: its pts restart, it is placed by the wall clock."""
+        self._origin = None
+
+    def place(self, pts: int, time_base: Fraction, capture_time: float) -> int:
+        """The timeline's pts for a frame of the current piece (``pts`` in ``time_base``)."""
+        self.time_base = self.time_base or time_base
+        if self._origin is None:
+            start = 0
+            if self.last_pts is not None:
+                gap = Fraction(max(0.0, capture_time - self.last_capture))
+                start = self.last_pts + max(1, round(gap / self.time_base))
+            self._origin = (pts, start)
+        first, start = self._origin
+        placed = start + round((pts - first) * time_base / self.time_base)
+        if self.last_pts is not None:
+            placed = max(placed, self.last_pts + 1)
+        self.last_pts, self.last_capture = placed, capture_time
+        return placed
