@@ -47,6 +47,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# A decoded picture waiting for its timestamp to be decided, and its decoding time in ms.
+Decoded = tuple[av.VideoFrame, float]
+
 SOURCE_KINDS = ("file", "lavfi", "rtsp", "webcam")
 
 # Frames a file's decoder runs ahead of what it hands out, so that the timestamp repair sees
@@ -308,16 +311,14 @@ class VideoSource:
         self.open_timeout_s = open_timeout_s
         self.frames_decoded = 0
         self.corrupt_packets = 0
-        self._container: av.container.InputContainer | None = None
-        self._stream: av.VideoStream | None = None
+        self._stream: av.VideoStream | None = None  # of the open container
+        self._repairer: TimestampRepairer[Decoded] | None = None
         self._closed = False
-        self._repairer: TimestampRepairer[_PendingFrame] | None = None
-        self._repair_logged = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Open the source and select its first video stream.
+        """Open the source and select its first video stream (nothing when it is open).
 
         Raises:
             SourceError: the source cannot be opened, is not a video FFmpeg can read, or has no
@@ -325,13 +326,18 @@ class VideoSource:
         """
         if self._closed:
             raise RuntimeError(f"video source {self.spec.display_name!r} is closed")
-        if self._container is not None:
+        if self._stream is not None:
             return
         name = self.spec.display_name
         if self.spec.kind == "file":
             _check_file(self.spec.url)
         if self.spec.kind == "webcam":
             check_device(self.spec.url)
+        # FFmpeg's per-read timeout is half of ours: when a read times out, FFmpeg first
+        # flushes its parser (handing out one more packet) and raises only when the next read
+        # times out too, so a stall surfaces after two timeouts (measured with PyAV 18 /
+        # FFmpeg 8 over RTSP: 2.0 s for a 1 s timeout).
+        read_timeout = None if self.read_timeout_s is None else self.read_timeout_s / 2
         started = time.monotonic()
         try:
             container = av.open(
@@ -339,7 +345,7 @@ class VideoSource:
                 mode="r",
                 format=self.spec.format,
                 container_options=dict(self.spec.options),
-                timeout=(self.open_timeout_s, self._ffmpeg_read_timeout()),
+                timeout=(self.open_timeout_s, read_timeout),
             )
         except (av.FFmpegError, OSError, ValueError) as error:
             if time.monotonic() - started >= self.open_timeout_s:
@@ -357,24 +363,16 @@ class VideoSource:
             found = ", ".join(f"{s.type} stream" for s in container.streams) or "no streams at all"
             container.close()
             raise SourceError(f"video source {name!r} has no video stream (found: {found})")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame + slice threads: the decoder otherwise uses one core
-        self._container, self._stream = container, stream
-        self._repairer = _repairer_for(stream, live=self.spec.is_live)
-
-    def _ffmpeg_read_timeout(self) -> float | None:
-        """The per-read timeout handed to FFmpeg: half of ours. When a read times out,
-        FFmpeg first flushes its parser (handing out one more packet) and raises only when
-        the next read times out too, so a stall surfaces after two timeouts (measured with
-        PyAV 18 / FFmpeg 8 over RTSP: 2.0 s for a 1 s timeout)."""
-        return None if self.read_timeout_s is None else self.read_timeout_s / 2
+        self._stream = container.streams.video[0]
+        self._stream.thread_type = "AUTO"  # frame + slice threads: else the decoder uses one core
+        self._repairer = _repairer_for(self._stream, live=self.spec.is_live)
 
     def close(self) -> None:
         """Release the container. Safe to call more than once."""
         self._closed = True
-        container, self._container, self._stream = self._container, None, None
-        if container is not None:
-            container.close()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.container.close()
 
     def __enter__(self) -> VideoSource:
         self.open()
@@ -385,28 +383,25 @@ class VideoSource:
 
     # -- stream facts ------------------------------------------------------------------------
 
-    def _opened(self) -> tuple[av.container.InputContainer, av.VideoStream]:
-        if self._container is None or self._stream is None:
+    def _opened(self) -> tuple[av.VideoStream, TimestampRepairer[Decoded]]:
+        if self._stream is None or self._repairer is None:
             raise RuntimeError(f"video source {self.spec.display_name!r} is not open; call open()")
-        return self._container, self._stream
-
-    def _opened_stream(self) -> av.VideoStream:
-        return self._opened()[1]
+        return self._stream, self._repairer
 
     @property
     def width(self) -> int:
         """Frame width in pixels (after open)."""
-        return self._opened_stream().codec_context.width
+        return self._opened()[0].codec_context.width
 
     @property
     def height(self) -> int:
         """Frame height in pixels (after open)."""
-        return self._opened_stream().codec_context.height
+        return self._opened()[0].codec_context.height
 
     @property
     def average_rate(self) -> Fraction | None:
         """The container's average frame rate, None if unknown. Use pts for time, not this."""
-        return self._opened_stream().average_rate
+        return self._opened()[0].average_rate
 
     @property
     def frame_count_hint(self) -> int | None:
@@ -415,18 +410,16 @@ class VideoSource:
         The container's frame count when it stores one, else duration x average rate (an
         estimate for variable frame rate), capped by ``max_frames``.
         """
-        container, stream = self._opened()
-        hint: int | None = stream.frames or None
+        stream = self._opened()[0]
+        hint = stream.frames or None
         if hint is None and stream.average_rate:
-            seconds: Fraction | None = None
             if stream.duration and stream.time_base:
                 seconds = stream.duration * stream.time_base
-            elif container.duration:
-                seconds = Fraction(container.duration, av.time_base)
-            if seconds:
-                hint = round(seconds * stream.average_rate) or None
+            else:
+                seconds = Fraction(stream.container.duration or 0, av.time_base)
+            hint = round(seconds * stream.average_rate) or None
         if self.max_frames is not None:
-            hint = self.max_frames if hint is None else min(hint, self.max_frames)
+            hint = min(hint or self.max_frames, self.max_frames)
         return hint
 
     @property
@@ -442,40 +435,34 @@ class VideoSource:
 
     def __iter__(self) -> Iterator[DecodedFrame]:
         self.open()
-        repairer = self._repairer
-        if repairer is None:
-            raise RuntimeError(f"video source {self.spec.display_name!r} has no timestamp state")
+        repairer = self._opened()[1]
+        failure: SourceError | None = None
         if self._budget_spent():
             return
         try:
-            for pending in self._decoded_frames():
-                frame = pending.frame
-                decided = repairer.push(
-                    pending, pts=frame.pts, dts=frame.dts, duration=_frame_duration(frame)
-                )
-                for repaired in decided:  # one frame once the look-ahead is full
-                    yield self._to_decoded(repaired)
+            for decoded in self._decoded_frames():
+                frame = decoded[0]
+                # PyAV >= 14 gives the frame's duration; the repairer ignores a missing one.
+                duration = getattr(frame, "duration", None)
+                for repaired in repairer.push(
+                    decoded, pts=frame.pts, dts=frame.dts, duration=duration
+                ):
+                    yield self._to_decoded(repaired, repairer)  # one once the look-ahead is full
                     if self._budget_spent():
                         return
-        except SourceError:
-            # The frames decoded before the failure are good: hand them out, then fail
-            # (unless the budget ends first: without the look-ahead, no error would be seen).
-            yield from self._held_back(repairer)
-            if self._budget_spent():
-                return
-            raise
-        yield from self._held_back(repairer)
-
-    def _held_back(self, repairer: TimestampRepairer[_PendingFrame]) -> Iterator[DecodedFrame]:
-        """The look-ahead's frames at the end, one at a time: those not taken stay held."""
+        except SourceError as error:
+            failure = error  # raised once the good frames decoded before it are handed out
         while repairer.pending and not self._budget_spent():
-            (repaired,) = repairer.flush(limit=1)
-            yield self._to_decoded(repaired)
+            (repaired,) = repairer.flush(limit=1)  # one at a time: those not taken stay held
+            yield self._to_decoded(repaired, repairer)
+        if failure is not None and not self._budget_spent():
+            # (Unless the budget ended first: without the look-ahead, no error would be seen.)
+            raise failure
 
     def _budget_spent(self) -> bool:
         return self.max_frames is not None and self.frames_decoded >= self.max_frames
 
-    def _decoded_frames(self) -> Iterator[_PendingFrame]:
+    def _decoded_frames(self) -> Iterator[Decoded]:
         """Every decoded picture, still in the decoder's format, until the stream ends."""
         consecutive_errors = 0
         packets = self._demux()
@@ -507,7 +494,7 @@ class VideoSource:
             consecutive_errors = 0
             decode_ms = (time.perf_counter() - start) * 1000
             for frame in frames:
-                yield _PendingFrame(frame=frame, decode_ms=decode_ms)
+                yield frame, decode_ms
                 decode_ms = 0.0  # the packet's decoding is counted once, with its first frame
 
     def _check_stall(self, error: Exception, last_data: float) -> None:
@@ -527,8 +514,8 @@ class VideoSource:
 
     def _demux(self) -> Iterator[av.Packet]:
         """The video stream's packets, ending with the empty packet that flushes the decoder."""
-        container, stream = self._opened()
-        return container.demux(stream)
+        stream = self._opened()[0]
+        return stream.container.demux(stream)
 
     def _count_corrupt(self, error: Exception, consecutive_errors: int) -> int:
         """Count one corrupt packet; raise once too many came in a row."""
@@ -542,16 +529,17 @@ class VideoSource:
             ) from None
         return consecutive_errors
 
-    def _to_decoded(self, repaired: RepairedTimestamp[_PendingFrame]) -> DecodedFrame:
-        """The RGB frame with its repaired timestamp; logs the first repair of the source."""
+    def _to_decoded(
+        self, repaired: RepairedTimestamp[Decoded], repairer: TimestampRepairer[Decoded]
+    ) -> DecodedFrame:
+        """The RGB frame with its repaired timestamp; logs the first repair of the source
+        (once: a broken file has the same fault in thousands of frames)."""
         start = time.perf_counter()
-        frame = repaired.item.frame
+        frame, decode_ms = repaired.item
         # Converted per frame with the frame's own size: a file's parts may differ in size.
         image = np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
-        time_base = frame.time_base or self._opened_stream().time_base or Fraction(0, 1)
-        if repaired.repaired and not self._repair_logged:
-            # Once per source: a broken file has the same fault in thousands of frames.
-            self._repair_logged = True
+        time_base = frame.time_base or self._opened()[0].time_base or Fraction(0, 1)
+        if repaired.index == repairer.first_repaired:
             log.warning(
                 "%s: timestamps repaired from frame %d: %s",
                 self.spec.display_name,
@@ -564,28 +552,14 @@ class VideoSource:
             pts=repaired.pts,
             time_base=(time_base.numerator, time_base.denominator),
             capture_time=time.time(),
-            decode_ms=repaired.item.decode_ms + (time.perf_counter() - start) * 1000,
+            decode_ms=decode_ms + (time.perf_counter() - start) * 1000,
             source_pts=repaired.source_pts if repaired.repaired else None,
         )
         self.frames_decoded += 1
         return decoded
 
 
-@dataclass(frozen=True)
-class _PendingFrame:
-    """A decoded picture waiting for its timestamp to be decided."""
-
-    frame: av.VideoFrame
-    decode_ms: float
-
-
-def _frame_duration(frame: av.VideoFrame) -> int | None:
-    """The frame's duration in pts ticks when the container gives one (PyAV >= 14)."""
-    duration = getattr(frame, "duration", None)
-    return duration if isinstance(duration, int) and duration > 0 else None
-
-
-def _repairer_for(stream: av.VideoStream, *, live: bool) -> TimestampRepairer[_PendingFrame]:
+def _repairer_for(stream: av.VideoStream, *, live: bool) -> TimestampRepairer[Decoded]:
     """A timestamp repairer in the stream's time base: a frame is one tick of the average
     rate (at least one tick), a discontinuity a jump back of more than `DISCONTINUITY_S` or
     `DISCONTINUITY_FRAMES` frames, whichever is less."""
