@@ -278,11 +278,13 @@ class VideoSource:
     is skipped and counted in ``corrupt_packets``; ``max_consecutive_errors`` such packets in
     a row raise `SourceError`, because by then the stream is garbage, not damaged.
     The source is read once: iterating again continues reading, it does not rewind.
+    A live source may be `disconnect`ed and opened again: a new connection, whose frames are
+    numbered on and counted with the others.
 
-    Timestamps: every frame's ``pts`` is strictly greater than the previous one's. Where the
-    container's are reordered, missing or jump back they are repaired (`TimestampRepairer`;
-    a file is decoded `TIMESTAMP_LOOKAHEAD` frames ahead for it), the first repair is logged
-    once as a warning, and `timestamp_report` sums them up.
+    Timestamps: every frame's ``pts`` is strictly greater than the previous one's (of the
+    connection). Where the container's are reordered, missing or jump back they are repaired
+    (`TimestampRepairer`; a file is decoded `TIMESTAMP_LOOKAHEAD` frames ahead for it), the
+    first repair is logged once as a warning, and `timestamp_report` sums them up.
     """
 
     def __init__(
@@ -312,7 +314,7 @@ class VideoSource:
         self.frames_decoded = 0
         self.corrupt_packets = 0
         self._stream: av.VideoStream | None = None  # of the open container
-        self._repairer: TimestampRepairer[Decoded] | None = None
+        self._repairer: TimestampRepairer[Decoded] | None = None  # of the last connection
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -367,12 +369,20 @@ class VideoSource:
         self._stream.thread_type = "AUTO"  # frame + slice threads: else the decoder uses one core
         self._repairer = _repairer_for(self._stream, live=self.spec.is_live)
 
-    def close(self) -> None:
-        """Release the container. Safe to call more than once."""
-        self._closed = True
+    @property
+    def is_open(self) -> bool:
+        return self._stream is not None
+
+    def disconnect(self) -> None:
+        """Release the container, keeping the counts: a later `open` connects anew."""
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.container.close()
+
+    def close(self) -> None:
+        """Release the container for good. Safe to call more than once."""
+        self._closed = True
+        self.disconnect()
 
     def __enter__(self) -> VideoSource:
         self.open()
@@ -532,7 +542,7 @@ class VideoSource:
     def _to_decoded(
         self, repaired: RepairedTimestamp[Decoded], repairer: TimestampRepairer[Decoded]
     ) -> DecodedFrame:
-        """The RGB frame with its repaired timestamp; logs the first repair of the source
+        """The RGB frame with its repaired timestamp; logs the first repair of the connection
         (once: a broken file has the same fault in thousands of frames)."""
         start = time.perf_counter()
         frame, decode_ms = repaired.item
