@@ -111,27 +111,19 @@ class SourceStalled(SourceError):
 
 
 def redact(text: str, url: str) -> str:
-    """``text`` with the password of ``url`` (and the URL's credentials) masked."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password:
-        text = text.replace(url, _redacted_url(url))
-        text = text.replace(parts.password, "***")
-        quoted = urllib.parse.quote(parts.password, safe="")
-        text = text.replace(quoted, "***")
+    """``text`` with the password of ``url`` masked wherever it occurs, as the URL writes it
+    and percent-encoded."""
+    password = urllib.parse.urlsplit(url).password
+    for secret in (password, urllib.parse.quote(password, safe="")) if password else ():
+        text = text.replace(secret, "***")
     return text
 
 
 def _redacted_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if not parts.password:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6: keep the brackets the URL needs
-        host = f"[{host}]"
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:***@{host}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    """``url`` with its password masked, and nothing else changed."""
+    password = urllib.parse.urlsplit(url).password
+    # The password is the userinfo's text between its first ':' and the last '@'.
+    return url.replace(f":{password}@", ":***@", 1) if password else url
 
 
 def _with_env_credentials(url: str) -> str:
