@@ -27,23 +27,12 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, BinaryIO
 
 import av
 import numpy as np
 
 from pipeline.video.timestamps import RepairedTimestamp, TimestampRepairer
-
-__all__ = [
-    "DecodedFrame",
-    "SourceError",
-    "SourceSpec",
-    "SourceStalled",
-    "VideoSource",
-    "check_device",
-    "parse_source",
-    "redact",
-]
 
 log = logging.getLogger(__name__)
 
@@ -638,24 +627,24 @@ def _mp4_without_moov(path: str) -> bool:
     last, so a truncated file has the media data but no index to it.
     """
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as file:
-            offset, first = 0, True
-            while offset + 8 <= size:
-                file.seek(offset)
-                box_size, box_type = struct.unpack(">I4s", file.read(8))
-                if first and box_type not in (b"ftyp", b"free", b"wide", b"mdat", b"skip"):
-                    return False  # not an ISO media file at all
-                first = False
-                if box_type == b"moov":
-                    return False
-                if box_size == 1:  # 64-bit size follows the type
-                    (box_size,) = struct.unpack(">Q", file.read(8))
-                elif box_size == 0:  # box runs to the end of the file
-                    break
-                if box_size < 8:
-                    break  # corrupt size; stop rather than loop
-                offset += box_size
-            return not first
-    except OSError:
+            boxes = _top_level_boxes(file)
+            first = next(boxes, None)
+            return first in (b"ftyp", b"free", b"wide", b"mdat", b"skip") and b"moov" not in boxes
+    except (OSError, struct.error):  # unreadable, or a 64-bit size cut off
         return False
+
+
+def _top_level_boxes(file: BinaryIO) -> Iterator[bytes]:
+    """The types of an ISO media file's top-level boxes, in order, up to a corrupt size."""
+    size = os.fstat(file.fileno()).st_size
+    offset = 0
+    while offset + 8 <= size:
+        file.seek(offset)
+        box_size, box_type = struct.unpack(">I4s", file.read(8))
+        yield box_type
+        if box_size == 1:  # 64-bit size follows the type
+            (box_size,) = struct.unpack(">Q", file.read(8))
+        if box_size < 8:  # 0: the box runs to the end of the file; else a corrupt size
+            return
+        offset += box_size
