@@ -24,11 +24,9 @@ frames the repairer is handed travel through it as opaque items.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Generic, TypeVar
-
-__all__ = ["REPAIR_METHODS", "RepairedTimestamp", "Timeline", "TimestampRepairer"]
 
 # How a repaired timestamp was made, as counted in `TimestampRepairer.report`:
 # "dts": the frame's dts, because its pts is missing or the pts are out of order;
@@ -243,6 +241,7 @@ class TimestampRepairer(Generic[ItemT]):
         return last + 1, "nudged", reason
 
 
+@dataclass
 class Timeline:
     """One strictly increasing pts timeline, in one time base, over pieces of a stream whose
     own pts restart: a live source's connections (RTSP starts each session near 0), or the
@@ -253,21 +252,18 @@ class Timeline:
     length; the piece's later frames keep their own spacing from there. A frame that would
     not come after the previous one (a camera's clock stepped back) is moved one tick after
     it. Without a frame before (``last_pts`` None), the first piece starts at 0.
+
+    Attributes:
+        time_base: the timeline's unit in seconds (None: the first frame's).
+        last_pts: the last frame's place on the timeline (None: no frame yet).
+        last_capture: its capture time, ``time.time()`` seconds.
     """
 
-    def __init__(
-        self,
-        time_base: Fraction | None = None,
-        *,
-        last_pts: int | None = None,
-        last_capture: float = 0.0,
-    ) -> None:
-        """``time_base``: the timeline's unit in seconds (None: the first frame's).
-        ``last_pts``, ``last_capture`` (``time.time()`` seconds): the frame to follow."""
-        self.time_base = time_base
-        self.last_pts = last_pts
-        self.last_capture = last_capture
-        self._origin: tuple[int, int] | None = None  # the piece's first pts, and its place
+    time_base: Fraction | None = None
+    last_pts: int | None = None
+    last_capture: float = 0.0
+    # The current piece's first pts and its place on the timeline (None: a piece starts).
+    _origin: tuple[int, int] | None = field(default=None, init=False)
 
     def new_piece(self) -> None:
         """The next frame starts a piece: its pts restart, it is placed by the wall clock."""
