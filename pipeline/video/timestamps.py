@@ -104,7 +104,6 @@ class TimestampRepairer(Generic[ItemT]):
             raise ValueError(f"discontinuity_ticks must be >= 1, got {discontinuity_ticks}")
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0 frames, got {lookahead}")
-        self.frame_duration = frame_duration
         self.discontinuity_ticks = discontinuity_ticks
         self.lookahead = lookahead
         self._pending: deque[tuple[ItemT, int | None, int | None, int | None]] = deque()
@@ -117,7 +116,7 @@ class TimestampRepairer(Generic[ItemT]):
         # The output timeline.
         self._emitted = 0
         self._last_out: int | None = None
-        self._step = frame_duration  # the duration of the last frame handed out
+        self._step = frame_duration  # the duration of the last frame handed out (ticks)
         self._offset = 0  # added to every chosen value since the last discontinuity
         self.first_repaired: int | None = None  # the index of the first frame repaired
         self._methods = dict.fromkeys(REPAIR_METHODS, 0)
