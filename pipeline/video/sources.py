@@ -63,8 +63,10 @@ RTSP_DEFAULT_OPTIONS = {"rtsp_transport": "tcp"}
 # history. They are put into the URL handed to FFmpeg, never into anything printed.
 RTSP_USER_ENV = "SAMSTREAM_RTSP_USER"
 RTSP_PASSWORD_ENV = "SAMSTREAM_RTSP_PASSWORD"
-# An RTSP server's error replies, as FFmpeg reports them, and what to tell the user.
-_RTSP_REPLIES: tuple[tuple[type[Exception], str], ...] = (
+# What FFmpeg's errors at the open of an RTSP source mean (a refusal, the server's error
+# replies), to tell the user.
+_RTSP_PROBLEMS: tuple[tuple[type[Exception], str], ...] = (
+    (av.error.ConnectionRefusedError, "connection refused: no RTSP server is listening there"),
     (
         av.error.HTTPUnauthorizedError,
         "401 Unauthorized: wrong or missing credentials (in the "
@@ -221,15 +223,14 @@ def parse_source(
     if not text:
         raise SourceError("no video source given (empty string)")
 
+    testsrc = _TESTSRC_RE.match(text)
+    if testsrc:  # testsrc2:size=320x240 is lavfi:testsrc2=size=320x240
+        name, args = testsrc.groups()
+        text = f"lavfi:{name}={args}" if args else f"lavfi:{name}"
     if text.startswith("lavfi:"):
-        graph = text[len("lavfi:") :]
+        graph = text.removeprefix("lavfi:")
         if not graph:
             raise SourceError(f"video source {text!r} has an empty filter graph after 'lavfi:'")
-        return SourceSpec(url=graph, kind="lavfi", options=user_options, format="lavfi")
-    testsrc = _TESTSRC_RE.match(text)
-    if testsrc:
-        name, args = testsrc.groups()
-        graph = f"{name}={args}" if args else name
         return SourceSpec(url=graph, kind="lavfi", options=user_options, format="lavfi")
 
     if text.lower().startswith(("rtsp://", "rtsps://")):
@@ -456,37 +457,33 @@ class VideoSource:
     def _decoded_frames(self) -> Iterator[Decoded]:
         """Every decoded picture, still in the decoder's format, until the stream ends."""
         consecutive_errors = 0
-        packets = self._demux()
         last_data = time.monotonic()
         while True:
             try:
-                packet = next(packets)
-            except StopIteration:
+                for packet in self._demux():
+                    last_data = time.monotonic()
+                    start = time.perf_counter()
+                    try:
+                        frames = packet.decode()
+                    except av.FFmpegError as error:
+                        consecutive_errors = self._count_corrupt(error, consecutive_errors)
+                        continue
+                    consecutive_errors = 0
+                    decode_ms = (time.perf_counter() - start) * 1000
+                    for frame in frames:
+                        yield frame, decode_ms
+                        decode_ms = 0.0  # a packet's decoding counts once, with its first frame
                 return
-            except av.FFmpegError as error:
+            except av.FFmpegError as error:  # from the demuxer: decoding errors are counted above
                 self._check_stall(error, last_data)
                 if not isinstance(error, av.InvalidDataError):
                     raise SourceError(
                         f"reading video source {self.spec.display_name!r} failed: "
                         f"{redact(str(error), self.spec.url)}"
                     ) from None
-                # Damaged container data. PyAV's demux generator ends at an error, so resume
-                # reading with a new one: the demuxer continues after the bad bytes.
+                # Damaged container data. PyAV's demux generator ends at an error, so read on
+                # with a new one: the demuxer continues after the bad bytes.
                 consecutive_errors = self._count_corrupt(error, consecutive_errors)
-                packets = self._demux()
-                continue
-            last_data = time.monotonic()
-            start = time.perf_counter()
-            try:
-                frames = packet.decode()
-            except av.FFmpegError as error:
-                consecutive_errors = self._count_corrupt(error, consecutive_errors)
-                continue
-            consecutive_errors = 0
-            decode_ms = (time.perf_counter() - start) * 1000
-            for frame in frames:
-                yield frame, decode_ms
-                decode_ms = 0.0  # the packet's decoding is counted once, with its first frame
 
     def _check_stall(self, error: Exception, last_data: float) -> None:
         """Raise SourceStalled when a read failed because the read timeout ran out.
@@ -598,10 +595,8 @@ def _open_problem(spec: SourceSpec, error: Exception) -> str:
         return f"permission denied: add the user to the 'video' group ({error})"
     if spec.kind == "webcam" and code in (errno.ENODEV, errno.ENXIO, errno.ENOTTY):
         return f"not a working video capture device ({error})"
-    if spec.kind == "rtsp" and code == errno.ECONNREFUSED:
-        return f"connection refused: no RTSP server is listening there ({error})"
     if spec.kind == "rtsp":
-        for kind, problem in _RTSP_REPLIES:
+        for kind, problem in _RTSP_PROBLEMS:
             if isinstance(error, kind):
                 return f"{problem} ({error})"
         if code == errno.EPERM:  # what FFmpeg makes of an error reply it has no code for
