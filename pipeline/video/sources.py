@@ -78,14 +78,6 @@ _RTSP_PROBLEMS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
-def _server_busy(spec: SourceSpec, error: Exception) -> bool:
-    """An RTSP error reply that a retry may get past (5XX, or one FFmpeg has no code for)."""
-    if spec.kind != "rtsp":
-        return False
-    no_code = getattr(error, "errno", None) == errno.EPERM
-    return isinstance(error, av.error.HTTPServerError) or no_code
-
-
 class SourceError(RuntimeError):
     """A video source cannot be opened or read; the message names the source and the problem.
 
@@ -338,7 +330,11 @@ class VideoSource:
                 problem = f"no answer within the open timeout of {self.open_timeout_s:g} s"
                 raise SourceStalled(f"cannot open video source {name!r}: {problem}") from None
             problem = redact(_open_problem(self.spec, error), self.spec.url)
-            busy = _server_busy(self.spec, error)
+            # An RTSP error reply a retry may get past: 5XX, or one FFmpeg has no code for.
+            no_code = getattr(error, "errno", None) == errno.EPERM
+            busy = self.spec.kind == "rtsp" and (
+                isinstance(error, av.error.HTTPServerError) or no_code
+            )
             # `from None` here and below: FFmpeg's exception text holds the URL, password
             # included, and a logged traceback would print it; the message says the problem.
             raise SourceError(f"cannot open video source {name!r}: {problem}", busy=busy) from None
@@ -436,19 +432,18 @@ class VideoSource:
                 frame = decoded[0]
                 # PyAV >= 14 gives the frame's duration; the repairer ignores a missing one.
                 duration = getattr(frame, "duration", None)
-                for repaired in repairer.push(
-                    decoded, pts=frame.pts, dts=frame.dts, duration=duration
-                ):
-                    yield self._to_decoded(repaired, repairer)  # one once the look-ahead is full
+                repaired = repairer.push(decoded, pts=frame.pts, dts=frame.dts, duration=duration)
+                if repaired is not None:  # once the look-ahead is full
+                    yield self._to_decoded(repaired, repairer)
                     if self._budget_spent():
                         return
         except SourceError as error:
             failure = error  # raised once the good frames decoded before it are handed out
-        while repairer.pending and not self._budget_spent():
-            (repaired,) = repairer.flush(limit=1)  # one at a time: those not taken stay held
+        for repaired in repairer.drain():
             yield self._to_decoded(repaired, repairer)
-        if failure is not None and not self._budget_spent():
-            # (Unless the budget ended first: without the look-ahead, no error would be seen.)
+            if self._budget_spent():
+                return  # and no error: without the look-ahead, it would not have been seen
+        if failure is not None:
             raise failure
 
     def _budget_spent(self) -> bool:

@@ -24,6 +24,7 @@ frames the repairer is handed travel through it as opaque items.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Generic, TypeVar
@@ -70,7 +71,7 @@ class TimestampRepairer(Generic[ItemT]):
 
     Frames are pushed in decode-output order with their pts and dts (None where missing) and
     come back, in the same order, as `RepairedTimestamp`s: at once without look-ahead, else
-    once ``lookahead`` newer frames have been pushed (`flush` hands out the rest at the end).
+    once ``lookahead`` newer frames have been pushed (`drain` hands out the rest at the end).
 
     For each frame, in order of preference:
 
@@ -128,28 +129,21 @@ class TimestampRepairer(Generic[ItemT]):
         pts: int | None,
         dts: int | None,
         duration: int | None = None,
-    ) -> list[RepairedTimestamp[ItemT]]:
-        """Add the next frame; return the frames whose timestamps are now decided (oldest
-        first: none while the look-ahead fills, then one per push). ``duration``: the
-        frame's own duration in ticks, when the container gives one."""
+    ) -> RepairedTimestamp[ItemT] | None:
+        """Add the next frame; return the oldest frame held, now that its timestamp is decided
+        (None while the look-ahead fills). ``duration``: the frame's own duration in ticks,
+        when the container gives one."""
         self._count_faults(pts, dts)
         self._pending.append((item, pts, dts, duration))
-        return self.flush(limit=max(0, len(self._pending) - self.lookahead))
+        if len(self._pending) <= self.lookahead:
+            return None
+        return self._emit(*self._pending.popleft())
 
-    def flush(self, *, limit: int | None = None) -> list[RepairedTimestamp[ItemT]]:
-        """The frames still held back by the look-ahead, at the end of the stream; at most
-        ``limit`` of them (the oldest), so that a caller that may stop early keeps the rest."""
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0 or None, got {limit}")
-        decided = []
-        while self._pending and (limit is None or len(decided) < limit):
-            decided.append(self._emit(*self._pending.popleft()))
-        return decided
-
-    @property
-    def pending(self) -> int:
-        """How many pushed frames are held back, waiting for the look-ahead."""
-        return len(self._pending)
+    def drain(self) -> Iterator[RepairedTimestamp[ItemT]]:
+        """The frames still held back by the look-ahead, at the end of the stream, oldest
+        first; each is decided as it is taken, so a caller that stops early keeps the rest."""
+        while self._pending:
+            yield self._emit(*self._pending.popleft())
 
     @property
     def report(self) -> dict[str, Any]:

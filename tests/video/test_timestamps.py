@@ -57,7 +57,7 @@ def repair(
     discontinuity_ticks: int = 100,
     lookahead: int = 8,
 ) -> tuple[list[RepairedTimestamp[int]], TimestampRepairer[int]]:
-    """Push the sequence (items: the frame numbers) through a repairer, then flush it."""
+    """Push the sequence (items: the frame numbers) through a repairer, then drain it."""
     repairer: TimestampRepairer[int] = TimestampRepairer(
         frame_duration=frame_duration,
         discontinuity_ticks=discontinuity_ticks,
@@ -67,8 +67,9 @@ def repair(
     durations = [None] * len(pts) if durations is None else durations
     out: list[RepairedTimestamp[int]] = []
     for i, (p, d, duration) in enumerate(zip(pts, dts, durations, strict=True)):
-        out += repairer.push(i, pts=p, dts=d, duration=duration)
-    out += repairer.flush()
+        decided = repairer.push(i, pts=p, dts=d, duration=duration)
+        out += [] if decided is None else [decided]
+    out += repairer.drain()
     assert [r.item for r in out] == [r.index for r in out] == list(range(len(pts)))
     return out, repairer
 
@@ -105,29 +106,27 @@ def test_without_lookahead_the_fault_is_seen_one_frame_late() -> None:
     assert all(d is not None and 0 <= r.pts - d <= 1 for r, d in tail)
 
 
-def test_lookahead_holds_frames_back_until_flushed() -> None:
+def test_lookahead_holds_frames_back_until_drained() -> None:
     repairer: TimestampRepairer[str] = TimestampRepairer(
         frame_duration=1, discontinuity_ticks=10, lookahead=2
     )
-    assert repairer.push("a", pts=0, dts=0) == []
-    assert repairer.push("b", pts=1, dts=1) == []
-    assert repairer.pending == 2
-    assert [r.item for r in repairer.push("c", pts=2, dts=2)] == ["a"]
-    assert [(r.item, r.pts) for r in repairer.flush()] == [("b", 1), ("c", 2)]
-    assert repairer.pending == 0 and repairer.flush() == []
+    assert repairer.push("a", pts=0, dts=0) is None
+    assert repairer.push("b", pts=1, dts=1) is None  # two held
+    decided = repairer.push("c", pts=2, dts=2)
+    assert decided is not None and decided.item == "a"
+    assert [(r.item, r.pts) for r in repairer.drain()] == [("b", 1), ("c", 2)]
+    assert list(repairer.drain()) == []  # none held any more
 
 
-def test_flush_can_hand_out_a_few_at_a_time() -> None:
+def test_drain_hands_out_one_at_a_time() -> None:
     repairer: TimestampRepairer[int] = TimestampRepairer(
         frame_duration=1, discontinuity_ticks=10, lookahead=8
     )
     for i in range(5):
-        assert repairer.push(i, pts=i, dts=i) == []
-    assert [r.item for r in repairer.flush(limit=2)] == [0, 1]
-    assert repairer.pending == 3
-    assert [r.item for r in repairer.flush()] == [2, 3, 4]
-    with pytest.raises(ValueError, match="limit must be >= 0"):
-        repairer.flush(limit=-1)
+        assert repairer.push(i, pts=i, dts=i) is None
+    assert [r.item for r in itertools.islice(repairer.drain(), 2)] == [0, 1]
+    # The three not taken are still held, and come next.
+    assert [r.item for r in repairer.drain()] == [2, 3, 4]
 
 
 def test_no_timestamps_at_all_use_the_frame_rate() -> None:
