@@ -30,7 +30,12 @@ from pipeline.video.sources import (
     VideoSource,
     parse_source,
 )
-from pipeline.video.timestamps import REPAIR_METHODS, RepairedTimestamp, TimestampRepairer
+from pipeline.video.timestamps import (
+    REPAIR_METHODS,
+    RepairedTimestamp,
+    Timeline,
+    TimestampRepairer,
+)
 from pipeline.wire.messages import FrameMessage, FrameMeta, MessageError, decode
 
 pytestmark = pytest.mark.timeout(60)
@@ -243,6 +248,35 @@ def test_random_garbage_comes_out_strictly_increasing() -> None:
 def test_bad_settings_are_refused(kwargs: dict[str, int], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TimestampRepairer(**kwargs)
+
+
+# -- Timeline: pieces whose pts restart, on one timeline ---------------------------------------
+
+
+def test_timeline_starts_at_zero_in_the_first_frames_time_base() -> None:
+    timeline = Timeline()
+    ms = Fraction(1, 1000)
+    # A webcam's pts count from boot; the timeline counts from its first frame.
+    placed = [timeline.place(p, ms, 100.0 + p / 1000) for p in (5_000_000, 5_000_040, 5_000_200)]
+    assert placed == [0, 40, 200]  # variable spacing kept
+    assert timeline.time_base == ms
+
+
+def test_timeline_places_a_new_piece_by_the_wall_clock_and_keeps_its_spacing() -> None:
+    timeline = Timeline(Fraction(1, 100), last_pts=1000, last_capture=50.0)
+    timeline.new_piece()
+    # The piece's own pts restart near 0, in another time base (1/90000 s); it comes 3 s
+    # after the last frame, so it starts 300 ticks later, then keeps its 40 ms spacing.
+    tick = Fraction(1, 90000)
+    assert [timeline.place(p, tick, 53.0 + p / 90000) for p in (0, 3600, 7200)] == [
+        1300,
+        1304,
+        1308,
+    ]
+    timeline.new_piece()  # at once: at least one tick after the last frame
+    assert timeline.place(0, tick, 53.08) == 1309
+    assert timeline.place(-3600, tick, 53.12) == 1310  # a clock stepping back keeps the order
+    assert timeline.place(90000, tick, 54.1) == 1409  # and the piece's spacing goes on
 
 
 # -- VideoSource on real files -----------------------------------------------------------------
