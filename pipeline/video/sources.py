@@ -102,13 +102,6 @@ def redact(text: str, url: str) -> str:
     return text
 
 
-def _redacted_url(url: str) -> str:
-    """``url`` with its password masked, and nothing else changed."""
-    password = urllib.parse.urlsplit(url).password
-    # The password is the userinfo's text between its first ':' and the last '@'.
-    return url.replace(f":{password}@", ":***@", 1) if password else url
-
-
 def _with_env_credentials(url: str) -> str:
     """``url`` with $SAMSTREAM_RTSP_USER / $SAMSTREAM_RTSP_PASSWORD when it has no user."""
     parts = urllib.parse.urlsplit(url)
@@ -177,7 +170,10 @@ class SourceSpec:
         """The source as a user would write it, for messages, with any password masked."""
         if self.kind == "lavfi":
             return f"lavfi:{self.url}"
-        return _redacted_url(self.url) if self.kind == "rtsp" else self.url
+        password = urllib.parse.urlsplit(self.url).password if self.kind == "rtsp" else None
+        # The password is the userinfo's text between its first ':' and the last '@': masked
+        # there, the URL is otherwise as written.
+        return self.url.replace(f":{password}@", ":***@", 1) if password else self.url
 
     @property
     def is_live(self) -> bool:
