@@ -6,8 +6,9 @@ would repeat (PNGs overwritten, consumers told of a stream going back) and times
 back. So the decoder records, after every frame it sends, that frame's FrameMeta (its
 sequence number and frame index, connection number, pts and wall-clock time; `PositionFile`:
 one ``pwrite`` of a few bytes, which a SIGKILL cannot tear), and a restarted decoder continues
-from there (`Continuation`), as `pipeline.video.live_source.LiveSource` does after a reconnect: a
-new session, its pts rebased to follow the last frame by the wall time in between.
+from there (`Continuation`), as `pipeline.video.live_source.LiveSource` does after a reconnect,
+with the same `pipeline.video.timestamps.Timeline`: a new session, its pts rebased to follow
+the last frame by the wall time in between.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import msgspec
 
+from pipeline.video.timestamps import Timeline
 from pipeline.wire.messages import FrameMeta
 
 # The launcher tells a live run's decoder where its position file is (in the run directory).
@@ -71,14 +73,16 @@ class PositionFile:
 class Continuation:
     """Renumbers a restarted decoder's frames to follow ``after``, the last frame the old
     process sent: sequence numbers and frame indices go on, every session of the new process
-    comes after the old one's, and pts continue from the last frame's plus the wall time
-    between the two frames (in the old time base), strictly increasing."""
+    comes after the old one's, and pts continue on the old one's `Timeline` (in its time base,
+    the new process's frames one piece placed after the last old frame by the wall time)."""
 
     def __init__(self, after: FrameMeta) -> None:
         self.after = after
         self._first: FrameMeta | None = None  # the new process's first frame
-        self._pts_origin: FrameMeta | None = None  # and its first with a pts
-        self._last_pts = after.pts
+        self._timeline: Timeline | None = None
+        if after.pts is not None:  # else there is no timeline to continue: pts stay the new ones
+            tick = Fraction(*after.time_base)
+            self._timeline = Timeline(tick, last_pts=after.pts, last_capture=after.capture_time)
 
     def apply(self, meta: FrameMeta) -> FrameMeta:
         after = self.after
@@ -86,18 +90,9 @@ class Continuation:
             self._first = meta
         first = self._first
         pts, time_base = meta.pts, meta.time_base
-        if after.pts is not None and meta.pts is not None:
-            if self._pts_origin is None:
-                self._pts_origin = meta
-            origin = self._pts_origin
+        if self._timeline is not None and meta.pts is not None:
+            pts = self._timeline.place(meta.pts, Fraction(*meta.time_base), meta.capture_time)
             time_base = after.time_base
-            tick = Fraction(*time_base)
-            wall = Fraction(max(0.0, origin.capture_time - after.capture_time))
-            elapsed = Fraction(meta.pts - origin.pts) * Fraction(*meta.time_base)
-            pts = after.pts + max(1, round(wall / tick)) + round(elapsed / tick)
-            if self._last_pts is not None and pts <= self._last_pts:
-                pts = self._last_pts + 1  # the source's clock stepped back: keep the order
-            self._last_pts = pts
         return msgspec.structs.replace(
             meta,
             seq=after.seq + 1 + meta.seq - first.seq,

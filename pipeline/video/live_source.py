@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 
 from pipeline.video.sources import DecodedFrame, SourceError, SourceSpec, SourceStalled, VideoSource
+from pipeline.video.timestamps import Timeline
 from pipeline.wire.messages import SourceState
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class Backoff:
 class LiveSource:
     """Reads a live source forever: yields DecodedFrame, or None while waiting to reconnect.
 
+    Every connection is one `VideoSource`, opened again after a drop: frame indices and the
+    corrupt packet count go on over connections, and each connection's pts are one piece of a
+    `Timeline` (in the first frame's time base), ``session`` its connection number.
     ``on_event`` is called at every state change. Raises SourceError when the first open
     fails, or when the source has been gone for ``give_up_after_s``.
     """
@@ -93,32 +97,18 @@ class LiveSource:
         on_event: Callable[[SourceEvent], None] | None = None,
     ) -> None:
         self.spec = spec
-        self.open_timeout_s = open_timeout_s
-        self.read_timeout_s = read_timeout_s
+        self.source = VideoSource(
+            spec,
+            max_consecutive_errors=max_consecutive_errors,
+            open_timeout_s=open_timeout_s,
+            read_timeout_s=read_timeout_s,
+        )
         self.backoff = backoff
         self.give_up_after_s = give_up_after_s
-        self.max_consecutive_errors = max_consecutive_errors
         self.on_event = on_event or (lambda event: None)
-        self.session = 0
-        self.frames = 0
-        self._corrupt_closed = 0  # corrupt packets of connections already closed
-        self.reconnects = 0
-        self._source: VideoSource | None = None
+        self.session = 0  # the connection number: reconnects so far
+        self._timeline = Timeline()
         self._closed = False
-        # pts bookkeeping for monotonic timestamps across sessions
-        self._time_base: Fraction | None = None
-        self._last_pts: int | None = None
-        self._session_first_pts: int | None = None
-        self._session_offset = 0
-        self._last_capture = 0.0
-
-    def _new_source(self) -> VideoSource:
-        return VideoSource(
-            self.spec,
-            max_consecutive_errors=self.max_consecutive_errors,
-            open_timeout_s=self.open_timeout_s,
-            read_timeout_s=self.read_timeout_s,
-        )
 
     def open(self) -> VideoSource:
         """The first connection; its failure is the caller's error, not a reconnect.
@@ -127,46 +117,34 @@ class LiveSource:
         replies 503 while it prepares a stream under load) gets ``FIRST_OPEN_ATTEMPTS``
         tries; a refused connection, a silent server or a missing device fail at once."""
         attempt = 0
-        while self._source is None:
+        while not self.source.is_open:
             attempt += 1
-            source = self._new_source()
             try:
-                source.open()
+                self.source.open()
             except SourceError as error:
                 if not error.busy or attempt >= FIRST_OPEN_ATTEMPTS:
                     raise
                 log.info("%s: %s; trying again", self.spec.display_name, error)
                 time.sleep(self.backoff.delay(attempt))
                 continue
-            self._source = source
             self.on_event(SourceEvent("connected", session=0))
-        return self._source
+        return self.source
 
     def close(self) -> None:
         self._closed = True
-        self._close_source()
-
-    def _close_source(self) -> None:
-        source, self._source = self._source, None
-        if source is not None:
-            self._corrupt_closed += source.corrupt_packets
-            source.close()
+        self.source.close()
 
     @property
     def corrupt_packets(self) -> int:
         """Damaged packets skipped over all connections."""
-        current = self._source.corrupt_packets if self._source is not None else 0
-        return self._corrupt_closed + current
+        return self.source.corrupt_packets
 
     def __iter__(self) -> Iterator[DecodedFrame | None]:
         self.open()
         while not self._closed:
-            source = self._source
-            if source is None:
-                raise RuntimeError("live source lost its container")
             last_frame = time.monotonic()
             try:
-                for frame in source:
+                for frame in self.source:
                     last_frame = time.monotonic()
                     yield self._stamp(frame)
                 error, state = "the stream ended (the server closed it)", "lost"
@@ -176,7 +154,7 @@ class LiveSource:
                 error, state = str(failure), "lost"
             if self._closed:
                 return
-            self._close_source()
+            self.source.disconnect()
             log.warning("%s: %s", self.spec.display_name, error)
             self.on_event(
                 SourceEvent(state, self.session, down_s=time.monotonic() - last_frame, error=error)
@@ -213,9 +191,8 @@ class LiveSource:
             while (left := deadline - time.monotonic()) > 0:
                 time.sleep(min(TICK_S, left))
                 yield None
-            source = self._new_source()
             try:
-                source.open()
+                self.source.open()
             except SourceError as failure:
                 error = str(failure)
                 log.info(
@@ -223,10 +200,8 @@ class LiveSource:
                 )
                 yield None
                 continue
-            self._source = source
             self.session += 1
-            self.reconnects += 1
-            self._session_first_pts = None  # the next frame with pts starts the rebasing
+            self._timeline.new_piece()  # the new connection's pts restart
             down_s = time.monotonic() - down_since
             log.info(
                 "%s: reconnected after %.1f s (attempt %d)", self.spec.display_name, down_s, attempt
@@ -235,44 +210,16 @@ class LiveSource:
             return
 
     def _stamp(self, frame: DecodedFrame) -> DecodedFrame:
-        """One index sequence and one monotonic timeline in one time base, over sessions.
-
-        Each session's pts are rebased to continue from the previous frame plus the wall
-        time between them, so an outage shows as a gap of its real length. A frame without
-        pts (FFmpeg gives the first frame of an RTSP session none) is placed by the wall
-        clock the same way."""
-        time_base = Fraction(*frame.time_base) if frame.time_base[0] > 0 else None
-        if self._time_base is None and time_base:
-            self._time_base = time_base
-        pts = None
-        if self._time_base is not None:
-            # Where the wall clock puts this frame: after the previous one by the wall time
-            # between them, in time-base ticks (at least 1).
-            by_clock = 0
-            if self._last_pts is not None:
-                gap = Fraction(max(0.0, frame.capture_time - self._last_capture))
-                by_clock = self._last_pts + max(1, round(gap / self._time_base))
-            if frame.pts is None or time_base is None:
-                pts = by_clock
-            else:
-                if self._session_first_pts is None:  # a session's first timestamped frame
-                    self._session_first_pts, self._session_offset = frame.pts, by_clock
-                elapsed = Fraction(frame.pts - self._session_first_pts) * time_base
-                pts = self._session_offset + round(elapsed / self._time_base)
-            if self._last_pts is not None and pts <= self._last_pts:
-                pts = self._last_pts + 1  # a camera's clock stepped back: keep the order
-            self._last_pts = pts
-        self._last_capture = frame.capture_time
-        base = self._time_base
-        stamped = replace(
-            frame,
-            index=self.frames,
-            pts=pts,
-            time_base=(base.numerator, base.denominator) if base else frame.time_base,
-            session=self.session,
+        """The frame on the live timeline, with its session. A source without a time base
+        has no time to rebase: its frames go without pts."""
+        time_base = Fraction(*frame.time_base)
+        if frame.pts is None or not time_base:
+            return replace(frame, pts=None, session=self.session)
+        pts = self._timeline.place(frame.pts, time_base, frame.capture_time)
+        base = self._timeline.time_base or time_base
+        return replace(
+            frame, pts=pts, time_base=(base.numerator, base.denominator), session=self.session
         )
-        self.frames += 1
-        return stamped
 
 
 class ThreadedReader:

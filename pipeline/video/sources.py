@@ -27,25 +27,17 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, BinaryIO
 
 import av
 import numpy as np
 
 from pipeline.video.timestamps import RepairedTimestamp, TimestampRepairer
 
-__all__ = [
-    "DecodedFrame",
-    "SourceError",
-    "SourceSpec",
-    "SourceStalled",
-    "VideoSource",
-    "check_device",
-    "parse_source",
-    "redact",
-]
-
 log = logging.getLogger(__name__)
+
+# A decoded picture waiting for its timestamp to be decided, and its decoding time in ms.
+Decoded = tuple[av.VideoFrame, float]
 
 SOURCE_KINDS = ("file", "lavfi", "rtsp", "webcam")
 
@@ -71,8 +63,10 @@ RTSP_DEFAULT_OPTIONS = {"rtsp_transport": "tcp"}
 # history. They are put into the URL handed to FFmpeg, never into anything printed.
 RTSP_USER_ENV = "SAMSTREAM_RTSP_USER"
 RTSP_PASSWORD_ENV = "SAMSTREAM_RTSP_PASSWORD"
-# An RTSP server's error replies, as FFmpeg reports them, and what to tell the user.
-_RTSP_REPLIES: tuple[tuple[type[Exception], str], ...] = (
+# What FFmpeg's errors at the open of an RTSP source mean (a refusal, the server's error
+# replies), to tell the user.
+_RTSP_PROBLEMS: tuple[tuple[type[Exception], str], ...] = (
+    (av.error.ConnectionRefusedError, "connection refused: no RTSP server is listening there"),
     (
         av.error.HTTPUnauthorizedError,
         "401 Unauthorized: wrong or missing credentials (in the "
@@ -82,14 +76,6 @@ _RTSP_REPLIES: tuple[tuple[type[Exception], str], ...] = (
     (av.error.HTTPNotFoundError, "404 Not Found: the server has no stream at that path"),
     (av.error.HTTPServerError, "the server answered with a 5XX error: busy or failing"),
 )
-
-
-def _server_busy(spec: SourceSpec, error: Exception) -> bool:
-    """An RTSP error reply that a retry may get past (5XX, or one FFmpeg has no code for)."""
-    if spec.kind != "rtsp":
-        return False
-    no_code = getattr(error, "errno", None) == errno.EPERM
-    return isinstance(error, av.error.HTTPServerError) or no_code
 
 
 class SourceError(RuntimeError):
@@ -108,27 +94,12 @@ class SourceStalled(SourceError):
 
 
 def redact(text: str, url: str) -> str:
-    """``text`` with the password of ``url`` (and the URL's credentials) masked."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password:
-        text = text.replace(url, _redacted_url(url))
-        text = text.replace(parts.password, "***")
-        quoted = urllib.parse.quote(parts.password, safe="")
-        text = text.replace(quoted, "***")
+    """``text`` with the password of ``url`` masked wherever it occurs, as the URL writes it
+    and percent-encoded."""
+    password = urllib.parse.urlsplit(url).password
+    for secret in (password, urllib.parse.quote(password, safe="")) if password else ():
+        text = text.replace(secret, "***")
     return text
-
-
-def _redacted_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if not parts.password:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6: keep the brackets the URL needs
-        host = f"[{host}]"
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:***@{host}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _with_env_credentials(url: str) -> str:
@@ -199,7 +170,10 @@ class SourceSpec:
         """The source as a user would write it, for messages, with any password masked."""
         if self.kind == "lavfi":
             return f"lavfi:{self.url}"
-        return _redacted_url(self.url) if self.kind == "rtsp" else self.url
+        password = urllib.parse.urlsplit(self.url).password if self.kind == "rtsp" else None
+        # The password is the userinfo's text between its first ':' and the last '@': masked
+        # there, the URL is otherwise as written.
+        return self.url.replace(f":{password}@", ":***@", 1) if password else self.url
 
     @property
     def is_live(self) -> bool:
@@ -237,15 +211,14 @@ def parse_source(
     if not text:
         raise SourceError("no video source given (empty string)")
 
+    testsrc = _TESTSRC_RE.match(text)
+    if testsrc:  # testsrc2:size=320x240 is lavfi:testsrc2=size=320x240
+        name, args = testsrc.groups()
+        text = f"lavfi:{name}={args}" if args else f"lavfi:{name}"
     if text.startswith("lavfi:"):
-        graph = text[len("lavfi:") :]
+        graph = text.removeprefix("lavfi:")
         if not graph:
             raise SourceError(f"video source {text!r} has an empty filter graph after 'lavfi:'")
-        return SourceSpec(url=graph, kind="lavfi", options=user_options, format="lavfi")
-    testsrc = _TESTSRC_RE.match(text)
-    if testsrc:
-        name, args = testsrc.groups()
-        graph = f"{name}={args}" if args else name
         return SourceSpec(url=graph, kind="lavfi", options=user_options, format="lavfi")
 
     if text.lower().startswith(("rtsp://", "rtsps://")):
@@ -275,11 +248,13 @@ class VideoSource:
     is skipped and counted in ``corrupt_packets``; ``max_consecutive_errors`` such packets in
     a row raise `SourceError`, because by then the stream is garbage, not damaged.
     The source is read once: iterating again continues reading, it does not rewind.
+    A live source may be `disconnect`ed and opened again: a new connection, whose frames are
+    numbered on and counted with the others.
 
-    Timestamps: every frame's ``pts`` is strictly greater than the previous one's. Where the
-    container's are reordered, missing or jump back they are repaired (`TimestampRepairer`;
-    a file is decoded `TIMESTAMP_LOOKAHEAD` frames ahead for it), the first repair is logged
-    once as a warning, and `timestamp_report` sums them up.
+    Timestamps: every frame's ``pts`` is strictly greater than the previous one's (of the
+    connection). Where the container's are reordered, missing or jump back they are repaired
+    (`TimestampRepairer`; a file is decoded `TIMESTAMP_LOOKAHEAD` frames ahead for it), the
+    first repair is logged once as a warning, and `timestamp_report` sums them up.
     """
 
     def __init__(
@@ -308,16 +283,14 @@ class VideoSource:
         self.open_timeout_s = open_timeout_s
         self.frames_decoded = 0
         self.corrupt_packets = 0
-        self._container: av.container.InputContainer | None = None
-        self._stream: av.VideoStream | None = None
+        self._stream: av.VideoStream | None = None  # of the open container
+        self._repairer: TimestampRepairer[Decoded] | None = None  # of the last connection
         self._closed = False
-        self._repairer: TimestampRepairer[_PendingFrame] | None = None
-        self._repair_logged = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Open the source and select its first video stream.
+        """Open the source and select its first video stream (nothing when it is open).
 
         Raises:
             SourceError: the source cannot be opened, is not a video FFmpeg can read, or has no
@@ -325,13 +298,18 @@ class VideoSource:
         """
         if self._closed:
             raise RuntimeError(f"video source {self.spec.display_name!r} is closed")
-        if self._container is not None:
+        if self._stream is not None:
             return
         name = self.spec.display_name
         if self.spec.kind == "file":
             _check_file(self.spec.url)
         if self.spec.kind == "webcam":
             check_device(self.spec.url)
+        # FFmpeg's per-read timeout is half of ours: when a read times out, FFmpeg first
+        # flushes its parser (handing out one more packet) and raises only when the next read
+        # times out too, so a stall surfaces after two timeouts (measured with PyAV 18 /
+        # FFmpeg 8 over RTSP: 2.0 s for a 1 s timeout).
+        read_timeout = None if self.read_timeout_s is None else self.read_timeout_s / 2
         started = time.monotonic()
         try:
             container = av.open(
@@ -339,7 +317,7 @@ class VideoSource:
                 mode="r",
                 format=self.spec.format,
                 container_options=dict(self.spec.options),
-                timeout=(self.open_timeout_s, self._ffmpeg_read_timeout()),
+                timeout=(self.open_timeout_s, read_timeout),
             )
         except (av.FFmpegError, OSError, ValueError) as error:
             if time.monotonic() - started >= self.open_timeout_s:
@@ -348,7 +326,11 @@ class VideoSource:
                 problem = f"no answer within the open timeout of {self.open_timeout_s:g} s"
                 raise SourceStalled(f"cannot open video source {name!r}: {problem}") from None
             problem = redact(_open_problem(self.spec, error), self.spec.url)
-            busy = _server_busy(self.spec, error)
+            # An RTSP error reply a retry may get past: 5XX, or one FFmpeg has no code for.
+            no_code = getattr(error, "errno", None) == errno.EPERM
+            busy = self.spec.kind == "rtsp" and (
+                isinstance(error, av.error.HTTPServerError) or no_code
+            )
             # `from None` here and below: FFmpeg's exception text holds the URL, password
             # included, and a logged traceback would print it; the message says the problem.
             raise SourceError(f"cannot open video source {name!r}: {problem}", busy=busy) from None
@@ -357,24 +339,24 @@ class VideoSource:
             found = ", ".join(f"{s.type} stream" for s in container.streams) or "no streams at all"
             container.close()
             raise SourceError(f"video source {name!r} has no video stream (found: {found})")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame + slice threads: the decoder otherwise uses one core
-        self._container, self._stream = container, stream
-        self._repairer = _repairer_for(stream, live=self.spec.is_live)
+        self._stream = container.streams.video[0]
+        self._stream.thread_type = "AUTO"  # frame + slice threads: else the decoder uses one core
+        self._repairer = _repairer_for(self._stream, live=self.spec.is_live)
 
-    def _ffmpeg_read_timeout(self) -> float | None:
-        """The per-read timeout handed to FFmpeg: half of ours. When a read times out,
-        FFmpeg first flushes its parser (handing out one more packet) and raises only when
-        the next read times out too, so a stall surfaces after two timeouts (measured with
-        PyAV 18 / FFmpeg 8 over RTSP: 2.0 s for a 1 s timeout)."""
-        return None if self.read_timeout_s is None else self.read_timeout_s / 2
+    @property
+    def is_open(self) -> bool:
+        return self._stream is not None
+
+    def disconnect(self) -> None:
+        """Release the container, keeping the counts: a later `open` connects anew."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.container.close()
 
     def close(self) -> None:
-        """Release the container. Safe to call more than once."""
+        """Release the container for good. Safe to call more than once."""
         self._closed = True
-        container, self._container, self._stream = self._container, None, None
-        if container is not None:
-            container.close()
+        self.disconnect()
 
     def __enter__(self) -> VideoSource:
         self.open()
@@ -385,28 +367,25 @@ class VideoSource:
 
     # -- stream facts ------------------------------------------------------------------------
 
-    def _opened(self) -> tuple[av.container.InputContainer, av.VideoStream]:
-        if self._container is None or self._stream is None:
+    def _opened(self) -> tuple[av.VideoStream, TimestampRepairer[Decoded]]:
+        if self._stream is None or self._repairer is None:
             raise RuntimeError(f"video source {self.spec.display_name!r} is not open; call open()")
-        return self._container, self._stream
-
-    def _opened_stream(self) -> av.VideoStream:
-        return self._opened()[1]
+        return self._stream, self._repairer
 
     @property
     def width(self) -> int:
         """Frame width in pixels (after open)."""
-        return self._opened_stream().codec_context.width
+        return self._opened()[0].codec_context.width
 
     @property
     def height(self) -> int:
         """Frame height in pixels (after open)."""
-        return self._opened_stream().codec_context.height
+        return self._opened()[0].codec_context.height
 
     @property
     def average_rate(self) -> Fraction | None:
         """The container's average frame rate, None if unknown. Use pts for time, not this."""
-        return self._opened_stream().average_rate
+        return self._opened()[0].average_rate
 
     @property
     def frame_count_hint(self) -> int | None:
@@ -415,18 +394,16 @@ class VideoSource:
         The container's frame count when it stores one, else duration x average rate (an
         estimate for variable frame rate), capped by ``max_frames``.
         """
-        container, stream = self._opened()
-        hint: int | None = stream.frames or None
+        stream = self._opened()[0]
+        hint = stream.frames or None
         if hint is None and stream.average_rate:
-            seconds: Fraction | None = None
             if stream.duration and stream.time_base:
                 seconds = stream.duration * stream.time_base
-            elif container.duration:
-                seconds = Fraction(container.duration, av.time_base)
-            if seconds:
-                hint = round(seconds * stream.average_rate) or None
+            else:
+                seconds = Fraction(stream.container.duration or 0, av.time_base)
+            hint = round(seconds * stream.average_rate) or None
         if self.max_frames is not None:
-            hint = self.max_frames if hint is None else min(hint, self.max_frames)
+            hint = min(hint or self.max_frames, self.max_frames)
         return hint
 
     @property
@@ -442,73 +419,62 @@ class VideoSource:
 
     def __iter__(self) -> Iterator[DecodedFrame]:
         self.open()
-        repairer = self._repairer
-        if repairer is None:
-            raise RuntimeError(f"video source {self.spec.display_name!r} has no timestamp state")
+        repairer = self._opened()[1]
+        failure: SourceError | None = None
         if self._budget_spent():
             return
         try:
-            for pending in self._decoded_frames():
-                frame = pending.frame
-                decided = repairer.push(
-                    pending, pts=frame.pts, dts=frame.dts, duration=_frame_duration(frame)
-                )
-                for repaired in decided:  # one frame once the look-ahead is full
-                    yield self._to_decoded(repaired)
+            for decoded in self._decoded_frames():
+                frame = decoded[0]
+                # PyAV >= 14 gives the frame's duration; the repairer ignores a missing one.
+                duration = getattr(frame, "duration", None)
+                repaired = repairer.push(decoded, pts=frame.pts, dts=frame.dts, duration=duration)
+                if repaired is not None:  # once the look-ahead is full
+                    yield self._to_decoded(repaired, repairer)
                     if self._budget_spent():
                         return
-        except SourceError:
-            # The frames decoded before the failure are good: hand them out, then fail
-            # (unless the budget ends first: without the look-ahead, no error would be seen).
-            yield from self._held_back(repairer)
+        except SourceError as error:
+            failure = error  # raised once the good frames decoded before it are handed out
+        for repaired in repairer.drain():
+            yield self._to_decoded(repaired, repairer)
             if self._budget_spent():
-                return
-            raise
-        yield from self._held_back(repairer)
-
-    def _held_back(self, repairer: TimestampRepairer[_PendingFrame]) -> Iterator[DecodedFrame]:
-        """The look-ahead's frames at the end, one at a time: those not taken stay held."""
-        while repairer.pending and not self._budget_spent():
-            (repaired,) = repairer.flush(limit=1)
-            yield self._to_decoded(repaired)
+                return  # and no error: without the look-ahead, it would not have been seen
+        if failure is not None:
+            raise failure
 
     def _budget_spent(self) -> bool:
         return self.max_frames is not None and self.frames_decoded >= self.max_frames
 
-    def _decoded_frames(self) -> Iterator[_PendingFrame]:
+    def _decoded_frames(self) -> Iterator[Decoded]:
         """Every decoded picture, still in the decoder's format, until the stream ends."""
         consecutive_errors = 0
-        packets = self._demux()
         last_data = time.monotonic()
         while True:
             try:
-                packet = next(packets)
-            except StopIteration:
+                for packet in self._demux():
+                    last_data = time.monotonic()
+                    start = time.perf_counter()
+                    try:
+                        frames = packet.decode()
+                    except av.FFmpegError as error:
+                        consecutive_errors = self._count_corrupt(error, consecutive_errors)
+                        continue
+                    consecutive_errors = 0
+                    decode_ms = (time.perf_counter() - start) * 1000
+                    for frame in frames:
+                        yield frame, decode_ms
+                        decode_ms = 0.0  # a packet's decoding counts once, with its first frame
                 return
-            except av.FFmpegError as error:
+            except av.FFmpegError as error:  # from the demuxer: decoding errors are counted above
                 self._check_stall(error, last_data)
                 if not isinstance(error, av.InvalidDataError):
                     raise SourceError(
                         f"reading video source {self.spec.display_name!r} failed: "
                         f"{redact(str(error), self.spec.url)}"
                     ) from None
-                # Damaged container data. PyAV's demux generator ends at an error, so resume
-                # reading with a new one: the demuxer continues after the bad bytes.
+                # Damaged container data. PyAV's demux generator ends at an error, so read on
+                # with a new one: the demuxer continues after the bad bytes.
                 consecutive_errors = self._count_corrupt(error, consecutive_errors)
-                packets = self._demux()
-                continue
-            last_data = time.monotonic()
-            start = time.perf_counter()
-            try:
-                frames = packet.decode()
-            except av.FFmpegError as error:
-                consecutive_errors = self._count_corrupt(error, consecutive_errors)
-                continue
-            consecutive_errors = 0
-            decode_ms = (time.perf_counter() - start) * 1000
-            for frame in frames:
-                yield _PendingFrame(frame=frame, decode_ms=decode_ms)
-                decode_ms = 0.0  # the packet's decoding is counted once, with its first frame
 
     def _check_stall(self, error: Exception, last_data: float) -> None:
         """Raise SourceStalled when a read failed because the read timeout ran out.
@@ -527,8 +493,8 @@ class VideoSource:
 
     def _demux(self) -> Iterator[av.Packet]:
         """The video stream's packets, ending with the empty packet that flushes the decoder."""
-        container, stream = self._opened()
-        return container.demux(stream)
+        stream = self._opened()[0]
+        return stream.container.demux(stream)
 
     def _count_corrupt(self, error: Exception, consecutive_errors: int) -> int:
         """Count one corrupt packet; raise once too many came in a row."""
@@ -542,16 +508,17 @@ class VideoSource:
             ) from None
         return consecutive_errors
 
-    def _to_decoded(self, repaired: RepairedTimestamp[_PendingFrame]) -> DecodedFrame:
-        """The RGB frame with its repaired timestamp; logs the first repair of the source."""
+    def _to_decoded(
+        self, repaired: RepairedTimestamp[Decoded], repairer: TimestampRepairer[Decoded]
+    ) -> DecodedFrame:
+        """The RGB frame with its repaired timestamp; logs the first repair of the connection
+        (once: a broken file has the same fault in thousands of frames)."""
         start = time.perf_counter()
-        frame = repaired.item.frame
+        frame, decode_ms = repaired.item
         # Converted per frame with the frame's own size: a file's parts may differ in size.
         image = np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
-        time_base = frame.time_base or self._opened_stream().time_base or Fraction(0, 1)
-        if repaired.repaired and not self._repair_logged:
-            # Once per source: a broken file has the same fault in thousands of frames.
-            self._repair_logged = True
+        time_base = frame.time_base or self._opened()[0].time_base or Fraction(0, 1)
+        if repaired.index == repairer.first_repaired:
             log.warning(
                 "%s: timestamps repaired from frame %d: %s",
                 self.spec.display_name,
@@ -564,28 +531,14 @@ class VideoSource:
             pts=repaired.pts,
             time_base=(time_base.numerator, time_base.denominator),
             capture_time=time.time(),
-            decode_ms=repaired.item.decode_ms + (time.perf_counter() - start) * 1000,
+            decode_ms=decode_ms + (time.perf_counter() - start) * 1000,
             source_pts=repaired.source_pts if repaired.repaired else None,
         )
         self.frames_decoded += 1
         return decoded
 
 
-@dataclass(frozen=True)
-class _PendingFrame:
-    """A decoded picture waiting for its timestamp to be decided."""
-
-    frame: av.VideoFrame
-    decode_ms: float
-
-
-def _frame_duration(frame: av.VideoFrame) -> int | None:
-    """The frame's duration in pts ticks when the container gives one (PyAV >= 14)."""
-    duration = getattr(frame, "duration", None)
-    return duration if isinstance(duration, int) and duration > 0 else None
-
-
-def _repairer_for(stream: av.VideoStream, *, live: bool) -> TimestampRepairer[_PendingFrame]:
+def _repairer_for(stream: av.VideoStream, *, live: bool) -> TimestampRepairer[Decoded]:
     """A timestamp repairer in the stream's time base: a frame is one tick of the average
     rate (at least one tick), a discontinuity a jump back of more than `DISCONTINUITY_S` or
     `DISCONTINUITY_FRAMES` frames, whichever is less."""
@@ -633,10 +586,8 @@ def _open_problem(spec: SourceSpec, error: Exception) -> str:
         return f"permission denied: add the user to the 'video' group ({error})"
     if spec.kind == "webcam" and code in (errno.ENODEV, errno.ENXIO, errno.ENOTTY):
         return f"not a working video capture device ({error})"
-    if spec.kind == "rtsp" and code == errno.ECONNREFUSED:
-        return f"connection refused: no RTSP server is listening there ({error})"
     if spec.kind == "rtsp":
-        for kind, problem in _RTSP_REPLIES:
+        for kind, problem in _RTSP_PROBLEMS:
             if isinstance(error, kind):
                 return f"{problem} ({error})"
         if code == errno.EPERM:  # what FFmpeg makes of an error reply it has no code for
@@ -662,24 +613,24 @@ def _mp4_without_moov(path: str) -> bool:
     last, so a truncated file has the media data but no index to it.
     """
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as file:
-            offset, first = 0, True
-            while offset + 8 <= size:
-                file.seek(offset)
-                box_size, box_type = struct.unpack(">I4s", file.read(8))
-                if first and box_type not in (b"ftyp", b"free", b"wide", b"mdat", b"skip"):
-                    return False  # not an ISO media file at all
-                first = False
-                if box_type == b"moov":
-                    return False
-                if box_size == 1:  # 64-bit size follows the type
-                    (box_size,) = struct.unpack(">Q", file.read(8))
-                elif box_size == 0:  # box runs to the end of the file
-                    break
-                if box_size < 8:
-                    break  # corrupt size; stop rather than loop
-                offset += box_size
-            return not first
-    except OSError:
+            boxes = _top_level_boxes(file)
+            first = next(boxes, None)
+            return first in (b"ftyp", b"free", b"wide", b"mdat", b"skip") and b"moov" not in boxes
+    except (OSError, struct.error):  # unreadable, or a 64-bit size cut off
         return False
+
+
+def _top_level_boxes(file: BinaryIO) -> Iterator[bytes]:
+    """The types of an ISO media file's top-level boxes, in order, up to a corrupt size."""
+    size = os.fstat(file.fileno()).st_size
+    offset = 0
+    while offset + 8 <= size:
+        file.seek(offset)
+        box_size, box_type = struct.unpack(">I4s", file.read(8))
+        yield box_type
+        if box_size == 1:  # 64-bit size follows the type
+            (box_size,) = struct.unpack(">Q", file.read(8))
+        if box_size < 8:  # 0: the box runs to the end of the file; else a corrupt size
+            return
+        offset += box_size

@@ -13,17 +13,21 @@ counting the faults of the next few frames too, so a file whose pts go wrong at 
 dts from frame 3 on instead of emitting one bad pts before it notices. Whatever it chose is
 then guarded: a value not after the previous output is moved after it.
 
-The class is pure logic on plain ints (no PyAV), so it is tested with number sequences; the
-frames it is handed travel through it as opaque items.
+`Timeline` is the other half: one timeline over pieces of a stream whose own pts restart (a
+camera's reconnect, a restarted decoder), each piece shifted to follow the last frame before it
+by the wall-clock time in between.
+
+Both are pure logic on plain numbers (no PyAV), so they are tested with number sequences; the
+frames the repairer is handed travel through it as opaque items.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Generic, TypeVar
-
-__all__ = ["REPAIR_METHODS", "RepairedTimestamp", "TimestampRepairer"]
 
 # How a repaired timestamp was made, as counted in `TimestampRepairer.report`:
 # "dts": the frame's dts, because its pts is missing or the pts are out of order;
@@ -67,7 +71,7 @@ class TimestampRepairer(Generic[ItemT]):
 
     Frames are pushed in decode-output order with their pts and dts (None where missing) and
     come back, in the same order, as `RepairedTimestamp`s: at once without look-ahead, else
-    once ``lookahead`` newer frames have been pushed (`flush` hands out the rest at the end).
+    once ``lookahead`` newer frames have been pushed (`drain` hands out the rest at the end).
 
     For each frame, in order of preference:
 
@@ -101,7 +105,6 @@ class TimestampRepairer(Generic[ItemT]):
             raise ValueError(f"discontinuity_ticks must be >= 1, got {discontinuity_ticks}")
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0 frames, got {lookahead}")
-        self.frame_duration = frame_duration
         self.discontinuity_ticks = discontinuity_ticks
         self.lookahead = lookahead
         self._pending: deque[tuple[ItemT, int | None, int | None, int | None]] = deque()
@@ -114,10 +117,9 @@ class TimestampRepairer(Generic[ItemT]):
         # The output timeline.
         self._emitted = 0
         self._last_out: int | None = None
-        self._step = frame_duration  # the duration of the last frame handed out
+        self._step = frame_duration  # the duration of the last frame handed out (ticks)
         self._offset = 0  # added to every chosen value since the last discontinuity
-        self._repaired = 0
-        self._first_repaired: int | None = None
+        self.first_repaired: int | None = None  # the index of the first frame repaired
         self._methods = dict.fromkeys(REPAIR_METHODS, 0)
 
     def push(
@@ -127,28 +129,21 @@ class TimestampRepairer(Generic[ItemT]):
         pts: int | None,
         dts: int | None,
         duration: int | None = None,
-    ) -> list[RepairedTimestamp[ItemT]]:
-        """Add the next frame; return the frames whose timestamps are now decided (oldest
-        first: none while the look-ahead fills, then one per push). ``duration``: the
-        frame's own duration in ticks, when the container gives one."""
+    ) -> RepairedTimestamp[ItemT] | None:
+        """Add the next frame; return the oldest frame held, now that its timestamp is decided
+        (None while the look-ahead fills). ``duration``: the frame's own duration in ticks,
+        when the container gives one."""
         self._count_faults(pts, dts)
         self._pending.append((item, pts, dts, duration))
-        return self.flush(limit=max(0, len(self._pending) - self.lookahead))
+        if len(self._pending) <= self.lookahead:
+            return None
+        return self._emit(*self._pending.popleft())
 
-    def flush(self, *, limit: int | None = None) -> list[RepairedTimestamp[ItemT]]:
-        """The frames still held back by the look-ahead, at the end of the stream; at most
-        ``limit`` of them (the oldest), so that a caller that may stop early keeps the rest."""
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0 or None, got {limit}")
-        decided = []
-        while self._pending and (limit is None or len(decided) < limit):
-            decided.append(self._emit(*self._pending.popleft()))
-        return decided
-
-    @property
-    def pending(self) -> int:
-        """How many pushed frames are held back, waiting for the look-ahead."""
-        return len(self._pending)
+    def drain(self) -> Iterator[RepairedTimestamp[ItemT]]:
+        """The frames still held back by the look-ahead, at the end of the stream, oldest
+        first; each is decided as it is taken, so a caller that stops early keeps the rest."""
+        while self._pending:
+            yield self._emit(*self._pending.popleft())
 
     @property
     def report(self) -> dict[str, Any]:
@@ -156,8 +151,8 @@ class TimestampRepairer(Generic[ItemT]):
         methods only where they were used: ``repaired_frames`` 0 and no methods when every
         frame kept its own pts."""
         return {
-            "repaired_frames": self._repaired,
-            "first_frame": self._first_repaired,
+            "repaired_frames": sum(self._methods.values()),
+            "first_frame": self.first_repaired,
             "methods": {name: n for name, n in self._methods.items() if n},
         }
 
@@ -192,10 +187,9 @@ class TimestampRepairer(Generic[ItemT]):
         if duration is not None and duration > 0:
             self._step = duration
         if method is not None:
-            self._repaired += 1
             self._methods[method] += 1
-            if self._first_repaired is None:
-                self._first_repaired = index
+            if self.first_repaired is None:
+                self.first_repaired = index
         return RepairedTimestamp(
             item=item, index=index, pts=value, source_pts=pts, method=method, reason=reason
         )
@@ -238,3 +232,48 @@ class TimestampRepairer(Generic[ItemT]):
             return last + self._step, "discontinuity", reason
         reason = "timestamp not after the previous frame's, moved one tick after it"
         return last + 1, "nudged", reason
+
+
+@dataclass
+class Timeline:
+    """One strictly increasing pts timeline, in one time base, over pieces of a stream whose
+    own pts restart: a live source's connections (RTSP starts each session near 0), or the
+    frames of a restarted decoder after those of the one before.
+
+    A piece's first frame is placed after the last frame before it by the wall-clock time
+    between their captures (at least one tick), so an outage shows as a gap of its real
+    length; the piece's later frames keep their own spacing from there. A frame that would
+    not come after the previous one (a camera's clock stepped back) is moved one tick after
+    it. Without a frame before (``last_pts`` None), the first piece starts at 0.
+
+    Attributes:
+        time_base: the timeline's unit in seconds (None: the first frame's).
+        last_pts: the last frame's place on the timeline (None: no frame yet).
+        last_capture: its capture time, ``time.time()`` seconds.
+    """
+
+    time_base: Fraction | None = None
+    last_pts: int | None = None
+    last_capture: float = 0.0
+    # The current piece's first pts and its place on the timeline (None: a piece starts).
+    _origin: tuple[int, int] | None = field(default=None, init=False)
+
+    def new_piece(self) -> None:
+        """The next frame starts a piece: its pts restart, it is placed by the wall clock."""
+        self._origin = None
+
+    def place(self, pts: int, time_base: Fraction, capture_time: float) -> int:
+        """The timeline's pts for a frame of the current piece (``pts`` in ``time_base``)."""
+        self.time_base = self.time_base or time_base
+        if self._origin is None:
+            start = 0
+            if self.last_pts is not None:
+                gap = Fraction(max(0.0, capture_time - self.last_capture))
+                start = self.last_pts + max(1, round(gap / self.time_base))
+            self._origin = (pts, start)
+        first, start = self._origin
+        placed = start + round((pts - first) * time_base / self.time_base)
+        if self.last_pts is not None:
+            placed = max(placed, self.last_pts + 1)
+        self.last_pts, self.last_capture = placed, capture_time
+        return placed

@@ -441,7 +441,7 @@ def test_lost_then_reconnecting_then_connected(server: RtspServer) -> None:
         assert len(connected) == 2
         back = connected[1][1]
         assert back.session == 1 and back.attempt >= 4 and back.down_s > 0
-        assert source.session == 1 and source.reconnects == 1
+        assert source.session == 1  # reconnects so far
         assert len(recorder.frames) > frames_while_down
         sessions = [f.session for f in recorder.frames]
         assert sessions == sorted(sessions)
@@ -469,7 +469,7 @@ def test_reconnects_keep_numbering_and_time_and_leak_nothing(server: RtspServer)
                 f"5 frames of session {session}",
             )
             fds.append(open_fds())
-        assert source.reconnects == 3
+        assert source.session == 3  # reconnects so far
     finally:
         source.close()
 

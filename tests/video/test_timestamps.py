@@ -30,7 +30,12 @@ from pipeline.video.sources import (
     VideoSource,
     parse_source,
 )
-from pipeline.video.timestamps import REPAIR_METHODS, RepairedTimestamp, TimestampRepairer
+from pipeline.video.timestamps import (
+    REPAIR_METHODS,
+    RepairedTimestamp,
+    Timeline,
+    TimestampRepairer,
+)
 from pipeline.wire.messages import FrameMessage, FrameMeta, MessageError, decode
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,7 +62,7 @@ def repair(
     discontinuity_ticks: int = 100,
     lookahead: int = 8,
 ) -> tuple[list[RepairedTimestamp[int]], TimestampRepairer[int]]:
-    """Push the sequence (items: the frame numbers) through a repairer, then flush it."""
+    """Push the sequence (items: the frame numbers) through a repairer, then drain it."""
     repairer: TimestampRepairer[int] = TimestampRepairer(
         frame_duration=frame_duration,
         discontinuity_ticks=discontinuity_ticks,
@@ -67,8 +72,9 @@ def repair(
     durations = [None] * len(pts) if durations is None else durations
     out: list[RepairedTimestamp[int]] = []
     for i, (p, d, duration) in enumerate(zip(pts, dts, durations, strict=True)):
-        out += repairer.push(i, pts=p, dts=d, duration=duration)
-    out += repairer.flush()
+        decided = repairer.push(i, pts=p, dts=d, duration=duration)
+        out += [] if decided is None else [decided]
+    out += repairer.drain()
     assert [r.item for r in out] == [r.index for r in out] == list(range(len(pts)))
     return out, repairer
 
@@ -105,29 +111,27 @@ def test_without_lookahead_the_fault_is_seen_one_frame_late() -> None:
     assert all(d is not None and 0 <= r.pts - d <= 1 for r, d in tail)
 
 
-def test_lookahead_holds_frames_back_until_flushed() -> None:
+def test_lookahead_holds_frames_back_until_drained() -> None:
     repairer: TimestampRepairer[str] = TimestampRepairer(
         frame_duration=1, discontinuity_ticks=10, lookahead=2
     )
-    assert repairer.push("a", pts=0, dts=0) == []
-    assert repairer.push("b", pts=1, dts=1) == []
-    assert repairer.pending == 2
-    assert [r.item for r in repairer.push("c", pts=2, dts=2)] == ["a"]
-    assert [(r.item, r.pts) for r in repairer.flush()] == [("b", 1), ("c", 2)]
-    assert repairer.pending == 0 and repairer.flush() == []
+    assert repairer.push("a", pts=0, dts=0) is None
+    assert repairer.push("b", pts=1, dts=1) is None  # two held
+    decided = repairer.push("c", pts=2, dts=2)
+    assert decided is not None and decided.item == "a"
+    assert [(r.item, r.pts) for r in repairer.drain()] == [("b", 1), ("c", 2)]
+    assert list(repairer.drain()) == []  # none held any more
 
 
-def test_flush_can_hand_out_a_few_at_a_time() -> None:
+def test_drain_hands_out_one_at_a_time() -> None:
     repairer: TimestampRepairer[int] = TimestampRepairer(
         frame_duration=1, discontinuity_ticks=10, lookahead=8
     )
     for i in range(5):
-        assert repairer.push(i, pts=i, dts=i) == []
-    assert [r.item for r in repairer.flush(limit=2)] == [0, 1]
-    assert repairer.pending == 3
-    assert [r.item for r in repairer.flush()] == [2, 3, 4]
-    with pytest.raises(ValueError, match="limit must be >= 0"):
-        repairer.flush(limit=-1)
+        assert repairer.push(i, pts=i, dts=i) is None
+    assert [r.item for r in itertools.islice(repairer.drain(), 2)] == [0, 1]
+    # The three not taken are still held, and come next.
+    assert [r.item for r in repairer.drain()] == [2, 3, 4]
 
 
 def test_no_timestamps_at_all_use_the_frame_rate() -> None:
@@ -244,6 +248,35 @@ def test_random_garbage_comes_out_strictly_increasing() -> None:
 def test_bad_settings_are_refused(kwargs: dict[str, int], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TimestampRepairer(**kwargs)
+
+
+# -- Timeline: pieces whose pts restart, on one timeline ---------------------------------------
+
+
+def test_timeline_starts_at_zero_in_the_first_frames_time_base() -> None:
+    timeline = Timeline()
+    ms = Fraction(1, 1000)
+    # A webcam's pts count from boot; the timeline counts from its first frame.
+    placed = [timeline.place(p, ms, 100.0 + p / 1000) for p in (5_000_000, 5_000_040, 5_000_200)]
+    assert placed == [0, 40, 200]  # variable spacing kept
+    assert timeline.time_base == ms
+
+
+def test_timeline_places_a_new_piece_by_the_wall_clock_and_keeps_its_spacing() -> None:
+    timeline = Timeline(Fraction(1, 100), last_pts=1000, last_capture=50.0)
+    timeline.new_piece()
+    # The piece's own pts restart near 0, in another time base (1/90000 s); it comes 3 s
+    # after the last frame, so it starts 300 ticks later, then keeps its 40 ms spacing.
+    tick = Fraction(1, 90000)
+    assert [timeline.place(p, tick, 53.0 + p / 90000) for p in (0, 3600, 7200)] == [
+        1300,
+        1304,
+        1308,
+    ]
+    timeline.new_piece()  # at once: at least one tick after the last frame
+    assert timeline.place(0, tick, 53.08) == 1309
+    assert timeline.place(-3600, tick, 53.12) == 1310  # a clock stepping back keeps the order
+    assert timeline.place(90000, tick, 54.1) == 1409  # and the piece's spacing goes on
 
 
 # -- VideoSource on real files -----------------------------------------------------------------
