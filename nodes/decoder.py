@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from pipeline.config import DecoderConfig, RunConfig
+from pipeline.run.handoff import NodeRuntime
 from pipeline.run.live import is_live
 from pipeline.run.runtime import Node
-from pipeline.run.stream_position import POSITION_FILE_ENV, Continuation, PositionFile
+from pipeline.run.stream_position import Continuation, PositionFile
 from pipeline.video.live_source import TICK_S, Backoff, LiveSource, SourceEvent, ThreadedReader
 from pipeline.video.sources import DecodedFrame, SourceSpec, VideoSource, parse_source
 from pipeline.wire.messages import EndOfStream, FrameMessage, FrameMeta, Message
@@ -53,14 +54,14 @@ class DecoderNode(Node):
     outputs = (FrameMessage,)
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> DecoderNode:
+    def from_config(cls, config: RunConfig, runtime: NodeRuntime) -> DecoderNode:
         # A resumed run starts after the frame of the tracker's snapshot.
-        after = config.resume.tracker_frame
+        after = runtime.tracker_frame
         return cls(
             config.decoder,
             live=is_live(config),
             start_frame=0 if after is None else after + 1,
-            position_file=os.environ.get(POSITION_FILE_ENV),
+            position_file=runtime.state_path("decoder.position"),
         )
 
     def __init__(
@@ -225,7 +226,7 @@ class DecoderNode(Node):
         limit = self.config.max_frames
         reason = "max_frames" if limit is not None and seq >= limit else "eof"
         self._note_timestamps()
-        self.abort()
+        self.close_source()
         yield EndOfStream(stream_id=self.config.stream_id, frames=frames, reason=reason)
 
     def _corrupt_packets(self) -> int:
@@ -241,6 +242,10 @@ class DecoderNode(Node):
         self.detail["timestamps"] = report
 
     def abort(self) -> None:
+        self.close_source()  # a decoder has no outputs of its own to drop
+
+    def close_source(self) -> None:
+        """Release the source and the position file: at the stream's end, or stopped."""
         if self.position is not None:
             self.position.close()
         if self.reader is not None:

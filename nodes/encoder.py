@@ -7,6 +7,7 @@ import time
 from pipeline.config import EncoderConfig, RunConfig
 from pipeline.infer.embedding_codec import embedding_to_wire
 from pipeline.predictor import SAM
+from pipeline.run.handoff import NodeRuntime
 from pipeline.run.runtime import Node
 from pipeline.wire.messages import EmbeddingMessage, FrameMessage, Message
 
@@ -20,7 +21,7 @@ class EncoderNode(Node):
     outputs = (EmbeddingMessage,)
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> EncoderNode:
+    def from_config(cls, config: RunConfig, runtime: NodeRuntime) -> EncoderNode:
         overlay = bool(config.publisher.out) and config.publisher.overlay
         return cls(config.encoder, weights=config.weights, carry_images=overlay)
 

@@ -12,6 +12,7 @@ from pipeline.config import PublisherConfig, RunConfig
 from pipeline.outputs.sinks import OverlaySink
 from pipeline.outputs.writer import MaskWriter
 from pipeline.run import resume
+from pipeline.run.handoff import NodeRuntime
 from pipeline.run.live import FrameTimings, is_live
 from pipeline.run.runtime import Node, shutdown_deferred
 from pipeline.wire.messages import EndOfStream, MaskMessage, Message
@@ -32,14 +33,14 @@ class PublisherNode(Node):
     outputs = (MaskMessage,)
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> PublisherNode:
+    def from_config(cls, config: RunConfig, runtime: NodeRuntime) -> PublisherNode:
         if config.live.budget_ms is None:  # resolve_run_config always sets it
             raise RuntimeError("live.budget_ms was not resolved")
         return cls(
             config.publisher,
             budget_ms=config.live.budget_ms,
             live=is_live(config),
-            resume_frames=config.resume.frames_done,
+            resume_frames=runtime.frames_done,
         )
 
     def __init__(

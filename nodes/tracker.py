@@ -35,6 +35,7 @@ from pipeline.model.transforms import resized_shape
 from pipeline.model.weights import resolve_weights
 from pipeline.predictor import ImageEmbedding, resolve_device
 from pipeline.run import resume
+from pipeline.run.handoff import NodeRuntime
 from pipeline.run.live import is_live
 from pipeline.run.runtime import Node
 from pipeline.track.tracking import PromptTracker, TrackOutput
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 # publisher's last frame is among them. Small: a track's filter and its low-res logits.
 SNAPSHOTS_KEPT = 64
 
-# A live run's tracker (under the launcher: resume.LIVE_STATE_ENV names the directory) saves
+# A live run's tracker (under the launcher: NodeRuntime.state_dir holds the directory) saves
 # its tracks at most this often, and after a command changed them; a tracker started again
 # after a death restores the latest, so the tracks go on with their ids.
 LIVE_STATE_INTERVAL_S = 1.0
@@ -93,7 +94,7 @@ class TrackerNode(Node):
     outputs = (MaskMessage,)
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> TrackerNode:
+    def from_config(cls, config: RunConfig, runtime: NodeRuntime) -> TrackerNode:
         # Offline runs with outputs keep the tracker's recent states for --resume.
         live = is_live(config)
         return cls(
@@ -101,8 +102,8 @@ class TrackerNode(Node):
             weights=config.weights,
             image_size=config.encoder.image_size,
             resume_dir=None if live or not config.publisher.out else config.publisher.out,
-            resume_from=config.resume.tracker_frame,
-            live_state=os.environ.get(resume.LIVE_STATE_ENV) if live else None,
+            resume_from=runtime.tracker_frame,
+            live_state=runtime.state_path("tracker") if live else None,
         )
 
     def __init__(

@@ -39,7 +39,8 @@ from pipeline.infer.gpu import CudaGraphRunner, device_preprocess, half_copy, up
 from pipeline.infer.machine import available_cores, cpu_facts, native_bf16
 from pipeline.infer.timing import median_ms, time_ms
 from pipeline.predictor import SAM
-from pipeline.run.launcher import RunSummary, run_pipeline
+from pipeline.run.launcher import run_pipeline
+from pipeline.run.summary import RunSummary
 from pipeline.track.prompts import parse_prompts
 from pipeline.video.sources import VideoSource, parse_source
 

@@ -280,10 +280,15 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--config", help="YAML or JSON config with explicit endpoints")
     how.add_argument(
+        "--run-file",
+        help="the launcher's: the run's config and this node's runtime (pipeline.run.handoff)",
+    )
+    how.add_argument(
         "--standby",
-        action="store_true",
-        help="a launcher's spare: import what the node needs, then read the --config path "
-        "from stdin and run (a restart that skips the imports)",
+        type=int,
+        metavar="FD",
+        help="the launcher's spare: import what the node needs, say so on pipe FD, then read "
+        "the --run-file path from stdin and run (a restart that skips the imports)",
     )
     p.add_argument(
         "--set",
@@ -300,22 +305,32 @@ def _node(args: argparse.Namespace) -> int:
 
     from pipeline.config import load_config, parse_set
     from pipeline.run.graph import node_spec
-    from pipeline.run.launcher import LAUNCHER_PID_ENV, die_with_launcher, node_runner
+    from pipeline.run.handoff import NodeRuntime, read_run_file
     from pipeline.run.runtime import install_signal_handlers
+    from pipeline.run.supervisor import node_runner
+    from pipeline.run.workers import die_with_launcher
     from pipeline.wire.curve import exposure_warnings
 
-    if args.standby:
-        die_with_launcher()  # a spare too is gone with its launcher
-        args.config = _standby(args.name)
-        if not args.config:
+    if args.standby is not None:
+        # A spare: its launcher is its parent. Should it die before the run file comes,
+        # stdin closes and the wait ends.
+        die_with_launcher(os.getppid())
+        args.run_file = _standby(args.name, args.standby)
+        if not args.run_file:
             return 0  # the launcher closed the pipe: not needed after all
-    config = load_config(args.config, [parse_set(text) for text in args.set])
-    if LAUNCHER_PID_ENV not in os.environ:  # started by hand: the launcher warns otherwise
+    overrides = [parse_set(text) for text in args.set]
+    if args.run_file:
+        config, runtime = read_run_file(args.run_file)
+        if overrides:
+            raise ValueError("--set goes with --config: a run file is the launcher's")
+    else:
+        config, runtime = load_config(args.config, overrides), NodeRuntime()
+        # Started by hand: the launcher warns of exposed endpoints otherwise.
         for warning in exposure_warnings(config.transport, node_spec(args.name).binds):
             print(f"samstream: warning: {warning}", file=sys.stderr)
     install_signal_handlers()
-    die_with_launcher()
-    code = node_runner(args.name, config).run()
+    die_with_launcher(runtime.launcher_pid)
+    code = node_runner(args.name, config, runtime).run()
     # Wait here, explicitly, until queued output has been delivered (sockets linger).
     zmq.Context.instance().term()
     # Everything is written and closed: skip the interpreter's teardown, which took 1-2 s
@@ -326,22 +341,19 @@ def _node(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
-def _standby(name: str) -> str:
+def _standby(name: str, ready_fd: int) -> str:
     """A spare's wait: import the node's module and what its setup imports (``preload``:
     torch, timm and the backends come with them), say so on the launcher's pipe, then block
-    until the launcher writes the config path on stdin. Returns that path ("" when stdin
+    until the launcher writes the run file's path on stdin. Returns that path ("" when stdin
     closes first)."""
     from pipeline.infer.backend import import_package
     from pipeline.run.graph import node_class
-    from pipeline.run.launcher import SPARE_READY_FD_ENV
 
     for module in node_class(name).preload:
         with contextlib.suppress(ImportError):
             import_package(module)
-    ready = os.environ.get(SPARE_READY_FD_ENV)
-    if ready is not None:
-        os.write(int(ready), b"1")
-        os.close(int(ready))
+    os.write(ready_fd, b"1")
+    os.close(ready_fd)
     return sys.stdin.readline().strip()
 
 

@@ -273,15 +273,10 @@ class LiveConfig(_Section, kw_only=True):
 
 
 class ResumeConfig(_Section, kw_only=True):
-    """Continuing an interrupted offline run in publisher.out (``samstream run --resume``).
-
-    Only ``enabled`` is for users; the launcher fills in the rest from the state the
-    interrupted run left in the output directory."""
+    """Continuing an interrupted offline run in publisher.out (``samstream run --resume``);
+    where it continues is the launcher's to find (`pipeline.run.resume.plan_outputs`)."""
 
     enabled: bool = False  # continue the interrupted run in publisher.out (same source and config)
-    frames_done: _AtLeast0 = 0  # frames complete in publisher.out: the publisher starts after them
-    # Frame of the tracker snapshot to start from; None: afresh.
-    tracker_frame: _AtLeast0 | None = None
 
 
 class RunConfig(_Section, kw_only=True):

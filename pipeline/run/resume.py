@@ -14,7 +14,7 @@ An offline run keeps a small state directory, ``.samstream/`` under its output d
 
 A live run keeps the same tracker state (its latest only, saved about every second) in its
 run directory while it runs, so that a tracker restarted after a death goes on with the
-tracks (``LIVE_STATE_ENV``), written by a thread of its own (``LiveStateWriter``).
+tracks (``NodeRuntime.state_path``), written by a thread of its own (``LiveStateWriter``).
 
 Everything here is plain JSON and ``numpy.savez`` arrays (no pickle: the files may be edited
 or planted by anyone who can write the output directory).
@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 import zipfile
 from collections.abc import Mapping
@@ -37,6 +38,7 @@ import numpy as np
 
 from pipeline.config import RunConfig, config_to_dict
 from pipeline.outputs.atomic import AtomicFile, write_atomic
+from pipeline.run.live import is_live
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +214,47 @@ def plan_resume(out_dir: str | Path, identity: Mapping[str, Any]) -> ResumePoint
     return ResumePoint(frames_done=frames_done, tracker_frame=max(usable) if usable else None)
 
 
+def plan_outputs(config: RunConfig, *, resume_wanted: bool) -> ResumePoint:
+    """An offline run with outputs records what it is (for --resume); a resume checks that
+    the interrupted run was the same job and says where to continue."""
+    out = config.publisher.out
+    fresh = ResumePoint(frames_done=0, tracker_frame=None)
+    if is_live(config) or not out:
+        if resume_wanted:
+            raise ResumeError(
+                "--resume continues an interrupted offline run: it needs --out DIR and a "
+                "file source (a live run keeps its outputs when stopped: nothing to resume)"
+            )
+        return fresh
+    identity = run_identity(config, weights_path=config.weights)
+    if not resume_wanted:
+        frames = interrupted_frames(out)
+        if frames:
+            log.warning(
+                "%s holds an interrupted run (%d frames): starting over; add --resume "
+                "to continue it instead",
+                out,
+                frames,
+            )
+        begin_run(out, identity)
+        return fresh
+    point = plan_resume(out, identity)
+    begin_run(out, identity)
+    tracker = ""
+    if point.tracker_frame != point.frames_done - 1:
+        first = 0 if point.tracker_frame is None else point.tracker_frame + 1
+        tracker = f" (the tracker restarts from frame {first})"
+    print(
+        f"samstream: resuming {out} after frame {point.frames_done - 1}{tracker}", file=sys.stderr
+    )
+    return point
+
+
 # -- tracker state ------------------------------------------------------------------------
 
 
 Snapshot = tuple[dict[str, Any], dict[str, np.ndarray]]
 """A tracker's state after one frame: JSON-ready data and named arrays."""
-
-LIVE_STATE_ENV = "SAMSTREAM_TRACKER_STATE"
-"""Where a live run's tracker keeps its latest state (set by the launcher): the directory a
-restarted tracker restores its tracks from (``nodes.tracker``)."""
 
 
 def save_tracker_snapshots(out_dir: str | Path, snapshots: Mapping[int, Snapshot]) -> Path:

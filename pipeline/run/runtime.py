@@ -67,6 +67,7 @@ from pipeline.wire.transport import (
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
+    from pipeline.run.handoff import NodeRuntime
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,9 @@ class Node:
         self.status_due = False
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> Node:
-        """The node as a run configures it; ``config`` is resolved (`pipeline.run.live`)."""
+    def from_config(cls, config: RunConfig, runtime: NodeRuntime) -> Node:
+        """The node as a run configures it; ``config`` is resolved (`pipeline.run.live`),
+        ``runtime`` what the launcher handed it (`pipeline.run.handoff`)."""
         raise NotImplementedError(f"{cls.__name__} is not built from a run config")
 
     @property

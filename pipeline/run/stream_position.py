@@ -24,9 +24,6 @@ import msgspec
 from pipeline.video.timestamps import Timeline
 from pipeline.wire.messages import FrameMeta
 
-# The launcher tells a live run's decoder where its position file is (in the run directory).
-POSITION_FILE_ENV = "SAMSTREAM_STREAM_POSITION"
-
 # seq, frame_index, session, has_pts, pts, time_base num / den, capture_time
 _LAYOUT = struct.Struct("<qqqqqqqd")
 

@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.config import RunConfig, TransportConfig
 from pipeline.run.graph import NODE_NAMES, build_node, links, node_endpoints, node_spec
+from pipeline.run.handoff import NodeRuntime
 from pipeline.run.live import resolve_run_config
 from pipeline.wire.messages import EmbeddingMessage, FrameMessage, MaskMessage
 
@@ -50,7 +51,7 @@ def test_each_node_is_built_from_the_table_with_typed_ports() -> None:
             decoder=msgspec.structs.replace(RunConfig().decoder, source="lavfi:testsrc2"),
         )
     )
-    nodes = {name: build_node(name, config) for name in NODE_NAMES}
+    nodes = {name: build_node(name, config, NodeRuntime()) for name in NODE_NAMES}
     assert {name: type(n).__name__ for name, n in nodes.items()} == {
         "decoder": "DecoderNode",
         "encoder": "EncoderNode",

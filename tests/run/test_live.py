@@ -25,7 +25,6 @@ from pipeline.config import (
     validate_config,
 )
 from pipeline.run import live as live_module
-from pipeline.run.launcher import node_environment
 from pipeline.run.live import (
     CPU_BUDGET_MS,
     CPU_LIVE_IMAGE_SIZE,
@@ -36,6 +35,7 @@ from pipeline.run.live import (
     source_is_live,
 )
 from pipeline.run.runtime import NewestInbox, Node, NodeEndpoints, NodeRunner
+from pipeline.run.workers import node_environment
 from pipeline.wire.messages import EndOfStream, FrameMessage, FrameMeta, Message, StatusMessage
 from pipeline.wire.transport import MessageReceiver, SocketOptions, open_socket, send_message
 

@@ -162,11 +162,11 @@ class LiveRun:
         return self.node_pids()[name]
 
     def node_pids(self) -> dict[str, int]:
-        """The pids of the nodes started with --config (not the spares), by name."""
+        """The pids of the nodes started with --run-file (not the spares), by name."""
         pids = {}
         for pid in child_pids(self.proc.pid):
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"--config" in args:
+            if b"--run-file" in args:
                 pids[args[args.index(b"node") + 1].decode()] = pid
         return pids
 
@@ -298,13 +298,12 @@ def test_rtsp_stall_is_reported_and_the_stream_resumes(checkpoint: Path, tmp_pat
             children = child_pids(run.proc.pid)
             decoder = run.node_pid("decoder")
             proxy.freeze()
-            stop = time.monotonic()
-            run.proc.send_signal(signal.SIGTERM)
-            while alive(decoder) and time.monotonic() - stop < 10:
-                time.sleep(0.01)
-            decoder_exit_s = time.monotonic() - stop
             run.finish()
-    assert decoder_exit_s < 1.0, f"the decoder took {decoder_exit_s:.2f} s to stop"
+    # Every node, the decoder in its read included, stopped by itself within the grace
+    # period: the supervisor names in the summary any it had to kill.
+    assert "stopped by SIGTERM" in run.stdout
+    assert "killed, not stopped within the grace period" not in run.stdout, run.stdout
+    assert not alive(decoder)
     assert not [pid for pid in children if alive(pid)], "node processes outlived the run"
     print(f"stall reported {stalled_s:.2f} s after the freeze")
     detail = next(
@@ -386,17 +385,16 @@ def test_file_played_in_real_time_runs_live_to_the_end(checkpoint: Path, tmp_pat
 
 @pytest.mark.parametrize("source", ["/dev/video9", "9"])
 def test_missing_webcam_fails_fast_and_names_it(source: str) -> None:
-    start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", "--source", source],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    """Fast: found by the checks before any node starts, before torch is even imported."""
+    script = (
+        "import sys; from pipeline.cli import main; code = main(['run', '--source', sys.argv[1]]); "
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); "
+        "sys.exit(code)"
     )
-    elapsed = time.monotonic() - start
+    proc = subprocess.run(
+        [sys.executable, "-c", script, source], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0
     assert "/dev/video9" in proc.stderr and "does not exist" in proc.stderr
-    print(f"missing webcam reported after {elapsed:.2f} s")
-    # Found before torch is imported (0.3 s here when idle); the bound leaves room for a
-    # machine busy with other work, where starting Python alone takes seconds.
-    assert elapsed < 6.0, f"took {elapsed:.1f} s"
+    assert proc.stdout.strip() == "torch not imported", proc.stdout
+    assert "run, encoder on" not in proc.stderr  # no node was started

@@ -30,7 +30,7 @@ from support.media import make_clip
 
 from pipeline.config import config_from_dict
 from pipeline.outputs.files import decode_rle
-from pipeline.run.launcher import STOP_GRACE_S, run_pipeline
+from pipeline.run.launcher import run_pipeline
 from pipeline.wire.client import MaskSubscriber
 from pipeline.wire.control import send_prompt
 from pipeline.wire.messages import PromptCommand
@@ -180,7 +180,9 @@ def _start_long_run(checkpoint: Path, endpoint: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_every_node_within_2s(checkpoint: Path) -> None:
+def test_sigterm_stops_every_node_within_the_grace_period(checkpoint: Path) -> None:
+    """SIGTERM: every node stops by itself within STOP_GRACE_S (the supervisor kills, and
+    the summary names, any that does not), and nothing outlives the launcher."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     with MaskSubscriber(endpoint, timeout_ms=120_000) as sub:
         proc = _start_long_run(checkpoint, endpoint)
@@ -189,22 +191,13 @@ def test_sigterm_stops_every_node_within_2s(checkpoint: Path) -> None:
             children = child_pids(proc.pid)
             assert len(children) == 4
             proc.send_signal(signal.SIGTERM)
-            start = time.monotonic()
-            nodes_gone = None
-            while proc.poll() is None and time.monotonic() - start < 30:
-                if nodes_gone is None and not any(alive(pid) for pid in children):
-                    nodes_gone = time.monotonic() - start
-                time.sleep(0.01)
-            elapsed = time.monotonic() - start
+            out, err = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    print(f"SIGTERM: nodes gone after {nodes_gone} s, launcher after {elapsed:.2f} s")
-    # The promise: 2 s (measured 0.02-0.2 s). The launcher's own exit after the nodes' (an
-    # interpreter with torch loaded) measured 0.5 s here, several times that on a machine
-    # busy with other work.
-    assert nodes_gone is not None and nodes_gone < STOP_GRACE_S, nodes_gone
-    assert elapsed < STOP_GRACE_S + 4.0, f"launcher took {elapsed:.1f} s to stop"
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # the shell's convention
+    assert "stopped by SIGTERM" in out, out
+    assert "killed, not stopped within the grace period" not in out, out
     assert not [pid for pid in children if alive(pid)], "orphaned node processes"
 
 

@@ -17,7 +17,7 @@ import pytest
 from support.e2e import FAST, alive, child_pids, free_port, samstream
 from support.media import make_clip
 
-from pipeline.run.launcher import MAX_RESTARTS
+from pipeline.run.supervisor import MAX_RESTARTS
 from pipeline.wire.client import MaskFrame, MaskSubscriber
 
 pytestmark = pytest.mark.slow
@@ -29,11 +29,11 @@ def _node_pid(
     *,
     not_pid: int | None = None,
     wait_s: float = 60,
-    role: str = "--config",
+    role: str = "--run-file",
 ) -> int:
     """The pid of the launcher's ``name`` node (other than ``not_pid``, one killed before),
     waiting for it: after a death the launcher is restarting the nodes for a while.
-    ``role``: "--config" the running node, "--standby" its spare."""
+    ``role``: "--run-file" the running node, "--standby" its spare."""
     deadline = time.monotonic() + wait_s
     while True:
         for pid in child_pids(launcher):
@@ -58,13 +58,13 @@ def _ready_spare(launcher: int, name: str, running: int, wait_s: float = 120) ->
         for pid in child_pids(launcher):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:
                 continue  # it went away
             if pid == running or f"node {name} --standby".encode() not in cmdline:
                 continue
-            ready_fd = next(v for v in env if v.startswith(b"SAMSTREAM_SPARE_READY_FD="))
-            if not Path(f"/proc/{pid}/fd/{int(ready_fd.split(b'=')[1])}").exists():
+            args = cmdline.split()
+            ready_fd = int(args[args.index(b"--standby") + 1])
+            if not Path(f"/proc/{pid}/fd/{ready_fd}").exists():
                 return pid
         time.sleep(0.1)
     raise AssertionError(f"no ready spare {name} under {launcher} within {wait_s} s")
@@ -110,7 +110,7 @@ def _kill_and_follow(
     launcher: int, name: str, sub: MaskSubscriber, pid: int | None = None
 ) -> list[tuple[float, Any]]:
     """SIGKILL the launcher's ``name`` node (process ``pid``; None: the one started with
-    --config); every event of the feed (with the time.monotonic() it came), up to the
+    --run-file); every event of the feed (with the time.monotonic() it came), up to the
     masks of a frame captured after the kill."""
     os.kill(pid or _node_pid(launcher, name), signal.SIGKILL)
     killed, killed_wall = time.monotonic(), time.time()

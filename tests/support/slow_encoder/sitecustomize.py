@@ -1,6 +1,6 @@
 """A slow encoder for the live tests, from outside the product: a test puts this directory
 on PYTHONPATH and sets SAMSTREAM_SLOW_ENCODER_MS; Python imports this module at start-up in
-every process, and in the encoder node's process (``... node encoder --config ...``) every
+every process, and in the encoder node's process (``... node encoder --run-file ...``) every
 batch then takes that much longer inside the encoder's timed step."""
 
 from __future__ import annotations
