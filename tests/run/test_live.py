@@ -25,6 +25,7 @@ from pipeline.config import (
     validate_config,
 )
 from pipeline.run import live as live_module
+from pipeline.run.inbox import NewestInbox
 from pipeline.run.live import (
     CPU_BUDGET_MS,
     CPU_LIVE_IMAGE_SIZE,
@@ -34,7 +35,7 @@ from pipeline.run.live import (
     resolve_run_config,
     source_is_live,
 )
-from pipeline.run.runtime import NewestInbox, Node, NodeEndpoints, NodeRunner
+from pipeline.run.runtime import Node, NodeEndpoints, NodeRunner
 from pipeline.run.workers import node_environment
 from pipeline.wire.messages import EndOfStream, FrameMessage, FrameMeta, Message, StatusMessage
 from pipeline.wire.transport import MessageReceiver, SocketOptions, open_socket, send_message
