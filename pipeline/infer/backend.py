@@ -209,6 +209,16 @@ class OnnxModel:
         self.compiled = compile_openvino(package, path, config)
         self.request = self.compiled.create_infer_request()
 
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a `Backend` on this model says of itself (its name, precision, ...)."""
+        return {
+            "name": self.backend,
+            "precision": self.precision,
+            "threads": self.threads,
+            "version": self.version,
+        }
+
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.session is not None:
             return list(self.session.run(None, feeds))

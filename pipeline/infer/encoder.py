@@ -204,13 +204,7 @@ class OnnxEncoder(EncoderBackend):
 
     def __init__(self, onnx: OnnxModel, *, image_size: int) -> None:
         self.onnx = onnx
-        super().__init__(
-            name=onnx.backend,
-            image_size=image_size,
-            precision=onnx.precision,
-            threads=onnx.threads,
-            version=onnx.version,
-        )
+        super().__init__(image_size=image_size, **onnx.identity)
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         return self.onnx({"images": self._check(batch)})[0]

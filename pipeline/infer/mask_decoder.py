@@ -191,13 +191,7 @@ class OnnxMaskDecoder(MaskDecoderBackend):
 
     def __init__(self, onnx: OnnxModel, *, model: SamDecoder) -> None:
         self.onnx = onnx
-        super().__init__(
-            name=onnx.backend,
-            model=model,
-            precision=onnx.precision,
-            threads=onnx.threads,
-            version=onnx.version,
-        )
+        super().__init__(model=model, **onnx.identity)
 
     def run_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if inputs["image_embeddings"].device.type != "cpu":
