@@ -313,7 +313,7 @@ def test_burst_while_busy_keeps_only_the_newest(link, inbox: NewestInbox) -> Non
     # Nothing left: take waits its timeout and returns nothing.
     started = time.monotonic()
     assert inbox.take(0.05) == (None, None, [])
-    assert 0.04 <= time.monotonic() - started < 1.0
+    assert time.monotonic() - started >= 0.04  # it waited its timeout (a hang: test timeout)
     # A frame that comes while the consumer is free is not a drop.
     send_message(push, frame(n))
     newest, _, _ = inbox.take(5.0)
@@ -435,9 +435,7 @@ def test_close_stops_the_thread_and_hands_the_socket_back(link) -> None:
     before = inbox_threads()
     box = NewestInbox(receiver)
     assert inbox_threads() == before + 1
-    started = time.monotonic()
-    box.close()
-    assert time.monotonic() - started < 1.0  # within about one poll interval
+    box.close()  # returns once the thread has ended (within about one poll interval)
     assert inbox_threads() == before
     send_message(push, frame(7))
     msg = receiver.recv(5000)  # the socket is the caller's again
@@ -517,10 +515,8 @@ def test_live_runner_newest_frame_wins(ctx: zmq.Context) -> None:
     source_runner = NodeRunner(source, NodeEndpoints(output=endpoint), context=ctx, live=True)
     sink_thread, sink_codes = run_in_thread(sink_runner)  # consumers first: input bound
     source_thread, source_codes = run_in_thread(source_runner)
-    started = time.monotonic()
-    source_thread.join(20.0)
-    sink_thread.join(20.0)
-    elapsed = time.monotonic() - started
+    source_thread.join(60.0)
+    sink_thread.join(60.0)
     assert not source_thread.is_alive() and not sink_thread.is_alive()
     assert source_codes == [0] and sink_codes == [0]
 
@@ -539,9 +535,8 @@ def test_live_runner_newest_frame_wins(ctx: zmq.Context) -> None:
     assert counters.get("input_gaps", 0) == seqs[-1] - seqs[0] - (len(seqs) - 1)
     assert counters.get("input_gaps", 0) == counters["dropped_newest_wins"] - seqs[0]
     assert sink.stats()["messages"] == len(seqs)
-    # Live delivery never queued work up: the run took about as long as sending did, not
-    # frames_sent * work_s (3 s).
-    assert elapsed < frames_sent * interval_s + 1.5
+    # Live delivery never queued work up: the slow node's few frames above (not all of
+    # them, one after another) are the proof, with no clock involved.
     assert inbox_threads() == 0
 
 

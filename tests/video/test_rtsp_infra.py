@@ -100,11 +100,8 @@ def test_serves_the_clip_in_real_time(server: RtspServer) -> None:
 def test_the_stream_ends_at_the_end_of_the_clip(tmp_path: Path) -> None:
     short = make_clip(tmp_path / "short.mp4", frames=30, size=SIZE, fps=FPS)
     with RtspServer(short) as server, open_rtsp(server.url) as container:
-        started = time.monotonic()
         frames = list(container.decode(video=0))  # ends by itself: a camera that hangs up
-        elapsed = time.monotonic() - started
     assert len(frames) == 30
-    assert elapsed < 30 / FPS + 2.0
 
 
 def test_testsrc_mode_needs_no_file() -> None:
@@ -129,9 +126,7 @@ def test_restart_on_the_same_port_leaves_nothing_behind(clip: Path) -> None:
                 assert {(f.width, f.height) for f in frames} == {SIZE}
                 # Stopped mid-read, the server's close ends demux() quietly and at once.
                 assert server.stop() == 0, server.stderr
-                started = time.monotonic()
-                rest = list(packets)
-                assert time.monotonic() - started < 0.5
+                rest = list(packets)  # returns (a hang would be the test's timeout)
                 assert rest[-1].size == 0
                 # The client has not closed yet, so the old server's side of the connection
                 # lingers in FIN_WAIT2 and a plain bind fails: a restart binding the port now
@@ -164,7 +159,9 @@ def test_silent_server_at_open_is_a_timeout_reported_as_invalid_data() -> None:
             av.open(stall.url, options=TCP, timeout=(1.0, 1.0))
         elapsed = time.monotonic() - started
         assert stall.accepted == 1
-    assert 0.9 <= elapsed < 3.0
+    # The 1 s open timeout ended it (FFmpeg's own default waits for ever); the upper bound
+    # only tells that from a hang, generously for a busy machine.
+    assert 0.9 <= elapsed < 15.0
     assert threading.active_count() == threads  # close() ended its thread
 
 
@@ -181,7 +178,7 @@ def test_freeze_mid_stream_raises_exit_error_after_two_read_timeouts(server: Rts
                 for _ in packets:
                     pass
             elapsed = time.monotonic() - started
-        assert 1.8 <= elapsed < 3.0
+        assert 1.8 <= elapsed < 15.0  # two read timeouts; the bound tells it from a hang
 
         # New connections get no answer while frozen either, and are served after thaw.
         with pytest.raises(av.error.InvalidDataError):
