@@ -93,6 +93,42 @@ def test_run_on_encoded_clip(checkpoint: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_nodes_started_by_hand_run_the_graph(checkpoint: Path, tmp_path: Path) -> None:
+    """The README's `samstream node NAME --config FILE`: the four nodes started by hand,
+    no launcher, over tcp:// endpoints given in one file, write what a run writes."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=8, size=(160, 120), fps=10)
+    links = ("frames", "embeddings", "masks", "control", "publish")
+    config = {
+        "weights": str(checkpoint),
+        "decoder": {"source": str(clip)},
+        "encoder": {"image_size": 256},
+        "tracker": {"prompts": [{"box": [10, 40, 50, 80]}]},
+        "publisher": {"out": str(tmp_path / "out")},
+        "transport": {name: f"tcp://127.0.0.1:{free_port()}" for name in links},
+    }
+    path = tmp_path / "nodes.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "node", name, "--config", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("publisher", "tracker", "encoder", "decoder")
+    }
+    try:
+        results = {name: proc.communicate(timeout=240) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"{name}: {results[name][1][-2000:]}"
+    check_outputs(tmp_path / "out", input_pts(clip), input_seconds(clip))
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not VTEST.exists(), reason="opencv-doc's vtest.avi is not installed")
 def test_run_on_real_sample_video(checkpoint: Path, tmp_path: Path) -> None:
     # One object by a box, one by a box with a background point (predict's nesting).
