@@ -164,7 +164,9 @@ class Supervisor:
         start = time.monotonic()
         stopped_by: str | None = None
         try:
-            self.workers = [self._start(spec.name, self.config) for spec in self._start_order()]
+            # One by one: should a start fail, those started before are stopped below.
+            for spec in self._start_order():
+                self.workers.append(self._start(spec.name, self.config))
             self._announce_run()
             while not self._step():
                 pass
@@ -426,7 +428,9 @@ class Supervisor:
         self.resume_point = plan_outputs(self.config, resume_wanted=True)
         self.attempt_start = self.resume_point.frames_done
         self.last.clear()
-        self.workers = [self._start(spec.name, self.config) for spec in GRAPH]
+        self.workers = []
+        for spec in GRAPH:
+            self.workers.append(self._start(spec.name, self.config))
 
     # -- the end ----------------------------------------------------------------------------
 
