@@ -214,18 +214,20 @@ def plan_resume(out_dir: str | Path, identity: Mapping[str, Any]) -> ResumePoint
     return ResumePoint(frames_done=frames_done, tracker_frame=max(usable) if usable else None)
 
 
+FRESH_START = ResumePoint(frames_done=0, tracker_frame=None)  # nothing written before
+
+
 def plan_outputs(config: RunConfig, *, resume_wanted: bool) -> ResumePoint:
     """An offline run with outputs records what it is (for --resume); a resume checks that
     the interrupted run was the same job and says where to continue."""
     out = config.publisher.out
-    fresh = ResumePoint(frames_done=0, tracker_frame=None)
     if is_live(config) or not out:
         if resume_wanted:
             raise ResumeError(
                 "--resume continues an interrupted offline run: it needs --out DIR and a "
                 "file source (a live run keeps its outputs when stopped: nothing to resume)"
             )
-        return fresh
+        return FRESH_START
     identity = run_identity(config, weights_path=config.weights)
     if not resume_wanted:
         frames = interrupted_frames(out)
@@ -237,7 +239,7 @@ def plan_outputs(config: RunConfig, *, resume_wanted: bool) -> ResumePoint:
                 frames,
             )
         begin_run(out, identity)
-        return fresh
+        return FRESH_START
     point = plan_resume(out, identity)
     begin_run(out, identity)
     tracker = ""

@@ -19,10 +19,18 @@ import zmq
 
 from pipeline.config import RunConfig
 from pipeline.run import resume
-from pipeline.run.graph import GRAPH, NODE_NAMES, SINK, build_node, node_endpoints, node_spec
+from pipeline.run.graph import (
+    GRAPH,
+    NODE_NAMES,
+    SINK,
+    NodeSpec,
+    build_node,
+    node_endpoints,
+    node_spec,
+)
 from pipeline.run.handoff import NodeRuntime, write_run_file
 from pipeline.run.live import is_live, resolve_run_config
-from pipeline.run.resume import ResumePoint
+from pipeline.run.resume import FRESH_START, ResumePoint
 from pipeline.run.runtime import STATUS_TOKEN_KEY, NodeRunner, Shutdown
 from pipeline.run.summary import RunSummary, summarize, update_progress
 from pipeline.run.workers import ProcessWorker, ThreadWorker, Worker, node_environment
@@ -43,7 +51,6 @@ STOP_GRACE_S = 2.0
 # one more death in that window fails the run, with the history.
 MAX_RESTARTS = 10
 RESTART_WINDOW_S = 60.0
-FRESH = ResumePoint(frames_done=0, tracker_frame=None)
 
 
 class RunFailed(RuntimeError):
@@ -102,7 +109,7 @@ class Supervisor:
         config: RunConfig,
         run_dir: Path,
         *,
-        resume_point: ResumePoint = FRESH,
+        resume_point: ResumePoint = FRESH_START,
         in_process: bool = False,
         progress: bool = False,
     ) -> None:
@@ -183,7 +190,7 @@ class Supervisor:
         summary.killed = self.killed
         return summary
 
-    def _start_order(self) -> tuple[Any, ...]:
+    def _start_order(self) -> tuple[NodeSpec, ...]:
         # Threads over inproc:// start consumers first, so that their inputs are bound.
         return tuple(reversed(GRAPH)) if self.in_process else GRAPH
 
