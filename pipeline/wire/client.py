@@ -35,7 +35,7 @@ import msgspec
 import numpy as np
 import zmq
 
-from pipeline.wire.curve import HandshakeWatch, client_from_files
+from pipeline.wire.curve import connect_client
 from pipeline.wire.masks import RegionMask, stack_dense
 from pipeline.wire.messages import (
     EndOfStream,
@@ -46,7 +46,7 @@ from pipeline.wire.messages import (
     TrackRecord,
 )
 from pipeline.wire.stats import SequenceGaps
-from pipeline.wire.transport import MessageReceiver, SocketOptions, open_socket
+from pipeline.wire.transport import MessageReceiver, SocketOptions
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,6 @@ class MaskSubscriber:
         """``client_key`` (this subscriber's ``.key_secret`` file) and ``server_key`` (the
         feed's public ``.key`` file), both or neither: CURVE keys for a feed that has them.
         A missing or malformed key file raises CurveKeyError (a ValueError) naming it."""
-        curve = client_from_files(client_key, server_key)  # before any socket exists
         self.timeout_ms = timeout_ms
         self.last_status: StatusMessage | None = None
         # The latest status of each node (the launcher relays them all to the publisher):
@@ -121,14 +120,15 @@ class MaskSubscriber:
         options = SocketOptions(sndhwm=1000, rcvhwm=RCVHWM, maxmsgsize=MAX_MESSAGE_BYTES)
         ctx = context if context is not None else zmq.Context.instance()
         # Refused handshakes are watched, so that a wrong or missing key can be told.
-        self._handshakes = HandshakeWatch(curve, f"mask feed {endpoint}")
-        try:
-            self._socket = open_socket(
-                ctx, zmq.SUB, endpoint, bind=False, options=options, security=self._handshakes
-            )
-        except BaseException:
-            self._handshakes.close()
-            raise
+        self._socket, self._handshakes = connect_client(
+            ctx,
+            zmq.SUB,
+            endpoint,
+            options,
+            client_key=client_key,
+            server_key=server_key,
+            what=f"mask feed {endpoint}",
+        )
         self._receiver = MessageReceiver(self._socket)
 
     @property

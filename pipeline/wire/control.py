@@ -6,9 +6,9 @@ import os
 
 import zmq
 
-from pipeline.wire.curve import HandshakeWatch, client_from_files
+from pipeline.wire.curve import connect_client
 from pipeline.wire.messages import PromptCommand, PromptReply
-from pipeline.wire.transport import SocketOptions, open_socket
+from pipeline.wire.transport import SocketOptions
 
 
 def send_prompt(
@@ -25,18 +25,17 @@ def send_prompt(
 
     ``client_key`` (this client's ``.key_secret``) and ``server_key`` (the run's public
     ``.key``), both or neither, for a control socket with CURVE (``transport.curve``)."""
-    curve = client_from_files(client_key, server_key)
-    ctx = context or zmq.Context.instance()
     timeout_ms = int(timeout_s * 1000)
-    options = SocketOptions(
-        linger_ms=0, sndhwm=1, rcvhwm=1, sndtimeo_ms=timeout_ms, rcvtimeo_ms=timeout_ms
+    options = SocketOptions(sndhwm=1, rcvhwm=1, sndtimeo_ms=timeout_ms, rcvtimeo_ms=timeout_ms)
+    sock, handshakes = connect_client(
+        context or zmq.Context.instance(),
+        zmq.REQ,
+        endpoint,
+        options,
+        client_key=client_key,
+        server_key=server_key,
+        what=f"control socket {endpoint}",
     )
-    handshakes = HandshakeWatch(curve, f"control socket {endpoint}")
-    try:
-        sock = open_socket(ctx, zmq.REQ, endpoint, bind=False, options=options, security=handshakes)
-    except BaseException:
-        handshakes.close()
-        raise
     try:
         sock.send(command.to_json())
         return PromptReply.from_json(sock.recv())

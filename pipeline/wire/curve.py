@@ -30,10 +30,10 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import zmq
 import zmq.auth
@@ -41,7 +41,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
-from pipeline.wire.transport import tcp_host_port
+from pipeline.wire.transport import SocketOptions, open_socket, tcp_host_port
 
 if TYPE_CHECKING:
     from pipeline.config import CurveConfig, TransportConfig
@@ -76,21 +76,15 @@ class KeyPair:
     secret: bytes
 
 
-def _check_key(key: bytes, path: Path, what: str, half: str) -> bytes:
+def _is_curve_key(key: bytes) -> bool:
     try:
-        ok = len(key) == _Z85_KEY_LENGTH and len(z85.decode(key)) == 32
+        return len(key) == _Z85_KEY_LENGTH and len(z85.decode(key)) == 32
     except (ValueError, KeyError, IndexError):
-        ok = False
-    if not ok:
-        raise CurveKeyError(
-            f"{what} {path}: the {half} key is not a CURVE key (40 Z85 characters); "
-            "make key files with `samstream keys`"
-        )
-    return key
+        return False
 
 
 def _read_key_file(path: str | os.PathLike[str], what: str) -> tuple[Path, bytes, bytes | None]:
-    """(path, public key, secret key or None) of a `zmq.auth` certificate file."""
+    """(path, public key, secret key or None) of a `zmq.auth` certificate file, both checked."""
     path = Path(path)
     if not path.is_file():
         problem = "is a directory, not a key file" if path.is_dir() else "no such file"
@@ -104,7 +98,13 @@ def _read_key_file(path: str | os.PathLike[str], what: str) -> tuple[Path, bytes
         ) from None
     except OSError as err:
         raise CurveKeyError(f"{what} {path}: cannot read it: {err.strerror or err}") from None
-    return path, _check_key(public, path, what, "public"), secret
+    for half, key in (("public", public), ("secret", secret)):
+        if key is not None and not _is_curve_key(key):
+            raise CurveKeyError(
+                f"{what} {path}: the {half} key is not a CURVE key (40 Z85 characters); "
+                "make key files with `samstream keys`"
+            )
+    return path, public, secret
 
 
 def load_public_key(path: str | os.PathLike[str], *, what: str = "public key file") -> bytes:
@@ -122,7 +122,6 @@ def load_key_pair(path: str | os.PathLike[str], *, what: str = "secret key file"
         raise CurveKeyError(
             f"{what} {path}: holds only a public key; give the .key_secret file of the pair"
         )
-    _check_key(secret, path, what, "secret")
     if zmq.curve_public(secret) != public:
         raise CurveKeyError(f"{what} {path}: its public and secret keys are not one pair")
     if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -191,22 +190,6 @@ class CurveClient:
         sock.curve_serverkey = self.server_public
         sock.curve_publickey = self.keys.public
         sock.curve_secretkey = self.keys.secret
-
-
-def client_from_files(
-    client_key: str | os.PathLike[str] | None, server_key: str | os.PathLike[str] | None
-) -> CurveClient | None:
-    """None without keys; a CurveClient with both; ValueError with one of the two."""
-    if client_key is None and server_key is None:
-        return None
-    if client_key is None or server_key is None:
-        raise ValueError(
-            "CURVE needs both keys: the client's .key_secret file and the server's public .key file"
-        )
-    return CurveClient(
-        keys=load_key_pair(client_key, what="client key file"),
-        server_public=load_public_key(server_key, what="server key file"),
-    )
 
 
 class CurveServer:
@@ -290,16 +273,23 @@ def _release_handler(context: zmq.Context) -> None:
 # Counting refusals (server side) and explaining them (client side).
 
 
-def _refusal_reason(event: int, value: int) -> str:
+def _next_refusal(monitor: zmq.Socket) -> tuple[str, str] | None:
+    """The reason and endpoint of the failed handshake ``monitor`` reports next; None when
+    the watched socket has closed."""
+    message = recv_monitor_message(monitor)
+    event, value = message["event"], message["value"]
+    if event == zmq.EVENT_MONITOR_STOPPED:
+        return None
+    reason = "bad_handshake"
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return "key_not_allowed"
-    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
-        return "no_curve"
+        reason = "key_not_allowed"
+    elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
+        reason = "no_curve"
     # The side that sees a mismatch first closes at once, so the other one often fails only
     # on a closed connection: a keyless client meets either this or a mismatch, by chance.
-    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and value in _HUNG_UP:
-        return "hung_up"
-    return "bad_handshake"
+    elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and value in _HUNG_UP:
+        reason = "hung_up"
+    return reason, message.get("endpoint", b"").decode(errors="replace")
 
 
 _SERVER_WORDS = {
@@ -328,13 +318,10 @@ class _RefusalWatch:
             while not self._stop.is_set():
                 if not self._monitor.poll(100):
                     continue
-                event = recv_monitor_message(self._monitor)
-                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                refusal = _next_refusal(self._monitor)
+                if refusal is None:
                     return  # the socket closed
-                self._owner._count(
-                    _refusal_reason(event["event"], event["value"]),
-                    event.get("endpoint", b"").decode(errors="replace"),
-                )
+                self._owner._count(*refusal)
         except zmq.ZMQError:
             return  # the context is going away
         finally:
@@ -343,6 +330,15 @@ class _RefusalWatch:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2.0)
+
+
+_T = TypeVar("_T")
+
+
+def _load_named(load: Callable[..., _T], config: CurveConfig, name: str) -> _T | None:
+    """What ``load`` reads from the file or folder in ``transport.curve.NAME`` (None: unset)."""
+    path = getattr(config, name)
+    return load(path, what=f"transport.curve.{name}") if path else None
 
 
 class CurveSecurity:
@@ -371,21 +367,11 @@ class CurveSecurity:
                 "server's .key_secret file"
             )
         self.context = context
-        self.feed_keys: KeyPair | None = None  # the feed's and the control socket's pair
-        self.feed_allowed: frozenset[bytes] | None = None  # the clients they admit
-        self.link_keys: KeyPair | None = None  # the internal tcp links' one pair
-        if config.server_secret_key:
-            self.feed_keys = load_key_pair(
-                config.server_secret_key, what="transport.curve.server_secret_key"
-            )
-        if config.allowed_clients:
-            self.feed_allowed = load_allowed_keys(
-                config.allowed_clients, what="transport.curve.allowed_clients"
-            )
-        if config.link_secret_key:
-            self.link_keys = load_key_pair(
-                config.link_secret_key, what="transport.curve.link_secret_key"
-            )
+        # The feed's and the control socket's pair, the clients they admit, and the one pair
+        # of the internal tcp links.
+        self.feed_keys = _load_named(load_key_pair, config, "server_secret_key")
+        self.feed_allowed = _load_named(load_allowed_keys, config, "allowed_clients")
+        self.link_keys = _load_named(load_key_pair, config, "link_secret_key")
         self.refused = 0
         self.refused_by_reason: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -488,11 +474,11 @@ class HandshakeWatch:
     def poll(self) -> int:
         """Take the events seen so far (never waits); the failures in all."""
         while self._monitor is not None and self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)
-            if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+            refusal = _next_refusal(self._monitor)
+            if refusal is None:
                 break
             self.failures += 1
-            reason = _refusal_reason(event["event"], event["value"])
+            reason = refusal[0]
             # A specific reason is kept over a later hang-up, which could be any of them.
             if self.reason in (None, "hung_up") and reason != self.reason:
                 log.warning("%s: %s", self._what, _CLIENT_WORDS[reason])
@@ -526,6 +512,42 @@ _CLIENT_WORDS = {
     "hung_up": "the server hung up during the handshake: do the server and this client agree "
     "on CURVE (both with keys or neither), and is the server key the server's public .key file?",
 }
+
+
+def connect_client(
+    context: zmq.Context,
+    socket_type: int,
+    endpoint: str,
+    options: SocketOptions,
+    *,
+    client_key: str | os.PathLike[str] | None,
+    server_key: str | os.PathLike[str] | None,
+    what: str,
+) -> tuple[zmq.Socket, HandshakeWatch]:
+    """A socket connected to ``endpoint`` (a feed, a control socket) with the CURVE keys in
+    ``client_key`` (this client's ``.key_secret`` file) and ``server_key`` (the server's
+    public ``.key`` file), both or neither, and the watch of its failed handshakes (closed
+    before the socket). A missing or bad key file raises CurveKeyError, before any socket."""
+    curve = None
+    if client_key is not None or server_key is not None:
+        if client_key is None or server_key is None:
+            raise ValueError(
+                "CURVE needs both keys: the client's .key_secret file and the server's public "
+                ".key file"
+            )
+        curve = CurveClient(
+            keys=load_key_pair(client_key, what="client key file"),
+            server_public=load_public_key(server_key, what="server key file"),
+        )
+    watch = HandshakeWatch(curve, what)
+    try:
+        sock = open_socket(
+            context, socket_type, endpoint, bind=False, options=options, security=watch
+        )
+    except BaseException:
+        watch.close()
+        raise
+    return sock, watch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,22 +589,15 @@ def exposure_warnings(transport: TransportConfig, names: Iterable[str] | None = 
     seen: set[str] = set()
     for name in names or _EXPOSES:
         endpoint = getattr(transport, name)
-        if endpoint in seen or not reachable_from_network(endpoint):
+        key = "link_secret_key" if name in _LINKS else "server_secret_key"
+        if endpoint in seen or not reachable_from_network(endpoint) or getattr(curve, key):
             continue
         seen.add(endpoint)
-        link = name in _LINKS
-        if curve.link_secret_key if link else curve.server_secret_key:
-            continue
-        port = tcp_host_port(endpoint)[1]
-        key = (
-            "transport.curve.link_secret_key"
-            if link
-            else "transport.curve.server_secret_key and allowed_clients"
-        )
+        keys = key if name in _LINKS else f"{key} and allowed_clients"
         warnings.append(
             f"transport.{name} {endpoint} can be reached from other hosts without CURVE: "
-            f"anyone who reaches port {port} can {_EXPOSES[name]}; set {key} (README: "
-            "Securing a tcp feed), or bind 127.0.0.1"
+            f"anyone who reaches port {tcp_host_port(endpoint)[1]} can {_EXPOSES[name]}; set "
+            f"transport.curve.{keys} (README: Securing a tcp feed), or bind 127.0.0.1"
         )
     return warnings
 
