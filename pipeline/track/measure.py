@@ -24,7 +24,7 @@ def measure_box(mask: np.ndarray | RegionMask, reference: Sequence[float] | None
     The parts are the mask's 8-connected components. Kept: every component with a pixel in
     ``reference`` (a track's predicted box, or its prompt box on its first frame); when none
     has one (or ``reference`` is None), the largest component. The box is the union of the
-    kept components' boxes, exclusive x2/y2, like ``mask_box`` (which measures every pixel).
+    kept components' boxes, exclusive x2/y2, like ``tight_box`` (which measures every pixel).
     A RegionMask is measured on its window: the answer is the one its full frame would give.
     """
     if isinstance(mask, RegionMask):

@@ -66,7 +66,12 @@ class RegionMask:
                 "(needs 0 <= x1 <= x2 <= W and 0 <= y1 <= y2 <= H)"
             )
         if not isinstance(window, np.ndarray) or window.dtype != np.bool_:
-            raise ValueError(f"window must be a bool array, got {_describe(window)}")
+            got = (
+                f"{window.dtype} {window.shape}"
+                if isinstance(window, np.ndarray)
+                else type(window).__name__
+            )
+            raise ValueError(f"window must be a bool array, got {got}")
         if window.shape != (y2 - y1, x2 - x1):
             raise ValueError(
                 f"window must be {(y2 - y1, x2 - x1)} for box {box!r}, got {window.shape}"
@@ -92,12 +97,8 @@ class RegionMask:
             if not np.issubdtype(mask.dtype, np.integer):
                 raise ValueError(f"mask must be bool or integer, got {mask.dtype}")
             mask = mask != 0
-        frame_size = (int(mask.shape[0]), int(mask.shape[1]))
-        box = tight_box(mask)
-        if box is None:
-            return cls.empty(frame_size)
-        x1, y1, x2, y2 = box
-        return cls(frame_size, box, mask[y1:y2, x1:x2])
+        height, width = mask.shape
+        return cls((height, width), (0, 0, width, height), mask).tight()
 
     # ------------------------------------------------------------------ views
 
@@ -159,22 +160,6 @@ def tight_box(mask: np.ndarray) -> WindowBox | None:
     return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
-def mask_box(mask: np.ndarray | RegionMask) -> tuple[float, float, float, float] | None:
-    """``(x1, y1, x2, y2)`` around the True pixels of an (H, W) mask (a bool array or a
-    RegionMask), x2/y2 exclusive, in frame pixels; None when it is empty."""
-    if isinstance(mask, RegionMask):
-        box, (ox, oy) = tight_box(mask.window), mask.box[:2]
-    else:
-        mask = np.asarray(mask)
-        if mask.ndim != 2:
-            raise ValueError(f"mask must have 2 dimensions, got shape {mask.shape}")
-        box, (ox, oy) = tight_box(mask.astype(bool, copy=False)), (0, 0)
-    if box is None:
-        return None
-    x1, y1, x2, y2 = box
-    return (float(x1 + ox), float(y1 + oy), float(x2 + ox), float(y2 + oy))
-
-
 def as_region_masks(
     masks: np.ndarray | Sequence[RegionMask], frame_size: tuple[int, int], what: str = "masks"
 ) -> tuple[RegionMask, ...]:
@@ -210,9 +195,3 @@ def stack_dense(masks: Sequence[RegionMask], frame_size: tuple[int, int]) -> np.
     for i, region in enumerate(masks):
         out[i][region.slices] = region.window
     return out
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, np.ndarray):
-        return f"{value.dtype} {value.shape}"
-    return type(value).__name__

@@ -119,7 +119,7 @@ import typing
 from collections.abc import Sequence
 from enum import Enum
 from functools import cache
-from typing import Annotated, Any, ClassVar, Literal, Self, TypedDict, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, Self, TypedDict, get_args
 
 import msgspec
 import numpy as np
@@ -560,9 +560,6 @@ def decode(frames: Sequence[Part]) -> Message:
 # ----------------------------------------------------------------------------- prompts
 
 
-_C = TypeVar("_C", bound="_ControlMessage")
-
-
 class _ControlMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One JSON part on the control socket. Unknown fields are refused there: a typo
     ("bbox") must not silently become an absent field ("no box")."""
@@ -573,7 +570,7 @@ class _ControlMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return _dump_json(msgspec.structs.asdict(self))
 
     @classmethod
-    def from_json(cls: type[_C], data: bytes | str) -> _C:
+    def from_json(cls, data: bytes | str) -> Self:
         """Parse one; raises MessageError on bad JSON, unknown fields or wrong values."""
         return _decode(cls, data, cls._what)
 

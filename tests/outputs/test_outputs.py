@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
+from support.masks import mask_box
 from support.media import clip_box, make_clip
 
 from pipeline.outputs.drawing import PALETTE
 from pipeline.outputs.files import decode_rle, encode_rle, id_mask, read_id_mask, remove_unfinished
 from pipeline.outputs.writer import MaskWriter
 from pipeline.video.sources import DecodedFrame, VideoSource, parse_source
-from pipeline.wire.masks import mask_box
 from pipeline.wire.messages import FrameMeta, MaskMessage, TrackRecord, TrackState
 
 pytestmark = pytest.mark.timeout(60)

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from support.masks import mask_box
 
 from nodes import tracker as tracker_node
 from nodes.tracker import TrackerNode
@@ -24,7 +25,6 @@ from pipeline.track.exclusive import ContestedPixels, DecodedMasks, exclusive_ma
 from pipeline.track.kalman import box_iou, box_to_state, state_to_box
 from pipeline.track.measure import measure_box
 from pipeline.track.tracking import PromptTracker, TrackOutput
-from pipeline.wire.masks import mask_box
 from pipeline.wire.messages import (
     MAX_TRACK_ID,
     EmbeddingMessage,
