@@ -15,18 +15,16 @@ import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
 import pytest
-import torch
 import zmq
 from support.media import make_clip
 
 from nodes.decoder import DecoderNode
-from nodes.encoder import EncoderNode
 from nodes.publisher import PublisherNode
-from nodes.tracker import TrackerNode
 from pipeline.config import DecoderConfig, EncoderConfig, PublisherConfig, TrackerConfig
 from pipeline.run.runtime import NodeEndpoints, NodeRunner
 from pipeline.track.exclusive import DecodedMasks
@@ -43,6 +41,9 @@ from pipeline.wire.messages import (
     encode,
     wire_schema,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -98,9 +99,13 @@ class FakeEncoderBackend:
     """The SAM encoder's place in an EncoderNode: embeddings of the right shape."""
 
     def __init__(self) -> None:
+        import torch  # the encoder node's own input type: imported when a test needs it
+
         self.generator = torch.Generator().manual_seed(0)
 
     def encode_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
+        import torch
+
         height, width = images[0].shape[:2]
         scale = IMAGE_SIZE / max(height, width)
         grid = IMAGE_SIZE // 16
@@ -112,7 +117,8 @@ class BoxMaskDecoder:
     """The mask decoder's place in a TrackerNode: a box prompt's mask is its box, a points
     prompt's a square around its first point; score 0.9."""
 
-    model = SimpleNamespace(device=torch.device("cpu"))
+    def __init__(self) -> None:
+        self.model = SimpleNamespace(device="cpu")
 
     def __call__(self, image, boxes, mask_logits, points=None) -> DecodedMasks:
         height, width = image.original_size  # the frame's ImageEmbedding, from the node
@@ -131,6 +137,10 @@ class BoxMaskDecoder:
 @pytest.fixture(scope="module")
 def node_messages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
     """Parts of every header kind as the nodes send them, and the prompt JSON both ways."""
+    # The encoder and tracker nodes run torch: imported here, not when the tests are collected.
+    from nodes.encoder import EncoderNode
+    from nodes.tracker import TrackerNode
+
     sent, statuses = _collect_decoder_run(tmp_path_factory.mktemp("wire"))
     frames = [msg for msg in map(decode, sent) if isinstance(msg, FrameMessage)]
     assert len(frames) == 4 and isinstance(decode(sent[-1]), EndOfStream)
