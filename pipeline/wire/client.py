@@ -118,10 +118,9 @@ class MaskSubscriber:
         self._gaps = SequenceGaps()
         # A SUB socket sends only its subscription, so sndhwm hardly matters.
         options = SocketOptions(sndhwm=1000, rcvhwm=RCVHWM, maxmsgsize=MAX_MESSAGE_BYTES)
-        ctx = context if context is not None else zmq.Context.instance()
         # Refused handshakes are watched, so that a wrong or missing key can be told.
         self._socket, self._handshakes = connect_client(
-            ctx,
+            context or zmq.Context.instance(),
             zmq.SUB,
             endpoint,
             options,
