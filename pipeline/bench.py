@@ -26,7 +26,6 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -81,24 +80,26 @@ def _grid_boxes(count: int, size: tuple[int, int]) -> list[list[float]]:
     return boxes
 
 
-def per_object_ms(
+def tracker_rows(
     weights: str,
     frame: np.ndarray,
     *,
     image_size: int,
     device: str,
+    backends: tuple[str, ...] = ("auto",),
     counts: tuple[int, ...] = PER_OBJECT_COUNTS,
     repeats: int = 3,
-    backend: str = "auto",
-    publisher_rows: bool = True,
 ) -> dict[str, float | str]:
-    """Tracker and publisher milliseconds per frame with 1, 8, 32, 50 objects: the nodes'
+    """Tracker (and publisher) milliseconds per frame with 1, 8, 32, 50 objects: the nodes'
     own code on one encoded frame, all file outputs on (PNG, RLE, MOT, overlay); and each
     stage's 8 vs 1 object ratio, its per-object cost.
 
-    backend: the tracker's mask decoder backend (``tracker.backend``); a named one's rows
-    are ``tracker_ms_<backend>_<N>_objects`` and ``tracker_<backend>_8_vs_1_object`` (the
-    publisher's only with publisher_rows), auto's the plain ``tracker_ms_<N>_objects``."""
+    backends: the tracker's mask decoder backends (``tracker.backend``) to time. auto's rows
+    are ``tracker_ms_<N>_objects``, ``publisher_ms_<N>_objects`` and their
+    ``<stage>_8_vs_1_object``, with the ``tracker_backend`` it chose; a named backend's are
+    the tracker's only, ``tracker_ms_<backend>_<N>_objects`` and
+    ``tracker_<backend>_8_vs_1_object`` (``tracker_ms_<backend>`` says when it is not
+    installed)."""
     import tempfile
 
     import msgspec
@@ -119,77 +120,53 @@ def per_object_ms(
         stream_id="bench", seq=0, frame_index=0, pts=0, time_base=(1, 25), capture_time=time.time()
     )
     (embedded,) = encoder.process_batch([FrameMessage(meta=meta, image=frame)])
+    # The same embedding as frames 0, 1, ... (frame 0 starts the tracks: it is not timed).
+    frames = [
+        msgspec.structs.replace(
+            embedded, meta=msgspec.structs.replace(meta, seq=index, frame_index=index, pts=index)
+        )
+        for index in range(repeats + 1)
+    ]
     results: dict[str, float | str] = {}
-    tag = "" if backend == "auto" else f"{backend}_"
-    for count in counts:
-        prompts = tuple(
-            PromptConfig(box=tuple(box))  # type: ignore[arg-type]
-            for box in _grid_boxes(count, frame.shape[:2])
-        )
-        tracker = TrackerNode(
-            TrackerConfig(device=device, prompts=prompts, backend=backend),
-            weights=weights,
-            image_size=image_size,
-        )
-        tracker.setup()
-        with tempfile.TemporaryDirectory(prefix="samstream-bench-") as out:
-            publisher = PublisherNode(PublisherConfig(out=out), budget_ms=math.inf)
-            publisher.setup()
-            tracker_ms, publisher_ms = [], []
-            for index in range(repeats + 1):  # frame 0 starts the tracks: not timed
-                msg = msgspec.structs.replace(
-                    embedded,
-                    meta=msgspec.structs.replace(meta, seq=index, frame_index=index, pts=index),
-                )
-                start = time.perf_counter()
-                (masks,) = tracker.process(msg)
-                middle = time.perf_counter()
-                publisher.process(masks)
-                end = time.perf_counter()
-                if index:
-                    tracker_ms.append((middle - start) * 1000)
-                    publisher_ms.append((end - middle) * 1000)
-            publisher.abort()
-        results[f"tracker_ms_{tag}{count}_objects"] = statistics.median(tracker_ms)
-        if publisher_rows:
-            results[f"publisher_ms_{count}_objects"] = statistics.median(publisher_ms)
-    if backend == "auto":
-        results["tracker_backend"] = tracker.detail["backend"]["backend"]
-    for stage, stage_tag in [("tracker", tag), ("publisher", "")][: 1 + publisher_rows]:
-        one, eight = (results.get(f"{stage}_ms_{stage_tag}{n}_objects") for n in (1, 8))
-        if isinstance(one, float) and isinstance(eight, float) and one:
-            results[f"{stage}_{stage_tag}8_vs_1_object"] = eight / one
-    return results
-
-
-def decoder_backend_rows(
-    weights: str,
-    frame: np.ndarray,
-    *,
-    image_size: int,
-    repeats: int,
-    counts: tuple[int, ...] = PER_OBJECT_COUNTS,
-) -> dict[str, float | str | None]:
-    """The tracker per mask decoder backend on this CPU (``tracker.backend``), at 1, 8,
-    32, 50 objects, with each backend's 8 vs 1 object ratio: the per-object cost that
-    `auto` chose by, as the node sees it. A backend that is not installed says so."""
-    results: dict[str, float | str | None] = {}
-    for backend in ("torch", *ONNX_BACKENDS):
-        if not installed(backend):
+    for backend in backends:
+        if backend in ONNX_BACKENDS and not installed(backend):
             results[f"tracker_ms_{backend}"] = "skipped: not installed"
             continue
-        results.update(
-            per_object_ms(
-                weights,
-                frame,
-                image_size=image_size,
-                device="cpu",
-                counts=counts,
-                repeats=repeats,
-                backend=backend,
-                publisher_rows=False,
+        tag = "" if backend == "auto" else f"{backend}_"
+        stages = ("tracker", "publisher") if backend == "auto" else ("tracker",)
+        for count in counts:
+            prompts = tuple(
+                PromptConfig(box=tuple(box))  # type: ignore[arg-type]
+                for box in _grid_boxes(count, frame.shape[:2])
             )
-        )
+            tracker = TrackerNode(
+                TrackerConfig(device=device, prompts=prompts, backend=backend),
+                weights=weights,
+                image_size=image_size,
+            )
+            tracker.setup()
+            with tempfile.TemporaryDirectory(prefix="samstream-bench-") as out:
+                publisher = PublisherNode(PublisherConfig(out=out), budget_ms=math.inf)
+                publisher.setup()
+                # Each stage takes what the one before it gave: frame -> masks -> nothing.
+                steps = {"tracker": tracker.process, "publisher": publisher.process}
+                times: dict[str, list[float]] = {stage: [] for stage in stages}
+                for index, msg in enumerate(frames):
+                    msgs = [msg]
+                    for stage, step in steps.items():
+                        start = time.perf_counter()
+                        msgs = step(msgs[0])
+                        if index and stage in times:
+                            times[stage].append((time.perf_counter() - start) * 1000)
+                publisher.abort()
+            for stage in stages:
+                results[f"{stage}_ms_{tag}{count}_objects"] = statistics.median(times[stage])
+        if backend == "auto":
+            results["tracker_backend"] = tracker.detail["backend"]["backend"]
+        for stage in stages:
+            one, eight = (results.get(f"{stage}_ms_{tag}{n}_objects") for n in (1, 8))
+            if isinstance(one, float) and isinstance(eight, float) and one:
+                results[f"{stage}_{tag}8_vs_1_object"] = eight / one
     return results
 
 
@@ -254,10 +231,10 @@ def _official_encoders(
     names = ("official_fp32_eager", "official_fp16_graph")
     if image_size != 1024:
         return dict.fromkeys(names, "n/a: the official encoder runs at 1024 only")
-    official = _official_sam(weights)
-    if official is None:
+    predictor = _official_predictor(weights, device)
+    if predictor is None:
         return dict.fromkeys(names, "n/a: no mobile_sam (pip install mobilesam-mirror)")
-    fp32 = official[1].image_encoder.to(device).eval()
+    fp32 = predictor.model.image_encoder
     if device.type != "cuda":
         return {names[0]: fp32, names[1]: NO_CUDA}
     fp16 = half_copy(fp32, torch.float16)
@@ -425,24 +402,23 @@ def _read_frames(source: str, count: int) -> tuple[list[np.ndarray], float]:
     return frames, len(frames) / elapsed
 
 
-def _official_sam(weights: Path) -> tuple[ModuleType, torch.nn.Module] | None:
-    """The official MobileSAM package and its model with `weights` (None: not installed)."""
+def _official_predictor(weights: Path, device: str | torch.device) -> Any:
+    """The official MobileSAM's SamPredictor with `weights` on `device` (None: not installed)."""
     try:
         import mobile_sam
     except ImportError:
         return None
     model = mobile_sam.sam_model_registry["vit_t"]()
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return mobile_sam, model
+    return mobile_sam.SamPredictor(model.to(device).eval())
 
 
 def _official_loop_fps(
     weights: Path, frames: list[np.ndarray], box: list[float], device: str
 ) -> float | None:
-    official = _official_sam(weights)
-    if official is None:
+    predictor = _official_predictor(weights, device)
+    if predictor is None:
         return None
-    predictor = official[0].SamPredictor(official[1].to(device).eval())
     prompt = np.array(box, dtype=np.float32)
     start = time.perf_counter()
     for frame in frames:
@@ -459,10 +435,9 @@ def official_encoder_ms(
 ) -> float | None:
     """The official MobileSAM image encoder, fp32, on one frame (it runs at 1024 only):
     the reference every encoder figure is a ratio to."""
-    official = _official_sam(weights)
-    if official is None:
+    predictor = _official_predictor(weights, device)
+    if predictor is None:
         return None
-    predictor = official[0].SamPredictor(official[1].to(device).eval())
     with torch.inference_mode():
         return median_ms(
             lambda: predictor.set_image(frame), device=torch.device(device), repeats=repeats
@@ -559,17 +534,19 @@ def run_bench(
         results[f"mask_decoder_ms_{n}_objects"] = median_ms(
             lambda p=prompts: sam.decode(embedded, p), device=sam.device, repeats=repeats
         )
+    backends: tuple[str, ...] = ("auto",)
+    if device == "cpu" and decoder_backends:  # each mask decoder backend too (ONNX: CPU only)
+        backends += ("torch", *ONNX_BACKENDS)
     results.update(
-        per_object_ms(
-            str(sam.weights_path), clip[0], image_size=image_size, device=device, repeats=repeats
+        tracker_rows(
+            str(sam.weights_path),
+            clip[0],
+            image_size=image_size,
+            device=device,
+            backends=backends,
+            repeats=repeats,
         )
     )
-    if device == "cpu" and decoder_backends:
-        results.update(
-            decoder_backend_rows(
-                str(sam.weights_path), clip[0], image_size=image_size, repeats=repeats
-            )
-        )
 
     run = {
         "decoder": {"source": source},
