@@ -29,8 +29,10 @@ from pipeline.model.weights import cache_dir
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 ONNX_BACKENDS = ("onnxruntime", "openvino")
-OPENVINO_EXTRA = "pip install 'samstream[openvino]'"
-INSTALL = {"onnxruntime": "pip install onnxruntime", "openvino": OPENVINO_EXTRA}
+INSTALL = {
+    "onnxruntime": "pip install onnxruntime",
+    "openvino": "pip install 'samstream[openvino]'",
+}
 # OpenVINO's inference precision hint per precision.
 _OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 # What each ONNX backend runs: ONNX Runtime's CPU provider has no bf16 kernels for these
@@ -166,6 +168,17 @@ class Backend:
             "image_size": self.image_size,
             "version": self.version,
         }
+
+
+def torch_identity(precision: str) -> dict[str, Any]:
+    """What a torch `Backend` says of itself: its precision, torch's intra-op threads as
+    they are now (after `torch_dtype` has set them), torch's version."""
+    return {
+        "name": "torch",
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "version": torch.__version__,
+    }
 
 
 class OnnxModel:

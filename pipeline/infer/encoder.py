@@ -33,6 +33,7 @@ from pipeline.infer.backend import (
     OnnxModel,
     autocast,
     torch_dtype,
+    torch_identity,
 )
 from pipeline.infer.build import BackendSpec, build_backend
 from pipeline.infer.calibration import Calibration, Candidate, candidate
@@ -159,13 +160,7 @@ class TorchEncoder(EncoderBackend):
         self.run: Callable[[torch.Tensor], torch.Tensor] = self._forward
         if on_cuda and cuda_graphs:
             self.run = CudaGraphRunner(self._forward)
-        super().__init__(
-            name="torch",
-            image_size=model.img_size,
-            precision=precision,
-            threads=torch.get_num_threads(),
-            version=torch.__version__,
-        )
+        super().__init__(image_size=model.img_size, **torch_identity(precision))
 
     def describe(self) -> dict[str, Any]:
         graphs = isinstance(self.run, CudaGraphRunner)

@@ -39,7 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.infer.backend import ONNX_BACKENDS, Backend, OnnxModel, autocast, torch_dtype
+from pipeline.infer.backend import (
+    ONNX_BACKENDS,
+    Backend,
+    OnnxModel,
+    autocast,
+    torch_dtype,
+    torch_identity,
+)
 from pipeline.infer.build import BackendSpec, build_backend
 from pipeline.infer.calibration import Calibration, candidate
 from pipeline.infer.decoder_graph import DecoderOnnxModel, onnx_prompts
@@ -143,13 +150,7 @@ class TorchMaskDecoder(MaskDecoderBackend):
         self.exact = exact
         self.dtype = torch_dtype(precision, model.device, threads)
         self.network = DecoderOnnxModel(model=model, upscale_with_matmuls=False).eval()
-        super().__init__(
-            name="torch",
-            model=model,
-            precision=precision,
-            threads=torch.get_num_threads(),
-            version=torch.__version__,
-        )
+        super().__init__(model=model, **torch_identity(precision))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "graph": "MobileSAM.decode" if self.exact else "reordered"}
