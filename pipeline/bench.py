@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.config import config_from_dict
-from pipeline.infer.backend import BACKENDS, ONNX_BACKENDS, installed, relative_error
+from pipeline.infer.backend import BACKENDS, ONNX_BACKENDS, autocast, installed, relative_error
 from pipeline.infer.encoder import TorchEncoder, build_encoder, candidates, preprocess
 from pipeline.infer.gpu import CudaGraphRunner, device_preprocess, half_copy, upload
 from pipeline.infer.machine import available_cores, cpu_facts, native_bf16
@@ -240,7 +240,7 @@ def _official_encoders(
     fp16 = half_copy(fp32, torch.float16)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
+        with autocast(device, torch.float16):
             return fp16(x)
 
     return {names[0]: fp32, names[1]: CudaGraphRunner(forward)}
@@ -328,7 +328,7 @@ def gpu_encoder_table(
                 boxes = torch.tensor(_grid_boxes(n, input_size), dtype=torch.float32, device=dev)
 
                 def decode(boxes: torch.Tensor = boxes, dtype: torch.dtype = dtype) -> object:
-                    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                    with autocast(dev, dtype):
                         return sam.model.decode(embedding, boxes=boxes)
 
                 results[f"mask_decoder_ms_{label}_{n}_tracks"] = median_ms(

@@ -342,11 +342,6 @@ def calibration_key(
     }
 
 
-def calibration_path(cache: Path, name: str, image_size: int, key: dict[str, Any]) -> Path:
-    """Where a calibration with `key` is cached: <cache>/calibration/<name>-<size>-<hash>.json."""
-    return cache / "calibration" / f"{name}-{image_size}-{key_hash(key)}.json"
-
-
 def load_calibration(
     path: Path, key: dict[str, Any], *, what: str, precisions: Sequence[str]
 ) -> dict[str, Any] | None:
@@ -394,7 +389,7 @@ def choose_backend(
         checkpoint_sha256=checkpoint_sha256,
         **cal.settings,
     )
-    path = calibration_path(cache, cal.name, cal.image_size, key)
+    path = cache / "calibration" / f"{cal.name}-{cal.image_size}-{key_hash(key)}.json"
     data = load_calibration(path, key, what=cal.what, precisions=cal.precisions)
     runner = None
     if data is not None:

@@ -260,6 +260,7 @@ def write_model(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     with AtomicFile(path, mode=FILE_MODE) as out:
         out.file.close()  # the exporter writes the file by its path
         export_onnx(model, out.temp, kind=kind, opset=opset)
@@ -269,6 +270,7 @@ def write_model(
         model, kind=kind, checkpoint_sha256=checkpoint_sha256, opset=opset, file_sha256_hex=digest
     )
     atomic_write_json(sidecar_path(path), info)
+    log.info("exported %s in %.1f s", path, time.perf_counter() - start)
     return info
 
 
@@ -280,9 +282,7 @@ def export_models(
     paths = {}
     for kind in (ENCODER, DECODER):
         path = out / f"mobile_sam_{kind}_{model.img_size}.onnx"
-        start = time.perf_counter()
         write_model(model, path, kind=kind, checkpoint_sha256=checkpoint_sha256, opset=opset)
-        log.info("exported %s (%.1f s)", path, time.perf_counter() - start)
         paths[kind] = path
     return paths
 
@@ -367,7 +367,5 @@ def cached_onnx(
             model.img_size,
             path,
         )
-        start = time.perf_counter()
         write_model(model, path, kind=kind, checkpoint_sha256=checkpoint_sha256)
-        log.info("exported %s in %.1f s", path.name, time.perf_counter() - start)
     return path
