@@ -106,7 +106,9 @@ class PublisherNode(Node):
 
     def _finished_outputs(self) -> None:
         if self.writer is not None:
-            self.detail["outputs"] = {kind: str(path) for kind, path in self.writer.close().items()}
+            self.detail["outputs"] = {
+                kind: str(path) for kind, path in self.writer.commit().items()
+            }
             overlay = self.writer.sinks.get("overlay")
             rescaled = overlay.rescaled_frames if isinstance(overlay, OverlaySink) else 0
             self.detail["overlay_rescaled_frames"] = rescaled
@@ -123,7 +125,7 @@ class PublisherNode(Node):
         frames stay as they were, and can still be resumed)."""
         if self.writer is None:
             return
-        self.writer.abort()
+        self.writer.discard()
         if self.live or not self.config.out:
             return
         if self.resume_frames:

@@ -12,16 +12,36 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 
-class AtomicFile:
+class AllOrNothing:
+    """Output that is made whole or not at all: ``commit()`` puts it in place, ``discard()``
+    removes every trace of it. As a context manager: committed when the block ends,
+    discarded when it raises."""
+
+    def commit(self) -> object:
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+class AtomicFile(AllOrNothing):
     """``path``'s contents, written into ``file`` (binary), in place at ``commit()``.
 
     ``mode``: the permissions, as for ``os.open``: the umask applies (0o666 gives what any
     new file gets, 0o644 under the usual umask). A writer that opens paths itself (FFmpeg,
-    the ONNX exporter) writes ``temp`` instead of ``file``. Usable as a context manager:
-    committed when the block ends, discarded when it raises.
+    the ONNX exporter) writes ``temp`` instead of ``file``.
     """
 
     def __init__(self, path: str | os.PathLike[str], mode: int = 0o666) -> None:
@@ -47,15 +67,6 @@ class AtomicFile:
         """Close and delete the temporary file; ``path`` stays as it was."""
         self.file.close()
         self.temp.unlink(missing_ok=True)
-
-    def __enter__(self) -> AtomicFile:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o666) -> Path:

@@ -5,8 +5,8 @@ One sink per format writes them (`pipeline.outputs.sinks`), driven by
 `pipeline.outputs.writer.MaskWriter`. Every file is written under a temporary name in the
 destination directory and moved into place once complete (`pipeline.outputs.atomic`), so a
 crash never leaves a half-written file under a final name. Per-frame PNGs are moved into
-place one by one as each frame is written; the three whole-run files when the writer is
-closed.
+place one by one as each frame is written; the three whole-run files when the writer
+is committed.
 
 Layout under ``out_dir``:
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.outputs import files
-from pipeline.outputs.atomic import AtomicFile
+from pipeline.outputs.atomic import AllOrNothing, AtomicFile
 from pipeline.outputs.drawing import PALETTE, draw_overlay
 from pipeline.wire.messages import MaskMessage, TrackRecord, TrackState
 
@@ -33,7 +33,7 @@ def resume_error(out_dir: Path, frames: int, problem: str) -> ValueError:
     return ValueError(f"cannot continue the outputs in {out_dir} from frame {frames}: {problem}")
 
 
-class Sink:
+class Sink(AllOrNothing):
     """One output format. Per frame: ``check`` (raises ValueError, writing nothing), then
     ``write``. At the end: ``finish`` (what can fail), then ``commit`` (the files into place;
     the final path, or None when there is none); or, instead, ``discard``."""
@@ -46,12 +46,6 @@ class Sink:
 
     def finish(self) -> None:
         """Complete the output without moving it into place (nothing to do by default)."""
-
-    def commit(self) -> Path | None:
-        raise NotImplementedError
-
-    def discard(self) -> None:
-        raise NotImplementedError
 
 
 class PngSink(Sink):

@@ -2,7 +2,7 @@
 
 The publisher node makes one for its ``out`` directory with the formats its config asks for
 (and, for a resumed run, the number of frames already complete there), gives it each
-MaskMessage, and closes it at the end (``abort`` on a failure).
+MaskMessage, and commits it at the end (``discard`` on a failure).
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
+from pipeline.outputs.atomic import AllOrNothing
 from pipeline.outputs.sinks import JsonLinesSink, MotSink, OverlaySink, PngSink, Sink
 from pipeline.wire.messages import MaskMessage
 
 
-class MaskWriter:
+class MaskWriter(AllOrNothing):
     """Writes the file outputs of a run, frame by frame, in the order frames are given.
 
     Usage::
@@ -24,7 +25,7 @@ class MaskWriter:
                 writer.write(msg)
         # on success the files are in place; on an exception nothing is left under final names
 
-    ``sinks``: the sinks by the kind of output they make, as in ``close()``'s result:
+    ``sinks``: the sinks by the kind of output they make, as in ``commit()``'s result:
     "jsonl", "mot", "masks" (the PNG directory), "overlay". ``overlay_fps`` only times the
     overlay frames that have no pts (`OverlaySink`).
     """
@@ -52,7 +53,7 @@ class MaskWriter:
         self.first_frame = resume_frames  # the index the next write() must have at least
         self.frames_written = resume_frames  # an interrupted run's frames count as written
         self.sinks: dict[str, Sink] = {}
-        self._state = "open"  # -> "closed" | "aborted"
+        self._state = "open"  # -> "committed" | "discarded"
         self._result: dict[str, Path] = {}
         try:
             # In this order, so that a resume that cannot be done says first what it lacks
@@ -66,7 +67,7 @@ class MaskWriter:
             if write_overlay:
                 self.sinks["overlay"] = OverlaySink(self.out_dir, resume_frames, overlay_fps)
         except BaseException:
-            self.abort()
+            self.discard()
             raise
 
     def write(self, msg: MaskMessage) -> None:
@@ -91,43 +92,34 @@ class MaskWriter:
             sink.write(msg)
         self.frames_written += 1
 
-    def close(self) -> dict[str, Path]:
+    def commit(self) -> dict[str, Path]:
         """Finish every output and move it into place; return ``{kind: final path}``.
 
         The overlay and the PNG directory only when at least one frame was written (or
-        carried on). Calling close again returns the same dict.
+        carried on). Calling commit again returns the same dict.
         """
-        if self._state == "aborted":
-            raise RuntimeError("MaskWriter was aborted; nothing was written")
+        if self._state == "discarded":
+            raise RuntimeError("MaskWriter was discarded; nothing was written")
         if self._state == "open":
             try:
                 # Finish everything that can fail first; the renames come last and are atomic.
                 for sink in self.sinks.values():
                     sink.finish()
             except BaseException:
-                self.abort()
+                self.discard()
                 raise
             committed = {kind: sink.commit() for kind, sink in self.sinks.items()}
             self._result = {kind: path for kind, path in committed.items() if path is not None}
-            self._state = "closed"
+            self._state = "committed"
         return dict(self._result)
 
-    def abort(self) -> None:
+    def discard(self) -> None:
         """Discard everything: temporaries and the PNGs this writer already moved into place.
 
-        Does nothing after close() (the outputs are complete) or a previous abort().
+        Does nothing after commit() (the outputs are complete) or a previous discard().
         """
         if self._state != "open":
             return
-        self._state = "aborted"
+        self._state = "discarded"
         for sink in self.sinks.values():
             sink.discard()
-
-    def __enter__(self) -> MaskWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(60)
 
 FINAL_NAMES = {"masks.jsonl", "tracks.txt", "overlay.mp4"}
 
-# What run_writer returns: decoded input frames, MaskWriter.close()'s result, and the output
+# What run_writer returns: decoded input frames, MaskWriter.commit()'s result, and the output
 # directory's listing after each write.
 Written = tuple[list["DecodedFrame"], dict[str, Path], list[list[str]]]
 
@@ -177,7 +177,7 @@ def run_writer(clip: Path, out_dir: Path, **writer_args: object) -> Written:
             if "masks" in writer.sinks:  # each PNG is in place, complete, as soon as it is written
                 pngs = sorted(os.listdir(out_dir / "masks"))
                 assert pngs == [f"{i:06d}.png" for i in range(frame.index + 1)]
-    result = writer.close()  # a second close returns the same outputs
+    result = writer.commit()  # a second commit returns the same outputs
     return frames, result, listings
 
 
@@ -188,7 +188,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Written:
     return run_writer(clip, root / "out")
 
 
-def test_nothing_under_final_names_until_close(written: Written) -> None:
+def test_nothing_under_final_names_until_commit(written: Written) -> None:
     _, result, listings = written
     for listing in listings:
         assert not FINAL_NAMES & set(listing)
@@ -312,19 +312,19 @@ def write_blank(writer: MaskWriter, index: int, **overrides: object) -> None:
     writer.write(mask_message(**args))  # type: ignore[arg-type]
 
 
-def test_abort_leaves_no_files(tmp_path: Path) -> None:
+def test_discard_leaves_no_files(tmp_path: Path) -> None:
     writer = MaskWriter(tmp_path)
     for i in range(3):
         write_blank(writer, i)
     assert (tmp_path / "masks" / "000002.png").exists()
-    writer.abort()
+    writer.discard()
     assert os.listdir(tmp_path) == []
-    writer.abort()  # idempotent
-    with pytest.raises(RuntimeError, match="aborted"):
-        writer.close()
+    writer.discard()  # idempotent
+    with pytest.raises(RuntimeError, match="discarded"):
+        writer.commit()
 
 
-def test_exception_in_context_aborts(tmp_path: Path) -> None:
+def test_exception_in_context_discards(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt), MaskWriter(tmp_path) as writer:
         write_blank(writer, 0)
         raise KeyboardInterrupt
@@ -353,7 +353,7 @@ def test_overlay_needs_an_image_and_bad_frames_write_nothing(tmp_path: Path) -> 
     assert sorted(os.listdir(tmp_path / "masks")) == ["000000.png", "000001.png"]
     with av.open(str(tmp_path / "overlay.mp4")) as container:
         assert len(list(container.decode(video=0))) == 2
-    with pytest.raises(RuntimeError, match="closed; create a new one"):
+    with pytest.raises(RuntimeError, match="committed; create a new one"):
         write_blank(writer, 2)
 
 
@@ -363,7 +363,7 @@ def test_a_killed_writer_leaves_only_temporaries_that_remove_unfinished_clears(
     with MaskWriter(tmp_path) as writer:  # an earlier, complete run
         write_blank(writer, 0)
     before = {name: (tmp_path / name).read_bytes() for name in FINAL_NAMES}
-    writer = MaskWriter(tmp_path)  # killed after two frames: never closed nor aborted
+    writer = MaskWriter(tmp_path)  # killed after two frames: never committed nor discarded
     write_blank(writer, 0)
     write_blank(writer, 1)
     writer.sinks["overlay"].finish()  # FFmpeg's file handle, as a killed process closes it
