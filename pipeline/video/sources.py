@@ -27,7 +27,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import av
 import numpy as np
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # A decoded picture waiting for its timestamp to be decided, and its decoding time in ms.
 Decoded = tuple[av.VideoFrame, float]
 
-SOURCE_KINDS = ("file", "lavfi", "rtsp", "webcam")
+SourceKind = Literal["file", "lavfi", "rtsp", "webcam"]
 
 # Frames a file's decoder runs ahead of what it hands out, so that the timestamp repair sees
 # the faults just ahead (Megamind.avi's first reordered pts shows one frame later). Frames
@@ -157,13 +157,9 @@ class SourceSpec:
     """
 
     url: str = field(repr=False)
-    kind: str
+    kind: SourceKind
     options: dict[str, str] = field(default_factory=dict)
     format: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in SOURCE_KINDS:
-            raise ValueError(f"source kind {self.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
 
     @property
     def display_name(self) -> str:
@@ -267,15 +263,8 @@ class VideoSource:
         read_timeout_s: float | None = None,
     ) -> None:
         """``read_timeout_s``: a live source that delivers no packet for this long raises
-        `SourceStalled` (None: wait forever, right for files)."""
-        if max_frames is not None and max_frames < 0:
-            raise ValueError(f"max_frames must be >= 0 or None, got {max_frames}")
-        if max_consecutive_errors < 1:
-            raise ValueError(f"max_consecutive_errors must be >= 1, got {max_consecutive_errors}")
-        if open_timeout_s <= 0:
-            raise ValueError(f"open_timeout_s must be > 0, got {open_timeout_s}")
-        if read_timeout_s is not None and read_timeout_s <= 0:
-            raise ValueError(f"read_timeout_s must be > 0 or None, got {read_timeout_s}")
+        `SourceStalled` (None: wait forever, right for files). The values are checked where
+        they enter (`pipeline.config.DecoderConfig`), not again here."""
         self.spec = spec
         self.read_timeout_s = read_timeout_s
         self.max_frames = max_frames
@@ -492,7 +481,8 @@ class VideoSource:
             ) from None
 
     def _demux(self) -> Iterator[av.Packet]:
-        """The video stream's packets, ending with the empty packet that flushes the decoder."""
+        """The video stream's packets, ending with the empty packet that flushes the decoder
+        (a method of its own: tests replace it to damage the container's data)."""
         stream = self._opened()[0]
         return stream.container.demux(stream)
 
