@@ -65,23 +65,17 @@ class PngSink(Sink):
         files.check_track_ids([track.track_id for track in msg.tracks])
 
     def write(self, msg: MaskMessage) -> None:
-        index = msg.meta.frame_index
         painted = files.id_mask(msg.masks, [track.track_id for track in msg.tracks], msg.frame_size)
         if not self.dir.exists():
             self.dir.mkdir()
             self.created_dir = True
-        with AtomicFile(self.dir / f"{index:06d}.png") as out:
-            if painted.dtype == np.uint8:
-                png = Image.fromarray(painted)  # mode "L", which the palette makes "P"
-                png.putpalette(PALETTE)
-                png.save(out.file, format="PNG")
-            else:
-                # An id above 255: a palette holds 256 entries, so 16-bit grayscale, ids as
-                # they are (OpenCV writes 16-bit PNGs as such; a viewer sees them nearly black).
-                ok, encoded = cv2.imencode(".png", painted)
-                if not ok:
-                    raise RuntimeError(f"OpenCV could not encode the 16-bit PNG of frame {index}")
-                out.file.write(encoded.tobytes())
+        # uint8: mode "L", which the palette makes "P". uint16 (an id above 255; a palette
+        # holds 256 entries): mode "I;16", a 16-bit grayscale PNG of the ids as they are.
+        png = Image.fromarray(painted)
+        if painted.dtype == np.uint8:
+            png.putpalette(PALETTE)
+        with AtomicFile(self.dir / f"{msg.meta.frame_index:06d}.png") as out:
+            png.save(out.file, format="PNG")
         self.written.append(out.path)
 
     def commit(self) -> Path | None:
