@@ -208,7 +208,7 @@ def time_publisher(count: int, frames: int) -> tuple[float, float, int]:
             wire.append((time.perf_counter() - start) * 1000)
             nbytes = sum(len(bytes(p)) for p in parts)
         if node.writer is not None:
-            node.writer.close()
+            node.writer.commit()
     return statistics.median(publish[1:]), statistics.median(wire[1:]), nbytes
 
 
