@@ -439,63 +439,50 @@ class NodeRunner:
             done.set()
             thread.join()  # within POLL_MS and one command: the socket is the runner's again
 
-    def _run_consumer(self) -> None:
+    def _take_waiting(self) -> tuple[list[Message], EndOfStream | None, list[StatusMessage]]:
+        """Lossless input: up to ``max_batch`` waiting data messages (waiting POLL_MS for the
+        first), the end marker if it came, and the statuses among them."""
+        receiver = self._sockets.input
+        batch: list[Message] = []
+        statuses: list[StatusMessage] = []
+        msg = receiver.recv(POLL_MS)
+        while msg is not None:
+            if isinstance(msg, EndOfStream):
+                return batch, msg, statuses
+            if isinstance(msg, StatusMessage):
+                statuses.append(msg)
+            else:
+                batch.append(msg)
+                if len(batch) == self.node.max_batch:
+                    break
+            msg = receiver.recv(0)
+        return batch, None, statuses
+
+    def _run_consumer(self, inbox: NewestInbox | None) -> None:
+        """Process what comes until the end of the stream: the newest frame when the node is
+        free (live, ``inbox``), else every message in order, in batches of what is waiting."""
         receiver = self._sockets.input
         while not self.stop.is_set():
-            ready = receiver.socket.poll(POLL_MS)
+            if inbox is None:
+                batch, end, statuses = self._take_waiting()
+            else:
+                newest, end, statuses = inbox.take(LIVE_WAIT_S)
+                batch = [] if newest is None else [newest]
+                self.node.counters["dropped_newest_wins"] = inbox.dropped
+            for status in statuses:
+                self._publish(status)  # another node's, relayed by the launcher
             self.node.counters["rejected_messages"] = receiver.rejected
-            if not ready:
-                self._heartbeat()
-                continue
-            batch: list[Message] = []
-            end: EndOfStream | None = None
-            max_batch = 1 if self.live else self.node.max_batch
-            while len(batch) < max_batch:
-                msg = receiver.recv(0)
-                if msg is None:
-                    break
-                if isinstance(msg, EndOfStream):
-                    end = msg
-                    break
-                if isinstance(msg, StatusMessage):
-                    self._publish(msg)  # another node's status, relayed by the launcher
-                    continue
+            for msg in batch:
                 self._count_gap(msg)
-                batch.append(msg)
-            if self._process(batch, end):
+            if batch:
+                for out in self._timed_batch(batch):
+                    self._send(out)
+            if end is not None:
+                for out in self.node.finish(end):
+                    self._send(out)
                 return
             self._heartbeat()
         raise Shutdown
-
-    def _process(self, batch: list[Message], end: EndOfStream | None) -> bool:
-        """Process and send on ``batch``, then, at the end of the stream, finish; True then."""
-        if batch:
-            for out in self._timed_batch(batch):
-                self._send(out)
-        if end is None:
-            return False
-        for out in self.node.finish(end):
-            self._send(out)
-        return True
-
-    def _run_live_consumer(self, inbox: NewestInbox) -> None:
-        """Newest frame wins: process whatever frame is newest when the node is free."""
-        receiver = self._sockets.input
-        try:
-            while not self.stop.is_set():
-                msg, end, statuses = inbox.take(LIVE_WAIT_S)
-                for status in statuses:
-                    self._publish(status)  # another node's, relayed by the launcher
-                self.node.counters["rejected_messages"] = receiver.rejected
-                self.node.counters["dropped_newest_wins"] = inbox.dropped
-                if msg is not None:
-                    self._count_gap(msg)
-                if self._process([] if msg is None else [msg], end):
-                    return
-                self._heartbeat()
-            raise Shutdown
-        finally:
-            inbox.close()
 
     def _count_gap(self, msg: Message) -> None:
         """Count sequence numbers skipped before ``msg`` (frames dropped upstream)."""
@@ -551,22 +538,19 @@ class NodeRunner:
             # Live: drain the input already while the model loads, so the first frame
             # processed is the newest, not the oldest of those queued meanwhile.
             inbox = None
-            if not self.node.is_source and self.live:
+            if self.live and not self.node.is_source:
                 inbox = NewestInbox(self._sockets.input)
             try:
                 self.node.setup()
-            except BaseException:
+                self.send_status()
+                with self._commands_served():
+                    if self.node.is_source:
+                        self._run_source()
+                    else:
+                        self._run_consumer(inbox)
+            finally:
                 if inbox is not None:
                     inbox.close()
-                raise
-            self.send_status()
-            with self._commands_served():
-                if inbox is not None:
-                    self._run_live_consumer(inbox)
-                elif not self.node.is_source:
-                    self._run_consumer()
-                else:
-                    self._run_source()
             clean = True
             self.send_status("done")
             self._hold_until_read()
