@@ -253,6 +253,16 @@ def _open(
     return s
 
 
+def _send_nowait(sock: zmq.Socket | None, msg: Message) -> bool:
+    """Send unless the queue is full (False then); no socket: nothing to do (True)."""
+    if sock is not None:
+        try:
+            send_message(sock, msg, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+    return True
+
+
 class NodeRunner:
     """Runs one node until its stream ends, it fails, or `stop` is set."""
 
@@ -313,13 +323,9 @@ class NodeRunner:
             signed = msgspec.structs.replace(
                 msg, detail={**msg.detail, STATUS_TOKEN_KEY: self.status_token}
             )
-        for sock, out in ((self._sockets.status, signed), (self._sockets.publish, msg)):
-            if sock is None:
-                continue
-            try:
-                send_message(sock, out, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # a slow reader; the next heartbeat carries the same figures
+        # A slow reader misses it: the next heartbeat carries the same figures.
+        _send_nowait(self._sockets.status, signed)
+        _send_nowait(self._sockets.publish, msg)
         self._last_status = time.monotonic()
 
     def _heartbeat(self) -> None:
@@ -330,11 +336,8 @@ class NodeRunner:
     # -- sending with back-pressure that still notices a stop -----------------------------
     def _publish(self, msg: Message) -> None:
         """Out on the PUB socket, if this node has one; PUB drops rather than blocks."""
-        if self._sockets.publish is not None:
-            try:
-                send_message(self._sockets.publish, msg, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                self.node.count("publish_dropped")
+        if not _send_nowait(self._sockets.publish, msg):
+            self.node.count("publish_dropped")
 
     def _send(self, msg: Message) -> None:
         self._publish(msg)
@@ -345,18 +348,14 @@ class NodeRunner:
             # The next node drains its input continuously, so this rarely finds the queue
             # full (the node is still starting, or gone): then the frame is dropped, not
             # waited for. The end of the stream always waits for room.
-            try:
-                send_message(out, msg, flags=zmq.NOBLOCK)
-            except zmq.Again:
+            if not _send_nowait(out, msg):
                 self.node.count("output_dropped")
             return
-        frames = None
+        frames = encode(msg)
         while True:
             if self.stop.is_set():
                 raise Shutdown
             try:
-                if frames is None:
-                    frames = encode(msg)
                 out.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
                 return
             except zmq.Again:

@@ -102,7 +102,7 @@ class Supervisor:
     """One run's nodes, from start to summary. ``config`` has every endpoint resolved
     (`pipeline.run.launcher.resolve_endpoints`); ``run_dir`` holds the run files, logs and
     a live run's restart state; ``resume_point``: where an offline run's outputs continue
-    (`pipeline.run.launcher.plan_outputs`, which a restart after a death calls again)."""
+    (`pipeline.run.resume.plan_outputs`, which a restart after a death calls again)."""
 
     def __init__(
         self,
@@ -410,8 +410,6 @@ class Supervisor:
         """Offline: stop the others as Ctrl-C would (the sink keeps every frame it wrote,
         the tracker its state), then resume: the outputs come out as they would have
         without the death."""
-        from pipeline.run.resume import plan_outputs
-
         self._stop(self.workers)
         self._collect(200)
         for w in self.workers:
@@ -432,7 +430,7 @@ class Supervisor:
                 len(removed),
             )
             resume.mark_interrupted(out, self.attempt_start)
-        self.resume_point = plan_outputs(self.config, resume_wanted=True)
+        self.resume_point = resume.plan_outputs(self.config, resume_wanted=True)
         self.attempt_start = self.resume_point.frames_done
         self.last.clear()
         self.workers = []
