@@ -3,9 +3,10 @@ a message a user can act on, not minutes later from deep inside a node.
 
 `preflight` checks the source (it exists and decodes: its first frame gives the size the
 prompts are checked against), the weights (found and a checkpoint), the devices, the prompts
-(an offline run needs one; each must lie on the first frame, with the error `predict` gives)
-the feed's endpoint (a tcp port nobody has) and the CURVE key files (`pipeline.wire.curve`). It
-returns the config with the weights' and the key files' paths made concrete.
+(an offline run needs one; each must lie on the first frame, with the error `predict` gives),
+every tcp endpoint the run binds (a port nobody has) and the CURVE key files
+(`pipeline.wire.curve`). It returns the config with the weights' and the key files' paths
+made concrete.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import msgspec
 import zmq
 
 from pipeline.config import PromptConfig, RunConfig
+from pipeline.run.graph import GRAPH
 from pipeline.track.prompts import check_box, check_points
 from pipeline.video.sources import SourceError, VideoSource, check_device, parse_source
 from pipeline.wire.curve import check_key_files
@@ -77,24 +79,41 @@ def check_prompts(prompts: tuple[PromptConfig, ...], frame_size: tuple[int, int]
             check_points(prompt.points, prompt.labels, f"{name} points", frame_size)
 
 
-def check_publish(endpoint: str) -> None:
-    """A tcp endpoint someone already has (another run): say which key changes it, now
-    rather than when the publisher fails. (``auto`` binds the first free port itself.)"""
-    if not endpoint.startswith("tcp://"):
-        return
+def _bindable(endpoint: str) -> bool:
     sock = zmq.Context.instance().socket(zmq.PUB)
     try:
         sock.bind(endpoint)
-        return  # bindable; closing unbinds it for the publisher
+        return True  # closing unbinds it for the node
     except zmq.ZMQError:
-        pass
+        return False
     finally:
         sock.close(linger=0)
-    raise PreflightError(
-        f"transport.publish {endpoint} cannot be bound: the port is in use (another "
-        "samstream run?) or the address is not this machine's; set transport.publish to "
-        "another endpoint, or to auto for the first free port from 5555"
-    )
+
+
+def check_binds(config: RunConfig) -> None:
+    """Every tcp endpoint the run binds (the feed, the control socket, a link or the status
+    endpoint set to tcp): one that another process has (another run?) or that is not this
+    machine's is named now, with the key that changes it, not when its node dies of it.
+    (``auto`` binds the first free port itself; empty links are ipc in the run directory.)"""
+    keys = sorted({key for spec in GRAPH for key in spec.binds} | {"status"})
+    seen: dict[str, str] = {}
+    for key in keys:
+        endpoint = getattr(config.transport, key)
+        if not endpoint.startswith("tcp://"):
+            continue
+        if endpoint in seen:
+            raise PreflightError(
+                f"transport.{seen[endpoint]} and transport.{key} are both {endpoint}: each "
+                "endpoint a run binds must be its own"
+            )
+        seen[endpoint] = key
+        if not _bindable(endpoint):
+            auto = ", or to auto for the first free port from 5555" if key == "publish" else ""
+            raise PreflightError(
+                f"transport.{key} {endpoint} cannot be bound: the port is in use (another "
+                "samstream run?) or the address is not this machine's; set "
+                f"transport.{key} to another endpoint{auto}"
+            )
 
 
 def check_curve(config: RunConfig) -> RunConfig:
@@ -133,6 +152,6 @@ def preflight(config: RunConfig, *, live: bool) -> RunConfig:
             "without a prompt would write empty masks for every frame)"
         )
     check_devices(config)
-    check_publish(config.transport.publish)
+    check_binds(config)
     config = check_curve(config)
     return msgspec.structs.replace(config, weights=check_weights(config.weights))

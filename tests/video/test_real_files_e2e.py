@@ -357,7 +357,12 @@ def test_preflight_errors(checkpoint: Path, small_clip: Path, tmp_path: Path) ->
         assert "no CUDA GPU" in _preflight_error(*source, *box, *weights, "--device", "cuda")
 
 
-def test_a_taken_feed_port_is_named(checkpoint: Path, small_clip: Path) -> None:
+@pytest.mark.parametrize("key", ["publish", "control"])
+def test_a_taken_port_is_named_before_any_node_starts(
+    key: str, checkpoint: Path, small_clip: Path
+) -> None:
+    """The feed's port or the control port held by another process: one error naming the
+    key, from preflight (no node started, so no restart and no node log)."""
     import zmq
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -375,11 +380,11 @@ def test_a_taken_feed_port_is_named(checkpoint: Path, small_clip: Path) -> None:
             "--weights",
             str(checkpoint),
             "--set",
-            f"transport.publish={json.dumps(endpoint)}",
+            f"transport.{key}={json.dumps(endpoint)}",
         )
     finally:
         holder.close(linger=0)
-    assert f"transport.publish {endpoint} cannot be bound" in error
+    assert f"transport.{key} {endpoint} cannot be bound" in error
 
 
 @pytest.mark.slow
