@@ -13,28 +13,21 @@ from pipeline.run.handoff import NodeRuntime
 from pipeline.run.live import is_live
 from pipeline.run.runtime import Node
 from pipeline.run.stream_position import Continuation, PositionFile
-from pipeline.video.live_source import TICK_S, Backoff, LiveSource, SourceEvent, ThreadedReader
-from pipeline.video.sources import DecodedFrame, SourceSpec, VideoSource, parse_source
+from pipeline.video.live_source import (
+    TICK_S,
+    Backoff,
+    LiveSource,
+    SourceEvent,
+    ThreadedReader,
+    spec_for,
+)
+from pipeline.video.sources import (
+    DecodedFrame,
+    VideoSource,
+)
 from pipeline.wire.messages import EndOfStream, FrameMessage, FrameMeta, Message
 
 log = logging.getLogger(__name__)
-
-
-def spec_for(config: DecoderConfig) -> SourceSpec:
-    """The parsed source with the FFmpeg options the config asks for its kind."""
-    spec = parse_source(config.source)
-    if spec.kind == "rtsp":
-        options = {"rtsp_transport": config.rtsp_transport}
-    elif spec.kind == "webcam":
-        wanted = {
-            "video_size": config.video_size,
-            "framerate": None if config.framerate is None else f"{config.framerate:g}",
-            "input_format": config.pixel_format,  # V4L2's name for the pixel format
-        }
-        options = {key: value for key, value in wanted.items() if value is not None}
-    else:
-        return spec
-    return replace(spec, options={**spec.options, **options})
 
 
 class DecoderNode(Node):

@@ -1,12 +1,12 @@
 """Checks made before any node starts, so that a run that cannot work fails in seconds with
 a message a user can act on, not minutes later from deep inside a node.
 
-`preflight` checks the source (it exists and decodes: its first frame gives the size the
-prompts are checked against), the weights (found and a checkpoint), the devices, the prompts
-(an offline run needs one; each must lie on the first frame, with the error `predict` gives),
-every tcp endpoint the run binds (a port nobody has) and the CURVE key files
-(`pipeline.wire.curve`). It returns the config with the weights' and the key files' paths
-made concrete.
+`check_source` checks the source (a file exists and decodes: its first frame gives the
+size the prompts are checked against; a camera opens) and the prompts on it (each must lie
+on the first frame, with the error `predict` gives); `preflight` the weights (found, and a
+checkpoint), the devices, that an offline run has a prompt, every tcp endpoint the run
+binds (a port nobody has) and the CURVE key files (`pipeline.wire.curve`). It returns the
+config with the weights' and the key files' paths made concrete.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from __future__ import annotations
 import msgspec
 import zmq
 
-from pipeline.config import PromptConfig, RunConfig
+from pipeline.config import DecoderConfig, PromptConfig, RunConfig
 from pipeline.run.graph import GRAPH
 from pipeline.track.prompts import check_box, check_points
-from pipeline.video.sources import SourceError, VideoSource, check_device, parse_source
+from pipeline.video.live_source import Backoff, LiveSource, spec_for
+from pipeline.video.sources import SourceError, VideoSource, check_device
 from pipeline.wire.curve import check_key_files
 
 
@@ -25,16 +26,27 @@ class PreflightError(ValueError):
     """A run that cannot work; the message says what to change."""
 
 
-def first_frame_size(source: str, open_timeout_s: float) -> tuple[int, int] | None:
-    """(height, width) of the source's first frame; None for a camera (checked by the
-    decoder, with its timeouts and reconnects). Raises SourceError when it cannot decode."""
-    spec = parse_source(source)
+def first_frame_size(decoder: DecoderConfig) -> tuple[int, int] | None:
+    """(height, width) of the source's first frame; None for a camera, which is only
+    opened (a wrong URL or a camera that is not there fails here, before any node starts;
+    its frames are the decoder's). Raises SourceError when it cannot open or decode."""
+    spec = spec_for(decoder)
     if spec.kind == "webcam":
         check_device(spec.url)
         return None
     if spec.is_live:
+        camera = LiveSource(
+            spec,
+            open_timeout_s=decoder.open_timeout_s,
+            read_timeout_s=decoder.read_timeout_s,
+            backoff=Backoff(decoder.reconnect_initial_s, decoder.reconnect_max_s),
+        )
+        try:
+            camera.open()
+        finally:
+            camera.close()
         return None
-    with VideoSource(spec, max_frames=1, open_timeout_s=open_timeout_s) as video:
+    with VideoSource(spec, max_frames=1, open_timeout_s=decoder.open_timeout_s) as video:
         for frame in video:
             return frame.image.shape[:2]
     raise SourceError(f"video source {spec.display_name!r} has no decodable frame")
@@ -135,7 +147,7 @@ def check_source(config: RunConfig) -> None:
     before anything imports it (a missing file or camera is reported in milliseconds)."""
     if not config.decoder.source:
         raise SourceError("no video source given: use --source or decoder.source")
-    size = first_frame_size(config.decoder.source, config.decoder.open_timeout_s)
+    size = first_frame_size(config.decoder)
     if size is not None:
         check_prompts(config.tracker.prompts, size)
 

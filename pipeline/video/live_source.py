@@ -26,7 +26,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 
-from pipeline.video.sources import DecodedFrame, SourceError, SourceSpec, SourceStalled, VideoSource
+from pipeline.config import DecoderConfig
+from pipeline.video.sources import (
+    DecodedFrame,
+    SourceError,
+    SourceSpec,
+    SourceStalled,
+    VideoSource,
+    parse_source,
+)
 from pipeline.video.timestamps import Timeline
 from pipeline.wire.messages import SourceState
 
@@ -278,3 +286,20 @@ class ThreadedReader:
     def close(self) -> None:
         """Stop reading; the thread closes the source once its current read returns."""
         self._closing.set()
+
+
+def spec_for(config: DecoderConfig) -> SourceSpec:
+    """The parsed source with the FFmpeg options the config asks for its kind."""
+    spec = parse_source(config.source)
+    if spec.kind == "rtsp":
+        options = {"rtsp_transport": config.rtsp_transport}
+    elif spec.kind == "webcam":
+        wanted = {
+            "video_size": config.video_size,
+            "framerate": None if config.framerate is None else f"{config.framerate:g}",
+            "input_format": config.pixel_format,  # V4L2's name for the pixel format
+        }
+        options = {key: value for key, value in wanted.items() if value is not None}
+    else:
+        return spec
+    return replace(spec, options={**spec.options, **options})

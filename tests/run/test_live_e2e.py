@@ -398,3 +398,47 @@ def test_missing_webcam_fails_fast_and_names_it(source: str) -> None:
     assert "/dev/video9" in proc.stderr and "does not exist" in proc.stderr
     assert proc.stdout.strip() == "torch not imported", proc.stdout
     assert "run, encoder on" not in proc.stderr  # no node was started
+
+
+@pytest.mark.parametrize("case", ["refused", "not found"])
+def test_a_camera_that_never_opens_ends_the_run_with_one_error(
+    case: str, checkpoint: Path, tmp_path: Path
+) -> None:
+    """A wrong RTSP URL (nothing listens there, or the server has no such stream) is a
+    configuration error: the checks before any node starts open the camera, and the run
+    ends with that one error, the URL in it (it was a decoder restarted 10 times)."""
+    server = None
+    if case == "not found":
+        needs_rtsp()
+        clip = make_clip(tmp_path / "cam.mp4", frames=50, size=(160, 120))
+        server = RtspServer(clip).start()
+        url = f"rtsp://127.0.0.1:{server.port}/no-such-stream"
+    else:
+        url = f"rtsp://127.0.0.1:{free_port()}/stream"
+    try:
+        start = time.monotonic()
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "run",
+                "--source",
+                url,
+                "--weights",
+                str(checkpoint),
+                *LIVE_FAST,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_S + 60,
+        )
+        print(f"{case}: error after {time.monotonic() - start:.1f} s; stderr:\n{proc.stderr}")
+    finally:
+        if server is not None:
+            server.close()
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("samstream: error:")]
+    assert len(errors) == 1 and url in errors[0], proc.stderr
+    assert "run, encoder on" not in proc.stderr  # no node was started
+    assert "Traceback" not in proc.stderr

@@ -27,7 +27,6 @@ from support.rtsp import (
     gstreamer_rtsp_available,
 )
 
-from nodes.decoder import spec_for
 from pipeline.config import DecoderConfig
 from pipeline.video.live_source import (
     FIRST_OPEN_ATTEMPTS,
@@ -35,6 +34,7 @@ from pipeline.video.live_source import (
     LiveSource,
     SourceEvent,
     ThreadedReader,
+    spec_for,
 )
 from pipeline.video.sources import (
     RTSP_PASSWORD_ENV,
