@@ -211,7 +211,7 @@ class Supervisor:
         self._collect(100)
         self._keep_spares()
         self._announce_feed()
-        if self.progress:
+        if self.progress and self.feed_announced:  # the bar after the lines above it
             self.bar = update_progress(self.bar, self.last, self.live)
         codes = {w.name: w.exit_code() for w in self.workers}
         if any(code == 0 and not self._ended(name) for name, code in codes.items()):

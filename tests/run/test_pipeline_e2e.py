@@ -333,3 +333,29 @@ def test_in_process_run_takes_prompts_at_run_time(checkpoint: Path, tmp_path: Pa
         or any(t.state == "lost" for t in f.tracks)
         for f in received[first : first + 3]
     )
+
+
+def test_progress_bar_starts_below_the_start_lines(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bar (stderr on a terminal) comes after the lines that announce the run and its
+    feed, so that none of them is written into the bar's line."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=12, size=(160, 120))
+    config = config_from_dict(
+        {
+            "decoder": {"source": str(clip)},
+            "weights": str(checkpoint),
+            "encoder": {"image_size": 256, "batch_size": 1},
+            "tracker": {"prompts": [{"box": [10, 40, 50, 80]}]},
+            "transport": {"publish": f"tcp://127.0.0.1:{free_port()}"},
+        }
+    )
+    summary = run_pipeline(config, progress=True)  # processes: the decoder starts first
+    assert summary.frames_out == 12
+    err = capsys.readouterr().err
+    lines = err.replace("\r", "\n").splitlines()
+    feed = next(i for i, line in enumerate(lines) if line.startswith("samstream: masks on "))
+    bar = [i for i, line in enumerate(lines) if "frame" in line and line.startswith("samstream:")]
+    bar = [i for i in bar if not lines[i].startswith(("samstream: masks", "samstream: offline"))]
+    assert bar and min(bar) > feed, err
+    assert "12/12" in err  # the bar ran to the clip's frame count
