@@ -50,9 +50,9 @@ class RunSummary:
 
     def format(self) -> str:
         lines = [
-            f"frames in {self.frames_in}, out {self.frames_out}, {self.wall_s:.1f} s, "
-            f"{self.fps:.2f} frames/s"
-            + (f" ({self.steady_fps:.2f} in its stride)" if self.steady_fps else "")
+            f"frames in {self.frames_in}, out {self.frames_out}, {self.wall_s:.1f} s: "
+            f"{self.fps:.2f} frames/s with model loading"
+            + (f", {self.steady_fps:.2f} frames/s once running" if self.steady_fps else "")
             + f" ({self.mode})"
             + (f", stopped by {self.stopped_by}" if self.stopped_by else ""),
             f"{'stage':<10} {'messages':>8} {'median ms':>10} {'p95 ms':>8}",

@@ -359,3 +359,6 @@ def test_progress_bar_starts_below_the_start_lines(
     bar = [i for i in bar if not lines[i].startswith(("samstream: masks", "samstream: offline"))]
     assert bar and min(bar) > feed, err
     assert "12/12" in err  # the bar ran to the clip's frame count
+    # The summary's rates say what they are (it was "0.48 frames/s (3.28 in its stride)").
+    first = summary.format().splitlines()[0]
+    assert "frames/s with model loading, " in first and " frames/s once running" in first
