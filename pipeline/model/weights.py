@@ -43,27 +43,30 @@ def resolve_weights(
 ) -> Path:
     """Find the checkpoint to load.
 
-    In order: `weights` if it names an existing file; $SAMSTREAM_WEIGHTS; the cached
-    `mobile_sam.pt`; else a download from `url` ($SAMSTREAM_WEIGHTS_URL, else the official
-    URL) into the cache. A `weights` path that does not exist is an error unless it is just
-    the bare official name `mobile_sam.pt`, which means "the official weights, wherever".
+    A ``weights`` path (one with a folder, or any name but the bare official one) must name
+    an existing file. The bare name ``mobile_sam.pt`` (or None) means "the official weights,
+    wherever they are", looked up in order: $SAMSTREAM_WEIGHTS; the cached ``mobile_sam.pt``;
+    a ``mobile_sam.pt`` in the current folder; else a download from ``url``
+    ($SAMSTREAM_WEIGHTS_URL, else the official URL) into the cache. The file found is logged.
     """
-    if weights is not None:
+    if weights is not None and str(weights) != WEIGHTS_NAME:
         path = Path(weights).expanduser()
-        if path.is_file():
-            return path
-        if str(weights) != WEIGHTS_NAME:
+        if not path.is_file():
             raise FileNotFoundError(
                 f"checkpoint {path} does not exist; pass the path of an existing mobile_sam.pt"
             )
+        return path
     if env := os.environ.get("SAMSTREAM_WEIGHTS"):
         path = Path(env).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"SAMSTREAM_WEIGHTS={env} does not name an existing file")
+        log.info("weights: %s (from $SAMSTREAM_WEIGHTS)", path)
         return path
     cached = cache_dir() / WEIGHTS_NAME
-    if cached.is_file():
-        return cached
+    for found in (cached, Path(WEIGHTS_NAME)):
+        if found.is_file():
+            log.info("weights: %s", found.resolve())
+            return found
     url = url or os.environ.get("SAMSTREAM_WEIGHTS_URL") or WEIGHTS_URL
     return download_weights(url, cached, timeout_s=timeout_s)
 

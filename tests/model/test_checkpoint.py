@@ -113,10 +113,15 @@ def test_not_a_state_dict(tmp_path: Path) -> None:
 
 @pytest.fixture
 def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No weights anywhere: an empty cache, no environment, an empty current folder (a
+    mobile_sam.pt where the tests are started must not change what they find)."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("SAMSTREAM_CACHE", str(cache))
     monkeypatch.delenv("SAMSTREAM_WEIGHTS", raising=False)
     monkeypatch.delenv("SAMSTREAM_WEIGHTS_URL", raising=False)
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
     return cache
 
 
@@ -133,6 +138,23 @@ def test_env_then_cache(checkpoint: Path, empty_cache: Path, monkeypatch) -> Non
     cached = empty_cache / "mobile_sam.pt"
     cached.write_bytes(checkpoint.read_bytes())
     assert resolve_weights("mobile_sam.pt") == cached
+
+
+def test_the_bare_name_finds_the_environment_then_the_cache_then_the_current_folder(
+    checkpoint: Path, empty_cache: Path, monkeypatch
+) -> None:
+    here = Path.cwd() / "mobile_sam.pt"
+    here.write_bytes(checkpoint.read_bytes())
+    monkeypatch.setenv("SAMSTREAM_WEIGHTS", str(checkpoint))
+    assert resolve_weights("mobile_sam.pt") == checkpoint  # was the current folder's file
+    monkeypatch.delenv("SAMSTREAM_WEIGHTS")
+    empty_cache.mkdir(parents=True)
+    cached = empty_cache / "mobile_sam.pt"
+    cached.write_bytes(checkpoint.read_bytes())
+    assert resolve_weights("mobile_sam.pt") == cached
+    cached.unlink()
+    assert resolve_weights("mobile_sam.pt").resolve() == here.resolve()
+    assert resolve_weights("./mobile_sam.pt") == Path("./mobile_sam.pt")  # a path: as given
 
 
 def test_missing_explicit_path_is_an_error(empty_cache: Path) -> None:
