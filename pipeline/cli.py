@@ -88,6 +88,9 @@ _WEIGHTS = _arg(
     default="mobile_sam.pt",
     help="mobile_sam.pt path (default: $SAMSTREAM_WEIGHTS, cache, download)",
 )
+_IMAGE_SIZE = _arg(
+    "--image-size", type=int, default=1024, help="encoder input side, a multiple of 16"
+)
 _SET = _arg(
     "--set",
     action="append",
@@ -121,7 +124,7 @@ def _point_labels(points: list[list[float]] | None, labels: list[int] | None) ->
         choices=("float32", "bfloat16", "float16"),
         help="encoder precision (reduced ones via autocast)",
     ),
-    _arg("--image-size", type=int, default=1024, help="encoder input side"),
+    _IMAGE_SIZE,
     _arg("--multimask", action="store_true", help="three masks per object"),
     help="segment objects in one image",
     description="Segment the objects given by boxes and/or points in one image. All "
@@ -461,7 +464,7 @@ def _keys(args: argparse.Namespace) -> int:
         choices=("auto", "float32", "bfloat16", "float16"),
         help="encoder precision of the runs (auto: the fastest measured within tolerance)",
     ),
-    _arg("--image-size", type=int, default=1024, help="encoder input side"),
+    _IMAGE_SIZE,
     _arg(
         "--encoder-sizes",
         default="1024,512",
@@ -497,12 +500,7 @@ def _bench(args: argparse.Namespace) -> int:
 @_command(
     "export",
     _WEIGHTS,
-    _arg(
-        "--image-size",
-        type=int,
-        default=1024,
-        help="encoder input side, a multiple of 16 (fixed per exported file)",
-    ),
+    _IMAGE_SIZE,
     _arg("--out", type=Path, default=Path("onnx"), help="output directory"),
     _arg("--opset", type=int, default=17, help="ONNX opset"),
     help="write the image encoder and the mask decoder as ONNX models",

@@ -502,22 +502,6 @@ def parse_set(text: str) -> Override:
     return Override(key, value, origin)
 
 
-def _overridden(data: dict[str, Any], overrides: Sequence[Override], source: str) -> Any:
-    """A copy of ``data`` with every override's value at its key, in order."""
-    data = copy.deepcopy(data)
-    for override in overrides:
-        *parents, last = override.key.split(".")
-        section = data
-        for part in parents:
-            section = section.setdefault(part, {})
-            if not isinstance(section, dict):  # the file has a value where a section goes
-                config_from_dict(data, source=source)
-        current = section.get(last)
-        merge = isinstance(current, dict) and isinstance(override.value, Mapping)
-        section[last] = {**current, **override.value} if merge else override.value
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: Sequence[Override] = ()) -> RunConfig:
     """The run's configuration: defaults, then the YAML file at ``path``, then ``overrides``
     (the command line's, the last one winning), validated once. Raises ConfigError naming
@@ -535,8 +519,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[Override] = 
         data = {} if data is None else data  # an empty (or all-comment) file is all defaults
     for override in overrides:
         _type_at(override.key.split("."), override.origin)
-    if overrides and isinstance(data, dict):
-        data = _overridden(data, overrides, source)
+    if not isinstance(data, dict):
+        return _converted(data, source)  # raises: the top level must be a mapping
+    data = copy.deepcopy(data)  # each override's value at its key, in order
+    for override in overrides:
+        *parents, last = override.key.split(".")
+        section = data
+        for part in parents:
+            section = section.setdefault(part, {})
+            if not isinstance(section, dict):  # the file has a value where a section goes
+                return _converted(data, source)  # raises, naming the file
+        current = section.get(last)
+        merge = isinstance(current, dict) and isinstance(override.value, Mapping)
+        section[last] = {**current, **override.value} if merge else override.value
     return _converted(data, source, overrides)
 
 
