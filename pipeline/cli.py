@@ -150,16 +150,11 @@ def _predict(args: argparse.Namespace) -> int:
         multimask_output=args.multimask,
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    objects = zip(result.masks.data, result.boxes.xyxy, result.scores, strict=True)
+    objects = zip(result.masks.data, result.box_list(), result.scores, strict=True)
     for i, (mask, box, score) in enumerate(objects, start=1):
         mask_path = args.out / f"mask_{i:02d}.png"
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        record = {
-            "object": i,
-            "score": round(float(score), 4),
-            "box": None if np.isnan(box).any() else [float(v) for v in box],
-            "mask": str(mask_path),
-        }
+        record = {"object": i, "score": round(float(score), 4), "box": box, "mask": str(mask_path)}
         print(json.dumps(record))
     result.save(args.out / "overlay.png")
     print(f"wrote {len(result)} mask(s) and overlay.png to {args.out}")
