@@ -1,4 +1,6 @@
-"""The `samstream` command line: predict (one image), run, node, prompt, keys, bench."""
+"""The `samstream` command line: predict (one image), run, node, prompt, keys, bench, export.
+
+Each subcommand is declared by `@_command` over the function that runs it."""
 
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-Handler = Callable[[argparse.Namespace], int]
-Adder = Callable[[argparse._ActionsContainer], object]
+Handler = Callable[[argparse.Namespace], int]  # a subcommand: its exit status
+Adder = Callable[[argparse._ActionsContainer], object]  # adds an argument to a parser or group
 _COMMANDS: list[tuple[str, dict[str, str], tuple[Adder, ...], Handler]] = []
 
 
@@ -47,6 +49,7 @@ def _command(name: str, *arguments: Adder, **parser_text: str) -> Callable[[Hand
 
 
 def _arg(*flags: str, **options: Any) -> Adder:
+    """An argument as ``parser.add_argument(*flags, **options)`` adds it."""
     return lambda parser: parser.add_argument(*flags, **options)
 
 
