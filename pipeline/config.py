@@ -92,17 +92,6 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     (Each section says kw_only=True itself: msgspec applies it to a class's own fields.)"""
 
 
-def _is_endpoint(value: str) -> bool:
-    """A ZeroMQ endpoint pipeline.wire.transport accepts."""
-    from pipeline.wire.transport import validate_endpoint  # the one definition; imports zmq
-
-    try:
-        validate_endpoint(value)
-    except ValueError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------------------------------------
 # The sections. A __post_init__ holds the rules a type cannot say; msgspec runs it on loading
 # (and on msgspec.structs.replace), and its ConfigError("key: problem") gets the key's path.
@@ -228,9 +217,6 @@ class CurveConfig(_Section, kw_only=True):
     link_secret_key: _PathText | None = None
 
 
-_LINKS = ("frames", "embeddings", "masks", "control", "status")
-
-
 class TransportConfig(_Section, kw_only=True):
     """ZeroMQ endpoints and socket options."""
 
@@ -247,13 +233,18 @@ class TransportConfig(_Section, kw_only=True):
     curve: CurveConfig = msgspec.field(default_factory=CurveConfig)  # keys; none = no CURVE
 
     def __post_init__(self) -> None:
-        for name in _LINKS:
-            value = getattr(self, name)
-            if value and not _is_endpoint(value):
-                raise ConfigError(f'{name}: must be "" or {_ENDPOINT_RULE}, got {value!r}')
-        # Unlike the internal links, the PUB endpoint is never chosen by the launcher.
-        if self.publish != "auto" and not (self.publish and _is_endpoint(self.publish)):
-            raise ConfigError(f"publish: must be auto, {_ENDPOINT_RULE}, got {self.publish!r}")
+        from pipeline.wire.transport import validate_endpoint  # the one definition; imports zmq
+
+        # Each endpoint, or its default: the launcher's choice ("") or, for the PUB socket,
+        # which the launcher never chooses, "auto".
+        for name in ("frames", "embeddings", "masks", "control", "status", "publish"):
+            value, unset = getattr(self, name), "auto" if name == "publish" else ""
+            try:
+                if value != unset:
+                    validate_endpoint(value)
+            except ValueError:
+                rule = f"{json.dumps(unset)} or {_ENDPOINT_RULE}"
+                raise ConfigError(f"{name}: must be {rule}, got {value!r}") from None
         # -1 or > 0: a rule msgspec's bounds cannot say.
         if self.max_message_bytes != -1 and self.max_message_bytes <= 0:
             raise ConfigError(
@@ -325,24 +316,32 @@ def _keys(tp: msgspec.inspect.Type) -> dict[str, msgspec.inspect.Type]:
     return {f.name: f.type for f in tp.fields} if isinstance(tp, msgspec.inspect.StructType) else {}
 
 
-def _type_at(parts: Sequence[str | int]) -> msgspec.inspect.Type:
-    tp = _run_type()
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _valid_keys(path: str, tp: msgspec.inspect.Type) -> str:
+    keys = _keys(tp)
+    return f"valid keys: {', '.join(keys)}" if keys else f"{path} has no sub-keys"
+
+
+def _type_at(parts: Sequence[str | int], origin: str = "<config>") -> msgspec.inspect.Type:
+    """The type of the value at ``parts`` (keys and list indices); ConfigError naming
+    ``origin`` for an unknown key."""
+    tp, path = _run_type(), ""
     for part in parts:
-        if isinstance(part, str):
-            tp = _keys(tp)[part]
-        else:
+        if isinstance(part, int):
             items = _unwrapped(tp)
             is_tuple = isinstance(items, msgspec.inspect.TupleType)
             tp = items.item_types[part] if is_tuple else items.item_type
+        elif part in (keys := _keys(tp)):
+            tp = keys[part]
+        else:
+            raise ConfigError(
+                f"{origin}: {_join(path, part)}: unknown key ({_valid_keys(path, tp)})"
+            )
+        path = f"{path}[{part}]" if isinstance(part, int) else _join(path, part)
     return tp
-
-
-def _rule_of(tp: msgspec.inspect.Type) -> str | None:
-    """What a value of `tp` must be, in words: its Meta's description."""
-    tp = _without_none(tp)
-    if isinstance(tp, msgspec.inspect.Metadata):
-        return (tp.extra_json_schema or {}).get("description")
-    return None
 
 
 _TYPE_WORDS = {
@@ -354,10 +353,6 @@ _TYPE_WORDS = {
     "array": "a list",
     "null": "null",
 }
-
-
-def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
 
 
 def _located(error: msgspec.ValidationError) -> tuple[str, bool, str, list[str | int]]:
@@ -376,21 +371,40 @@ def _explain(error: msgspec.ValidationError, data: Any) -> str:
     if isinstance(error.__cause__, ConfigError):  # a __post_init__ rule: "key: problem"
         return _join(path, error.__cause__)
     tp = _type_at(parts)  # of the value at `path` (for an unknown key: of its mapping)
-    valid = f"valid keys: {', '.join(_keys(tp))}"
     if unknown := re.fullmatch(r"Object contains unknown field `(.*)`", text):
-        return f"{_join(path, unknown[1])}: unknown key ({valid})"
+        return f"{_join(path, unknown[1])}: unknown key ({_valid_keys(path, tp)})"
     where = path or "top level"
     if in_key:  # YAML reads `1:` or `true:` as a key that is not a string
-        return f"{where}: every key must be a string ({valid})"
+        return f"{where}: every key must be a string ({_valid_keys(path, tp)})"
     value = reduce(lambda inner, part: inner[part], parts, data)
     wrong = re.fullmatch(r"Expected `([^`]+)`(?:, got `[^`]+`| of length (\d+), got \d+)", text)
     if wrong:
         expected = " or ".join(_TYPE_WORDS.get(name, name) for name in wrong[1].split(" | "))
         expected = f"a list of {wrong[2]} items" if wrong[2] else expected
         return f"{where}: expected {expected}, got {value!r} ({type(value).__name__})"
-    # A value of the right type that breaks its rule (a bound, a pattern, a choice).
-    rule = _rule_of(tp)
+    # A value of the right type that breaks its rule (a bound, a pattern, a choice): the
+    # rule in words is its Meta's description.
+    tp = _without_none(tp)
+    rules = (tp.extra_json_schema or {}) if isinstance(tp, msgspec.inspect.Metadata) else {}
+    rule = rules.get("description")
     return f"{where}: must be {rule}, got {value!r}" if rule else f"{where}: {text}"
+
+
+def _converted(data: Any, source: str, overrides: Sequence[Override] = ()) -> RunConfig:
+    """``data`` as a RunConfig; ConfigError naming the key and what gave its value: the last
+    override of it, else ``source``."""
+    try:
+        return msgspec.convert(data, RunConfig)
+    except msgspec.ValidationError as error:
+        parts = _located(error)[3]
+        if isinstance(error.__cause__, ConfigError):  # a section's rule names its key
+            parts.append(str(error.__cause__).partition(":")[0])
+        given_by = (
+            o.origin
+            for o in reversed(overrides)
+            if all(a == b for a, b in zip(o.key.split("."), parts, strict=False))
+        )
+        raise ConfigError(f"{next(given_by, source)}: {_explain(error, data)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,10 +417,7 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "<config>") -> Ru
     Strict: no str -> number coercion, bool is not a number; an int is fine for a float.
     Raises ConfigError("<source>: <dotted.key>: <problem>") on the first bad key.
     """
-    try:
-        return msgspec.convert(data, RunConfig)
-    except msgspec.ValidationError as error:
-        raise ConfigError(f"{source}: {_explain(error, data)}") from None
+    return _converted(data, source)
 
 
 def _lists(value: Any) -> Any:
@@ -474,21 +485,6 @@ class Override:
     origin: str = "override"
 
 
-def _key_type(key: str, origin: str) -> msgspec.inspect.Type:
-    """The type of the config key ``key``; ConfigError naming ``origin`` for an unknown key."""
-    parts = key.split(".")
-    tp = _run_type()
-    for depth, part in enumerate(parts):
-        dotted = ".".join(parts[: depth + 1])
-        if not (keys := _keys(tp)):
-            parent = ".".join(parts[:depth])
-            raise ConfigError(f"{origin}: {dotted}: unknown key ({parent} has no sub-keys)")
-        if part not in keys:
-            raise ConfigError(f"{origin}: {dotted}: unknown key (valid keys: {', '.join(keys)})")
-        tp = keys[part]
-    return tp
-
-
 def parse_set(text: str) -> Override:
     """The override of a ``--set section.key=value`` option, the value parsed as YAML so that
     ``4``, ``true``, ``null`` and ``[1, 2, 3, 4]`` mean what they say; ConfigError for an
@@ -498,28 +494,12 @@ def parse_set(text: str) -> Override:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"{origin}: expected section.key=value, e.g. encoder.batch_size=2")
-    tp = _key_type(key, origin)
+    tp = _type_at(key.split("."), origin)
     value = _parse_yaml(value_text, f"{origin}: {key}: value is ")
     is_text = isinstance(_unwrapped(tp), msgspec.inspect.StrType)
     if is_text and value is not None and not isinstance(value, str | list | dict):
         value = value_text.strip()  # `decoder.stream_id=7` means the string "7", not an error
     return Override(key, value, origin)
-
-
-def _overridden(data: dict[str, Any], overrides: Sequence[Override], source: str) -> Any:
-    """A copy of ``data`` with every override's value at its key, in order."""
-    data = copy.deepcopy(data)
-    for override in overrides:
-        *parents, last = override.key.split(".")
-        section = data
-        for part in parents:
-            section = section.setdefault(part, {})
-            if not isinstance(section, dict):  # the file has a value where a section goes
-                config_from_dict(data, source=source)
-        current = section.get(last)
-        merge = isinstance(current, dict) and isinstance(override.value, Mapping)
-        section[last] = {**current, **override.value} if merge else override.value
-    return data
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[Override] = ()) -> RunConfig:
@@ -538,21 +518,21 @@ def load_config(path: str | Path | None = None, overrides: Sequence[Override] = 
         data = _parse_yaml(text, f"{source}: ")
         data = {} if data is None else data  # an empty (or all-comment) file is all defaults
     for override in overrides:
-        _key_type(override.key, override.origin)
-    if overrides and isinstance(data, dict):
-        data = _overridden(data, overrides, source)
-    try:
-        return msgspec.convert(data, RunConfig)
-    except msgspec.ValidationError as error:
-        parts = _located(error)[3]
-        if isinstance(error.__cause__, ConfigError):  # a section's rule names its key
-            parts.append(str(error.__cause__).partition(":")[0])
-        given_by = (
-            o.origin
-            for o in reversed(overrides)
-            if all(a == b for a, b in zip(o.key.split("."), parts, strict=False))
-        )
-        raise ConfigError(f"{next(given_by, source)}: {_explain(error, data)}") from None
+        _type_at(override.key.split("."), override.origin)
+    if not isinstance(data, dict):
+        return _converted(data, source)  # raises: the top level must be a mapping
+    data = copy.deepcopy(data)  # each override's value at its key, in order
+    for override in overrides:
+        *parents, last = override.key.split(".")
+        section = data
+        for part in parents:
+            section = section.setdefault(part, {})
+            if not isinstance(section, dict):  # the file has a value where a section goes
+                return _converted(data, source)  # raises, naming the file
+        current = section.get(last)
+        merge = isinstance(current, dict) and isinstance(override.value, Mapping)
+        section[last] = {**current, **override.value} if merge else override.value
+    return _converted(data, source, overrides)
 
 
 if __name__ == "__main__":  # python -m pipeline.config > config-schema.json

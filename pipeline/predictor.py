@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.infer.backend import autocast
+from pipeline.infer.backend import TORCH_DTYPES, autocast
 from pipeline.infer.encoder import EncoderBackend, ImageEmbedding, build_encoder
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.model.sam import MobileSAM, build_mobile_sam
@@ -35,8 +35,6 @@ from pipeline.results import Masks, Results
 from pipeline.track.prompts import Prompts, parse_prompts
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 ImageSource = str | os.PathLike[str] | np.ndarray | Image.Image
 ImageFormat = Literal["RGB", "BGR"]
@@ -59,16 +57,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
                 f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
             )
     return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from its name (or itself); "auto" is float32 here, as for the decoder."""
-    if dtype == "auto":
-        return torch.float32
-    found = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(dtype)
-    if found not in DTYPES.values():  # a torch dtype's repr is its str: one message for both
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return found
 
 
 def load_image(source: ImageSource, image_format: ImageFormat = "RGB") -> np.ndarray:
@@ -134,22 +122,22 @@ class SAM:
         backend: str = "torch",
         threads: int | None = None,
     ) -> None:
+        precision = str(dtype).removeprefix("torch.")  # a torch dtype or its name
+        if precision != "auto" and precision not in TORCH_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
-        if image_size <= 0 or image_size % 16:
-            raise ValueError(f"image_size must be a positive multiple of 16, got {image_size}")
+        self.dtype = TORCH_DTYPES.get(precision, torch.float32)  # auto: the decoder's float32
+        model = build_mobile_sam(img_size=image_size)  # checks the size before a download
         self.weights_path = resolve_weights(weights)
-        model = build_mobile_sam(img_size=image_size)
         load_checkpoint(model, self.weights_path)
         # eval() also drops timm's cached attention biases, computed from the loaded weights.
         self.model: MobileSAM = model.to(self.device).eval()
         log.info("loaded %s on %s (%s)", self.weights_path, self.device, self.dtype)
-        encoder_dtype = dtype if isinstance(dtype, str) else str(self.dtype).removeprefix("torch.")
         self.encoder: EncoderBackend = build_encoder(
             model=self.model,
             weights_path=self.weights_path,
             backend=backend,
-            dtype=encoder_dtype,
+            dtype=precision,
             threads=threads,
         )
 

@@ -97,7 +97,7 @@ class Results:
         boxes = [tight_box(mask) or (np.nan,) * 4 for mask in self.masks.data]
         return Boxes(xyxy=np.array(boxes, dtype=np.float32).reshape(-1, 4), conf=self.scores)
 
-    def _box_list(self) -> list[tuple[float, float, float, float] | None]:
+    def box_list(self) -> list[tuple[float, float, float, float] | None]:
         """``boxes.xyxy`` as tuples, None for an empty mask (what the renderer and JSON take)."""
         return [None if np.isnan(box).any() else tuple(box.tolist()) for box in self.boxes.xyxy]
 
@@ -108,7 +108,7 @@ class Results:
         from pipeline.outputs.drawing import draw_overlay  # OpenCV: only when drawing
 
         ids = list(range(1, len(self) + 1))
-        drawn_boxes = self._box_list() if boxes else None
+        drawn_boxes = self.box_list() if boxes else None
         names = None if labels else [None] * len(self)
         return draw_overlay(self.image, self.masks.data, ids, drawn_boxes, labels=names)
 
@@ -133,6 +133,6 @@ class Results:
                 "box": box,
                 "segmentation": encode_rle(self.masks.data[i]),
             }
-            for i, box in enumerate(self._box_list())
+            for i, box in enumerate(self.box_list())
         ]
         return json.dumps(records)
