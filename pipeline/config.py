@@ -34,6 +34,8 @@ import msgspec.inspect
 import yaml
 from msgspec import Meta
 
+from pipeline.endpoints import ENDPOINT_RULE, validate_endpoint
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown or has a bad value; the message names the key and file."""
@@ -84,7 +86,6 @@ _EmbeddingDtype = Annotated[
 _Mode = Annotated[Literal["auto", "live", "offline"], Meta(description="auto | live | offline")]
 _Label = Annotated[Literal[0, 1], Meta(description="0 (background) or 1 (foreground)")]
 _BOX_RULE = "4 finite numbers [x1, y1, x2, y2] with x2 > x1 and y2 > y1"
-_ENDPOINT_RULE = "tcp://host:port (port 1-65535), ipc://path or inproc://name"
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -233,8 +234,6 @@ class TransportConfig(_Section, kw_only=True):
     curve: CurveConfig = msgspec.field(default_factory=CurveConfig)  # keys; none = no CURVE
 
     def __post_init__(self) -> None:
-        from pipeline.wire.transport import validate_endpoint  # the one definition; imports zmq
-
         # Each endpoint, or its default: the launcher's choice ("") or, for the PUB socket,
         # which the launcher never chooses, "auto".
         for name in ("frames", "embeddings", "masks", "control", "status", "publish"):
@@ -243,7 +242,7 @@ class TransportConfig(_Section, kw_only=True):
                 if value != unset:
                     validate_endpoint(value)
             except ValueError:
-                rule = f"{json.dumps(unset)} or {_ENDPOINT_RULE}"
+                rule = f"{json.dumps(unset)} or {ENDPOINT_RULE}"
                 raise ConfigError(f"{name}: must be {rule}, got {value!r}") from None
         # -1 or > 0: a rule msgspec's bounds cannot say.
         if self.max_message_bytes != -1 and self.max_message_bytes <= 0:

@@ -41,7 +41,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
-from pipeline.wire.transport import SocketOptions, open_socket, tcp_host_port
+from pipeline.endpoints import tcp_host_port
+from pipeline.wire.transport import SocketOptions, open_socket
 
 if TYPE_CHECKING:
     from pipeline.config import CurveConfig, TransportConfig

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import zmq
 
+from pipeline.endpoints import validate_endpoint
 from pipeline.wire.messages import FrameMessage, FrameMeta, StatusMessage
 from pipeline.wire.transport import (
     MessageReceiver,
     SocketOptions,
     open_socket,
     send_message,
-    validate_endpoint,
 )
 
 pytestmark = pytest.mark.timeout(30)
