@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 
+import msgspec
+
 from pipeline.video.sources import DecodedFrame, SourceError, SourceSpec, SourceStalled, VideoSource
 from pipeline.video.timestamps import Timeline
 from pipeline.wire.messages import SourceState
@@ -89,6 +91,7 @@ class LiveSource:
         self,
         spec: SourceSpec,
         *,
+        stream_id: str = "cam0",
         open_timeout_s: float,
         read_timeout_s: float,
         backoff: Backoff,
@@ -99,6 +102,7 @@ class LiveSource:
         self.spec = spec
         self.source = VideoSource(
             spec,
+            stream_id=stream_id,
             max_consecutive_errors=max_consecutive_errors,
             open_timeout_s=open_timeout_s,
             read_timeout_s=read_timeout_s,
@@ -212,14 +216,17 @@ class LiveSource:
     def _stamp(self, frame: DecodedFrame) -> DecodedFrame:
         """The frame on the live timeline, with its session. A source without a time base
         has no time to rebase: its frames go without pts."""
-        time_base = Fraction(*frame.time_base)
-        if frame.pts is None or not time_base:
-            return replace(frame, pts=None, session=self.session)
-        pts = self._timeline.place(frame.pts, time_base, frame.capture_time)
-        base = self._timeline.time_base or time_base
-        return replace(
-            frame, pts=pts, time_base=(base.numerator, base.denominator), session=self.session
+        meta = frame.meta
+        time_base = base = Fraction(*meta.time_base)
+        pts = None
+        if meta.pts is not None and time_base:
+            pts = self._timeline.place(meta.pts, time_base, meta.capture_time)
+            base = self._timeline.time_base or time_base
+        time_base_pair = (base.numerator, base.denominator)
+        meta = msgspec.structs.replace(
+            meta, pts=pts, time_base=time_base_pair, session=self.session
         )
+        return replace(frame, meta=meta)
 
 
 class ThreadedReader:

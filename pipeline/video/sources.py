@@ -33,6 +33,7 @@ import av
 import numpy as np
 
 from pipeline.video.timestamps import RepairedTimestamp, TimestampRepairer
+from pipeline.wire.messages import FrameMeta
 
 log = logging.getLogger(__name__)
 
@@ -122,26 +123,18 @@ class DecodedFrame:
     Attributes:
         image: HxWx3 uint8 RGB, C-contiguous. Its size can change within a stream (a file
             made of parts of different sizes).
-        index: 0-based position in decode order.
-        pts: presentation timestamp in ``time_base`` units, strictly greater than the previous
-            frame's: the container's pts where they are well-formed, repaired where they are
-            reordered, missing or jump back (`VideoSource` always sets it).
-        time_base: ``(numerator, denominator)`` of the pts unit in seconds.
-        capture_time: ``time.time()`` when the source handed the frame out.
+        meta: the frame's identity and timing, as the decoder node sends it: ``seq`` and
+            ``frame_index`` its 0-based position in decode order; ``pts`` strictly greater
+            than the previous frame's (the container's where well-formed, repaired where
+            reordered, missing or jumping back, the container's then in ``source_pts``);
+            ``capture_time`` when the source handed it out; ``session`` the live source's
+            connection number.
         decode_ms: time spent decoding and converting this frame (not waiting for data).
-        session: the live source's connection number (0, +1 per reconnect).
-        source_pts: the container's pts where the repair changed it (None: ``pts`` is the
-            container's own, or the container had none).
     """
 
     image: np.ndarray
-    index: int
-    pts: int | None
-    time_base: tuple[int, int]
-    capture_time: float
+    meta: FrameMeta
     decode_ms: float = 0.0
-    session: int = 0
-    source_pts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -257,15 +250,18 @@ class VideoSource:
         self,
         spec: SourceSpec,
         *,
+        stream_id: str = "cam0",
         max_frames: int | None = None,
         max_consecutive_errors: int = 50,
         open_timeout_s: float = 10.0,
         read_timeout_s: float | None = None,
     ) -> None:
-        """``read_timeout_s``: a live source that delivers no packet for this long raises
-        `SourceStalled` (None: wait forever, right for files). The values are checked where
+        """``stream_id``: the frames' ``meta.stream_id``. ``read_timeout_s``: a live source
+        that delivers no packet for this long raises `SourceStalled` (None: wait forever,
+        right for files). The values are checked where
         they enter (`pipeline.config.DecoderConfig`), not again here."""
         self.spec = spec
+        self.stream_id = stream_id
         self.read_timeout_s = read_timeout_s
         self.max_frames = max_frames
         self.max_consecutive_errors = max_consecutive_errors
@@ -515,17 +511,17 @@ class VideoSource:
                 self.frames_decoded,
                 repaired.reason,
             )
-        decoded = DecodedFrame(
-            image=image,
-            index=self.frames_decoded,
+        meta = FrameMeta(
+            stream_id=self.stream_id,
+            seq=self.frames_decoded,
+            frame_index=self.frames_decoded,
             pts=repaired.pts,
             time_base=(time_base.numerator, time_base.denominator),
             capture_time=time.time(),
-            decode_ms=decode_ms + (time.perf_counter() - start) * 1000,
             source_pts=repaired.source_pts if repaired.repaired else None,
         )
         self.frames_decoded += 1
-        return decoded
+        return DecodedFrame(image, meta, decode_ms + (time.perf_counter() - start) * 1000)
 
 
 def _repairer_for(stream: av.VideoStream, *, live: bool) -> TimestampRepairer[Decoded]:

@@ -121,7 +121,7 @@ class Recorder:
                 self.frames.append(item)
 
     def frames_of(self, session: int) -> list[DecodedFrame]:
-        return [f for f in self.frames if f.session == session]
+        return [f for f in self.frames if f.meta.session == session]
 
 
 # -- redaction and credentials ----------------------------------------------------------------
@@ -435,7 +435,7 @@ def test_lost_then_reconnecting_then_connected(server: RtspServer) -> None:
         assert back.session == 1 and back.attempt >= 4 and back.down_s > 0
         assert source.session == 1  # reconnects so far
         assert len(recorder.frames) > frames_while_down
-        sessions = [f.session for f in recorder.frames]
+        sessions = [f.meta.session for f in recorder.frames]
         assert sessions == sorted(sessions)
     finally:
         source.close()
@@ -467,22 +467,22 @@ def test_reconnects_keep_numbering_and_time_and_leak_nothing(server: RtspServer)
 
     frames = recorder.frames
     # One frame sequence across all sessions.
-    assert [f.index for f in frames] == list(range(len(frames)))
-    assert [f.session for f in frames] == sorted(f.session for f in frames)
-    assert {f.session for f in frames} == {0, 1, 2, 3}
+    assert [f.meta.frame_index for f in frames] == list(range(len(frames)))
+    assert [f.meta.session for f in frames] == sorted(f.meta.session for f in frames)
+    assert {f.meta.session for f in frames} == {0, 1, 2, 3}
     # Timestamps: one time base, strictly increasing across the reconnects.
-    assert {f.time_base for f in frames} == {(1, 90000)}
+    assert {f.meta.time_base for f in frames} == {(1, 90000)}
     # Every frame has one (FFmpeg gives a session's first frame none: the clock places it),
     # starting at 0, strictly increasing.
     stamped = frames
-    assert all(f.pts is not None for f in frames) and frames[0].pts == 0
-    assert all(b.pts > a.pts for a, b in itertools.pairwise(stamped))
+    assert all(f.meta.pts is not None for f in frames) and frames[0].meta.pts == 0
+    assert all(b.meta.pts > a.meta.pts for a, b in itertools.pairwise(stamped))
     # Across an outage the timestamps advance by about the time the source was gone.
     for session in (1, 2, 3):
-        last = [f for f in stamped if f.session == session - 1][-1]
-        first = next(f for f in stamped if f.session == session)
-        jump_s = (first.pts - last.pts) / 90000
-        wall_s = first.capture_time - last.capture_time
+        last = [f for f in stamped if f.meta.session == session - 1][-1]
+        first = next(f for f in stamped if f.meta.session == session)
+        jump_s = (first.meta.pts - last.meta.pts) / 90000
+        wall_s = first.meta.capture_time - last.meta.capture_time
         assert jump_s > 0.1
         assert abs(jump_s - wall_s) < 0.5, (session, jump_s, wall_s)
     # The containers of closed connections are released: no descriptors pile up.
