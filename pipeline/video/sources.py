@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import itertools
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import av
 import numpy as np
@@ -193,7 +194,8 @@ def parse_source(
     ``options`` are FFmpeg demuxer options; they override the defaults of the kind.
 
     Raises:
-        SourceError: empty source, empty filter graph, or a file that does not exist.
+        SourceError: empty source, empty filter graph, or a file that does not exist, is a
+            directory or is empty.
     """
     text = os.fspath(source).strip()
     user_options = {str(k): str(v) for k, v in (options or {}).items()}
@@ -219,8 +221,7 @@ def parse_source(
     if _WEBCAM_RE.match(text):
         return SourceSpec(url=text, kind="webcam", options=user_options, format="v4l2")
 
-    if not os.path.exists(text):
-        raise SourceError(f"video file {text!r} does not exist")
+    _check_file(text)
     return SourceSpec(url=text, kind="file", options=user_options, format=None)
 
 
@@ -404,10 +405,14 @@ class VideoSource:
 
     def __iter__(self) -> Iterator[DecodedFrame]:
         self.open()
+        # Not one frame more is decoded than handed out: a fault after the last frame wanted
+        # (which only the look-ahead would have seen) ends nothing.
+        left = None if self.max_frames is None else max(0, self.max_frames - self.frames_decoded)
+        return itertools.islice(self._repaired_frames(), left)
+
+    def _repaired_frames(self) -> Iterator[DecodedFrame]:
         repairer = self._opened()[1]
         failure: SourceError | None = None
-        if self._budget_spent():
-            return
         try:
             for decoded in self._decoded_frames():
                 frame = decoded[0]
@@ -416,19 +421,12 @@ class VideoSource:
                 repaired = repairer.push(decoded, pts=frame.pts, dts=frame.dts, duration=duration)
                 if repaired is not None:  # once the look-ahead is full
                     yield self._to_decoded(repaired, repairer)
-                    if self._budget_spent():
-                        return
         except SourceError as error:
             failure = error  # raised once the good frames decoded before it are handed out
         for repaired in repairer.drain():
             yield self._to_decoded(repaired, repairer)
-            if self._budget_spent():
-                return  # and no error: without the look-ahead, it would not have been seen
         if failure is not None:
             raise failure
-
-    def _budget_spent(self) -> bool:
-        return self.max_frames is not None and self.frames_decoded >= self.max_frames
 
     def _decoded_frames(self) -> Iterator[Decoded]:
         """Every decoded picture, still in the decoder's format, until the stream ends."""
@@ -598,25 +596,21 @@ def _mp4_without_moov(path: str) -> bool:
     That is the signature of a recording cut short: the sample tables ('moov') are written
     last, so a truncated file has the media data but no index to it.
     """
+    boxes: list[bytes] = []  # the types of the top-level boxes, in order
     try:
         with open(path, "rb") as file:
-            boxes = _top_level_boxes(file)
-            first = next(boxes, None)
-            return first in (b"ftyp", b"free", b"wide", b"mdat", b"skip") and b"moov" not in boxes
+            size = os.fstat(file.fileno()).st_size
+            offset = 0
+            while offset + 8 <= size:
+                file.seek(offset)
+                box_size, box_type = struct.unpack(">I4s", file.read(8))
+                boxes.append(box_type)
+                if box_size == 1:  # 64-bit size follows the type
+                    (box_size,) = struct.unpack(">Q", file.read(8))
+                if box_size < 8:  # 0: the box runs to the end of the file; else a corrupt size
+                    break
+                offset += box_size
     except (OSError, struct.error):  # unreadable, or a 64-bit size cut off
         return False
-
-
-def _top_level_boxes(file: BinaryIO) -> Iterator[bytes]:
-    """The types of an ISO media file's top-level boxes, in order, up to a corrupt size."""
-    size = os.fstat(file.fileno()).st_size
-    offset = 0
-    while offset + 8 <= size:
-        file.seek(offset)
-        box_size, box_type = struct.unpack(">I4s", file.read(8))
-        yield box_type
-        if box_size == 1:  # 64-bit size follows the type
-            (box_size,) = struct.unpack(">Q", file.read(8))
-        if box_size < 8:  # 0: the box runs to the end of the file; else a corrupt size
-            return
-        offset += box_size
+    mp4_start = (b"ftyp", b"free", b"wide", b"mdat", b"skip")
+    return bool(boxes) and boxes[0] in mp4_start and b"moov" not in boxes
