@@ -15,7 +15,7 @@ from pipeline.run.handoff import NodeRuntime
 from pipeline.run.live import is_live
 from pipeline.run.runtime import Node
 from pipeline.run.stream_position import Continuation, PositionFile
-from pipeline.video.live_source import TICK_S, Backoff, LiveSource, SourceEvent, ThreadedReader
+from pipeline.video.live_source import Backoff, LiveSource, SourceEvent, ThreadedReader
 from pipeline.video.sources import DecodedFrame, SourceSpec, VideoSource, parse_source
 from pipeline.wire.messages import EndOfStream, FrameMessage, Message
 
@@ -151,7 +151,8 @@ class DecoderNode(Node):
         if self.source is None:
             raise RuntimeError("DecoderNode.setup() must run before produce()")
         if isinstance(self.source, LiveSource):
-            yield from self._camera_frames(self.source)
+            self.reader = ThreadedReader(self.source)  # a camera blocks in reads: see there
+            yield from self.reader
             return
         if not self.live:
             yield from self.source
@@ -168,25 +169,6 @@ class DecoderNode(Node):
                     yield None
             # Stamped now, as a camera would: capture-to-publish latency starts here.
             yield replace(frame, meta=msgspec.structs.replace(frame.meta, capture_time=time.time()))
-
-    def _camera_frames(self, source: LiveSource) -> Iterator[DecodedFrame | None]:
-        """A camera's frames, read in a thread of their own (see ThreadedReader)."""
-        self.reader = ThreadedReader(source)
-        while True:
-            item = self.reader.get(TICK_S)
-            if item is None:
-                yield None
-                continue
-            kind, payload = item
-            if kind == "frame" and isinstance(payload, DecodedFrame):
-                yield payload
-            elif kind == "event" and isinstance(payload, SourceEvent):
-                self._on_source_event(payload)
-                yield None
-            elif kind == "error" and isinstance(payload, Exception):
-                raise payload
-            else:
-                return
 
     def produce(self) -> Iterator[Message | None]:
         seq = self.start_frame

@@ -229,28 +229,33 @@ class LiveSource:
         return replace(frame, meta=meta)
 
 
+# What the reader thread hands over: a frame, an event, the error the source gave up with, or
+# None: the source ended.
+ReaderItem = DecodedFrame | SourceEvent | Exception | None
+
+
 class ThreadedReader:
     """Reads a `LiveSource` in a thread of its own.
 
     FFmpeg blocks in a read until data comes or the read timeout passes, and Python runs
     signal handlers only between its own instructions: a decoder reading a stalled camera
     in its main thread heard SIGTERM only seconds later (after 2.4 s the launcher killed
-    it). Here the main thread waits on a queue, in steps of at most ``timeout_s``, so it
-    stops at once; the reader thread closes the source when its read returns.
+    it). Here the main thread waits on a queue, in steps of at most `TICK_S`, so it stops at
+    once; the reader thread closes the source when its read returns.
 
-    `get` returns ("frame", DecodedFrame), ("event", SourceEvent), ("error", exception) or
-    ("end", None), or None when nothing came within the timeout.
+    Iterating gives the source's frames, and None for a step in which none came; the source's
+    events go to its ``on_event`` in the iterating thread, its error is raised there.
     """
 
     def __init__(self, source: LiveSource, capacity: int = 8) -> None:
         self._source = source
-        self._queue: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=capacity)
+        self._queue: queue.Queue[ReaderItem] = queue.Queue(maxsize=capacity)
         self._closing = threading.Event()
-        source.on_event = lambda event: self._put(("event", event))
+        self._on_event, source.on_event = source.on_event, self._put
         self._thread = threading.Thread(target=self._read, name="samstream-camera", daemon=True)
         self._thread.start()
 
-    def _put(self, item: tuple[str, object]) -> None:
+    def _put(self, item: ReaderItem) -> None:
         while not self._closing.is_set():
             try:
                 self._queue.put(item, timeout=TICK_S)
@@ -264,18 +269,28 @@ class ThreadedReader:
                 if self._closing.is_set():
                     return
                 if frame is not None:
-                    self._put(("frame", frame))
-            self._put(("end", None))
+                    self._put(frame)
+            self._put(None)
         except Exception as error:  # the source gave up: the node fails with this error
-            self._put(("error", error))
+            self._put(error)
         finally:
             self._source.close()  # here, never while this thread may be inside a read
 
-    def get(self, timeout_s: float) -> tuple[str, object] | None:
-        try:
-            return self._queue.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
+    def __iter__(self) -> Iterator[DecodedFrame | None]:
+        while True:
+            try:
+                item = self._queue.get(timeout=TICK_S)
+            except queue.Empty:
+                yield None
+                continue
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, SourceEvent):
+                self._on_event(item)
+                item = None
+            yield item
 
     @property
     def running(self) -> bool:

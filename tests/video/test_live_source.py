@@ -555,37 +555,39 @@ def test_threaded_reader_hands_over_frames_and_events_and_stops_at_once(
 ) -> None:
     """The camera is read in a thread of its own: the caller waits at most its timeout for
     anything (so it can act on a signal), and closing never waits for a blocked read."""
+    events: list[tuple[str, SourceEvent]] = []  # with the thread that was told of each
     source = LiveSource(
         parse_source(server.url),
         open_timeout_s=OPEN_TIMEOUT_S,
         read_timeout_s=READ_TIMEOUT_S,
         backoff=BACKOFF,
+        on_event=lambda event: events.append((threading.current_thread().name, event)),
     )
     source.open()
     reader = ThreadedReader(source)
-    got: list[tuple[str, object]] = []
+    items = iter(reader)
+    frames: list[DecodedFrame] = []
 
-    def collect_until(done: Callable[[], bool], timeout_s: float) -> None:
+    def read_until(done: Callable[[], bool], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not done():
-            assert time.monotonic() < deadline, f"timed out; got {[k for k, _ in got]}"
+            states = [e.state for _, e in events]
+            assert time.monotonic() < deadline, f"timed out; {len(frames)} frames, {states}"
             started = time.monotonic()
-            item = reader.get(0.1)
-            # Never blocks until data comes: back after its timeout (generous for a busy
-            # machine, far below the seconds a blocked get would wait here).
+            item = next(items)
+            # Never blocks until data comes: back after a tick (generous for a busy
+            # machine, far below the seconds a blocked read would wait here).
             assert time.monotonic() - started < 5.0
             if item is not None:
-                got.append(item)
+                frames.append(item)
 
-    collect_until(lambda: sum(kind == "frame" for kind, _ in got) >= 5, 10.0)
-    assert all(isinstance(p, DecodedFrame) for kind, p in got if kind == "frame")
+    read_until(lambda: len(frames) >= 5, 10.0)
+    assert all(isinstance(frame, DecodedFrame) for frame in frames)
     server.stop()
-    collect_until(
-        lambda: any(kind == "event" and p.state == "reconnecting" for kind, p in got),
-        10.0,
-    )
-    states = [p.state for kind, p in got if kind == "event"]
-    assert states[:2] == ["lost", "reconnecting"]
+    read_until(lambda: any(e.state == "reconnecting" for _, e in events), 10.0)
+    assert [e.state for _, e in events[:3]] == ["connected", "lost", "reconnecting"]
+    # The first by open() here, the others handed over by the reader thread.
+    assert {thread for thread, _ in events} == {threading.current_thread().name}
     reader.close()
     deadline = time.monotonic() + 10.0  # a hang guard: it ends once its read returns
     while reader.running:  # the thread ends by closing the source
