@@ -15,7 +15,7 @@ from pipeline.run.handoff import NodeRuntime
 from pipeline.run.live import is_live
 from pipeline.run.runtime import Node
 from pipeline.run.stream_position import Continuation, PositionFile
-from pipeline.video.live_source import Backoff, LiveSource, SourceEvent, ThreadedReader
+from pipeline.video.live_source import Backoff, LiveSource, SourceEvent
 from pipeline.video.sources import DecodedFrame, SourceSpec, VideoSource, parse_source
 from pipeline.wire.messages import EndOfStream, FrameMessage, Message
 
@@ -83,7 +83,6 @@ class DecoderNode(Node):
         self.live = live
         self.start_frame = start_frame
         self.source: VideoSource | LiveSource | None = None
-        self.reader: ThreadedReader | None = None
         self.position = PositionFile(position_file) if live and position_file else None
         self.continuation: Continuation | None = None
 
@@ -150,11 +149,7 @@ class DecoderNode(Node):
         """Decoded frames (None: an idle tick), paced in real time for a file played live."""
         if self.source is None:
             raise RuntimeError("DecoderNode.setup() must run before produce()")
-        if isinstance(self.source, LiveSource):
-            self.reader = ThreadedReader(self.source)  # a camera blocks in reads: see there
-            yield from self.reader
-            return
-        if not self.live:
+        if isinstance(self.source, LiveSource) or not self.live:
             yield from self.source
             return
         start: float | None = None
@@ -221,7 +216,5 @@ class DecoderNode(Node):
         """Release the source and the position file: at the stream's end, or stopped."""
         if self.position is not None:
             self.position.close()
-        if self.reader is not None:
-            self.reader.close()  # the reader thread closes the source after its read
-        elif self.source is not None:
+        if self.source is not None:
             self.source.close()

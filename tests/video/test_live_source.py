@@ -34,7 +34,6 @@ from pipeline.video.live_source import (
     Backoff,
     LiveSource,
     SourceEvent,
-    ThreadedReader,
 )
 from pipeline.video.sources import (
     RTSP_PASSWORD_ENV,
@@ -550,11 +549,12 @@ def test_decoder_config_becomes_the_options_of_each_source_kind(clip: Path) -> N
     assert spec_for(DecoderConfig(source=str(clip), video_size="1280x720")).options == {}
 
 
-def test_threaded_reader_hands_over_frames_and_events_and_stops_at_once(
+def test_reader_thread_hands_over_frames_and_events_and_stops_at_once(
     server: RtspServer,
 ) -> None:
-    """The camera is read in a thread of its own: the caller waits at most its timeout for
-    anything (so it can act on a signal), and closing never waits for a blocked read."""
+    """The camera is read in a thread of its own: the iterating thread waits at most a tick
+    for anything (so it can act on a signal), is told of the events, and closing never waits
+    for a blocked read."""
     events: list[tuple[str, SourceEvent]] = []  # with the thread that was told of each
     source = LiveSource(
         parse_source(server.url),
@@ -563,9 +563,7 @@ def test_threaded_reader_hands_over_frames_and_events_and_stops_at_once(
         backoff=BACKOFF,
         on_event=lambda event: events.append((threading.current_thread().name, event)),
     )
-    source.open()
-    reader = ThreadedReader(source)
-    items = iter(reader)
+    items = iter(source)
     frames: list[DecodedFrame] = []
 
     def read_until(done: Callable[[], bool], timeout_s: float) -> None:
@@ -586,10 +584,11 @@ def test_threaded_reader_hands_over_frames_and_events_and_stops_at_once(
     server.stop()
     read_until(lambda: any(e.state == "reconnecting" for _, e in events), 10.0)
     assert [e.state for _, e in events[:3]] == ["connected", "lost", "reconnecting"]
-    # The first by open() here, the others handed over by the reader thread.
     assert {thread for thread, _ in events} == {threading.current_thread().name}
-    reader.close()
+    source.close()
+    assert list(items) == []  # closed: the iteration ends
     deadline = time.monotonic() + 10.0  # a hang guard: it ends once its read returns
-    while reader.running:  # the thread ends by closing the source
+    while source.reading:  # the thread ends by closing the source
         assert time.monotonic() < deadline, "the reader thread did not stop"
         time.sleep(0.01)
+    assert not source.source.is_open
