@@ -259,8 +259,8 @@ class VideoSource:
     ) -> None:
         """``stream_id``: the frames' ``meta.stream_id``. ``read_timeout_s``: a live source
         that delivers no packet for this long raises `SourceStalled` (None: wait forever,
-        right for files). The values are checked where
-        they enter (`pipeline.config.DecoderConfig`), not again here."""
+        right for files). The values are checked where they enter
+        (`pipeline.config.DecoderConfig`), not again here."""
         self.spec = spec
         self.stream_id = stream_id
         self.read_timeout_s = read_timeout_s
