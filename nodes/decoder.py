@@ -8,24 +8,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 
+import msgspec
+
 from pipeline.config import DecoderConfig, RunConfig
 from pipeline.run.handoff import NodeRuntime
 from pipeline.run.live import is_live
 from pipeline.run.runtime import Node
 from pipeline.run.stream_position import Continuation, PositionFile
-from pipeline.video.live_source import (
-    TICK_S,
-    Backoff,
-    LiveSource,
-    SourceEvent,
-    ThreadedReader,
-    spec_for,
-)
-from pipeline.video.sources import (
-    DecodedFrame,
-    VideoSource,
-)
-from pipeline.wire.messages import EndOfStream, FrameMessage, FrameMeta, Message
+from pipeline.video.live_source import Backoff, LiveSource, SourceEvent, spec_for
+from pipeline.video.sources import DecodedFrame, VideoSource
+from pipeline.wire.messages import EndOfStream, FrameMessage, Message
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +66,6 @@ class DecoderNode(Node):
         self.live = live
         self.start_frame = start_frame
         self.source: VideoSource | LiveSource | None = None
-        self.reader: ThreadedReader | None = None
         self.position = PositionFile(position_file) if live and position_file else None
         self.continuation: Continuation | None = None
 
@@ -95,6 +86,7 @@ class DecoderNode(Node):
         if spec.is_live:
             live = LiveSource(
                 spec,
+                stream_id=self.config.stream_id,
                 open_timeout_s=self.config.open_timeout_s,
                 read_timeout_s=self.config.read_timeout_s,
                 backoff=Backoff(self.config.reconnect_initial_s, self.config.reconnect_max_s),
@@ -107,6 +99,7 @@ class DecoderNode(Node):
         else:
             opened = VideoSource(
                 spec,
+                stream_id=self.config.stream_id,
                 max_frames=self.config.max_frames,
                 max_consecutive_errors=self.config.max_consecutive_errors,
                 open_timeout_s=self.config.open_timeout_s,
@@ -139,17 +132,13 @@ class DecoderNode(Node):
         """Decoded frames (None: an idle tick), paced in real time for a file played live."""
         if self.source is None:
             raise RuntimeError("DecoderNode.setup() must run before produce()")
-        if isinstance(self.source, LiveSource):
-            yield from self._camera_frames(self.source)
-            return
-        if not self.live:
+        if isinstance(self.source, LiveSource) or not self.live:
             yield from self.source
             return
         start: float | None = None
         first_seconds = 0.0
         for frame in self.source:
-            if frame.pts is not None and frame.time_base[1]:
-                seconds = frame.pts * frame.time_base[0] / frame.time_base[1]
+            if (seconds := frame.meta.time_seconds) is not None:
                 if start is None:
                     start, first_seconds = time.monotonic(), seconds
                 due = start + seconds - first_seconds
@@ -157,26 +146,7 @@ class DecoderNode(Node):
                     time.sleep(min(0.05, left))
                     yield None
             # Stamped now, as a camera would: capture-to-publish latency starts here.
-            yield replace(frame, capture_time=time.time())
-
-    def _camera_frames(self, source: LiveSource) -> Iterator[DecodedFrame | None]:
-        """A camera's frames, read in a thread of their own (see ThreadedReader)."""
-        self.reader = ThreadedReader(source)
-        while True:
-            item = self.reader.get(TICK_S)
-            if item is None:
-                yield None
-                continue
-            kind, payload = item
-            if kind == "frame" and isinstance(payload, DecodedFrame):
-                yield payload
-            elif kind == "event" and isinstance(payload, SourceEvent):
-                self._on_source_event(payload)
-                yield None
-            elif kind == "error" and isinstance(payload, Exception):
-                raise payload
-            else:
-                return
+            yield replace(frame, meta=msgspec.structs.replace(frame.meta, capture_time=time.time()))
 
     def produce(self) -> Iterator[Message | None]:
         seq = self.start_frame
@@ -185,22 +155,13 @@ class DecoderNode(Node):
             if decoded is None:
                 yield None
                 continue
-            if decoded.index < self.start_frame:
+            if decoded.meta.frame_index < self.start_frame:
                 # Decoded all the same: the timestamp repair must see every frame to give
                 # the same timeline as a run from the start.
                 self.count("frames_skipped")
                 continue
             self.durations_ms.append(decoded.decode_ms)
-            meta = FrameMeta(
-                stream_id=self.config.stream_id,
-                seq=seq,
-                frame_index=decoded.index,
-                pts=decoded.pts,
-                time_base=decoded.time_base,
-                capture_time=decoded.capture_time,
-                session=decoded.session,
-                source_pts=decoded.source_pts,
-            )
+            meta = decoded.meta  # its seq is its frame index: frames before start_frame count
             if self.continuation is not None:
                 meta = self.continuation.apply(meta)
             if self.position is not None:
@@ -212,7 +173,7 @@ class DecoderNode(Node):
             )
             seq += 1
             self.counters["frames"] = seq - self.start_frame
-            self.counters["corrupt_packets"] = self._corrupt_packets()
+            self.counters["corrupt_packets"] = self.source.corrupt_packets
             self._note_timestamps()
             if self.config.max_frames is not None and seq >= self.config.max_frames:
                 break
@@ -221,9 +182,6 @@ class DecoderNode(Node):
         self._note_timestamps()
         self.close_source()
         yield EndOfStream(stream_id=self.config.stream_id, frames=frames, reason=reason)
-
-    def _corrupt_packets(self) -> int:
-        return self.source.corrupt_packets if self.source is not None else 0
 
     def _note_timestamps(self) -> None:
         """The source's timestamp repairs so far, for the run summary. Only a `VideoSource`
@@ -241,7 +199,5 @@ class DecoderNode(Node):
         """Release the source and the position file: at the stream's end, or stopped."""
         if self.position is not None:
             self.position.close()
-        if self.reader is not None:
-            self.reader.close()  # the reader thread closes the source after its read
-        elif self.source is not None:
+        if self.source is not None:
             self.source.close()

@@ -34,9 +34,18 @@ def resume_error(out_dir: Path, frames: int, problem: str) -> ValueError:
 
 
 class Sink(AllOrNothing):
-    """One output format. Per frame: ``check`` (raises ValueError, writing nothing), then
-    ``write``. At the end: ``finish`` (what can fail), then ``commit`` (the files into place;
-    the final path, or None when there is none); or, instead, ``discard``."""
+    """One output format, ``name`` under the output directory. Per frame: ``check`` (raises
+    ValueError, writing nothing), then ``write``. At the end: ``finish`` (what can fail), then
+    ``commit`` (the files into place; the final path, or None when there is none); or,
+    instead, ``discard``. By default the output is one file, ``out``, written whole."""
+
+    name: ClassVar[str]
+
+    def __init__(self, out_dir: Path, resume_frames: int = 0) -> None:
+        self.path = out_dir / self.name
+        if resume_frames and not self.path.exists():
+            raise resume_error(out_dir, resume_frames, f"{self.path} is missing")
+        self.out: AtomicFile | None = None  # the file being written, once there is one
 
     def check(self, msg: MaskMessage) -> None:
         """Raise ValueError if this sink cannot write ``msg``; the default takes every frame."""
@@ -47,15 +56,24 @@ class Sink(AllOrNothing):
     def finish(self) -> None:
         """Complete the output without moving it into place (nothing to do by default)."""
 
+    def commit(self) -> Path | None:
+        return None if self.out is None else self.out.commit()
+
+    def discard(self) -> None:
+        if self.out is not None:
+            self.out.discard()
+
 
 class PngSink(Sink):
     """``masks/NNNNNN.png``, each in place as soon as its frame is written: 8-bit palette
     while every id of the frame is at most 255, else 16-bit grayscale."""
 
+    name = files.MASKS_DIR
+
     def __init__(self, out_dir: Path, resume_frames: int = 0) -> None:
-        self.dir = out_dir / files.MASKS_DIR
+        super().__init__(out_dir, resume_frames)
         for index in range(resume_frames):
-            if not (self.dir / f"{index:06d}.png").is_file():
+            if not (self.path / f"{index:06d}.png").is_file():
                 raise resume_error(out_dir, resume_frames, f"masks/{index:06d}.png is missing")
         self.resumed = resume_frames > 0
         self.written: list[Path] = []
@@ -66,20 +84,20 @@ class PngSink(Sink):
 
     def write(self, msg: MaskMessage) -> None:
         painted = files.id_mask(msg.masks, [track.track_id for track in msg.tracks], msg.frame_size)
-        if not self.dir.exists():
-            self.dir.mkdir()
+        if not self.path.exists():
+            self.path.mkdir()
             self.created_dir = True
         # uint8: mode "L", which the palette makes "P". uint16 (an id above 255; a palette
         # holds 256 entries): mode "I;16", a 16-bit grayscale PNG of the ids as they are.
         png = Image.fromarray(painted)
         if painted.dtype == np.uint8:
             png.putpalette(PALETTE)
-        with AtomicFile(self.dir / f"{msg.meta.frame_index:06d}.png") as out:
+        with AtomicFile(self.path / f"{msg.meta.frame_index:06d}.png") as out:
             png.save(out.file, format="PNG")
         self.written.append(out.path)
 
     def commit(self) -> Path | None:
-        return self.dir if self.written or self.resumed else None
+        return self.path if self.written or self.resumed else None
 
     def discard(self) -> None:
         """Delete the PNGs this sink wrote (an interrupted run's stay)."""
@@ -87,33 +105,31 @@ class PngSink(Sink):
             png.unlink(missing_ok=True)
         if self.created_dir:
             with contextlib.suppress(OSError):  # files of someone else are in it: leave them
-                self.dir.rmdir()
+                self.path.rmdir()
 
 
 class LinesSink(Sink):
     """A text file of lines, written under a temporary name and moved into place at the end;
     a resumed one starts with the interrupted run's lines of its first frames."""
 
-    name: ClassVar[str]
+    out: AtomicFile  # made by the constructor
 
     def __init__(self, out_dir: Path, resume_frames: int = 0) -> None:
-        path = out_dir / self.name
+        super().__init__(out_dir, resume_frames)
         prefix: list[bytes] = []
         if resume_frames:
-            if not path.is_file():
-                raise resume_error(out_dir, resume_frames, f"{path} is missing")
-            with open(path, "rb") as file:
-                prefix = self.prefix(file, resume_frames, path)
-        self.out = AtomicFile(path)
+            with open(self.path, "rb") as file:
+                prefix = self.prefix(file, resume_frames)
+        self.out = AtomicFile(self.path)
         try:
             self.out.file.writelines(prefix)
         except BaseException:
             self.out.discard()
             raise
 
-    def prefix(self, file: Iterable[bytes], frames: int, path: Path) -> list[bytes]:
-        """The lines of frames 0..frames-1 in ``file`` (``path``); a `resume_error` when they
-        are not all there."""
+    def prefix(self, file: Iterable[bytes], frames: int) -> list[bytes]:
+        """The lines of frames 0..frames-1 in ``file``; a `resume_error` when they are not
+        all there."""
         raise NotImplementedError
 
     def lines(self, msg: MaskMessage) -> str:
@@ -126,27 +142,22 @@ class LinesSink(Sink):
     def finish(self) -> None:
         self.out.file.close()
 
-    def commit(self) -> Path:
-        return self.out.commit()
-
-    def discard(self) -> None:
-        self.out.discard()
-
 
 class JsonLinesSink(LinesSink):
     """``masks.jsonl``: one JSON object per frame, its tracks with their masks in COCO RLE."""
 
     name = files.JSONL
 
-    def prefix(self, file: Iterable[bytes], frames: int, path: Path) -> list[bytes]:
+    def prefix(self, file: Iterable[bytes], frames: int) -> list[bytes]:
         found = list(itertools.islice(file, frames))
         for index, line in enumerate(found):
             frame = json.loads(line).get("frame")
             if frame != index:
-                problem = f"line {index + 1} of {path} is frame {frame}, not {index}"
-                raise resume_error(path.parent, frames, problem)
+                problem = f"line {index + 1} of {self.path} is frame {frame}, not {index}"
+                raise resume_error(self.path.parent, frames, problem)
         if len(found) < frames:
-            raise resume_error(path.parent, frames, f"{path} has only {len(found)} frames")
+            problem = f"{self.path} has only {len(found)} frames"
+            raise resume_error(self.path.parent, frames, problem)
         return found
 
     def lines(self, msg: MaskMessage) -> str:
@@ -177,7 +188,7 @@ class MotSink(LinesSink):
 
     name = files.MOT
 
-    def prefix(self, file: Iterable[bytes], frames: int, path: Path) -> list[bytes]:
+    def prefix(self, file: Iterable[bytes], frames: int) -> list[bytes]:
         # MOT frame numbers are 1-based: frames 0..frames-1 are lines 1..frames.
         return [line for line in file if int(line.split(b",", 1)[0]) <= frames]
 
@@ -204,15 +215,14 @@ class OverlaySink(Sink):
     interrupted run's video first.
     """
 
+    name = files.OVERLAY
+
     def __init__(self, out_dir: Path, resume_frames: int = 0, fps: Fraction | None = None) -> None:
         if fps is not None and fps <= 0:
             raise ValueError(f"overlay_fps must be positive, got {fps}")
-        self.path = out_dir / files.OVERLAY
-        if resume_frames and not self.path.is_file():
-            raise resume_error(out_dir, resume_frames, f"{self.path} is missing")
+        super().__init__(out_dir, resume_frames)
         self.prefix = self.path if resume_frames else None  # the video to carry on
         self.fps = None if fps is None else Fraction(fps)
-        self.out: AtomicFile | None = None
         self.video: tuple[av.container.OutputContainer, av.VideoStream] | None = None
         self.time_base = Fraction(1)  # of the video, once the first frame has set it
         self.size = (0, 0)  # (height, width) of the video, once the first frame has set it
@@ -325,14 +335,12 @@ class OverlaySink(Sink):
             self.video = None
 
     def commit(self) -> Path | None:
-        if self.out is not None:
-            return self.out.commit()
-        return self.prefix  # resumed, but no frame came after the prefix (None: no frame at all)
+        # Resumed, but no frame came after the prefix: the prefix (None: no frame at all).
+        return super().commit() if self.out is not None else self.prefix
 
     def discard(self) -> None:
         if self.video is not None:
             with contextlib.suppress(av.FFmpegError):  # the file goes next: its trailer too
                 self.video[0].close()
             self.video = None
-        if self.out is not None:
-            self.out.discard()
+        super().discard()

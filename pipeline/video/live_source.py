@@ -4,8 +4,9 @@ A live source fails in two ways that a file never does: it *drops* (the server g
 the cable is pulled: the read ends or errors) and it *stalls* (the connection stays up but no
 data comes: only the read timeout notices). Either way `LiveSource` closes the container,
 reports the state, and reconnects with capped exponential back-off until the source is back
-(or ``give_up_after_s`` has passed). While it waits it yields ``None`` ticks, so the node
-around it keeps sending heartbeats and notices a stop.
+(or ``give_up_after_s`` has passed). The reading runs in a thread of its own; whoever
+iterates gets a ``None`` tick whenever no frame came for a moment (a stall, an outage), so
+the node around it keeps sending heartbeats and notices a stop.
 
 The first open is not retried (except a few times when the server answers with an error,
 as a busy one does): a wrong URL or a missing device should fail the run at once with a
@@ -26,6 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 
+import msgspec
+
 from pipeline.config import DecoderConfig
 from pipeline.video.sources import (
     DecodedFrame,
@@ -40,7 +43,8 @@ from pipeline.wire.messages import SourceState
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.1  # longest wait between ticks while the source is down
+TICK_S = 0.1  # longest wait for a frame before the iterating thread gets a None tick
+QUEUE_FRAMES = 8  # frames the reader thread may be ahead of the iterating one
 FIRST_OPEN_ATTEMPTS = 3  # for a server that answers "not now" to the very first request
 
 
@@ -83,20 +87,33 @@ class Backoff:
         return min(self.max_s, self.initial_s * 2 ** min(attempt - 1, 1000))
 
 
+# What the reader thread hands over: a frame, an event, or the error the source gave up with.
+ReaderItem = DecodedFrame | SourceEvent | Exception
+
+
 class LiveSource:
-    """Reads a live source forever: yields DecodedFrame, or None while waiting to reconnect.
+    """Reads a live source forever: yields DecodedFrame, or None for a `TICK_S` without one.
 
     Every connection is one `VideoSource`, opened again after a drop: frame indices and the
     corrupt packet count go on over connections, and each connection's pts are one piece of a
     `Timeline` (in the first frame's time base), ``session`` its connection number.
-    ``on_event`` is called at every state change. Raises SourceError when the first open
-    fails, or when the source has been gone for ``give_up_after_s``.
+    ``on_event`` is called at every state change, in the thread that iterates. Raises
+    SourceError when the first open fails, or when the source has been gone for
+    ``give_up_after_s``.
+
+    The source is read in a thread of its own: FFmpeg blocks in a read until data comes or
+    the read timeout passes, and Python runs signal handlers only between its own
+    instructions, so a decoder reading a stalled camera in its main thread heard SIGTERM only
+    seconds later (after 2.4 s the launcher killed it). The iterating thread waits on a
+    queue, a tick at a time, so it stops at once; the reader thread closes the source when
+    its read returns.
     """
 
     def __init__(
         self,
         spec: SourceSpec,
         *,
+        stream_id: str = "cam0",
         open_timeout_s: float,
         read_timeout_s: float,
         backoff: Backoff,
@@ -107,6 +124,7 @@ class LiveSource:
         self.spec = spec
         self.source = VideoSource(
             spec,
+            stream_id=stream_id,
             max_consecutive_errors=max_consecutive_errors,
             open_timeout_s=open_timeout_s,
             read_timeout_s=read_timeout_s,
@@ -116,7 +134,9 @@ class LiveSource:
         self.on_event = on_event or (lambda event: None)
         self.session = 0  # the connection number: reconnects so far
         self._timeline = Timeline()
-        self._closed = False
+        self._queue: queue.Queue[ReaderItem] = queue.Queue(maxsize=QUEUE_FRAMES)
+        self._closing = threading.Event()
+        self._reader: threading.Thread | None = None
 
     def open(self) -> VideoSource:
         """The first connection; its failure is the caller's error, not a reconnect.
@@ -139,8 +159,15 @@ class LiveSource:
         return self.source
 
     def close(self) -> None:
-        self._closed = True
-        self.source.close()
+        """Stop reading; a reader thread closes the source once its current read returns."""
+        self._closing.set()
+        if self._reader is None:
+            self.source.close()
+
+    @property
+    def reading(self) -> bool:
+        """The reader thread is still going (once it ends, the source is closed)."""
+        return self._reader is not None and self._reader.is_alive()
 
     @property
     def corrupt_packets(self) -> int:
@@ -149,31 +176,66 @@ class LiveSource:
 
     def __iter__(self) -> Iterator[DecodedFrame | None]:
         self.open()
-        while not self._closed:
-            last_frame = time.monotonic()
+        self._reader = threading.Thread(target=self._read, name="samstream-camera", daemon=True)
+        self._reader.start()
+        while not self._closing.is_set():
             try:
-                for frame in self.source:
-                    last_frame = time.monotonic()
-                    yield self._stamp(frame)
-                error, state = "the stream ended (the server closed it)", "lost"
-            except SourceStalled as stall:
-                error, state = str(stall), "stalled"
-            except SourceError as failure:
-                error, state = str(failure), "lost"
-            if self._closed:
-                return
-            self.source.disconnect()
-            log.warning("%s: %s", self.spec.display_name, error)
-            self.on_event(
-                SourceEvent(state, self.session, down_s=time.monotonic() - last_frame, error=error)
-            )
-            yield None
-            yield from self._reconnect(last_frame, error)
+                item = self._queue.get(timeout=TICK_S)
+            except queue.Empty:
+                yield None
+                continue
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, SourceEvent):
+                self.on_event(item)
+                yield None
+            else:
+                yield item
 
-    def _reconnect(self, down_since: float, error: str) -> Iterator[None]:
-        """Try again with back-off until a connection opens; ticks while waiting."""
+    def _put(self, item: ReaderItem) -> None:
+        while not self._closing.is_set():
+            try:
+                self._queue.put(item, timeout=TICK_S)
+                return
+            except queue.Full:
+                continue
+
+    def _read(self) -> None:
+        """The reader thread: connection after connection, until closed or given up."""
+        try:
+            while not self._closing.is_set():
+                self._read_connection()
+        except Exception as error:  # the source gave up: the iterating thread raises it
+            self._put(error)
+        finally:
+            self.source.close()  # here, never while this thread may be inside a read
+
+    def _read_connection(self) -> None:
+        """The open connection's frames until it drops or stalls, then the reconnect."""
+        last_frame = time.monotonic()
+        try:
+            for frame in self.source:
+                if self._closing.is_set():
+                    return
+                last_frame = time.monotonic()
+                self._put(self._stamp(frame))
+            error, state = "the stream ended (the server closed it)", "lost"
+        except SourceStalled as stall:
+            error, state = str(stall), "stalled"
+        except SourceError as failure:
+            error, state = str(failure), "lost"
+        if self._closing.is_set():
+            return
+        self.source.disconnect()
+        log.warning("%s: %s", self.spec.display_name, error)
+        down_s = time.monotonic() - last_frame
+        self._put(SourceEvent(state, self.session, down_s=down_s, error=error))
+        self._reconnect(last_frame, error)
+
+    def _reconnect(self, down_since: float, error: str) -> None:
+        """Try again with back-off until a connection opens (or the source is closed)."""
         attempt = 0
-        while not self._closed:
+        while not self._closing.is_set():
             attempt += 1
             delay = self.backoff.delay(attempt)
             down_s = time.monotonic() - down_since
@@ -185,7 +247,7 @@ class LiveSource:
                         f"last error: {error}"
                     )
                 delay = min(delay, self.give_up_after_s - down_s)  # a last try at the limit
-            self.on_event(
+            self._put(
                 SourceEvent(
                     "reconnecting",
                     self.session,
@@ -195,10 +257,8 @@ class LiveSource:
                     error=error,
                 )
             )
-            deadline = time.monotonic() + delay
-            while (left := deadline - time.monotonic()) > 0:
-                time.sleep(min(TICK_S, left))
-                yield None
+            if self._closing.wait(delay):
+                return
             try:
                 self.source.open()
             except SourceError as failure:
@@ -206,7 +266,6 @@ class LiveSource:
                 log.info(
                     "%s: reconnect attempt %d failed: %s", self.spec.display_name, attempt, error
                 )
-                yield None
                 continue
             self.session += 1
             self._timeline.new_piece()  # the new connection's pts restart
@@ -214,78 +273,23 @@ class LiveSource:
             log.info(
                 "%s: reconnected after %.1f s (attempt %d)", self.spec.display_name, down_s, attempt
             )
-            self.on_event(SourceEvent("connected", self.session, attempt=attempt, down_s=down_s))
+            self._put(SourceEvent("connected", self.session, attempt=attempt, down_s=down_s))
             return
 
     def _stamp(self, frame: DecodedFrame) -> DecodedFrame:
         """The frame on the live timeline, with its session. A source without a time base
         has no time to rebase: its frames go without pts."""
-        time_base = Fraction(*frame.time_base)
-        if frame.pts is None or not time_base:
-            return replace(frame, pts=None, session=self.session)
-        pts = self._timeline.place(frame.pts, time_base, frame.capture_time)
-        base = self._timeline.time_base or time_base
-        return replace(
-            frame, pts=pts, time_base=(base.numerator, base.denominator), session=self.session
+        meta = frame.meta
+        time_base = base = Fraction(*meta.time_base)
+        pts = None
+        if meta.pts is not None and time_base:
+            pts = self._timeline.place(meta.pts, time_base, meta.capture_time)
+            base = self._timeline.time_base or time_base
+        time_base_pair = (base.numerator, base.denominator)
+        meta = msgspec.structs.replace(
+            meta, pts=pts, time_base=time_base_pair, session=self.session
         )
-
-
-class ThreadedReader:
-    """Reads a `LiveSource` in a thread of its own.
-
-    FFmpeg blocks in a read until data comes or the read timeout passes, and Python runs
-    signal handlers only between its own instructions: a decoder reading a stalled camera
-    in its main thread heard SIGTERM only seconds later (after 2.4 s the launcher killed
-    it). Here the main thread waits on a queue, in steps of at most ``timeout_s``, so it
-    stops at once; the reader thread closes the source when its read returns.
-
-    `get` returns ("frame", DecodedFrame), ("event", SourceEvent), ("error", exception) or
-    ("end", None), or None when nothing came within the timeout.
-    """
-
-    def __init__(self, source: LiveSource, capacity: int = 8) -> None:
-        self._source = source
-        self._queue: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=capacity)
-        self._closing = threading.Event()
-        source.on_event = lambda event: self._put(("event", event))
-        self._thread = threading.Thread(target=self._read, name="samstream-camera", daemon=True)
-        self._thread.start()
-
-    def _put(self, item: tuple[str, object]) -> None:
-        while not self._closing.is_set():
-            try:
-                self._queue.put(item, timeout=TICK_S)
-                return
-            except queue.Full:
-                continue
-
-    def _read(self) -> None:
-        try:
-            for frame in self._source:
-                if self._closing.is_set():
-                    return
-                if frame is not None:
-                    self._put(("frame", frame))
-            self._put(("end", None))
-        except Exception as error:  # the source gave up: the node fails with this error
-            self._put(("error", error))
-        finally:
-            self._source.close()  # here, never while this thread may be inside a read
-
-    def get(self, timeout_s: float) -> tuple[str, object] | None:
-        try:
-            return self._queue.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
-
-    @property
-    def running(self) -> bool:
-        """The reader thread is still going (once it ends, the source is closed)."""
-        return self._thread.is_alive()
-
-    def close(self) -> None:
-        """Stop reading; the thread closes the source once its current read returns."""
-        self._closing.set()
+        return replace(frame, meta=meta)
 
 
 def spec_for(config: DecoderConfig) -> SourceSpec:

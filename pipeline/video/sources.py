@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import itertools
 import logging
 import math
 import os
@@ -27,12 +28,13 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import av
 import numpy as np
 
 from pipeline.video.timestamps import RepairedTimestamp, TimestampRepairer
+from pipeline.wire.messages import FrameMeta
 
 log = logging.getLogger(__name__)
 
@@ -122,26 +124,18 @@ class DecodedFrame:
     Attributes:
         image: HxWx3 uint8 RGB, C-contiguous. Its size can change within a stream (a file
             made of parts of different sizes).
-        index: 0-based position in decode order.
-        pts: presentation timestamp in ``time_base`` units, strictly greater than the previous
-            frame's: the container's pts where they are well-formed, repaired where they are
-            reordered, missing or jump back (`VideoSource` always sets it).
-        time_base: ``(numerator, denominator)`` of the pts unit in seconds.
-        capture_time: ``time.time()`` when the source handed the frame out.
+        meta: the frame's identity and timing, as the decoder node sends it: ``seq`` and
+            ``frame_index`` its 0-based position in decode order; ``pts`` strictly greater
+            than the previous frame's (the container's where well-formed, repaired where
+            reordered, missing or jumping back, the container's then in ``source_pts``);
+            ``capture_time`` when the source handed it out; ``session`` the live source's
+            connection number.
         decode_ms: time spent decoding and converting this frame (not waiting for data).
-        session: the live source's connection number (0, +1 per reconnect).
-        source_pts: the container's pts where the repair changed it (None: ``pts`` is the
-            container's own, or the container had none).
     """
 
     image: np.ndarray
-    index: int
-    pts: int | None
-    time_base: tuple[int, int]
-    capture_time: float
+    meta: FrameMeta
     decode_ms: float = 0.0
-    session: int = 0
-    source_pts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -200,7 +194,8 @@ def parse_source(
     ``options`` are FFmpeg demuxer options; they override the defaults of the kind.
 
     Raises:
-        SourceError: empty source, empty filter graph, or a file that does not exist.
+        SourceError: empty source, empty filter graph, or a file that does not exist, is a
+            directory or is empty.
     """
     text = os.fspath(source).strip()
     user_options = {str(k): str(v) for k, v in (options or {}).items()}
@@ -226,8 +221,7 @@ def parse_source(
     if _WEBCAM_RE.match(text):
         return SourceSpec(url=text, kind="webcam", options=user_options, format="v4l2")
 
-    if not os.path.exists(text):
-        raise SourceError(f"video file {text!r} does not exist")
+    _check_file(text)
     return SourceSpec(url=text, kind="file", options=user_options, format=None)
 
 
@@ -257,15 +251,18 @@ class VideoSource:
         self,
         spec: SourceSpec,
         *,
+        stream_id: str = "cam0",
         max_frames: int | None = None,
         max_consecutive_errors: int = 50,
         open_timeout_s: float = 10.0,
         read_timeout_s: float | None = None,
     ) -> None:
-        """``read_timeout_s``: a live source that delivers no packet for this long raises
-        `SourceStalled` (None: wait forever, right for files). The values are checked where
-        they enter (`pipeline.config.DecoderConfig`), not again here."""
+        """``stream_id``: the frames' ``meta.stream_id``. ``read_timeout_s``: a live source
+        that delivers no packet for this long raises `SourceStalled` (None: wait forever,
+        right for files). The values are checked where they enter
+        (`pipeline.config.DecoderConfig`), not again here."""
         self.spec = spec
+        self.stream_id = stream_id
         self.read_timeout_s = read_timeout_s
         self.max_frames = max_frames
         self.max_consecutive_errors = max_consecutive_errors
@@ -408,10 +405,14 @@ class VideoSource:
 
     def __iter__(self) -> Iterator[DecodedFrame]:
         self.open()
+        # Not one frame more is decoded than handed out: a fault after the last frame wanted
+        # (which only the look-ahead would have seen) ends nothing.
+        left = None if self.max_frames is None else max(0, self.max_frames - self.frames_decoded)
+        return itertools.islice(self._repaired_frames(), left)
+
+    def _repaired_frames(self) -> Iterator[DecodedFrame]:
         repairer = self._opened()[1]
         failure: SourceError | None = None
-        if self._budget_spent():
-            return
         try:
             for decoded in self._decoded_frames():
                 frame = decoded[0]
@@ -420,19 +421,12 @@ class VideoSource:
                 repaired = repairer.push(decoded, pts=frame.pts, dts=frame.dts, duration=duration)
                 if repaired is not None:  # once the look-ahead is full
                     yield self._to_decoded(repaired, repairer)
-                    if self._budget_spent():
-                        return
         except SourceError as error:
             failure = error  # raised once the good frames decoded before it are handed out
         for repaired in repairer.drain():
             yield self._to_decoded(repaired, repairer)
-            if self._budget_spent():
-                return  # and no error: without the look-ahead, it would not have been seen
         if failure is not None:
             raise failure
-
-    def _budget_spent(self) -> bool:
-        return self.max_frames is not None and self.frames_decoded >= self.max_frames
 
     def _decoded_frames(self) -> Iterator[Decoded]:
         """Every decoded picture, still in the decoder's format, until the stream ends."""
@@ -515,17 +509,17 @@ class VideoSource:
                 self.frames_decoded,
                 repaired.reason,
             )
-        decoded = DecodedFrame(
-            image=image,
-            index=self.frames_decoded,
+        meta = FrameMeta(
+            stream_id=self.stream_id,
+            seq=self.frames_decoded,
+            frame_index=self.frames_decoded,
             pts=repaired.pts,
             time_base=(time_base.numerator, time_base.denominator),
             capture_time=time.time(),
-            decode_ms=decode_ms + (time.perf_counter() - start) * 1000,
             source_pts=repaired.source_pts if repaired.repaired else None,
         )
         self.frames_decoded += 1
-        return decoded
+        return DecodedFrame(image, meta, decode_ms + (time.perf_counter() - start) * 1000)
 
 
 def _repairer_for(stream: av.VideoStream, *, live: bool) -> TimestampRepairer[Decoded]:
@@ -602,25 +596,21 @@ def _mp4_without_moov(path: str) -> bool:
     That is the signature of a recording cut short: the sample tables ('moov') are written
     last, so a truncated file has the media data but no index to it.
     """
+    boxes: list[bytes] = []  # the types of the top-level boxes, in order
     try:
         with open(path, "rb") as file:
-            boxes = _top_level_boxes(file)
-            first = next(boxes, None)
-            return first in (b"ftyp", b"free", b"wide", b"mdat", b"skip") and b"moov" not in boxes
+            size = os.fstat(file.fileno()).st_size
+            offset = 0
+            while offset + 8 <= size:
+                file.seek(offset)
+                box_size, box_type = struct.unpack(">I4s", file.read(8))
+                boxes.append(box_type)
+                if box_size == 1:  # 64-bit size follows the type
+                    (box_size,) = struct.unpack(">Q", file.read(8))
+                if box_size < 8:  # 0: the box runs to the end of the file; else a corrupt size
+                    break
+                offset += box_size
     except (OSError, struct.error):  # unreadable, or a 64-bit size cut off
         return False
-
-
-def _top_level_boxes(file: BinaryIO) -> Iterator[bytes]:
-    """The types of an ISO media file's top-level boxes, in order, up to a corrupt size."""
-    size = os.fstat(file.fileno()).st_size
-    offset = 0
-    while offset + 8 <= size:
-        file.seek(offset)
-        box_size, box_type = struct.unpack(">I4s", file.read(8))
-        yield box_type
-        if box_size == 1:  # 64-bit size follows the type
-            (box_size,) = struct.unpack(">Q", file.read(8))
-        if box_size < 8:  # 0: the box runs to the end of the file; else a corrupt size
-            return
-        offset += box_size
+    mp4_start = (b"ftyp", b"free", b"wide", b"mdat", b"skip")
+    return bool(boxes) and boxes[0] in mp4_start and b"moov" not in boxes

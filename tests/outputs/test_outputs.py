@@ -136,11 +136,16 @@ def rect_mask(box: tuple[int, int, int, int], frame_size: tuple[int, int]) -> np
 def frame_tracks(frame: DecodedFrame, frames: int) -> tuple[list[Track], np.ndarray]:
     """Three tracks: the moving box, a fixed square overlapping its path, and a lost one."""
     height, width = frame.image.shape[:2]
-    moving = clip_box(frame.index, frames=frames, size=(width, height))
+    moving = clip_box(frame.meta.frame_index, frames=frames, size=(width, height))
     fixed = (60, 40, 90, 70)
     tracks = [
         Track(1, tuple(map(float, moving)), 0.9, "tracked"),  # type: ignore[arg-type]
-        Track(7, tuple(map(float, fixed)), 0.5, "coasting" if frame.index % 2 else "tentative"),  # type: ignore[arg-type]
+        Track(
+            7,
+            tuple(map(float, fixed)),
+            0.5,
+            "coasting" if frame.meta.frame_index % 2 else "tentative",
+        ),  # type: ignore[arg-type]
         Track(12, (1.0, 2.0, 3.0, 4.0), 0.1, "lost"),
     ]
     masks = np.stack(
@@ -163,10 +168,10 @@ def run_writer(clip: Path, out_dir: Path, **writer_args: object) -> Written:
             tracks, masks = frame_tracks(frame, len(frames))
             writer.write(
                 mask_message(
-                    frame_index=frame.index,
-                    seq=100 + frame.index,
-                    pts=frame.pts,
-                    time_base=frame.time_base,
+                    frame_index=frame.meta.frame_index,
+                    seq=100 + frame.meta.frame_index,
+                    pts=frame.meta.pts,
+                    time_base=frame.meta.time_base,
                     frame_size=frame.image.shape[:2],
                     tracks=tracks,
                     masks=masks,
@@ -176,7 +181,7 @@ def run_writer(clip: Path, out_dir: Path, **writer_args: object) -> Written:
             listings.append(sorted(os.listdir(out_dir)))
             if "masks" in writer.sinks:  # each PNG is in place, complete, as soon as it is written
                 pngs = sorted(os.listdir(out_dir / "masks"))
-                assert pngs == [f"{i:06d}.png" for i in range(frame.index + 1)]
+                assert pngs == [f"{i:06d}.png" for i in range(frame.meta.frame_index + 1)]
     result = writer.commit()  # a second commit returns the same outputs
     return frames, result, listings
 
@@ -224,12 +229,17 @@ def test_jsonl_decodes_to_the_png_masks(written: Written) -> None:
     assert len(lines) == len(frames)
     for frame, line in zip(frames, lines, strict=True):
         record = json.loads(line)
-        assert record["frame"] == frame.index and record["seq"] == 100 + frame.index
-        assert record["pts"] == frame.pts
-        assert record["time"] == pytest.approx(frame.pts * frame.time_base[0] / frame.time_base[1])
+        assert (
+            record["frame"] == frame.meta.frame_index
+            and record["seq"] == 100 + frame.meta.frame_index
+        )
+        assert record["pts"] == frame.meta.pts
+        assert record["time"] == pytest.approx(
+            frame.meta.pts * frame.meta.time_base[0] / frame.meta.time_base[1]
+        )
         assert [t["id"] for t in record["tracks"]] == [1, 7, 12]
         assert record["tracks"][0]["state"] == "tracked" and record["tracks"][0]["score"] == 0.9
-        with Image.open(result["masks"] / f"{frame.index:06d}.png") as image:
+        with Image.open(result["masks"] / f"{frame.meta.frame_index:06d}.png") as image:
             png = np.array(image)
         for track in record["tracks"]:
             mask = decode_rle(track["rle"])
@@ -238,7 +248,7 @@ def test_jsonl_decodes_to_the_png_masks(written: Written) -> None:
             covered = np.any(later, axis=0) if later else np.zeros_like(mask)
             np.testing.assert_array_equal(mask & ~covered, png == track["id"])
         assert record["tracks"][0]["box"] == list(
-            map(float, clip_box(frame.index, frames=len(frames), size=(160, 120)))
+            map(float, clip_box(frame.meta.frame_index, frames=len(frames), size=(160, 120)))
         )
 
 
@@ -261,9 +271,9 @@ def test_overlay_has_same_frames_and_timestamps(written: Written) -> None:
     with av.open(str(result["overlay"])) as container:
         stream = container.streams.video[0]
         assert stream.codec_context.name == "h264"
-        assert stream.time_base == Fraction(*frames[0].time_base)
+        assert stream.time_base == Fraction(*frames[0].meta.time_base)
         decoded = [(f.pts, f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
-    assert [pts for pts, _ in decoded] == [f.pts for f in frames]
+    assert [pts for pts, _ in decoded] == [f.meta.pts for f in frames]
     image = decoded[0][1]
     assert image.shape == (120, 160, 3)
     # In frame 0 the fixed square (id 7) is clear of the moving box and tinted half-way to

@@ -33,7 +33,6 @@ from pipeline.video.live_source import (
     Backoff,
     LiveSource,
     SourceEvent,
-    ThreadedReader,
     spec_for,
 )
 from pipeline.video.sources import (
@@ -121,7 +120,7 @@ class Recorder:
                 self.frames.append(item)
 
     def frames_of(self, session: int) -> list[DecodedFrame]:
-        return [f for f in self.frames if f.session == session]
+        return [f for f in self.frames if f.meta.session == session]
 
 
 # -- redaction and credentials ----------------------------------------------------------------
@@ -435,7 +434,7 @@ def test_lost_then_reconnecting_then_connected(server: RtspServer) -> None:
         assert back.session == 1 and back.attempt >= 4 and back.down_s > 0
         assert source.session == 1  # reconnects so far
         assert len(recorder.frames) > frames_while_down
-        sessions = [f.session for f in recorder.frames]
+        sessions = [f.meta.session for f in recorder.frames]
         assert sessions == sorted(sessions)
     finally:
         source.close()
@@ -467,22 +466,22 @@ def test_reconnects_keep_numbering_and_time_and_leak_nothing(server: RtspServer)
 
     frames = recorder.frames
     # One frame sequence across all sessions.
-    assert [f.index for f in frames] == list(range(len(frames)))
-    assert [f.session for f in frames] == sorted(f.session for f in frames)
-    assert {f.session for f in frames} == {0, 1, 2, 3}
+    assert [f.meta.frame_index for f in frames] == list(range(len(frames)))
+    assert [f.meta.session for f in frames] == sorted(f.meta.session for f in frames)
+    assert {f.meta.session for f in frames} == {0, 1, 2, 3}
     # Timestamps: one time base, strictly increasing across the reconnects.
-    assert {f.time_base for f in frames} == {(1, 90000)}
+    assert {f.meta.time_base for f in frames} == {(1, 90000)}
     # Every frame has one (FFmpeg gives a session's first frame none: the clock places it),
     # starting at 0, strictly increasing.
     stamped = frames
-    assert all(f.pts is not None for f in frames) and frames[0].pts == 0
-    assert all(b.pts > a.pts for a, b in itertools.pairwise(stamped))
+    assert all(f.meta.pts is not None for f in frames) and frames[0].meta.pts == 0
+    assert all(b.meta.pts > a.meta.pts for a, b in itertools.pairwise(stamped))
     # Across an outage the timestamps advance by about the time the source was gone.
     for session in (1, 2, 3):
-        last = [f for f in stamped if f.session == session - 1][-1]
-        first = next(f for f in stamped if f.session == session)
-        jump_s = (first.pts - last.pts) / 90000
-        wall_s = first.capture_time - last.capture_time
+        last = [f for f in stamped if f.meta.session == session - 1][-1]
+        first = next(f for f in stamped if f.meta.session == session)
+        jump_s = (first.meta.pts - last.meta.pts) / 90000
+        wall_s = first.meta.capture_time - last.meta.capture_time
         assert jump_s > 0.1
         assert abs(jump_s - wall_s) < 0.5, (session, jump_s, wall_s)
     # The containers of closed connections are released: no descriptors pile up.
@@ -550,44 +549,50 @@ def test_decoder_config_becomes_the_options_of_each_source_kind(clip: Path) -> N
     assert spec_for(DecoderConfig(source=str(clip), video_size="1280x720")).options == {}
 
 
-def test_threaded_reader_hands_over_frames_and_events_and_stops_at_once(
+def test_reader_thread_hands_over_frames_and_events_and_stops_at_once(
     server: RtspServer,
 ) -> None:
-    """The camera is read in a thread of its own: the caller waits at most its timeout for
-    anything (so it can act on a signal), and closing never waits for a blocked read."""
+    """The camera is read in a thread of its own: the iterating thread waits at most a tick
+    for anything (so it can act on a signal), is told of the events, and closing never waits
+    for a blocked read."""
+    events: list[tuple[str, SourceEvent]] = []  # with the thread that was told of each
     source = LiveSource(
         parse_source(server.url),
         open_timeout_s=OPEN_TIMEOUT_S,
         read_timeout_s=READ_TIMEOUT_S,
         backoff=BACKOFF,
+        on_event=lambda event: events.append((threading.current_thread().name, event)),
     )
-    source.open()
-    reader = ThreadedReader(source)
-    got: list[tuple[str, object]] = []
+    items = iter(source)
+    frames: list[DecodedFrame] = []
+    ticks = 0  # None items: a step without a frame
 
-    def collect_until(done: Callable[[], bool], timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+    def read_until(done: Callable[[], bool], timeout_s: float) -> None:
+        nonlocal ticks
+        deadline = time.monotonic() + timeout_s  # a hang guard
         while not done():
-            assert time.monotonic() < deadline, f"timed out; got {[k for k, _ in got]}"
-            started = time.monotonic()
-            item = reader.get(0.1)
-            # Never blocks until data comes: back after its timeout (generous for a busy
-            # machine, far below the seconds a blocked get would wait here).
-            assert time.monotonic() - started < 5.0
-            if item is not None:
-                got.append(item)
+            states = [e.state for _, e in events]
+            assert time.monotonic() < deadline, f"timed out; {len(frames)} frames, {states}"
+            item = next(items)
+            if item is None:
+                ticks += 1
+            else:
+                frames.append(item)
 
-    collect_until(lambda: sum(kind == "frame" for kind, _ in got) >= 5, 10.0)
-    assert all(isinstance(p, DecodedFrame) for kind, p in got if kind == "frame")
+    read_until(lambda: len(frames) >= 5, 10.0)
+    assert all(isinstance(frame, DecodedFrame) for frame in frames)
     server.stop()
-    collect_until(
-        lambda: any(kind == "event" and p.state == "reconnecting" for kind, p in got),
-        10.0,
-    )
-    states = [p.state for kind, p in got if kind == "event"]
-    assert states[:2] == ["lost", "reconnecting"]
-    reader.close()
+    read_until(lambda: any(e.state == "reconnecting" for _, e in events), 10.0)
+    assert [e.state for _, e in events[:3]] == ["connected", "lost", "reconnecting"]
+    assert {thread for thread, _ in events} == {threading.current_thread().name}
+    # No data comes while the server is gone, yet the iteration is never stuck in a read:
+    # it comes back with a tick at a time.
+    outage = ticks
+    read_until(lambda: ticks >= outage + 5, 10.0)
+    source.close()
+    assert list(items) == []  # closed: the iteration ends
     deadline = time.monotonic() + 10.0  # a hang guard: it ends once its read returns
-    while reader.running:  # the thread ends by closing the source
+    while source.reading:  # the thread ends by closing the source
         assert time.monotonic() < deadline, "the reader thread did not stop"
         time.sleep(0.01)
+    assert not source.source.is_open

@@ -92,9 +92,10 @@ def test_serves_the_clip_in_real_time(server: RtspServer) -> None:
     pts = [f.pts for _, f in frames[1:]]
     assert [b - a for a, b in itertools.pairwise(pts)] == [RTP_TICKS_PER_FRAME] * (len(pts) - 1)
     # Paced at the file's rate, not pushed as fast as possible (the first frames may come
-    # in a burst while FFmpeg probes the stream during open).
+    # in a burst while FFmpeg probes the stream during open). A lower bound only: a busy
+    # machine may read them later, never earlier.
     elapsed = frames[-1][0] - frames[20][0]
-    assert elapsed == pytest.approx((frames_wanted - 21) / FPS, rel=0.25)
+    assert elapsed >= 0.75 * (frames_wanted - 21) / FPS
 
 
 def test_the_stream_ends_at_the_end_of_the_clip(tmp_path: Path) -> None:
@@ -159,9 +160,9 @@ def test_silent_server_at_open_is_a_timeout_reported_as_invalid_data() -> None:
             av.open(stall.url, options=TCP, timeout=(1.0, 1.0))
         elapsed = time.monotonic() - started
         assert stall.accepted == 1
-    # The 1 s open timeout ended it (FFmpeg's own default waits for ever); the upper bound
-    # only tells that from a hang, generously for a busy machine.
-    assert 0.9 <= elapsed < 15.0
+    # The 1 s open timeout ended it (FFmpeg's own default waits for ever: a hang would be
+    # ended by pytest-timeout instead).
+    assert elapsed >= 0.9
     assert threading.active_count() == threads  # close() ended its thread
 
 
@@ -178,7 +179,7 @@ def test_freeze_mid_stream_raises_exit_error_after_two_read_timeouts(server: Rts
                 for _ in packets:
                     pass
             elapsed = time.monotonic() - started
-        assert 1.8 <= elapsed < 15.0  # two read timeouts; the bound tells it from a hang
+        assert elapsed >= 1.8  # two read timeouts (a hang: ended by pytest-timeout)
 
         # New connections get no answer while frozen either, and are served after thaw.
         with pytest.raises(av.error.InvalidDataError):

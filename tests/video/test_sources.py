@@ -90,23 +90,23 @@ def test_reads_every_frame_with_pyav_pts(clip: Path) -> None:
 
     assert len(frames) == 30 == source.frames_decoded
     assert source.corrupt_packets == 0
-    assert [f.index for f in frames] == list(range(30))
-    assert [f.pts for f in frames] == expected_pts
+    assert [f.meta.frame_index for f in frames] == list(range(30))
+    assert [f.meta.pts for f in frames] == expected_pts
     assert strictly_increasing(expected_pts)  # type: ignore[arg-type]
-    assert all(f.source_pts is None for f in frames)  # well-formed: nothing repaired
+    assert all(f.meta.source_pts is None for f in frames)  # well-formed: nothing repaired
     assert source.timestamp_report == {"repaired_frames": 0, "first_frame": None, "methods": {}}
-    assert {f.time_base for f in frames} == {(time_base.numerator, time_base.denominator)}
+    assert {f.meta.time_base for f in frames} == {(time_base.numerator, time_base.denominator)}
     for frame in frames:
         assert frame.image.shape == (120, 160, 3)
         assert frame.image.dtype == np.uint8
         assert frame.image.flags.c_contiguous
-    assert all(b.capture_time >= a.capture_time for a, b in itertools.pairwise(frames))
+    assert all(b.meta.capture_time >= a.meta.capture_time for a, b in itertools.pairwise(frames))
 
 
 def test_frames_are_rgb_with_the_box_where_it_was_drawn(clip: Path) -> None:
     _, frames, _ = read_all(clip)
     for frame in (frames[0], frames[-1]):
-        x1, y1, x2, y2 = clip_box(frame.index, frames=30, size=(160, 120))
+        x1, y1, x2, y2 = clip_box(frame.meta.frame_index, frames=30, size=(160, 120))
         inner = frame.image[y1 + 3 : y2 - 3, x1 + 3 : x2 - 3].reshape(-1, 3).mean(axis=0)
         # Lossy coding moves colours a little; channel order (RGB, not BGR) must hold exactly.
         np.testing.assert_allclose(inner, BOX_COLOUR, atol=12)
@@ -130,7 +130,7 @@ def test_max_frames_is_honoured(clip: Path) -> None:
         assert source.frame_count_hint == 7
         frames = list(source)
         assert list(source) == []  # the budget is spent, not restarted
-    assert [f.index for f in frames] == list(range(7))
+    assert [f.meta.frame_index for f in frames] == list(range(7))
     assert source.frames_decoded == 7
 
 
@@ -140,7 +140,7 @@ def test_other_containers_keep_their_pts(tmp_path: Path, suffix: str) -> None:
     _, frames, hint = read_all(path)
     assert len(frames) == 20
     assert hint == 20  # estimated from the duration: no frame count stored
-    assert [f.pts for f in frames] == pyav_pts(path)[0]
+    assert [f.meta.pts for f in frames] == pyav_pts(path)[0]
 
 
 @pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
@@ -148,10 +148,10 @@ def test_variable_frame_rate_keeps_timestamps(tmp_path: Path, suffix: str) -> No
     pts_ms = [0, 40, 80, 200, 210, 220, 400, 440, 1000, 1033]
     path = make_clip(tmp_path / f"vfr{suffix}", frames=10, pts=pts_ms, time_base=Fraction(1, 1000))
     _, frames, _ = read_all(path)
-    seconds = [f.pts * Fraction(*f.time_base) for f in frames]  # type: ignore[operator]
+    seconds = [f.meta.pts * Fraction(*f.meta.time_base) for f in frames]  # type: ignore[operator]
     assert seconds == [Fraction(p, 1000) for p in pts_ms]
     if suffix == ".mkv":  # Matroska stores milliseconds, so the numbers themselves survive
-        assert [f.pts for f in frames] == pts_ms
+        assert [f.meta.pts for f in frames] == pts_ms
 
 
 def test_lavfi_test_source(tmp_path: Path) -> None:
@@ -159,8 +159,8 @@ def test_lavfi_test_source(tmp_path: Path) -> None:
         assert src.frame_count_hint == 5
         frames = list(src)
     assert len(frames) == 5
-    assert [f.pts for f in frames] == [0, 1, 2, 3, 4]
-    assert frames[0].time_base == (1, 25)
+    assert [f.meta.pts for f in frames] == [0, 1, 2, 3, 4]
+    assert frames[0].meta.time_base == (1, 25)
     assert frames[0].image.shape == (240, 320, 3)
 
 
@@ -253,7 +253,7 @@ def test_damaged_middle_still_decodes_most_frames(tmp_path: Path, suffix: str) -
     assert 30 <= len(frames) <= 60
     assert source.frames_decoded == len(frames)
     assert source.corrupt_packets < source.max_consecutive_errors
-    pts = [f.pts for f in frames]
+    pts = [f.meta.pts for f in frames]
     assert None not in pts
     assert strictly_increasing(pts)  # type: ignore[arg-type]
 
@@ -276,7 +276,7 @@ def test_decoder_errors_are_skipped_and_counted(intra_clip: Path, tmp_path: Path
         frames = list(source)
     assert source.corrupt_packets == 4
     assert len(frames) == 26 == source.frames_decoded
-    assert [f.index for f in frames] == list(range(26))
+    assert [f.meta.frame_index for f in frames] == list(range(26))
     good = [i for i in range(30) if i not in {4, 5, 6, 19}]
     with VideoSource(parse_source(intra_clip)) as clean:
         expected = [f.image for f in clean]
@@ -303,8 +303,8 @@ def test_frames_decoded_before_a_fatal_error_are_handed_out_first(
         frames.extend(source)
     # (Fewer than 12 at most: the decoder's threads may still hold the last good frames.)
     assert 8 < len(frames) <= 12
-    assert [f.index for f in frames] == list(range(len(frames)))
-    assert strictly_increasing([f.pts for f in frames])  # type: ignore[misc]
+    assert [f.meta.frame_index for f in frames] == list(range(len(frames)))
+    assert strictly_increasing([f.meta.pts for f in frames])  # type: ignore[misc]
 
 
 def test_demuxer_errors_resume_after_the_bad_data(

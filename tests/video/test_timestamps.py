@@ -326,11 +326,11 @@ def check_repair(
     plain = plain_decode(path)
     source, frames, warnings = read_all(path, caplog, kind=kind)
     assert len(frames) == len(plain.pts) == source.frames_decoded
-    assert [f.index for f in frames] == list(range(len(frames)))
-    assert strictly_increasing([f.pts for f in frames])
-    changed = [i for i, (f, p) in enumerate(zip(frames, plain.pts, strict=True)) if f.pts != p]
+    assert [f.meta.frame_index for f in frames] == list(range(len(frames)))
+    assert strictly_increasing([f.meta.pts for f in frames])
+    changed = [i for i, (f, p) in enumerate(zip(frames, plain.pts, strict=True)) if f.meta.pts != p]
     for frame, original in zip(frames, plain.pts, strict=True):
-        assert frame.source_pts == (original if frame.pts != original else None)
+        assert frame.meta.source_pts == (original if frame.meta.pts != original else None)
     report = source.timestamp_report
     assert report["repaired_frames"] == len(changed) == sum(report["methods"].values())
     assert report["first_frame"] == (changed[0] if changed else None)
@@ -351,9 +351,9 @@ def check_is_the_dts(frames: list[DecodedFrame], plain: PlainDecode) -> None:
     """Repaired to the dts exactly; frames without one (the last) a frame apart."""
     for i, (frame, dts) in enumerate(zip(frames, plain.dts, strict=True)):
         if dts is not None:
-            assert frame.pts == dts, f"frame {i}"
+            assert frame.meta.pts == dts, f"frame {i}"
         else:
-            assert frame.pts == frames[i - 1].pts + plain.durations[i - 1], f"frame {i}"
+            assert frame.meta.pts == frames[i - 1].meta.pts + plain.durations[i - 1], f"frame {i}"
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +371,7 @@ def test_mp4_with_pts_written_as_dts_gets_the_dts(
     frames, plain, report = check_repair(path, caplog)
     check_is_the_dts(frames, plain)
     assert set(report["methods"]) <= {"dts", "frame_rate"}
-    seconds = [f.pts * Fraction(*f.time_base) for f in frames]  # type: ignore[operator]
+    seconds = [f.meta.pts * Fraction(*f.meta.time_base) for f in frames]  # type: ignore[operator]
     steps = {b - a for a, b in itertools.pairwise(seconds)}
     assert steps == {Fraction(1, 25)}  # one frame apart everywhere: no drift, no squeeze
 
@@ -394,8 +394,8 @@ def test_raw_h264_without_timestamps_uses_the_frame_rate(
     frames, plain, report = check_repair(path, caplog)
     assert plain.rate == 25
     tick = round(1 / (plain.rate * plain.time_base))
-    assert [f.pts for f in frames] == [i * tick for i in range(20)]
-    assert [f.source_pts for f in frames] == [None] * 20
+    assert [f.meta.pts for f in frames] == [i * tick for i in range(20)]
+    assert [f.meta.source_pts for f in frames] == [None] * 20
     assert report == {"repaired_frames": 20, "first_frame": 0, "methods": {"frame_rate": 20}}
     assert "no pts or dts, using the frame rate" in caplog.text
 
@@ -409,11 +409,11 @@ def test_concatenated_ts_continues_after_the_junction_with_the_new_size(
     assert plain.pts[30] < plain.pts[29], "the timestamps must jump back at the junction"
     frames, plain, report = check_repair(path, caplog)
     assert [f.image.shape for f in frames] == [(120, 160, 3)] * 30 + [(96, 128, 3)] * 30
-    assert [f.pts for f in frames[:30]] == plain.pts[:30]
+    assert [f.meta.pts for f in frames[:30]] == plain.pts[:30]
     # The second part keeps its own spacing, one frame after the first part's last frame.
-    offset = frames[30].pts - plain.pts[30]  # type: ignore[operator]
-    assert frames[30].pts == frames[29].pts + plain.durations[29]  # type: ignore[operator]
-    assert [f.pts for f in frames[30:]] == [p + offset for p in plain.pts[30:]]  # type: ignore[operator]
+    offset = frames[30].meta.pts - plain.pts[30]  # type: ignore[operator]
+    assert frames[30].meta.pts == frames[29].meta.pts + plain.durations[29]  # type: ignore[operator]
+    assert [f.meta.pts for f in frames[30:]] == [p + offset for p in plain.pts[30:]]  # type: ignore[operator]
     assert report == {"repaired_frames": 30, "first_frame": 30, "methods": {"discontinuity": 30}}
     assert "jumped back" in caplog.text
 
@@ -449,8 +449,8 @@ def test_well_formed_files_keep_their_pts_exactly(
 ) -> None:
     path = make(media / name)
     frames, plain, _ = check_repair(path, caplog)
-    assert [f.pts for f in frames] == plain.pts
-    assert all(f.source_pts is None for f in frames)
+    assert [f.meta.pts for f in frames] == plain.pts
+    assert all(f.meta.source_pts is None for f in frames)
 
 
 def test_h264_mp4_really_has_b_frames(media: Path) -> None:
@@ -478,7 +478,7 @@ def test_live_sources_decide_without_lookahead(
             discontinuity_ticks=12800,
             lookahead=lookahead,
         )
-        assert ([r.pts for r in out] == [f.pts for f in frames]) is expected
+        assert ([r.pts for r in out] == [f.meta.pts for f in frames]) is expected
 
 
 def test_max_frames_with_lookahead(media: Path) -> None:
@@ -487,17 +487,17 @@ def test_max_frames_with_lookahead(media: Path) -> None:
         frames = list(source)
         assert list(source) == []
     assert len(frames) == 5 == source.frames_decoded
-    assert [f.pts for f in frames] == plain_decode(path).dts[:5]
+    assert [f.meta.pts for f in frames] == plain_decode(path).dts[:5]
 
 
 @pytest.mark.parametrize("stop_after", [3, 25])  # while decoding, and in the held-back tail
 def test_stopping_early_and_iterating_again_loses_no_frame(media: Path, stop_after: int) -> None:
     path = make_pts_as_dts_mp4(media / "resume.mp4", frames=30)
     with VideoSource(parse_source(path)) as source:
-        whole = [(f.index, f.pts) for f in source]
+        whole = [(f.meta.frame_index, f.meta.pts) for f in source]
     with VideoSource(parse_source(path)) as source:
-        first = [(f.index, f.pts) for f in itertools.islice(source, stop_after)]
-        rest = [(f.index, f.pts) for f in source]
+        first = [(f.meta.frame_index, f.meta.pts) for f in itertools.islice(source, stop_after)]
+        rest = [(f.meta.frame_index, f.meta.pts) for f in source]
     assert len(first) == stop_after
     assert first + rest == whole
 
@@ -518,9 +518,9 @@ def test_megamind_gets_its_dts_timeline(name: str, caplog: pytest.LogCaptureFixt
     plain = plain_decode(path)
     assert plain.pts[:6] == [1, 2, 3, 5, 4, 6]
     frames, plain, report = check_repair(path, caplog)
-    assert [f.pts for f in frames] == list(range(1, 271))
+    assert [f.meta.pts for f in frames] == list(range(1, 271))
     check_is_the_dts(frames, plain)
-    assert (frames[3].pts, frames[3].source_pts) == (4, 5)
+    assert (frames[3].meta.pts, frames[3].meta.source_pts) == (4, 5)
     assert report["first_frame"] == 3
     assert report["methods"] == {"dts": report["repaired_frames"] - 1, "frame_rate": 1}
     message = caplog.records[-1].getMessage()
@@ -532,7 +532,7 @@ def test_opencv_samples_with_good_timestamps_are_untouched(
     name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     frames, plain, report = check_repair(opencv_sample(name), caplog)
-    assert [f.pts for f in frames] == plain.pts
+    assert [f.meta.pts for f in frames] == plain.pts
     if name == "tree.avi":
         assert plain.pts[:5] == [0, 11, 17, 24, 31]
     assert report == NO_REPAIR
