@@ -28,6 +28,7 @@ from pipeline.infer.backend import (
     backend_threads,
     check_onnx_precision,
     require,
+    set_torch_threads,
 )
 from pipeline.infer.calibration import Calibration, choose_backend
 from pipeline.infer.export import cached_onnx, file_sha256
@@ -47,8 +48,8 @@ class BackendSpec(Generic[BackendT]):
     (``pipeline.infer.export.ENCODER``, ``DECODER``); model (on its device), weights_path,
     threads (None: the node's budget, `backend_threads`; torch's pool is then left as it
     is), cache (None: the weights cache dir); requested: the settings as asked, for the
-    report; torch: (precision, threads) -> the model in PyTorch; onnx: the adapter of a
-    loaded export; calibration: what `auto` measures (its `what` names the kind in log
+    report; torch: precision -> the model in PyTorch; onnx: the adapter of a loaded export
+    (`OnnxBackend`); calibration: what `auto` measures (its `what` names the kind in log
     lines); dtype_setting: the config key of its precision, if any (for hints).
     """
 
@@ -59,8 +60,8 @@ class BackendSpec(Generic[BackendT]):
     threads: int | None
     cache: str | os.PathLike[str] | None
     requested: dict[str, str]
-    torch: Callable[[str, int | None], BackendT]
-    onnx: Callable[[OnnxModel], BackendT]
+    torch: Callable[[str], BackendT]
+    onnx: Callable[..., BackendT]
     calibration: Calibration
     dtype_setting: str | None = None
 
@@ -78,15 +79,14 @@ def make_backend(
 ) -> BackendT:
     """One named backend at `precision`, its model exported on first use."""
     if backend == "torch":
-        return spec.torch(precision, spec.threads)
+        return spec.torch(precision)
     check_onnx_precision(backend, precision, setting=spec.setting, dtype_setting=spec.dtype_setting)
     path = cached_onnx(
         spec.model, kind=spec.kind, checkpoint_sha256=checkpoint_sha256, cache=spec.cache_path
     )
     threads = backend_threads(spec.threads, what=spec.section)
-    return spec.onnx(
-        OnnxModel(backend, path, precision=precision, threads=threads, setting=spec.setting)
-    )
+    onnx = OnnxModel(backend, path, precision=precision, threads=threads, setting=spec.setting)
+    return spec.onnx(onnx, image_size=spec.model.img_size)
 
 
 def build_backend(spec: BackendSpec[BackendT], backend: str, precision: str) -> BackendT:
@@ -102,9 +102,11 @@ def build_backend(spec: BackendSpec[BackendT], backend: str, precision: str) -> 
                 f"use {spec.setting} torch or auto"
             )
         chosen_by = "auto on a GPU is torch" if backend == "auto" else "config"
-        return _reported(spec, spec.torch(precision, None), chosen_by=chosen_by)
+        return _reported(spec, spec.torch(precision), chosen_by=chosen_by)
+    if backend in ("torch", "auto"):  # torch's pool: for the torch candidate and reference
+        set_torch_threads(device, spec.threads)
     if backend == "torch":  # no checkpoint hash needed: torch runs the loaded model
-        runner = spec.torch(precision, spec.threads)
+        runner = spec.torch(precision)
     else:
         if backend != "auto":
             require(backend, spec.setting)  # the install hint before any export work
@@ -131,10 +133,5 @@ def build_backend(spec: BackendSpec[BackendT], backend: str, precision: str) -> 
 
 
 def _reported(spec: BackendSpec[BackendT], runner: BackendT, **chosen: Any) -> BackendT:
-    runner.report = {
-        **runner.describe(),
-        "device": str(spec.model.device),
-        "requested": spec.requested,
-        **chosen,
-    }
+    runner.chosen = {"device": str(spec.model.device), "requested": spec.requested, **chosen}
     return runner
