@@ -68,26 +68,19 @@ def require(backend: str, setting: str) -> ModuleType:
         ) from err
 
 
+def backend_version(backend: str) -> str | None:
+    """The version of the backend's package; None where it is not installed (torch always is)."""
+    if backend == "torch":
+        return torch.__version__
+    try:
+        return str(import_package(backend).__version__)
+    except ImportError:
+        return None
+
+
 def installed(backend: str) -> bool:
     """Whether the backend can run here (torch always can)."""
-    if backend == "torch":
-        return True
-    try:
-        import_package(backend)
-    except ImportError:
-        return False
-    return True
-
-
-def backend_versions() -> dict[str, str | None]:
-    """Versions of torch and of each ONNX backend (None: not installed)."""
-    versions: dict[str, str | None] = {"torch": torch.__version__}
-    for name in ONNX_BACKENDS:
-        try:
-            versions[name] = str(import_package(name).__version__)
-        except ImportError:
-            versions[name] = None
-    return versions
+    return backend_version(backend) is not None
 
 
 def backend_threads(requested: int | None, *, what: str) -> int:

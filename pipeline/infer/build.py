@@ -48,9 +48,10 @@ class BackendSpec(Generic[BackendT]):
     (``pipeline.infer.export.ENCODER``, ``DECODER``); model (on its device), weights_path,
     threads (None: the node's budget, `backend_threads`; torch's pool is then left as it
     is), cache (None: the weights cache dir); requested: the settings as asked, for the
-    report; torch: precision -> the model in PyTorch; onnx: the adapter of a loaded export
-    (`OnnxBackend`); calibration: what `auto` measures (its `what` names the kind in log
-    lines); dtype_setting: the config key of its precision, if any (for hints).
+    report; torch: (precision=...) -> the model in PyTorch (a `TorchBackend`); onnx: the
+    `OnnxBackend` adapter of a loaded export; calibration: what `auto` measures (its `what`
+    names the kind in log lines); dtype_setting: the config key of its precision, if any
+    (for hints).
     """
 
     section: str
@@ -60,7 +61,7 @@ class BackendSpec(Generic[BackendT]):
     threads: int | None
     cache: str | os.PathLike[str] | None
     requested: dict[str, str]
-    torch: Callable[[str], BackendT]
+    torch: Callable[..., BackendT]
     onnx: Callable[..., BackendT]
     calibration: Calibration
     dtype_setting: str | None = None
@@ -69,20 +70,24 @@ class BackendSpec(Generic[BackendT]):
     def setting(self) -> str:
         return f"{self.section}.backend"
 
+    @functools.cached_property
+    def checkpoint_sha256(self) -> str:
+        """The checkpoint's SHA-256, read once (torch alone never needs it: it runs the
+        loaded model)."""
+        return file_sha256(self.weights_path)
+
     @property
     def cache_path(self) -> Path:
         return Path(cache_dir() if self.cache is None else self.cache)
 
 
-def make_backend(
-    spec: BackendSpec[BackendT], backend: str, precision: str, checkpoint_sha256: str
-) -> BackendT:
+def make_backend(spec: BackendSpec[BackendT], backend: str, precision: str) -> BackendT:
     """One named backend at `precision`, its model exported on first use."""
     if backend == "torch":
-        return spec.torch(precision)
+        return spec.torch(precision=precision)
     check_onnx_precision(backend, precision, setting=spec.setting, dtype_setting=spec.dtype_setting)
     path = cached_onnx(
-        spec.model, kind=spec.kind, checkpoint_sha256=checkpoint_sha256, cache=spec.cache_path
+        spec.model, kind=spec.kind, checkpoint_sha256=spec.checkpoint_sha256, cache=spec.cache_path
     )
     threads = backend_threads(spec.threads, what=spec.section)
     onnx = OnnxModel(backend, path, precision=precision, threads=threads, setting=spec.setting)
@@ -102,25 +107,21 @@ def build_backend(spec: BackendSpec[BackendT], backend: str, precision: str) -> 
                 f"use {spec.setting} torch or auto"
             )
         chosen_by = "auto on a GPU is torch" if backend == "auto" else "config"
-        return _reported(spec, spec.torch(precision), chosen_by=chosen_by)
+        return _reported(spec, spec.torch(precision=precision), chosen_by=chosen_by)
     if backend in ("torch", "auto"):  # torch's pool: for the torch candidate and reference
         set_torch_threads(device, spec.threads)
-    if backend == "torch":  # no checkpoint hash needed: torch runs the loaded model
-        runner = spec.torch(precision)
-    else:
-        if backend != "auto":
-            require(backend, spec.setting)  # the install hint before any export work
-        checkpoint_sha256 = file_sha256(spec.weights_path)
-        if backend == "auto":
-            runner, chosen = choose_backend(
-                spec.calibration,
-                functools.partial(make_backend, spec, checkpoint_sha256=checkpoint_sha256),
-                threads=backend_threads(spec.threads, what=spec.section),
-                checkpoint_sha256=checkpoint_sha256,
-                cache=spec.cache_path,
-            )
-            return _reported(spec, runner, **chosen)
-        runner = make_backend(spec, backend, precision, checkpoint_sha256)
+    if backend == "auto":
+        runner, chosen = choose_backend(
+            spec.calibration,
+            functools.partial(make_backend, spec),
+            threads=backend_threads(spec.threads, what=spec.section),
+            checkpoint_sha256=spec.checkpoint_sha256,
+            cache=spec.cache_path,
+        )
+        return _reported(spec, runner, **chosen)
+    if backend != "torch":
+        require(backend, spec.setting)  # the install hint before any export work
+    runner = make_backend(spec, backend, precision)
     log.info(
         "%s backend %s/%s at %d px, %d threads",
         spec.calibration.what,

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.infer.backend import BACKENDS, INSTALL, backend_versions, installed, relative_error
+from pipeline.infer.backend import BACKENDS, INSTALL, backend_version, installed, relative_error
 from pipeline.infer.export import atomic_write_json, key_hash, samstream_version
 from pipeline.infer.machine import cpu_facts
 from pipeline.infer.timing import time_ms
@@ -334,7 +334,10 @@ def calibration_key(
         "cpu_model": model,
         "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
         "machine": platform.machine(),
-        "versions": {**backend_versions(), "samstream": samstream_version()},
+        "versions": {
+            **{name: backend_version(name) for name in BACKENDS[1:]},
+            "samstream": samstream_version(),
+        },
         "image_size": image_size,
         "threads": threads,
         "checkpoint_sha256": checkpoint_sha256,

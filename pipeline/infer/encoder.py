@@ -220,9 +220,6 @@ def build_encoder(
     if dtype not in PRECISIONS:
         raise ValueError(f"encoder dtype {dtype!r} is not one of {' | '.join(PRECISIONS)}")
 
-    def torch_encoder(precision: str) -> EncoderBackend:
-        return TorchEncoder(model=model, precision=precision)
-
     measured = Calibration(
         what="encoder",
         name=ENCODER,
@@ -232,7 +229,7 @@ def build_encoder(
         candidates=functools.partial(candidates, dtype),
         inputs={"image": functools.partial(calibration_input, model.img_size)},
         run=lambda encoder, x: encoder.encode(x),
-        reference=functools.partial(torch_encoder, "float32"),
+        reference=functools.partial(TorchEncoder, model=model, precision="float32"),
         reference_label="torch/float32",
         hint=f" for encoder.dtype {dtype}; use encoder.dtype auto or float32",
     )
@@ -244,7 +241,7 @@ def build_encoder(
         threads=threads,
         cache=cache,
         requested={"backend": backend, "dtype": dtype},
-        torch=torch_encoder,
+        torch=functools.partial(TorchEncoder, model=model),
         onnx=OnnxEncoder,
         calibration=measured,
         dtype_setting="encoder.dtype",

@@ -216,9 +216,6 @@ def build_mask_decoder(
     precision: torch's autocast dtype (float32 unless the tracker's SAM is in another).
     """
 
-    def torch_decoder(precision: str) -> MaskDecoderBackend:
-        return TorchMaskDecoder(model=model, precision=precision)
-
     measured = Calibration(
         what="tracker mask decoder",
         name=DECODER,
@@ -243,7 +240,7 @@ def build_mask_decoder(
         threads=threads,
         cache=cache,
         requested={"backend": backend},
-        torch=torch_decoder,
+        torch=functools.partial(TorchMaskDecoder, model=model),
         onnx=OnnxMaskDecoder,
         calibration=measured,
     )
