@@ -44,26 +44,25 @@ BackendT = TypeVar("BackendT", bound=Backend)
 class BackendSpec(Generic[BackendT]):
     """One kind of backend for one model: what `build_backend` and its calibration need.
 
-    section: the config section ("encoder", "tracker"), in errors; kind: its ONNX export
-    (``pipeline.infer.export.ENCODER``, ``DECODER``); model (on its device), weights_path,
-    threads (None: the node's budget, `backend_threads`; torch's pool is then left as it
-    is), cache (None: the weights cache dir); requested: the settings as asked, for the
-    report; torch: (precision=...) -> the model in PyTorch (a `TorchBackend`); onnx: the
-    `OnnxBackend` adapter of a loaded export; calibration: what `auto` measures (its `what`
-    names the kind in log lines); dtype_setting: the config key of its precision, if any
-    (for hints).
+    section: the config section ("encoder", "tracker"), in errors; torch: (precision=...)
+    -> the model in PyTorch (a `TorchBackend`); onnx: the `OnnxBackend` adapter of a loaded
+    export; calibration: what `auto` measures (its `what` names the kind in log lines, its
+    `name` is also the ONNX export's kind, ``pipeline.infer.export.ENCODER`` or
+    ``DECODER``); dtype_setting: the config key of its precision, if any (for hints). Then
+    this build's: model (on its device), weights_path, threads (None: the node's budget,
+    `backend_threads`; torch's pool is then left as it is), cache (None: the weights cache
+    dir); requested: the settings as asked, for the report.
     """
 
     section: str
-    kind: str
+    torch: Callable[..., BackendT]
+    onnx: Callable[..., BackendT]
+    calibration: Calibration
     model: SamDecoder
     weights_path: str | os.PathLike[str]
     threads: int | None
     cache: str | os.PathLike[str] | None
     requested: dict[str, str]
-    torch: Callable[..., BackendT]
-    onnx: Callable[..., BackendT]
-    calibration: Calibration
     dtype_setting: str | None = None
 
     @property
@@ -87,7 +86,10 @@ def make_backend(spec: BackendSpec[BackendT], backend: str, precision: str) -> B
         return spec.torch(precision=precision)
     check_onnx_precision(backend, precision, setting=spec.setting, dtype_setting=spec.dtype_setting)
     path = cached_onnx(
-        spec.model, kind=spec.kind, checkpoint_sha256=spec.checkpoint_sha256, cache=spec.cache_path
+        spec.model,
+        kind=spec.calibration.name,
+        checkpoint_sha256=spec.checkpoint_sha256,
+        cache=spec.cache_path,
     )
     threads = backend_threads(spec.threads, what=spec.section)
     onnx = OnnxModel(backend, path, precision=precision, threads=threads, setting=spec.setting)
@@ -121,18 +123,19 @@ def build_backend(spec: BackendSpec[BackendT], backend: str, precision: str) -> 
         return _reported(spec, runner, **chosen)
     if backend != "torch":
         require(backend, spec.setting)  # the install hint before any export work
-    runner = make_backend(spec, backend, precision)
-    log.info(
-        "%s backend %s/%s at %d px, %d threads",
-        spec.calibration.what,
-        runner.name,
-        runner.precision,
-        spec.model.img_size,
-        runner.threads,
-    )
-    return _reported(spec, runner, chosen_by="config")
+    return _reported(spec, make_backend(spec, backend, precision), chosen_by="config")
 
 
 def _reported(spec: BackendSpec[BackendT], runner: BackendT, **chosen: Any) -> BackendT:
+    """`runner`, its report saying how it was chosen; one log line for every build."""
     runner.chosen = {"device": str(spec.model.device), "requested": spec.requested, **chosen}
+    log.info(
+        "%s backend %s/%s at %d px, %d threads (%s)",
+        spec.calibration.what,
+        runner.name,
+        runner.precision,
+        runner.image_size,
+        runner.threads,
+        chosen["chosen_by"],
+    )
     return runner

@@ -422,17 +422,8 @@ def choose_backend(
         atomic_write_json(path, data)
         chosen_by = "calibration"
     inputs = " + ".join(cal.inputs) + f" {cal.unit}: " if len(cal.inputs) > 1 else ""
-    log.info(
-        "%s backend auto -> %s/%s at %d px, %d threads (%s; %s%s)",
-        cal.what,
-        runner.name,
-        runner.precision,
-        cal.image_size,
-        runner.threads,
-        chosen_by,
-        inputs,
-        ", ".join(_measured(row) for row in data["candidates"]),
-    )
+    rows = ", ".join(_measured(row) for row in data["candidates"])
+    log.info("%s backend auto, by %s: %s%s", cal.what, chosen_by, inputs, rows)
     return runner, {
         "chosen_by": chosen_by,
         "candidates": data["candidates"],

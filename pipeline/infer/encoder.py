@@ -235,15 +235,14 @@ def build_encoder(
     )
     spec = BackendSpec[EncoderBackend](
         section="encoder",
-        kind=ENCODER,
+        torch=functools.partial(TorchEncoder, model=model),
+        onnx=OnnxEncoder,
+        calibration=measured,
+        dtype_setting="encoder.dtype",
         model=model,
         weights_path=weights_path,
         threads=threads,
         cache=cache,
         requested={"backend": backend, "dtype": dtype},
-        torch=functools.partial(TorchEncoder, model=model),
-        onnx=OnnxEncoder,
-        calibration=measured,
-        dtype_setting="encoder.dtype",
     )
     return build_backend(spec, backend, "float32" if dtype == "auto" else dtype)

@@ -41,7 +41,6 @@ from torch import nn
 
 from pipeline.infer.decoder_graph import DECODER_GRAPH, DecoderOnnxModel
 from pipeline.model.sam import MobileSAM, SamDecoder
-from pipeline.model.weights import cache_dir
 from pipeline.outputs.atomic import AtomicFile, write_atomic
 
 log = logging.getLogger(__name__)
@@ -332,17 +331,14 @@ def cached_onnx(
     *,
     kind: str,
     checkpoint_sha256: str,
-    cache: str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str],
 ) -> Path:
     """The `kind` model of `model` as a cached ONNX file, exported on first use.
 
-    Lives in `cache` (default: the weights cache dir, pipeline.model.weights.cache_dir())
-    under onnx/, named by a hash of its key; reused only when the sidecar's key matches and
-    the file's SHA-256 is the one recorded, otherwise exported again (a warning for a
-    corrupt file).
+    Lives in `cache` (a run's: the weights cache dir unless set) under onnx/, named by a
+    hash of its key; reused only when the sidecar's key matches and the file's SHA-256 is
+    the one recorded, otherwise exported again (a warning for a corrupt file).
     """
-    if cache is None:
-        cache = cache_dir()
     key = export_key(kind=kind, image_size=model.img_size, checkpoint_sha256=checkpoint_sha256)
     path = Path(cache) / "onnx" / f"{kind}-{model.img_size}-{key_hash(key)}.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)

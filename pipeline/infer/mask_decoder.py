@@ -62,7 +62,7 @@ CALIBRATION_COUNTS = (1, 8)  # prompts per timed call: one object, and a crowded
 
 
 @dataclass(frozen=True)
-class Prompts:
+class PromptBatch:
     """One decoder call: N prompts of one kind on one image (see `MaskDecoderBackend.decode`)."""
 
     embedding: torch.Tensor
@@ -73,12 +73,10 @@ class Prompts:
     def sam_inputs(self) -> dict[str, Any]:
         """`SamDecoder.decode`'s prompt arguments, on the embedding's device."""
         device = self.embedding.device
-        points = self.points
-        if points is not None:
-            points = (
-                torch.from_numpy(points[0]).to(device),
-                torch.from_numpy(points[1]).to(device),
-            )
+        points = None
+        if self.points is not None:
+            coords, labels = self.points
+            points = (torch.from_numpy(coords).to(device), torch.from_numpy(labels).to(device))
         boxes = None if self.boxes is None else torch.from_numpy(self.boxes).to(device)
         return {"points": points, "boxes": boxes, "mask_inputs": self.mask_input}
 
@@ -90,7 +88,8 @@ class Prompts:
         mask_input, has = self.mask_input, torch.ones(1, device=device)
         if mask_input is None:
             h, w = self.embedding.shape[-2:]
-            mask_input, has = torch.zeros(1, 1, 4 * h, 4 * w, device=device), has * 0
+            mask_input = torch.zeros(1, 1, 4 * h, 4 * w, device=device)
+            has = torch.zeros(1, device=device)
         return {
             "image_embeddings": self.embedding,
             "point_coords": torch.from_numpy(coords).to(device),
@@ -118,9 +117,9 @@ class MaskDecoderBackend(Backend):
         low-res logits or None. Returns low-res logits Nx1x(4h)x(4w) and scores Nx1,
         float32, on the embedding's device.
         """
-        return self.run(Prompts(embedding, boxes, points, mask_input))
+        return self.run(PromptBatch(embedding, boxes, points, mask_input))
 
-    def run(self, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -144,7 +143,7 @@ class TorchMaskDecoder(TorchBackend, MaskDecoderBackend):
         return {**super().describe(), "graph": "MobileSAM.decode" if self.exact else "reordered"}
 
     @torch.inference_mode()
-    def run(self, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast():
             if self.exact:
                 low, scores = self.model.decode(prompts.embedding, **prompts.sam_inputs())
@@ -156,7 +155,7 @@ class TorchMaskDecoder(TorchBackend, MaskDecoderBackend):
 class OnnxMaskDecoder(OnnxBackend, MaskDecoderBackend):
     """The exported mask decoder in ONNX Runtime or OpenVINO (on the CPU)."""
 
-    def run(self, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if prompts.embedding.device.type != "cpu":
             raise ValueError(f"tracker.backend {self.name} runs on the CPU only")
         inputs = prompts.graph_inputs()
@@ -234,15 +233,14 @@ def build_mask_decoder(
     )
     spec = BackendSpec[MaskDecoderBackend](
         section="tracker",
-        kind=DECODER,
+        torch=functools.partial(TorchMaskDecoder, model=model),
+        onnx=OnnxMaskDecoder,
+        calibration=measured,
         model=model,
         weights_path=weights_path,
         threads=threads,
         cache=cache,
         requested={"backend": backend},
-        torch=functools.partial(TorchMaskDecoder, model=model),
-        onnx=OnnxMaskDecoder,
-        calibration=measured,
     )
     return build_backend(spec, backend, precision)
 
