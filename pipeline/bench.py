@@ -20,6 +20,7 @@ and the mask decoder's per track count (`format_gpu_table` prints them).
 
 from __future__ import annotations
 
+import functools
 import math
 import socket
 import statistics
@@ -37,6 +38,7 @@ from pipeline.infer.encoder import TorchEncoder, build_encoder, candidates, prep
 from pipeline.infer.gpu import CudaGraphRunner, device_preprocess, half_copy, upload
 from pipeline.infer.machine import available_cores, cpu_facts, native_bf16
 from pipeline.infer.timing import median_ms, time_ms
+from pipeline.model.sam import SamDecoder
 from pipeline.predictor import SAM
 from pipeline.run.launcher import run_pipeline
 from pipeline.run.summary import RunSummary
@@ -62,22 +64,14 @@ def _grid_boxes(count: int, size: tuple[int, int]) -> list[list[float]]:
     """``count`` boxes of typical object size (a tenth of the frame's width) on a grid over
     the frame, overlapping their neighbours a little, as a crowded scene would."""
     height, width = size
-    side = max(16.0, width / 10)
+    half = max(16.0, width / 10) / 2
     columns = max(1, math.ceil(math.sqrt(count * width / height)))
-    rows = math.ceil(count / columns)
-    step_x, step_y = width / columns, height / rows
-    boxes = []
-    for i in range(count):
-        cx, cy = (i % columns + 0.5) * step_x, (i // columns + 0.5) * step_y
-        boxes.append(
-            [
-                max(0.0, cx - side / 2),
-                max(0.0, cy - side / 2),
-                min(width, cx + side / 2),
-                min(height, cy + side / 2),
-            ]
-        )
-    return boxes
+    step_x, step_y = width / columns, height / math.ceil(count / columns)
+    centres = np.array(
+        [((i % columns + 0.5) * step_x, (i // columns + 0.5) * step_y) for i in range(count)]
+    )
+    boxes = np.concatenate([centres - half, centres + half], axis=1)
+    return np.clip(boxes, 0, [width, height, width, height]).tolist()
 
 
 def tracker_rows(
@@ -148,19 +142,10 @@ def tracker_rows(
             with tempfile.TemporaryDirectory(prefix="samstream-bench-") as out:
                 publisher = PublisherNode(PublisherConfig(out=out), budget_ms=math.inf)
                 publisher.setup()
-                # Each stage takes what the one before it gave: frame -> masks -> nothing.
-                steps = {"tracker": tracker.process, "publisher": publisher.process}
-                times: dict[str, list[float]] = {stage: [] for stage in stages}
-                for index, msg in enumerate(frames):
-                    msgs = [msg]
-                    for stage, step in steps.items():
-                        start = time.perf_counter()
-                        msgs = step(msgs[0])
-                        if index and stage in times:
-                            times[stage].append((time.perf_counter() - start) * 1000)
+                times = _stage_times(frames, [tracker.process, publisher.process])
                 publisher.abort()
-            for stage in stages:
-                results[f"{stage}_ms_{tag}{count}_objects"] = statistics.median(times[stage])
+            for stage, stage_times in zip(stages, times, strict=False):
+                results[f"{stage}_ms_{tag}{count}_objects"] = statistics.median(stage_times)
         if backend == "auto":
             results["tracker_backend"] = tracker.detail["backend"]["backend"]
         for stage in stages:
@@ -168,6 +153,20 @@ def tracker_rows(
             if isinstance(one, float) and isinstance(eight, float) and one:
                 results[f"{stage}_{tag}8_vs_1_object"] = eight / one
     return results
+
+
+def _stage_times(frames: list[Any], steps: list[Callable[[Any], list[Any]]]) -> list[list[float]]:
+    """Milliseconds of each step on each frame but the first (it starts the tracks), each
+    step taking what the one before it gave (frame -> masks -> nothing)."""
+    times: list[list[float]] = [[] for _ in steps]
+    for index, msg in enumerate(frames):
+        msgs = [msg]
+        for step, step_times in zip(steps, times, strict=True):
+            start = time.perf_counter()
+            msgs = step(msgs[0])
+            if index:
+                step_times.append((time.perf_counter() - start) * 1000)
+    return times
 
 
 def encoder_table(
@@ -295,6 +294,10 @@ def gpu_encoder_table(
         variants[name] = (encoder.run, encoder.input_dtype)
     for name, fn in _official_encoders(sam.weights_path, dev, image_size).items():
         variants[name] = (fn, torch.float16 if "fp16" in name else torch.float32)
+
+    def timed(fn: Callable[[], object]) -> float:
+        return median_ms(fn, device=dev, repeats=repeats, warmup=warmup)
+
     with torch.inference_mode():
         reference = None
         for name, (fn, dtype) in variants.items():
@@ -302,9 +305,8 @@ def gpu_encoder_table(
                 results.update({f"encoder_ms_{name}_batch{b}": fn for b in batches})
                 continue
             for b in batches:
-                x = inputs[(b, dtype)]
-                results[f"encoder_ms_{name}_batch{b}"] = median_ms(
-                    lambda f=fn, x=x: f(x), device=dev, repeats=repeats, warmup=warmup
+                results[f"encoder_ms_{name}_batch{b}"] = timed(
+                    lambda f=fn, x=inputs[(b, dtype)]: f(x)
                 )
             out = fn(inputs[(batches[0], dtype)])[:1].float()
             reference = out if reference is None else reference  # fp32 eager comes first
@@ -313,28 +315,26 @@ def gpu_encoder_table(
             )
             results[f"encoder_finite_{name}"] = str(bool(torch.isfinite(out).all()))
         for name, encoder in encoders.items():
-            results[f"encode_frames_ms_{name}_batch1"] = median_ms(
-                lambda e=encoder: e.encode_frames([frame]),
-                device=dev,
-                repeats=repeats,
-                warmup=warmup,
+            results[f"encode_frames_ms_{name}_batch1"] = timed(
+                lambda e=encoder: e.encode_frames([frame])
             )
         embedding, input_size = encoders["fp32_eager"].encode_frames([frame])
         for label, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
-            if not cuda and dtype != torch.float32:
-                results.update({f"mask_decoder_ms_{label}_{n}_tracks": EMULATED for n in tracks})
-                continue
             for n in tracks:
                 boxes = torch.tensor(_grid_boxes(n, input_size), dtype=torch.float32, device=dev)
-
-                def decode(boxes: torch.Tensor = boxes, dtype: torch.dtype = dtype) -> object:
-                    with autocast(dev, dtype):
-                        return sam.model.decode(embedding, boxes=boxes)
-
-                results[f"mask_decoder_ms_{label}_{n}_tracks"] = median_ms(
-                    decode, device=dev, repeats=repeats, warmup=warmup
+                results[f"mask_decoder_ms_{label}_{n}_tracks"] = (
+                    timed(functools.partial(_decode, sam.model, embedding, boxes, dtype))
+                    if cuda or dtype == torch.float32
+                    else EMULATED
                 )
     return results
+
+
+def _decode(
+    model: SamDecoder, embedding: torch.Tensor, boxes: torch.Tensor, dtype: torch.dtype
+) -> object:
+    with autocast(model.device, dtype):
+        return model.decode(embedding, boxes=boxes)
 
 
 def compiled_encoder_rows(
@@ -355,19 +355,17 @@ def compiled_encoder_rows(
     x, _ = device_preprocess(frames, image_size=image_size, dtype=torch.float16)
     x32, _ = device_preprocess(frames, image_size=image_size, dtype=torch.float32)
     with torch.inference_mode():
-        start = time.perf_counter()
-        out = compiled(x).clone()  # the next call may overwrite its output buffer
-        torch.cuda.synchronize(sam.device)
-        results: dict[str, float | str | None] = {
-            "encoder_compile_s_fp16_batch1": time.perf_counter() - start
+        out: list[torch.Tensor] = []  # a copy: the next call may overwrite its output buffer
+        [compile_ms] = time_ms(lambda: out.append(compiled(x).clone()), device=sam.device)
+        return {
+            "encoder_compile_s_fp16_batch1": compile_ms / 1000,
+            "encoder_ms_fp16_compiled_batch1": median_ms(
+                lambda: compiled(x), device=sam.device, repeats=repeats, warmup=3
+            ),
+            "encoder_rel_error_fp16_compiled": relative_error(
+                out[0].float().cpu().numpy(), exact.run(x32).cpu().numpy()
+            ),
         }
-        results["encoder_ms_fp16_compiled_batch1"] = median_ms(
-            lambda: compiled(x), device=sam.device, repeats=repeats, warmup=3
-        )
-        results["encoder_rel_error_fp16_compiled"] = relative_error(
-            out.float().cpu().numpy(), exact.run(x32).cpu().numpy()
-        )
-    return results
 
 
 def format_gpu_table(results: dict[str, float | str | None]) -> str:
@@ -394,12 +392,12 @@ def format_gpu_table(results: dict[str, float | str | None]) -> str:
     return "\n".join(lines + rest)
 
 
-def _read_frames(source: str, count: int) -> tuple[list[np.ndarray], float]:
+def read_frames(source: str, count: int) -> tuple[list[np.ndarray], float]:
+    """The first `count` frames of `source`, and how many it decoded per second."""
+    frames: list[np.ndarray] = []
     with VideoSource(parse_source(source), max_frames=count) as video:
-        start = time.perf_counter()
-        frames = [f.image for f in video]
-        elapsed = time.perf_counter() - start
-    return frames, len(frames) / elapsed
+        [ms] = time_ms(lambda: frames.extend(f.image for f in video))
+    return frames, 1000 * len(frames) / ms
 
 
 def _official_predictor(weights: Path, device: str | torch.device) -> Any:
@@ -413,35 +411,22 @@ def _official_predictor(weights: Path, device: str | torch.device) -> Any:
     return mobile_sam.SamPredictor(model.to(device).eval())
 
 
-def _official_loop_fps(
-    weights: Path, frames: list[np.ndarray], box: list[float], device: str
-) -> float | None:
-    predictor = _official_predictor(weights, device)
-    if predictor is None:
-        return None
+def _official_loop_fps(predictor: Any, frames: list[np.ndarray], box: list[float]) -> float:
+    """Frames per second of a plain loop of the official SamPredictor: encode, decode the
+    box, carry the mask's box to the next frame (as a plain tracker would)."""
     prompt = np.array(box, dtype=np.float32)
-    start = time.perf_counter()
-    for frame in frames:
-        predictor.set_image(frame)
-        masks, _, _ = predictor.predict(box=prompt, multimask_output=False)
-        ys, xs = np.nonzero(masks[0])
-        if xs.size:  # carry the box to the next frame, as a plain tracker would
-            prompt = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-    return len(frames) / (time.perf_counter() - start)
 
+    def loop() -> None:
+        nonlocal prompt
+        for frame in frames:
+            predictor.set_image(frame)
+            masks, _, _ = predictor.predict(box=prompt, multimask_output=False)
+            ys, xs = np.nonzero(masks[0])
+            if xs.size:
+                prompt = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
 
-def official_encoder_ms(
-    weights: Path, frame: np.ndarray, device: str, repeats: int
-) -> float | None:
-    """The official MobileSAM image encoder, fp32, on one frame (it runs at 1024 only):
-    the reference every encoder figure is a ratio to."""
-    predictor = _official_predictor(weights, device)
-    if predictor is None:
-        return None
-    with torch.inference_mode():
-        return median_ms(
-            lambda: predictor.set_image(frame), device=torch.device(device), repeats=repeats
-        )
+    [ms] = time_ms(loop)
+    return 1000 * len(frames) / ms
 
 
 def _ultralytics_fps(frames: list[np.ndarray], box: list[float], weights: Path) -> float | None:
@@ -497,46 +482,44 @@ def run_bench(
     repeats: int = 3,
     live_seconds: float = 10.0,
     encoder_sizes: tuple[int, ...] = (1024, 512),
-    decoder_backends: bool = True,
     run_frames: int = 60,
 ) -> dict[str, float | str | None]:
     sam = SAM(weights, device=device, dtype=dtype, image_size=image_size, backend="auto")
-    clip, decode_fps = _read_frames(source, frames)
+    clip, decode_fps = read_frames(source, frames)
     if not clip:
         raise ValueError(f"{source} gave no frames")
     h, w = clip[0].shape[:2]
     box = [w * 0.3, h * 0.3, w * 0.6, h * 0.7]
     batch = min(4, len(clip))
+    official = _official_predictor(sam.weights_path, device)
+
+    def timed(fn: Callable[[], object]) -> float:
+        with torch.inference_mode():
+            return median_ms(fn, device=sam.device, repeats=repeats)
+
     results: dict[str, float | str | None] = {**machine_line(), "decode_fps": decode_fps}
-    results["official_encoder_ms_1024"] = official_encoder_ms(
-        sam.weights_path, clip[0], device, repeats
-    )
+    # The official image encoder, fp32, on one frame (it runs at 1024 only): the reference
+    # every encoder figure is a ratio to.
+    official_ms = official and timed(lambda: official.set_image(clip[0]))
+    results["official_encoder_ms_1024"] = official_ms
     if device == "cpu" and encoder_sizes:
         table = encoder_table(str(sam.weights_path), clip[0], sizes=encoder_sizes, repeats=repeats)
         results.update(table)
-        official = results["official_encoder_ms_1024"]
         for name, value in list(table.items()):
-            if name.startswith("encoder_ms_") and isinstance(value, float) and official:
+            if name.startswith("encoder_ms_") and isinstance(value, float) and official_ms:
                 results[f"ratio official fp32 1024 / {name.removeprefix('encoder_ms_')}"] = (
-                    float(official) / value
+                    official_ms / value
                 )
     results["encoder_backend"] = "{backend}/{precision}".format(**sam.backend_report)
-    results["encoder_ms_batch1"] = median_ms(
-        lambda: sam.encode_batch(clip[:1]), device=sam.device, repeats=repeats
-    )
-    results[f"encoder_ms_per_frame_batch{batch}"] = (
-        median_ms(lambda: sam.encode_batch(clip[:batch]), device=sam.device, repeats=repeats)
-        / batch
-    )
+    results["encoder_ms_batch1"] = timed(lambda: sam.encode_batch(clip[:1]))
+    per_frame = timed(lambda: sam.encode_batch(clip[:batch])) / batch
+    results[f"encoder_ms_per_frame_batch{batch}"] = per_frame
     embedded = sam.set_image(clip[0])
     for n in (1, 8):
         prompts = parse_prompts((h, w), bboxes=[box] * n)
-        results[f"mask_decoder_ms_{n}_objects"] = median_ms(
-            lambda p=prompts: sam.decode(embedded, p), device=sam.device, repeats=repeats
-        )
-    backends: tuple[str, ...] = ("auto",)
-    if device == "cpu" and decoder_backends:  # each mask decoder backend too (ONNX: CPU only)
-        backends += ("torch", *ONNX_BACKENDS)
+        results[f"mask_decoder_ms_{n}_objects"] = timed(lambda p=prompts: sam.decode(embedded, p))
+    # Each mask decoder backend too, on a CPU (the ONNX backends run there only).
+    backends = ("auto", "torch", *ONNX_BACKENDS) if device == "cpu" else ("auto",)
     results.update(
         tracker_rows(
             str(sam.weights_path),
@@ -561,12 +544,12 @@ def run_bench(
     # starts); the whole run, loading included, is printed beside.
     results["samstream_run_fps_with_startup"] = summary.fps
     results["samstream_run_fps"] = summary.steady_fps
-    results["official_predictor_loop_fps"] = _official_loop_fps(sam.weights_path, clip, box, device)
+    loop_fps = official and _official_loop_fps(official, clip, box)
+    results["official_predictor_loop_fps"] = loop_fps
     results["ultralytics_fps"] = _ultralytics_fps(clip, box, sam.weights_path)
     if live_seconds > 0:
         results.update(_live_run(run, source, live_seconds))
-        official = results["official_predictor_loop_fps"]
-        results["official_loop_ms_per_frame"] = 1000 / official if official else None
+        results["official_loop_ms_per_frame"] = 1000 / loop_fps if loop_fps else None
     return results
 
 
@@ -577,18 +560,21 @@ def _value(value: float | str | None) -> str:
 
 
 def format_results(results: dict[str, float | str | None]) -> str:
+    """Every figure by name, then the ratios to the peers measured in the same run."""
     lines = [f"{name:<48} {_value(v)}" for name, v in results.items()]
-    ours = results["samstream_run_fps"]
-    for peer in ("official_predictor_loop_fps", "ultralytics_fps"):
-        theirs = results.get(peer)
-        if ours and theirs:
-            lines.append(
-                f"{'ratio samstream / ' + peer.removesuffix('_fps'):<48} {ours / theirs:10.2f}x"
-            )
-    latency, loop_ms = (
-        results.get("live_latency_ms_median"),
-        results.get("official_loop_ms_per_frame"),
-    )
-    if latency and loop_ms:
-        lines.append(f"{'ratio live latency / official loop':<48} {latency / loop_ms:10.2f}x")
+    ratios = {
+        "ratio samstream / official_predictor_loop": (
+            "samstream_run_fps",
+            "official_predictor_loop_fps",
+        ),
+        "ratio samstream / ultralytics": ("samstream_run_fps", "ultralytics_fps"),
+        "ratio live latency / official loop": (
+            "live_latency_ms_median",
+            "official_loop_ms_per_frame",
+        ),
+    }
+    for label, (ours, theirs) in ratios.items():
+        mine, peer = results.get(ours), results.get(theirs)
+        if isinstance(mine, (int, float)) and isinstance(peer, (int, float)) and mine and peer:
+            lines.append(f"{label:<48} {mine / peer:10.2f}x")
     return "\n".join(lines)

@@ -3,12 +3,13 @@ the packages the backends need, and the ONNX layer both run their exported model
 
 A backend (`Backend`) says what it is: `name` (torch, onnxruntime, openvino), `precision`
 (float32, bfloat16, float16), `threads` (intra-op threads), `image_size`, the package
-`version`, all of it in `describe()`; `report` says how it was chosen (filled in by
-`pipeline.infer.build`, and put by the nodes in their status messages).
+`version`, all of it in `describe()`; `report` adds how it was chosen (`chosen`, set by
+`pipeline.infer.build`), what the nodes put in their status messages. What runs it is a
+`TorchBackend` (the PyTorch model on its device) or an `OnnxBackend`.
 
 `OnnxModel` is the ONNX layer: a model exported by `pipeline.infer.export`, loaded on the
 CPU by ONNX Runtime or OpenVINO, run on named float32 feeds. The ONNX encoder and the ONNX
-mask decoder are adapters around it (their feeds, their outputs).
+mask decoder are `OnnxBackend` adapters around it (their feeds, their outputs).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from pipeline.infer.export import key_hash
 from pipeline.infer.machine import available_cores
+from pipeline.model.sam import SamDecoder
 from pipeline.model.weights import cache_dir
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
@@ -66,26 +68,19 @@ def require(backend: str, setting: str) -> ModuleType:
         ) from err
 
 
+def backend_version(backend: str) -> str | None:
+    """The version of the backend's package; None where it is not installed (torch always is)."""
+    if backend == "torch":
+        return torch.__version__
+    try:
+        return str(import_package(backend).__version__)
+    except ImportError:
+        return None
+
+
 def installed(backend: str) -> bool:
     """Whether the backend can run here (torch always can)."""
-    if backend == "torch":
-        return True
-    try:
-        import_package(backend)
-    except ImportError:
-        return False
-    return True
-
-
-def backend_versions() -> dict[str, str | None]:
-    """Versions of torch and of each ONNX backend (None: not installed)."""
-    versions: dict[str, str | None] = {"torch": torch.__version__}
-    for name in ONNX_BACKENDS:
-        try:
-            versions[name] = str(import_package(name).__version__)
-        except ImportError:
-            versions[name] = None
-    return versions
+    return backend_version(backend) is not None
 
 
 def backend_threads(requested: int | None, *, what: str) -> int:
@@ -102,17 +97,11 @@ def backend_threads(requested: int | None, *, what: str) -> int:
     return available_cores()
 
 
-def torch_dtype(precision: str, device: torch.device, threads: int | None) -> torch.dtype:
-    """The dtype of a torch backend's ``precision``; on a CPU, torch's intra-op pool set to
-    ``threads`` for the whole process (None: left as it is, sized from $OMP_NUM_THREADS in
-    a node process)."""
-    if precision not in TORCH_DTYPES:
-        raise ValueError(
-            f"torch precision must be one of {sorted(TORCH_DTYPES)}, got {precision!r}"
-        )
+def set_torch_threads(device: torch.device, threads: int | None) -> None:
+    """On a CPU, torch's intra-op pool set to `threads` for the whole process (None: left
+    as it is, sized from $OMP_NUM_THREADS in a node process)."""
     if threads is not None and device.type == "cpu" and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    return TORCH_DTYPES[precision]
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
@@ -148,7 +137,8 @@ def check_onnx_precision(
 
 class Backend:
     """What every backend says of itself (see the module docs); subclasses add their call
-    (`EncoderBackend.encode`, `MaskDecoderBackend.decode`)."""
+    (`EncoderBackend.encode`, `MaskDecoderBackend.decode`) and what runs it (`TorchBackend`,
+    `OnnxBackend`)."""
 
     def __init__(
         self, *, name: str, image_size: int, precision: str, threads: int, version: str
@@ -158,7 +148,8 @@ class Backend:
         self.precision = precision
         self.threads = threads
         self.version = version
-        self.report: dict[str, Any] = self.describe()
+        # How it was chosen: set by pipeline.infer.build, read through `report`.
+        self.chosen: dict[str, Any] = {}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -169,16 +160,47 @@ class Backend:
             "version": self.version,
         }
 
+    @property
+    def report(self) -> dict[str, Any]:
+        """`describe()` and how the backend was chosen (what the nodes put in their status)."""
+        return {**self.describe(), **self.chosen}
 
-def torch_identity(precision: str) -> dict[str, Any]:
-    """What a torch `Backend` says of itself: its precision, torch's intra-op threads as
-    they are now (after `torch_dtype` has set them), torch's version."""
-    return {
-        "name": "torch",
-        "precision": precision,
-        "threads": torch.get_num_threads(),
-        "version": torch.__version__,
-    }
+
+class TorchBackend(Backend):
+    """A backend that runs the PyTorch `model` on its device: fp32, or bfloat16 / float16
+    under autocast (`dtype`), with torch's intra-op threads as they are now."""
+
+    def __init__(self, *, model: SamDecoder, precision: str) -> None:
+        if precision not in TORCH_DTYPES:
+            raise ValueError(
+                f"torch precision must be one of {sorted(TORCH_DTYPES)}, got {precision!r}"
+            )
+        self.model = model
+        self.dtype = TORCH_DTYPES[precision]
+        super().__init__(
+            name="torch",
+            image_size=model.img_size,
+            precision=precision,
+            threads=torch.get_num_threads(),
+            version=torch.__version__,
+        )
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return autocast(self.model.device, self.dtype)
+
+
+class OnnxBackend(Backend):
+    """A backend that runs an exported model (`onnx`, an `OnnxModel`) on the CPU."""
+
+    def __init__(self, onnx: OnnxModel, *, image_size: int) -> None:
+        self.onnx = onnx
+        super().__init__(
+            name=onnx.backend,
+            image_size=image_size,
+            precision=onnx.precision,
+            threads=onnx.threads,
+            version=onnx.version,
+        )
 
 
 class OnnxModel:
@@ -221,16 +243,6 @@ class OnnxModel:
         }
         self.compiled = compile_openvino(package, path, config)
         self.request = self.compiled.create_infer_request()
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        """What a `Backend` on this model says of itself (its name, precision, ...)."""
-        return {
-            "name": self.backend,
-            "precision": self.precision,
-            "threads": self.threads,
-            "version": self.version,
-        }
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.session is not None:

@@ -28,6 +28,7 @@ from pipeline.infer.backend import (
     backend_threads,
     check_onnx_precision,
     require,
+    set_torch_threads,
 )
 from pipeline.infer.calibration import Calibration, choose_backend
 from pipeline.infer.export import cached_onnx, file_sha256
@@ -43,50 +44,56 @@ BackendT = TypeVar("BackendT", bound=Backend)
 class BackendSpec(Generic[BackendT]):
     """One kind of backend for one model: what `build_backend` and its calibration need.
 
-    section: the config section ("encoder", "tracker"), in errors; kind: its ONNX export
-    (``pipeline.infer.export.ENCODER``, ``DECODER``); model (on its device), weights_path,
-    threads (None: the node's budget, `backend_threads`; torch's pool is then left as it
-    is), cache (None: the weights cache dir); requested: the settings as asked, for the
-    report; torch: (precision, threads) -> the model in PyTorch; onnx: the adapter of a
-    loaded export; calibration: what `auto` measures (its `what` names the kind in log
-    lines); dtype_setting: the config key of its precision, if any (for hints).
+    section: the config section ("encoder", "tracker"), in errors; torch: (precision=...)
+    -> the model in PyTorch (a `TorchBackend`); onnx: the `OnnxBackend` adapter of a loaded
+    export; calibration: what `auto` measures (its `what` names the kind in log lines, its
+    `name` is also the ONNX export's kind, ``pipeline.infer.export.ENCODER`` or
+    ``DECODER``); dtype_setting: the config key of its precision, if any (for hints). Then
+    this build's: model (on its device), weights_path, threads (None: the node's budget,
+    `backend_threads`; torch's pool is then left as it is), cache (None: the weights cache
+    dir); requested: the settings as asked, for the report.
     """
 
     section: str
-    kind: str
+    torch: Callable[..., BackendT]
+    onnx: Callable[..., BackendT]
+    calibration: Calibration
     model: SamDecoder
     weights_path: str | os.PathLike[str]
     threads: int | None
     cache: str | os.PathLike[str] | None
     requested: dict[str, str]
-    torch: Callable[[str, int | None], BackendT]
-    onnx: Callable[[OnnxModel], BackendT]
-    calibration: Calibration
     dtype_setting: str | None = None
 
     @property
     def setting(self) -> str:
         return f"{self.section}.backend"
 
+    @functools.cached_property
+    def checkpoint_sha256(self) -> str:
+        """The checkpoint's SHA-256, read once (torch alone never needs it: it runs the
+        loaded model)."""
+        return file_sha256(self.weights_path)
+
     @property
     def cache_path(self) -> Path:
         return Path(cache_dir() if self.cache is None else self.cache)
 
 
-def make_backend(
-    spec: BackendSpec[BackendT], backend: str, precision: str, checkpoint_sha256: str
-) -> BackendT:
+def make_backend(spec: BackendSpec[BackendT], backend: str, precision: str) -> BackendT:
     """One named backend at `precision`, its model exported on first use."""
     if backend == "torch":
-        return spec.torch(precision, spec.threads)
+        return spec.torch(precision=precision)
     check_onnx_precision(backend, precision, setting=spec.setting, dtype_setting=spec.dtype_setting)
     path = cached_onnx(
-        spec.model, kind=spec.kind, checkpoint_sha256=checkpoint_sha256, cache=spec.cache_path
+        spec.model,
+        kind=spec.calibration.name,
+        checkpoint_sha256=spec.checkpoint_sha256,
+        cache=spec.cache_path,
     )
     threads = backend_threads(spec.threads, what=spec.section)
-    return spec.onnx(
-        OnnxModel(backend, path, precision=precision, threads=threads, setting=spec.setting)
-    )
+    onnx = OnnxModel(backend, path, precision=precision, threads=threads, setting=spec.setting)
+    return spec.onnx(onnx, image_size=spec.model.img_size)
 
 
 def build_backend(spec: BackendSpec[BackendT], backend: str, precision: str) -> BackendT:
@@ -102,39 +109,33 @@ def build_backend(spec: BackendSpec[BackendT], backend: str, precision: str) -> 
                 f"use {spec.setting} torch or auto"
             )
         chosen_by = "auto on a GPU is torch" if backend == "auto" else "config"
-        return _reported(spec, spec.torch(precision, None), chosen_by=chosen_by)
-    if backend == "torch":  # no checkpoint hash needed: torch runs the loaded model
-        runner = spec.torch(precision, spec.threads)
-    else:
-        if backend != "auto":
-            require(backend, spec.setting)  # the install hint before any export work
-        checkpoint_sha256 = file_sha256(spec.weights_path)
-        if backend == "auto":
-            runner, chosen = choose_backend(
-                spec.calibration,
-                functools.partial(make_backend, spec, checkpoint_sha256=checkpoint_sha256),
-                threads=backend_threads(spec.threads, what=spec.section),
-                checkpoint_sha256=checkpoint_sha256,
-                cache=spec.cache_path,
-            )
-            return _reported(spec, runner, **chosen)
-        runner = make_backend(spec, backend, precision, checkpoint_sha256)
-    log.info(
-        "%s backend %s/%s at %d px, %d threads",
-        spec.calibration.what,
-        runner.name,
-        runner.precision,
-        spec.model.img_size,
-        runner.threads,
-    )
-    return _reported(spec, runner, chosen_by="config")
+        return _reported(spec, spec.torch(precision=precision), chosen_by=chosen_by)
+    if backend in ("torch", "auto"):  # torch's pool: for the torch candidate and reference
+        set_torch_threads(device, spec.threads)
+    if backend == "auto":
+        runner, chosen = choose_backend(
+            spec.calibration,
+            functools.partial(make_backend, spec),
+            threads=backend_threads(spec.threads, what=spec.section),
+            checkpoint_sha256=spec.checkpoint_sha256,
+            cache=spec.cache_path,
+        )
+        return _reported(spec, runner, **chosen)
+    if backend != "torch":
+        require(backend, spec.setting)  # the install hint before any export work
+    return _reported(spec, make_backend(spec, backend, precision), chosen_by="config")
 
 
 def _reported(spec: BackendSpec[BackendT], runner: BackendT, **chosen: Any) -> BackendT:
-    runner.report = {
-        **runner.describe(),
-        "device": str(spec.model.device),
-        "requested": spec.requested,
-        **chosen,
-    }
+    """`runner`, its report saying how it was chosen; one log line for every build."""
+    runner.chosen = {"device": str(spec.model.device), "requested": spec.requested, **chosen}
+    log.info(
+        "%s backend %s/%s at %d px, %d threads (%s)",
+        spec.calibration.what,
+        runner.name,
+        runner.precision,
+        runner.image_size,
+        runner.threads,
+        chosen["chosen_by"],
+    )
     return runner

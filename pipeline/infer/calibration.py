@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.infer.backend import BACKENDS, INSTALL, backend_versions, installed, relative_error
+from pipeline.infer.backend import BACKENDS, INSTALL, backend_version, installed, relative_error
 from pipeline.infer.export import atomic_write_json, key_hash, samstream_version
 from pipeline.infer.machine import cpu_facts
 from pipeline.infer.timing import time_ms
@@ -334,7 +334,10 @@ def calibration_key(
         "cpu_model": model,
         "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
         "machine": platform.machine(),
-        "versions": {**backend_versions(), "samstream": samstream_version()},
+        "versions": {
+            **{name: backend_version(name) for name in BACKENDS[1:]},
+            "samstream": samstream_version(),
+        },
         "image_size": image_size,
         "threads": threads,
         "checkpoint_sha256": checkpoint_sha256,
@@ -419,17 +422,8 @@ def choose_backend(
         atomic_write_json(path, data)
         chosen_by = "calibration"
     inputs = " + ".join(cal.inputs) + f" {cal.unit}: " if len(cal.inputs) > 1 else ""
-    log.info(
-        "%s backend auto -> %s/%s at %d px, %d threads (%s; %s%s)",
-        cal.what,
-        runner.name,
-        runner.precision,
-        cal.image_size,
-        runner.threads,
-        chosen_by,
-        inputs,
-        ", ".join(_measured(row) for row in data["candidates"]),
-    )
+    rows = ", ".join(_measured(row) for row in data["candidates"])
+    log.info("%s backend auto, by %s: %s%s", cal.what, chosen_by, inputs, rows)
     return runner, {
         "chosen_by": chosen_by,
         "candidates": data["candidates"],

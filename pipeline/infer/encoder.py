@@ -27,14 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.infer.backend import (
-    ONNX_PRECISIONS,
-    Backend,
-    OnnxModel,
-    autocast,
-    torch_dtype,
-    torch_identity,
-)
+from pipeline.infer.backend import ONNX_PRECISIONS, Backend, OnnxBackend, TorchBackend
 from pipeline.infer.build import BackendSpec, build_backend
 from pipeline.infer.calibration import Calibration, Candidate, candidate
 from pipeline.infer.export import ENCODER
@@ -122,7 +115,7 @@ class EncoderBackend(Backend):
         return self.encode_images(resized), (resized.shape[1], resized.shape[2])
 
 
-class TorchEncoder(EncoderBackend):
+class TorchEncoder(TorchBackend, EncoderBackend):
     """The PyTorch model, fp32 or in half precision, on its device.
 
     On a CPU, half precision is autocast over the fp32 weights and frames are resized on the
@@ -132,21 +125,12 @@ class TorchEncoder(EncoderBackend):
     runs on the device (`pipeline.infer.gpu.device_preprocess`), and with `cuda_graphs` the
     encoder is replayed from one CUDA graph per batch size and image size
     (`pipeline.infer.gpu.CudaGraphRunner`; eager where a capture fails, with the reason logged).
-
-    threads: None leaves torch's intra-op pool as it is (sized from $OMP_NUM_THREADS in a
-    node process); a number sets it, for the whole process.
     """
 
     def __init__(
-        self,
-        *,
-        model: MobileSAM,
-        precision: str = "float32",
-        threads: int | None = None,
-        cuda_graphs: bool = True,
+        self, *, model: MobileSAM, precision: str = "float32", cuda_graphs: bool = True
     ) -> None:
-        self.model = model
-        self.dtype = torch_dtype(precision, model.device, threads)
+        super().__init__(model=model, precision=precision)
         on_cuda = model.device.type == "cuda"
         half_weights = on_cuda and self.dtype != torch.float32
         self.image_encoder = (
@@ -160,14 +144,13 @@ class TorchEncoder(EncoderBackend):
         self.run: Callable[[torch.Tensor], torch.Tensor] = self._forward
         if on_cuda and cuda_graphs:
             self.run = CudaGraphRunner(self._forward)
-        super().__init__(image_size=model.img_size, **torch_identity(precision))
 
     def describe(self) -> dict[str, Any]:
         graphs = isinstance(self.run, CudaGraphRunner)
         return {**super().describe(), "cuda_graphs": graphs}
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with autocast(self.model.device, self.dtype):
+        with self.autocast():
             return self.image_encoder(x)
 
     @torch.inference_mode()
@@ -194,12 +177,8 @@ class TorchEncoder(EncoderBackend):
         return self.run(x).float(), input_size
 
 
-class OnnxEncoder(EncoderBackend):
+class OnnxEncoder(OnnxBackend, EncoderBackend):
     """The exported encoder (``images`` -> ``embeddings``) in ONNX Runtime or OpenVINO."""
-
-    def __init__(self, onnx: OnnxModel, *, image_size: int) -> None:
-        self.onnx = onnx
-        super().__init__(image_size=image_size, **onnx.identity)
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         return self.onnx({"images": self._check(batch)})[0]
@@ -241,9 +220,6 @@ def build_encoder(
     if dtype not in PRECISIONS:
         raise ValueError(f"encoder dtype {dtype!r} is not one of {' | '.join(PRECISIONS)}")
 
-    def torch_encoder(precision: str, threads: int | None) -> EncoderBackend:
-        return TorchEncoder(model=model, precision=precision, threads=threads)
-
     measured = Calibration(
         what="encoder",
         name=ENCODER,
@@ -253,21 +229,20 @@ def build_encoder(
         candidates=functools.partial(candidates, dtype),
         inputs={"image": functools.partial(calibration_input, model.img_size)},
         run=lambda encoder, x: encoder.encode(x),
-        reference=functools.partial(torch_encoder, "float32", threads),
+        reference=functools.partial(TorchEncoder, model=model, precision="float32"),
         reference_label="torch/float32",
         hint=f" for encoder.dtype {dtype}; use encoder.dtype auto or float32",
     )
     spec = BackendSpec[EncoderBackend](
         section="encoder",
-        kind=ENCODER,
+        torch=functools.partial(TorchEncoder, model=model),
+        onnx=OnnxEncoder,
+        calibration=measured,
+        dtype_setting="encoder.dtype",
         model=model,
         weights_path=weights_path,
         threads=threads,
         cache=cache,
         requested={"backend": backend, "dtype": dtype},
-        torch=torch_encoder,
-        onnx=functools.partial(OnnxEncoder, image_size=model.img_size),
-        calibration=measured,
-        dtype_setting="encoder.dtype",
     )
     return build_backend(spec, backend, "float32" if dtype == "auto" else dtype)

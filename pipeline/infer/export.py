@@ -41,7 +41,6 @@ from torch import nn
 
 from pipeline.infer.decoder_graph import DECODER_GRAPH, DecoderOnnxModel
 from pipeline.model.sam import MobileSAM, SamDecoder
-from pipeline.model.weights import cache_dir
 from pipeline.outputs.atomic import AtomicFile, write_atomic
 
 log = logging.getLogger(__name__)
@@ -102,11 +101,18 @@ MEANINGS = {
 }
 
 
-def _io_description(model: SamDecoder, kind: str) -> tuple[list[dict], list[dict]]:
-    """The `kind` model's inputs and outputs: name, shape, dtype (float32, all), meaning."""
+# Each model's input and output names, in order.
+IO_NAMES = {
+    ENCODER: (ENCODER_INPUTS, ENCODER_OUTPUTS),
+    DECODER: (DECODER_INPUTS, DECODER_OUTPUTS),
+}
+
+
+def _shapes(model: SamDecoder) -> dict[str, list[int | str]]:
+    """Every input's and output's shape; a named dimension is dynamic in the export."""
     s, grid = model.img_size, model.embedding_size
     c, low = model.prompt_encoder.embed_dim, 4 * grid
-    shapes: dict[str, list[int | str]] = {
+    return {
         "images": ["batch", 3, s, s],
         "embeddings": ["batch", c, grid, grid],
         "image_embeddings": [1, c, grid, grid],
@@ -118,28 +124,6 @@ def _io_description(model: SamDecoder, kind: str) -> tuple[list[dict], list[dict
         "scores": ["prompts", 1],
     }
 
-    def rows(names: tuple[str, ...]) -> list[dict]:
-        return [
-            {"name": n, "shape": shapes[n], "dtype": "float32", "meaning": MEANINGS[n].format(s=s)}
-            for n in names
-        ]
-
-    if kind == ENCODER:
-        return rows(ENCODER_INPUTS), rows(ENCODER_OUTPUTS)
-    return rows(DECODER_INPUTS), rows(DECODER_OUTPUTS)
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    # The classic exporter warns that it is deprecated, and the tracer that TinyViT's
-    # window-padding branches become constants: both expected, since the input size is
-    # fixed per exported file (and recorded in its sidecar).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=UserWarning)
-        yield
-
 
 def export_onnx(
     model: SamDecoder, path: str | os.PathLike[str], *, kind: str, opset: int = OPSET
@@ -150,6 +134,8 @@ def export_onnx(
     Uses the classic TorchScript exporter (dynamo=False): it handles timm's TinyViT and
     gives a graph that both ONNX Runtime and OpenVINO optimise well.
     """
+    if kind not in IO_NAMES:
+        raise ValueError(f"kind must be {ENCODER!r} or {DECODER!r}, got {kind!r}")
     model = model.eval()
     device = model.device
     grid, c = model.embedding_size, model.prompt_encoder.embed_dim
@@ -163,9 +149,7 @@ def export_onnx(
         args: tuple[torch.Tensor, ...] = (
             torch.zeros(1, 3, model.img_size, model.img_size, device=device),
         )
-        names, outputs = ENCODER_INPUTS, ENCODER_OUTPUTS
-        dynamic = {"images": {0: "batch"}, "embeddings": {0: "batch"}}
-    elif kind == DECODER:
+    else:
         module = DecoderOnnxModel(model=model).eval()
         # Traced with two prompts for one embedding, so that the decoder's "one image, many
         # prompts" expand is the branch recorded (with the prompt count as a dynamic size).
@@ -176,19 +160,21 @@ def export_onnx(
             torch.zeros(2, 1, 4 * grid, 4 * grid, device=device),
             torch.ones(1, device=device),
         )
-        names, outputs = DECODER_INPUTS, DECODER_OUTPUTS
-        dynamic = {
-            "point_coords": {0: "prompts", 1: "points"},
-            "point_labels": {0: "prompts", 1: "points"},
-            "mask_input": {0: "mask_prompts"},
-            "low_res_logits": {0: "prompts"},
-            "scores": {0: "prompts"},
-        }
-    else:
-        raise ValueError(f"kind must be {ENCODER!r} or {DECODER!r}, got {kind!r}")
+    names, outputs = IO_NAMES[kind]
+    shapes = _shapes(model)
+    dynamic = {
+        name: {i: dim for i, dim in enumerate(shapes[name]) if isinstance(dim, str)}
+        for name in (*names, *outputs)
+        if any(isinstance(dim, str) for dim in shapes[name])
+    }
     # inference_mode(False): the tracer cannot record inference tensors, and a caller may be
     # inside inference mode (SAM.encode_batch is).
-    with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        # The classic exporter warns that it is deprecated, and the tracer that TinyViT's
+        # window-padding branches become constants: both expected, since the input size is
+        # fixed per exported file (and recorded in its sidecar).
+        for category in (torch.jit.TracerWarning, DeprecationWarning, UserWarning):
+            warnings.simplefilter("ignore", category=category)
         torch.onnx.export(
             module,
             args,
@@ -205,14 +191,23 @@ def export_onnx(
 def sidecar(
     model: SamDecoder, *, kind: str, checkpoint_sha256: str, opset: int, file_sha256_hex: str
 ) -> dict[str, Any]:
-    """The JSON sidecar of an exported model: its cache key plus what a reader needs."""
-    inputs, outputs = _io_description(model, kind)
+    """The JSON sidecar of an exported model: its cache key plus what a reader needs (every
+    input and output: name, shape, dtype (float32, all), meaning)."""
+    shapes, s = _shapes(model), model.img_size
+
+    def rows(names: tuple[str, ...]) -> list[dict]:
+        return [
+            {"name": n, "shape": shapes[n], "dtype": "float32", "meaning": MEANINGS[n].format(s=s)}
+            for n in names
+        ]
+
+    inputs, outputs = IO_NAMES[kind]
     return {
         **export_key(
             kind=kind, image_size=model.img_size, checkpoint_sha256=checkpoint_sha256, opset=opset
         ),
-        "inputs": inputs,
-        "outputs": outputs,
+        "inputs": rows(inputs),
+        "outputs": rows(outputs),
         "file_sha256": file_sha256_hex,
     }
 
@@ -336,17 +331,14 @@ def cached_onnx(
     *,
     kind: str,
     checkpoint_sha256: str,
-    cache: str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str],
 ) -> Path:
     """The `kind` model of `model` as a cached ONNX file, exported on first use.
 
-    Lives in `cache` (default: the weights cache dir, pipeline.model.weights.cache_dir())
-    under onnx/, named by a hash of its key; reused only when the sidecar's key matches and
-    the file's SHA-256 is the one recorded, otherwise exported again (a warning for a
-    corrupt file).
+    Lives in `cache` (a run's: the weights cache dir unless set) under onnx/, named by a
+    hash of its key; reused only when the sidecar's key matches and the file's SHA-256 is
+    the one recorded, otherwise exported again (a warning for a corrupt file).
     """
-    if cache is None:
-        cache = cache_dir()
     key = export_key(kind=kind, image_size=model.img_size, checkpoint_sha256=checkpoint_sha256)
     path = Path(cache) / "onnx" / f"{kind}-{model.img_size}-{key_hash(key)}.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)

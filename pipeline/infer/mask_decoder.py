@@ -34,19 +34,13 @@ import functools
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.infer.backend import (
-    ONNX_BACKENDS,
-    Backend,
-    OnnxModel,
-    autocast,
-    torch_dtype,
-    torch_identity,
-)
+from pipeline.infer.backend import ONNX_BACKENDS, Backend, OnnxBackend, TorchBackend
 from pipeline.infer.build import BackendSpec, build_backend
 from pipeline.infer.calibration import Calibration, candidate
 from pipeline.infer.decoder_graph import DecoderOnnxModel, onnx_prompts
@@ -67,20 +61,46 @@ TOLERANCE = 1e-4
 CALIBRATION_COUNTS = (1, 8)  # prompts per timed call: one object, and a crowded scene
 
 
-class MaskDecoderBackend(Backend):
-    """One way to run the prompt encoder + mask decoder on one frame's prompts."""
+@dataclass(frozen=True)
+class PromptBatch:
+    """One decoder call: N prompts of one kind on one image (see `MaskDecoderBackend.decode`)."""
 
-    def __init__(
-        self, *, name: str, model: SamDecoder, precision: str, threads: int, version: str
-    ) -> None:
-        self.low_size = tuple(model.prompt_encoder.mask_input_size)
-        super().__init__(
-            name=name,
-            image_size=model.img_size,
-            precision=precision,
-            threads=threads,
-            version=version,
-        )
+    embedding: torch.Tensor
+    boxes: np.ndarray | None
+    points: tuple[np.ndarray, np.ndarray] | None
+    mask_input: torch.Tensor | None
+
+    def sam_inputs(self) -> dict[str, Any]:
+        """`SamDecoder.decode`'s prompt arguments, on the embedding's device."""
+        device = self.embedding.device
+        points = None
+        if self.points is not None:
+            coords, labels = self.points
+            points = (torch.from_numpy(coords).to(device), torch.from_numpy(labels).to(device))
+        boxes = None if self.boxes is None else torch.from_numpy(self.boxes).to(device)
+        return {"points": points, "boxes": boxes, "mask_inputs": self.mask_input}
+
+    def graph_inputs(self) -> dict[str, torch.Tensor]:
+        """The decoder graph's inputs (``pipeline.infer.export.DECODER_INPUTS``), on the
+        embedding's device: without a mask prompt, 1x1x(4h)x(4w) zeros and has_mask_input 0."""
+        device = self.embedding.device
+        coords, labels = onnx_prompts(points=self.points, boxes=self.boxes)
+        mask_input, has = self.mask_input, torch.ones(1, device=device)
+        if mask_input is None:
+            h, w = self.embedding.shape[-2:]
+            mask_input = torch.zeros(1, 1, 4 * h, 4 * w, device=device)
+            has = torch.zeros(1, device=device)
+        return {
+            "image_embeddings": self.embedding,
+            "point_coords": torch.from_numpy(coords).to(device),
+            "point_labels": torch.from_numpy(labels).to(device),
+            "mask_input": mask_input,
+            "has_mask_input": has,
+        }
+
+
+class MaskDecoderBackend(Backend):
+    """One way to run the prompt encoder + mask decoder on one frame's prompts (`run`)."""
 
     def decode(
         self,
@@ -97,106 +117,48 @@ class MaskDecoderBackend(Backend):
         low-res logits or None. Returns low-res logits Nx1x(4h)x(4w) and scores Nx1,
         float32, on the embedding's device.
         """
-        return self.run_graph(self.graph_inputs(embedding, boxes, points, mask_input))
+        return self.run(PromptBatch(embedding, boxes, points, mask_input))
 
-    def run_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder graph (``pipeline.infer.decoder_graph.DecoderOnnxModel``) on `graph_inputs`:
-        (low-res logits, scores), float32."""
+    def run(self, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def graph_inputs(
-        self,
-        embedding: torch.Tensor,
-        boxes: np.ndarray | None,
-        points: tuple[np.ndarray, np.ndarray] | None,
-        mask_input: torch.Tensor | None,
-    ) -> dict[str, torch.Tensor]:
-        """`decode`'s arguments as the decoder graph's inputs
-        (``pipeline.infer.export.DECODER_INPUTS``), on the embedding's device."""
-        device = embedding.device
-        coords, labels = onnx_prompts(points=points, boxes=boxes)
-        has = torch.ones(1, device=device)
-        if mask_input is None:
-            mask_input = torch.zeros(1, 1, *self.low_size, device=device)
-            has = torch.zeros(1, device=device)
-        return {
-            "image_embeddings": embedding,
-            "point_coords": torch.from_numpy(coords).to(device),
-            "point_labels": torch.from_numpy(labels).to(device),
-            "mask_input": mask_input,
-            "has_mask_input": has,
-        }
 
-
-class TorchMaskDecoder(MaskDecoderBackend):
+class TorchMaskDecoder(TorchBackend, MaskDecoderBackend):
     """The mask decoder in PyTorch on the model's device.
 
     exact: False runs ``DecoderOnnxModel`` (the shared work done once: ~2x less per prompt
     at 1024 px, ~1e-6 relative from MobileSAM.decode); True runs MobileSAM.decode, bit for
     bit what ``SAM.decode`` gives. precision: float32, or bfloat16 / float16 under autocast
-    (the tracker's SAM dtype). threads: None leaves torch's intra-op pool as it is (sized
-    from $OMP_NUM_THREADS in a node process); a number sets it, for the whole process.
+    (the tracker's SAM dtype).
     """
 
     def __init__(
-        self,
-        *,
-        model: SamDecoder,
-        precision: str = "float32",
-        threads: int | None = None,
-        exact: bool = False,
+        self, *, model: SamDecoder, precision: str = "float32", exact: bool = False
     ) -> None:
-        self.model = model
+        super().__init__(model=model, precision=precision)
         self.exact = exact
-        self.dtype = torch_dtype(precision, model.device, threads)
         self.network = DecoderOnnxModel(model=model, upscale_with_matmuls=False).eval()
-        super().__init__(model=model, **torch_identity(precision))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "graph": "MobileSAM.decode" if self.exact else "reordered"}
 
     @torch.inference_mode()
-    def run_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast(self.model.device, self.dtype):
-            low, scores = self.network(**inputs)
-        return low.float(), scores.float()
-
-    @torch.inference_mode()
-    def decode(
-        self,
-        embedding: torch.Tensor,
-        *,
-        boxes: np.ndarray | None = None,
-        points: tuple[np.ndarray, np.ndarray] | None = None,
-        mask_input: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.exact:
-            return super().decode(embedding, boxes=boxes, points=points, mask_input=mask_input)
-        device = self.model.device
-        box_t = None if boxes is None else torch.from_numpy(boxes).to(device)
-        point_t = None
-        if points is not None:
-            point_t = (
-                torch.from_numpy(points[0]).to(device),
-                torch.from_numpy(points[1]).to(device),
-            )
-        with autocast(device, self.dtype):
-            low, scores = self.model.decode(
-                embedding, points=point_t, boxes=box_t, mask_inputs=mask_input
-            )
+    def run(self, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.autocast():
+            if self.exact:
+                low, scores = self.model.decode(prompts.embedding, **prompts.sam_inputs())
+            else:
+                low, scores = self.network(**prompts.graph_inputs())
         return low.float(), scores.float()
 
 
-class OnnxMaskDecoder(MaskDecoderBackend):
+class OnnxMaskDecoder(OnnxBackend, MaskDecoderBackend):
     """The exported mask decoder in ONNX Runtime or OpenVINO (on the CPU)."""
 
-    def __init__(self, onnx: OnnxModel, *, model: SamDecoder) -> None:
-        self.onnx = onnx
-        super().__init__(model=model, **onnx.identity)
-
-    def run_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if inputs["image_embeddings"].device.type != "cpu":
+    def run(self, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if prompts.embedding.device.type != "cpu":
             raise ValueError(f"tracker.backend {self.name} runs on the CPU only")
+        inputs = prompts.graph_inputs()
         feeds = {k: np.ascontiguousarray(v.detach().float().numpy()) for k, v in inputs.items()}
         low, scores = self.onnx(feeds)
         return torch.from_numpy(low), torch.from_numpy(scores)
@@ -253,9 +215,6 @@ def build_mask_decoder(
     precision: torch's autocast dtype (float32 unless the tracker's SAM is in another).
     """
 
-    def torch_decoder(precision: str, threads: int | None) -> MaskDecoderBackend:
-        return TorchMaskDecoder(model=model, precision=precision, threads=threads)
-
     measured = Calibration(
         what="tracker mask decoder",
         name=DECODER,
@@ -269,20 +228,19 @@ def build_mask_decoder(
         },
         run=_low_res,
         # MobileSAM.decode itself: the torch candidate is the reordered graph.
-        reference=functools.partial(TorchMaskDecoder, model=model, threads=threads, exact=True),
+        reference=functools.partial(TorchMaskDecoder, model=model, exact=True),
         unit="prompts",
     )
     spec = BackendSpec[MaskDecoderBackend](
         section="tracker",
-        kind=DECODER,
+        torch=functools.partial(TorchMaskDecoder, model=model),
+        onnx=OnnxMaskDecoder,
+        calibration=measured,
         model=model,
         weights_path=weights_path,
         threads=threads,
         cache=cache,
         requested={"backend": backend},
-        torch=torch_decoder,
-        onnx=functools.partial(OnnxMaskDecoder, model=model),
-        calibration=measured,
     )
     return build_backend(spec, backend, precision)
 
