@@ -206,7 +206,7 @@ def test_preflight_names_the_bad_key_file(tmp_path: Path, keys: dict[str, Path])
 @pytest.fixture
 def feed(ctx: zmq.Context, keys: dict[str, Path]):
     """A CURVE PUB socket, as the publisher binds it, sending statuses until closed."""
-    security = CurveSecurity(curve_config(keys), ctx)
+    security = CurveSecurity(curve_config(keys))
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     pub = open_socket(
@@ -340,7 +340,7 @@ def test_subscriber_needs_both_keys(keys: dict[str, Path]) -> None:
 
 
 def test_control_socket_with_curve(ctx: zmq.Context, keys: dict[str, Path]) -> None:
-    security = CurveSecurity(curve_config(keys), ctx)
+    security = CurveSecurity(curve_config(keys))
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     rep = open_socket(
         ctx,
