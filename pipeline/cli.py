@@ -395,7 +395,7 @@ def _add_prompt(sub: argparse._SubParsersAction) -> None:
 
 
 def _prompt(args: argparse.Namespace) -> int:
-    from pipeline.wire.control import send_prompt
+    from pipeline.wire.client import send_prompt
     from pipeline.wire.messages import PromptCommand
 
     labels = None

@@ -1,4 +1,5 @@
-"""A consumer of the publisher's mask feed, for Python programs.
+"""The clients of a running pipeline, for Python programs: the mask feed's subscriber and
+the prompt-control round trip (`send_prompt`).
 
     from pipeline.wire.client import MaskSubscriber
 
@@ -21,6 +22,11 @@ public key::
 
 A refused subscriber receives nothing (ZeroMQ retries quietly); the TimeoutError, the log
 and ``handshake_failures`` say why.
+
+A prompt on a running tracker's control socket (the keys as above, for one with CURVE)::
+
+    # control: the endpoint `samstream run` prints at start
+    reply = send_prompt(control, PromptCommand(op="add", box=(10, 10, 80, 80)))
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from pipeline.wire.messages import (
     FrameMeta,
     MaskMessage,
     Message,
+    PromptCommand,
+    PromptReply,
     StatusMessage,
     TrackRecord,
 )
@@ -218,3 +226,40 @@ class MaskSubscriber:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def send_prompt(
+    endpoint: str,
+    command: PromptCommand,
+    *,
+    timeout_s: float = 5.0,
+    context: zmq.Context | None = None,
+    client_key: str | os.PathLike[str] | None = None,
+    server_key: str | os.PathLike[str] | None = None,
+) -> PromptReply:
+    """Send `command` and return the tracker's reply; TimeoutError when no tracker answers
+    (saying so when the control socket refused this client's CURVE keys, or their absence).
+
+    ``client_key`` (this client's ``.key_secret``) and ``server_key`` (the run's public
+    ``.key``), both or neither, for a control socket with CURVE (``transport.curve``)."""
+    timeout_ms = int(timeout_s * 1000)
+    options = SocketOptions(sndhwm=1, rcvhwm=1, sndtimeo_ms=timeout_ms, rcvtimeo_ms=timeout_ms)
+    sock, handshakes = connect_client(
+        context or zmq.Context.instance(),
+        zmq.REQ,
+        endpoint,
+        options,
+        client_key=client_key,
+        server_key=server_key,
+        what=f"control socket {endpoint}",
+    )
+    try:
+        sock.send(command.to_json())
+        return PromptReply.from_json(sock.recv())
+    except zmq.Again as err:
+        raise TimeoutError(
+            f"no tracker answered on {endpoint} within {timeout_s:g} s{handshakes.hint()}"
+        ) from err
+    finally:
+        handshakes.close()
+        sock.close(linger=0)

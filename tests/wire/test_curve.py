@@ -27,8 +27,7 @@ from support.e2e import FAST, free_port
 
 from pipeline.config import ConfigError, CurveConfig, RunConfig, TransportConfig, config_from_dict
 from pipeline.run.preflight import check_curve
-from pipeline.wire.client import MaskSubscriber
-from pipeline.wire.control import send_prompt
+from pipeline.wire.client import MaskSubscriber, send_prompt
 from pipeline.wire.curve import (
     CurveKeyError,
     CurveSecurity,
