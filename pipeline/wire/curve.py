@@ -550,20 +550,16 @@ def connect_client(
 # Endpoints reachable from other hosts without CURVE.
 
 
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", a host or interface name: other hosts may reach it
-
-
 def reachable_from_network(endpoint: str) -> bool:
     """Whether a socket bound at ``endpoint`` may be reached from other hosts: tcp:// on a
     wildcard (``*``, ``0.0.0.0``, ``::``), a LAN address, or a host or interface name."""
-    return endpoint.startswith("tcp://") and not _is_loopback(tcp_host_port(endpoint)[0])
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = tcp_host_port(endpoint)[0].strip("[]")
+    try:
+        return host != "localhost" and not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # "*", a host or interface name: other hosts may reach it
 
 
 _LINKS = ("frames", "embeddings", "masks", "status")
