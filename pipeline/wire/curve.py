@@ -358,17 +358,12 @@ class CurveSecurity:
         """Loads every key file named in ``config``: CurveKeyError names a bad one."""
         # A server key without a list of clients would let no one in; a list without one
         # would guard nothing.
-        if config.server_secret_key and not config.allowed_clients:
-            raise CurveKeyError(
-                "transport.curve.allowed_clients: needed with server_secret_key: the folder "
-                "of the public .key files of the clients allowed on the feed and the control "
-                "socket"
-            )
-        if config.allowed_clients and not config.server_secret_key:
-            raise CurveKeyError(
-                "transport.curve.server_secret_key: needed with allowed_clients: the "
-                "server's .key_secret file"
-            )
+        for given, needed, what in (
+            ("server_secret_key", "allowed_clients", "the folder of the allowed clients' keys"),
+            ("allowed_clients", "server_secret_key", "the server's .key_secret file"),
+        ):
+            if getattr(config, given) and not getattr(config, needed):
+                raise CurveKeyError(f"transport.curve.{needed}: needed with {given}: {what}")
         # The feed's and the control socket's pair, the clients they admit, and the one pair
         # of the internal tcp links.
         self.feed_keys = _load_named(load_key_pair, config, "server_secret_key")
