@@ -21,6 +21,7 @@ Key files are `zmq.auth`'s certificates: ``NAME.key`` holds the public key, and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -257,10 +258,10 @@ class _ZapHandler:
             handler.users -= 1
             if handler.users == 0:
                 del cls.running[context]
-                try:
-                    handler.auth.stop()  # its sockets must close before the context terminates
-                except zmq.ZMQError:
-                    pass  # the context was destroyed first: its sockets are gone already
+                # Its sockets must close before the context terminates; a ZMQError: the
+                # context was destroyed first, and its sockets with it.
+                with contextlib.suppress(zmq.ZMQError):
+                    handler.auth.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,10 +487,8 @@ class HandshakeWatch:
     def close(self) -> None:
         """Stop watching (before the socket closes)."""
         if self._monitor is not None and self._sock is not None:
-            try:
+            with contextlib.suppress(zmq.ZMQError):  # the socket is already closed
                 self._sock.disable_monitor()
-            except zmq.ZMQError:
-                pass  # the socket is already closed
             self._monitor.close(linger=0)
             self._monitor = None
 
