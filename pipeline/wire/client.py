@@ -41,7 +41,7 @@ import msgspec
 import numpy as np
 import zmq
 
-from pipeline.wire.curve import connect_client
+from pipeline.wire.curve import ClientSocket
 from pipeline.wire.masks import RegionMask, stack_dense
 from pipeline.wire.messages import (
     EndOfStream,
@@ -127,7 +127,7 @@ class MaskSubscriber:
         # A SUB socket sends only its subscription, so sndhwm hardly matters.
         options = SocketOptions(sndhwm=1000, rcvhwm=RCVHWM, maxmsgsize=MAX_MESSAGE_BYTES)
         # Refused handshakes are watched, so that a wrong or missing key can be told.
-        self._socket, self._handshakes = connect_client(
+        self._connection = ClientSocket(
             context or zmq.Context.instance(),
             zmq.SUB,
             endpoint,
@@ -136,12 +136,12 @@ class MaskSubscriber:
             server_key=server_key,
             what=f"mask feed {endpoint}",
         )
-        self._receiver = MessageReceiver(self._socket)
+        self._receiver = MessageReceiver(self._connection.socket)
 
     @property
     def handshake_failures(self) -> int:
         """Connection attempts the feed refused (a wrong or missing key): 0 when all is well."""
-        return self._handshakes.poll()
+        return self._connection.poll()
 
     @property
     def rejected(self) -> int:
@@ -209,7 +209,7 @@ class MaskSubscriber:
             if event is None:
                 raise TimeoutError(
                     f"no message from the mask feed in {self.timeout_ms} ms"
-                    + self._handshakes.hint()
+                    + self._connection.hint()
                 )
             if isinstance(event, EndOfStream):
                 return
@@ -218,8 +218,7 @@ class MaskSubscriber:
 
     def close(self) -> None:
         """Close the socket at once, discarding anything queued."""
-        self._handshakes.close()
-        self._socket.close(linger=0)
+        self._connection.close()
 
     def __enter__(self) -> MaskSubscriber:
         return self
@@ -244,7 +243,7 @@ def send_prompt(
     ``.key``), both or neither, for a control socket with CURVE (``transport.curve``)."""
     timeout_ms = int(timeout_s * 1000)
     options = SocketOptions(sndhwm=1, rcvhwm=1, sndtimeo_ms=timeout_ms, rcvtimeo_ms=timeout_ms)
-    sock, handshakes = connect_client(
+    connection = ClientSocket(
         context or zmq.Context.instance(),
         zmq.REQ,
         endpoint,
@@ -254,12 +253,11 @@ def send_prompt(
         what=f"control socket {endpoint}",
     )
     try:
-        sock.send(command.to_json())
-        return PromptReply.from_json(sock.recv())
+        connection.socket.send(command.to_json())
+        return PromptReply.from_json(connection.socket.recv())
     except zmq.Again as err:
         raise TimeoutError(
-            f"no tracker answered on {endpoint} within {timeout_s:g} s{handshakes.hint()}"
+            f"no tracker answered on {endpoint} within {timeout_s:g} s{connection.hint()}"
         ) from err
     finally:
-        handshakes.close()
-        sock.close(linger=0)
+        connection.close()

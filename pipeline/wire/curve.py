@@ -443,24 +443,67 @@ class CurveSecurity:
             watch.close()
 
 
-class HandshakeWatch:
-    """The failed handshakes of a connecting socket: a refused client hears nothing at all
-    (ZeroMQ retries quietly, or not at all after a refused key), so this is how it can
-    tell why. Given to `open_socket` as its ``security``: it applies ``curve`` (None: no
-    keys) and starts watching before the socket connects, so no refusal is missed."""
+_CLIENT_WORDS = {
+    "key_not_allowed": "the server refused this client's key: its public .key file is not "
+    "in the server's transport.curve.allowed_clients folder",
+    "no_curve": "the server and this client disagree on CURVE: one of them has keys and "
+    "the other none (give the client key and the server key, or remove them)",
+    "bad_handshake": "the CURVE handshake failed: is the server key the server's public .key file?",
+    "hung_up": "the server hung up during the handshake: do the server and this client agree "
+    "on CURVE (both with keys or neither), and is the server key the server's public .key file?",
+}
 
-    def __init__(self, curve: CurveClient | None, what: str) -> None:
-        self._curve = curve
+
+class ClientSocket:
+    """A socket connected to ``endpoint`` (a feed, a control socket) and the watch of its
+    failed handshakes: a refused client hears nothing at all (ZeroMQ retries quietly, or not
+    at all after a refused key), so this is how it can tell why (`hint`).
+
+    CURVE keys are in ``client_key`` (this client's ``.key_secret`` file) and ``server_key``
+    (the server's public ``.key`` file), both or neither; a missing or bad key file raises
+    CurveKeyError, before any socket. `close` stops the watch and closes the socket.
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        socket_type: int,
+        endpoint: str,
+        options: SocketOptions,
+        *,
+        client_key: str | os.PathLike[str] | None,
+        server_key: str | os.PathLike[str] | None,
+        what: str,
+    ) -> None:
+        self._curve = None
+        if client_key is not None or server_key is not None:
+            if client_key is None or server_key is None:
+                raise ValueError(
+                    "CURVE needs both keys: the client's .key_secret file and the server's "
+                    "public .key file"
+                )
+            self._curve = CurveClient(
+                keys=load_key_pair(client_key, what="client key file"),
+                server_public=load_public_key(server_key, what="server key file"),
+            )
         self._what = what
-        self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self.failures = 0
         self.reason: str | None = None
+        try:
+            self.socket = open_socket(
+                context, socket_type, endpoint, bind=False, options=options, security=self
+            )
+        except BaseException:
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
+            raise
 
     def apply(self, sock: zmq.Socket) -> None:
+        """`open_socket`'s security hook: the keys, and the watch started before the socket
+        connects, so that no refusal is missed."""
         if self._curve is not None:
             self._curve.apply(sock)
-        self._sock = sock
         self._monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
 
     def poll(self) -> int:
@@ -485,59 +528,12 @@ class HandshakeWatch:
         return f" ({_CLIENT_WORDS[self.reason]}; {self.failures} handshake(s) failed)"
 
     def close(self) -> None:
-        """Stop watching (before the socket closes)."""
-        if self._monitor is not None and self._sock is not None:
-            with contextlib.suppress(zmq.ZMQError):  # the socket is already closed
-                self._sock.disable_monitor()
+        """Stop watching, then close the socket at once, discarding anything queued."""
+        if self._monitor is not None:
+            self.socket.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
-
-
-_CLIENT_WORDS = {
-    "key_not_allowed": "the server refused this client's key: its public .key file is not "
-    "in the server's transport.curve.allowed_clients folder",
-    "no_curve": "the server and this client disagree on CURVE: one of them has keys and "
-    "the other none (give the client key and the server key, or remove them)",
-    "bad_handshake": "the CURVE handshake failed: is the server key the server's public .key file?",
-    "hung_up": "the server hung up during the handshake: do the server and this client agree "
-    "on CURVE (both with keys or neither), and is the server key the server's public .key file?",
-}
-
-
-def connect_client(
-    context: zmq.Context,
-    socket_type: int,
-    endpoint: str,
-    options: SocketOptions,
-    *,
-    client_key: str | os.PathLike[str] | None,
-    server_key: str | os.PathLike[str] | None,
-    what: str,
-) -> tuple[zmq.Socket, HandshakeWatch]:
-    """A socket connected to ``endpoint`` (a feed, a control socket) with the CURVE keys in
-    ``client_key`` (this client's ``.key_secret`` file) and ``server_key`` (the server's
-    public ``.key`` file), both or neither, and the watch of its failed handshakes (closed
-    before the socket). A missing or bad key file raises CurveKeyError, before any socket."""
-    curve = None
-    if client_key is not None or server_key is not None:
-        if client_key is None or server_key is None:
-            raise ValueError(
-                "CURVE needs both keys: the client's .key_secret file and the server's public "
-                ".key file"
-            )
-        curve = CurveClient(
-            keys=load_key_pair(client_key, what="client key file"),
-            server_public=load_public_key(server_key, what="server key file"),
-        )
-    watch = HandshakeWatch(curve, what)
-    try:
-        sock = open_socket(
-            context, socket_type, endpoint, bind=False, options=options, security=watch
-        )
-    except BaseException:
-        watch.close()
-        raise
-    return sock, watch
+        self.socket.close(linger=0)
 
 
 # ---------------------------------------------------------------------------------------------

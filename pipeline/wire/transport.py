@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 class SocketSecurity(Protocol):
     """What a socket sets before it binds or connects to authenticate and encrypt its
-    connections: `pipeline.wire.curve`'s CurveServer or CurveClient."""
+    connections: `pipeline.wire.curve`'s CurveServer, CurveClient or ClientSocket."""
 
     def apply(self, sock: zmq.Socket) -> None: ...
 
