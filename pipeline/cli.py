@@ -398,7 +398,7 @@ def _standby(name: str, ready_fd: int) -> str:
     help="add, correct, remove or list objects of a running tracker",
 )
 def _prompt(args: argparse.Namespace) -> int:
-    from pipeline.wire.control import send_prompt
+    from pipeline.wire.client import send_prompt
     from pipeline.wire.messages import PromptCommand
 
     labels = _point_labels(args.point, args.label)

@@ -76,7 +76,7 @@ def node_runner(
         status_interval_s=config.publisher.status_interval_s,
         live=is_live(config),
         status_token=runtime.status_token,
-        security=CurveSecurity.from_config(config.transport.curve, context),
+        security=CurveSecurity.from_config(config.transport.curve),
     )
 
 
@@ -142,7 +142,7 @@ class Supervisor:
         puts every node's status on the feed: consumers see a camera reconnecting or a node
         failing."""
         transport = self.config.transport
-        self.security = CurveSecurity.from_config(transport.curve, self.context)
+        self.security = CurveSecurity.from_config(transport.curve)
         server = self.security.server(transport.status, link=True) if self.security else None
         self.status_sock = open_socket(
             self.context,

@@ -1,4 +1,5 @@
-"""A consumer of the publisher's mask feed, for Python programs.
+"""The clients of a running pipeline, for Python programs: the mask feed's subscriber and
+the prompt-control round trip (`send_prompt`).
 
     from pipeline.wire.client import MaskSubscriber
 
@@ -21,6 +22,11 @@ public key::
 
 A refused subscriber receives nothing (ZeroMQ retries quietly); the TimeoutError, the log
 and ``handshake_failures`` say why.
+
+A prompt on a running tracker's control socket (the keys as above, for one with CURVE)::
+
+    # control: the endpoint `samstream run` prints at start
+    reply = send_prompt(control, PromptCommand(op="add", box=(10, 10, 80, 80)))
 """
 
 from __future__ import annotations
@@ -35,13 +41,15 @@ import msgspec
 import numpy as np
 import zmq
 
-from pipeline.wire.curve import connect_client
+from pipeline.wire.curve import ClientSocket
 from pipeline.wire.masks import RegionMask, stack_dense
 from pipeline.wire.messages import (
     EndOfStream,
     FrameMeta,
     MaskMessage,
     Message,
+    PromptCommand,
+    PromptReply,
     StatusMessage,
     TrackRecord,
 )
@@ -119,7 +127,7 @@ class MaskSubscriber:
         # A SUB socket sends only its subscription, so sndhwm hardly matters.
         options = SocketOptions(sndhwm=1000, rcvhwm=RCVHWM, maxmsgsize=MAX_MESSAGE_BYTES)
         # Refused handshakes are watched, so that a wrong or missing key can be told.
-        self._socket, self._handshakes = connect_client(
+        self._connection = ClientSocket(
             context or zmq.Context.instance(),
             zmq.SUB,
             endpoint,
@@ -128,12 +136,12 @@ class MaskSubscriber:
             server_key=server_key,
             what=f"mask feed {endpoint}",
         )
-        self._receiver = MessageReceiver(self._socket)
+        self._receiver = MessageReceiver(self._connection.socket)
 
     @property
     def handshake_failures(self) -> int:
         """Connection attempts the feed refused (a wrong or missing key): 0 when all is well."""
-        return self._handshakes.poll()
+        return self._connection.poll()
 
     @property
     def rejected(self) -> int:
@@ -201,7 +209,7 @@ class MaskSubscriber:
             if event is None:
                 raise TimeoutError(
                     f"no message from the mask feed in {self.timeout_ms} ms"
-                    + self._handshakes.hint()
+                    + self._connection.hint()
                 )
             if isinstance(event, EndOfStream):
                 return
@@ -210,11 +218,46 @@ class MaskSubscriber:
 
     def close(self) -> None:
         """Close the socket at once, discarding anything queued."""
-        self._handshakes.close()
-        self._socket.close(linger=0)
+        self._connection.close()
 
     def __enter__(self) -> MaskSubscriber:
         return self
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def send_prompt(
+    endpoint: str,
+    command: PromptCommand,
+    *,
+    timeout_s: float = 5.0,
+    context: zmq.Context | None = None,
+    client_key: str | os.PathLike[str] | None = None,
+    server_key: str | os.PathLike[str] | None = None,
+) -> PromptReply:
+    """Send `command` and return the tracker's reply; TimeoutError when no tracker answers
+    (saying so when the control socket refused this client's CURVE keys, or their absence).
+
+    ``client_key`` (this client's ``.key_secret``) and ``server_key`` (the run's public
+    ``.key``), both or neither, for a control socket with CURVE (``transport.curve``)."""
+    timeout_ms = int(timeout_s * 1000)
+    options = SocketOptions(sndhwm=1, rcvhwm=1, sndtimeo_ms=timeout_ms, rcvtimeo_ms=timeout_ms)
+    connection = ClientSocket(
+        context or zmq.Context.instance(),
+        zmq.REQ,
+        endpoint,
+        options,
+        client_key=client_key,
+        server_key=server_key,
+        what=f"control socket {endpoint}",
+    )
+    try:
+        connection.socket.send(command.to_json())
+        return PromptReply.from_json(connection.socket.recv())
+    except zmq.Again as err:
+        raise TimeoutError(
+            f"no tracker answered on {endpoint} within {timeout_s:g} s{connection.hint()}"
+        ) from err
+    finally:
+        connection.close()

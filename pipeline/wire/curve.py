@@ -21,6 +21,7 @@ Key files are `zmq.auth`'s certificates: ``NAME.key`` holds the public key, and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -30,10 +31,11 @@ import stat
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import zmq
 import zmq.auth
@@ -61,7 +63,7 @@ _HANDSHAKE_FAILED = (
 )
 _MECHANISM_MISMATCH = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 _HUNG_UP = (errno.EPIPE, errno.ECONNRESET)  # the peer closed the connection mid-handshake
-_REFUSAL_LOG_INTERVAL_S = 10.0  # a refused peer that keeps retrying is logged this often
+_REFUSAL_LOG_INTERVAL_S = 10.0
 _Z85_KEY_LENGTH = 40  # a 32-byte CURVE key in Z85 text
 
 
@@ -75,6 +77,10 @@ class KeyPair:
 
     public: bytes
     secret: bytes
+
+    def apply(self, sock: zmq.Socket) -> None:
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
 
 
 def _is_curve_key(key: bytes) -> bool:
@@ -189,24 +195,21 @@ class CurveClient:
 
     def apply(self, sock: zmq.Socket) -> None:
         sock.curve_serverkey = self.server_public
-        sock.curve_publickey = self.keys.public
-        sock.curve_secretkey = self.keys.secret
+        self.keys.apply(sock)
 
 
+@dataclass(frozen=True)
 class CurveServer:
-    """A bound socket's keys and the client keys it admits, made by `CurveSecurity.server`.
+    """A bound socket's keys and the client keys it admits (made by `CurveSecurity.server`).
 
-    Applying it also makes sure the context's ZAP handler runs (without one libzmq lets any
-    client with the server's public key in) and counts the handshakes it refuses.
+    Applying it also starts the watch that runs the context's ZAP handler (without one
+    libzmq lets any client with the server's public key in) and counts the refusals.
     """
 
-    def __init__(
-        self, owner: CurveSecurity, keys: KeyPair, domain: str, allowed: frozenset[bytes]
-    ) -> None:
-        self._owner = owner
-        self.keys = keys
-        self.domain = domain
-        self.allowed = allowed
+    security: CurveSecurity
+    keys: KeyPair
+    domain: str
+    allowed: frozenset[bytes]
 
     def apply(self, sock: zmq.Socket) -> None:
         # Measured with libzmq 4.3.5: a CURVE server whose RCVHWM is 1 never takes in what
@@ -214,60 +217,52 @@ class CurveServer:
         # sends nothing), while 2 works; the feed's PUB asks for 1.
         if 0 < sock.getsockopt(zmq.RCVHWM) < 2:
             sock.setsockopt(zmq.RCVHWM, 2)
-        self._owner._serve(sock, self)
-        sock.curve_publickey = self.keys.public
-        sock.curve_secretkey = self.keys.secret
+        self.security.watch(sock, self)
+        self.keys.apply(sock)
         sock.zap_domain = self.domain.encode()
         sock.curve_server = True
 
 
-# ---------------------------------------------------------------------------------------------
-# The ZAP handler: one per context (ZeroMQ sends every context's requests to one inproc
-# endpoint), shared by every CurveSecurity of that context and stopped with the last.
+class _ZapHandler:
+    """A context's ZAP thread (`zmq.auth`) and, as its credentials provider, the client keys
+    admitted per ZAP domain. ZeroMQ sends all of a context's ZAP requests to one inproc
+    endpoint, so there is one per context, shared by every socket served in it (each
+    `_RefusalWatch` is a user) and stopped with the last."""
 
+    running: ClassVar[dict[zmq.Context, _ZapHandler]] = {}
+    lock: ClassVar[threading.Lock] = threading.Lock()
 
-@dataclass
-class _Handler:
-    """A context's ZAP thread and, as its `zmq.auth` credentials provider, the client keys
-    admitted per ZAP domain."""
-
-    auth: ThreadAuthenticator
-    by_domain: dict[str, set[bytes]] = field(default_factory=dict)
-    users: int = 0
+    def __init__(self, context: zmq.Context) -> None:
+        self.auth = ThreadAuthenticator(context, log=logging.getLogger("pipeline.wire.curve.zap"))
+        self.auth.start()
+        self.by_domain: dict[str, set[bytes]] = {}
+        self.users = 0
 
     def callback(self, domain: str, key: bytes) -> bool:
         return key in self.by_domain.get(domain, ())
 
+    @classmethod
+    def acquire(cls, context: zmq.Context, domain: str, allowed: Iterable[bytes]) -> None:
+        with cls.lock:
+            handler = cls.running.get(context)
+            if handler is None:
+                handler = cls.running[context] = cls(context)
+            if domain not in handler.by_domain:
+                handler.auth.configure_curve_callback(domain, handler)
+            handler.by_domain.setdefault(domain, set()).update(allowed)
+            handler.users += 1
 
-_handlers: dict[zmq.Context, _Handler] = {}
-_handlers_lock = threading.Lock()
-
-
-def _acquire_handler(context: zmq.Context, domain: str, allowed: Iterable[bytes]) -> None:
-    with _handlers_lock:
-        handler = _handlers.get(context)
-        if handler is None:
-            auth = ThreadAuthenticator(context, log=logging.getLogger("pipeline.wire.curve.zap"))
-            auth.start()
-            handler = _handlers[context] = _Handler(auth)
-        if domain not in handler.by_domain:
-            handler.auth.configure_curve_callback(domain, handler)
-        handler.by_domain.setdefault(domain, set()).update(allowed)
-        handler.users += 1
-
-
-def _release_handler(context: zmq.Context) -> None:
-    with _handlers_lock:
-        handler = _handlers.get(context)
-        if handler is None:
-            return
-        handler.users -= 1
-        if handler.users <= 0:
-            del _handlers[context]
-            try:
-                handler.auth.stop()  # its sockets must close before the context can terminate
-            except zmq.ZMQError:
-                pass  # the context was destroyed first: its sockets are gone already
+    @classmethod
+    def release(cls, context: zmq.Context) -> None:
+        with cls.lock:
+            handler = cls.running[context]
+            handler.users -= 1
+            if handler.users == 0:
+                del cls.running[context]
+                # Its sockets must close before the context terminates; a ZMQError: the
+                # context was destroyed first, and its sockets with it.
+                with contextlib.suppress(zmq.ZMQError):
+                    handler.auth.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,13 +298,15 @@ _SERVER_WORDS = {
 
 
 class _RefusalWatch:
-    """A thread counting the handshakes one bound CURVE socket refused (its monitor).
+    """A thread counting the handshakes one bound CURVE socket refused, from the socket's
+    monitor (made in the socket's thread, then used only by this one); while it runs, a user
+    of the context's ZAP handler."""
 
-    The monitor socket is made in the socket's thread and then used only by this one."""
-
-    def __init__(self, sock: zmq.Socket, owner: CurveSecurity) -> None:
+    def __init__(self, sock: zmq.Socket, server: CurveServer) -> None:
+        self._context = sock.context
+        _ZapHandler.acquire(self._context, server.domain, server.allowed)
         self._monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
-        self._owner = owner
+        self._security = server.security
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="samstream-curve", daemon=True)
         self._thread.start()
@@ -322,7 +319,7 @@ class _RefusalWatch:
                 refusal = _next_refusal(self._monitor)
                 if refusal is None:
                     return  # the socket closed
-                self._owner._count(*refusal)
+                self._security._count(*refusal)
         except zmq.ZMQError:
             return  # the context is going away
         finally:
@@ -331,6 +328,7 @@ class _RefusalWatch:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2.0)
+        _ZapHandler.release(self._context)
 
 
 _T = TypeVar("_T")
@@ -342,92 +340,87 @@ def _load_named(load: Callable[..., _T], config: CurveConfig, name: str) -> _T |
     return load(path, what=f"transport.curve.{name}") if path else None
 
 
+def _uses_curve(endpoint: str, *, link: bool) -> bool:
+    """Whether a socket at ``endpoint`` gets CURVE once its keys are set: an internal link
+    only over tcp:// (the run directory's permissions guard ipc://), the feed and the control
+    socket anywhere but inproc:// (which has no handshake)."""
+    return endpoint.startswith("tcp://") if link else not endpoint.startswith("inproc://")
+
+
 class CurveSecurity:
     """The CURVE keys of one process's sockets (a node, or the launcher), from
     ``transport.curve``, and the handshakes its CURVE servers refused.
 
     `server` and `client` give the role for a socket (None: that socket stays NULL);
-    `refused` counts refusals since start, `status` is the figure for a status message,
-    and `close` stops what CURVE started (after the sockets are closed, before the context
-    terminates).
+    `status` is the refusals' figure for a status message, and `close` stops what CURVE
+    started (after the sockets are closed, before the context terminates).
     """
 
-    def __init__(self, config: CurveConfig, context: zmq.Context) -> None:
+    def __init__(self, config: CurveConfig) -> None:
         """Loads every key file named in ``config``: CurveKeyError names a bad one."""
         # A server key without a list of clients would let no one in; a list without one
         # would guard nothing.
-        if config.server_secret_key and not config.allowed_clients:
-            raise CurveKeyError(
-                "transport.curve.allowed_clients: needed with server_secret_key: the folder "
-                "of the public .key files of the clients allowed on the feed and the control "
-                "socket"
-            )
-        if config.allowed_clients and not config.server_secret_key:
-            raise CurveKeyError(
-                "transport.curve.server_secret_key: needed with allowed_clients: the "
-                "server's .key_secret file"
-            )
-        self.context = context
+        for given, needed, what in (
+            ("server_secret_key", "allowed_clients", "the folder of the allowed clients' keys"),
+            ("allowed_clients", "server_secret_key", "the server's .key_secret file"),
+        ):
+            if getattr(config, given) and not getattr(config, needed):
+                raise CurveKeyError(f"transport.curve.{needed}: needed with {given}: {what}")
         # The feed's and the control socket's pair, the clients they admit, and the one pair
         # of the internal tcp links.
         self.feed_keys = _load_named(load_key_pair, config, "server_secret_key")
         self.feed_allowed = _load_named(load_allowed_keys, config, "allowed_clients")
         self.link_keys = _load_named(load_key_pair, config, "link_secret_key")
-        self.refused = 0
-        self.refused_by_reason: dict[str, int] = {}
+        self.refused_by_reason: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._watches: list[_RefusalWatch] = []  # one per socket served, each a ZAP user
+        self._watches: list[_RefusalWatch] = []  # one per socket served
         self._last_log = 0.0
 
     @classmethod
-    def from_config(cls, config: CurveConfig, context: zmq.Context) -> CurveSecurity | None:
+    def from_config(cls, config: CurveConfig) -> CurveSecurity | None:
         """None when ``config`` names no key: every socket as before, NULL."""
         if not (config.server_secret_key or config.allowed_clients or config.link_secret_key):
             return None
-        return cls(config, context)
-
-    @staticmethod
-    def _curve_capable(endpoint: str) -> bool:
-        return not endpoint.startswith("inproc://")  # inproc has no handshake
+        return cls(config)
 
     def server(self, endpoint: str, *, link: bool = False) -> CurveServer | None:
         """The role of a socket bound at ``endpoint``: the feed or the control socket, or
-        (``link``) an internal link's receiving end, CURVE only over tcp."""
-        if link:
-            if self.link_keys is None or not endpoint.startswith("tcp://"):
-                return None
-            return CurveServer(
-                self, self.link_keys, LINK_DOMAIN, frozenset({self.link_keys.public})
-            )
-        if self.feed_keys is None or not self._curve_capable(endpoint):
+        (``link``) an internal link's receiving end."""
+        keys = self.link_keys if link else self.feed_keys
+        if keys is None or not _uses_curve(endpoint, link=link):
             return None
-        return CurveServer(self, self.feed_keys, FEED_DOMAIN, self.feed_allowed or frozenset())
+        if link:  # the link's only client is the other end, with the same pair
+            return CurveServer(self, keys, LINK_DOMAIN, frozenset({keys.public}))
+        return CurveServer(self, keys, FEED_DOMAIN, self.feed_allowed or frozenset())
 
     def client(self, endpoint: str) -> CurveClient | None:
         """The role of a node's socket connecting to an internal link at ``endpoint``."""
-        if self.link_keys is None or not endpoint.startswith("tcp://"):
+        if self.link_keys is None or not _uses_curve(endpoint, link=True):
             return None
         return CurveClient(keys=self.link_keys, server_public=self.link_keys.public)
 
-    def _serve(self, sock: zmq.Socket, server: CurveServer) -> None:
-        _acquire_handler(sock.context, server.domain, server.allowed)
+    def watch(self, sock: zmq.Socket, server: CurveServer) -> None:
+        """Count the refusals of ``sock``, a CURVE server, until `close`."""
         with self._lock:
-            self._watches.append(_RefusalWatch(sock, self))
+            self._watches.append(_RefusalWatch(sock, server))
+
+    @property
+    def refused(self) -> int:
+        """Connections refused since start, for every reason."""
+        return self.refused_by_reason.total()
 
     def _count(self, reason: str, endpoint: str) -> None:
         with self._lock:
-            self.refused += 1
-            self.refused_by_reason[reason] = self.refused_by_reason.get(reason, 0) + 1
-            refused, now = self.refused, time.monotonic()
-            due = now - self._last_log >= _REFUSAL_LOG_INTERVAL_S
-            if due:
-                self._last_log = now
-        if due:
+            self.refused_by_reason[reason] += 1
+            now = time.monotonic()
+            if now - self._last_log < _REFUSAL_LOG_INTERVAL_S:
+                return  # a refused peer that keeps retrying is logged only this often
+            self._last_log = now
             log.warning(
                 "refused a connection on %s: %s (%d refused so far)",
                 endpoint or "a CURVE socket",
                 _SERVER_WORDS[reason],
-                refused,
+                self.refused,
             )
 
     def status(self) -> dict[str, Any]:
@@ -449,27 +442,69 @@ class CurveSecurity:
             watches, self._watches = self._watches, []
         for watch in watches:
             watch.close()
-            _release_handler(self.context)
 
 
-class HandshakeWatch:
-    """The failed handshakes of a connecting socket: a refused client hears nothing at all
-    (ZeroMQ retries quietly, or not at all after a refused key), so this is how it can
-    tell why. Given to `open_socket` as its ``security``: it applies ``curve`` (None: no
-    keys) and starts watching before the socket connects, so no refusal is missed."""
+_CLIENT_WORDS = {
+    "key_not_allowed": "the server refused this client's key: its public .key file is not "
+    "in the server's transport.curve.allowed_clients folder",
+    "no_curve": "the server and this client disagree on CURVE: one of them has keys and "
+    "the other none (give the client key and the server key, or remove them)",
+    "bad_handshake": "the CURVE handshake failed: is the server key the server's public .key file?",
+    "hung_up": "the server hung up during the handshake: do the server and this client agree "
+    "on CURVE (both with keys or neither), and is the server key the server's public .key file?",
+}
 
-    def __init__(self, curve: CurveClient | None, what: str) -> None:
-        self._curve = curve
+
+class ClientSocket:
+    """A socket connected to ``endpoint`` (a feed, a control socket) and the watch of its
+    failed handshakes: a refused client hears nothing at all (ZeroMQ retries quietly, or not
+    at all after a refused key), so this is how it can tell why (`hint`).
+
+    CURVE keys are in ``client_key`` (this client's ``.key_secret`` file) and ``server_key``
+    (the server's public ``.key`` file), both or neither; a missing or bad key file raises
+    CurveKeyError, before any socket. `close` stops the watch and closes the socket.
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        socket_type: int,
+        endpoint: str,
+        options: SocketOptions,
+        *,
+        client_key: str | os.PathLike[str] | None,
+        server_key: str | os.PathLike[str] | None,
+        what: str,
+    ) -> None:
+        self._curve = None
+        if client_key is not None or server_key is not None:
+            if client_key is None or server_key is None:
+                raise ValueError(
+                    "CURVE needs both keys: the client's .key_secret file and the server's "
+                    "public .key file"
+                )
+            self._curve = CurveClient(
+                keys=load_key_pair(client_key, what="client key file"),
+                server_public=load_public_key(server_key, what="server key file"),
+            )
         self._what = what
-        self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self.failures = 0
         self.reason: str | None = None
+        try:
+            self.socket = open_socket(
+                context, socket_type, endpoint, bind=False, options=options, security=self
+            )
+        except BaseException:
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
+            raise
 
     def apply(self, sock: zmq.Socket) -> None:
+        """`open_socket`'s security hook: the keys, and the watch started before the socket
+        connects, so that no refusal is missed."""
         if self._curve is not None:
             self._curve.apply(sock)
-        self._sock = sock
         self._monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
 
     def poll(self) -> int:
@@ -494,81 +529,28 @@ class HandshakeWatch:
         return f" ({_CLIENT_WORDS[self.reason]}; {self.failures} handshake(s) failed)"
 
     def close(self) -> None:
-        """Stop watching (before the socket closes)."""
-        if self._monitor is not None and self._sock is not None:
-            try:
-                self._sock.disable_monitor()
-            except zmq.ZMQError:
-                pass  # the socket is already closed
+        """Stop watching, then close the socket at once, discarding anything queued."""
+        if self._monitor is not None:
+            self.socket.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
-
-
-_CLIENT_WORDS = {
-    "key_not_allowed": "the server refused this client's key: its public .key file is not "
-    "in the server's transport.curve.allowed_clients folder",
-    "no_curve": "the server and this client disagree on CURVE: one of them has keys and "
-    "the other none (give the client key and the server key, or remove them)",
-    "bad_handshake": "the CURVE handshake failed: is the server key the server's public .key file?",
-    "hung_up": "the server hung up during the handshake: do the server and this client agree "
-    "on CURVE (both with keys or neither), and is the server key the server's public .key file?",
-}
-
-
-def connect_client(
-    context: zmq.Context,
-    socket_type: int,
-    endpoint: str,
-    options: SocketOptions,
-    *,
-    client_key: str | os.PathLike[str] | None,
-    server_key: str | os.PathLike[str] | None,
-    what: str,
-) -> tuple[zmq.Socket, HandshakeWatch]:
-    """A socket connected to ``endpoint`` (a feed, a control socket) with the CURVE keys in
-    ``client_key`` (this client's ``.key_secret`` file) and ``server_key`` (the server's
-    public ``.key`` file), both or neither, and the watch of its failed handshakes (closed
-    before the socket). A missing or bad key file raises CurveKeyError, before any socket."""
-    curve = None
-    if client_key is not None or server_key is not None:
-        if client_key is None or server_key is None:
-            raise ValueError(
-                "CURVE needs both keys: the client's .key_secret file and the server's public "
-                ".key file"
-            )
-        curve = CurveClient(
-            keys=load_key_pair(client_key, what="client key file"),
-            server_public=load_public_key(server_key, what="server key file"),
-        )
-    watch = HandshakeWatch(curve, what)
-    try:
-        sock = open_socket(
-            context, socket_type, endpoint, bind=False, options=options, security=watch
-        )
-    except BaseException:
-        watch.close()
-        raise
-    return sock, watch
+        self.socket.close(linger=0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Endpoints reachable from other hosts without CURVE.
 
 
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", a host or interface name: other hosts may reach it
-
-
 def reachable_from_network(endpoint: str) -> bool:
     """Whether a socket bound at ``endpoint`` may be reached from other hosts: tcp:// on a
     wildcard (``*``, ``0.0.0.0``, ``::``), a LAN address, or a host or interface name."""
-    return endpoint.startswith("tcp://") and not _is_loopback(tcp_host_port(endpoint)[0])
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = tcp_host_port(endpoint)[0].strip("[]")
+    try:
+        return host != "localhost" and not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # "*", a host or interface name: other hosts may reach it
 
 
 _LINKS = ("frames", "embeddings", "masks", "status")
@@ -606,7 +588,7 @@ def exposure_warnings(transport: TransportConfig, names: Iterable[str] | None = 
 def prompt_key_hint(transport: TransportConfig) -> str:
     """The key options `samstream prompt` needs for a control socket with CURVE ("" without)."""
     curve = transport.curve
-    if not curve.server_secret_key or not CurveSecurity._curve_capable(transport.control):
+    if not curve.server_secret_key or not _uses_curve(transport.control, link=False):
         return ""
     secret = curve.server_secret_key
     public = secret[: -len("_secret")] if secret.endswith(".key_secret") else "SERVER.key"
@@ -617,7 +599,7 @@ def check_key_files(curve: CurveConfig) -> dict[str, str]:
     """Every key file and folder of ``curve`` loaded and checked (CurveKeyError names a bad
     one); returns their absolute paths by field, so that nodes started elsewhere in the
     file system read the same files."""
-    CurveSecurity(curve, zmq.Context.instance())  # loads and checks; opens nothing
+    CurveSecurity(curve)  # loads and checks; opens nothing
     return {
         name: str(Path(value).resolve())
         for name in ("server_secret_key", "allowed_clients", "link_secret_key")

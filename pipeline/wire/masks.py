@@ -65,17 +65,12 @@ class RegionMask:
                 f"box {box!r} does not lie in the {width}x{height} frame "
                 "(needs 0 <= x1 <= x2 <= W and 0 <= y1 <= y2 <= H)"
             )
-        if not isinstance(window, np.ndarray) or window.dtype != np.bool_:
-            got = (
-                f"{window.dtype} {window.shape}"
-                if isinstance(window, np.ndarray)
-                else type(window).__name__
-            )
-            raise ValueError(f"window must be a bool array, got {got}")
-        if window.shape != (y2 - y1, x2 - x1):
-            raise ValueError(
-                f"window must be {(y2 - y1, x2 - x1)} for box {box!r}, got {window.shape}"
-            )
+        shape = (y2 - y1, x2 - x1)
+        if not isinstance(window, np.ndarray) or window.dtype != np.bool_ or window.shape != shape:
+            got = type(window).__name__
+            if isinstance(window, np.ndarray):
+                got = f"{window.dtype} {window.shape}"
+            raise ValueError(f"window must be a {shape} bool array for box {box!r}, got {got}")
         # Plain ints: boxes go into JSON headers, and numpy ints would not compare as tuples.
         object.__setattr__(self, "frame_size", (height, width))
         object.__setattr__(self, "box", (x1, y1, x2, y2))
@@ -161,30 +156,28 @@ def tight_box(mask: np.ndarray) -> WindowBox | None:
 
 
 def as_region_masks(
-    masks: np.ndarray | Sequence[RegionMask], frame_size: tuple[int, int], what: str = "masks"
+    masks: np.ndarray | Sequence[RegionMask], frame_size: tuple[int, int]
 ) -> tuple[RegionMask, ...]:
     """Masks as RegionMasks of ``frame_size``: an (N, H, W) bool (or integer) array is cut
     into tight windows; a sequence of RegionMask is checked. Raises ValueError."""
     size = frame_size_of(frame_size)
     if isinstance(masks, np.ndarray):
-        if masks.ndim != 3:
-            raise ValueError(f"{what} must be (N, H, W), got shape {masks.shape}")
-        if masks.shape[0] and masks.shape[1:] != size:
+        if masks.ndim != 3 or (masks.shape[0] and masks.shape[1:] != size):
             raise ValueError(
-                f"{what} are {masks.shape[1]}x{masks.shape[2]} but the frame is {size} "
-                "(height, width): masks must be at the frame's size"
+                f"masks must be (N, H, W) with the frame's (H, W): the frame is {size}, the "
+                f"masks' shape {masks.shape}"
             )
         return tuple(RegionMask.from_dense(mask) for mask in masks)
     regions = tuple(masks)
     for i, region in enumerate(regions):
         if not isinstance(region, RegionMask):
             raise ValueError(
-                f"{what}[{i}] must be a RegionMask (or pass an (N, H, W) array), got "
+                f"masks[{i}] must be a RegionMask (or pass an (N, H, W) array), got "
                 f"{type(region).__name__}"
             )
         if region.frame_size != size:
             raise ValueError(
-                f"{what}[{i}] belongs to a {region.frame_size} frame, not {size} (height, width)"
+                f"masks[{i}] belongs to a {region.frame_size} frame, not {size} (height, width)"
             )
     return regions
 

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 class SocketSecurity(Protocol):
     """What a socket sets before it binds or connects to authenticate and encrypt its
-    connections: `pipeline.wire.curve`'s CurveServer or CurveClient."""
+    connections: `pipeline.wire.curve`'s CurveServer, CurveClient or ClientSocket."""
 
     def apply(self, sock: zmq.Socket) -> None: ...
 
@@ -188,15 +188,13 @@ class MessageReceiver:
     def __init__(self, sock: zmq.Socket) -> None:
         self.socket = sock
         self.rejected = 0
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
 
     def recv(self, timeout_ms: int | None) -> Message | None:
         """The next well-formed message, or None after ``timeout_ms`` (None: wait forever)."""
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._poller.poll(None if remaining is None else remaining * 1000):
+            if not self.socket.poll(None if remaining is None else remaining * 1000):
                 return None
             # Drain what is queued; if it was all malformed, wait again for the rest of the time.
             while True:

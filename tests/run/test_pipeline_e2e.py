@@ -31,8 +31,7 @@ from support.media import make_clip
 from pipeline.config import config_from_dict
 from pipeline.outputs.files import decode_rle
 from pipeline.run.launcher import run_pipeline
-from pipeline.wire.client import MaskSubscriber
-from pipeline.wire.control import send_prompt
+from pipeline.wire.client import MaskSubscriber, send_prompt
 from pipeline.wire.messages import PromptCommand
 
 

@@ -157,4 +157,4 @@ def test_default_context_and_context_manager(ctx: zmq.Context) -> None:
     port = pub.bind_to_random_port("tcp://127.0.0.1")
     with MaskSubscriber(f"tcp://127.0.0.1:{port}") as sub:
         assert sub.recv(0) is None
-    assert sub._socket.closed
+    assert sub._connection.socket.closed

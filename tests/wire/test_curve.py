@@ -27,12 +27,11 @@ from support.e2e import FAST, free_port
 
 from pipeline.config import ConfigError, CurveConfig, RunConfig, TransportConfig, config_from_dict
 from pipeline.run.preflight import check_curve
-from pipeline.wire.client import MaskSubscriber
-from pipeline.wire.control import send_prompt
+from pipeline.wire.client import MaskSubscriber, send_prompt
 from pipeline.wire.curve import (
+    ClientSocket,
     CurveKeyError,
     CurveSecurity,
-    HandshakeWatch,
     create_key_pair,
     exposure_warnings,
     load_allowed_keys,
@@ -206,7 +205,7 @@ def test_preflight_names_the_bad_key_file(tmp_path: Path, keys: dict[str, Path])
 @pytest.fixture
 def feed(ctx: zmq.Context, keys: dict[str, Path]):
     """A CURVE PUB socket, as the publisher binds it, sending statuses until closed."""
-    security = CurveSecurity(curve_config(keys), ctx)
+    security = CurveSecurity(curve_config(keys))
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     pub = open_socket(
@@ -307,9 +306,18 @@ def _monitor_event(event: int, value: int) -> list[bytes]:
 def test_handshake_watch_keeps_the_specific_reason_over_a_hang_up(ctx: zmq.Context) -> None:
     """A keyless client sometimes sees only the server closing (EPIPE, ECONNRESET) and a
     mismatch on a retry; the hint names the mismatch, whichever came first."""
-    watch = HandshakeWatch(None, "test feed")
+    watch = ClientSocket(
+        ctx,
+        zmq.SUB,
+        f"tcp://127.0.0.1:{free_port()}",  # nobody there: no event of its own
+        SocketOptions(sndhwm=1, rcvhwm=1),
+        client_key=None,
+        server_key=None,
+        what="test feed",
+    )
     sender = ctx.socket(zmq.PAIR)
-    watch._monitor = ctx.socket(zmq.PAIR)  # stands in for the socket's own monitor
+    # A PAIR socket stands in for the socket's own monitor.
+    own_monitor, watch._monitor = watch._monitor, ctx.socket(zmq.PAIR)
     try:
         port = watch._monitor.bind_to_random_port("tcp://127.0.0.1")
         sender.connect(f"tcp://127.0.0.1:{port}")
@@ -328,6 +336,8 @@ def test_handshake_watch_keeps_the_specific_reason_over_a_hang_up(ctx: zmq.Conte
     finally:
         sender.close(linger=0)
         watch._monitor.close(linger=0)
+        watch._monitor = own_monitor
+        watch.close()
 
 
 def test_subscriber_needs_both_keys(keys: dict[str, Path]) -> None:
@@ -340,7 +350,7 @@ def test_subscriber_needs_both_keys(keys: dict[str, Path]) -> None:
 
 
 def test_control_socket_with_curve(ctx: zmq.Context, keys: dict[str, Path]) -> None:
-    security = CurveSecurity(curve_config(keys), ctx)
+    security = CurveSecurity(curve_config(keys))
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     rep = open_socket(
         ctx,
