@@ -154,7 +154,17 @@ class CommandQueue:
         track_id: int | None = None,
         frame: int | None = None,
     ) -> int:
-        """A new object; its track id (``PromptTracker.add`` says what the arguments mean)."""
+        """Queue a new object; returns its track id.
+
+        box: ``(x1, y1, x2, y2)`` pixels; partly outside the frame is clipped.
+        points/labels: (K, 2) x/y pixels and K labels (1 foreground, 0 background; None:
+            every point foreground), used with the box on the first frame only (the object
+            moves away from them afterwards). A points-only prompt starts the filter from its
+            first mask's box.
+        track_id: a specific id (1..MAX_TRACK_ID) not in use; default: the next never-used
+            id (past MAX_TRACK_ID: ValueError "track id limit reached", nothing changed).
+        frame: first frame index to apply it at; default the next frame.
+        """
         if box is None and points is None:
             raise ValueError("prompt needs a box or points, got neither")
         if frame is not None and (not is_int(frame) or frame < 0):
@@ -175,7 +185,9 @@ class CommandQueue:
             return self._queue("add", new_id, Prompt(checked_box, checked_points, start))
 
     def update(self, track_id: int | None, box: Sequence[float] | np.ndarray | None) -> int:
-        """A corrected box for a track or pending prompt, or a lost track's comeback."""
+        """Queue a correction of an object's box; returns its id. At the next frame the
+        filter restarts there (same id, hits and state); a pending prompt takes the box; a
+        lost track comes back under its id, as a new prompt at that box."""
         with self._lock:
             self._check_known(track_id)
             checked = check_box(box, "box", self._roster.frame_size)
@@ -184,14 +196,20 @@ class CommandQueue:
             return self._queue("update", int(track_id), Prompt(checked, None))  # type: ignore[arg-type]
 
     def remove(self, track_id: int | None) -> int:
-        """A track, pending prompt or lost track to forget (it is not reported again)."""
+        """Queue forgetting a track, pending prompt or lost track (it is not reported
+        again); returns its id."""
         with self._lock:
             self._check_known(track_id)
             return self._queue("remove", int(track_id), None)  # type: ignore[arg-type]
 
     def listing(self) -> list[TrackListing]:
-        """Every track and pending prompt, sorted by id: the tracker after its last finished
-        frame with the queued commands applied (their rows say ``pending``)."""
+        """Tracks and pending prompts as plain data (JSON-ready), sorted by id: the tracker
+        after its last finished frame with the queued commands applied.
+
+        Keys: track_id, state, box (None for a pending points-only prompt), score,
+        frames_since_update, pending (True for a prompt or correction that no frame has
+        run yet: an add until its start frame), start_frame.
+        """
         with self._lock:
             return sorted(self._roster.rows.values(), key=lambda row: row["track_id"])
 
