@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline.track.kalman import Box
-from pipeline.track.prompts import check_box, check_points
+from pipeline.track.prompts import check_box, check_points, overlaps_frame, points_inside
 from pipeline.wire.masks import is_int
 from pipeline.wire.messages import (
     MAX_TRACK_ID,
@@ -70,6 +70,13 @@ class Prompt:
         if points is not None:
             points = ((points[0] * np.array([sx, sy])).astype(np.float32), points[1])
         return Prompt(box, points, self.frame)
+
+    def fits(self, frame_size: tuple[int, int]) -> bool:
+        """Whether it passes ``CommandQueue.add``'s frame check at this (H, W) size: one
+        queued before the tracker knew its frame size is checked when it is due."""
+        return (self.box is None or overlaps_frame(self.box, frame_size)) and (
+            self.points is None or bool(points_inside(self.points[0], frame_size).all())
+        )
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,9 @@ import numpy as np
 from pipeline.config import RunConfig, TrackerConfig, validate_config
 from pipeline.track.commands import CommandQueue, Prompt, Roster, pending_row
 from pipeline.track.exclusive import DecodedMasks, MaskDecoderFn, checked_decoded, exclusive_masks
-from pipeline.track.kalman import Box, Track, as_box, box_iou, clip_box, overlaps_frame
+from pipeline.track.kalman import Box, Track, as_box, box_iou, clip_box
 from pipeline.track.measure import measure_box
-from pipeline.track.prompts import check_points
+from pipeline.track.prompts import overlaps_frame
 from pipeline.wire.masks import RegionMask, is_int
 from pipeline.wire.messages import TrackRecord, TrackState
 
@@ -306,9 +306,7 @@ class PromptTracker:
             slots.append(_Slot(tid, track, None, box, box, first, dt))
         for tid, prompt in due.items():
             reference = prompt.box if prompt.box is not None else _points_box(prompt)
-            # The frame check was deferred when the prompt came before the frame size.
-            box_ok = prompt.box is None or overlaps_frame(prompt.box, size)
-            if not (box_ok and (prompt.points is None or _points_inside(prompt.points[0], size))):
+            if not prompt.fits(size):
                 rejected.append(_lost(size, tid, reference))
                 continue
             box = None if prompt.box is None else clip_box(prompt.box, size)
@@ -553,15 +551,6 @@ def _check_frame_size(frame_size: object) -> tuple[int, int]:
     ):
         raise ValueError(f"frame_size must be (H, W) positive integers, got {frame_size!r}")
     return (int(frame_size[0]), int(frame_size[1]))
-
-
-def _points_inside(points: np.ndarray, frame_size: tuple[int, int]) -> bool:
-    """`prompts.check_points`' frame check, for prompts that came before the frame size."""
-    try:
-        check_points(points, None, frame_size=frame_size)
-    except ValueError:
-        return False
-    return True
 
 
 def _points_box(prompt: Prompt) -> Box:
