@@ -160,7 +160,7 @@ class TrackerNode(Node):
             log.info("tracker: tracks restored as they were after frame %d", saved[-1])
             return
         for prompt in self.config.prompts:
-            self.tracker.add(prompt.box, prompt.points, prompt.labels, frame=prompt.frame)
+            self.tracker.commands.add(prompt.box, prompt.points, prompt.labels, frame=prompt.frame)
 
     def _load_decoder(self) -> SamMaskDecoder:
         # Only the prompt encoder + mask decoder: the tracker never runs the image encoder.

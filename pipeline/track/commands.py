@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline.track.kalman import Box
-from pipeline.track.prompts import check_box, check_points
+from pipeline.track.prompts import check_box, check_points, overlaps_frame, points_inside
 from pipeline.wire.masks import is_int
 from pipeline.wire.messages import (
     MAX_TRACK_ID,
@@ -70,6 +70,13 @@ class Prompt:
         if points is not None:
             points = ((points[0] * np.array([sx, sy])).astype(np.float32), points[1])
         return Prompt(box, points, self.frame)
+
+    def fits(self, frame_size: tuple[int, int]) -> bool:
+        """Whether it passes ``CommandQueue.add``'s frame check at this (H, W) size: one
+        queued before the tracker knew its frame size is checked when it is due."""
+        return (self.box is None or overlaps_frame(self.box, frame_size)) and (
+            self.points is None or bool(points_inside(self.points[0], frame_size).all())
+        )
 
 
 @dataclass(frozen=True)
@@ -154,7 +161,17 @@ class CommandQueue:
         track_id: int | None = None,
         frame: int | None = None,
     ) -> int:
-        """A new object; its track id (``PromptTracker.add`` says what the arguments mean)."""
+        """Queue a new object; returns its track id.
+
+        box: ``(x1, y1, x2, y2)`` pixels; partly outside the frame is clipped.
+        points/labels: (K, 2) x/y pixels and K labels (1 foreground, 0 background; None:
+            every point foreground), used with the box on the first frame only (the object
+            moves away from them afterwards). A points-only prompt starts the filter from its
+            first mask's box.
+        track_id: a specific id (1..MAX_TRACK_ID) not in use; default: the next never-used
+            id (past MAX_TRACK_ID: ValueError "track id limit reached", nothing changed).
+        frame: first frame index to apply it at; default the next frame.
+        """
         if box is None and points is None:
             raise ValueError("prompt needs a box or points, got neither")
         if frame is not None and (not is_int(frame) or frame < 0):
@@ -175,7 +192,9 @@ class CommandQueue:
             return self._queue("add", new_id, Prompt(checked_box, checked_points, start))
 
     def update(self, track_id: int | None, box: Sequence[float] | np.ndarray | None) -> int:
-        """A corrected box for a track or pending prompt, or a lost track's comeback."""
+        """Queue a correction of an object's box; returns its id. At the next frame the
+        filter restarts there (same id, hits and state); a pending prompt takes the box; a
+        lost track comes back under its id, as a new prompt at that box."""
         with self._lock:
             self._check_known(track_id)
             checked = check_box(box, "box", self._roster.frame_size)
@@ -184,14 +203,20 @@ class CommandQueue:
             return self._queue("update", int(track_id), Prompt(checked, None))  # type: ignore[arg-type]
 
     def remove(self, track_id: int | None) -> int:
-        """A track, pending prompt or lost track to forget (it is not reported again)."""
+        """Queue forgetting a track, pending prompt or lost track (it is not reported
+        again); returns its id."""
         with self._lock:
             self._check_known(track_id)
             return self._queue("remove", int(track_id), None)  # type: ignore[arg-type]
 
     def listing(self) -> list[TrackListing]:
-        """Every track and pending prompt, sorted by id: the tracker after its last finished
-        frame with the queued commands applied (their rows say ``pending``)."""
+        """Tracks and pending prompts as plain data (JSON-ready), sorted by id: the tracker
+        after its last finished frame with the queued commands applied.
+
+        Keys: track_id, state, box (None for a pending points-only prompt), score,
+        frames_since_update, pending (True for a prompt or correction that no frame has
+        run yet: an add until its start frame), start_frame.
+        """
         with self._lock:
             return sorted(self._roster.rows.values(), key=lambda row: row["track_id"])
 

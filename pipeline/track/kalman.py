@@ -54,12 +54,6 @@ def as_box(values: Sequence[float]) -> Box:
     return (x1, y1, x2, y2)
 
 
-def overlaps_frame(box: Box, frame_size: tuple[int, int]) -> bool:
-    """True when the box overlaps the (H, W) frame with positive area."""
-    height, width = frame_size
-    return box[2] > 0 and box[3] > 0 and box[0] < width and box[1] < height
-
-
 def clip_box(box: Box, frame_size: tuple[int, int]) -> Box:
     """The box clipped to the (H, W) frame."""
     height, width = frame_size

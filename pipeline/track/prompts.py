@@ -10,6 +10,7 @@ Nesting, as Ultralytics' SAM does it:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,10 +55,9 @@ def check_box(
         raise ValueError(f"{name} {values.tolist()}: x2 ({x2:g}) must be greater than x1 ({x1:g})")
     if y2 <= y1:
         raise ValueError(f"{name} {values.tolist()}: y2 ({y2:g}) must be greater than y1 ({y1:g})")
-    if frame_size is not None:
+    if frame_size is not None and not overlaps_frame((x1, y1, x2, y2), frame_size):
         h, w = frame_size
-        if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
-            raise ValueError(f"{name} {values.tolist()} lies outside the {w}x{h} image")
+        raise ValueError(f"{name} {values.tolist()} lies outside the {w}x{h} image")
     return (x1, y1, x2, y2)
 
 
@@ -83,14 +83,30 @@ def check_points(
         )
     if not np.isin(marks, (0, 1)).all():
         raise ValueError(f"labels must be 1 (foreground) or 0 (background), got {marks.tolist()}")
-    for j, (x, y) in enumerate(coords):
-        point = f"point {j} of {name}" if len(coords) > 1 else name
-        if not (np.isfinite(x) and np.isfinite(y)):
+    finite = np.isfinite(coords).all(axis=1)
+    good = finite if frame_size is None else finite & points_inside(coords, frame_size)
+    if not good.all():
+        j = int(np.argmin(good))  # the first bad point
+        point, (x, y) = (f"point {j} of {name}" if len(coords) > 1 else name), coords[j]
+        if frame_size is None or not finite[j]:
             raise ValueError(f"{point} [{x}, {y}] has a NaN or infinite coordinate")
-        if frame_size is not None and not (0 <= x <= frame_size[1] and 0 <= y <= frame_size[0]):
-            h, w = frame_size
-            raise ValueError(f"{point} [{x:g}, {y:g}] lies outside the {w}x{h} image")
+        h, w = frame_size
+        raise ValueError(f"{point} [{x:g}, {y:g}] lies outside the {w}x{h} image")
     return coords.astype(np.float32), marks.astype(np.int32)
+
+
+def overlaps_frame(box: Sequence[float], frame_size: tuple[int, int]) -> bool:
+    """True when the box overlaps the (H, W) frame with positive area (``check_box``'s frame
+    check)."""
+    height, width = frame_size
+    return box[2] > 0 and box[3] > 0 and box[0] < width and box[1] < height
+
+
+def points_inside(coords: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
+    """Per point of (K, 2) x/y ``coords``: whether it lies in the (H, W) frame, edges
+    included (``check_points``' frame check)."""
+    height, width = frame_size
+    return ((coords >= 0) & (coords <= (width, height))).all(axis=1)
 
 
 def parse_prompts(

@@ -33,9 +33,8 @@ Its parts: ``kalman`` (boxes, the Kalman track), ``measure`` (``measure_box``), 
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -45,11 +44,11 @@ import numpy as np
 from pipeline.config import RunConfig, TrackerConfig, validate_config
 from pipeline.track.commands import CommandQueue, Prompt, Roster, pending_row
 from pipeline.track.exclusive import DecodedMasks, MaskDecoderFn, checked_decoded, exclusive_masks
-from pipeline.track.kalman import Box, Track, as_box, box_iou, clip_box, overlaps_frame
+from pipeline.track.kalman import Box, Track, as_box, box_iou, clip_box
 from pipeline.track.measure import measure_box
-from pipeline.track.prompts import check_points
+from pipeline.track.prompts import overlaps_frame
 from pipeline.wire.masks import RegionMask, is_int
-from pipeline.wire.messages import TrackListing, TrackRecord, TrackState
+from pipeline.wire.messages import TrackRecord, TrackState
 
 if TYPE_CHECKING:  # the tracker runs any decoder; only SAM's needs torch
     from pipeline.predictor import ImageEmbedding
@@ -104,10 +103,10 @@ class _Slot:
 class PromptTracker:
     """Follows prompted objects from frame to frame.
 
-    Commands (``add``, ``update_box``, ``remove``; ``commands.answer`` for the control
-    socket) may come from any thread, also while ``step`` runs in another: each is checked
-    at once (a bad one raises ValueError naming the problem and changes nothing) and queued
-    (``pipeline.track.commands``). Everything else is for one thread, the tracker's, and
+    Commands go to ``commands`` (a ``CommandQueue``: ``add``, ``update``, ``remove``,
+    ``listing``, ``answer`` for the control socket), from any thread, also while ``step``
+    runs in another: each is checked at once (a bad one raises ValueError naming the problem
+    and changes nothing) and queued. Everything else is for one thread, the tracker's, and
     applies the queued commands, in order, before it does anything: ``step``, ``lose_all``,
     ``set_frame_size``, ``snapshot``. ``step`` changes nothing but that when the decoder
     raises or returns malformed output, so a caller may retry the frame.
@@ -131,8 +130,8 @@ class PromptTracker:
         self._frame_size = None if frame_size is None else _check_frame_size(frame_size)
         self._tracks: dict[int, Track] = {}
         self._pending: dict[int, Prompt] = {}
-        self._restarted: set[int] = set()  # corrected by update_box: next frame is a first frame
-        self._lost: set[int] = set()  # reported lost and dropped: update_box brings one back
+        self._restarted: set[int] = set()  # corrected by an update: next frame is a first frame
+        self._lost: set[int] = set()  # reported lost and dropped: an update brings one back
         self._last_frame: dict[int, int] = {}  # per track, for the prediction's time step
         self._current_frame: int | None = None
         self._next_id = 1
@@ -177,50 +176,7 @@ class PromptTracker:
             self._pending = {tid: p.rescaled(sx, sy) for tid, p in self._pending.items()}
         self._settle()
 
-    # ------------------------------------------------------------------ commands
-
-    def add(
-        self,
-        box: Sequence[float] | np.ndarray | None = None,
-        points: Sequence[Sequence[float]] | np.ndarray | None = None,
-        labels: Sequence[int] | np.ndarray | None = None,
-        *,
-        track_id: int | None = None,
-        frame: int | None = None,
-    ) -> int:
-        """Queue a new object; returns its track id.
-
-        box: ``(x1, y1, x2, y2)`` pixels; partly outside the frame is clipped.
-        points/labels: (K, 2) x/y pixels and K labels (1 foreground, 0 background), used with
-            the box on the first frame only (the object moves away from them afterwards). A
-            points-only prompt starts the filter from its first mask's box.
-        track_id: a specific id (1..MAX_TRACK_ID) not in use; default: the next never-used
-            id (past MAX_TRACK_ID: ValueError "track id limit reached", nothing changed).
-        frame: first frame index to apply it at; default the next ``step``.
-        """
-        return self.commands.add(box, points, labels, track_id=track_id, frame=frame)
-
-    def update_box(self, track_id: int, box: Sequence[float] | np.ndarray) -> None:
-        """Queue a correction of an object's box: at the next frame the filter restarts
-        there (same id, hits and state). A lost track comes back under its id, as a new
-        prompt at that box."""
-        self.commands.update(track_id, box)
-
-    def remove(self, track_id: int) -> None:
-        """Queue forgetting a track, pending prompt or lost track; it is not reported again."""
-        self.commands.remove(track_id)
-
-    def list(self) -> builtins.list[TrackListing]:
-        """Tracks and pending prompts as plain data (JSON-ready), sorted by id: the tracker
-        after its last finished frame with the queued commands applied.
-
-        Keys: track_id, state, box (None for a pending points-only prompt), score,
-        frames_since_update, pending (True for a prompt or correction that no frame has
-        run yet: an add until its start frame), start_frame.
-        """
-        return self.commands.listing()
-
-    def lose_all(self) -> builtins.list[TrackOutput]:
+    def lose_all(self) -> list[TrackOutput]:
         """Mark every running track lost, e.g. after the camera was gone so long that the
         filters' predictions mean nothing; returns their last outputs (state "lost", empty
         masks). Pending prompts stay pending."""
@@ -249,7 +205,7 @@ class PromptTracker:
             tid, prompt = change.track_id, change.prompt
             if prompt is None:  # remove
                 self._drop(tid)
-                self._lost.discard(tid)  # removed, not lost: update_box does not bring it back
+                self._lost.discard(tid)  # removed, not lost: an update does not bring it back
             elif change.op == "update" and tid in self._pending:
                 self._pending[tid] = dataclasses.replace(self._pending[tid], box=prompt.box)
             elif change.op == "update" and tid in self._tracks and prompt.box is not None:
@@ -350,9 +306,7 @@ class PromptTracker:
             slots.append(_Slot(tid, track, None, box, box, first, dt))
         for tid, prompt in due.items():
             reference = prompt.box if prompt.box is not None else _points_box(prompt)
-            # The frame check was deferred when the prompt came before the frame size.
-            box_ok = prompt.box is None or overlaps_frame(prompt.box, size)
-            if not (box_ok and (prompt.points is None or _points_inside(prompt.points[0], size))):
+            if not prompt.fits(size):
                 rejected.append(_lost(size, tid, reference))
                 continue
             box = None if prompt.box is None else clip_box(prompt.box, size)
@@ -463,7 +417,7 @@ class PromptTracker:
         return TrackOutput(record, mask)
 
     def _drop(self, track_id: int) -> None:
-        """Forget a track reported lost (``update_box`` can bring it back)."""
+        """Forget a track reported lost (an update can bring it back)."""
         self._lost.add(track_id)
         self._tracks.pop(track_id, None)
         self._pending.pop(track_id, None)
@@ -591,21 +545,12 @@ def _frozen(logits: np.ndarray) -> np.ndarray:
 
 def _check_frame_size(frame_size: object) -> tuple[int, int]:
     if (
-        not isinstance(frame_size, (tuple, builtins.list))
+        not isinstance(frame_size, (tuple, list))
         or len(frame_size) != 2
         or not all(is_int(v) and v > 0 for v in frame_size)
     ):
         raise ValueError(f"frame_size must be (H, W) positive integers, got {frame_size!r}")
     return (int(frame_size[0]), int(frame_size[1]))
-
-
-def _points_inside(points: np.ndarray, frame_size: tuple[int, int]) -> bool:
-    """`prompts.check_points`' frame check, for prompts that came before the frame size."""
-    try:
-        check_points(points, None, frame_size=frame_size)
-    except ValueError:
-        return False
-    return True
 
 
 def _points_box(prompt: Prompt) -> Box:

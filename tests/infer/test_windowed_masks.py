@@ -434,7 +434,7 @@ def test_tracks_with_windows_are_the_tracks_with_full_frames(sam, exclusive) -> 
     ]
     for tracker in trackers:
         for box in BOXES_96x128:
-            tracker.add(box=box)
+            tracker.commands.add(box=box)
     for frame in range(4):
         image = embedding(sam, size, seed=10 + frame)
         got, want = (tracker.step(frame, image) for tracker in trackers)
@@ -450,7 +450,7 @@ def test_tracker_node_publishes_tight_windows(sam, checkpoint) -> None:
     node = TrackerNode(config, weights=str(checkpoint), image_size=256)
     node.setup()
     for box in BOXES_96x128:
-        node.tracker.add(box=box)
+        node.tracker.commands.add(box=box)
     image = embedding(sam, size, seed=20)
     meta = FrameMeta("cam0", 0, 0, 0, (1, 25), 100.0)
     msg = node.process(

@@ -119,7 +119,7 @@ def tracker_node(weights: Path, backend: str, count: int, size: tuple[int, int],
     network = TimedNetwork(node.decoder.backend, node.decoder.model, blobs=blobs)
     node.decoder.backend.decode = network
     for box in boxes_for(count, size, 100, 300, seed=count):
-        node.tracker.add(box=box)
+        node.tracker.commands.add(box=box)
     return node, network
 
 

@@ -68,7 +68,7 @@ def track_frame(sam: SAM, embedded: ImageEmbedding, *, exclusive: bool) -> list[
     decoder = SamMaskDecoder(sam.model, exclusive=exclusive)
     tracker = PromptTracker(decoder, frame_size=SIZE, settings=OPEN)
     for box in BOXES:
-        tracker.add(box=box)
+        tracker.commands.add(box=box)
     return tracker.step(0, embedded)
 
 

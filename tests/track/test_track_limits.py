@@ -103,7 +103,7 @@ def test_commands_during_a_frame_change_only_the_frames_after_it() -> None:
     between = PromptTracker(between_decoder, frame_size=SIZE)
     during = PromptTracker(during_decoder, frame_size=SIZE)
     for i in range(40):
-        assert between.add(box=grid_box(i)) == during.add(box=grid_box(i))
+        assert between.commands.add(box=grid_box(i)) == during.commands.add(box=grid_box(i))
 
     def commands(tracker: PromptTracker, frame: int) -> list[int | None]:
         """The same commands for both trackers; the frame each takes effect on."""
@@ -117,7 +117,9 @@ def test_commands_during_a_frame_change_only_the_frames_after_it() -> None:
         ]
         assert all(reply.ok for reply in replies), replies
         with pytest.raises(ValueError, match=f"unknown track id {10 + frame}"):
-            tracker.remove(10 + frame)  # removed by the queued command: refused, nothing changes
+            tracker.commands.remove(
+                10 + frame
+            )  # removed by the queued command: refused, nothing changes
         return [reply.frame for reply in replies]
 
     frames: list[int] = []  # what the commands during a frame were answered with
@@ -129,7 +131,7 @@ def test_commands_during_a_frame_change_only_the_frames_after_it() -> None:
         assert summary(got) == summary(expected)  # the frame as it began
         assert frames == [frame + 1] * 3  # each answered with the next frame
         assert commands(between, frame) == [frame + 1] * 3
-        assert during.list() == between.list()
+        assert during.commands.listing() == between.commands.listing()
     during_decoder.commands = None
     assert summary(during.step(4)) == summary(between.step(4))
     assert between_decoder.calls == during_decoder.calls  # one batch a frame, the same ones
@@ -141,7 +143,7 @@ def test_a_command_is_answered_while_the_decoder_works() -> None:
     decoder is still at work, not after the frame."""
     decoder = CommandingDecoder()
     tracker = PromptTracker(decoder, frame_size=SIZE)
-    tracker.add(box=grid_box(0))
+    tracker.commands.add(box=grid_box(0))
     replies: list[PromptReply] = []
     decoder.commands = lambda: replies.append(
         tracker.commands.answer(PromptCommand(op="add", box=grid_box(1)))
@@ -153,7 +155,10 @@ def test_a_command_is_answered_while_the_decoder_works() -> None:
         (1, True),
         (2, True),
     ]
-    assert [(row["track_id"], row["pending"]) for row in tracker.list()] == [(1, False), (2, True)]
+    assert [(row["track_id"], row["pending"]) for row in tracker.commands.listing()] == [
+        (1, False),
+        (2, True),
+    ]
     decoder.commands = None
     assert [o.record.track_id for o in tracker.step(1)] == [1, 2]
 
@@ -162,17 +167,21 @@ def test_a_command_is_answered_while_the_decoder_works() -> None:
             raise RuntimeError("CUDA out of memory")
 
     failing = PromptTracker(FailingDecoder(), frame_size=SIZE)
-    failing.add(box=grid_box(0))
+    failing.commands.add(box=grid_box(0))
     with pytest.raises(RuntimeError, match="CUDA out of memory"):  # raised in the caller
         failing.step(0)
-    assert failing.current_frame is None and [r["pending"] for r in failing.list()] == [True]
+    assert failing.current_frame is None and [r["pending"] for r in failing.commands.listing()] == [
+        True
+    ]
 
 
 def test_commands_in_the_middle_of_a_frame_apply_at_the_next() -> None:
     decoder = CommandingDecoder()
     tracker = PromptTracker(decoder, frame_size=SIZE)
     left, right = (10, 10, 40, 40), (30, 10, 60, 40)  # overlapping: right's logits win
-    ids = [tracker.add(box=box) for box in (left, right, (80, 10, 100, 30), (80, 60, 100, 80))]
+    ids = [
+        tracker.commands.add(box=box) for box in (left, right, (80, 10, 100, 30), (80, 60, 100, 80))
+    ]
     first = {o.record.track_id: o for o in tracker.step(0)}
     assert not first[1].mask.dense()[20, 35]  # the overlap went to track 2
     replies: list[PromptReply] = []
@@ -187,7 +196,7 @@ def test_commands_in_the_middle_of_a_frame_apply_at_the_next() -> None:
             PromptCommand(op="update", track_id=99, box=(1, 1, 5, 5)),
         ):
             replies.append(tracker.commands.answer(command))
-        listed.append(tracker.list())
+        listed.append(tracker.commands.listing())
 
     decoder.commands = commands
     outputs = {o.record.track_id: o for o in tracker.step(1)}
@@ -209,7 +218,7 @@ def test_commands_in_the_middle_of_a_frame_apply_at_the_next() -> None:
     assert set(outputs) == {1, 2, 3, 4}
     assert not outputs[1].mask.dense()[20, 35] and outputs[2].mask.dense()[20, 35]
     assert outputs[4].record.box == (80.0, 60.0, 100.0, 80.0)
-    assert [row["track_id"] for row in tracker.list()] == [1, 3, 4, 5]
+    assert [row["track_id"] for row in tracker.commands.listing()] == [1, 3, 4, 5]
     # Frame 2: the commands are in, in order.
     decoder.commands = None
     later = {o.record.track_id: o for o in tracker.step(2)}
@@ -217,21 +226,21 @@ def test_commands_in_the_middle_of_a_frame_apply_at_the_next() -> None:
     assert later[1].mask.dense()[10:40, 10:40].all()  # track 2 is gone: no pixel taken
     assert later[4].record.box == (100.0, 70.0, 130.0, 100.0)
     assert later[5].record.box == (120.0, 10.0, 140.0, 30.0)
-    assert not any(row["pending"] for row in tracker.list())
+    assert not any(row["pending"] for row in tracker.commands.listing())
 
 
 def test_a_flood_of_commands_waits_for_the_next_frame_in_bounded_numbers() -> None:
     """Commands queued for one frame are bounded (MAX_COMMANDS_AT_ONCE): past it a command
     is refused with the reason, nothing changes, and after the frame there is room again."""
     tracker = PromptTracker(BoxDecoder(), frame_size=SIZE)
-    tid = tracker.add(box=grid_box(0))
+    tid = tracker.commands.add(box=grid_box(0))
     tracker.step(0)
     for i in range(MAX_COMMANDS_AT_ONCE):
-        tracker.update_box(tid, grid_box(i % 50))
-    before = tracker.list()
+        tracker.commands.update(tid, grid_box(i % 50))
+    before = tracker.commands.listing()
     reply = tracker.commands.answer(PromptCommand(op="add", box=grid_box(7)))
     assert not reply.ok and "too many commands waiting for the next frame" in reply.error
-    assert tracker.list() == before
+    assert tracker.commands.listing() == before
     (out,) = tracker.step(1)  # every correction applied, in order: the last one holds
     assert out.record.box == tuple(float(v) for v in grid_box((MAX_COMMANDS_AT_ONCE - 1) % 50))
     assert tracker.commands.answer(PromptCommand(op="add", box=grid_box(7))).ok

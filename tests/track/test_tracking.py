@@ -159,7 +159,7 @@ def test_settings_reject_bad_values(field, value):
 
 def test_follows_constant_velocity_and_learns_it():
     tracker, decoder = make()
-    tid = tracker.add(box=(18, 27, 63, 92))  # a rough user box around the object
+    tid = tracker.commands.add(box=(18, 27, 63, 92))  # a rough user box around the object
     assert tid == 1
     for frame in range(30):
         decoder.objects = {"a": (moving_box(frame), 0.9)}
@@ -173,7 +173,7 @@ def test_follows_constant_velocity_and_learns_it():
             assert close(decoder.calls[-1].boxes[0], moving_box(frame), 2.0)
     velocity = tracker.tracks[tid].kf.x[4:8, 0]
     assert np.allclose(velocity, [*VELOCITY, 0, 0], atol=0.1)
-    assert tracker.list() == [
+    assert tracker.commands.listing() == [
         {
             "track_id": tid,
             "state": "tracked",
@@ -188,7 +188,7 @@ def test_follows_constant_velocity_and_learns_it():
 
 def test_occlusion_coasts_on_learnt_velocity_and_recovers():
     tracker, decoder = make()
-    tid = tracker.add(box=moving_box(0))
+    tid = tracker.commands.add(box=moving_box(0))
     occluded = range(10, 15)
     for frame in range(25):
         decoder.objects = {"a": (moving_box(frame), 0.1 if frame in occluded else 0.9)}
@@ -205,7 +205,7 @@ def test_occlusion_coasts_on_learnt_velocity_and_recovers():
 
 def test_lost_after_max_coast_frames_then_dropped():
     tracker, decoder = make(TrackerConfig(max_coast_frames=3))
-    tid = tracker.add(box=moving_box(0))
+    tid = tracker.commands.add(box=moving_box(0))
     for frame in range(5):
         decoder.objects = {"a": (moving_box(frame), 0.9)}
         tracker.step(frame)
@@ -217,12 +217,12 @@ def test_lost_after_max_coast_frames_then_dropped():
     calls = len(decoder.calls)
     assert tracker.step(9) == []
     assert len(decoder.calls) == calls  # no tracks: no decode
-    assert tracker.list() == []
+    assert tracker.commands.listing() == []
 
 
 def test_track_leaving_the_frame_is_lost():
     tracker, decoder = make()
-    tid = tracker.add(box=(200, 100, 240, 140))
+    tid = tracker.commands.add(box=(200, 100, 240, 140))
     for frame in range(20):
         box = moving_box(frame, start=(200, 100, 240, 140), velocity=(12, 0))
         decoder.objects = {"a": (box, 0.9)}
@@ -238,8 +238,8 @@ def test_track_leaving_the_frame_is_lost():
 def test_two_objects_batched_in_one_decode_per_step():
     tracker, decoder = make()
     start_b, velocity_b = (250, 150, 290, 200), (-2, -1)
-    a = tracker.add(box=moving_box(0))
-    b = tracker.add(box=start_b)
+    a = tracker.commands.add(box=moving_box(0))
+    b = tracker.commands.add(box=start_b)
     for frame in range(15):
         decoder.objects = {
             "a": (moving_box(frame), 0.9),
@@ -257,7 +257,7 @@ def test_two_objects_batched_in_one_decode_per_step():
 
 def test_dropped_frames_are_predicted_over():
     tracker, decoder = make()
-    tid = tracker.add(box=moving_box(0))
+    tid = tracker.commands.add(box=moving_box(0))
     for frame in [0, 1, 2, 3, 4, 7, 10, 15, 16]:
         decoder.objects = {"a": (moving_box(frame), 0.9)}
         out = by_id(tracker.step(frame))[tid]
@@ -318,7 +318,7 @@ def test_stray_fragments_do_not_move_the_measurement():
     the old all-pixels box the far fragment would make every measurement disagree with the
     prediction (the track would coast and be lost), and stretch the first frame's box."""
     tracker, decoder = make()
-    tid = tracker.add(box=moving_box(0))
+    tid = tracker.commands.add(box=moving_box(0))
     fragment = (280, 200, 300, 220)
     for frame in range(12):
         decoder.objects = {"a": (moving_box(frame), 0.9)}
@@ -338,7 +338,7 @@ def test_stray_fragments_do_not_move_the_measurement():
 
 def test_points_only_prompt_measures_the_component_under_its_point():
     tracker, decoder = make()
-    tid = tracker.add(points=[[40, 60]], labels=[1])
+    tid = tracker.commands.add(points=[[40, 60]], labels=[1])
     decoder.objects = {"a": (moving_box(0), 0.9)}
     decoder.fragments = [(280, 200, 300, 220)]
     (out,) = tracker.step(0)
@@ -408,7 +408,7 @@ def test_exclusive_masks_measure_on_the_own_mask_and_favour_trusted_tracks():
     trusted track claims, whatever its logit."""
     decoder = ContestDecoder()
     tracker = PromptTracker(decoder, frame_size=SIZE)
-    a, b = tracker.add(box=A_BOX), tracker.add(box=B_BOX)
+    a, b = tracker.commands.add(box=A_BOX), tracker.commands.add(box=B_BOX)
     decoder.logits = {"a": 2.0, "b": 5.0}
     for frame in range(4):
         decoder.objects = {"a": (A_BOX, 0.9), "b": (B_BOX, 0.9)}
@@ -437,7 +437,7 @@ def test_a_lost_track_takes_no_pixels():
     overlap goes to B (coasting) instead of vanishing with A's empty mask."""
     decoder = ContestDecoder()
     tracker = PromptTracker(decoder, frame_size=SIZE, settings=TrackerConfig(max_coast_frames=1))
-    a, b = tracker.add(box=A_BOX), tracker.add(box=B_BOX)
+    a, b = tracker.commands.add(box=A_BOX), tracker.commands.add(box=B_BOX)
     decoder.logits = {"a": 9.0, "b": 5.0}
     scores = [(0.9, 0.9), (0.9, 0.9), (0.1, 0.9), (0.1, 0.1)]
     for frame, (score_a, score_b) in enumerate(scores):
@@ -453,12 +453,15 @@ def test_a_lost_track_takes_no_pixels():
 
 def test_prompt_added_mid_stream_appears_exactly_at_its_frame():
     tracker, decoder = make()
-    late = tracker.add(box=moving_box(5), frame=5)
+    late = tracker.commands.add(box=moving_box(5), frame=5)
     for frame in range(5):
         assert tracker.step(frame) == []
     assert decoder.calls == []
-    early = tracker.add(box=moving_box(5, start=(200, 150, 240, 200)), frame=4)
-    assert tracker.list()[0]["pending"] and tracker.list()[0]["start_frame"] == 5
+    early = tracker.commands.add(box=moving_box(5, start=(200, 150, 240, 200)), frame=4)
+    assert (
+        tracker.commands.listing()[0]["pending"]
+        and tracker.commands.listing()[0]["start_frame"] == 5
+    )
     for frame in range(5, 8):
         decoder.objects = {
             "a": (moving_box(frame), 0.9),
@@ -469,8 +472,8 @@ def test_prompt_added_mid_stream_appears_exactly_at_its_frame():
 
 def test_points_only_prompt_starts_from_its_mask():
     tracker, decoder = make()
-    tid = tracker.add(points=[[40, 60], [5, 5]], labels=[1, 0], frame=2)
-    assert tracker.list()[0]["box"] is None
+    tid = tracker.commands.add(points=[[40, 60], [5, 5]], labels=[1, 0], frame=2)
+    assert tracker.commands.listing()[0]["box"] is None
     for frame in range(2):
         assert tracker.step(frame) == []
     decoder.objects = {"a": (moving_box(2), 0.9)}
@@ -490,7 +493,7 @@ def test_points_only_prompt_starts_from_its_mask():
 
 def test_points_only_prompt_on_nothing_is_lost_once():
     tracker, decoder = make()
-    tid = tracker.add(points=[[300, 200]], labels=[1])
+    tid = tracker.commands.add(points=[[300, 200]], labels=[1])
     decoder.objects = {"a": (moving_box(0), 0.9)}
     (out,) = tracker.step(0)
     assert out.record.track_id == tid and out.record.state is TrackState.LOST and not out.mask.any()
@@ -501,9 +504,9 @@ def test_a_correction_queued_while_its_points_prompt_fails_brings_it_back() -> N
     """The points-only prompt finds nothing in the frame under way (lost) while a correction
     of it is queued: the correction starts it again, at the box, at the next frame."""
     tracker, decoder = make()
-    tid = tracker.add(points=[[300, 200]], labels=[1])
+    tid = tracker.commands.add(points=[[300, 200]], labels=[1])
     decoder.objects = {"a": (moving_box(0), 0.9)}
-    decoder.during = lambda: tracker.update_box(tid, moving_box(1))
+    decoder.during = lambda: tracker.commands.update(tid, moving_box(1))
     (out,) = tracker.step(0)
     assert out.record.state is TrackState.LOST
     decoder.during = None
@@ -513,14 +516,14 @@ def test_a_correction_queued_while_its_points_prompt_fails_brings_it_back() -> N
     assert out.record.box == moving_box(1)
 
 
-def test_update_box_moves_a_track():
+def test_update_moves_a_track():
     tracker, decoder = make()
-    tid = tracker.add(box=moving_box(0))
+    tid = tracker.commands.add(box=moving_box(0))
     for frame in range(5):
         decoder.objects = {"a": (moving_box(frame), 0.9)}
         tracker.step(frame)
     jumped = (200, 120, 240, 180)  # e.g. a robot tells us it picked the object up
-    tracker.update_box(tid, jumped)
+    tracker.commands.update(tid, jumped)
     decoder.objects = {"a": (jumped, 0.9)}
     (out,) = tracker.step(5)
     assert decoder.calls[-1].mask_logits == [None]  # old logits describe the old place
@@ -537,7 +540,7 @@ def test_update_box_moves_a_track():
 
 def test_mask_prompt_only_after_a_trusted_measurement():
     tracker, decoder = make()
-    tracker.add(box=moving_box(0))
+    tracker.commands.add(box=moving_box(0))
     scores = [0.9, 0.9, 0.1, 0.9, 0.9]
     for frame, score in enumerate(scores):
         decoder.objects = {"a": (moving_box(frame), score)}
@@ -550,7 +553,7 @@ def test_mask_prompt_only_after_a_trusted_measurement():
     assert passed[4] is not None and np.all(passed[4] == 400)
 
     tracker, decoder = make(TrackerConfig(use_mask_prompt=False))
-    tracker.add(box=moving_box(0))
+    tracker.commands.add(box=moving_box(0))
     for frame in range(3):
         decoder.objects = {"a": (moving_box(frame), 0.9)}
         tracker.step(frame)
@@ -559,7 +562,7 @@ def test_mask_prompt_only_after_a_trusted_measurement():
 
 def test_disagreeing_measurement_is_not_trusted():
     tracker, decoder = make()
-    tid = tracker.add(box=moving_box(0))
+    tid = tracker.commands.add(box=moving_box(0))
     for frame in range(5):
         decoder.objects = {"a": (moving_box(frame), 0.9)}
         tracker.step(frame)
@@ -574,30 +577,30 @@ def test_disagreeing_measurement_is_not_trusted():
 def test_track_id_limit():
     assert MAX_TRACK_ID == 65535  # 16-bit id PNGs past 255 (pipeline.outputs.files)
     tracker, _ = make()
-    ids = [tracker.add(box=(0, 0, 10, 10)) for _ in range(300)]
+    ids = [tracker.commands.add(box=(0, 0, 10, 10)) for _ in range(300)]
     assert ids == list(range(1, 301))  # past the old 8-bit limit of 255
-    assert tracker.add(box=(0, 0, 10, 10), track_id=MAX_TRACK_ID) == MAX_TRACK_ID
+    assert tracker.commands.add(box=(0, 0, 10, 10), track_id=MAX_TRACK_ID) == MAX_TRACK_ID
     with pytest.raises(ValueError, match="track id limit reached"):
-        tracker.add(box=(0, 0, 10, 10))
-    tracker.remove(7)
+        tracker.commands.add(box=(0, 0, 10, 10))
+    tracker.commands.remove(7)
     with pytest.raises(ValueError, match="track id limit reached"):  # ids are never reused
-        tracker.add(box=(0, 0, 10, 10))
-    assert tracker.add(box=(0, 0, 10, 10), track_id=7) == 7  # unless asked for explicitly
+        tracker.commands.add(box=(0, 0, 10, 10))
+    assert tracker.commands.add(box=(0, 0, 10, 10), track_id=7) == 7  # unless asked for explicitly
     with pytest.raises(ValueError, match=r"1\.\.65535"):
-        tracker.add(box=(0, 0, 10, 10), track_id=MAX_TRACK_ID + 1)
-    assert len(tracker.list()) == 301
+        tracker.commands.add(box=(0, 0, 10, 10), track_id=MAX_TRACK_ID + 1)
+    assert len(tracker.commands.listing()) == 301
 
 
 def test_tracks_at_once_limit():
     tracker, _ = make()
     for _ in range(MAX_TRACKS_AT_ONCE):
-        tracker.add(box=(0, 0, 10, 10))
+        tracker.commands.add(box=(0, 0, 10, 10))
     with pytest.raises(ValueError, match="too many tracks at once"):
-        tracker.add(box=(0, 0, 10, 10))
+        tracker.commands.add(box=(0, 0, 10, 10))
     with pytest.raises(ValueError, match="too many tracks at once"):
-        tracker.add(box=(0, 0, 10, 10), track_id=60000)
-    tracker.remove(1)
-    assert tracker.add(box=(0, 0, 10, 10)) == MAX_TRACKS_AT_ONCE + 1  # room again
+        tracker.commands.add(box=(0, 0, 10, 10), track_id=60000)
+    tracker.commands.remove(1)
+    assert tracker.commands.add(box=(0, 0, 10, 10)) == MAX_TRACKS_AT_ONCE + 1  # room again
 
 
 # --------------------------------------------------------------------------- bad input
@@ -605,31 +608,37 @@ def test_tracks_at_once_limit():
 
 OK_BOX = (100, 100, 140, 150)
 BAD_COMMANDS = [
-    (lambda t: t.add(), "box or points"),
-    (lambda t: t.add(box=(math.nan, 0, 10, 10)), "NaN or infinite"),
-    (lambda t: t.add(box=(0, 0, math.inf, 10)), "NaN or infinite"),
-    (lambda t: t.add(box=(10, 10, 10, 20)), "must be greater than"),
-    (lambda t: t.add(box=(20, 10, 10, 20)), "must be greater than"),
-    (lambda t: t.add(box=(1, 2, 3)), r"must be \[x1, y1, x2, y2\]"),
-    (lambda t: t.add(box="abcd"), "box must be numbers"),
-    (lambda t: t.add(box=(400, 10, 500, 50)), "outside the 320x240 image"),
-    (lambda t: t.add(box=(-50, -50, 0, -1)), "lies outside"),
-    (lambda t: t.add(points=[1, 2], labels=[1]), r"points must have shape \(K, 2\)"),
-    (lambda t: t.add(points=[[1, 2], [3, 4]], labels=[1]), "one entry per point"),
-    (lambda t: t.add(points=[[1, 2]], labels=[2]), r"1 \(foreground\) or 0 \(background\)"),
-    (lambda t: t.add(box=OK_BOX, labels=[1]), "labels were given without points"),
-    (lambda t: t.add(points=[[1, 2]], labels=[0]), "foreground point"),
-    (lambda t: t.add(points=[[1000, 2]], labels=[1]), "points .* lies outside the 320x240"),
-    (lambda t: t.add(box=OK_BOX, track_id=1), "track_id 1 is already in use"),
+    (lambda t: t.commands.add(), "box or points"),
+    (lambda t: t.commands.add(box=(math.nan, 0, 10, 10)), "NaN or infinite"),
+    (lambda t: t.commands.add(box=(0, 0, math.inf, 10)), "NaN or infinite"),
+    (lambda t: t.commands.add(box=(10, 10, 10, 20)), "must be greater than"),
+    (lambda t: t.commands.add(box=(20, 10, 10, 20)), "must be greater than"),
+    (lambda t: t.commands.add(box=(1, 2, 3)), r"must be \[x1, y1, x2, y2\]"),
+    (lambda t: t.commands.add(box="abcd"), "box must be numbers"),
+    (lambda t: t.commands.add(box=(400, 10, 500, 50)), "outside the 320x240 image"),
+    (lambda t: t.commands.add(box=(-50, -50, 0, -1)), "lies outside"),
+    (lambda t: t.commands.add(points=[1, 2], labels=[1]), r"points must have shape \(K, 2\)"),
+    (lambda t: t.commands.add(points=[[1, 2], [3, 4]], labels=[1]), "one entry per point"),
     (
-        lambda t: t.add(box=OK_BOX, track_id=MAX_TRACK_ID + 1),
+        lambda t: t.commands.add(points=[[1, 2]], labels=[2]),
+        r"1 \(foreground\) or 0 \(background\)",
+    ),
+    (lambda t: t.commands.add(box=OK_BOX, labels=[1]), "labels were given without points"),
+    (lambda t: t.commands.add(points=[[1, 2]], labels=[0]), "foreground point"),
+    (
+        lambda t: t.commands.add(points=[[1000, 2]], labels=[1]),
+        "points .* lies outside the 320x240",
+    ),
+    (lambda t: t.commands.add(box=OK_BOX, track_id=1), "track_id 1 is already in use"),
+    (
+        lambda t: t.commands.add(box=OK_BOX, track_id=MAX_TRACK_ID + 1),
         r"track_id must be an integer in 1\.\.65535",
     ),
-    (lambda t: t.add(box=OK_BOX, frame=-1), "frame must be a frame index"),
-    (lambda t: t.update_box(99, OK_BOX), "unknown track id 99"),
-    (lambda t: t.update_box(1, (0, 0, math.nan, 5)), "NaN"),
-    (lambda t: t.update_box(1, (50, 50, 10, 60)), "must be greater than"),
-    (lambda t: t.remove(99), "unknown track id 99"),
+    (lambda t: t.commands.add(box=OK_BOX, frame=-1), "frame must be a frame index"),
+    (lambda t: t.commands.update(99, OK_BOX), "unknown track id 99"),
+    (lambda t: t.commands.update(1, (0, 0, math.nan, 5)), "NaN"),
+    (lambda t: t.commands.update(1, (50, 50, 10, 60)), "must be greater than"),
+    (lambda t: t.commands.remove(99), "unknown track id 99"),
     (lambda t: t.step(2), "frame_index must increase"),
 ]
 
@@ -638,9 +647,9 @@ BAD_COMMANDS = [
 def test_bad_commands_raise_and_leave_tracks_alone(command, message):
     tracker, decoder = make()
     start_b = (200, 150, 240, 200)
-    tracker.add(box=moving_box(0))
-    tracker.add(box=start_b)
-    tracker.add(box=OK_BOX, frame=50)  # a pending prompt must survive too
+    tracker.commands.add(box=moving_box(0))
+    tracker.commands.add(box=start_b)
+    tracker.commands.add(box=OK_BOX, frame=50)  # a pending prompt must survive too
 
     def scene(frame):
         decoder.objects = {"a": (moving_box(frame), 0.9), "b": (start_b, 0.9)}
@@ -648,17 +657,17 @@ def test_bad_commands_raise_and_leave_tracks_alone(command, message):
     for frame in range(3):
         scene(frame)
         tracker.step(frame)
-    before = tracker.list()
+    before = tracker.commands.listing()
     filters = {tid: (t.kf.x.copy(), t.kf.P.copy()) for tid, t in tracker.tracks.items()}
     with pytest.raises(ValueError, match=message):
         command(tracker)
-    assert tracker.list() == before
+    assert tracker.commands.listing() == before
     for tid, (x, p) in filters.items():
         assert np.array_equal(tracker.tracks[tid].kf.x, x)
         assert np.array_equal(tracker.tracks[tid].kf.P, p)
     scene(3)
     assert [o.record.state for o in tracker.step(3)] == [TrackState.TRACKED] * 2
-    assert tracker.add(box=OK_BOX) == 4  # a rejected add used up no id
+    assert tracker.commands.add(box=OK_BOX) == 4  # a rejected add used up no id
 
 
 @pytest.mark.parametrize(
@@ -667,16 +676,16 @@ def test_bad_commands_raise_and_leave_tracks_alone(command, message):
 )
 def test_failing_decoder_changes_nothing_and_the_frame_can_be_retried(fault, message):
     tracker, decoder = make()
-    tid = tracker.add(box=moving_box(0))
+    tid = tracker.commands.add(box=moving_box(0))
     for frame in range(3):
         decoder.objects = {"a": (moving_box(frame), 0.9)}
         tracker.step(frame)
-    x, before = tracker.tracks[tid].kf.x.copy(), tracker.list()
+    x, before = tracker.tracks[tid].kf.x.copy(), tracker.commands.listing()
     decoder.objects = {"a": (moving_box(3), 0.9)}
     decoder.fault = fault
     with pytest.raises(RuntimeError, match=message):
         tracker.step(3)
-    assert np.array_equal(tracker.tracks[tid].kf.x, x) and tracker.list() == before
+    assert np.array_equal(tracker.tracks[tid].kf.x, x) and tracker.commands.listing() == before
     decoder.fault = None
     (out,) = tracker.step(3)
     assert out.record.state is TrackState.TRACKED and out.record.box == moving_box(3)
@@ -685,8 +694,8 @@ def test_failing_decoder_changes_nothing_and_the_frame_can_be_retried(fault, mes
 def test_frame_size_known_only_at_the_first_frame():
     decoder = SceneDecoder()
     tracker = PromptTracker(decoder)
-    good = tracker.add(box=moving_box(0))
-    outside = tracker.add(box=(1000, 1000, 1100, 1100))  # checked once the size is known
+    good = tracker.commands.add(box=moving_box(0))
+    outside = tracker.commands.add(box=(1000, 1000, 1100, 1100))  # checked once the size is known
     with pytest.raises(RuntimeError, match="set_frame_size"):
         tracker.step(0)
     tracker.set_frame_size(SIZE)
@@ -694,7 +703,7 @@ def test_frame_size_known_only_at_the_first_frame():
     outputs = by_id(tracker.step(0))
     assert outputs[good].record.state is TrackState.TENTATIVE
     assert outputs[outside].record.state is TrackState.LOST and not outputs[outside].mask.any()
-    assert [row["track_id"] for row in tracker.list()] == [good]
+    assert [row["track_id"] for row in tracker.commands.listing()] == [good]
     with pytest.raises(ValueError, match="frame_size"):
         tracker.set_frame_size((0, 320))
 
@@ -706,9 +715,9 @@ def scaled(box, sx: float, sy: float) -> tuple[int, ...]:
 
 def test_frame_size_change_rescales_tracks_and_pending_prompts():
     tracker, decoder = make()
-    tid = tracker.add(box=moving_box(0))
-    later_box = tracker.add(box=(100, 100, 140, 150), frame=50)
-    later_points = tracker.add(points=[[150, 20], [5, 5]], labels=[1, 0], frame=50)
+    tid = tracker.commands.add(box=moving_box(0))
+    later_box = tracker.commands.add(box=(100, 100, 140, 150), frame=50)
+    later_points = tracker.commands.add(points=[[150, 20], [5, 5]], labels=[1, 0], frame=50)
     for frame in range(10):
         decoder.objects = {"a": (moving_box(frame), 0.9)}
         tracker.step(frame)
@@ -721,7 +730,7 @@ def test_frame_size_change_rescales_tracks_and_pending_prompts():
     assert np.allclose(track.kf.x, s @ x)  # positions, sizes and velocities
     assert np.allclose(track.kf.P, s @ p @ s.T)
     assert track.last_mask_logits is None  # they lie on the old frame's grid
-    assert tracker.list()[1]["box"] == [200.0, 150.0, 280.0, 225.0]
+    assert tracker.commands.listing()[1]["box"] == [200.0, 150.0, 280.0, 225.0]
 
     decoder.size = new_size
     for frame in [*range(10, 20), 50]:
@@ -750,9 +759,9 @@ def test_frame_size_change_rescales_tracks_and_pending_prompts():
 
 def test_lose_all_reports_running_tracks_lost_and_keeps_pending_prompts():
     tracker, decoder = make()
-    a = tracker.add(box=moving_box(0))
-    b = tracker.add(box=(200, 150, 260, 210))
-    later = tracker.add(box=(100, 100, 140, 150), frame=50)  # pending until frame 50
+    a = tracker.commands.add(box=moving_box(0))
+    b = tracker.commands.add(box=(200, 150, 260, 210))
+    later = tracker.commands.add(box=(100, 100, 140, 150), frame=50)  # pending until frame 50
     still = {"a": (moving_box(0), 0.9), "b": ((200, 150, 260, 210), 0.9)}
     for frame in range(4):
         decoder.objects = {**still, "a": (moving_box(frame), 0.9)}
@@ -785,13 +794,15 @@ def test_lose_all_reports_running_tracks_lost_and_keeps_pending_prompts():
     assert lost_b.frames_since_update == 1 and lost_b.score == pytest.approx(0.2)
     assert len(decoder.calls) == calls  # nothing decoded
     assert dict(tracker.tracks) == {}
-    assert [(row["track_id"], row["pending"]) for row in tracker.list()] == [(later, True)]
+    assert [(row["track_id"], row["pending"]) for row in tracker.commands.listing()] == [
+        (later, True)
+    ]
     assert tracker.lose_all() == []  # already gone: reported once
     for tid in (a, b):
-        # A lost track could come back with update_box; removed, it is forgotten.
-        tracker.remove(tid)
+        # A lost track could come back with an update; removed, it is forgotten.
+        tracker.commands.remove(tid)
         with pytest.raises(ValueError, match="unknown track id"):
-            tracker.update_box(tid, moving_box(5))
+            tracker.commands.update(tid, moving_box(5))
 
     # The lost tracks are not decoded again; the pending prompt starts at its frame and new
     # prompts get fresh ids.
@@ -800,24 +811,24 @@ def test_lose_all_reports_running_tracks_lost_and_keeps_pending_prompts():
     assert len(decoder.calls) == calls
     (out,) = tracker.step(50)
     assert out.record.track_id == later and out.record.state is TrackState.TENTATIVE
-    assert tracker.add(box=moving_box(0)) == later + 1
+    assert tracker.commands.add(box=moving_box(0)) == later + 1
 
 
 def test_lose_all_without_tracks():
     tracker = PromptTracker(SceneDecoder())  # frame size unknown yet
-    pending = tracker.add(box=moving_box(0))
+    pending = tracker.commands.add(box=moving_box(0))
     assert tracker.lose_all() == []
-    assert [row["track_id"] for row in tracker.list()] == [pending]
+    assert [row["track_id"] for row in tracker.commands.listing()] == [pending]
     tracker, _ = make()
     assert tracker.lose_all() == []
 
 
 def test_lose_all_forgets_a_corrected_track():
     tracker, decoder = make()
-    tid = tracker.add(box=moving_box(0))
+    tid = tracker.commands.add(box=moving_box(0))
     decoder.objects = {"a": (moving_box(0), 0.9)}
     tracker.step(0)
-    tracker.update_box(tid, moving_box(3))  # restarts there at the next step
+    tracker.commands.update(tid, moving_box(3))  # restarts there at the next step
     (out,) = tracker.lose_all()
     assert out.record.track_id == tid and out.record.state is TrackState.LOST
     assert close(out.record.box, moving_box(3), 1e-6)  # the corrected box, not the old one
@@ -846,7 +857,7 @@ def test_tracker_node_coasts_through_a_short_outage_and_loses_tracks_after_a_lon
     node = TrackerNode(TrackerConfig(lost_after_gap_s=5.0), weights="unused.pt", image_size=256)
     tracker, decoder = make()
     node.tracker = tracker
-    tid = tracker.add(box=moving_box(0))
+    tid = tracker.commands.add(box=moving_box(0))
     for frame in range(4):
         decoder.objects = {"a": (moving_box(frame), 0.9)}
         assert node._after_outage(_embedding_message(frame, 0, 100.0 + frame * 0.1)) == []
@@ -885,7 +896,7 @@ def test_tracker_node_follows_a_mid_stream_resolution_change():
         decoder=decoder,  # type: ignore[arg-type]
     )
     node.setup()
-    tid = node.tracker.add(box=moving_box(0))
+    tid = node.tracker.commands.add(box=moving_box(0))
     for frame in range(12):
         size, sx, sy = (SIZE, 1.0, 1.0) if frame < 6 else ((480, 640), 2.0, 2.0)
         decoder.objects = {"a": (scaled(moving_box(frame), sx, sy), 0.9)}
@@ -957,9 +968,9 @@ def test_snapshot_restore_continues_exactly():
         return {"a": (moving_box(frame), occluded), "b": ((60, 10, 90, 40), 0.8)}
 
     original, decoder = make()
-    original.add(box=moving_box(0))
-    original.add(box=(60, 10, 90, 40))
-    original.add(box=(5, 5, 20, 20), frame=14)  # still pending at the snapshot
+    original.commands.add(box=moving_box(0))
+    original.commands.add(box=(60, 10, 90, 40))
+    original.commands.add(box=(5, 5, 20, 20), frame=14)  # still pending at the snapshot
     for frame in range(8):
         decoder.objects = scene(frame)
         original.step(frame)
@@ -984,9 +995,9 @@ def test_snapshot_restore_continues_exactly():
         restored.restore({"tracks": [{"id": 1}]}, {})
 
 
-def test_a_lost_track_comes_back_with_update_box():
+def test_a_lost_track_comes_back_with_an_update():
     tracker, decoder = make(TrackerConfig(max_coast_frames=1))
-    tid = tracker.add(box=moving_box(0))
+    tid = tracker.commands.add(box=moving_box(0))
     decoder.objects = {"a": (moving_box(0), 0.9)}
     tracker.step(0)
     decoder.objects = {}  # gone: coasts, then lost
@@ -994,14 +1005,14 @@ def test_a_lost_track_comes_back_with_update_box():
     assert states == [TrackState.COASTING, TrackState.LOST]
     assert tid not in tracker.tracks
     with pytest.raises(ValueError, match="unknown track id 9"):
-        tracker.update_box(9, moving_box(3))
-    tracker.update_box(tid, moving_box(3))  # the user points at it again
+        tracker.commands.update(9, moving_box(3))
+    tracker.commands.update(tid, moving_box(3))  # the user points at it again
     decoder.objects = {"a": (moving_box(3), 0.9)}
     (out,) = tracker.step(3)
     assert out.record.track_id == tid and out.record.state is TrackState.TENTATIVE
     assert close(out.record.box, moving_box(3), 1.0)
     with pytest.raises(ValueError, match="already in use"):
-        tracker.add(box=moving_box(3), track_id=tid)
+        tracker.commands.add(box=moving_box(3), track_id=tid)
 
 
 def test_a_configured_points_prompt_without_labels_is_foreground() -> None:
@@ -1017,7 +1028,7 @@ def test_a_configured_points_prompt_without_labels_is_foreground() -> None:
         decoder=decoder,  # type: ignore[arg-type]
     )
     node.setup()
-    [listing] = node.tracker.list()
+    [listing] = node.tracker.commands.listing()
     assert listing["pending"] is True and listing["box"] is None
     decoder.objects = {"a": ((60, 10, 90, 40), 0.9)}
     (msg,) = node.process(_embedding_message(0, 0, 100.0))
