@@ -40,9 +40,9 @@ from pipeline.infer.machine import available_cores, cpu_facts, native_bf16
 from pipeline.infer.timing import median_ms, time_ms
 from pipeline.model.sam import SamDecoder
 from pipeline.predictor import SAM
+from pipeline.prompts import parse_prompts
 from pipeline.run.launcher import run_pipeline
 from pipeline.run.summary import RunSummary
-from pipeline.track.prompts import parse_prompts
 from pipeline.video.sources import VideoSource, parse_source
 
 DEFAULT_SOURCE = "lavfi:testsrc2=size=1280x720:rate=25"

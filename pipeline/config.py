@@ -154,8 +154,9 @@ class PromptConfig(_Section, kw_only=True):
         if self.box is None and self.points is None:
             raise ConfigError("box: a prompt needs a box or points (or both)")
         if self.box is not None:
-            # The one box check (where the box lies: per frame); imported here, it imports numpy.
-            from pipeline.track.prompts import check_box
+            # The one box check (pipeline.prompts; where the box lies: per frame). Imported
+            # here: it imports numpy, which a config that has no box need not.
+            from pipeline.prompts import check_box
 
             try:
                 check_box(self.box)

@@ -31,8 +31,8 @@ from pipeline.model.checkpoint import load_checkpoint
 from pipeline.model.sam import MobileSAM, build_mobile_sam
 from pipeline.model.transforms import scale_boxes, scale_coords
 from pipeline.model.weights import resolve_weights
+from pipeline.prompts import Prompts, parse_prompts
 from pipeline.results import Masks, Results
-from pipeline.track.prompts import Prompts, parse_prompts
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class SAM:
         image_format: ImageFormat = "RGB",
     ) -> list[Results]:
         """Segment the prompted objects of one image: a list of one `Results`, as Ultralytics
-        gives one per image (see `pipeline.track.prompts` for nesting; `load_image` for the
+        gives one per image (see `pipeline.prompts` for nesting; `load_image` for the
         sources and ``image_format``)."""
         start = perf_counter()
         image = load_image(source, image_format)

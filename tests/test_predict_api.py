@@ -15,8 +15,8 @@ from PIL import Image
 from pipeline import SAM, Results
 from pipeline.outputs.drawing import draw_overlay, track_color
 from pipeline.outputs.files import decode_rle
+from pipeline.prompts import parse_prompts
 from pipeline.results import Masks
-from pipeline.track.prompts import parse_prompts
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

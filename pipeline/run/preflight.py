@@ -15,8 +15,8 @@ import msgspec
 import zmq
 
 from pipeline.config import DecoderConfig, PromptConfig, RunConfig
+from pipeline.prompts import check_box, check_points
 from pipeline.run.graph import GRAPH
-from pipeline.track.prompts import check_box, check_points
 from pipeline.video.live_source import Backoff, LiveSource, spec_for
 from pipeline.video.sources import SourceError, VideoSource, check_device
 from pipeline.wire.curve import check_key_files

@@ -28,8 +28,8 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline.prompts import check_box, check_points, overlaps_frame, points_inside
 from pipeline.track.kalman import Box
-from pipeline.track.prompts import check_box, check_points, overlaps_frame, points_inside
 from pipeline.wire.masks import is_int
 from pipeline.wire.messages import (
     MAX_TRACK_ID,

@@ -11,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from pipeline.wire.masks import RegionMask, as_region_masks
 
-if TYPE_CHECKING:  # the tracker runs any decoder; only SAM's needs torch
-    from pipeline.predictor import ImageEmbedding
+# A frame's embedding, whatever the decoder takes (SAM's: `pipeline.infer.encoder.ImageEmbedding`).
+# The tracker never looks inside: it hands the one it was given to its decoder, so it needs
+# neither the inference layer nor torch.
+Embedding = Any
 
 
 @dataclass
@@ -189,7 +191,7 @@ class MaskDecoderFn(Protocol):
 
     def __call__(
         self,
-        image: ImageEmbedding | None,
+        image: Embedding | None,
         boxes: np.ndarray,
         mask_logits: list[np.ndarray | None],
         points: list[tuple[np.ndarray, np.ndarray] | None] | None = None,

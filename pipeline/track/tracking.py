@@ -37,21 +37,24 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import RunConfig, TrackerConfig, validate_config
+from pipeline.prompts import overlaps_frame
 from pipeline.track.commands import CommandQueue, Prompt, Roster, pending_row
-from pipeline.track.exclusive import DecodedMasks, MaskDecoderFn, checked_decoded, exclusive_masks
+from pipeline.track.exclusive import (
+    DecodedMasks,
+    Embedding,
+    MaskDecoderFn,
+    checked_decoded,
+    exclusive_masks,
+)
 from pipeline.track.kalman import Box, Track, as_box, box_iou, clip_box
 from pipeline.track.measure import measure_box
-from pipeline.track.prompts import overlaps_frame
 from pipeline.wire.masks import RegionMask, is_int
 from pipeline.wire.messages import TrackRecord, TrackState
-
-if TYPE_CHECKING:  # the tracker runs any decoder; only SAM's needs torch
-    from pipeline.predictor import ImageEmbedding
 
 # The class of a track's mask in exclusive_masks (``PromptTracker._exclusive`` says why);
 # the trusted states are 0, first.
@@ -238,7 +241,7 @@ class PromptTracker:
 
     # ------------------------------------------------------------------ the frame
 
-    def step(self, frame_index: int, image: ImageEmbedding | None = None) -> list[TrackOutput]:
+    def step(self, frame_index: int, image: Embedding | None = None) -> list[TrackOutput]:
         """Apply the queued commands, then track every object into frame ``frame_index``;
         outputs sorted by track id.
 
@@ -335,7 +338,7 @@ class PromptTracker:
         ]
 
     def _decode_batch(
-        self, slots: list[_Slot], image: ImageEmbedding | None, size: tuple[int, int]
+        self, slots: list[_Slot], image: Embedding | None, size: tuple[int, int]
     ) -> DecodedMasks:
         """The decoder's answer for every slot, in one call."""
         boxes = np.array(

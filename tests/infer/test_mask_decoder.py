@@ -134,7 +134,7 @@ def test_points_match_torch_fp32(sam: SAM, decoders: dict, backend: str, with_bo
 def test_exact_torch_is_sam_decode_bit_for_bit(sam: SAM, real_image: np.ndarray) -> None:
     """What SamMaskDecoder runs when given no backend: SAM.decode's low-res logits."""
     from pipeline.model.transforms import scale_boxes
-    from pipeline.track.prompts import parse_prompts
+    from pipeline.prompts import parse_prompts
 
     embedded = sam.set_image(real_image)
     box = [[50.0, 40.0, 300.0, 280.0], [200.0, 10.0, 500.0, 330.0]]

@@ -21,9 +21,9 @@ from pipeline.infer.mask_decoder import SamMaskDecoder, probe_windows
 from pipeline.infer.upscale import EMPTY_BOX, Upscaler, matches_full_frame
 from pipeline.model.transforms import resized_shape
 from pipeline.predictor import SAM
+from pipeline.prompts import Prompts
 from pipeline.track.exclusive import ContestedPixels, DecodedMasks, exclusive_masks
 from pipeline.track.measure import measure_box
-from pipeline.track.prompts import Prompts
 from pipeline.track.tracking import PromptTracker
 from pipeline.wire.masks import RegionMask
 from pipeline.wire.messages import EmbeddingMessage, FrameMeta

@@ -100,7 +100,7 @@ CASES = {
 @pytest.mark.parametrize("multimask", [False, True], ids=["single", "multimask"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_decoder_matches_oracle(sam, embedded, oracle_predictor, case, multimask):
-    from pipeline.track.prompts import parse_prompts
+    from pipeline.prompts import parse_prompts
 
     prompts = parse_prompts(embedded.original_size, **CASES[case]["ours"])
     logits, scores, low_res = sam.decode(embedded, prompts, multimask_output=multimask)

@@ -19,8 +19,8 @@ from pipeline.config import PromptConfig, TrackerConfig
 from pipeline.infer.encoder import ImageEmbedding
 from pipeline.infer.mask_decoder import SamMaskDecoder
 from pipeline.predictor import SAM
+from pipeline.prompts import Prompts
 from pipeline.track.exclusive import exclusive_masks
-from pipeline.track.prompts import Prompts
 from pipeline.track.tracking import PromptTracker, TrackOutput
 from pipeline.wire.messages import MaskMessage, TrackState
 
