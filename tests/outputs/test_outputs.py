@@ -109,7 +109,7 @@ def test_id_mask_later_tracks_win_and_ids_are_checked() -> None:
     for bad in (0, 65536):
         with pytest.raises(ValueError, match=r"1\.\.65535"):
             id_mask(masks, [1, bad], (6, 8))
-    with pytest.raises(ValueError, match=r"\(height, width\)"):
+    with pytest.raises(ValueError, match=r"the frame's \(H, W\)"):
         id_mask(masks, [1, 2], (8, 6))
     with pytest.raises(ValueError, match="2 masks for 1 tracks"):
         id_mask(masks, [1], (6, 8))
