@@ -99,9 +99,9 @@ class Track:
     ``[cx, cy, w, h]``.
     """
 
-    def __init__(self, track_id: int, box: Box, *, settings: TrackerConfig | None = None) -> None:
-        self.track_id = track_id
+    def __init__(self, box: Box, *, settings: TrackerConfig | None = None) -> None:
         self.state = TrackState.TENTATIVE
+        self.last_frame = 0  # the frame index it was last decoded on (the tracker's to set)
         self.frames_since_update = 0
         self.hits = 0
         self.last_score = 0.0
@@ -120,7 +120,9 @@ class Track:
         return state_to_box(self.kf.x)
 
     def reset(self, box: Box) -> None:
-        """Restart the filter at ``box`` with unknown velocity (used by corrections)."""
+        """Restart the filter at ``box`` with unknown velocity (used by corrections): its next
+        frame is a first frame, with no prediction to agree with."""
+        self.restarted = True
         r = self._settings.measurement_noise
         self.kf.x = _keep_size_positive(np.concatenate([box_to_state(box), np.zeros(4)])[:, None])
         self.kf.P = np.diag([(_INIT_POSITION_SCALE * r) ** 2] * 4 + [_INIT_VELOCITY_STD**2] * 4)

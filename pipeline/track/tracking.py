@@ -34,7 +34,7 @@ Its parts: ``kalman`` (boxes, the Kalman track), ``measure`` (``measure_box``), 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -45,6 +45,7 @@ from pipeline.config import RunConfig, TrackerConfig, validate_config
 from pipeline.prompts import overlaps_frame
 from pipeline.track.commands import CommandQueue, Prompt, Roster, pending_row
 from pipeline.track.exclusive import (
+    ContestedPixels,
     DecodedMasks,
     Embedding,
     MaskDecoderFn,
@@ -53,15 +54,17 @@ from pipeline.track.exclusive import (
 )
 from pipeline.track.kalman import Box, Track, as_box, box_iou, clip_box
 from pipeline.track.measure import measure_box
-from pipeline.wire.masks import RegionMask, is_int
+from pipeline.wire.masks import RegionMask, frame_size_of, is_int
 from pipeline.wire.messages import TrackRecord, TrackState
 
-# The class of a track's mask in exclusive_masks (``PromptTracker._exclusive`` says why);
+# The class of a track's mask in exclusive_masks (``_exclusive`` says why);
 # the trusted states are 0, first.
 _PRIORITY = {TrackState.LOST: -1, TrackState.COASTING: 1}
 
 # A track's figures that a snapshot keeps beside its filter, and their types.
 _SAVED: dict[str, type] = {
+    "last_frame": int,
+    "restarted": bool,
     "hits": int,
     "frames_since_update": int,
     "last_score": float,
@@ -130,12 +133,10 @@ class PromptTracker:
         # its key, e.g. tracker.min_score).
         self._settings = validate_config(RunConfig(tracker=settings or TrackerConfig())).tracker
         self._decode = decode
-        self._frame_size = None if frame_size is None else _check_frame_size(frame_size)
+        self._frame_size = None if frame_size is None else frame_size_of(frame_size)
         self._tracks: dict[int, Track] = {}
         self._pending: dict[int, Prompt] = {}
-        self._restarted: set[int] = set()  # corrected by an update: next frame is a first frame
         self._lost: set[int] = set()  # reported lost and dropped: an update brings one back
-        self._last_frame: dict[int, int] = {}  # per track, for the prediction's time step
         self._current_frame: int | None = None
         self._next_id = 1
         self.commands = CommandQueue(Roster(frame_size=self._frame_size))
@@ -169,7 +170,7 @@ class PromptTracker:
         the new resolution: the next ``step`` predicts, prompts and measures in new pixels.
         The queued commands are applied first, in the old pixels they were checked in.
         """
-        new = _check_frame_size(frame_size)
+        new = frame_size_of(frame_size)
         self._apply_commands(frame_size=new)
         old, self._frame_size = self._frame_size, new
         if old is not None and old != new:
@@ -213,7 +214,6 @@ class PromptTracker:
                 self._pending[tid] = dataclasses.replace(self._pending[tid], box=prompt.box)
             elif change.op == "update" and tid in self._tracks and prompt.box is not None:
                 self._tracks[tid].reset(prompt.box)
-                self._restarted.add(tid)
             else:  # an add, or a lost track's comeback (also one lost since the check)
                 self._lost.discard(tid)
                 self._pending[tid] = prompt
@@ -231,7 +231,7 @@ class PromptTracker:
                 "box": [float(v) for v in track.predicted_box],
                 "score": track.last_score,
                 "frames_since_update": track.frames_since_update,
-                "pending": tid in self._restarted,  # corrected: the next frame runs it
+                "pending": track.restarted,  # corrected: the next frame runs it
                 "start_frame": None,
             }
         current = self._current_frame
@@ -278,7 +278,7 @@ class PromptTracker:
             # above used each track's own mask (see _commit), so this changes only what is
             # published.
             if decoded.contested is not None:
-                committed = self._exclusive(committed, decoded)
+                committed = _exclusive(committed, decoded.masks, decoded.contested)
         self._settle()
         return sorted([*rejected, *committed], key=lambda out: out.record.track_id)
 
@@ -298,8 +298,7 @@ class PromptTracker:
         slots: list[_Slot] = []
         rejected: list[TrackOutput] = []
         for tid, track in self._tracks.items():
-            dt = frame_index - self._last_frame[tid]
-            first = tid in self._restarted
+            dt, first = frame_index - track.last_frame, track.restarted
             predicted = track.predicted_box if first else track.peek(dt)
             if not (first or overlaps_frame(predicted, size)):
                 fsu = track.frames_since_update + dt
@@ -315,27 +314,6 @@ class PromptTracker:
             box = None if prompt.box is None else clip_box(prompt.box, size)
             slots.append(_Slot(tid, None, prompt, box, reference if box is None else box, True, 0))
         return slots, rejected
-
-    @staticmethod
-    def _exclusive(committed: list[TrackOutput], decoded: DecodedMasks) -> list[TrackOutput]:
-        """Publish exclusive masks; ``committed`` holds the outputs of the decoded rows.
-
-        Who competes for a contested pixel:
-        - a LOST track takes none: it publishes an empty mask, so a pixel it won would vanish
-          from every output although another track's mask covers it;
-        - a COASTING track takes only pixels no trusted track claims: its mask is the one the
-          tracker just judged untrustworthy, and during an occlusion it is usually a piece of
-          the occluder, which must not carve the occluder's own, trusted mask;
-        - trusted tracks (TRACKED / TENTATIVE this frame) compete by logit (SAM 2's rule).
-        """
-        if decoded.contested is None:  # cannot happen: checked by step()
-            raise RuntimeError("prompt tracker invariant broken: no contested pixels")
-        priority = [_PRIORITY.get(out.record.state, 0) for out in committed]
-        masks = exclusive_masks(decoded.masks, decoded.contested, priority)
-        return [
-            out if out.record.state is TrackState.LOST else TrackOutput(out.record, mask)
-            for out, mask in zip(committed, masks, strict=True)
-        ]
 
     def _decode_batch(
         self, slots: list[_Slot], image: Embedding | None, size: tuple[int, int]
@@ -377,13 +355,12 @@ class PromptTracker:
                 return _lost(
                     size, slot.track_id, slot.reference, frames_since_update=1, score=score
                 )
-            track = Track(slot.track_id, start, settings=settings)
+            track = Track(start, settings=settings)
             self._tracks[slot.track_id] = track
             self._pending.pop(slot.track_id, None)
         elif not slot.first:
             track.predict(slot.dt)
-        self._restarted.discard(slot.track_id)
-        self._last_frame[slot.track_id] = frame_index
+        track.restarted, track.last_frame = False, frame_index
         predicted = clip_box(track.predicted_box, size)
 
         trusted = (
@@ -424,8 +401,6 @@ class PromptTracker:
         self._lost.add(track_id)
         self._tracks.pop(track_id, None)
         self._pending.pop(track_id, None)
-        self._restarted.discard(track_id)
-        self._last_frame.pop(track_id, None)
 
     # ------------------------------------------------------------------ saved state
 
@@ -440,16 +415,7 @@ class PromptTracker:
         tracks, arrays = [], {}
         for tid, track in self._tracks.items():
             saved = {key: kind(getattr(track, key)) for key, kind in _SAVED.items()}
-            tracks.append(
-                {
-                    "id": tid,
-                    "state": track.state.value,
-                    **saved,
-                    "last_frame": self._last_frame.get(tid),
-                    "restarted": tid in self._restarted,
-                    "has_logits": track.last_mask_logits is not None,
-                }
-            )
+            tracks.append({"id": tid, "state": track.state.value, **saved})
             arrays[f"track{tid}.x"] = np.array(track.kf.x, dtype=np.float64)
             arrays[f"track{tid}.P"] = np.array(track.kf.P, dtype=np.float64)
             if track.last_mask_logits is not None:
@@ -483,19 +449,14 @@ class PromptTracker:
             tracks: dict[int, Track] = {}
             for row in data["tracks"]:
                 tid = int(row["id"])
-                track = tracks[tid] = Track(tid, (0.0, 0.0, 1.0, 1.0), settings=self._settings)
+                track = tracks[tid] = Track((0.0, 0.0, 1.0, 1.0), settings=self._settings)
                 track.kf.x = np.array(arrays[f"track{tid}.x"], dtype=np.float64).reshape(8, 1)
                 track.kf.P = np.array(arrays[f"track{tid}.P"], dtype=np.float64).reshape(8, 8)
                 track.state = TrackState(row["state"])
                 for key, kind in _SAVED.items():
                     setattr(track, key, kind(row[key]))
-                if row["has_logits"]:
+                if f"track{tid}.logits" in arrays:
                     track.last_mask_logits = _frozen(arrays[f"track{tid}.logits"])
-            rows = data["tracks"]
-            last_frame = {
-                int(r["id"]): int(r["last_frame"]) for r in rows if r["last_frame"] is not None
-            }
-            restarted = {int(r["id"]) for r in rows if r["restarted"]}
             pending: dict[int, Prompt] = {}
             for row in data["pending"]:
                 tid = int(row["id"])
@@ -509,13 +470,12 @@ class PromptTracker:
                     None if row["frame"] is None else int(row["frame"]),
                 )
             size, current = data["frame_size"], data["current_frame"]
-            frame_size = None if size is None else _check_frame_size(tuple(size))
+            frame_size = None if size is None else frame_size_of(size)
             current = None if current is None else int(current)
             next_id, lost = int(data["next_id"]), {int(tid) for tid in data["lost"]}
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a prompt tracker snapshot: {err!r}") from None
         self._tracks, self._pending = tracks, pending
-        self._last_frame, self._restarted = last_frame, restarted
         self._frame_size, self._current_frame = frame_size, current
         self._next_id, self._lost = next_id, lost
         self.commands.take()  # they were checked against the state replaced here
@@ -536,24 +496,34 @@ def _lost(
     return TrackOutput(record, RegionMask.empty(size))
 
 
+def _exclusive(
+    committed: list[TrackOutput],
+    masks: Sequence[RegionMask] | np.ndarray,
+    contested: ContestedPixels,
+) -> list[TrackOutput]:
+    """Publish exclusive masks; ``committed`` holds the outputs of the decoded rows.
+
+    Who competes for a contested pixel:
+    - a LOST track takes none: it publishes an empty mask, so a pixel it won would vanish
+      from every output although another track's mask covers it;
+    - a COASTING track takes only pixels no trusted track claims: its mask is the one the
+      tracker just judged untrustworthy, and during an occlusion it is usually a piece of
+      the occluder, which must not carve the occluder's own, trusted mask;
+    - trusted tracks (TRACKED / TENTATIVE this frame) compete by logit (SAM 2's rule).
+    """
+    priority = [_PRIORITY.get(out.record.state, 0) for out in committed]
+    exclusive = exclusive_masks(masks, contested, priority)
+    return [
+        out if out.record.state is TrackState.LOST else TrackOutput(out.record, mask)
+        for out, mask in zip(committed, exclusive, strict=True)
+    ]
+
+
 def _frozen(logits: np.ndarray) -> np.ndarray:
     """A read-only float32 copy: a track's mask prompt, which snapshots share, not copy."""
     frozen = np.array(logits, dtype=np.float32, copy=True)
     frozen.setflags(write=False)
     return frozen
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_frame_size(frame_size: object) -> tuple[int, int]:
-    if (
-        not isinstance(frame_size, (tuple, list))
-        or len(frame_size) != 2
-        or not all(is_int(v) and v > 0 for v in frame_size)
-    ):
-        raise ValueError(f"frame_size must be (H, W) positive integers, got {frame_size!r}")
-    return (int(frame_size[0]), int(frame_size[1]))
 
 
 def _points_box(prompt: Prompt) -> Box:
