@@ -355,7 +355,7 @@ def test_overlay_needs_an_image_and_bad_frames_write_nothing(tmp_path: Path) -> 
         with pytest.raises(ValueError, match="bad frame_index -1"):
             write_blank(writer, -1)
         # Masks of another size than the frame's: the message itself refuses them.
-        with pytest.raises(ValueError, match=r"\(height, width\)"):
+        with pytest.raises(ValueError, match=r"the frame's \(H, W\)"):
             write_blank(writer, 1, frame_size=(32, 24))
         write_blank(writer, 1)
     assert len((tmp_path / "masks.jsonl").read_text().splitlines()) == 2
